@@ -1,0 +1,120 @@
+"""Public loaders: checkpoints → reference modules on a device and dtype; random models for benchmarks."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .checkpoint import Checkpoint, load_weights, open_checkpoint
+from .config import AiMConfig, VQConfig, preset
+from .errors import AiMError, CheckpointError
+from .model import AiM
+from .vq import VQModel
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return dtype
+        raise AiMError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise AiMError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AiMError(f"device {device!r} was requested but no CUDA GPU is visible to torch; use --device cpu")
+    return dev
+
+
+def _build_vq(ckpt: Checkpoint) -> VQModel:
+    cfg = ckpt.vq_config or VQConfig()
+    with_encoder = any(k.startswith("encoder.") for k in ckpt.vq)
+    vq = VQModel(cfg, with_encoder=with_encoder)
+    load_weights(vq, ckpt.vq, f"{ckpt.source} (VQ tokenizer)")
+    return vq
+
+
+def _build_stage2(ckpt: Checkpoint) -> AiM:
+    cfg = ckpt.stage2_config
+    if cfg is None:
+        raise CheckpointError(
+            f"{ckpt.source}: no stage-2 config found; put config.json beside the weights or pass config=...")
+    model = AiM(cfg)
+    optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    load_weights(model, ckpt.stage2, ckpt.source, optional)
+    if cfg.tie_embeddings and "lm_head.weight" in ckpt.stage2:
+        if not torch.equal(ckpt.stage2["lm_head.weight"], ckpt.stage2["backbone.embeddings.word_embeddings.weight"]):
+            raise CheckpointError(
+                f"{ckpt.source}: tie_embeddings is true but 'lm_head.weight' differs from the word embeddings")
+        # load_state_dict wrote lm_head last into the shared tensor; restore the embedding as the source of truth
+        model.backbone.embeddings.word_embeddings.weight.data.copy_(ckpt.stage2["backbone.embeddings.word_embeddings.weight"])
+    return model
+
+
+def load_model(path_or_id: str | os.PathLike, device: str | torch.device | None = "cpu",
+               dtype: str | torch.dtype = torch.float32, config=None) -> AiM:
+    """Load an AiM checkpoint (directory, file, hub id or preset name) as the reference model.
+
+    The VQ tokenizer is attached when the checkpoint carries one (`model.decode_tokens`).
+    """
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    ckpt = open_checkpoint(path_or_id, config)
+    if not ckpt.stage2:
+        raise CheckpointError(f"{ckpt.source} holds no AiM stage-2 weights (a VQ tokenizer only? use aim_rt.load_vq)")
+    model = _build_stage2(ckpt)
+    if ckpt.vq:
+        model.vq = _build_vq(ckpt).to(dev, dt).eval()
+    model.source = ckpt.source
+    model.checkpoint = ckpt.files
+    return model.to(dev, dt).eval()
+
+
+def load_vq(path: str | os.PathLike, device: str | torch.device | None = "cpu",
+            dtype: str | torch.dtype = torch.float32, config=None) -> VQModel:
+    """Load a VQ tokenizer: LlamaGen's {"model": ...} .pt, a full AiM checkpoint, or a VQ safetensors + json."""
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    ckpt = open_checkpoint(path, config)
+    if not ckpt.vq:
+        raise CheckpointError(f"{ckpt.source} holds no VQ tokenizer weights")
+    return _build_vq(ckpt).to(dev, dt).eval()
+
+
+def random_model(cfg: AiMConfig | str, seed: int = 0, device="cpu", dtype=torch.float32) -> AiM:
+    """An AiM with random weights at a given shape (benchmarks, tests). Init follows mamba_ssm's ranges,
+    with the zero-initialised adaLN layers made random so that every path is exercised."""
+    if isinstance(cfg, str):
+        cfg = preset(cfg)
+    g = torch.Generator().manual_seed(seed)
+    model = AiM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.empty(p.shape).uniform_(1, 16, generator=g)))
+            elif name.endswith("dt_bias"):
+                dt = torch.exp(torch.empty(p.shape).uniform_(math.log(1e-3), math.log(1e-1), generator=g))
+                p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            elif name.endswith(".D") or "norm" in name.split(".")[-2]:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() >= 2 or name.endswith("scale_shift_table"):
+                fan_in = p.shape[-1] if p.dim() == 2 else max(1, p[0].numel())
+                std = 0.02 if "embed" in name else fan_in ** -0.5
+                p.copy_(std * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    model.source = f"random:{seed}"
+    model.checkpoint = []
+    return model.to(resolve_device(device), resolve_dtype(dtype)).eval()
