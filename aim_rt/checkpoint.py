@@ -42,6 +42,8 @@ class Checkpoint:
     vq: dict[str, Tensor] = field(default_factory=dict)
     stage2_config: AiMConfig | None = None
     vq_config: VQConfig | None = None
+    # Sampling settings a model's author recommends (config.json "aim_rt_sampling"); CLI flags override them.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
     def sha256(self) -> str:
         """Content hash of the weight files (manifests and resume checks use it)."""
@@ -184,6 +186,8 @@ def open_checkpoint(path_or_id: str | os.PathLike, config: str | os.PathLike | d
     if config_data is not None:
         try:
             ckpt.stage2_config, ckpt.vq_config = _configs_from(config_data, need_stage2=False)
+            if isinstance(config_data.get("aim_rt_sampling"), dict):
+                ckpt.sampling_defaults = dict(config_data["aim_rt_sampling"])
         except ConfigError as e:
             raise CheckpointError(f"config for {path}: {e}") from e
     if ckpt.vq and ckpt.vq_config is None and ckpt.stage2_config is not None:

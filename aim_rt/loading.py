@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -77,10 +78,20 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device | None 
         raise CheckpointError(f"{ckpt.source} holds no AiM stage-2 weights (a VQ tokenizer only? use aim_rt.load_vq)")
     model = _build_stage2(ckpt)
     if ckpt.vq:
-        model.vq = _build_vq(ckpt).to(dev, dt).eval()
+        attach_vq(model, _build_vq(ckpt))
     model.source = ckpt.source
-    model.checkpoint = ckpt.files
+    model.checkpoint = ckpt
+    model.sampling_defaults = ckpt.sampling_defaults
     return model.to(dev, dt).eval()
+
+
+def attach_vq(model: AiM, vq: VQModel) -> AiM:
+    """Use `vq` to decode this model's tokens; its codebook must match the vocabulary."""
+    if vq.config.n_embed != model.config.vocab_size:
+        raise CheckpointError(
+            f"VQ codebook has {vq.config.n_embed} entries but the model's vocabulary has {model.config.vocab_size}")
+    model.vq = vq.to(model.device, model.dtype).eval()
+    return model
 
 
 def load_vq(path: str | os.PathLike, device: str | torch.device | None = "cpu",
@@ -116,5 +127,31 @@ def random_model(cfg: AiMConfig | str, seed: int = 0, device="cpu", dtype=torch.
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
     model.source = f"random:{seed}"
-    model.checkpoint = []
     return model.to(resolve_device(device), resolve_dtype(dtype)).eval()
+
+
+def save_model(model: AiM, directory: str | os.PathLike, sampling_defaults: dict | None = None) -> Path:
+    """Write a hub-style checkpoint directory: config.json (official fields, plus `vq_config` and
+    `aim_rt_sampling` when present) and model.safetensors with `mamba.*` and `vqvae.*` keys."""
+    from safetensors.torch import save_file
+
+    from .outputs import atomic_write_json
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("vq."):
+            tensors["vqvae." + key[3:]] = value
+        elif not (key == "lm_head.weight" and model.config.tie_embeddings):  # tied: stored once
+            tensors["mamba." + key] = value
+    config = model.config.to_official()
+    if model.vq is not None:
+        config["vq_config"] = model.vq.config.to_official()
+    if sampling_defaults or model.sampling_defaults:
+        config["aim_rt_sampling"] = dict(sampling_defaults or model.sampling_defaults)
+    tmp = out / "model.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, out / "model.safetensors")
+    atomic_write_json(out / "config.json", config)
+    return out

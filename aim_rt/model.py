@@ -140,6 +140,9 @@ class AiM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.word_embeddings.weight
         self.vq = None  # attached by the loader when the checkpoint carries a tokenizer
+        self.source = "unsaved"  # where the weights came from (set by the loaders)
+        self.checkpoint = None  # the Checkpoint read, for hashing
+        self.sampling_defaults: dict = {}
 
     # ----- pieces -------------------------------------------------------------------------------
     @property

@@ -1,0 +1,155 @@
+"""The `aim-rt` command line (installed as aim_rt.cli)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="aim-rt: fast, faithful sampling from AiM checkpoints.")
+console = Console(stderr=True)
+
+
+def default_model_path() -> Path:
+    """The tiny digits AiM shipped inside the package (used when no model is named)."""
+    import aim_rt
+
+    return Path(aim_rt.__file__).resolve().parent / "data" / "digits"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def generate(
+    model: Optional[str] = typer.Argument(None, help="Checkpoint directory or file, hub id (hp-l33/aim-base) or preset "
+                                          "(AiM-B/L/XL). Default: the embedded digits model."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output directory (resumable)."),
+    classes: Optional[str] = typer.Option(None, "--classes", "-c", help="'3', '0,5,9', '0-9', 'all' or 'random'. "
+                                          "Default: all classes if the model has at most 16, else random."),
+    images_per_class: int = typer.Option(4, "--images-per-class", "-n", min=1),
+    num_images: int = typer.Option(16, "--num-images", help="Number of images with --classes random.", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale (official 5)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely tokens, 0 = all (official 600)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus mass in (0, 1], 1 = off (official 0.98)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="> 0; applied (the official code ignores it)."),
+    position_convention: str = typer.Option("official", "--position-convention",
+                                            help="'official': token k at position k+1; 'training': at k."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Base seed; each image's seed derives from it, its class and index."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    backend: str = typer.Option("torch", "--backend", help="Sampling backend."),
+    npz: bool = typer.Option(True, "--npz/--no-npz", help="Write samples.npz (arr_0: N×H×W×3 uint8, arr_1: labels)."),
+    grid: bool = typer.Option(True, "--grid/--no-grid", help="Write grid.png."),
+    grid_cols: Optional[int] = typer.Option(None, "--grid-cols", min=1),
+    prefix: Optional[Path] = typer.Option(None, "--prefix", help=".npy of given first tokens, (m,) or (N, m)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare weights file."),
+    vq: Optional[str] = typer.Option(None, "--vq", help="VQ tokenizer to decode with, when the checkpoint has none "
+                                     "(e.g. LlamaGen's vq_ds16_c2i.pt)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard what --out holds instead of resuming."),
+) -> None:
+    """Sample images to PNGs, tokens.npz, samples.npz and grid.png; rerun the same command to resume."""
+    import numpy as np
+
+    from aim_rt import AiMError, SamplingSettings, load_model, load_vq
+    from aim_rt.loading import attach_vq
+    from aim_rt.backends import make_backend
+    from aim_rt.generate import parse_classes, plan_images, run
+
+    done = 0
+    try:
+        model_ref = model or str(default_model_path())
+        net = load_model(model_ref, device=device, dtype=dtype, config=config)
+        if vq is not None:
+            attach_vq(net, load_vq(vq))
+        if net.vq is None:
+            raise AiMError(f"{net.source} has no VQ tokenizer to decode images with; pass one with --vq PATH")
+        cfg = net.config
+        defaults = {"cfg_scale": 5.0, "top_k": 600, "top_p": 0.98, "temperature": 1.0, **net.sampling_defaults}
+        chosen = {"cfg_scale": cfg_scale, "top_k": top_k, "top_p": top_p, "temperature": temperature}
+        settings = SamplingSettings(**{k: (v if v is not None else defaults[k]) for k, v in chosen.items()},
+                                    position_convention=position_convention)
+        spec = classes if classes is not None else ("all" if cfg.num_classes <= 16 else "random")
+        plan = plan_images(parse_classes(spec, cfg.num_classes), images_per_class, num_images, cfg.num_classes, seed)
+        prefix_arr = np.load(prefix) if prefix is not None else None
+        engine = make_backend(backend, net)
+        model_id = net.checkpoint.sha256() if net.checkpoint is not None else net.source
+        console.print(f"model [bold]{net.source}[/] ({cfg.n_layer} layers, d={cfg.d_model}) · backend {backend} · "
+                      f"{net.device} {dtype} · {len(plan)} images → {out}")
+        with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task("sampling", total=len(plan))
+
+            def advance(n: int) -> None:
+                nonlocal done
+                done += n
+                bar.advance(task, n)
+
+            result = run(engine, plan, settings, out, model_id=model_id, base_seed=seed, batch_size=batch_size,
+                         dtype=dtype, prefix=prefix_arr, npz=npz, grid=grid, grid_cols=grid_cols,
+                         overwrite=overwrite, progress=advance)
+    except AiMError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: {done} finished images are kept in {out}; "
+                      "rerun the same command to resume.")
+        raise typer.Exit(130)
+    note = f" ({result.skipped} already there)" if result.skipped else ""
+    console.print(f"made {result.made} images{note} in {result.out_dir / 'images'}")
+    for path in result.written:
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def info(
+    model: Optional[str] = typer.Argument(None, help="Checkpoint, hub id or preset. Default: the embedded model."),
+    config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare weights file."),
+) -> None:
+    """Print a checkpoint's config, parameter counts and stored dtypes."""
+    from aim_rt import AiMError
+    from aim_rt.checkpoint import open_checkpoint
+    from aim_rt.loading import load_model
+
+    try:
+        ref = model or str(default_model_path())
+        ckpt = open_checkpoint(ref, config)
+        net = load_model(ref, config=config)
+    except AiMError as e:
+        _fail(str(e))
+    cfg = net.config
+    table = Table(title=f"AiM checkpoint {ckpt.source}")
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in vars(cfg).items():
+        table.add_row(key, str(value))
+    for key in ("d_inner", "nheads", "conv_dim", "groups", "null_class"):
+        table.add_row(key, str(getattr(cfg, key)))
+    stage2 = sum(p.numel() for name, p in net.named_parameters() if not name.startswith("vq."))
+    table.add_row("stage-2 parameters", f"{stage2:,} ({stage2 / 1e6:.2f}M)")
+    if net.vq is not None:
+        nvq = sum(p.numel() for p in net.vq.parameters())
+        table.add_row("VQ parameters", f"{nvq:,} ({nvq / 1e6:.2f}M)")
+        table.add_row("VQ config", str(net.vq.config))
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in [*ckpt.stage2.values(), *ckpt.vq.values()]})
+    table.add_row("stored dtypes", ", ".join(dtypes))
+    table.add_row("weights files", ", ".join(str(f) for f in ckpt.files))
+    if net.sampling_defaults:
+        table.add_row("recommended sampling", str(net.sampling_defaults))
+    Console().print(table)
+
+
+def main() -> None:
+    app(prog_name="aim-rt")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

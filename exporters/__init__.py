@@ -1,0 +1,1 @@
+"""aim_rt.exporters"""
