@@ -79,11 +79,13 @@ class Mixer(nn.Module):
                                cfg.norm_eps, cfg.d_inner // cfg.ngroups)
         return self.out_proj(y), conv_state, ssm_state.to(u.dtype)
 
-    def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """u: (B, d) → out (B, d), new conv state, new ssm state."""
+    def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor, ssm_op=ops.selective_state_step
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        """u: (B, d) → out (B, d), new conv state, new ssm state. `ssm_op` computes the selective-state update
+        (the reference by default; exporters and fast paths pass their implementation of the same op)."""
         cfg = self.cfg
         z, xbc, dt = self._split(self.in_proj(u))
-        y, conv_state, ssm_state = ops.selective_state_step(
+        y, conv_state, ssm_state = ssm_op(
             xbc, z, dt, conv_state, ssm_state, self.conv1d.weight, self.conv1d.bias,
             self.dt_bias, self.A_log, self.D, self.norm.weight,
             headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps,
@@ -207,13 +209,14 @@ class AiM(nn.Module):
             ssms.append(ssm_state)
         return self._head(hidden, residual, mods), DecodeState(torch.stack(convs), torch.stack(ssms))
 
-    def step(self, hidden: Tensor, state: DecodeState, mods: Modulations) -> tuple[Tensor, DecodeState]:
+    def step(self, hidden: Tensor, state: DecodeState, mods: Modulations, ssm_op=ops.selective_state_step
+             ) -> tuple[Tensor, DecodeState]:
         """hidden: (B, d) one input embedding per row → logits (B, V) and the next state."""
         residual = None
         convs, ssms = [], []
         for i, blk in enumerate(self.backbone.layers):
             u, gate, residual = self._block_input(i, hidden, residual, mods)
-            out, conv_state, ssm_state = blk.mixer.step(u, state.conv[i], state.ssm[i])
+            out, conv_state, ssm_state = blk.mixer.step(u, state.conv[i], state.ssm[i], ssm_op)
             hidden = gate * out
             convs.append(conv_state)
             ssms.append(ssm_state)

@@ -116,9 +116,13 @@ def categorical(logits: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
-def next_tokens(cond: Tensor, uncond: Tensor, seeds: Tensor, step: int, settings: SamplingSettings) -> Tensor:
-    mixed = ops.cfg_mix(cond, uncond, settings.cfg_scale, settings.temperature)
+def draw(mixed: Tensor, seeds: Tensor, step: int, settings: SamplingSettings) -> Tensor:
+    """Token `step` of each image from its CFG-mixed, temperature-scaled logits."""
     return categorical(filter_logits(mixed, settings.top_k, settings.top_p), uniforms(seeds, step))
+
+
+def next_tokens(cond: Tensor, uncond: Tensor, seeds: Tensor, step: int, settings: SamplingSettings) -> Tensor:
+    return draw(ops.cfg_mix(cond, uncond, settings.cfg_scale, settings.temperature), seeds, step, settings)
 
 
 def cfg_rows(classes: Tensor, null_class: int) -> Tensor:
