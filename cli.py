@@ -47,7 +47,9 @@ def generate(
     seed: int = typer.Option(0, "--seed", min=0, help="Base seed; each image's seed derives from it, its class and index."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    backend: str = typer.Option("torch", "--backend", help="Sampling backend."),
+    backend: str = typer.Option("torch", "--backend", help="torch (the reference) or onnxruntime."),
+    engines: Optional[Path] = typer.Option(None, "--engines", help="Export directory for the onnxruntime backend "
+                                           "(made on first use; default: a cache keyed by the weights)."),
     npz: bool = typer.Option(True, "--npz/--no-npz", help="Write samples.npz (arr_0: N×H×W×3 uint8, arr_1: labels)."),
     grid: bool = typer.Option(True, "--grid/--no-grid", help="Write grid.png."),
     grid_cols: Optional[int] = typer.Option(None, "--grid-cols", min=1),
@@ -81,7 +83,7 @@ def generate(
         spec = classes if classes is not None else ("all" if cfg.num_classes <= 16 else "random")
         plan = plan_images(parse_classes(spec, cfg.num_classes), images_per_class, num_images, cfg.num_classes, seed)
         prefix_arr = np.load(prefix) if prefix is not None else None
-        engine = make_backend(backend, net)
+        engine = make_backend(backend, net, engines=engines, dtype=dtype)
         model_id = net.checkpoint.sha256() if net.checkpoint is not None else net.source
         console.print(f"model [bold]{net.source}[/] ({cfg.n_layer} layers, d={cfg.d_model}) · backend {backend} · "
                       f"{net.device} {dtype} · {len(plan)} images → {out}")
@@ -107,6 +109,41 @@ def generate(
     console.print(f"made {result.made} images{note} in {result.out_dir / 'images'}")
     for path in result.written:
         console.print(f"wrote {path}")
+
+
+@app.command()
+def export(
+    model: Optional[str] = typer.Argument(None, help="Checkpoint, hub id or preset. Default: the embedded model."),
+    out: Path = typer.Option(..., "--out", "-o", help="Export directory."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (18-21)."),
+    prefix_len: int = typer.Option(0, "--prefix-len", help="Prefill graph takes this many given first tokens."),
+    vq_uint8: bool = typer.Option(False, "--vq-uint8", help="VQ graph outputs uint8 NHWC images."),
+    config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare weights file."),
+) -> None:
+    """Export the prefill/step graphs (custom-op and portable) and the VQ decoder to ONNX, with a manifest."""
+    import importlib.util
+
+    from aim_rt import AiMError, load_model
+
+    try:
+        from aim_rt.exporters.onnx_export import export_onnx
+    except ImportError as e:
+        _fail(f"exporting needs onnx: pip install 'aim-rt[onnx]' ({e})")
+    try:
+        net = load_model(model or str(default_model_path()), config=config)
+        with console.status(f"exporting {net.source} ({dtype}, opset {opset})"):
+            manifest = export_onnx(net, out, dtype=dtype, opset=opset, prefix_len=prefix_len, vq_uint8=vq_uint8,
+                                   model_sha256=net.checkpoint.sha256() if net.checkpoint else None)
+    except AiMError as e:
+        _fail(str(e))
+    for name, graph in manifest["graphs"].items():
+        console.print(f"wrote {out / graph['file']}  ({name})")
+    console.print(f"wrote {out / 'manifest.json'}")
+    if importlib.util.find_spec("tensorrt") is None:
+        console.print("TensorRT is not importable here: ONNX graphs only, no engines built.")
+    else:
+        console.print("TensorRT is importable, but engine building arrives with the TensorRT issue: ONNX graphs only.")
 
 
 @app.command()

@@ -42,15 +42,43 @@ class TorchBackend:
         return self.model.decode_tokens(tokens)
 
 
-BACKENDS: dict[str, Callable[[AiM], Backend]] = {"torch": TorchBackend}
+def _onnxruntime(model: AiM, engines: str | None = None, dtype: str = "float32") -> Backend:
+    """Run the exported graphs; export them first (into `engines`, or a cache keyed by the weights) if needed."""
+    import os
+    from pathlib import Path
+
+    from .ort_backend import OnnxRuntimeBackend
+
+    sha = model.checkpoint.sha256() if model.checkpoint is not None else None
+    if engines is None:
+        cache = Path(os.environ.get("AIM_RT_CACHE", Path.home() / ".cache" / "aim-rt"))
+        engines = cache / "exports" / f"{(sha or model.source.replace(':', '-'))[:16]}-{dtype}"
+    engines = Path(engines)
+    if not (engines / "manifest.json").exists():
+        from aim_rt.exporters.onnx_export import export_onnx
+
+        export_onnx(model, engines, dtype=dtype, model_sha256=sha)
+    backend = OnnxRuntimeBackend(engines)
+    if sha is not None and backend.manifest.get("model_sha256") not in (None, sha):
+        raise AiMError(f"{engines} was exported from other weights (sha256 {backend.manifest['model_sha256'][:12]}…); "
+                       f"pass another --engines directory or re-export with `aim-rt export`")
+    return backend
 
 
-def make_backend(name: str, model: AiM) -> Backend:
+def _torch(model: AiM, **_options) -> Backend:
+    return TorchBackend(model)
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"torch": _torch, "onnxruntime": _onnxruntime}
+
+
+def make_backend(name: str, model: AiM, **options) -> Backend:
+    """`options` (engines, dtype) matter to the backends that run exported artifacts; others ignore them."""
     try:
         factory = BACKENDS[name]
     except KeyError:
         raise AiMError(f"unknown backend {name!r}; available here: {', '.join(BACKENDS)}") from None
-    return factory(model)
+    return factory(model, **options)
 
 
 def available_backends() -> list[str]:

@@ -95,12 +95,12 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tiny_ckpt, tmp_path):
 def test_cli_interrupt_message_and_resume(tiny_ckpt, tmp_path, monkeypatch):
     import aim_rt.backends as backends
 
-    monkeypatch.setitem(backends.BACKENDS, "torch", lambda m: InterruptingBackend(m, stop_at=2))
+    monkeypatch.setitem(backends.BACKENDS, "torch", lambda m, **kw: InterruptingBackend(m, stop_at=2))
     out = tmp_path / "cli"
     res = generate(tiny_ckpt, "-o", out, "-c", "0-4", "-n", "2", "-b", "4")
     assert res.exit_code == 130 and "rerun the same command to resume" in text(res)
     assert len(list((out / "images").glob("*.png"))) == 4
-    monkeypatch.setitem(backends.BACKENDS, "torch", TorchBackend)
+    monkeypatch.setitem(backends.BACKENDS, "torch", lambda m, **kw: TorchBackend(m))
     res = generate(tiny_ckpt, "-o", out, "-c", "0-4", "-n", "2", "-b", "4")
     assert res.exit_code == 0 and "4 already there" in text(res)
     assert np.load(out / "samples.npz")["arr_0"].shape[0] == 10
