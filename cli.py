@@ -47,7 +47,7 @@ def generate(
     seed: int = typer.Option(0, "--seed", min=0, help="Base seed; each image's seed derives from it, its class and index."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    backend: str = typer.Option("torch", "--backend", help="torch (the reference) or onnxruntime."),
+    backend: str = typer.Option("torch", "--backend", help="torch (the reference), cuda (fused kernels + CUDA graphs) or onnxruntime."),
     engines: Optional[Path] = typer.Option(None, "--engines", help="Export directory for the onnxruntime backend "
                                            "(made on first use; default: a cache keyed by the weights)."),
     npz: bool = typer.Option(True, "--npz/--no-npz", help="Write samples.npz (arr_0: N×H×W×3 uint8, arr_1: labels)."),
@@ -144,6 +144,44 @@ def export(
         console.print("TensorRT is not importable here: ONNX graphs only, no engines built.")
     else:
         console.print("TensorRT is importable, but engine building arrives with the TensorRT issue: ONNX graphs only.")
+
+
+@app.command()
+def bench(
+    models: str = typer.Option("AiM-B", "--models", help="Comma-separated presets (random weights) or checkpoints."),
+    batches: str = typer.Option("1,16", "--batches", help="Comma-separated batch sizes."),
+    backends: str = typer.Option("torch,cuda", "--backends", help="Comma-separated: torch, cuda, mamba-ssm."),
+    dtype: str = typer.Option("bfloat16", "--dtype"),
+    repeats: int = typer.Option(3, "--repeats", min=1),
+    json_out: Path = typer.Option(Path("bench.json"), "--json", help="Where to write the results."),
+) -> None:
+    """Time sampling (ms/step, autoregressive, VQ, end to end, images/s, peak memory, ratio to the floor)."""
+    import json
+
+    import torch
+
+    from aim_rt.bench import run_bench
+
+    if not torch.cuda.is_available():
+        _fail("bench measures GPU backends and no CUDA GPU is visible to torch")
+    table = Table(title="aim-rt bench")
+    for col in ("model", "backend", "batch", "ms/step", "AR ms", "VQ ms", "e2e ms", "img/s", "peak GB", "floor ms/step",
+                "x floor"):
+        table.add_column(col)
+
+    def show(row) -> None:
+        console.print(f"{row.model} {row.backend} b={row.batch}: {row.end_to_end_ms:.1f} ms end to end")
+
+    result = run_bench([m.strip() for m in models.split(",")], [int(b) for b in batches.split(",")],
+                       [b.strip() for b in backends.split(",")], dtype, repeats, progress=show)
+    for r in result["rows"]:
+        table.add_row(r["model"], r["backend"] + (f" ({r['note']})" if r["note"] else ""), str(r["batch"]),
+                      *(f"{r[k]:.3g}" for k in ("ms_per_step", "autoregressive_ms", "vq_ms", "end_to_end_ms",
+                                                "images_per_s", "peak_memory_gb", "floor_ms_per_step",
+                                                "ratio_to_floor")))
+    Console().print(table)
+    json_out.write_text(json.dumps(result, indent=1) + "\n")
+    console.print(f"{result['device']}, copy bandwidth {result['copy_bandwidth_TBps']:.2f} TB/s; wrote {json_out}")
 
 
 @app.command()

@@ -69,7 +69,13 @@ def _torch(model: AiM, **_options) -> Backend:
     return TorchBackend(model)
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"torch": _torch, "onnxruntime": _onnxruntime}
+def _cuda(model: AiM, **_options) -> Backend:
+    from .cuda_backend import CudaBackend
+
+    return CudaBackend(model)
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"torch": _torch, "onnxruntime": _onnxruntime, "cuda": _cuda}
 
 
 def make_backend(name: str, model: AiM, **options) -> Backend:

@@ -1,0 +1,274 @@
+"""The `cuda` backend: the fused step kernels of plugins/aim_kernels.cu, cuBLAS GEMMs through torch, and the
+decode loop replayed from a CUDA graph, with sampling on the device (no host round trip per token).
+
+Per step and layer: residual+RMSNorm+modulate (1 kernel) → in_proj GEMM → fused selective-state update with
+gated RMSNorm (1 kernel, state streamed once, updated in place) → out_proj GEMM. Then the final norms, the
+lm_head GEMM, and one sampling kernel that writes the token and the next step's input embedding. The
+modulations are computed once per sequence in the prefill (the reference's chunked path, on the GPU).
+One graph per (batch, settings) holds a whole step; it is replayed for every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import AiMError
+from .model import AiM
+from .sampling import SamplingSettings, check_request, cfg_rows
+from .vq import VQModel
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+@dataclass
+class _Buffers:
+    """Static device buffers of one batch size (addresses baked into the captured graph)."""
+
+    hidden: Tensor      # (R, d) the step's input embeddings
+    residual: Tensor    # (R, d) float32
+    normed: Tensor      # (R, d)
+    y: Tensor           # (R, d_inner) normed mixer output
+    gated: Tensor       # (R, d_inner) float32 workspace
+    sumsq: Tensor       # (R, G) float32 workspace
+    arrived: Tensor     # (R, G) int32 workspace
+    conv: Tensor        # (L, R, C, W)
+    ssm: Tensor         # (L, R, H, P, N)
+    mods: Tensor        # (L, R, 3, d)
+    final_mods: Tensor  # (R, 2, d)
+    logits: Tensor      # (R, V)
+    tokens: Tensor      # (B, num_tokens) int64
+    seeds: Tensor       # (B,) int64
+    step: Tensor        # (1,) int32: the token index the sampler draws next
+    teacher: Tensor | None = None
+    mixed: Tensor | None = None
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, model: AiM, use_graphs: bool = True):
+        from aim_rt.plugins.kernels import Kernels, check_shapes
+
+        if model.device.type != "cuda":
+            raise AiMError("the cuda backend needs the model on a CUDA device (--device cuda)")
+        cfg = model.config
+        check_shapes(cfg.headdim, cfg.d_state, cfg.d_conv)
+        self.model, self.config = model, cfg
+        self.dtype = model.dtype
+        self.kernels = Kernels(_DTYPE_NAMES[self.dtype], model.device.index or 0)
+        self.use_graphs = use_graphs
+        self._buffers: dict[int, _Buffers] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._vq_graphs: dict[int, tuple] = {}
+        self._params = self._layer_params()
+        self._mode = (False, False)  # (teacher forcing, record mixed logits): which optional pointers are live
+
+    # ----- one step, as kernel launches -------------------------------------------------------------
+    def _layer_params(self):
+        out = []
+        for blk in self.model.backbone.layers:
+            mx = blk.mixer
+            out.append(dict(
+                norm=blk.norm.weight.contiguous(), in_proj=mx.in_proj.weight.contiguous(),
+                out_proj=mx.out_proj.weight.contiguous(),
+                conv_w=mx.conv1d.weight.reshape(mx.conv1d.weight.shape[0], -1).contiguous(),
+                conv_b=mx.conv1d.bias.contiguous(), dt_bias=mx.dt_bias.contiguous(), A_log=mx.A_log.contiguous(),
+                D=mx.D.contiguous(), norm_w=mx.norm.weight.contiguous()))
+        return out
+
+    def _alloc(self, batch: int) -> _Buffers:
+        if batch in self._buffers:
+            return self._buffers[batch]
+        cfg, dev, dt = self.config, self.model.device, self.dtype
+        rows = 2 * batch
+        buf = _Buffers(
+            hidden=torch.zeros(rows, cfg.d_model, device=dev, dtype=dt),
+            residual=torch.zeros(rows, cfg.d_model, device=dev),
+            normed=torch.zeros(rows, cfg.d_model, device=dev, dtype=dt),
+            y=torch.zeros(rows, cfg.d_inner, device=dev, dtype=dt),
+            gated=torch.zeros(rows, cfg.d_inner, device=dev),
+            sumsq=torch.zeros(rows, cfg.ngroups, device=dev),
+            arrived=torch.zeros(rows, cfg.ngroups, device=dev, dtype=torch.int32),
+            conv=torch.zeros(cfg.n_layer, rows, cfg.conv_dim, cfg.d_conv, device=dev, dtype=dt),
+            ssm=torch.zeros(cfg.n_layer, rows, cfg.nheads, cfg.headdim, cfg.d_state, device=dev, dtype=dt),
+            mods=torch.zeros(cfg.n_layer, rows, 3, cfg.d_model, device=dev, dtype=dt),
+            final_mods=torch.zeros(rows, 2, cfg.d_model, device=dev, dtype=dt),
+            logits=torch.zeros(rows, cfg.vocab_size, device=dev, dtype=dt),
+            tokens=torch.zeros(batch, cfg.num_tokens, device=dev, dtype=torch.long),
+            seeds=torch.zeros(batch, device=dev, dtype=torch.long),
+            step=torch.zeros(1, device=dev, dtype=torch.int32),
+        )
+        self._buffers[batch] = buf
+        return buf
+
+    def _sample_params(self, buf: _Buffers, settings: SamplingSettings):
+        from aim_rt.plugins.kernels import SampleParams
+
+        cfg, emb = self.config, self.model.backbone.embeddings
+        return SampleParams(
+            logits=_ptr(buf.logits), logits_stride=buf.logits.stride(0), batch=buf.seeds.shape[0],
+            vocab=cfg.vocab_size, cfg_scale=settings.cfg_scale, temperature=settings.temperature,
+            top_k=settings.top_k, top_p=settings.top_p, seeds=_ptr(buf.seeds), step=_ptr(buf.step),
+            position_offset=settings.position_offset, tokens=_ptr(buf.tokens), num_tokens=cfg.num_tokens,
+            teacher=_ptr(buf.teacher) if self._mode[0] else None,
+            mixed_out=_ptr(buf.mixed) if self._mode[1] else None, word_emb=_ptr(emb.word_embeddings.weight),
+            pos_emb=_ptr(emb.position_embeddings.weight), d=cfg.d_model, next_input=_ptr(buf.hidden))
+
+    def _sample(self, buf: _Buffers, settings: SamplingSettings, stream: int) -> None:
+        self.kernels.cfg_sample(self._sample_params(buf, settings), stream)
+        self.kernels.advance(_ptr(buf.step), stream)
+
+    def _step(self, buf: _Buffers, settings: SamplingSettings) -> None:
+        """Everything from the input embedding to the next token: what the graph captures."""
+        from aim_rt.plugins.kernels import NormParams, SsuParams
+
+        cfg, k = self.config, self.kernels
+        stream = torch.cuda.current_stream().cuda_stream
+        rows = buf.hidden.shape[0]
+        out = None
+        for i, p in enumerate(self._params):
+            mods = buf.mods[i]
+            prev_gate = buf.mods[i - 1][:, 2] if i else None
+            k.residual_norm(NormParams(
+                input=_ptr(buf.hidden if i == 0 else out), input_stride=cfg.d_model,
+                gate=_ptr(prev_gate), gate_stride=prev_gate.stride(0) if i else 0, residual=_ptr(buf.residual),
+                norm_w=_ptr(p["norm"]), norm2_w=None, shift=_ptr(mods[:, 0]), scale=_ptr(mods[:, 1]),
+                mod_stride=mods.stride(0), out=_ptr(buf.normed), out_stride=cfg.d_model, rows=rows, d=cfg.d_model,
+                first=int(i == 0), eps=cfg.norm_eps), stream)
+            zxbcdt = torch.nn.functional.linear(buf.normed, p["in_proj"])
+            stride = zxbcdt.stride(0)
+            k.ssu(SsuParams(
+                xbc=_ptr(zxbcdt) + cfg.d_inner * zxbcdt.element_size(), xbc_stride=stride,
+                z=_ptr(zxbcdt), z_stride=stride,
+                dt=_ptr(zxbcdt) + (cfg.d_inner + cfg.conv_dim) * zxbcdt.element_size(), dt_stride=stride,
+                conv_state_in=_ptr(buf.conv[i]), conv_state_out=_ptr(buf.conv[i]),
+                ssm_state_in=_ptr(buf.ssm[i]), ssm_state_out=_ptr(buf.ssm[i]),
+                conv_w=_ptr(p["conv_w"]), conv_b=_ptr(p["conv_b"]), dt_bias=_ptr(p["dt_bias"]), A_log=_ptr(p["A_log"]),
+                D=_ptr(p["D"]), norm_w=_ptr(p["norm_w"]), gated=_ptr(buf.gated), sumsq=_ptr(buf.sumsq),
+                arrived=_ptr(buf.arrived), y=_ptr(buf.y), y_stride=cfg.d_inner, rows=rows, d_inner=cfg.d_inner,
+                conv_dim=cfg.conv_dim, nheads=cfg.nheads, headdim=cfg.headdim, d_state=cfg.d_state,
+                ngroups=cfg.ngroups, d_conv=cfg.d_conv, eps=cfg.norm_eps), stream)
+            out = torch.nn.functional.linear(buf.y, p["out_proj"])
+        bb, last_gate = self.model.backbone, buf.mods[-1][:, 2]
+        k.residual_norm(NormParams(
+            input=_ptr(out), input_stride=cfg.d_model, gate=_ptr(last_gate), gate_stride=last_gate.stride(0),
+            residual=_ptr(buf.residual), norm_w=_ptr(bb.norm_f.weight), norm2_w=_ptr(bb.final_layer.norm_final.weight),
+            shift=_ptr(buf.final_mods[:, 0]), scale=_ptr(buf.final_mods[:, 1]), mod_stride=buf.final_mods.stride(0),
+            out=_ptr(buf.normed), out_stride=cfg.d_model, rows=rows, d=cfg.d_model, first=0, eps=cfg.norm_eps), stream)
+        torch.matmul(buf.normed, self.model.lm_head.weight.t(), out=buf.logits)
+        self._sample(buf, settings, stream)
+
+    # ----- the sampler ------------------------------------------------------------------------------
+    def _prefill(self, buf: _Buffers, classes: Tensor, prefix: Tensor | None, settings: SamplingSettings) -> int:
+        model, dev = self.model, self.model.device
+        rows = cfg_rows(classes.to(dev), self.config.null_class)
+        cond = model.class_embedding(rows)
+        mods = model.modulations(cond)
+        hidden = cond.unsqueeze(1)
+        start = 0
+        if prefix is not None:
+            start = prefix.shape[1]
+            pos = torch.arange(start, device=dev) + settings.position_offset
+            hidden = torch.cat([hidden, model.embed_tokens(prefix.to(dev).repeat(2, 1), pos)], dim=1)
+            buf.tokens[:, :start] = prefix.to(dev)
+        logits, state = model.forward_sequence(hidden, mods)
+        buf.logits.copy_(logits[:, -1])
+        buf.conv.copy_(state.conv)
+        buf.ssm.copy_(state.ssm)
+        buf.mods.copy_(mods.layers)
+        buf.final_mods.copy_(mods.final)
+        buf.step.fill_(start)
+        return start
+
+    def _run_steps(self, buf: _Buffers, settings: SamplingSettings, count: int) -> None:
+        if not self.use_graphs:
+            for _ in range(count):
+                self._step(buf, settings)
+            return
+        key = (buf.seeds.shape[0], *self._mode, *settings.to_dict().values())
+        graph = self._graphs.get(key)
+        if graph is None:
+            # Warm up on a side stream (cuBLAS picks its kernels), then capture one whole step. The warm-up
+            # changes the buffers; callers run the prefill after this.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step(buf, settings)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(buf, settings)
+            self._graphs[key] = graph
+        for _ in range(count):
+            graph.replay()
+
+    @torch.no_grad()
+    def sample(self, classes, seeds, settings: SamplingSettings, prefix=None, teacher=None, return_mixed=False):
+        """Tokens (B, num_tokens) on the CPU; with `teacher` (B, num_tokens), feeds those tokens and (with
+        `return_mixed`) also returns the CFG-mixed logits of every step (B, num_tokens, V) for parity checks."""
+        cfg = self.config
+        classes, seeds, prefix = check_request(cfg.num_classes, cfg.num_tokens, cfg.vocab_size, classes, seeds, prefix)
+        batch = classes.shape[0]
+        buf = self._alloc(batch)
+        dev = self.model.device
+        self._mode = (teacher is not None, return_mixed)
+        if teacher is not None:  # persistent buffers: their addresses are baked into captured graphs
+            if buf.teacher is None:
+                buf.teacher = torch.zeros(batch, cfg.num_tokens, device=dev, dtype=torch.long)
+            buf.teacher.copy_(torch.as_tensor(teacher).long())
+        if return_mixed and buf.mixed is None:
+            buf.mixed = torch.zeros(batch, cfg.vocab_size, device=dev)
+        buf.seeds.copy_(seeds)
+        if self.use_graphs and (batch, *self._mode, *settings.to_dict().values()) not in self._graphs:
+            self._run_steps(buf, settings, 0)  # capture before the prefill fills the buffers
+        start = self._prefill(buf, classes, prefix, settings)
+        stream = torch.cuda.current_stream().cuda_stream
+        mixed = []
+        self._sample(buf, settings, stream)  # token `start` from the prefill logits
+        if return_mixed:
+            mixed.append(buf.mixed.clone())
+        remaining = cfg.num_tokens - start - 1
+        if return_mixed:  # one step at a time to read every step's logits
+            for _ in range(remaining):
+                self._run_steps(buf, settings, 1)
+                mixed.append(buf.mixed.clone())
+        else:
+            self._run_steps(buf, settings, remaining)
+        tokens = buf.tokens.cpu()
+        if return_mixed:
+            return tokens, torch.stack(mixed, dim=1)
+        return tokens
+
+    # ----- the VQ decoder: bf16, channels_last, one graph per batch size ------------------------------
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor:
+        vq: VQModel | None = self.model.vq
+        if vq is None:
+            raise AiMError("this checkpoint has no VQ tokenizer to decode with")
+        tokens = torch.as_tensor(tokens, device=self.model.device).long()
+        batch = tokens.shape[0]
+        if not self.use_graphs:
+            return vq.decode_tokens(tokens).float()
+        if batch not in self._vq_graphs:
+            vq.to(memory_format=torch.channels_last)
+            static_in = tokens.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                vq.decode_tokens(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = vq.decode_tokens(static_in)
+            self._vq_graphs[batch] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._vq_graphs[batch]
+        static_in.copy_(tokens)
+        graph.replay()
+        return static_out.float().clone()

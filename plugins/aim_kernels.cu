@@ -1,0 +1,393 @@
+// aim-rt decode-step kernels: the one CUDA source behind the native runtime and the TensorRT plugin.
+//
+// Compiled per element type with -DELEM_KIND=0 (float32), 1 (float16) or 2 (bfloat16); no CUDA headers are
+// needed (16-bit conversions are single PTX instructions), so NVRTC compiles it anywhere. Every entry point
+// takes one plain parameter struct (mirrored field for field in plugins/kernels.py); pointers to "in" and
+// "out" state may be equal (in place) or differ (ping-pong). All arithmetic is float32.
+//
+//   aim_ssu_step            one Mamba2 decode step between in_proj and out_proj for every row and head:
+//                           conv window shift + depthwise conv + SiLU, dt softplus, h = h*exp(dt*A) + dt*x*B,
+//                           y = h.C + D*x, then the gated RMSNorm (the last head block of a row normalises it).
+//   aim_residual_norm       residual += gate*out (or = input), RMSNorm, optional second RMSNorm, modulate.
+//   aim_cfg_sample          CFG mix / temperature, top-k, top-p, inverse-CDF draw from a counter-based hash of
+//                           (image seed, token index); writes the token and the next step's input embedding.
+//   aim_advance             token index += 1 (device counter read by the sampler).
+
+#ifndef ELEM_KIND
+#define ELEM_KIND 2
+#endif
+
+#if ELEM_KIND == 0
+typedef float elem_t;
+__device__ __forceinline__ float ld(elem_t v) { return v; }
+__device__ __forceinline__ elem_t st(float f) { return f; }
+#elif ELEM_KIND == 1
+typedef unsigned short elem_t;
+__device__ __forceinline__ float ld(elem_t v) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f; }
+__device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
+#else
+typedef unsigned short elem_t;
+__device__ __forceinline__ float ld(elem_t v) { return __uint_as_float(((unsigned)v) << 16); }
+__device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
+#endif
+
+#define VEC 8  // state elements per thread per access: 16 bytes for 16-bit types, 32 for float32
+
+struct Vec8 { elem_t v[VEC]; };
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// Block-wide sum/max for blockDim.x a multiple of 32 (<= 1024); `scratch` holds 32 floats.
+__device__ float block_sum(float v, float* scratch) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : 0.0f;
+  return warp_sum(v);
+}
+__device__ float block_max(float v, float* scratch) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : -3.402823466e38f;
+  return warp_max(v);
+}
+
+// ----------------------------------------------------------------------------------------------------------
+struct SsuParams {
+  const elem_t* xbc;  long long xbc_stride;   // (rows, conv_dim) view: x | B | C before the conv
+  const elem_t* z;    long long z_stride;     // (rows, d_inner)
+  const elem_t* dt;   long long dt_stride;    // (rows, nheads), before softplus
+  const elem_t* conv_state_in;  elem_t* conv_state_out;  // (rows, conv_dim, d_conv) contiguous
+  const elem_t* ssm_state_in;   elem_t* ssm_state_out;   // (rows, nheads, headdim, d_state) contiguous
+  const elem_t* conv_w;   // (conv_dim, d_conv)
+  const elem_t* conv_b;   // (conv_dim)
+  const elem_t* dt_bias;  // (nheads)
+  const elem_t* A_log;    // (nheads)
+  const elem_t* D;        // (nheads)
+  const elem_t* norm_w;   // (d_inner)
+  float* gated;           // workspace (rows, d_inner): y * silu(z) before the norm
+  float* sumsq;           // workspace (rows, ngroups), zero between launches (the kernel resets it)
+  unsigned int* arrived;  // workspace (rows, ngroups), zero between launches (the kernel resets it)
+  elem_t* y;  long long y_stride;             // (rows, d_inner) normed output
+  int rows, d_inner, conv_dim, nheads, headdim, d_state, ngroups, d_conv;
+  float eps;
+};
+
+// grid (nheads, rows); block 128 threads; shared: headdim + 2 * d_state floats.
+extern "C" __global__ void aim_ssu_step(SsuParams p) {
+  extern __shared__ float smem[];
+  float* xs = smem;                 // this head's x after the conv
+  float* Bs = xs + p.headdim;       // its group's B
+  float* Cs = Bs + p.d_state;       // its group's C
+  __shared__ float s_dt, s_dA, s_red[32];
+  __shared__ bool s_last;
+  const int h = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
+  const int P = p.headdim, N = p.d_state, W = p.d_conv;
+  const int heads_per_group = p.nheads / p.ngroups, g = h / heads_per_group;
+
+  // conv on the channels this head needs; B/C channels' state is written by the group's first head only
+  for (int c = tid; c < P + 2 * N; c += blockDim.x) {
+    int ch = c < P ? h * P + c
+           : c < P + N ? p.d_inner + g * N + (c - P)
+           : p.d_inner + p.ngroups * N + g * N + (c - P - N);
+    const elem_t* sin = p.conv_state_in + ((long long)r * p.conv_dim + ch) * W;
+    elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + ch) * W;
+    float win[8];
+    for (int w = 0; w < W - 1; ++w) win[w] = ld(sin[w + 1]);
+    win[W - 1] = ld(p.xbc[(long long)r * p.xbc_stride + ch]);
+    float acc = ld(p.conv_b[ch]);
+    for (int w = 0; w < W; ++w) acc += win[w] * ld(p.conv_w[ch * W + w]);
+    if (c < P || h % heads_per_group == 0)
+      for (int w = 0; w < W; ++w) sout[w] = st(win[w]);
+    float a = silu(acc);
+    if (c < P) xs[c] = a; else if (c < P + N) Bs[c - P] = a; else Cs[c - P - N] = a;
+  }
+  if (tid == 0) {
+    float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + ld(p.dt_bias[h]));
+    s_dt = dt;
+    s_dA = __expf(-dt * __expf(ld(p.A_log[h])));
+  }
+  __syncthreads();
+
+  // state: (P, N) row-major, VEC contiguous elements per thread; N / VEC lanes share a row p
+  const float dt = s_dt, dA = s_dA, Dh = ld(p.D[h]);
+  const int lanes_per_row = N / VEC;
+  const long long base = ((long long)r * p.nheads + h) * P * N;
+  float local_sq = 0.0f;
+  for (int e0 = 0; e0 < P * N; e0 += blockDim.x * VEC) {  // uniform trip count: every lane reaches the shuffles
+    const int e = e0 + tid * VEC;
+    if (e >= P * N) continue;  // whole warps drop out together (P * N is a multiple of 256)
+    const int row = e / N, n0 = e % N;
+    Vec8 hin = *reinterpret_cast<const Vec8*>(p.ssm_state_in + base + e);
+    Vec8 hout;
+    const float dtx = dt * xs[row];
+    float acc = 0.0f;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float hv = ld(hin.v[j]) * dA + dtx * Bs[n0 + j];
+      hout.v[j] = st(hv);
+      acc += hv * Cs[n0 + j];
+    }
+    *reinterpret_cast<Vec8*>(p.ssm_state_out + base + e) = hout;
+    for (int o = lanes_per_row / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (n0 == 0) {
+      const int ch = h * P + row;
+      float yv = acc + Dh * xs[row];
+      float zv = ld(p.z[(long long)r * p.z_stride + ch]);
+      float gv = yv * silu(zv);
+      p.gated[(long long)r * p.d_inner + ch] = gv;
+      local_sq += gv * gv;
+    }
+  }
+
+  // gated RMSNorm over the row's group: the last head block of the group to arrive normalises it
+  __threadfence();  // this thread's `gated` writes become visible before the block reports its arrival
+  float sq = block_sum(local_sq, s_red);
+  const int slot = r * p.ngroups + g;
+  if (tid == 0) {
+    atomicAdd(p.sumsq + slot, sq);
+    __threadfence();
+    s_last = atomicAdd(p.arrived + slot, 1u) == (unsigned)(heads_per_group - 1);
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int group_size = p.d_inner / p.ngroups;
+  const float total = atomicAdd(p.sumsq + slot, 0.0f);
+  const float inv = rsqrtf(total / group_size + p.eps);
+  const volatile float* gated = p.gated + (long long)r * p.d_inner + g * group_size;
+  for (int i = tid; i < group_size; i += blockDim.x)
+    p.y[(long long)r * p.y_stride + g * group_size + i] = st(gated[i] * inv * ld(p.norm_w[g * group_size + i]));
+  __syncthreads();
+  if (tid == 0) { p.sumsq[slot] = 0.0f; p.arrived[slot] = 0u; }
+}
+
+// ----------------------------------------------------------------------------------------------------------
+struct NormParams {
+  const elem_t* input;  long long input_stride;  // (rows, d): the embedding, or the previous mixer's output
+  const elem_t* gate;   long long gate_stride;   // (rows, d) gate of the previous block, or null (first layer)
+  float* residual;                                // (rows, d) float32, in/out
+  const elem_t* norm_w;                           // (d)
+  const elem_t* norm2_w;                          // (d) second RMSNorm (final layer), or null
+  const elem_t* shift;  const elem_t* scale;  long long mod_stride;  // out = x * (1 + scale) + shift
+  elem_t* out;  long long out_stride;
+  int rows, d, first;
+  float eps;
+};
+
+// grid (rows); block 256; shared: d floats.
+extern "C" __global__ void aim_residual_norm(NormParams p) {
+  extern __shared__ float xsh[];
+  __shared__ float s_red[32];
+  const int r = blockIdx.x;
+  float sq = 0.0f;
+  for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
+    float v = ld(p.input[(long long)r * p.input_stride + i]);
+    if (p.gate) v = ld(st(v * ld(p.gate[(long long)r * p.gate_stride + i])));  // the reference rounds gate*out
+    float res = p.first ? v : p.residual[(long long)r * p.d + i] + v;
+    p.residual[(long long)r * p.d + i] = res;
+    xsh[i] = res;
+    sq += res * res;
+  }
+  float inv = rsqrtf(block_sum(sq, s_red) / p.d + p.eps);
+  if (p.norm2_w) {  // final layer: norm_f (rounded to the model type), then norm_final
+    float sq2 = 0.0f;
+    for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
+      float v = ld(st(xsh[i] * inv * ld(p.norm_w[i])));
+      xsh[i] = v;
+      sq2 += v * v;
+    }
+    inv = rsqrtf(block_sum(sq2, s_red) / p.d + p.eps);
+  }
+  const elem_t* w = p.norm2_w ? p.norm2_w : p.norm_w;
+  for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
+    float v = ld(st(xsh[i] * inv * ld(w[i])));
+    float m = v * (1.0f + ld(p.scale[(long long)r * p.mod_stride + i])) + ld(p.shift[(long long)r * p.mod_stride + i]);
+    p.out[(long long)r * p.out_stride + i] = st(m);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------------
+struct SampleParams {
+  const elem_t* logits;  long long logits_stride;  // (2 * batch, vocab): conditional rows, then null-class rows
+  int batch, vocab;
+  float cfg_scale, temperature;
+  int top_k;          // 0: off
+  float top_p;        // 1: off
+  const long long* seeds;   // (batch) image seeds
+  const int* step;          // device token index k
+  int position_offset;      // token k is fed at position k + offset
+  long long* tokens;  int num_tokens;  // (batch, num_tokens) out; column k written
+  const long long* teacher; // (batch, num_tokens) or null: feed these tokens instead of drawing (parity tests)
+  float* mixed_out;         // (batch, vocab) or null: the mixed logits (parity tests)
+  const elem_t* word_emb;  const elem_t* pos_emb;  int d;
+  elem_t* next_input;       // (2 * batch, d): embedding of token k at its position, for both halves
+};
+
+__device__ __forceinline__ unsigned hash32(unsigned x) {  // 'lowbias32', as aim_rt.sampling._hash32
+  x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
+  return x;
+}
+__device__ __forceinline__ float uniform(unsigned long long seed, int step) {  // as aim_rt.sampling.uniforms
+  unsigned hi = hash32((unsigned)(seed >> 32));
+  unsigned key = hash32((unsigned)seed ^ hi);
+  unsigned step_key = hash32((unsigned)step ^ 0x9E3779B9u);
+  unsigned r = hash32(key + step_key);
+  return (float)(r >> 8) * (1.0f / 16777216.0f);
+}
+__device__ __forceinline__ unsigned order_key(float f) {  // monotone float → uint
+  unsigned b = __float_as_uint(f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// Radix select, most significant byte first. mode 0: the key of the k-th largest element (by count);
+// mode 1: the smallest key whose ascending cumulative mass exceeds `limit` (mass = e[i] of kept elements).
+__device__ unsigned radix_select(const float* vals, const float* mass, int n, int mode, float limit, int k,
+                                 float* hist, float* s_scalar) {
+  unsigned prefix = 0, prefix_mask = 0;
+  float below = 0.0f;  // mode 1: mass strictly below the current prefix range
+  int remaining = k;   // mode 0: rank within the current prefix range, counted from the top
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0.0f;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      if (mode == 1 && mass[i] == 0.0f) continue;
+      unsigned key = order_key(vals[i]);
+      if ((key & prefix_mask) == prefix) atomicAdd(hist + ((key >> shift) & 0xFF), mode == 0 ? 1.0f : mass[i]);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int digit = 0;
+      if (mode == 0) {  // walk from the top until the k-th element is inside the bin
+        for (digit = 255; digit > 0; --digit) {
+          if ((int)hist[digit] >= remaining) break;
+          remaining -= (int)hist[digit];
+        }
+      } else {  // walk from the bottom while the mass stays within the limit
+        for (digit = 0; digit < 255; ++digit) {
+          if (below + hist[digit] > limit) break;
+          below += hist[digit];
+        }
+      }
+      s_scalar[0] = __int_as_float(digit);
+      s_scalar[1] = below;
+      s_scalar[2] = __int_as_float(remaining);
+    }
+    __syncthreads();
+    int digit = __float_as_int(s_scalar[0]);
+    below = s_scalar[1];
+    remaining = __float_as_int(s_scalar[2]);
+    prefix |= (unsigned)digit << shift;
+    prefix_mask |= 0xFFu << shift;
+    __syncthreads();
+  }
+  return prefix;
+}
+
+// grid (batch); block 1024; shared: 2 * vocab floats + 256 + 8.
+extern "C" __global__ void aim_cfg_sample(SampleParams p) {
+  extern __shared__ float sh[];
+  float* vals = sh;               // mixed logits
+  float* mass = vals + p.vocab;   // exp(x - max) of the kept tokens, 0 for removed ones
+  float* hist = mass + p.vocab;   // 256 bins
+  float* s_scalar = hist + 256;   // 8 scalars
+  __shared__ float s_red[32];
+  __shared__ int s_token;
+  const int b = blockIdx.x, V = p.vocab, k = *p.step;
+  const elem_t* cond = p.logits + (long long)b * p.logits_stride;
+  const elem_t* uncond = p.logits + (long long)(b + p.batch) * p.logits_stride;
+
+  float mx = -3.402823466e38f;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    float c = ld(cond[i]), u = ld(uncond[i]);
+    float m = (u + (c - u) * p.cfg_scale) / p.temperature;
+    vals[i] = m;
+    if (p.mixed_out) p.mixed_out[(long long)b * V + i] = m;
+    mx = fmaxf(mx, m);
+  }
+  mx = block_max(mx, s_red);
+
+  // top-k: keep values >= the k-th largest (ties kept, as the official sampler)
+  float kth = -3.402823466e38f;
+  bool use_k = p.top_k > 0 && p.top_k < V;
+  if (use_k) {
+    unsigned key = radix_select(vals, mass, V, 0, 0.0f, p.top_k, hist, s_scalar);
+    unsigned bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+    kth = __uint_as_float(bits);
+  }
+  float z = 0.0f;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    float e = (!use_k || vals[i] >= kth) ? __expf(vals[i] - mx) : 0.0f;
+    mass[i] = e;
+    z += e;
+  }
+  z = block_sum(z, s_red);
+
+  // top-p: drop the tokens whose ascending cumulative probability is <= 1 - top_p (the top token stays)
+  if (p.top_p < 1.0f) {
+    __syncthreads();
+    unsigned key = radix_select(vals, mass, V, 1, (1.0f - p.top_p) * z, 0, hist, s_scalar);
+    for (int i = threadIdx.x; i < V; i += blockDim.x)
+      if (mass[i] != 0.0f && order_key(vals[i]) < key) mass[i] = 0.0f;
+    __syncthreads();
+  }
+
+  // inverse CDF in vocabulary order: the first token whose cumulative mass exceeds u * total
+  const int per = (V + blockDim.x - 1) / blockDim.x;
+  const int lo = min(V, threadIdx.x * per), hi = min(V, lo + per);
+  float local = 0.0f;
+  for (int i = lo; i < hi; ++i) local += mass[i];
+  // exclusive scan of the per-thread sums
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float incl = local;
+  for (int o = 1; o < 32; o <<= 1) { float t = __shfl_up_sync(0xffffffffu, incl, o); if (lane >= o) incl += t; }
+  __syncthreads();
+  if (lane == 31) s_red[warp] = incl;
+  if (threadIdx.x == 0) s_token = V;
+  __syncthreads();
+  if (warp == 0) {
+    float w = lane < (blockDim.x >> 5) ? s_red[lane] : 0.0f;
+    for (int o = 1; o < 32; o <<= 1) { float t = __shfl_up_sync(0xffffffffu, w, o); if (lane >= o) w += t; }
+    s_red[lane] = w;  // inclusive per-warp totals
+  }
+  __syncthreads();
+  float before = incl - local + (warp > 0 ? s_red[warp - 1] : 0.0f);
+  float total = s_red[(blockDim.x >> 5) - 1];
+  float target = uniform((unsigned long long)p.seeds[b], k) * total;
+  float run = before;
+  for (int i = lo; i < hi; ++i) {
+    if (mass[i] == 0.0f) continue;
+    run += mass[i];
+    if (run > target) { atomicMin(&s_token, i); break; }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && s_token == V) {  // rounding left the target at the very end: the last kept token
+    for (int i = V - 1; i >= 0; --i) if (mass[i] != 0.0f) { s_token = i; break; }
+  }
+  __syncthreads();
+  int tok = s_token;
+  if (p.teacher) tok = (int)p.teacher[(long long)b * p.num_tokens + k];
+  if (threadIdx.x == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = tok;
+  const int pos = k + p.position_offset;
+  for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
+    elem_t e = st(ld(p.word_emb[(long long)tok * p.d + i]) + ld(p.pos_emb[(long long)pos * p.d + i]));
+    p.next_input[(long long)b * p.d + i] = e;
+    p.next_input[(long long)(b + p.batch) * p.d + i] = e;
+  }
+}
+
+extern "C" __global__ void aim_advance(int* step) { *step += 1; }

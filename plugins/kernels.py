@@ -1,0 +1,153 @@
+"""Compile aim_kernels.cu with NVRTC (cuda-python), cache the cubin on disk, and launch its entry points.
+
+The ctypes structs below mirror the C structs of aim_kernels.cu field for field; the TensorRT plugin fills the
+same structs. Compilation needs only NVRTC (no GPU): CI compiles for sm_80 and sm_90.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("aim_kernels.cu")
+ELEM_KINDS = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+class KernelError(RuntimeError):
+    pass
+
+
+def _check(result, what: str):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise KernelError(f"{what} failed: {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AIM_RT_CACHE", Path.home() / ".cache" / "aim-rt")) / "kernels"
+
+
+def compile_cubin(dtype: str, arch: str, use_cache: bool = True) -> bytes:
+    """NVRTC-compile the kernels for one element type and one architecture ('sm_90'); cached by content."""
+    from cuda.bindings import nvrtc
+
+    if dtype not in ELEM_KINDS:
+        raise KernelError(f"kernels support {sorted(ELEM_KINDS)}, not {dtype!r}")
+    source = SOURCE.read_bytes()
+    options = [f"--gpu-architecture={arch}", f"-DELEM_KIND={ELEM_KINDS[dtype]}", "--std=c++17", "-lineinfo"]
+    version = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    key = hashlib.sha256(source + repr((options, version)).encode()).hexdigest()[:24]
+    path = cache_dir() / f"aim_kernels-{dtype}-{arch}-{key}.cubin"
+    if use_cache and path.is_file():
+        return path.read_bytes()
+    prog = _check(nvrtc.nvrtcCreateProgram(source, b"aim_kernels.cu", 0, [], []), "nvrtcCreateProgram")
+    opts = [o.encode() for o in options]
+    result = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    if int(result[0]) != 0:
+        raise KernelError(f"NVRTC could not compile {SOURCE.name} for {arch}/{dtype}:\n{log.decode(errors='replace')}")
+    size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+    cubin = b" " * size
+    _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+    nvrtc.nvrtcDestroyProgram(prog)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_bytes(cubin)
+        os.replace(tmp, path)
+    return cubin
+
+
+# ----- parameter structs (mirror aim_kernels.cu) -----------------------------------------------------
+P, LL, I, F = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
+
+
+class SsuParams(ctypes.Structure):
+    _fields_ = [
+        ("xbc", P), ("xbc_stride", LL), ("z", P), ("z_stride", LL), ("dt", P), ("dt_stride", LL),
+        ("conv_state_in", P), ("conv_state_out", P), ("ssm_state_in", P), ("ssm_state_out", P),
+        ("conv_w", P), ("conv_b", P), ("dt_bias", P), ("A_log", P), ("D", P), ("norm_w", P),
+        ("gated", P), ("sumsq", P), ("arrived", P), ("y", P), ("y_stride", LL),
+        ("rows", I), ("d_inner", I), ("conv_dim", I), ("nheads", I), ("headdim", I), ("d_state", I),
+        ("ngroups", I), ("d_conv", I), ("eps", F),
+    ]
+
+
+class NormParams(ctypes.Structure):
+    _fields_ = [
+        ("input", P), ("input_stride", LL), ("gate", P), ("gate_stride", LL), ("residual", P),
+        ("norm_w", P), ("norm2_w", P), ("shift", P), ("scale", P), ("mod_stride", LL),
+        ("out", P), ("out_stride", LL), ("rows", I), ("d", I), ("first", I), ("eps", F),
+    ]
+
+
+class SampleParams(ctypes.Structure):
+    _fields_ = [
+        ("logits", P), ("logits_stride", LL), ("batch", I), ("vocab", I), ("cfg_scale", F), ("temperature", F),
+        ("top_k", I), ("top_p", F), ("seeds", P), ("step", P), ("position_offset", I),
+        ("tokens", P), ("num_tokens", I), ("teacher", P), ("mixed_out", P),
+        ("word_emb", P), ("pos_emb", P), ("d", I), ("next_input", P),
+    ]
+
+
+SSU_THREADS, NORM_THREADS, SAMPLE_THREADS = 128, 256, 1024
+
+
+def check_shapes(headdim: int, d_state: int, d_conv: int) -> None:
+    """The limits the kernels are written for (all AiM models satisfy them)."""
+    if d_state % 8 or 256 % d_state:
+        raise KernelError(f"d_state must divide 256 and be a multiple of 8, got {d_state}")
+    if (headdim * d_state) % 256:
+        raise KernelError(f"headdim * d_state must be a multiple of 256, got {headdim} * {d_state}")
+    if d_conv > 8:
+        raise KernelError(f"d_conv must be <= 8, got {d_conv}")
+
+
+class Kernels:
+    """The compiled module for one element type on the current CUDA device; launches on a given stream."""
+
+    def __init__(self, dtype: str, device_index: int = 0):
+        import torch
+        from cuda.bindings import driver
+
+        self.driver = driver
+        major, minor = torch.cuda.get_device_capability(device_index)
+        self.arch = f"sm_{major}{minor}"
+        self.dtype = dtype
+        torch.cuda.init()
+        torch.empty(1, device=f"cuda:{device_index}")  # makes the primary context current for the driver API
+        self.module = _check(driver.cuModuleLoadData(compile_cubin(dtype, self.arch)), "cuModuleLoadData")
+        self.fn = {name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
+                   for name in ("aim_ssu_step", "aim_residual_norm", "aim_cfg_sample", "aim_advance")}
+        self._max_smem = 0
+
+    def _launch(self, name: str, grid: tuple, block: int, smem: int, stream: int, params) -> None:
+        holder = (ctypes.c_void_p * 1)(ctypes.addressof(params)) if params is not None else None
+        _check(self.driver.cuLaunchKernel(self.fn[name], *grid, block, 1, 1, smem, self.driver.CUstream(stream),
+                                          ctypes.addressof(holder) if holder is not None else 0, 0), name)
+
+    def ssu(self, p: SsuParams, stream: int) -> None:
+        smem = (p.headdim + 2 * p.d_state) * 4
+        self._launch("aim_ssu_step", (p.nheads, p.rows, 1), SSU_THREADS, smem, stream, p)
+
+    def residual_norm(self, p: NormParams, stream: int) -> None:
+        self._launch("aim_residual_norm", (p.rows, 1, 1), NORM_THREADS, p.d * 4, stream, p)
+
+    def cfg_sample(self, p: SampleParams, stream: int) -> None:
+        smem = (2 * p.vocab + 256 + 8) * 4
+        if smem > self._max_smem:
+            attr = self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            _check(self.driver.cuFuncSetAttribute(self.fn["aim_cfg_sample"], attr, smem), "cuFuncSetAttribute")
+            self._max_smem = smem
+        self._launch("aim_cfg_sample", (p.batch, 1, 1), SAMPLE_THREADS, smem, stream, p)
+
+    def advance(self, step_ptr: int, stream: int) -> None:
+        arg = ctypes.c_void_p(step_ptr)
+        holder = (ctypes.c_void_p * 1)(ctypes.addressof(arg))
+        _check(self.driver.cuLaunchKernel(self.fn["aim_advance"], 1, 1, 1, 1, 1, 1, 0, self.driver.CUstream(stream),
+                                          ctypes.addressof(holder), 0), "aim_advance")

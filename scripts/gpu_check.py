@@ -1,0 +1,106 @@
+"""Everything the GPU must show, in one run: the GPU tests, the parity numbers, a profile and the benchmark.
+
+    PYTHONPATH=. python scripts/gpu_check.py --out results/      # on the H200 (the device tool)
+
+Writes pytest_gpu.txt, parity.json, profile.txt and bench.json under --out. TF32 is off throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import aim_rt
+from aim_rt.bench import run_bench
+from aim_rt.config import VQConfig
+from aim_rt.cuda_backend import CudaBackend
+from aim_rt.sampling import SamplingSettings, sample_tokens
+from aim_rt.vq import VQModel
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def parity(report: dict) -> None:
+    settings = SamplingSettings()  # official: cfg 5, top-k 600, top-p 0.98
+    classes, seeds = torch.arange(8) * 125, torch.arange(8)
+    ref32 = aim_rt.random_model("AiM-B", seed=0, device="cuda")
+    tokens = sample_tokens(ref32, classes, seeds, settings)
+    ref_logits = ref32.sampler_logits(classes, tokens, settings.cfg_scale)
+    for dtype in ("float32", "bfloat16"):
+        model = ref32 if dtype == "float32" else aim_rt.random_model("AiM-B", seed=0, device="cuda", dtype=dtype)
+        backend = CudaBackend(model)
+        _, mixed = backend.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
+        ours = backend.sample(classes, seeds, settings)
+        same_dtype_ref = tokens if dtype == "float32" else sample_tokens(model, classes, seeds, settings)
+        report[f"AiM-B {dtype}"] = {
+            "teacher_forced_logits_rel_err_vs_fp32_reference_256_steps": rel(mixed, ref_logits),
+            "token_agreement_vs_reference_same_dtype": (ours == same_dtype_ref).float().mean().item(),
+            "token_agreement_vs_fp32_reference": (ours == tokens).float().mean().item(),
+            "images": 8,
+        }
+        print(dtype, report[f"AiM-B {dtype}"], flush=True)
+    torch.manual_seed(0)
+    vq32 = VQModel(VQConfig()).cuda().eval()
+    vq16 = VQModel(VQConfig()).cuda().eval()
+    vq16.load_state_dict(vq32.state_dict())
+    vq16.to(torch.bfloat16)
+    model16 = aim_rt.random_model("AiM-B", seed=0, device="cuda", dtype="bfloat16")
+    model16.vq = vq16
+    images = CudaBackend(model16).decode(tokens)
+    report["VQ-f16 bf16 graph vs fp32 reference, 8 images"] = {"rel_err": rel(images, vq32.decode_tokens(tokens))}
+
+
+def profile(path: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    model = aim_rt.random_model("AiM-B", seed=0, device="cuda", dtype="bfloat16")
+    backend = CudaBackend(model, use_graphs=False)
+    settings = SamplingSettings()
+    backend.sample(torch.arange(16), torch.arange(16), settings)
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        backend.sample(torch.arange(16), torch.arange(16), settings)
+    path.write_text("AiM-B bf16 batch 16, eager (no graph) so every kernel is listed; one full sample\n"
+                    + p.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--skip", default="", help="comma list of: tests, parity, profile, bench")
+    ap.add_argument("--models", default="AiM-B,AiM-L,AiM-XL")
+    ap.add_argument("--batches", default="1,16")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    t0 = time.time()
+    if "tests" not in skip:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                            "tests/test_cuda_backend.py"], capture_output=True, text=True)
+        (args.out / "pytest_gpu.txt").write_text(r.stdout + r.stderr)
+        print(r.stdout[-3000:], flush=True)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    if "parity" not in skip:
+        parity(report)
+        (args.out / "parity.json").write_text(json.dumps(report, indent=1) + "\n")
+    if "profile" not in skip:
+        profile(args.out / "profile.txt")
+    if "bench" not in skip:
+        result = run_bench(args.models.split(","), [int(b) for b in args.batches.split(",")], ["torch", "cuda"],
+                           progress=lambda row: print(row, flush=True))
+        (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"done in {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The fused CUDA kernels and the cuda backend against the reference. GPU tests skip cleanly without CUDA."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import aim_rt
+from aim_rt import ops
+from aim_rt.sampling import SamplingSettings, draw, sample_tokens
+from conftest import rel_err
+
+HAS_NVRTC = importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+
+
+def _nvrtc_usable() -> bool:
+    if not HAS_NVRTC:
+        return False
+    try:
+        from cuda.bindings import nvrtc
+
+        return int(nvrtc.nvrtcVersion()[0]) == 0
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _nvrtc_usable(), reason="cuda-python with an NVRTC library is not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_kernels_compile(arch, dtype):
+    from aim_rt.plugins.kernels import compile_cubin
+
+    cubin = compile_cubin(dtype, arch, use_cache=False)
+    assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _ssu_inputs(cfg, rows, dtype, g):
+    dev = "cuda"
+    r = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g)).to(dev, dtype)  # noqa: E731
+    return dict(
+        xbc=r(rows, cfg.conv_dim), z=r(rows, cfg.d_inner), dt=r(rows, cfg.nheads, scale=0.5),
+        conv_state=r(rows, cfg.conv_dim, cfg.d_conv), ssm_state=r(rows, cfg.nheads, cfg.headdim, cfg.d_state),
+        conv_weight=r(cfg.conv_dim, 1, cfg.d_conv, scale=0.5), conv_bias=r(cfg.conv_dim, scale=0.1),
+        dt_bias=r(cfg.nheads, scale=0.5) - 3, A_log=r(cfg.nheads, scale=0.5) + 1, D=r(cfg.nheads),
+        norm_weight=1 + r(cfg.d_inner, scale=0.1))
+
+
+def run_ssu_kernel(kernels, cfg, x, in_place=True):
+    from aim_rt.plugins.kernels import SsuParams
+
+    rows = x["xbc"].shape[0]
+    dev, dt = x["xbc"].device, x["xbc"].dtype
+    conv_out = x["conv_state"] if in_place else torch.empty_like(x["conv_state"])
+    ssm_out = x["ssm_state"] if in_place else torch.empty_like(x["ssm_state"])
+    y = torch.empty(rows, cfg.d_inner, device=dev, dtype=dt)
+    gated = torch.empty(rows, cfg.d_inner, device=dev)
+    sumsq = torch.zeros(rows, cfg.ngroups, device=dev)
+    arrived = torch.zeros(rows, cfg.ngroups, device=dev, dtype=torch.int32)
+    p = SsuParams(
+        xbc=x["xbc"].data_ptr(), xbc_stride=cfg.conv_dim, z=x["z"].data_ptr(), z_stride=cfg.d_inner,
+        dt=x["dt"].data_ptr(), dt_stride=cfg.nheads, conv_state_in=x["conv_state"].data_ptr(),
+        conv_state_out=conv_out.data_ptr(), ssm_state_in=x["ssm_state"].data_ptr(), ssm_state_out=ssm_out.data_ptr(),
+        conv_w=x["conv_weight"].data_ptr(), conv_b=x["conv_bias"].data_ptr(), dt_bias=x["dt_bias"].data_ptr(),
+        A_log=x["A_log"].data_ptr(), D=x["D"].data_ptr(), norm_w=x["norm_weight"].data_ptr(), gated=gated.data_ptr(),
+        sumsq=sumsq.data_ptr(), arrived=arrived.data_ptr(), y=y.data_ptr(), y_stride=cfg.d_inner, rows=rows,
+        d_inner=cfg.d_inner, conv_dim=cfg.conv_dim, nheads=cfg.nheads, headdim=cfg.headdim, d_state=cfg.d_state,
+        ngroups=cfg.ngroups, d_conv=cfg.d_conv, eps=cfg.norm_eps)
+    kernels.ssu(p, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert sumsq.abs().max() == 0 and arrived.abs().max() == 0  # workspaces handed back clean
+    return y, conv_out, ssm_out
+
+
+# fp32 kernels match the reference to 1e-5; bf16 kernels keep float32 math and round once per output
+TOLS = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@needs_gpu
+@pytest.mark.parametrize("preset", ["AiM-B", "AiM-L", "AiM-XL"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_ssu_kernel_matches_reference(preset, dtype, in_place):
+    from aim_rt.plugins.kernels import Kernels
+
+    cfg = aim_rt.preset(preset)
+    kernels = Kernels("float32" if dtype == torch.float32 else "bfloat16")
+    x = _ssu_inputs(cfg, rows=6, dtype=dtype, g=torch.Generator().manual_seed(0))
+    ref = ops.selective_state_step(*[t.clone() for t in x.values()], headdim=cfg.headdim, d_state=cfg.d_state,
+                                   ngroups=cfg.ngroups, eps=cfg.norm_eps)
+    got = run_ssu_kernel(kernels, cfg, x, in_place)
+    for name, r, o in zip(["y", "conv_state", "ssm_state"], ref, got):
+        assert rel_err(o, r) <= TOLS[dtype], (name, rel_err(o, r))
+
+
+@needs_gpu
+def test_sampling_kernel_matches_reference_draw():
+    """Random logits, official settings: the kernel's tokens equal the reference draw (same seeds, same step)."""
+    from aim_rt.cuda_backend import CudaBackend
+
+    cfg = aim_rt.AiMConfig(d_model=64, n_layer=1, vocab_size=16384, num_classes=10, num_tokens=16, d_state=32,
+                           headdim=32)
+    backend = CudaBackend(aim_rt.random_model(cfg, device="cuda"))
+    batch = 64
+    buf = backend._alloc(batch)
+    g = torch.Generator().manual_seed(1)
+    agree, total = 0, 0
+    for settings in (SamplingSettings(), SamplingSettings(top_k=0, top_p=0.9, temperature=0.7),
+                     SamplingSettings(top_k=50, top_p=1.0, cfg_scale=1.5)):
+        backend._mode = (False, True)
+        buf.mixed = torch.zeros(batch, cfg.vocab_size, device="cuda")
+        for step in range(4):
+            buf.logits.copy_(3 * torch.randn(2 * batch, cfg.vocab_size, generator=g))
+            buf.seeds.copy_(torch.arange(batch) * 7 + 1)
+            buf.step.fill_(step)
+            backend._sample(buf, settings, torch.cuda.current_stream().cuda_stream)
+            torch.cuda.synchronize()
+            ref_mixed = ops.cfg_mix(buf.logits[:batch], buf.logits[batch:], settings.cfg_scale, settings.temperature)
+            assert rel_err(buf.mixed, ref_mixed) < 1e-6
+            ref = draw(ref_mixed.cpu(), buf.seeds.cpu(), step, settings)
+            agree += int((buf.tokens[:, step].cpu() == ref).sum())
+            total += batch
+    assert agree / total >= 0.99, agree / total
+
+
+@needs_gpu
+def test_teacher_forced_logits_over_all_steps_and_token_agreement():
+    """fp32: the cuda backend's CFG logits for all 256 steps vs the reference sampler_logits; same seeds → same
+    tokens."""
+    from aim_rt.cuda_backend import CudaBackend
+
+    model = aim_rt.random_model("AiM-B", seed=0, device="cuda")
+    backend = CudaBackend(model)
+    classes = torch.tensor([3, 999])
+    settings = SamplingSettings(cfg_scale=5.0, top_k=600, top_p=0.98)
+    tokens = sample_tokens(model, classes, [1, 2], settings)
+    _, mixed = backend.sample(classes, [1, 2], settings, teacher=tokens, return_mixed=True)
+    ref = model.sampler_logits(classes, tokens, 5.0)
+    assert rel_err(mixed, ref.cuda()) <= 1e-4
+    ours = backend.sample(classes, [1, 2], settings)
+    assert (ours == tokens).float().mean() >= 0.99
+
+
+@needs_gpu
+def test_bf16_backend_against_reference_and_vq_decode():
+    from aim_rt.cuda_backend import CudaBackend
+
+    cfg = aim_rt.AiMConfig(d_model=256, n_layer=4, vocab_size=1024, num_classes=10, num_tokens=64, adaln_group=True,
+                           num_groups=2)
+    model = aim_rt.random_model(cfg, seed=2, device="cuda", dtype="bfloat16")
+    ref32 = aim_rt.random_model(cfg, seed=2, device="cuda")
+    backend = CudaBackend(model)
+    settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
+    tokens = sample_tokens(ref32, list(range(8)), list(range(8)), settings)
+    _, mixed = backend.sample(list(range(8)), list(range(8)), settings, teacher=tokens, return_mixed=True)
+    assert rel_err(mixed, ref32.sampler_logits(torch.arange(8), tokens, 3.0)) <= 5e-2
+    # graphs replayed with another batch size and settings still give the eager result
+    eager = CudaBackend(model, use_graphs=False).sample([1, 2, 3], [4, 5, 6], settings)
+    assert torch.equal(backend.sample([1, 2, 3], [4, 5, 6], settings), eager)
+
+
+@needs_gpu
+def test_vq_decode_bf16_graph_against_fp32_reference():
+    from aim_rt.cuda_backend import CudaBackend
+    from conftest import GOLDEN, TINY, golden
+
+    model = aim_rt.random_model(TINY, device="cuda", dtype="bfloat16")
+    aim_rt.loading.attach_vq(model, aim_rt.load_vq(GOLDEN / "vq_small.safetensors"))
+    g, _ = golden("vq_small")
+    images = CudaBackend(model).decode(g["golden.indices"])
+    assert rel_err(images.cpu(), g["golden.images"]) <= 3e-2
+    again = CudaBackend(model).decode(g["golden.indices"].flip(0))  # a second replay with new inputs
+    assert rel_err(again.cpu(), g["golden.images"].flip(0)) <= 3e-2
