@@ -211,8 +211,9 @@ class CudaBackend:
 
     @torch.no_grad()
     def sample(self, classes, seeds, settings: SamplingSettings, prefix=None, teacher=None, return_mixed=False):
-        """Tokens (B, num_tokens) on the CPU; with `teacher` (B, num_tokens), feeds those tokens and (with
-        `return_mixed`) also returns the CFG-mixed logits of every step (B, num_tokens, V) for parity checks."""
+        """Tokens (B, num_tokens) on the CPU. For parity checks: with `teacher` (B, num_tokens) those tokens are
+        fed on while the returned tokens are still the draws; `return_mixed` also returns every step's CFG-mixed
+        logits (B, num_tokens, V)."""
         cfg = self.config
         classes, seeds, prefix = check_request(cfg.num_classes, cfg.num_tokens, cfg.vocab_size, classes, seeds, prefix)
         batch = classes.shape[0]
@@ -256,17 +257,19 @@ class CudaBackend:
         batch = tokens.shape[0]
         if not self.use_graphs:
             return vq.decode_tokens(tokens).float()
+        if ((tokens < 0) | (tokens >= vq.config.n_embed)).any() or tokens.shape[1] != self.config.num_tokens:
+            raise AiMError(f"tokens must be (B, {self.config.num_tokens}) in [0, {vq.config.n_embed})")
         if batch not in self._vq_graphs:
             vq.to(memory_format=torch.channels_last)
             static_in = tokens.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                vq.decode_tokens(static_in)
+                vq.decode_checked(static_in)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = vq.decode_tokens(static_in)
+                static_out = vq.decode_checked(static_in)
             self._vq_graphs[batch] = (graph, static_in, static_out)
         graph, static_in, static_out = self._vq_graphs[batch]
         static_in.copy_(tokens)

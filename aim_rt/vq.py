@@ -183,6 +183,11 @@ class VQModel(nn.Module):
             raise SamplingError(f"token count {tokens.shape[1]} is not a square grid")
         if ((tokens < 0) | (tokens >= self.config.n_embed)).any():
             raise SamplingError(f"tokens must lie in [0, {self.config.n_embed})")
+        return self.decode_checked(tokens)
+
+    def decode_checked(self, tokens: Tensor) -> Tensor:
+        """decode_tokens without the argument checks (they sync with the host; CUDA graphs capture this)."""
+        side = int(round(tokens.shape[1] ** 0.5))
         quant = self.codebook()[tokens].reshape(tokens.shape[0], side, side, -1).permute(0, 3, 1, 2)
         return self.decode_latent(quant.contiguous())
 

@@ -87,19 +87,21 @@ struct SsuParams {
   float eps;
 };
 
-// grid (nheads, rows); block 128 threads; shared: headdim + 2 * d_state floats.
+// grid (nheads, rows); block 128 threads; shared: headdim + 2 * d_state * (1 + d_conv) floats.
 extern "C" __global__ void aim_ssu_step(SsuParams p) {
   extern __shared__ float smem[];
   float* xs = smem;                 // this head's x after the conv
   float* Bs = xs + p.headdim;       // its group's B
   float* Cs = Bs + p.d_state;       // its group's C
+  float* bc_win = Cs + p.d_state;   // the group's new B/C conv windows (2 * d_state * d_conv)
   __shared__ float s_dt, s_dA, s_red[32];
   __shared__ bool s_last;
   const int h = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
   const int P = p.headdim, N = p.d_state, W = p.d_conv;
   const int heads_per_group = p.nheads / p.ngroups, g = h / heads_per_group;
 
-  // conv on the channels this head needs; B/C channels' state is written by the group's first head only
+  // conv on the channels this head needs. Every head of a group reads the group's B/C conv state, so with
+  // in-place state those windows are written only by the group's last block to finish (below).
   for (int c = tid; c < P + 2 * N; c += blockDim.x) {
     int ch = c < P ? h * P + c
            : c < P + N ? p.d_inner + g * N + (c - P)
@@ -111,8 +113,8 @@ extern "C" __global__ void aim_ssu_step(SsuParams p) {
     win[W - 1] = ld(p.xbc[(long long)r * p.xbc_stride + ch]);
     float acc = ld(p.conv_b[ch]);
     for (int w = 0; w < W; ++w) acc += win[w] * ld(p.conv_w[ch * W + w]);
-    if (c < P || h % heads_per_group == 0)
-      for (int w = 0; w < W; ++w) sout[w] = st(win[w]);
+    if (c < P) for (int w = 0; w < W; ++w) sout[w] = st(win[w]);
+    else for (int w = 0; w < W; ++w) bc_win[(c - P) * W + w] = win[w];
     float a = silu(acc);
     if (c < P) xs[c] = a; else if (c < P + N) Bs[c - P] = a; else Cs[c - P - N] = a;
   }
@@ -172,6 +174,11 @@ extern "C" __global__ void aim_ssu_step(SsuParams p) {
   const volatile float* gated = p.gated + (long long)r * p.d_inner + g * group_size;
   for (int i = tid; i < group_size; i += blockDim.x)
     p.y[(long long)r * p.y_stride + g * group_size + i] = st(gated[i] * inv * ld(p.norm_w[g * group_size + i]));
+  for (int i = tid; i < 2 * N; i += blockDim.x) {  // every head of the group has read the old B/C windows
+    int ch = i < N ? p.d_inner + g * N + i : p.d_inner + p.ngroups * N + g * N + (i - N);
+    elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + ch) * W;
+    for (int w = 0; w < W; ++w) sout[w] = st(bc_win[i * W + w]);
+  }
   __syncthreads();
   if (tid == 0) { p.sumsq[slot] = 0.0f; p.arrived[slot] = 0u; }
 }
@@ -232,7 +239,7 @@ struct SampleParams {
   const int* step;          // device token index k
   int position_offset;      // token k is fed at position k + offset
   long long* tokens;  int num_tokens;  // (batch, num_tokens) out; column k written
-  const long long* teacher; // (batch, num_tokens) or null: feed these tokens instead of drawing (parity tests)
+  const long long* teacher; // (batch, num_tokens) or null: feed these tokens on instead of the draws (parity)
   float* mixed_out;         // (batch, vocab) or null: the mixed logits (parity tests)
   const elem_t* word_emb;  const elem_t* pos_emb;  int d;
   elem_t* next_input;       // (2 * batch, d): embedding of token k at its position, for both halves
@@ -379,9 +386,10 @@ extern "C" __global__ void aim_cfg_sample(SampleParams p) {
     for (int i = V - 1; i >= 0; --i) if (mass[i] != 0.0f) { s_token = i; break; }
   }
   __syncthreads();
-  int tok = s_token;
-  if (p.teacher) tok = (int)p.teacher[(long long)b * p.num_tokens + k];
-  if (threadIdx.x == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = tok;
+  // `tokens` records the draw; with teacher forcing the teacher's token is fed on instead
+  const int drawn = s_token;
+  const int tok = p.teacher ? (int)p.teacher[(long long)b * p.num_tokens + k] : drawn;
+  if (threadIdx.x == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = drawn;
   const int pos = k + p.position_offset;
   for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
     elem_t e = st(ld(p.word_emb[(long long)tok * p.d + i]) + ld(p.pos_emb[(long long)pos * p.d + i]));

@@ -132,7 +132,7 @@ class Kernels:
                                           ctypes.addressof(holder) if holder is not None else 0, 0), name)
 
     def ssu(self, p: SsuParams, stream: int) -> None:
-        smem = (p.headdim + 2 * p.d_state) * 4
+        smem = (p.headdim + 2 * p.d_state * (1 + p.d_conv)) * 4
         self._launch("aim_ssu_step", (p.nheads, p.rows, 1), SSU_THREADS, smem, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
