@@ -36,7 +36,7 @@ class _Buffers:
     normed: Tensor      # (R, d)
     y: Tensor           # (R, d_inner) normed mixer output
     gated: Tensor       # (R, d_inner) float32 workspace
-    sumsq: Tensor       # (R, G) float32 workspace
+    partial: Tensor     # (R, H) float32 workspace
     arrived: Tensor     # (R, G) int32 workspace
     conv: Tensor        # (L, R, C, W)
     ssm: Tensor         # (L, R, H, P, N)
@@ -94,7 +94,7 @@ class CudaBackend:
             normed=torch.zeros(rows, cfg.d_model, device=dev, dtype=dt),
             y=torch.zeros(rows, cfg.d_inner, device=dev, dtype=dt),
             gated=torch.zeros(rows, cfg.d_inner, device=dev),
-            sumsq=torch.zeros(rows, cfg.ngroups, device=dev),
+            partial=torch.zeros(rows, cfg.nheads, device=dev),
             arrived=torch.zeros(rows, cfg.ngroups, device=dev, dtype=torch.int32),
             conv=torch.zeros(cfg.n_layer, rows, cfg.conv_dim, cfg.d_conv, device=dev, dtype=dt),
             ssm=torch.zeros(cfg.n_layer, rows, cfg.nheads, cfg.headdim, cfg.d_state, device=dev, dtype=dt),
@@ -151,7 +151,7 @@ class CudaBackend:
                 conv_state_in=_ptr(buf.conv[i]), conv_state_out=_ptr(buf.conv[i]),
                 ssm_state_in=_ptr(buf.ssm[i]), ssm_state_out=_ptr(buf.ssm[i]),
                 conv_w=_ptr(p["conv_w"]), conv_b=_ptr(p["conv_b"]), dt_bias=_ptr(p["dt_bias"]), A_log=_ptr(p["A_log"]),
-                D=_ptr(p["D"]), norm_w=_ptr(p["norm_w"]), gated=_ptr(buf.gated), sumsq=_ptr(buf.sumsq),
+                D=_ptr(p["D"]), norm_w=_ptr(p["norm_w"]), gated=_ptr(buf.gated), partial=_ptr(buf.partial),
                 arrived=_ptr(buf.arrived), y=_ptr(buf.y), y_stride=cfg.d_inner, rows=rows, d_inner=cfg.d_inner,
                 conv_dim=cfg.conv_dim, nheads=cfg.nheads, headdim=cfg.headdim, d_state=cfg.d_state,
                 ngroups=cfg.ngroups, d_conv=cfg.d_conv, eps=cfg.norm_eps), stream)

@@ -32,6 +32,7 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 #endif
 
 #define VEC 8  // state elements per thread per access: 16 bytes for 16-bit types, 32 for float32
+#define MAX_ITERS 8  // state vectors per thread held in registers: headdim * d_state <= 8 * 128 * VEC
 
 struct Vec8 { elem_t v[VEC]; };
 
@@ -80,7 +81,7 @@ struct SsuParams {
   const elem_t* D;        // (nheads)
   const elem_t* norm_w;   // (d_inner)
   float* gated;           // workspace (rows, d_inner): y * silu(z) before the norm
-  float* sumsq;           // workspace (rows, ngroups), zero between launches (the kernel resets it)
+  float* partial;         // workspace (rows, nheads): each head's sum of squares of `gated`
   unsigned int* arrived;  // workspace (rows, ngroups), zero between launches (the kernel resets it)
   elem_t* y;  long long y_stride;             // (rows, d_inner) normed output
   int rows, d_inner, conv_dim, nheads, headdim, d_state, ngroups, d_conv;
@@ -99,6 +100,14 @@ extern "C" __global__ void aim_ssu_step(SsuParams p) {
   const int h = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
   const int P = p.headdim, N = p.d_state, W = p.d_conv;
   const int heads_per_group = p.nheads / p.ngroups, g = h / heads_per_group;
+  const long long base = ((long long)r * p.nheads + h) * P * N;
+  const int iters = P * N / (blockDim.x * VEC);  // <= MAX_ITERS, exact (host-checked)
+
+  // issue this thread's state loads first: their latency hides behind the conv below
+  Vec8 hreg[MAX_ITERS];
+#pragma unroll
+  for (int it = 0; it < MAX_ITERS; ++it)
+    if (it < iters) hreg[it] = *reinterpret_cast<const Vec8*>(p.ssm_state_in + base + (it * blockDim.x + tid) * VEC);
 
   // conv on the channels this head needs. Every head of a group reads the group's B/C conv state, so with
   // in-place state those windows are written only by the group's last block to finish (below).
@@ -128,13 +137,13 @@ extern "C" __global__ void aim_ssu_step(SsuParams p) {
   // state: (P, N) row-major, VEC contiguous elements per thread; N / VEC lanes share a row p
   const float dt = s_dt, dA = s_dA, Dh = ld(p.D[h]);
   const int lanes_per_row = N / VEC;
-  const long long base = ((long long)r * p.nheads + h) * P * N;
   float local_sq = 0.0f;
-  for (int e0 = 0; e0 < P * N; e0 += blockDim.x * VEC) {  // uniform trip count: every lane reaches the shuffles
-    const int e = e0 + tid * VEC;
-    if (e >= P * N) continue;  // whole warps drop out together (P * N is a multiple of 256)
+#pragma unroll
+  for (int it = 0; it < MAX_ITERS; ++it) {
+    if (it >= iters) break;
+    const int e = (it * blockDim.x + tid) * VEC;
     const int row = e / N, n0 = e % N;
-    Vec8 hin = *reinterpret_cast<const Vec8*>(p.ssm_state_in + base + e);
+    const Vec8 hin = hreg[it];
     Vec8 hout;
     const float dtx = dt * xs[row];
     float acc = 0.0f;
@@ -161,7 +170,7 @@ extern "C" __global__ void aim_ssu_step(SsuParams p) {
   float sq = block_sum(local_sq, s_red);
   const int slot = r * p.ngroups + g;
   if (tid == 0) {
-    atomicAdd(p.sumsq + slot, sq);
+    p.partial[(long long)r * p.nheads + h] = sq;
     __threadfence();
     s_last = atomicAdd(p.arrived + slot, 1u) == (unsigned)(heads_per_group - 1);
   }
@@ -169,7 +178,9 @@ extern "C" __global__ void aim_ssu_step(SsuParams p) {
   if (!s_last) return;
   __threadfence();
   const int group_size = p.d_inner / p.ngroups;
-  const float total = atomicAdd(p.sumsq + slot, 0.0f);
+  float total = 0.0f;  // summed in head order, so the result does not depend on which block came last
+  const volatile float* partial = p.partial + (long long)r * p.nheads + g * heads_per_group;
+  for (int i = 0; i < heads_per_group; ++i) total += partial[i];
   const float inv = rsqrtf(total / group_size + p.eps);
   const volatile float* gated = p.gated + (long long)r * p.d_inner + g * group_size;
   for (int i = tid; i < group_size; i += blockDim.x)
@@ -180,7 +191,7 @@ extern "C" __global__ void aim_ssu_step(SsuParams p) {
     for (int w = 0; w < W; ++w) sout[w] = st(bc_win[i * W + w]);
   }
   __syncthreads();
-  if (tid == 0) { p.sumsq[slot] = 0.0f; p.arrived[slot] = 0u; }
+  if (tid == 0) p.arrived[slot] = 0u;
 }
 
 // ----------------------------------------------------------------------------------------------------------
@@ -261,137 +272,182 @@ __device__ __forceinline__ unsigned order_key(float f) {  // monotone float → 
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// Radix select, most significant byte first. mode 0: the key of the k-th largest element (by count);
-// mode 1: the smallest key whose ascending cumulative mass exceeds `limit` (mass = e[i] of kept elements).
-__device__ unsigned radix_select(const float* vals, const float* mass, int n, int mode, float limit, int k,
-                                 float* hist, float* s_scalar) {
-  unsigned prefix = 0, prefix_mask = 0;
-  float below = 0.0f;  // mode 1: mass strictly below the current prefix range
-  int remaining = k;   // mode 0: rank within the current prefix range, counted from the top
+#define MAX_PER 16        // vocabulary entries per thread: vocab <= 1024 * MAX_PER
+#define FIXED_ONE 1099511627776.0  // 2^40: probabilities in fixed point, so every sum is exact and order-free
+
+__device__ unsigned long long block_sum_u64(unsigned long long v, unsigned long long* scratch) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : 0ull;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Radix select over register-resident keys, most significant byte first, with one histogram per warp
+// (no cross-warp atomics) summed in a fixed order. weight[j] = 0 marks an element out of play.
+//   descending = true:  returns the key of the `rank`-th largest (weights are counts);
+//   descending = false: returns the smallest key K whose ascending cumulative weight exceeds `limit`.
+__device__ __forceinline__ unsigned radix_select(const unsigned (&key)[MAX_PER], const unsigned long long (&weight)[MAX_PER],
+                                 bool descending, unsigned long long limit, unsigned long long* hist,
+                                 unsigned long long* s_acc, unsigned* s_digit) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  unsigned prefix = 0, mask = 0;
+  unsigned long long acc = 0;  // weight already passed in walk order
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0.0f;
+    for (int i = tid; i < 32 * 256; i += blockDim.x) hist[i] = 0ull;
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      if (mode == 1 && mass[i] == 0.0f) continue;
-      unsigned key = order_key(vals[i]);
-      if ((key & prefix_mask) == prefix) atomicAdd(hist + ((key >> shift) & 0xFF), mode == 0 ? 1.0f : mass[i]);
+    unsigned long long* mine = hist + warp * 256;
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j)
+      if (weight[j] && (key[j] & mask) == prefix) atomicAdd(mine + ((key[j] >> shift) & 0xFF), weight[j]);
+    __syncthreads();
+    if (tid < 256) {
+      unsigned long long t = 0;
+      for (int w = 0; w < 32; ++w) t += hist[w * 256 + tid];
+      hist[tid] = t;  // column `tid` is touched by this thread only
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      int digit = 0;
-      if (mode == 0) {  // walk from the top until the k-th element is inside the bin
-        for (digit = 255; digit > 0; --digit) {
-          if ((int)hist[digit] >= remaining) break;
-          remaining -= (int)hist[digit];
-        }
-      } else {  // walk from the bottom while the mass stays within the limit
-        for (digit = 0; digit < 255; ++digit) {
-          if (below + hist[digit] > limit) break;
-          below += hist[digit];
-        }
+    if (warp == 0) {  // lane l owns walk positions 8l..8l+7
+      unsigned long long v[8], sum = 0;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        int pos = 8 * lane + q;
+        v[q] = hist[descending ? 255 - pos : pos];
+        sum += v[q];
       }
-      s_scalar[0] = __int_as_float(digit);
-      s_scalar[1] = below;
-      s_scalar[2] = __int_as_float(remaining);
+      unsigned long long incl = sum;
+      for (int o = 1; o < 32; o <<= 1) {
+        unsigned long long t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+      }
+      unsigned long long run = acc + incl - sum;
+      int found = -1;
+      unsigned long long before = 0;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        bool hit = descending ? (run + v[q] >= limit) : (run + v[q] > limit);
+        if (found < 0 && hit) { found = 8 * lane + q; before = run; }
+        run += v[q];
+      }
+      unsigned ballot = __ballot_sync(0xffffffffu, found >= 0);
+      int leader = ballot ? __ffs(ballot) - 1 : 31;
+      int pos = __shfl_sync(0xffffffffu, found >= 0 ? found : 255, leader);
+      unsigned long long b4 = __shfl_sync(0xffffffffu, found >= 0 ? before : run - v[7], leader);
+      if (lane == 0) {
+        *s_digit = descending ? 255 - pos : pos;
+        *s_acc = b4;
+      }
     }
     __syncthreads();
-    int digit = __float_as_int(s_scalar[0]);
-    below = s_scalar[1];
-    remaining = __float_as_int(s_scalar[2]);
-    prefix |= (unsigned)digit << shift;
-    prefix_mask |= 0xFFu << shift;
+    prefix |= *s_digit << shift;
+    mask |= 0xFFu << shift;
+    acc = *s_acc;
     __syncthreads();
   }
   return prefix;
 }
 
-// grid (batch); block 1024; shared: 2 * vocab floats + 256 + 8.
-extern "C" __global__ void aim_cfg_sample(SampleParams p) {
-  extern __shared__ float sh[];
-  float* vals = sh;               // mixed logits
-  float* mass = vals + p.vocab;   // exp(x - max) of the kept tokens, 0 for removed ones
-  float* hist = mass + p.vocab;   // 256 bins
-  float* s_scalar = hist + 256;   // 8 scalars
+// grid (batch); block 1024; dynamic shared: 32 * 256 * 8 bytes.
+extern "C" __global__ void __launch_bounds__(1024) aim_cfg_sample(SampleParams p) {
+  extern __shared__ unsigned long long hist[];
   __shared__ float s_red[32];
+  __shared__ unsigned long long s_red64[32], s_acc;
+  __shared__ unsigned s_digit;
   __shared__ int s_token;
   const int b = blockIdx.x, V = p.vocab, k = *p.step;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int per = (V + blockDim.x - 1) / blockDim.x;
+  const int lo = tid * per;  // this thread's contiguous slice of the vocabulary
   const elem_t* cond = p.logits + (long long)b * p.logits_stride;
   const elem_t* uncond = p.logits + (long long)(b + p.batch) * p.logits_stride;
 
+  float x[MAX_PER];
+  unsigned key[MAX_PER];
+  unsigned long long w[MAX_PER];
   float mx = -3.402823466e38f;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) {
-    float c = ld(cond[i]), u = ld(uncond[i]);
-    float m = (u + (c - u) * p.cfg_scale) / p.temperature;
-    vals[i] = m;
-    if (p.mixed_out) p.mixed_out[(long long)b * V + i] = m;
-    mx = fmaxf(mx, m);
+#pragma unroll
+  for (int j = 0; j < MAX_PER; ++j) {
+    const int i = lo + j;
+    const bool valid = j < per && i < V;
+    float m = 0.0f;
+    if (valid) {
+      float c = ld(cond[i]), u = ld(uncond[i]);
+      m = (u + (c - u) * p.cfg_scale) / p.temperature;
+      if (p.mixed_out) p.mixed_out[(long long)b * V + i] = m;
+      mx = fmaxf(mx, m);
+    }
+    x[j] = m;
+    key[j] = order_key(m);
+    w[j] = valid ? 1ull : 0ull;
   }
   mx = block_max(mx, s_red);
 
   // top-k: keep values >= the k-th largest (ties kept, as the official sampler)
-  float kth = -3.402823466e38f;
-  bool use_k = p.top_k > 0 && p.top_k < V;
-  if (use_k) {
-    unsigned key = radix_select(vals, mass, V, 0, 0.0f, p.top_k, hist, s_scalar);
-    unsigned bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
-    kth = __uint_as_float(bits);
+  if (p.top_k > 0 && p.top_k < V) {
+    const unsigned kth = radix_select(key, w, true, (unsigned long long)p.top_k, hist, &s_acc, &s_digit);
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) if (key[j] < kth) w[j] = 0ull;
   }
-  float z = 0.0f;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) {
-    float e = (!use_k || vals[i] >= kth) ? __expf(vals[i] - mx) : 0.0f;
-    mass[i] = e;
-    z += e;
+  // probabilities (unnormalised, fixed point) of the survivors
+  unsigned long long z = 0;
+#pragma unroll
+  for (int j = 0; j < MAX_PER; ++j) {
+    w[j] = w[j] ? (unsigned long long)(expf(x[j] - mx) * FIXED_ONE) : 0ull;
+    z += w[j];
   }
-  z = block_sum(z, s_red);
-
-  // top-p: drop the tokens whose ascending cumulative probability is <= 1 - top_p (the top token stays)
+  z = block_sum_u64(z, s_red64);
+  // top-p: drop tokens whose ascending cumulative probability is <= 1 - top_p (the top token always stays)
   if (p.top_p < 1.0f) {
-    __syncthreads();
-    unsigned key = radix_select(vals, mass, V, 1, (1.0f - p.top_p) * z, 0, hist, s_scalar);
-    for (int i = threadIdx.x; i < V; i += blockDim.x)
-      if (mass[i] != 0.0f && order_key(vals[i]) < key) mass[i] = 0.0f;
-    __syncthreads();
+    const unsigned long long limit = (unsigned long long)((double)z * (1.0 - (double)p.top_p));
+    const unsigned cut = radix_select(key, w, false, limit, hist, &s_acc, &s_digit);
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) if (key[j] < cut) w[j] = 0ull;
   }
 
   // inverse CDF in vocabulary order: the first token whose cumulative mass exceeds u * total
-  const int per = (V + blockDim.x - 1) / blockDim.x;
-  const int lo = min(V, threadIdx.x * per), hi = min(V, lo + per);
-  float local = 0.0f;
-  for (int i = lo; i < hi; ++i) local += mass[i];
-  // exclusive scan of the per-thread sums
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float incl = local;
-  for (int o = 1; o < 32; o <<= 1) { float t = __shfl_up_sync(0xffffffffu, incl, o); if (lane >= o) incl += t; }
+  unsigned long long local = 0;
+#pragma unroll
+  for (int j = 0; j < MAX_PER; ++j) local += w[j];
+  unsigned long long incl = local;
+  for (int o = 1; o < 32; o <<= 1) {
+    unsigned long long t = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += t;
+  }
   __syncthreads();
-  if (lane == 31) s_red[warp] = incl;
-  if (threadIdx.x == 0) s_token = V;
+  if (lane == 31) s_red64[warp] = incl;
+  if (tid == 0) s_token = V;
   __syncthreads();
   if (warp == 0) {
-    float w = lane < (blockDim.x >> 5) ? s_red[lane] : 0.0f;
-    for (int o = 1; o < 32; o <<= 1) { float t = __shfl_up_sync(0xffffffffu, w, o); if (lane >= o) w += t; }
-    s_red[lane] = w;  // inclusive per-warp totals
+    unsigned long long t = s_red64[lane];
+    for (int o = 1; o < 32; o <<= 1) {
+      unsigned long long u2 = __shfl_up_sync(0xffffffffu, t, o);
+      if (lane >= o) t += u2;
+    }
+    s_red64[lane] = t;  // inclusive totals per warp
   }
   __syncthreads();
-  float before = incl - local + (warp > 0 ? s_red[warp - 1] : 0.0f);
-  float total = s_red[(blockDim.x >> 5) - 1];
-  float target = uniform((unsigned long long)p.seeds[b], k) * total;
-  float run = before;
-  for (int i = lo; i < hi; ++i) {
-    if (mass[i] == 0.0f) continue;
-    run += mass[i];
-    if (run > target) { atomicMin(&s_token, i); break; }
+  const unsigned long long total = s_red64[31];
+  const unsigned long long before = incl - local + (warp ? s_red64[warp - 1] : 0ull);
+  const unsigned long long target = (unsigned long long)((double)total * (double)uniform((unsigned long long)p.seeds[b], k));
+  if (before <= target && target < before + local) {
+    unsigned long long run = before;
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) {
+      run += w[j];
+      if (w[j] && run > target) { atomicMin(&s_token, lo + j); break; }
+    }
   }
   __syncthreads();
-  if (threadIdx.x == 0 && s_token == V) {  // rounding left the target at the very end: the last kept token
-    for (int i = V - 1; i >= 0; --i) if (mass[i] != 0.0f) { s_token = i; break; }
-  }
-  __syncthreads();
+
   // `tokens` records the draw; with teacher forcing the teacher's token is fed on instead
   const int drawn = s_token;
   const int tok = p.teacher ? (int)p.teacher[(long long)b * p.num_tokens + k] : drawn;
-  if (threadIdx.x == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = drawn;
+  if (tid == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = drawn;
   const int pos = k + p.position_offset;
-  for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
+  for (int i = tid; i < p.d; i += blockDim.x) {
     elem_t e = st(ld(p.word_emb[(long long)tok * p.d + i]) + ld(p.pos_emb[(long long)pos * p.d + i]));
     p.next_input[(long long)b * p.d + i] = e;
     p.next_input[(long long)(b + p.batch) * p.d + i] = e;

@@ -72,7 +72,7 @@ class SsuParams(ctypes.Structure):
         ("xbc", P), ("xbc_stride", LL), ("z", P), ("z_stride", LL), ("dt", P), ("dt_stride", LL),
         ("conv_state_in", P), ("conv_state_out", P), ("ssm_state_in", P), ("ssm_state_out", P),
         ("conv_w", P), ("conv_b", P), ("dt_bias", P), ("A_log", P), ("D", P), ("norm_w", P),
-        ("gated", P), ("sumsq", P), ("arrived", P), ("y", P), ("y_stride", LL),
+        ("gated", P), ("partial", P), ("arrived", P), ("y", P), ("y_stride", LL),
         ("rows", I), ("d_inner", I), ("conv_dim", I), ("nheads", I), ("headdim", I), ("d_state", I),
         ("ngroups", I), ("d_conv", I), ("eps", F),
     ]
@@ -102,8 +102,9 @@ def check_shapes(headdim: int, d_state: int, d_conv: int) -> None:
     """The limits the kernels are written for (all AiM models satisfy them)."""
     if d_state % 8 or 256 % d_state:
         raise KernelError(f"d_state must divide 256 and be a multiple of 8, got {d_state}")
-    if (headdim * d_state) % 256:
-        raise KernelError(f"headdim * d_state must be a multiple of 256, got {headdim} * {d_state}")
+    if (headdim * d_state) % (SSU_THREADS * 8) or headdim * d_state > SSU_THREADS * 8 * 8:
+        raise KernelError(f"headdim * d_state must be a multiple of {SSU_THREADS * 8} and at most "
+                          f"{SSU_THREADS * 64}, got {headdim} * {d_state}")
     if d_conv > 8:
         raise KernelError(f"d_conv must be <= 8, got {d_conv}")
 
@@ -139,7 +140,9 @@ class Kernels:
         self._launch("aim_residual_norm", (p.rows, 1, 1), NORM_THREADS, p.d * 4, stream, p)
 
     def cfg_sample(self, p: SampleParams, stream: int) -> None:
-        smem = (2 * p.vocab + 256 + 8) * 4
+        if p.vocab > SAMPLE_THREADS * 16:
+            raise KernelError(f"the sampling kernel handles vocabularies up to {SAMPLE_THREADS * 16}, not {p.vocab}")
+        smem = 32 * 256 * 8
         if smem > self._max_smem:
             attr = self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             _check(self.driver.cuFuncSetAttribute(self.fn["aim_cfg_sample"], attr, smem), "cuFuncSetAttribute")

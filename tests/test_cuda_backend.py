@@ -61,7 +61,7 @@ def run_ssu_kernel(kernels, cfg, x, in_place=True):
     ssm_out = x["ssm_state"] if in_place else torch.empty_like(x["ssm_state"])
     y = torch.empty(rows, cfg.d_inner, device=dev, dtype=dt)
     gated = torch.empty(rows, cfg.d_inner, device=dev)
-    sumsq = torch.zeros(rows, cfg.ngroups, device=dev)
+    partial = torch.zeros(rows, cfg.nheads, device=dev)
     arrived = torch.zeros(rows, cfg.ngroups, device=dev, dtype=torch.int32)
     p = SsuParams(
         xbc=x["xbc"].data_ptr(), xbc_stride=cfg.conv_dim, z=x["z"].data_ptr(), z_stride=cfg.d_inner,
@@ -69,12 +69,12 @@ def run_ssu_kernel(kernels, cfg, x, in_place=True):
         conv_state_out=conv_out.data_ptr(), ssm_state_in=x["ssm_state"].data_ptr(), ssm_state_out=ssm_out.data_ptr(),
         conv_w=x["conv_weight"].data_ptr(), conv_b=x["conv_bias"].data_ptr(), dt_bias=x["dt_bias"].data_ptr(),
         A_log=x["A_log"].data_ptr(), D=x["D"].data_ptr(), norm_w=x["norm_weight"].data_ptr(), gated=gated.data_ptr(),
-        sumsq=sumsq.data_ptr(), arrived=arrived.data_ptr(), y=y.data_ptr(), y_stride=cfg.d_inner, rows=rows,
+        partial=partial.data_ptr(), arrived=arrived.data_ptr(), y=y.data_ptr(), y_stride=cfg.d_inner, rows=rows,
         d_inner=cfg.d_inner, conv_dim=cfg.conv_dim, nheads=cfg.nheads, headdim=cfg.headdim, d_state=cfg.d_state,
         ngroups=cfg.ngroups, d_conv=cfg.d_conv, eps=cfg.norm_eps)
     kernels.ssu(p, torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
-    assert sumsq.abs().max() == 0 and arrived.abs().max() == 0  # workspaces handed back clean
+    assert arrived.abs().max() == 0  # the arrival counters are handed back clean
     return y, conv_out, ssm_out
 
 
