@@ -178,13 +178,20 @@ extern "C" __global__ void aim_ssu_step(SsuParams p) {
   if (!s_last) return;
   __threadfence();
   const int group_size = p.d_inner / p.ngroups;
-  float total = 0.0f;  // summed in head order, so the result does not depend on which block came last
-  const volatile float* partial = p.partial + (long long)r * p.nheads + g * heads_per_group;
-  for (int i = 0; i < heads_per_group; ++i) total += partial[i];
-  const float inv = rsqrtf(total / group_size + p.eps);
-  const volatile float* gated = p.gated + (long long)r * p.d_inner + g * group_size;
+  // the group's partial sums, loaded in parallel past L1 (__ldcg) and added in a fixed order, so the result
+  // does not depend on which block came last
+  if (tid < 32) {
+    const float* partial = p.partial + (long long)r * p.nheads + g * heads_per_group;
+    float t = 0.0f;
+    for (int i = tid; i < heads_per_group; i += 32) t += __ldcg(partial + i);
+    t = warp_sum(t);
+    if (tid == 0) s_red[0] = t;
+  }
+  __syncthreads();
+  const float inv = rsqrtf(s_red[0] / group_size + p.eps);
+  const float* gated = p.gated + (long long)r * p.d_inner + g * group_size;
   for (int i = tid; i < group_size; i += blockDim.x)
-    p.y[(long long)r * p.y_stride + g * group_size + i] = st(gated[i] * inv * ld(p.norm_w[g * group_size + i]));
+    p.y[(long long)r * p.y_stride + g * group_size + i] = st(__ldcg(gated + i) * inv * ld(p.norm_w[g * group_size + i]));
   for (int i = tid; i < 2 * N; i += blockDim.x) {  // every head of the group has read the old B/C windows
     int ch = i < N ? p.d_inner + g * N + i : p.d_inner + p.ngroups * N + g * N + (i - N);
     elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + ch) * W;

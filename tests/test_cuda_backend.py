@@ -171,9 +171,10 @@ def test_bf16_backend_against_reference_and_vq_decode():
 @needs_gpu
 def test_vq_decode_bf16_graph_against_fp32_reference():
     from aim_rt.cuda_backend import CudaBackend
-    from conftest import GOLDEN, TINY, golden
+    from conftest import GOLDEN, golden
 
-    model = aim_rt.random_model(TINY, device="cuda", dtype="bfloat16")
+    cfg = aim_rt.AiMConfig(d_model=64, n_layer=2, vocab_size=64, num_classes=5, num_tokens=16, d_state=32, headdim=32)
+    model = aim_rt.random_model(cfg, device="cuda", dtype="bfloat16")
     aim_rt.loading.attach_vq(model, aim_rt.load_vq(GOLDEN / "vq_small.safetensors"))
     g, _ = golden("vq_small")
     images = CudaBackend(model).decode(g["golden.indices"])
