@@ -47,9 +47,9 @@ def generate(
     seed: int = typer.Option(0, "--seed", min=0, help="Base seed; each image's seed derives from it, its class and index."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    backend: str = typer.Option("torch", "--backend", help="torch (the reference), cuda (fused kernels + CUDA graphs) or onnxruntime."),
-    engines: Optional[Path] = typer.Option(None, "--engines", help="Export directory for the onnxruntime backend "
-                                           "(made on first use; default: a cache keyed by the weights)."),
+    backend: str = typer.Option("torch", "--backend", help="torch (the reference), cuda (fused kernels + CUDA graphs), onnxruntime or tensorrt."),
+    engines: Optional[Path] = typer.Option(None, "--engines", help="Export directory for the onnxruntime/tensorrt "
+                                           "backends (ONNX made on first use; default: a cache keyed by the weights)."),
     npz: bool = typer.Option(True, "--npz/--no-npz", help="Write samples.npz (arr_0: N×H×W×3 uint8, arr_1: labels)."),
     grid: bool = typer.Option(True, "--grid/--no-grid", help="Write grid.png."),
     grid_cols: Optional[int] = typer.Option(None, "--grid-cols", min=1),
@@ -119,11 +119,14 @@ def export(
     opset: int = typer.Option(18, "--opset", help="ONNX opset (18-21)."),
     prefix_len: int = typer.Option(0, "--prefix-len", help="Prefill graph takes this many given first tokens."),
     vq_uint8: bool = typer.Option(False, "--vq-uint8", help="VQ graph outputs uint8 NHWC images."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx, or trt: also build TensorRT engines into OUT/engines."),
+    batch_min: int = typer.Option(1, "--batch-min"),
+    batch_opt: int = typer.Option(16, "--batch-opt"),
+    batch_max: int = typer.Option(64, "--batch-max"),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare weights file."),
 ) -> None:
-    """Export the prefill/step graphs (custom-op and portable) and the VQ decoder to ONNX, with a manifest."""
-    import importlib.util
-
+    """Export the prefill/step graphs (custom-op and portable) and the VQ decoder to ONNX, with a manifest;
+    with --format trt, build TensorRT engines from them too."""
     from aim_rt import AiMError, load_model
 
     try:
@@ -140,10 +143,19 @@ def export(
     for name, graph in manifest["graphs"].items():
         console.print(f"wrote {out / graph['file']}  ({name})")
     console.print(f"wrote {out / 'manifest.json'}")
-    if importlib.util.find_spec("tensorrt") is None:
-        console.print("TensorRT is not importable here: ONNX graphs only, no engines built.")
-    else:
-        console.print("TensorRT is importable, but engine building arrives with the TensorRT issue: ONNX graphs only.")
+    if fmt == "onnx":
+        return
+    if fmt != "trt":
+        _fail(f"unknown --format {fmt!r}: use onnx or trt")
+    from aim_rt.engines.builder import build_engines
+    from aim_rt.engines.plan_meta import BatchRange
+
+    try:
+        results = build_engines(out, batch=BatchRange(batch_min, batch_opt, batch_max), log=console.print)
+    except AiMError as e:
+        _fail(str(e))
+    if not any(r.ok for r in results):
+        _fail("no engine could be built (see the messages above)")
 
 
 @app.command()
@@ -182,6 +194,23 @@ def bench(
     Console().print(table)
     json_out.write_text(json.dumps(result, indent=1) + "\n")
     console.print(f"{result['device']}, copy bandwidth {result['copy_bandwidth_TBps']:.2f} TB/s; wrote {json_out}")
+
+
+@app.command()
+def doctor() -> None:
+    """What this machine can run: GPU, CUDA, TensorRT, onnxruntime providers, cuda-python, and the backends."""
+    from aim_rt.doctor import report
+
+    info = report()
+    table = Table(title="aim-rt doctor")
+    table.add_column("what")
+    table.add_column("here")
+    for key, value in info.items():
+        if key != "backends":
+            table.add_row(key, "no" if value is False else "—" if value is None else str(value))
+    for name, verdict in info["backends"].items():
+        table.add_row(f"generate --backend {name}", verdict)
+    Console().print(table)
 
 
 @app.command()

@@ -69,13 +69,25 @@ def _torch(model: AiM, **_options) -> Backend:
     return TorchBackend(model)
 
 
+def _tensorrt(model: AiM, engines: str | None = None, **_options) -> Backend:
+    from pathlib import Path
+
+    from aim_rt.engines.runner import TensorRTBackend
+
+    if engines is None:
+        raise AiMError("--backend tensorrt needs --engines DIR (made by `aim-rt export MODEL --format trt --out DIR`)")
+    engines = Path(engines)
+    return TensorRTBackend(engines / "engines" if (engines / "engines").is_dir() else engines, model)
+
+
 def _cuda(model: AiM, **_options) -> Backend:
     from .cuda_backend import CudaBackend
 
     return CudaBackend(model)
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"torch": _torch, "onnxruntime": _onnxruntime, "cuda": _cuda}
+BACKENDS: dict[str, Callable[..., Backend]] = {"torch": _torch, "onnxruntime": _onnxruntime, "cuda": _cuda,
+                                               "tensorrt": _tensorrt}
 
 
 def make_backend(name: str, model: AiM, **options) -> Backend:

@@ -114,12 +114,12 @@ class CudaBackend:
         cfg, emb = self.config, self.model.backbone.embeddings
         return SampleParams(
             logits=_ptr(buf.logits), logits_stride=buf.logits.stride(0), batch=buf.seeds.shape[0],
-            vocab=cfg.vocab_size, cfg_scale=settings.cfg_scale, temperature=settings.temperature,
+            vocab=cfg.vocab_size, uncond_rows=buf.seeds.shape[0], cfg_scale=settings.cfg_scale, temperature=settings.temperature,
             top_k=settings.top_k, top_p=settings.top_p, seeds=_ptr(buf.seeds), step=_ptr(buf.step),
             position_offset=settings.position_offset, tokens=_ptr(buf.tokens), num_tokens=cfg.num_tokens,
             teacher=_ptr(buf.teacher) if self._mode[0] else None,
             mixed_out=_ptr(buf.mixed) if self._mode[1] else None, word_emb=_ptr(emb.word_embeddings.weight),
-            pos_emb=_ptr(emb.position_embeddings.weight), d=cfg.d_model, next_input=_ptr(buf.hidden))
+            pos_emb=_ptr(emb.position_embeddings.weight), d=cfg.d_model, next_input=_ptr(buf.hidden), next_token=None)
 
     def _sample(self, buf: _Buffers, settings: SamplingSettings, stream: int) -> None:
         self.kernels.cfg_sample(self._sample_params(buf, settings), stream)

@@ -250,6 +250,7 @@ extern "C" __global__ void aim_residual_norm(NormParams p) {
 struct SampleParams {
   const elem_t* logits;  long long logits_stride;  // (2 * batch, vocab): conditional rows, then null-class rows
   int batch, vocab;
+  int uncond_rows;    // rows from a conditional row to its null-class row: batch, or 0 for logits already mixed
   float cfg_scale, temperature;
   int top_k;          // 0: off
   float top_p;        // 1: off
@@ -260,7 +261,8 @@ struct SampleParams {
   const long long* teacher; // (batch, num_tokens) or null: feed these tokens on instead of the draws (parity)
   float* mixed_out;         // (batch, vocab) or null: the mixed logits (parity tests)
   const elem_t* word_emb;  const elem_t* pos_emb;  int d;
-  elem_t* next_input;       // (2 * batch, d): embedding of token k at its position, for both halves
+  elem_t* next_input;       // (2 * batch, d) or null: embedding of token k at its position, for both halves
+  long long* next_token;    // (batch) or null: token k, for runners whose step graph embeds it (TensorRT)
 };
 
 __device__ __forceinline__ unsigned hash32(unsigned x) {  // 'lowbias32', as aim_rt.sampling._hash32
@@ -369,7 +371,7 @@ extern "C" __global__ void __launch_bounds__(1024) aim_cfg_sample(SampleParams p
   const int per = (V + blockDim.x - 1) / blockDim.x;
   const int lo = tid * per;  // this thread's contiguous slice of the vocabulary
   const elem_t* cond = p.logits + (long long)b * p.logits_stride;
-  const elem_t* uncond = p.logits + (long long)(b + p.batch) * p.logits_stride;
+  const elem_t* uncond = p.logits + (long long)(b + p.uncond_rows) * p.logits_stride;
 
   float x[MAX_PER];
   unsigned key[MAX_PER];
@@ -453,6 +455,8 @@ extern "C" __global__ void __launch_bounds__(1024) aim_cfg_sample(SampleParams p
   const int drawn = s_token;
   const int tok = p.teacher ? (int)p.teacher[(long long)b * p.num_tokens + k] : drawn;
   if (tid == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = drawn;
+  if (tid == 0 && p.next_token) p.next_token[b] = tok;
+  if (!p.next_input) return;
   const int pos = k + p.position_offset;
   for (int i = tid; i < p.d; i += blockDim.x) {
     elem_t e = st(ld(p.word_emb[(long long)tok * p.d + i]) + ld(p.pos_emb[(long long)pos * p.d + i]));

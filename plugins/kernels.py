@@ -88,10 +88,11 @@ class NormParams(ctypes.Structure):
 
 class SampleParams(ctypes.Structure):
     _fields_ = [
-        ("logits", P), ("logits_stride", LL), ("batch", I), ("vocab", I), ("cfg_scale", F), ("temperature", F),
+        ("logits", P), ("logits_stride", LL), ("batch", I), ("vocab", I), ("uncond_rows", I),
+        ("cfg_scale", F), ("temperature", F),
         ("top_k", I), ("top_p", F), ("seeds", P), ("step", P), ("position_offset", I),
         ("tokens", P), ("num_tokens", I), ("teacher", P), ("mixed_out", P),
-        ("word_emb", P), ("pos_emb", P), ("d", I), ("next_input", P),
+        ("word_emb", P), ("pos_emb", P), ("d", I), ("next_input", P), ("next_token", P),
     ]
 
 

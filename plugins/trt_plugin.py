@@ -1,0 +1,105 @@
+"""TensorRT plugin for the aim_rt custom ONNX ops, wrapping the kernels of aim_kernels.cu (no second
+implementation): `aim_rt::SelectiveStateUpdate` → aim_ssu_step, `aim_rt::CfgMix` → a CFG mix in torch.
+
+Registered through `tensorrt.plugin` (TensorRT >= 10.7) with a Python `impl`: the enqueue fills the same
+SsuParams struct the native runtime fills and launches on TensorRT's stream, so it is CUDA-graph capturable
+once its workspace exists (the runner warms up before capturing). An ahead-of-time implementation (engines
+that run without Python, TensorRT >= 10.9) and an IPluginV3 C++ shell are not written yet.
+
+The attribute (de)serialisation below is plain Python and tested without TensorRT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SSU_ATTRS = {"headdim": np.int32, "d_state": np.int32, "ngroups": np.int32, "eps": np.float32}
+_registered = False
+
+
+def encode_fields(attrs: dict) -> dict[str, np.ndarray]:
+    """ONNX node attributes → the typed arrays TensorRT plugin fields carry (one element each)."""
+    missing = set(SSU_ATTRS) - set(attrs)
+    if missing:
+        raise ValueError(f"SelectiveStateUpdate needs attributes {sorted(missing)}")
+    return {name: np.array([attrs[name]], dtype=dtype) for name, dtype in SSU_ATTRS.items()}
+
+
+def decode_fields(fields: dict[str, np.ndarray]) -> dict:
+    out = {}
+    for name, dtype in SSU_ATTRS.items():
+        value = np.asarray(fields[name])
+        if value.dtype != dtype or value.size != 1:
+            raise ValueError(f"plugin field {name!r} must be one {np.dtype(dtype).name}, got {value.dtype} x {value.size}")
+        out[name] = value.item()
+    return out
+
+
+def register() -> None:
+    """Register both ops with tensorrt.plugin (idempotent). Raises ImportError where it does not exist."""
+    global _registered
+    if _registered:
+        return
+    import tensorrt.plugin as trtp  # TensorRT >= 10.7
+    import torch
+
+    from .kernels import Kernels, SsuParams
+
+    kernels: dict = {}
+    workspaces: dict = {}
+
+    @trtp.register("aim_rt::SelectiveStateUpdate")
+    def ssu_desc(xbc: trtp.TensorDesc, z: trtp.TensorDesc, dt: trtp.TensorDesc, conv_state: trtp.TensorDesc,
+                 ssm_state: trtp.TensorDesc, conv_weight: trtp.TensorDesc, conv_bias: trtp.TensorDesc,
+                 dt_bias: trtp.TensorDesc, A_log: trtp.TensorDesc, D: trtp.TensorDesc, norm_weight: trtp.TensorDesc,
+                 headdim: int, d_state: int, ngroups: int, eps: float
+                 ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        return z.like(), conv_state.like(), ssm_state.like()
+
+    @trtp.impl("aim_rt::SelectiveStateUpdate")
+    def ssu_impl(xbc: trtp.Tensor, z: trtp.Tensor, dt: trtp.Tensor, conv_state: trtp.Tensor, ssm_state: trtp.Tensor,
+                 conv_weight: trtp.Tensor, conv_bias: trtp.Tensor, dt_bias: trtp.Tensor, A_log: trtp.Tensor,
+                 D: trtp.Tensor, norm_weight: trtp.Tensor, headdim: int, d_state: int, ngroups: int, eps: float,
+                 outputs: tuple[trtp.Tensor], stream: int) -> None:
+        t = [torch.as_tensor(x, device="cuda") for x in (xbc, z, dt, conv_state, ssm_state, conv_weight, conv_bias,
+                                                        dt_bias, A_log, D, norm_weight)]
+        y, conv_out, ssm_out = (torch.as_tensor(o, device="cuda") for o in outputs)
+        dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[t[0].dtype]
+        k = kernels.setdefault(dtype, Kernels(dtype))
+        rows, conv_dim = t[0].shape
+        d_inner, nheads = t[1].shape[1], t[2].shape[1]
+        key = (rows, d_inner, nheads, ngroups)
+        if key not in workspaces:  # allocated on the first (uncaptured) run
+            workspaces[key] = (torch.zeros(rows, d_inner, device="cuda"), torch.zeros(rows, nheads, device="cuda"),
+                               torch.zeros(rows, ngroups, device="cuda", dtype=torch.int32))
+        gated, partial, arrived = workspaces[key]
+        k.ssu(SsuParams(
+            xbc=t[0].data_ptr(), xbc_stride=conv_dim, z=t[1].data_ptr(), z_stride=d_inner, dt=t[2].data_ptr(),
+            dt_stride=nheads, conv_state_in=t[3].data_ptr(), conv_state_out=conv_out.data_ptr(),
+            ssm_state_in=t[4].data_ptr(), ssm_state_out=ssm_out.data_ptr(), conv_w=t[5].data_ptr(),
+            conv_b=t[6].data_ptr(), dt_bias=t[7].data_ptr(), A_log=t[8].data_ptr(), D=t[9].data_ptr(),
+            norm_w=t[10].data_ptr(), gated=gated.data_ptr(), partial=partial.data_ptr(), arrived=arrived.data_ptr(),
+            y=y.data_ptr(), y_stride=d_inner, rows=rows, d_inner=d_inner, conv_dim=conv_dim, nheads=nheads,
+            headdim=headdim, d_state=d_state, ngroups=ngroups, d_conv=t[3].shape[2], eps=eps), stream)
+
+    @trtp.register("aim_rt::CfgMix")
+    def cfg_desc(logits: trtp.TensorDesc, cfg_scale: trtp.TensorDesc, temperature: trtp.TensorDesc
+                 ) -> trtp.TensorDesc:
+        out = logits.like()
+        out.shape_expr = trtp.ShapeExprs([logits.shape_expr[0] // 2, logits.shape_expr[1]])
+        out.dtype = trtp.DataType.FLOAT
+        return out
+
+    @trtp.impl("aim_rt::CfgMix")
+    def cfg_impl(logits: trtp.Tensor, cfg_scale: trtp.Tensor, temperature: trtp.Tensor,
+                 outputs: tuple[trtp.Tensor], stream: int) -> None:
+        x = torch.as_tensor(logits, device="cuda").float()
+        half = x.shape[0] // 2
+        s = torch.cuda.ExternalStream(stream)
+        with torch.cuda.stream(s):
+            out = torch.as_tensor(outputs[0], device="cuda")
+            c, u = x[:half], x[half:]
+            torch.div(u + (c - u) * torch.as_tensor(cfg_scale, device="cuda"),
+                      torch.as_tensor(temperature, device="cuda"), out=out)
+
+    _registered = True
