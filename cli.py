@@ -67,9 +67,19 @@ def generate(
     from aim_rt.backends import make_backend
     from aim_rt.generate import parse_classes, plan_images, run
 
+    from aim_rt.distributed import from_environment
+
     done = 0
+    shard = from_environment()
+    quiet = not shard.is_main
     try:
         model_ref = model or str(default_model_path())
+        if shard.world > 1 and device in ("auto", "cuda"):  # one GPU per rank under torchrun
+            import torch
+
+            if torch.cuda.is_available():
+                device = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
+                torch.cuda.set_device(device)
         net = load_model(model_ref, device=device, dtype=dtype, config=config)
         if vq is not None:
             attach_vq(net, load_vq(vq))
@@ -85,11 +95,15 @@ def generate(
         prefix_arr = np.load(prefix) if prefix is not None else None
         engine = make_backend(backend, net, engines=engines, dtype=dtype)
         model_id = net.checkpoint.sha256() if net.checkpoint is not None else net.source
-        console.print(f"model [bold]{net.source}[/] ({cfg.n_layer} layers, d={cfg.d_model}) · backend {backend} · "
-                      f"{net.device} {dtype} · {len(plan)} images → {out}")
+        ranks = f" · {shard.world} ranks" if shard.world > 1 else ""
+        if not quiet:
+            console.print(f"model [bold]{net.source}[/] ({cfg.n_layer} layers, d={cfg.d_model}) · backend {backend} · "
+                          f"{net.device} {dtype}{ranks} · {len(plan)} images → {out}")
         with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task("sampling", total=len(plan))
+                      TimeRemainingColumn(), console=console, disable=quiet) as bar:
+            mine = sum(min(batch_size, len(plan) - b) for k, b in enumerate(range(0, len(plan), batch_size))
+                       if k % shard.world == shard.rank)
+            task = bar.add_task("sampling", total=mine)
 
             def advance(n: int) -> None:
                 nonlocal done
@@ -98,15 +112,18 @@ def generate(
 
             result = run(engine, plan, settings, out, model_id=model_id, base_seed=seed, batch_size=batch_size,
                          dtype=dtype, prefix=prefix_arr, npz=npz, grid=grid, grid_cols=grid_cols,
-                         overwrite=overwrite, progress=advance)
+                         overwrite=overwrite, progress=advance, shard=shard)
     except AiMError as e:
         _fail(str(e))
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: {done} finished images are kept in {out}; "
                       "rerun the same command to resume.")
         raise typer.Exit(130)
+    if quiet:
+        return
     note = f" ({result.skipped} already there)" if result.skipped else ""
-    console.print(f"made {result.made} images{note} in {result.out_dir / 'images'}")
+    console.print(f"made {result.made} images{note} in {result.out_dir / 'images'}"
+                  + (" on rank 0 (each rank wrote its own share)" if shard.world > 1 else ""))
     for path in result.written:
         console.print(f"wrote {path}")
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .backends import Backend
+from .distributed import Shard, fault_point
 from .errors import OutputError, SamplingError
 from .outputs import (atomic_save_npy, atomic_save_npz, atomic_save_png, atomic_write_json, make_grid,
                       remove_stale_temps)
@@ -148,8 +149,14 @@ def run(
     grid_cols: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    shard: Shard | None = None,
 ) -> GenerateResult:
-    """Sample every planned image not already on disk, then assemble tokens/npz/grid over the whole plan."""
+    """Sample every planned image not already on disk, then assemble tokens/npz/grid over the whole plan.
+
+    Under torchrun each rank samples its share (`shard`); the main rank prepares the directory first and
+    assembles once every rank is through. Each rank records what it was given in shards/rank-R-of-W.json.
+    """
+    shard = shard or Shard()
     if batch_size < 1:
         raise SamplingError(f"batch size must be >= 1, got {batch_size}")
     cfg = backend.config
@@ -162,27 +169,54 @@ def run(
         if ((prefix < 0) | (prefix >= cfg.vocab_size)).any():
             raise SamplingError(f"prefix tokens must lie in [0, {cfg.vocab_size})")
     out_dir = Path(out_dir)
-    prepare_out_dir(out_dir, _job_record(model_id, settings, base_seed, backend.name, dtype, prefix), overwrite)
+    if shard.is_main:
+        prepare_out_dir(out_dir, _job_record(model_id, settings, base_seed, backend.name, dtype, prefix), overwrite)
+    shard.barrier()
     img_dir, tok_dir = out_dir / "images", out_dir / "tokens"
 
-    todo = [i for i, s in enumerate(plan) if not (img_dir / f"{s.name}.png").exists()
-            or not (tok_dir / f"{s.name}.npy").exists()]
-    skipped = len(plan) - len(todo)
+    def done(s: ImageSpec) -> bool:
+        return (img_dir / f"{s.name}.png").exists() and (tok_dir / f"{s.name}.npy").exists()
+
+    # Batches are fixed slices of the plan, whatever is already done and however many ranks share the work:
+    # GEMM and convolution results can depend on the batch they ran in, so the same slices make the same
+    # bits. Ranks take whole batches round-robin; a batch with any image missing is run whole.
+    batches = [list(range(b, min(b + batch_size, len(plan)))) for b in range(0, len(plan), batch_size)]
+    mine = [batch for k, batch in enumerate(batches) if k % shard.world == shard.rank]
+    todo = [batch for batch in mine if not all(done(plan[i]) for i in batch)]
+    made = sum(1 for batch in todo for i in batch if not done(plan[i]))
+    skipped = sum(len(batch) for batch in mine) - made
     if progress and skipped:
         progress(skipped)
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start:start + batch_size]
+    for batch_no, idx in enumerate(todo):
+        fault_point(shard, batch_no)
         classes = torch.tensor([plan[i].cls for i in idx])
         seeds = torch.tensor([plan[i].seed for i in idx])
         pre = None if prefix is None else torch.from_numpy(np.ascontiguousarray(prefix[idx]))
         tokens = backend.sample(classes, seeds, settings, pre)
         images = to_uint8(backend.decode(tokens)).numpy()
+        fresh = 0
         for j, i in enumerate(idx):
             name = plan[i].name
+            if done(plan[i]):
+                continue
             atomic_save_npy(tok_dir / f"{name}.npy", tokens[j].numpy().astype(np.int64))
             atomic_save_png(img_dir / f"{name}.png", images[j])  # written last: marks the image done
+            fresh += 1
         if progress:
-            progress(len(idx))
+            progress(fresh)
+    if shard.world > 1:
+        (out_dir / "shards").mkdir(exist_ok=True)
+        atomic_write_json(out_dir / "shards" / f"rank-{shard.rank}-of-{shard.world}.json",
+                          {"rank": shard.rank, "world": shard.world,
+                           "images": [plan[i].name for batch in mine for i in batch],
+                           "made": made, "already_there": skipped})
+    shard.barrier()
+    if not shard.is_main:
+        return GenerateResult(out_dir, made, skipped, None, None, [])
+    missing = [s.name for s in plan if not done(s)]
+    if missing:
+        raise OutputError(f"{len(missing)} images are missing (first: {missing[0]}): a rank did not finish; "
+                          "rerun the same command to complete the run")
 
     # Assemble over the whole plan from disk, so a resumed run's outputs equal an uninterrupted one's.
     all_tokens = np.stack([np.load(tok_dir / f"{s.name}.npy") for s in plan])
@@ -203,7 +237,7 @@ def run(
         cols = grid_cols or _default_cols(plan)
         atomic_save_png(out_dir / "grid.png", make_grid(all_images, cols))
         written.append(out_dir / "grid.png")
-    return GenerateResult(out_dir, len(todo), skipped, all_tokens, all_images, written)
+    return GenerateResult(out_dir, made, skipped, all_tokens, all_images, written)
 
 
 def _default_cols(plan: list[ImageSpec]) -> int:
