@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .errors import AiMError
 from .model import AiM
-from .sampling import SamplingSettings, check_request, cfg_rows
+from .sampling import SamplingSettings, check_request
 from .vq import VQModel
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -167,19 +167,13 @@ class CudaBackend:
 
     # ----- the sampler ------------------------------------------------------------------------------
     def _prefill(self, buf: _Buffers, classes: Tensor, prefix: Tensor | None, settings: SamplingSettings) -> int:
-        model, dev = self.model, self.model.device
-        rows = cfg_rows(classes.to(dev), self.config.null_class)
-        cond = model.class_embedding(rows)
-        mods = model.modulations(cond)
-        hidden = cond.unsqueeze(1)
-        start = 0
+        dev = self.model.device
+        start = 0 if prefix is None else prefix.shape[1]
         if prefix is not None:
-            start = prefix.shape[1]
-            pos = torch.arange(start, device=dev) + settings.position_offset
-            hidden = torch.cat([hidden, model.embed_tokens(prefix.to(dev).repeat(2, 1), pos)], dim=1)
             buf.tokens[:, :start] = prefix.to(dev)
-        logits, state = model.forward_sequence(hidden, mods)
-        buf.logits.copy_(logits[:, -1])
+        logits, state, mods = self.model.prefill(classes.to(dev), None if prefix is None else prefix.to(dev),
+                                                 settings.position_offset)
+        buf.logits.copy_(logits)
         buf.conv.copy_(state.conv)
         buf.ssm.copy_(state.ssm)
         buf.mods.copy_(mods.layers)

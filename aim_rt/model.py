@@ -222,6 +222,21 @@ class AiM(nn.Module):
             ssms.append(ssm_state)
         return self._head(hidden, residual, mods), DecodeState(torch.stack(convs), torch.stack(ssms))
 
+    def prefill(self, classes: Tensor, prefix: Tensor | None = None, position_offset=1
+                ) -> tuple[Tensor, DecodeState, Modulations]:
+        """The sampler's prefill: conditional rows then null-class rows; the class token (no position) and the
+        optional prefix (B, m), token k at position k + position_offset, through the chunked path.
+        Returns the last position's logits (2B, V), the state after it, and the rows' modulations."""
+        rows = cfg_rows(classes, self.config.null_class)
+        cond = self.class_embedding(rows)
+        mods = self.modulations(cond)
+        hidden = cond.unsqueeze(1)
+        if prefix is not None:
+            positions = torch.arange(prefix.shape[1], device=self.device) + position_offset
+            hidden = torch.cat([hidden, self.embed_tokens(prefix.repeat(2, 1), positions)], dim=1)
+        logits, state = self.forward_sequence(hidden, mods)
+        return logits[:, -1], state, mods
+
     # ----- public API (external checks call exactly these) --------------------------------------
     def _check_inputs(self, classes: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         cfg = self.config
@@ -260,11 +275,8 @@ class AiM(nn.Module):
         """
         classes, tokens = self._check_inputs(classes, tokens)
         batch = classes.shape[0]
-        rows = cfg_rows(classes, self.config.null_class)
-        cond = self.class_embedding(rows)
-        mods = self.modulations(cond)
-        logits, state = self.forward_sequence(cond.unsqueeze(1), mods)
-        out = [ops.cfg_mix(logits[:batch, -1], logits[batch:, -1], cfg_scale)]
+        logits, state, mods = self.prefill(classes)
+        out = [ops.cfg_mix(logits[:batch], logits[batch:], cfg_scale)]
         for k in range(tokens.shape[1] - 1):
             tok = tokens[:, k].repeat(2)
             pos = torch.full_like(tok, k + position_offset)

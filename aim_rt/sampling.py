@@ -162,19 +162,8 @@ def sample_tokens(model: "AiM", classes, seeds, settings: SamplingSettings, pref
     classes, seeds, prefix = check_request(cfg.num_classes, cfg.num_tokens, cfg.vocab_size, classes, seeds, prefix)
     device = model.device
     batch, offset = classes.shape[0], settings.position_offset
-    rows = cfg_rows(classes, cfg.null_class).to(device)
-    cond = model.class_embedding(rows)
-    mods = model.modulations(cond)
-
-    hidden = cond.unsqueeze(1)
-    start = 0
-    if prefix is not None:
-        start = prefix.shape[1]
-        pre = prefix.to(device).repeat(2, 1)
-        positions = torch.arange(start, device=device) + offset
-        hidden = torch.cat([hidden, model.embed_tokens(pre, positions)], dim=1)
-    logits, state = model.forward_sequence(hidden, mods)
-    logits = logits[:, -1]
+    start = 0 if prefix is None else prefix.shape[1]
+    logits, state, mods = model.prefill(classes.to(device), None if prefix is None else prefix.to(device), offset)
 
     out = torch.empty(batch, cfg.num_tokens, dtype=torch.long)
     if prefix is not None:

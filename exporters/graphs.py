@@ -21,10 +21,6 @@ from aim_rt import ops
 from aim_rt.model import AiM, DecodeState, Modulations
 
 
-def _rows(classes: Tensor, null_class: int) -> Tensor:
-    return torch.cat([classes, torch.full_like(classes, null_class)])
-
-
 class PrefillGraph(nn.Module):
     def __init__(self, model: AiM, prefix_len: int = 0, cfg_op=None):
         super().__init__()
@@ -33,16 +29,8 @@ class PrefillGraph(nn.Module):
 
     def forward(self, classes: Tensor, cfg_scale: Tensor, temperature: Tensor, prefix: Tensor | None = None,
                 position_offset: Tensor | None = None):
-        model = self.model
-        cond = model.class_embedding(_rows(classes, model.config.null_class))
-        mods = model.modulations(cond)
-        hidden = cond.unsqueeze(1)
-        if self.prefix_len:
-            positions = torch.arange(self.prefix_len, device=classes.device) + position_offset
-            hidden = torch.cat([hidden, model.embed_tokens(prefix.repeat(2, 1), positions)], dim=1)
-        logits, state = model.forward_sequence(hidden, mods)
-        mixed = self.cfg_op(logits[:, -1], cfg_scale, temperature)
-        return mixed, state.conv, state.ssm, mods.layers, mods.final
+        logits, state, mods = self.model.prefill(classes, prefix if self.prefix_len else None, position_offset)
+        return self.cfg_op(logits, cfg_scale, temperature), state.conv, state.ssm, mods.layers, mods.final
 
 
 class StepGraph(nn.Module):
