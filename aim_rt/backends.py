@@ -81,9 +81,16 @@ def _tensorrt(model: AiM, engines: str | None = None, **_options) -> Backend:
 
 
 def _cuda(model: AiM, **_options) -> Backend:
-    from .cuda_backend import CudaBackend
+    import torch
 
-    return CudaBackend(model)
+    if not torch.cuda.is_available():
+        raise AiMError("--backend cuda needs a CUDA GPU; this machine has none visible to torch (aim-rt doctor)")
+    try:
+        from .cuda_backend import CudaBackend
+
+        return CudaBackend(model)
+    except ImportError as e:
+        raise AiMError(f"--backend cuda needs cuda-python with NVRTC: pip install 'aim-rt[cuda]' ({e})") from None
 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {"torch": _torch, "onnxruntime": _onnxruntime, "cuda": _cuda,

@@ -124,6 +124,8 @@ def test_rerun_with_other_settings_is_refused(tiny_ckpt, tmp_path):
     (["--cfg-scale", "-1"], "cfg_scale"),
     (["--dtype", "int8"], "unsupported dtype"),
     (["--backend", "nope"], "unknown backend"),
+    pytest.param(["--backend", "cuda"], "needs a CUDA GPU",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")),
 ])
 def test_bad_arguments_fail_clearly_and_write_nothing(tiny_ckpt, tmp_path, args, message):
     out = tmp_path / "bad"
