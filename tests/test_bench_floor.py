@@ -1,0 +1,28 @@
+"""The bandwidth floor `aim-rt bench` divides by reproduces shared/docs/PERFORMANCE.md's numbers."""
+
+import pytest
+
+import aim_rt
+from aim_rt.bench import step_bytes
+
+# (preset, batch) → floor in µs per step at 4.3 TB/s, bf16, from PERFORMANCE.md
+DOC = {("AiM-B", 1): 57, ("AiM-B", 16): 194, ("AiM-B", 64): 630, ("AiM-L", 1): 179, ("AiM-L", 16): 543,
+       ("AiM-L", 64): 1710, ("AiM-XL", 1): 375, ("AiM-XL", 16): 920, ("AiM-XL", 64): 2660}
+
+
+@pytest.mark.parametrize("preset, batch", list(DOC))
+def test_floor_matches_the_performance_doc(preset, batch):
+    micros = step_bytes(aim_rt.preset(preset), batch, elem_bytes=2) / 4.3e12 * 1e6
+    assert micros == pytest.approx(DOC[preset, batch], rel=0.03)
+
+
+def test_bench_without_gpu_is_a_clear_error():
+    import torch
+    from typer.testing import CliRunner
+
+    from aim_rt.cli import app
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    res = CliRunner().invoke(app, ["bench"])
+    assert res.exit_code == 2 and "no CUDA GPU" in " ".join(res.output.split())
