@@ -86,7 +86,7 @@ def generate(
         if net.vq is None:
             raise AiMError(f"{net.source} has no VQ tokenizer to decode images with; pass one with --vq PATH")
         cfg = net.config
-        defaults = {"cfg_scale": 5.0, "top_k": 600, "top_p": 0.98, "temperature": 1.0, **net.sampling_defaults}
+        defaults = {**SamplingSettings().to_dict(), **net.sampling_defaults}
         chosen = {"cfg_scale": cfg_scale, "top_k": top_k, "top_p": top_p, "temperature": temperature}
         settings = SamplingSettings(**{k: (v if v is not None else defaults[k]) for k, v in chosen.items()},
                                     position_convention=position_convention)

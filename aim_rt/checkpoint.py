@@ -110,7 +110,7 @@ def split_state_dict(sd: dict[str, Tensor], source: str) -> tuple[dict[str, Tens
     return stage2, vq
 
 
-def _configs_from(data: dict[str, Any], need_stage2: bool) -> tuple[AiMConfig | None, VQConfig | None]:
+def _configs_from(data: dict[str, Any]) -> tuple[AiMConfig | None, VQConfig | None]:
     """Config JSON forms: official MambaConfig fields (+ optional `vq_config`), or {"kind", "config"} (goldens)."""
     if "config" in data and isinstance(data["config"], dict):
         kind = data.get("kind")
@@ -118,7 +118,7 @@ def _configs_from(data: dict[str, Any], need_stage2: bool) -> tuple[AiMConfig | 
         if kind == "vq":
             return None, VQConfig.from_official(inner)
         data = inner
-    stage2 = AiMConfig.from_official(data) if ("d_model" in data or need_stage2) else None
+    stage2 = AiMConfig.from_official(data) if "d_model" in data else None
     vq = VQConfig.from_official(data["vq_config"]) if isinstance(data.get("vq_config"), dict) else None
     return stage2, vq
 
@@ -185,7 +185,7 @@ def open_checkpoint(path_or_id: str | os.PathLike, config: str | os.PathLike | d
         ckpt.vq.update(vq)
     if config_data is not None:
         try:
-            ckpt.stage2_config, ckpt.vq_config = _configs_from(config_data, need_stage2=False)
+            ckpt.stage2_config, ckpt.vq_config = _configs_from(config_data)
             if isinstance(config_data.get("aim_rt_sampling"), dict):
                 ckpt.sampling_defaults = dict(config_data["aim_rt_sampling"])
         except ConfigError as e:

@@ -16,11 +16,10 @@ import torch
 from torch import Tensor
 
 from .errors import AiMError
+from .loading import dtype_name
 from .model import AiM
 from .sampling import SamplingSettings, check_request
 from .vq import VQModel
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -62,7 +61,7 @@ class CudaBackend:
         check_shapes(cfg.headdim, cfg.d_state, cfg.d_conv)
         self.model, self.config = model, cfg
         self.dtype = model.dtype
-        self.kernels = Kernels(_DTYPE_NAMES[self.dtype], model.device.index or 0)
+        self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0)
         self.use_graphs = use_graphs
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from aim_rt import __version__
 from aim_rt.errors import AiMError
-from aim_rt.loading import resolve_dtype
+from aim_rt.loading import dtype_name, resolve_dtype
 from aim_rt.model import AiM
 from aim_rt.outputs import atomic_write_json
 
@@ -36,7 +35,6 @@ MANIFEST = "manifest.json"
 FORMAT = "aim-rt-onnx/1"
 OPSETS = range(18, 22)  # Split(num_outputs) needs 18; TensorRT 10 parses up to 21-22
 EXTERNAL_DATA_BYTES = 256 << 20
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _export_one(module: torch.nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes,
@@ -143,7 +141,7 @@ def export_onnx(model: AiM, out_dir: str | Path, *, dtype: str | torch.dtype = "
         "vq_config": model.vq.config.to_official() if model.vq is not None else None,
         "sampling_defaults": getattr(model, "sampling_defaults", {}),
         "opset": opset,
-        "dtype": DTYPE_NAMES[dt],
+        "dtype": dtype_name(dt),
         "prefix_len": prefix_len,
         "vq_uint8": vq_uint8,
         "semantics": {
@@ -192,7 +190,3 @@ def read_manifest(export_dir: str | Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise AiMError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; re-export with this aim-rt")
     return manifest
-
-
-def remove_export(export_dir: str | Path) -> None:
-    shutil.rmtree(export_dir, ignore_errors=True)

@@ -43,6 +43,8 @@ def register() -> None:
     import tensorrt.plugin as trtp  # TensorRT >= 10.7
     import torch
 
+    from aim_rt.loading import dtype_name
+
     from .kernels import Kernels, SsuParams
 
     kernels: dict = {}
@@ -64,7 +66,7 @@ def register() -> None:
         t = [torch.as_tensor(x, device="cuda") for x in (xbc, z, dt, conv_state, ssm_state, conv_weight, conv_bias,
                                                         dt_bias, A_log, D, norm_weight)]
         y, conv_out, ssm_out = (torch.as_tensor(o, device="cuda") for o in outputs)
-        dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[t[0].dtype]
+        dtype = dtype_name(t[0].dtype)
         k = kernels.setdefault(dtype, Kernels(dtype))
         rows, conv_dim = t[0].shape
         d_inner, nheads = t[1].shape[1], t[2].shape[1]
