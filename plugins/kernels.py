@@ -47,13 +47,17 @@ def compile_cubin(dtype: str, arch: str, use_cache: bool = True) -> bytes:
     opts = [o.encode() for o in options]
     result = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-    log = b" " * size
+    # Buffers handed to C must be mutable and ours: `b" " * 1` is CPython's shared one-byte object, and NVRTC
+    # writing its NUL there turned every b" " in the process into b"\x00".
+    log = bytearray(size)
     nvrtc.nvrtcGetProgramLog(prog, log)
     if int(result[0]) != 0:
-        raise KernelError(f"NVRTC could not compile {SOURCE.name} for {arch}/{dtype}:\n{log.decode(errors='replace')}")
+        text = bytes(log).rstrip(b"\0").decode(errors="replace")
+        raise KernelError(f"NVRTC could not compile {SOURCE.name} for {arch}/{dtype}:\n{text}")
     size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-    cubin = b" " * size
-    _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+    buf = bytearray(size)
+    _check(nvrtc.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
+    cubin = bytes(buf)
     nvrtc.nvrtcDestroyProgram(prog)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
