@@ -1,8 +1,10 @@
 """The `cuda` backend: the fused step kernels of plugins/aim_kernels.cu, cuBLAS GEMMs through torch, and the
 decode loop replayed from a CUDA graph, with sampling on the device (no host round trip per token).
 
-Per step and layer: residual+RMSNorm+modulate (1 kernel) → in_proj GEMM → fused selective-state update with
-gated RMSNorm (1 kernel, state streamed once, updated in place) → out_proj GEMM. Then the final norms, the
+Per step and layer: residual+RMSNorm+modulate (1 kernel) → in_proj GEMM → fused selective-state update (1
+kernel, state streamed once, updated in place) → out_proj GEMM. With one group (every AiM model) the gated
+RMSNorm's 1/rms is a per-row scalar that factors out of out_proj, so the next residual-norm kernel applies it
+and the state update needs no cross-block reduction; otherwise a small kernel normalises y before out_proj. Then the final norms, the
 lm_head GEMM, and one sampling kernel that writes the token and the next step's input embedding. The
 modulations are computed once per sequence in the prefill (the reference's chunked path, on the GPU).
 One graph per (batch, settings) holds a whole step; it is replayed for every token.
@@ -33,9 +35,8 @@ class _Buffers:
     hidden: Tensor      # (R, d) the step's input embeddings
     residual: Tensor    # (R, d) float32
     normed: Tensor      # (R, d)
-    y: Tensor           # (R, d_inner) normed mixer output
-    gated: Tensor       # (R, d_inner) float32 workspace
-    partial: Tensor     # (R, H) float32 workspace
+    y: Tensor           # (R, d_inner) mixer output (g * norm_w; normed only when ngroups > 1)
+    sumsq: Tensor       # (R, H) float32: each head's sum of squares for the gated RMSNorm
     arrived: Tensor     # (R, G) int32 workspace
     conv: Tensor        # (L, R, C, W)
     ssm: Tensor         # (L, R, H, P, N)
@@ -58,7 +59,7 @@ class CudaBackend:
         if model.device.type != "cuda":
             raise AiMError("the cuda backend needs the model on a CUDA device (--device cuda)")
         cfg = model.config
-        check_shapes(cfg.headdim, cfg.d_state, cfg.d_conv)
+        check_shapes(cfg.headdim, cfg.d_state, cfg.d_conv, cfg.ngroups)
         self.model, self.config = model, cfg
         self.dtype = model.dtype
         self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0)
@@ -77,9 +78,9 @@ class CudaBackend:
             out.append(dict(
                 norm=blk.norm.weight.contiguous(), in_proj=mx.in_proj.weight.contiguous(),
                 out_proj=mx.out_proj.weight.contiguous(),
-                conv_w=mx.conv1d.weight.reshape(mx.conv1d.weight.shape[0], -1).contiguous(),
-                conv_b=mx.conv1d.bias.contiguous(), dt_bias=mx.dt_bias.contiguous(), A_log=mx.A_log.contiguous(),
-                D=mx.D.contiguous(), norm_w=mx.norm.weight.contiguous()))
+                ssu=dict(conv_weight=mx.conv1d.weight.contiguous(), conv_bias=mx.conv1d.bias.contiguous(),
+                         dt_bias=mx.dt_bias.contiguous(), A_log=mx.A_log.contiguous(), D=mx.D.contiguous(),
+                         norm_weight=mx.norm.weight.contiguous())))
         return out
 
     def _alloc(self, batch: int) -> _Buffers:
@@ -92,8 +93,7 @@ class CudaBackend:
             residual=torch.zeros(rows, cfg.d_model, device=dev),
             normed=torch.zeros(rows, cfg.d_model, device=dev, dtype=dt),
             y=torch.zeros(rows, cfg.d_inner, device=dev, dtype=dt),
-            gated=torch.zeros(rows, cfg.d_inner, device=dev),
-            partial=torch.zeros(rows, cfg.nheads, device=dev),
+            sumsq=torch.zeros(rows, cfg.nheads, device=dev),
             arrived=torch.zeros(rows, cfg.ngroups, device=dev, dtype=torch.int32),
             conv=torch.zeros(cfg.n_layer, rows, cfg.conv_dim, cfg.d_conv, device=dev, dtype=dt),
             ssm=torch.zeros(cfg.n_layer, rows, cfg.nheads, cfg.headdim, cfg.d_state, device=dev, dtype=dt),
@@ -126,41 +126,37 @@ class CudaBackend:
 
     def _step(self, buf: _Buffers, settings: SamplingSettings) -> None:
         """Everything from the input embedding to the next token: what the graph captures."""
-        from aim_rt.plugins.kernels import NormParams, SsuParams
+        from aim_rt.plugins.kernels import NormParams, ssu_params
 
         cfg, k = self.config, self.kernels
         stream = torch.cuda.current_stream().cuda_stream
         rows = buf.hidden.shape[0]
-        out = None
-        for i, p in enumerate(self._params):
-            mods = buf.mods[i]
-            prev_gate = buf.mods[i - 1][:, 2] if i else None
+        fold_norm = cfg.ngroups == 1  # the gated norm's 1/rms is applied by the next residual norm
+        d_in, d_x = cfg.d_inner, cfg.d_inner + cfg.conv_dim
+
+        def residual_norm(i, inp, gate, norm_w, norm2_w, mods):
+            scaled = fold_norm and i > 0
             k.residual_norm(NormParams(
-                input=_ptr(buf.hidden if i == 0 else out), input_stride=cfg.d_model,
-                gate=_ptr(prev_gate), gate_stride=prev_gate.stride(0) if i else 0, residual=_ptr(buf.residual),
-                norm_w=_ptr(p["norm"]), norm2_w=None, shift=_ptr(mods[:, 0]), scale=_ptr(mods[:, 1]),
-                mod_stride=mods.stride(0), out=_ptr(buf.normed), out_stride=cfg.d_model, rows=rows, d=cfg.d_model,
-                first=int(i == 0), eps=cfg.norm_eps), stream)
+                input=_ptr(inp), input_stride=inp.stride(0), gate=_ptr(gate),
+                gate_stride=gate.stride(0) if gate is not None else 0,
+                sumsq=_ptr(buf.sumsq) if scaled else None, sumsq_heads=cfg.nheads, sumsq_count=cfg.d_inner,
+                residual=_ptr(buf.residual), norm_w=_ptr(norm_w), norm2_w=_ptr(norm2_w), shift=_ptr(mods[:, 0]),
+                scale=_ptr(mods[:, 1]), mod_stride=mods.stride(0), out=_ptr(buf.normed), out_stride=cfg.d_model,
+                rows=rows, d=cfg.d_model, first=int(i == 0), eps=cfg.norm_eps), stream)
+
+        out = buf.hidden
+        for i, p in enumerate(self._params):
+            residual_norm(i, out, buf.mods[i - 1][:, 2] if i else None, p["norm"], None, buf.mods[i])
             zxbcdt = torch.nn.functional.linear(buf.normed, p["in_proj"])
-            stride = zxbcdt.stride(0)
-            k.ssu(SsuParams(
-                xbc=_ptr(zxbcdt) + cfg.d_inner * zxbcdt.element_size(), xbc_stride=stride,
-                z=_ptr(zxbcdt), z_stride=stride,
-                dt=_ptr(zxbcdt) + (cfg.d_inner + cfg.conv_dim) * zxbcdt.element_size(), dt_stride=stride,
-                conv_state_in=_ptr(buf.conv[i]), conv_state_out=_ptr(buf.conv[i]),
-                ssm_state_in=_ptr(buf.ssm[i]), ssm_state_out=_ptr(buf.ssm[i]),
-                conv_w=_ptr(p["conv_w"]), conv_b=_ptr(p["conv_b"]), dt_bias=_ptr(p["dt_bias"]), A_log=_ptr(p["A_log"]),
-                D=_ptr(p["D"]), norm_w=_ptr(p["norm_w"]), gated=_ptr(buf.gated), partial=_ptr(buf.partial),
-                arrived=_ptr(buf.arrived), y=_ptr(buf.y), y_stride=cfg.d_inner, rows=rows, d_inner=cfg.d_inner,
-                conv_dim=cfg.conv_dim, nheads=cfg.nheads, headdim=cfg.headdim, d_state=cfg.d_state,
-                ngroups=cfg.ngroups, d_conv=cfg.d_conv, eps=cfg.norm_eps), stream)
+            k.selective_state_update(ssu_params(
+                xbc=zxbcdt[:, d_in:d_x], z=zxbcdt[:, :d_in], dt=zxbcdt[:, d_x:], conv_state_in=buf.conv[i],
+                conv_state_out=buf.conv[i], ssm_state_in=buf.ssm[i], ssm_state_out=buf.ssm[i], weights=p["ssu"],
+                sumsq=buf.sumsq, arrived=buf.arrived, y=buf.y, headdim=cfg.headdim, d_state=cfg.d_state,
+                ngroups=cfg.ngroups, eps=cfg.norm_eps), stream, normalize=not fold_norm)
             out = torch.nn.functional.linear(buf.y, p["out_proj"])
-        bb, last_gate = self.model.backbone, buf.mods[-1][:, 2]
-        k.residual_norm(NormParams(
-            input=_ptr(out), input_stride=cfg.d_model, gate=_ptr(last_gate), gate_stride=last_gate.stride(0),
-            residual=_ptr(buf.residual), norm_w=_ptr(bb.norm_f.weight), norm2_w=_ptr(bb.final_layer.norm_final.weight),
-            shift=_ptr(buf.final_mods[:, 0]), scale=_ptr(buf.final_mods[:, 1]), mod_stride=buf.final_mods.stride(0),
-            out=_ptr(buf.normed), out_stride=cfg.d_model, rows=rows, d=cfg.d_model, first=0, eps=cfg.norm_eps), stream)
+        bb = self.model.backbone
+        residual_norm(len(self._params), out, buf.mods[-1][:, 2], bb.norm_f.weight,
+                      bb.final_layer.norm_final.weight, buf.final_mods)
         torch.matmul(buf.normed, self.model.lm_head.weight.t(), out=buf.logits)
         self._sample(buf, settings, stream)
 

@@ -5,10 +5,12 @@
 // takes one plain parameter struct (mirrored field for field in plugins/kernels.py); pointers to "in" and
 // "out" state may be equal (in place) or differ (ping-pong). All arithmetic is float32.
 //
-//   aim_ssu_step            one Mamba2 decode step between in_proj and out_proj for every row and head:
+//   aim_selective_state_update   one Mamba2 decode step between in_proj and out_proj for every row and head:
 //                           conv window shift + depthwise conv + SiLU, dt softplus, h = h*exp(dt*A) + dt*x*B,
-//                           y = h.C + D*x, then the gated RMSNorm (the last head block of a row normalises it).
-//   aim_residual_norm       residual += gate*out (or = input), RMSNorm, optional second RMSNorm, modulate.
+//                           y = h.C + D*x, g = y*silu(z); writes g*norm_w and each head's sum of g^2.
+//   aim_gated_norm_apply    divides that output by its group's RMS (where the next kernel cannot).
+//   aim_residual_norm       residual += gate*out (or = input; out optionally scaled by the previous mixer's
+//                           1/rms), RMSNorm, optional second RMSNorm, modulate.
 //   aim_cfg_sample          CFG mix / temperature, top-k, top-p, inverse-CDF draw from a counter-based hash of
 //                           (image seed, token index); writes the token and the next step's input embedding.
 //   aim_advance             token index += 1 (device counter read by the sampler).
@@ -34,7 +36,7 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 #define VEC 8  // state elements per thread per access: 16 bytes for 16-bit types, 32 for float32
 #define MAX_ITERS 8  // state vectors per thread held in registers: headdim * d_state <= 8 * 128 * VEC
 
-struct Vec8 { elem_t v[VEC]; };
+struct __align__(16) Vec8 { elem_t v[VEC]; };  // aligned: one 16-byte access (two for float32)
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
@@ -80,62 +82,100 @@ struct SsuParams {
   const elem_t* A_log;    // (nheads)
   const elem_t* D;        // (nheads)
   const elem_t* norm_w;   // (d_inner)
-  float* gated;           // workspace (rows, d_inner): y * silu(z) before the norm
-  float* partial;         // workspace (rows, nheads): each head's sum of squares of `gated`
+  float* sumsq;           // out (rows, nheads): each head's sum of squares of g = y * silu(z)
   unsigned int* arrived;  // workspace (rows, ngroups), zero between launches (the kernel resets it)
-  elem_t* y;  long long y_stride;             // (rows, d_inner) normed output
+  elem_t* y;  long long y_stride;  // out (rows, d_inner): g * norm_w, not yet divided by the group's RMS
   int rows, d_inner, conv_dim, nheads, headdim, d_state, ngroups, d_conv;
   float eps;
 };
 
-// grid (nheads, rows); block 128 threads; shared: headdim + 2 * d_state * (1 + d_conv) floats.
-extern "C" __global__ void aim_ssu_step(SsuParams p) {
+#define SSU_MAX_CH 4  // conv channels per thread: headdim + 2 * d_state <= SSU_MAX_CH * blockDim.x
+#define MAX_W 4       // d_conv <= MAX_W
+
+// grid (nheads, rows); block SSU_THREADS; shared: 3 * headdim + 2 * d_state * (1 + d_conv) floats.
+// One block streams one (row, head) state slice exactly once. Every global load the block needs is issued
+// first, so a block costs one memory latency. The gated RMSNorm spans all heads of a group: instead of a
+// cross-block reduction, each block writes its heads' sum of squares and g * norm_w, and the consumer applies
+// the row's 1/rms (aim_residual_norm when ngroups == 1, where it factors out of out_proj; else
+// aim_gated_norm_apply). Every head of a group reads the group's old B/C conv windows, so with in-place state
+// those windows are written by the group's last block to arrive.
+extern "C" __global__ void __launch_bounds__(128) aim_selective_state_update(SsuParams p) {
   extern __shared__ float smem[];
-  float* xs = smem;                 // this head's x after the conv
-  float* Bs = xs + p.headdim;       // its group's B
-  float* Cs = Bs + p.d_state;       // its group's C
-  float* bc_win = Cs + p.d_state;   // the group's new B/C conv windows (2 * d_state * d_conv)
-  __shared__ float s_dt, s_dA, s_red[32];
-  __shared__ bool s_last;
+  float* xs = smem;                   // this head's x after the conv
+  float* zs = xs + p.headdim;         // silu(z) of this head's channels
+  float* ws = zs + p.headdim;         // norm_w of this head's channels
+  float* Bs = ws + p.headdim;         // the group's B
+  float* Cs = Bs + p.d_state;         // the group's C
+  float* bcw = Cs + p.d_state;        // the group's new B/C conv windows (2 * d_state * d_conv)
+  __shared__ float s_dt, s_dA, s_D, s_red[32];
+  __shared__ unsigned s_last;
   const int h = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
   const int P = p.headdim, N = p.d_state, W = p.d_conv;
   const int heads_per_group = p.nheads / p.ngroups, g = h / heads_per_group;
   const long long base = ((long long)r * p.nheads + h) * P * N;
   const int iters = P * N / (blockDim.x * VEC);  // <= MAX_ITERS, exact (host-checked)
 
-  // issue this thread's state loads first: their latency hides behind the conv below
+  // ---- 1. issue every load: state slice, conv inputs of this thread's channels, z, norm_w, scalars
   Vec8 hreg[MAX_ITERS];
 #pragma unroll
   for (int it = 0; it < MAX_ITERS; ++it)
     if (it < iters) hreg[it] = *reinterpret_cast<const Vec8*>(p.ssm_state_in + base + (it * blockDim.x + tid) * VEC);
-
-  // conv on the channels this head needs. Every head of a group reads the group's B/C conv state, so with
-  // in-place state those windows are written only by the group's last block to finish (below).
-  for (int c = tid; c < P + 2 * N; c += blockDim.x) {
-    int ch = c < P ? h * P + c
-           : c < P + N ? p.d_inner + g * N + (c - P)
-           : p.d_inner + p.ngroups * N + g * N + (c - P - N);
-    const elem_t* sin = p.conv_state_in + ((long long)r * p.conv_dim + ch) * W;
-    elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + ch) * W;
-    float win[8];
-    for (int w = 0; w < W - 1; ++w) win[w] = ld(sin[w + 1]);
-    win[W - 1] = ld(p.xbc[(long long)r * p.xbc_stride + ch]);
-    float acc = ld(p.conv_b[ch]);
-    for (int w = 0; w < W; ++w) acc += win[w] * ld(p.conv_w[ch * W + w]);
-    if (c < P) for (int w = 0; w < W; ++w) sout[w] = st(win[w]);
-    else for (int w = 0; w < W; ++w) bc_win[(c - P) * W + w] = win[w];
-    float a = silu(acc);
-    if (c < P) xs[c] = a; else if (c < P + N) Bs[c - P] = a; else Cs[c - P - N] = a;
+  float win[SSU_MAX_CH][MAX_W], cw[SSU_MAX_CH][MAX_W], cb[SSU_MAX_CH];
+  int chan[SSU_MAX_CH];
+#pragma unroll
+  for (int j = 0; j < SSU_MAX_CH; ++j) {
+    const int c = tid + j * blockDim.x;  // 0..P-1: x of this head; then the group's B, then its C
+    chan[j] = c < P ? h * P + c
+            : c < P + N ? p.d_inner + g * N + (c - P)
+            : c < P + 2 * N ? p.d_inner + p.ngroups * N + g * N + (c - P - N) : -1;
+    if (chan[j] < 0) continue;
+    const elem_t* sin = p.conv_state_in + ((long long)r * p.conv_dim + chan[j]) * W;
+    const float xin = ld(p.xbc[(long long)r * p.xbc_stride + chan[j]]);
+#pragma unroll
+    for (int w = 0; w < MAX_W; ++w) {  // the window shifted left, the new input appended (one store per
+      // element at a constant index keeps `win` in registers)
+      win[j][w] = w < W - 1 ? ld(sin[w + 1]) : (w == W - 1 ? xin : 0.0f);
+      cw[j][w] = w < W ? ld(p.conv_w[chan[j] * W + w]) : 0.0f;
+    }
+    cb[j] = ld(p.conv_b[chan[j]]);
+  }
+  if (tid < P) {
+    zs[tid] = silu(ld(p.z[(long long)r * p.z_stride + h * P + tid]));
+    ws[tid] = ld(p.norm_w[h * P + tid]);
   }
   if (tid == 0) {
-    float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + ld(p.dt_bias[h]));
+    const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + ld(p.dt_bias[h]));
     s_dt = dt;
     s_dA = __expf(-dt * __expf(ld(p.A_log[h])));
+    s_D = ld(p.D[h]);
   }
-  __syncthreads();
 
-  // state: (P, N) row-major, VEC contiguous elements per thread; N / VEC lanes share a row p
-  const float dt = s_dt, dA = s_dA, Dh = ld(p.D[h]);
+  // ---- 2. conv + SiLU into shared memory; this head's x windows are its own to write
+#pragma unroll
+  for (int j = 0; j < SSU_MAX_CH; ++j) {
+    const int c = tid + j * blockDim.x;
+    if (chan[j] < 0) continue;
+    float acc = cb[j];
+#pragma unroll
+    for (int w = 0; w < MAX_W; ++w) if (w < W) acc += win[j][w] * cw[j][w];
+    const float a = silu(acc);
+    if (c < P) {
+      xs[c] = a;
+      elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + chan[j]) * W;
+#pragma unroll
+      for (int w = 0; w < MAX_W; ++w) if (w < W) sout[w] = st(win[j][w]);
+    } else {
+      (c < P + N ? Bs[c - P] : Cs[c - P - N]) = a;
+#pragma unroll
+      for (int w = 0; w < MAX_W; ++w) if (w < W) bcw[(c - P) * W + w] = win[j][w];
+    }
+  }
+  __syncthreads();  // every thread of this block has consumed the old B/C windows
+  const int slot = r * p.ngroups + g;
+  if (tid == 0) s_last = atomicAdd(p.arrived + slot, 1u) == (unsigned)(heads_per_group - 1);  // latency overlaps step 3
+
+  // ---- 3. state: (P, N) row-major, VEC contiguous elements per thread; N / VEC lanes share a row p
+  const float dt = s_dt, dA = s_dA, Dh = s_D;
   const int lanes_per_row = N / VEC;
   float local_sq = 0.0f;
 #pragma unroll
@@ -149,62 +189,63 @@ extern "C" __global__ void aim_ssu_step(SsuParams p) {
     float acc = 0.0f;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      float hv = ld(hin.v[j]) * dA + dtx * Bs[n0 + j];
+      const float hv = ld(hin.v[j]) * dA + dtx * Bs[n0 + j];
       hout.v[j] = st(hv);
       acc += hv * Cs[n0 + j];
     }
     *reinterpret_cast<Vec8*>(p.ssm_state_out + base + e) = hout;
     for (int o = lanes_per_row / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (n0 == 0) {
-      const int ch = h * P + row;
-      float yv = acc + Dh * xs[row];
-      float zv = ld(p.z[(long long)r * p.z_stride + ch]);
-      float gv = yv * silu(zv);
-      p.gated[(long long)r * p.d_inner + ch] = gv;
+      const float gv = (acc + Dh * xs[row]) * zs[row];
+      p.y[(long long)r * p.y_stride + h * P + row] = st(gv * ws[row]);
       local_sq += gv * gv;
     }
   }
 
-  // gated RMSNorm over the row's group: the last head block of the group to arrive normalises it
-  __threadfence();  // this thread's `gated` writes become visible before the block reports its arrival
-  float sq = block_sum(local_sq, s_red);
-  const int slot = r * p.ngroups + g;
-  if (tid == 0) {
-    p.partial[(long long)r * p.nheads + h] = sq;
-    __threadfence();
-    s_last = atomicAdd(p.arrived + slot, 1u) == (unsigned)(heads_per_group - 1);
-  }
-  __syncthreads();
+  // ---- 4. this head's sum of squares (fixed-order reduction: deterministic)
+  const float sq = block_sum(local_sq, s_red);  // its barriers also publish s_last
+  if (tid == 0) p.sumsq[(long long)r * p.nheads + h] = sq;
   if (!s_last) return;
-  __threadfence();
-  const int group_size = p.d_inner / p.ngroups;
-  // the group's partial sums, loaded in parallel past L1 (__ldcg) and added in a fixed order, so the result
-  // does not depend on which block came last
-  if (tid < 32) {
-    const float* partial = p.partial + (long long)r * p.nheads + g * heads_per_group;
-    float t = 0.0f;
-    for (int i = tid; i < heads_per_group; i += 32) t += __ldcg(partial + i);
-    t = warp_sum(t);
-    if (tid == 0) s_red[0] = t;
-  }
-  __syncthreads();
-  const float inv = rsqrtf(s_red[0] / group_size + p.eps);
-  const float* gated = p.gated + (long long)r * p.d_inner + g * group_size;
-  for (int i = tid; i < group_size; i += blockDim.x)
-    p.y[(long long)r * p.y_stride + g * group_size + i] = st(__ldcg(gated + i) * inv * ld(p.norm_w[g * group_size + i]));
-  for (int i = tid; i < 2 * N; i += blockDim.x) {  // every head of the group has read the old B/C windows
-    int ch = i < N ? p.d_inner + g * N + i : p.d_inner + p.ngroups * N + g * N + (i - N);
+  // ---- 5. the group's last block: every other head has read the old B/C windows; write the new ones
+  for (int i = tid; i < 2 * N; i += blockDim.x) {
+    const int ch = i < N ? p.d_inner + g * N + i : p.d_inner + p.ngroups * N + g * N + (i - N);
     elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + ch) * W;
-    for (int w = 0; w < W; ++w) sout[w] = st(bc_win[i * W + w]);
+    for (int w = 0; w < W; ++w) sout[w] = st(bcw[i * W + w]);
+  }
+  if (tid == 0) p.arrived[slot] = 0u;
+}
+
+// ----------------------------------------------------------------------------------------------------------
+struct GatedNormParams {
+  elem_t* y;  long long y_stride;  // (rows, d_inner) in/out: g * norm_w → g * norm_w / rms(g) over each group
+  const float* sumsq;              // (rows, nheads) from aim_selective_state_update
+  int rows, d_inner, nheads, ngroups;
+  float eps;
+};
+
+// grid (rows); block 256. The explicit normalisation where it cannot be folded into the next kernel
+// (ngroups > 1, or an op that must return the normed y, as the TensorRT plugin does).
+extern "C" __global__ void aim_gated_norm_apply(GatedNormParams p) {
+  __shared__ float s_inv[64];
+  const int r = blockIdx.x, hpg = p.nheads / p.ngroups, group_size = p.d_inner / p.ngroups;
+  for (int g = threadIdx.x; g < p.ngroups; g += blockDim.x) {
+    float t = 0.0f;
+    for (int i = 0; i < hpg; ++i) t += p.sumsq[(long long)r * p.nheads + g * hpg + i];
+    s_inv[g] = rsqrtf(t / group_size + p.eps);
   }
   __syncthreads();
-  if (tid == 0) p.arrived[slot] = 0u;
+  for (int i = threadIdx.x; i < p.d_inner; i += blockDim.x) {
+    elem_t* v = p.y + (long long)r * p.y_stride + i;
+    *v = st(ld(*v) * s_inv[i / group_size]);
+  }
 }
 
 // ----------------------------------------------------------------------------------------------------------
 struct NormParams {
   const elem_t* input;  long long input_stride;  // (rows, d): the embedding, or the previous mixer's output
   const elem_t* gate;   long long gate_stride;   // (rows, d) gate of the previous block, or null (first layer)
+  const float* sumsq;   // (rows, sumsq_heads) or null: input *= 1/rms of the previous gated norm (ngroups == 1)
+  int sumsq_heads, sumsq_count;                   // heads to add; elements they cover (d_inner)
   float* residual;                                // (rows, d) float32, in/out
   const elem_t* norm_w;                           // (d)
   const elem_t* norm2_w;                          // (d) second RMSNorm (final layer), or null
@@ -218,10 +259,18 @@ struct NormParams {
 extern "C" __global__ void aim_residual_norm(NormParams p) {
   extern __shared__ float xsh[];
   __shared__ float s_red[32];
+  __shared__ float s_scale;
   const int r = blockIdx.x;
+  if (threadIdx.x == 0) {  // fixed summation order: deterministic
+    float t = 0.0f;
+    if (p.sumsq) for (int i = 0; i < p.sumsq_heads; ++i) t += p.sumsq[(long long)r * p.sumsq_heads + i];
+    s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
+  }
+  __syncthreads();
+  const float scale = s_scale;
   float sq = 0.0f;
   for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-    float v = ld(p.input[(long long)r * p.input_stride + i]);
+    float v = ld(p.input[(long long)r * p.input_stride + i]) * scale;
     if (p.gate) v = ld(st(v * ld(p.gate[(long long)r * p.gate_stride + i])));  // the reference rounds gate*out
     float res = p.first ? v : p.residual[(long long)r * p.d + i] + v;
     p.residual[(long long)r * p.d + i] = res;

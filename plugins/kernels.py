@@ -36,7 +36,7 @@ def compile_cubin(dtype: str, arch: str, use_cache: bool = True) -> bytes:
 
     if dtype not in ELEM_KINDS:
         raise KernelError(f"kernels support {sorted(ELEM_KINDS)}, not {dtype!r}")
-    source = SOURCE.read_bytes()
+    source = SOURCE.read_bytes() + layout_asserts().encode()
     options = [f"--gpu-architecture={arch}", f"-DELEM_KIND={ELEM_KINDS[dtype]}", "--std=c++17", "-lineinfo"]
     version = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
     key = hashlib.sha256(source + repr((options, version)).encode()).hexdigest()[:24]
@@ -67,7 +67,7 @@ def compile_cubin(dtype: str, arch: str, use_cache: bool = True) -> bytes:
     return cubin
 
 
-# ----- parameter structs (mirror aim_kernels.cu) -----------------------------------------------------
+# ----- parameter structs (mirror aim_kernels.cu; layout_asserts() makes NVRTC check that they agree) ------
 P, LL, I, F = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
 
 
@@ -76,15 +76,21 @@ class SsuParams(ctypes.Structure):
         ("xbc", P), ("xbc_stride", LL), ("z", P), ("z_stride", LL), ("dt", P), ("dt_stride", LL),
         ("conv_state_in", P), ("conv_state_out", P), ("ssm_state_in", P), ("ssm_state_out", P),
         ("conv_w", P), ("conv_b", P), ("dt_bias", P), ("A_log", P), ("D", P), ("norm_w", P),
-        ("gated", P), ("partial", P), ("arrived", P), ("y", P), ("y_stride", LL),
+        ("sumsq", P), ("arrived", P), ("y", P), ("y_stride", LL),
         ("rows", I), ("d_inner", I), ("conv_dim", I), ("nheads", I), ("headdim", I), ("d_state", I),
         ("ngroups", I), ("d_conv", I), ("eps", F),
     ]
 
 
+class GatedNormParams(ctypes.Structure):
+    _fields_ = [("y", P), ("y_stride", LL), ("sumsq", P), ("rows", I), ("d_inner", I), ("nheads", I),
+                ("ngroups", I), ("eps", F)]
+
+
 class NormParams(ctypes.Structure):
     _fields_ = [
-        ("input", P), ("input_stride", LL), ("gate", P), ("gate_stride", LL), ("residual", P),
+        ("input", P), ("input_stride", LL), ("gate", P), ("gate_stride", LL),
+        ("sumsq", P), ("sumsq_heads", I), ("sumsq_count", I), ("residual", P),
         ("norm_w", P), ("norm2_w", P), ("shift", P), ("scale", P), ("mod_stride", LL),
         ("out", P), ("out_stride", LL), ("rows", I), ("d", I), ("first", I), ("eps", F),
     ]
@@ -100,18 +106,82 @@ class SampleParams(ctypes.Structure):
     ]
 
 
+STRUCTS = (SsuParams, GatedNormParams, NormParams, SampleParams)
+
+
+def layout_asserts() -> str:
+    """C static_asserts of every struct's size and field offsets as ctypes lays them out: a struct edited on one
+    side only fails to compile (CI compiles the kernels) instead of passing garbage pointers at run time."""
+    lines = ["\n// appended by plugins/kernels.py: the ctypes layout of each parameter struct"]
+    for struct in STRUCTS:
+        name = struct.__name__
+        lines.append(f'static_assert(sizeof({name}) == {ctypes.sizeof(struct)}, "{name}: size differs from ctypes");')
+        for field, _ in struct._fields_:
+            offset = getattr(struct, field).offset
+            lines.append(f'static_assert(__builtin_offsetof({name}, {field}) == {offset}, '
+                         f'"{name}.{field}: offset differs from ctypes");')
+    return "\n".join(lines) + "\n"
+
+
+def _ptr(t) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def ssu_params(*, xbc, z, dt, conv_state_in, conv_state_out, ssm_state_in, ssm_state_out, weights: dict,
+               sumsq, arrived, y, headdim: int, d_state: int, ngroups: int, eps: float) -> SsuParams:
+    """The one place SsuParams is filled (cuda backend, TensorRT plugin, tests). Tensors are torch views:
+    xbc/z/dt/y may be strided row views (e.g. slices of in_proj's output); states are contiguous.
+    `weights`: conv_weight (C, 1, W) or (C, W), conv_bias, dt_bias, A_log, D, norm_weight."""
+    rows, d_inner, nheads = xbc.shape[0], z.shape[1], dt.shape[1]
+    for name, t in (("conv_state_in", conv_state_in), ("conv_state_out", conv_state_out),
+                    ("ssm_state_in", ssm_state_in), ("ssm_state_out", ssm_state_out)):
+        if not t.is_contiguous():
+            raise KernelError(f"{name} must be contiguous")
+    for name, t in (("xbc", xbc), ("z", z), ("dt", dt), ("y", y)):
+        if t.stride(1) != 1:
+            raise KernelError(f"{name} rows must be contiguous")
+    w = dict(weights)
+    for name, t in w.items():
+        if not t.is_contiguous():  # a contiguous copy made here would be freed before the launch
+            raise KernelError(f"weight {name} must be contiguous")
+    return SsuParams(
+        xbc=_ptr(xbc), xbc_stride=xbc.stride(0), z=_ptr(z), z_stride=z.stride(0), dt=_ptr(dt), dt_stride=dt.stride(0),
+        conv_state_in=_ptr(conv_state_in), conv_state_out=_ptr(conv_state_out), ssm_state_in=_ptr(ssm_state_in),
+        ssm_state_out=_ptr(ssm_state_out), conv_w=_ptr(w["conv_weight"]), conv_b=_ptr(w["conv_bias"]),
+        dt_bias=_ptr(w["dt_bias"]), A_log=_ptr(w["A_log"]), D=_ptr(w["D"]), norm_w=_ptr(w["norm_weight"]),
+        sumsq=_ptr(sumsq), arrived=_ptr(arrived), y=_ptr(y), y_stride=y.stride(0), rows=rows, d_inner=d_inner,
+        conv_dim=xbc.shape[1], nheads=nheads, headdim=headdim, d_state=d_state, ngroups=ngroups,
+        d_conv=conv_state_in.shape[-1], eps=eps)
+
+
+def gated_norm_params(p: SsuParams) -> GatedNormParams:
+    """Normalise the y that `p` writes, in place (see aim_gated_norm_apply)."""
+    return GatedNormParams(y=p.y, y_stride=p.y_stride, sumsq=p.sumsq, rows=p.rows, d_inner=p.d_inner,
+                           nheads=p.nheads, ngroups=p.ngroups, eps=p.eps)
+
+
 SSU_THREADS, NORM_THREADS, SAMPLE_THREADS = 128, 256, 1024
+SSU_MAX_CH, MAX_W, MAX_ITERS, VEC = 4, 4, 8, 8  # as in aim_kernels.cu
 
 
-def check_shapes(headdim: int, d_state: int, d_conv: int) -> None:
+def check_shapes(headdim: int, d_state: int, d_conv: int, ngroups: int = 1) -> None:
     """The limits the kernels are written for (all AiM models satisfy them)."""
-    if d_state % 8 or 256 % d_state:
-        raise KernelError(f"d_state must divide 256 and be a multiple of 8, got {d_state}")
-    if (headdim * d_state) % (SSU_THREADS * 8) or headdim * d_state > SSU_THREADS * 8 * 8:
-        raise KernelError(f"headdim * d_state must be a multiple of {SSU_THREADS * 8} and at most "
-                          f"{SSU_THREADS * 64}, got {headdim} * {d_state}")
-    if d_conv > 8:
-        raise KernelError(f"d_conv must be <= 8, got {d_conv}")
+    if d_state % VEC or 256 % d_state:
+        raise KernelError(f"d_state must divide 256 and be a multiple of {VEC}, got {d_state}")
+    if (headdim * d_state) % (SSU_THREADS * VEC) or headdim * d_state > SSU_THREADS * VEC * MAX_ITERS:
+        raise KernelError(f"headdim * d_state must be a multiple of {SSU_THREADS * VEC} and at most "
+                          f"{SSU_THREADS * VEC * MAX_ITERS}, got {headdim} * {d_state}")
+    if headdim + 2 * d_state > SSU_MAX_CH * SSU_THREADS or headdim > SSU_THREADS:
+        raise KernelError(f"headdim + 2 * d_state must be at most {SSU_MAX_CH * SSU_THREADS} (headdim <= "
+                          f"{SSU_THREADS}), got {headdim} + 2 * {d_state}")
+    if d_conv > MAX_W:
+        raise KernelError(f"d_conv must be <= {MAX_W}, got {d_conv}")
+    if ngroups > 64:
+        raise KernelError(f"ngroups must be <= 64, got {ngroups}")
+
+
+KERNEL_NAMES = ("aim_selective_state_update", "aim_gated_norm_apply", "aim_residual_norm", "aim_cfg_sample",
+                "aim_advance")
 
 
 class Kernels:
@@ -129,7 +199,7 @@ class Kernels:
         torch.empty(1, device=f"cuda:{device_index}")  # makes the primary context current for the driver API
         self.module = _check(driver.cuModuleLoadData(compile_cubin(dtype, self.arch)), "cuModuleLoadData")
         self.fn = {name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
-                   for name in ("aim_ssu_step", "aim_residual_norm", "aim_cfg_sample", "aim_advance")}
+                   for name in KERNEL_NAMES}
         self._max_smem = 0
 
     def _launch(self, name: str, grid: tuple, block: int, smem: int, stream: int, params) -> None:
@@ -137,9 +207,13 @@ class Kernels:
         _check(self.driver.cuLaunchKernel(self.fn[name], *grid, block, 1, 1, smem, self.driver.CUstream(stream),
                                           ctypes.addressof(holder) if holder is not None else 0, 0), name)
 
-    def ssu(self, p: SsuParams, stream: int) -> None:
-        smem = (p.headdim + 2 * p.d_state * (1 + p.d_conv)) * 4
-        self._launch("aim_ssu_step", (p.nheads, p.rows, 1), SSU_THREADS, smem, stream, p)
+    def selective_state_update(self, p: SsuParams, stream: int, normalize: bool = True) -> None:
+        """y = the op's output (gated RMSNorm applied); with normalize=False y is left as g * norm_w and the
+        caller applies each row's 1/rms from p.sumsq (aim_residual_norm does, when ngroups == 1)."""
+        smem = (3 * p.headdim + 2 * p.d_state * (1 + p.d_conv)) * 4
+        self._launch("aim_selective_state_update", (p.nheads, p.rows, 1), SSU_THREADS, smem, stream, p)
+        if normalize:
+            self._launch("aim_gated_norm_apply", (p.rows, 1, 1), NORM_THREADS, 0, stream, gated_norm_params(p))
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         self._launch("aim_residual_norm", (p.rows, 1, 1), NORM_THREADS, p.d * 4, stream, p)

@@ -45,7 +45,7 @@ def register() -> None:
 
     from aim_rt.loading import dtype_name
 
-    from .kernels import Kernels, SsuParams
+    from .kernels import Kernels, ssu_params
 
     kernels: dict = {}
     workspaces: dict = {}
@@ -68,21 +68,17 @@ def register() -> None:
         y, conv_out, ssm_out = (torch.as_tensor(o, device="cuda") for o in outputs)
         dtype = dtype_name(t[0].dtype)
         k = kernels.setdefault(dtype, Kernels(dtype))
-        rows, conv_dim = t[0].shape
-        d_inner, nheads = t[1].shape[1], t[2].shape[1]
-        key = (rows, d_inner, nheads, ngroups)
+        rows, nheads = t[0].shape[0], t[2].shape[1]
+        key = (rows, nheads, ngroups)
         if key not in workspaces:  # allocated on the first (uncaptured) run
-            workspaces[key] = (torch.zeros(rows, d_inner, device="cuda"), torch.zeros(rows, nheads, device="cuda"),
+            workspaces[key] = (torch.zeros(rows, nheads, device="cuda"),
                                torch.zeros(rows, ngroups, device="cuda", dtype=torch.int32))
-        gated, partial, arrived = workspaces[key]
-        k.ssu(SsuParams(
-            xbc=t[0].data_ptr(), xbc_stride=conv_dim, z=t[1].data_ptr(), z_stride=d_inner, dt=t[2].data_ptr(),
-            dt_stride=nheads, conv_state_in=t[3].data_ptr(), conv_state_out=conv_out.data_ptr(),
-            ssm_state_in=t[4].data_ptr(), ssm_state_out=ssm_out.data_ptr(), conv_w=t[5].data_ptr(),
-            conv_b=t[6].data_ptr(), dt_bias=t[7].data_ptr(), A_log=t[8].data_ptr(), D=t[9].data_ptr(),
-            norm_w=t[10].data_ptr(), gated=gated.data_ptr(), partial=partial.data_ptr(), arrived=arrived.data_ptr(),
-            y=y.data_ptr(), y_stride=d_inner, rows=rows, d_inner=d_inner, conv_dim=conv_dim, nheads=nheads,
-            headdim=headdim, d_state=d_state, ngroups=ngroups, d_conv=t[3].shape[2], eps=eps), stream)
+        sumsq, arrived = workspaces[key]
+        names = ("conv_weight", "conv_bias", "dt_bias", "A_log", "D", "norm_weight")
+        k.selective_state_update(ssu_params(
+            xbc=t[0], z=t[1], dt=t[2], conv_state_in=t[3], conv_state_out=conv_out, ssm_state_in=t[4],
+            ssm_state_out=ssm_out, weights=dict(zip(names, t[5:])), sumsq=sumsq, arrived=arrived, y=y,
+            headdim=headdim, d_state=d_state, ngroups=ngroups, eps=eps), stream, normalize=True)
 
     @trtp.register("aim_rt::CfgMix")
     def cfg_desc(logits: trtp.TensorDesc, cfg_scale: trtp.TensorDesc, temperature: trtp.TensorDesc

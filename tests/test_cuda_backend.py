@@ -52,29 +52,28 @@ def _ssu_inputs(cfg, rows, dtype, g):
         norm_weight=1 + r(cfg.d_inner, scale=0.1))
 
 
-def run_ssu_kernel(kernels, cfg, x, in_place=True):
-    from aim_rt.plugins.kernels import SsuParams
+def run_ssu_kernel(kernels, cfg, x, in_place=True, normalize=True):
+    """The kernel as the op (normalize=True: y is the gated-normed output), or as the cuda backend runs it
+    (normalize=False: y is g * norm_w and the caller applies each row's 1/rms from the returned sumsq)."""
+    from aim_rt.plugins.kernels import ssu_params
 
     rows = x["xbc"].shape[0]
     dev, dt = x["xbc"].device, x["xbc"].dtype
     conv_out = x["conv_state"] if in_place else torch.empty_like(x["conv_state"])
     ssm_out = x["ssm_state"] if in_place else torch.empty_like(x["ssm_state"])
     y = torch.empty(rows, cfg.d_inner, device=dev, dtype=dt)
-    gated = torch.empty(rows, cfg.d_inner, device=dev)
-    partial = torch.zeros(rows, cfg.nheads, device=dev)
+    sumsq = torch.zeros(rows, cfg.nheads, device=dev)
     arrived = torch.zeros(rows, cfg.ngroups, device=dev, dtype=torch.int32)
-    p = SsuParams(
-        xbc=x["xbc"].data_ptr(), xbc_stride=cfg.conv_dim, z=x["z"].data_ptr(), z_stride=cfg.d_inner,
-        dt=x["dt"].data_ptr(), dt_stride=cfg.nheads, conv_state_in=x["conv_state"].data_ptr(),
-        conv_state_out=conv_out.data_ptr(), ssm_state_in=x["ssm_state"].data_ptr(), ssm_state_out=ssm_out.data_ptr(),
-        conv_w=x["conv_weight"].data_ptr(), conv_b=x["conv_bias"].data_ptr(), dt_bias=x["dt_bias"].data_ptr(),
-        A_log=x["A_log"].data_ptr(), D=x["D"].data_ptr(), norm_w=x["norm_weight"].data_ptr(), gated=gated.data_ptr(),
-        partial=partial.data_ptr(), arrived=arrived.data_ptr(), y=y.data_ptr(), y_stride=cfg.d_inner, rows=rows,
-        d_inner=cfg.d_inner, conv_dim=cfg.conv_dim, nheads=cfg.nheads, headdim=cfg.headdim, d_state=cfg.d_state,
-        ngroups=cfg.ngroups, d_conv=cfg.d_conv, eps=cfg.norm_eps)
-    kernels.ssu(p, torch.cuda.current_stream().cuda_stream)
+    weights = {k: x[k] for k in ("conv_weight", "conv_bias", "dt_bias", "A_log", "D", "norm_weight")}
+    p = ssu_params(xbc=x["xbc"], z=x["z"], dt=x["dt"], conv_state_in=x["conv_state"], conv_state_out=conv_out,
+                   ssm_state_in=x["ssm_state"], ssm_state_out=ssm_out, weights=weights, sumsq=sumsq,
+                   arrived=arrived, y=y, headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups,
+                   eps=cfg.norm_eps)
+    kernels.selective_state_update(p, torch.cuda.current_stream().cuda_stream, normalize=normalize)
     torch.cuda.synchronize()
     assert arrived.abs().max() == 0  # the arrival counters are handed back clean
+    if not normalize:
+        return (y, sumsq), conv_out, ssm_out
     return y, conv_out, ssm_out
 
 
@@ -97,6 +96,27 @@ def test_ssu_kernel_matches_reference(preset, dtype, in_place):
     got = run_ssu_kernel(kernels, cfg, x, in_place)
     for name, r, o in zip(["y", "conv_state", "ssm_state"], ref, got):
         assert rel_err(o, r) <= TOLS[dtype], (name, rel_err(o, r))
+    # the folded form the cuda backend runs: y / rms(g) recovered from the per-head sums of squares
+    (g_w, sumsq), _, _ = run_ssu_kernel(kernels, cfg, {k: v.clone() for k, v in x.items()}, in_place, False)
+    inv = torch.rsqrt(sumsq.sum(1, keepdim=True) / cfg.d_inner + cfg.norm_eps)
+    assert rel_err(g_w.float() * inv, ref[0]) <= TOLS[dtype]
+
+
+@needs_gpu
+@pytest.mark.parametrize("ngroups", [1, 2, 4])
+def test_ssu_kernel_groups(ngroups):
+    """ngroups > 1: heads share their group's B/C (written once, by the group's last block) and the norm is per
+    group (aim_gated_norm_apply)."""
+    from aim_rt.plugins.kernels import Kernels
+
+    cfg = aim_rt.AiMConfig(d_model=256, n_layer=1, ngroups=ngroups, d_state=64, headdim=32)
+    kernels = Kernels("float32")
+    for in_place in (True, False):
+        x = _ssu_inputs(cfg, rows=5, dtype=torch.float32, g=torch.Generator().manual_seed(ngroups))
+        ref = ops.selective_state_step(*[t.clone() for t in x.values()], headdim=cfg.headdim,
+                                       d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
+        for name, r, o in zip(["y", "conv_state", "ssm_state"], ref, run_ssu_kernel(kernels, cfg, x, in_place)):
+            assert rel_err(o, r) <= 1e-5, (name, in_place, rel_err(o, r))
 
 
 @needs_gpu
