@@ -61,6 +61,79 @@ def step_bytes(cfg: AiMConfig, batch: int, elem_bytes: int) -> int:
     return (weights + 2 * (2 * batch) * state_per_row) * elem_bytes
 
 
+def op_bytes(cfg: AiMConfig, batch: int, elem: int) -> dict[str, int]:
+    """Bytes each kind of op in a decode step must move per launch (2B rows with CFG): its weights once, its
+    inputs read, its outputs written, states read and written once. Tiny per-head vectors are counted too."""
+    R, d, e = 2 * batch, cfg.d_model, elem
+    norm = R * d * (3 * e + 8 + 2 * e) + d * e  # input, gate, out; residual fp32 in/out; shift and scale
+    state = cfg.nheads * cfg.headdim * cfg.d_state + cfg.conv_dim * cfg.d_conv
+    return {
+        "residual_norm": norm,
+        "in_proj": d * cfg.d_in_proj * e + R * (d + cfg.d_in_proj) * e,
+        "selective_state_update": R * (2 * state * e + (cfg.d_in_proj + cfg.d_inner) * e + cfg.nheads * 4)
+                                  + (cfg.conv_dim * (cfg.d_conv + 1) + 3 * cfg.nheads + cfg.d_inner) * e,
+        "out_proj": cfg.d_inner * d * e + R * (cfg.d_inner + d) * e,
+        "final_norm": norm + d * e,
+        "lm_head": cfg.vocab_size * d * e + R * (d + cfg.vocab_size) * e,
+        "sample": R * cfg.vocab_size * e + 2 * batch * d * e,
+    }
+
+
+def kernel_table(models: list[str], batches: list[int], dtype: str = "bfloat16", device: str = "cuda",
+                 progress=None) -> dict:
+    """`aim-rt bench --kernels`: per step of the cuda backend, each kind of op's time, the bytes it must move and
+    the bandwidth it achieved against the copy bandwidth; the graph-replayed step against the sum of its parts."""
+    from .cuda_backend import CudaBackend
+
+    dev = torch.device(device)
+    bandwidth = copy_bandwidth(dev)
+    elem = torch.empty(0, dtype=resolve_dtype(dtype)).element_size()
+    settings = SamplingSettings()
+    rows = []
+    for spec in models:
+        model, label = _model(spec, dev, dtype)
+        backend = CudaBackend(model)
+        for batch in batches:
+            classes, seeds = torch.arange(batch) % model.config.num_classes, torch.arange(batch)
+            backend.sample(classes, seeds, settings)
+            step_s, _ = _timed(lambda: backend.sample(classes, seeds, settings), dev, 3)
+            step_us = step_s / model.config.num_tokens * 1e6
+            timing = backend.op_timings(batch, settings)
+            nbytes = op_bytes(model.config, batch, elem)
+            ops = []
+            for kind, t in timing["ops"].items():
+                gbps = nbytes[kind] / (t["us_per_launch"] * 1e-6) / 1e9
+                ops.append({"op": kind, **t, "us_per_step": t["us_per_launch"] * t["launches_per_step"],
+                            "bytes_per_launch": nbytes[kind], "achieved_GBps": gbps,
+                            "fraction_of_copy_bandwidth": gbps * 1e9 / bandwidth})
+            parts = sum(o["us_per_step"] for o in ops)
+            row = {"model": label, "dtype": dtype, "batch": batch, "step_us_graph": step_us,
+                   "sum_of_ops_us": parts, "gaps_us": step_us - parts,
+                   "kernels_per_step": timing["kernels_per_step"],
+                   "floor_us": step_bytes(model.config, batch, elem) / bandwidth * 1e6, "ops": ops}
+            rows.append(row)
+            if progress:
+                progress(row)
+        del model, backend
+        torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(dev), "copy_bandwidth_TBps": bandwidth / 1e12,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+
+
+def format_kernel_table(result: dict) -> str:
+    lines = [f"{result['device']}, copy bandwidth {result['copy_bandwidth_TBps']:.2f} TB/s, {result['date']}"]
+    for row in result["rows"]:
+        lines.append(f"\n{row['model']} {row['dtype']} batch {row['batch']}: step {row['step_us_graph']:.1f} µs "
+                     f"(graph replay), ops alone {row['sum_of_ops_us']:.1f} µs, gaps {row['gaps_us']:.1f} µs, "
+                     f"{row['kernels_per_step']} kernels per step, floor {row['floor_us']:.1f} µs")
+        lines.append(f"  {'op':<24}{'per step':>9}{'µs each':>10}{'µs/step':>10}{'MB each':>10}{'GB/s':>9}{'of copy':>9}")
+        for o in row["ops"]:
+            lines.append(f"  {o['op']:<24}{o['launches_per_step']:>9}{o['us_per_launch']:>10.2f}{o['us_per_step']:>10.1f}"
+                         f"{o['bytes_per_launch'] / 1e6:>10.3f}{o['achieved_GBps']:>9.0f}"
+                         f"{o['fraction_of_copy_bandwidth']:>9.0%}")
+    return "\n".join(lines)
+
+
 def _model(spec: str, device, dtype):
     try:
         cfg = preset(spec)

@@ -12,6 +12,7 @@ One graph per (batch, settings) holds a whole step; it is replayed for every tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,8 @@ class _Buffers:
     hidden: Tensor      # (R, d) the step's input embeddings
     residual: Tensor    # (R, d) float32
     normed: Tensor      # (R, d)
+    zxbcdt: Tensor      # (R, d_in_proj) in_proj output: z | x B C | dt
+    out: Tensor         # (R, d) out_proj output
     y: Tensor           # (R, d_inner) mixer output (g * norm_w; normed only when ngroups > 1)
     sumsq: Tensor       # (R, H) float32: each head's sum of squares for the gated RMSNorm
     arrived: Tensor     # (R, G) int32 workspace
@@ -92,6 +95,8 @@ class CudaBackend:
             hidden=torch.zeros(rows, cfg.d_model, device=dev, dtype=dt),
             residual=torch.zeros(rows, cfg.d_model, device=dev),
             normed=torch.zeros(rows, cfg.d_model, device=dev, dtype=dt),
+            zxbcdt=torch.zeros(rows, cfg.d_in_proj, device=dev, dtype=dt),
+            out=torch.zeros(rows, cfg.d_model, device=dev, dtype=dt),
             y=torch.zeros(rows, cfg.d_inner, device=dev, dtype=dt),
             sumsq=torch.zeros(rows, cfg.nheads, device=dev),
             arrived=torch.zeros(rows, cfg.ngroups, device=dev, dtype=torch.int32),
@@ -124,41 +129,90 @@ class CudaBackend:
         self.kernels.cfg_sample(self._sample_params(buf, settings), stream)
         self.kernels.advance(_ptr(buf.step), stream)
 
-    def _step(self, buf: _Buffers, settings: SamplingSettings) -> None:
-        """Everything from the input embedding to the next token: what the graph captures."""
+    def _ops(self, buf: _Buffers, settings: SamplingSettings) -> list[tuple[str, Callable[[], None]]]:
+        """One decode step as (kind, launch) pairs in order: from the input embedding to the next token.
+        `_step` runs them all (that is what the graph captures); `op_timings` times each kind alone."""
         from aim_rt.plugins.kernels import NormParams, ssu_params
 
-        cfg, k = self.config, self.kernels
-        stream = torch.cuda.current_stream().cuda_stream
+        cfg, k, bb = self.config, self.kernels, self.model.backbone
         rows = buf.hidden.shape[0]
         fold_norm = cfg.ngroups == 1  # the gated norm's 1/rms is applied by the next residual norm
         d_in, d_x = cfg.d_inner, cfg.d_inner + cfg.conv_dim
+        stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
 
         def residual_norm(i, inp, gate, norm_w, norm2_w, mods):
-            scaled = fold_norm and i > 0
-            k.residual_norm(NormParams(
+            p = NormParams(
                 input=_ptr(inp), input_stride=inp.stride(0), gate=_ptr(gate),
                 gate_stride=gate.stride(0) if gate is not None else 0,
-                sumsq=_ptr(buf.sumsq) if scaled else None, sumsq_heads=cfg.nheads, sumsq_count=cfg.d_inner,
-                residual=_ptr(buf.residual), norm_w=_ptr(norm_w), norm2_w=_ptr(norm2_w), shift=_ptr(mods[:, 0]),
-                scale=_ptr(mods[:, 1]), mod_stride=mods.stride(0), out=_ptr(buf.normed), out_stride=cfg.d_model,
-                rows=rows, d=cfg.d_model, first=int(i == 0), eps=cfg.norm_eps), stream)
+                sumsq=_ptr(buf.sumsq) if fold_norm and i > 0 else None, sumsq_heads=cfg.nheads,
+                sumsq_count=cfg.d_inner, residual=_ptr(buf.residual), norm_w=_ptr(norm_w), norm2_w=_ptr(norm2_w),
+                shift=_ptr(mods[:, 0]), scale=_ptr(mods[:, 1]), mod_stride=mods.stride(0), out=_ptr(buf.normed),
+                out_stride=cfg.d_model, rows=rows, d=cfg.d_model, first=int(i == 0), eps=cfg.norm_eps)
+            return lambda: k.residual_norm(p, stream())
 
-        out = buf.hidden
-        for i, p in enumerate(self._params):
-            residual_norm(i, out, buf.mods[i - 1][:, 2] if i else None, p["norm"], None, buf.mods[i])
-            zxbcdt = torch.nn.functional.linear(buf.normed, p["in_proj"])
-            k.selective_state_update(ssu_params(
-                xbc=zxbcdt[:, d_in:d_x], z=zxbcdt[:, :d_in], dt=zxbcdt[:, d_x:], conv_state_in=buf.conv[i],
-                conv_state_out=buf.conv[i], ssm_state_in=buf.ssm[i], ssm_state_out=buf.ssm[i], weights=p["ssu"],
-                sumsq=buf.sumsq, arrived=buf.arrived, y=buf.y, headdim=cfg.headdim, d_state=cfg.d_state,
-                ngroups=cfg.ngroups, eps=cfg.norm_eps), stream, normalize=not fold_norm)
-            out = torch.nn.functional.linear(buf.y, p["out_proj"])
-        bb = self.model.backbone
-        residual_norm(len(self._params), out, buf.mods[-1][:, 2], bb.norm_f.weight,
-                      bb.final_layer.norm_final.weight, buf.final_mods)
-        torch.matmul(buf.normed, self.model.lm_head.weight.t(), out=buf.logits)
-        self._sample(buf, settings, stream)
+        ops = []
+        for i, w in enumerate(self._params):
+            ops.append(("residual_norm", residual_norm(i, buf.hidden if i == 0 else buf.out,
+                                                       buf.mods[i - 1][:, 2] if i else None, w["norm"], None,
+                                                       buf.mods[i])))
+            ops.append(("in_proj", lambda w=w: torch.mm(buf.normed, w["in_proj"].t(), out=buf.zxbcdt)))
+            p = ssu_params(
+                xbc=buf.zxbcdt[:, d_in:d_x], z=buf.zxbcdt[:, :d_in], dt=buf.zxbcdt[:, d_x:],
+                conv_state_in=buf.conv[i], conv_state_out=buf.conv[i], ssm_state_in=buf.ssm[i],
+                ssm_state_out=buf.ssm[i], weights=w["ssu"], sumsq=buf.sumsq, arrived=buf.arrived, y=buf.y,
+                headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
+            ops.append(("selective_state_update",
+                        lambda p=p: k.selective_state_update(p, stream(), normalize=not fold_norm)))
+            ops.append(("out_proj", lambda w=w: torch.mm(buf.y, w["out_proj"].t(), out=buf.out)))
+        ops.append(("final_norm", residual_norm(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
+                                                bb.final_layer.norm_final.weight, buf.final_mods)))
+        ops.append(("lm_head", lambda: torch.mm(buf.normed, self.model.lm_head.weight.t(), out=buf.logits)))
+        ops.append(("sample", lambda: self._sample(buf, settings, stream())))
+        return ops
+
+    def _step(self, buf: _Buffers, settings: SamplingSettings) -> None:
+        for _, launch in self._ops(buf, settings):
+            launch()
+
+    @torch.no_grad()
+    def op_timings(self, batch: int, settings: SamplingSettings, reps: int = 20) -> dict:
+        """Per kind of op in a step: launches per step and device time per launch (µs), each kind timed alone
+        as a CUDA graph of `reps` passes over all its launches (every layer's weights: no L2-resident replay),
+        and the kernels one step launches (= nodes of the step graph), counted by the profiler."""
+        from torch.profiler import ProfilerActivity, profile
+
+        buf = self._alloc(batch)
+        self._mode = (False, False)
+        classes = torch.arange(batch) % self.config.num_classes
+        buf.seeds.copy_(torch.arange(batch))
+        self._prefill(buf, classes, None, settings)
+        ops = self._ops(buf, settings)
+        result = {}
+        for kind in dict.fromkeys(kind for kind, _ in ops):
+            launches = [fn for k, fn in ops if k == kind]
+            graph = torch.cuda.CUDAGraph()
+            for fn in launches:  # warm-up outside the capture (cuBLAS picks its kernels)
+                fn()
+            with torch.cuda.graph(graph):
+                for _ in range(reps):
+                    for fn in launches:
+                        fn()
+            times = []
+            for _ in range(5):
+                buf.step.zero_()  # the sampler advances the token index: keep it inside the position table
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3 / (reps * len(launches)))
+            result[kind] = {"launches_per_step": len(launches), "us_per_launch": sorted(times)[len(times) // 2]}
+        buf.step.zero_()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self._step(buf, settings)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return {"ops": result, "kernels_per_step": len(kernels)}
 
     # ----- the sampler ------------------------------------------------------------------------------
     def _prefill(self, buf: _Buffers, classes: Tensor, prefix: Tensor | None, settings: SamplingSettings) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import aim_rt
-from aim_rt.bench import run_bench
+from aim_rt.bench import format_kernel_table, kernel_table, run_bench
 from aim_rt.config import VQConfig
 from aim_rt.cuda_backend import CudaBackend
 from aim_rt.sampling import SamplingSettings, draw, sample_tokens
@@ -81,7 +81,7 @@ def profile(path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--skip", default="", help="comma list of: tests, parity, profile, bench")
+    ap.add_argument("--skip", default="", help="comma list of: tests, parity, profile, kernels, bench")
     ap.add_argument("--models", default="AiM-B,AiM-L,AiM-XL")
     ap.add_argument("--torch-models", default="AiM-B", help="models also timed with the torch reference")
     ap.add_argument("--batches", default="1,16")
@@ -91,7 +91,8 @@ def main() -> None:
     t0 = time.time()
     if "tests" not in skip:
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                            "tests/test_cuda_backend.py"], capture_output=True, text=True)
+                            "tests/test_cuda_backend.py", "tests/test_kernel_layout.py"],
+                           capture_output=True, text=True)
         (args.out / "pytest_gpu.txt").write_text(r.stdout + r.stderr)
         print(r.stdout[-3000:], flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
@@ -100,6 +101,13 @@ def main() -> None:
         (args.out / "parity.json").write_text(json.dumps(report, indent=1) + "\n")
     if "profile" not in skip:
         profile(args.out / "profile.txt")
+    if "kernels" not in skip:
+        table = kernel_table(args.models.split(","), [int(b) for b in args.batches.split(",")],
+                             progress=lambda row: print(row["model"], row["batch"], f"{row['step_us_graph']:.1f} us",
+                                                        flush=True))
+        (args.out / "kernels.json").write_text(json.dumps(table, indent=1) + "\n")
+        (args.out / "kernels.txt").write_text(format_kernel_table(table) + "\n")
+        print(format_kernel_table(table), flush=True)
     if "bench" not in skip:
         # the reference (seconds per image) only where a ratio is wanted; the fast path on every model
         batches = [int(b) for b in args.batches.split(",")]
