@@ -40,7 +40,6 @@ class _Buffers:
     out: Tensor         # (R, d) out_proj output
     y: Tensor           # (R, d_inner) mixer output (g * norm_w; normed only when ngroups > 1)
     sumsq: Tensor       # (R, H) float32: each head's sum of squares for the gated RMSNorm
-    arrived: Tensor     # (R, G) int32 workspace
     conv: Tensor        # (L, R, C, W)
     ssm: Tensor         # (L, R, H, P, N)
     mods: Tensor        # (L, R, 3, d)
@@ -99,7 +98,6 @@ class CudaBackend:
             out=torch.zeros(rows, cfg.d_model, device=dev, dtype=dt),
             y=torch.zeros(rows, cfg.d_inner, device=dev, dtype=dt),
             sumsq=torch.zeros(rows, cfg.nheads, device=dev),
-            arrived=torch.zeros(rows, cfg.ngroups, device=dev, dtype=torch.int32),
             conv=torch.zeros(cfg.n_layer, rows, cfg.conv_dim, cfg.d_conv, device=dev, dtype=dt),
             ssm=torch.zeros(cfg.n_layer, rows, cfg.nheads, cfg.headdim, cfg.d_state, device=dev, dtype=dt),
             mods=torch.zeros(cfg.n_layer, rows, 3, cfg.d_model, device=dev, dtype=dt),
@@ -132,7 +130,7 @@ class CudaBackend:
     def _ops(self, buf: _Buffers, settings: SamplingSettings) -> list[tuple[str, Callable[[], None]]]:
         """One decode step as (kind, launch) pairs in order: from the input embedding to the next token.
         `_step` runs them all (that is what the graph captures); `op_timings` times each kind alone."""
-        from aim_rt.plugins.kernels import NormParams, ssu_params
+        from aim_rt.plugins.kernels import ConvShift, NormParams, conv_shift_params, ssu_params
 
         cfg, k, bb = self.config, self.kernels, self.model.backbone
         rows = buf.hidden.shape[0]
@@ -140,32 +138,34 @@ class CudaBackend:
         d_in, d_x = cfg.d_inner, cfg.d_inner + cfg.conv_dim
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
 
-        def residual_norm(i, inp, gate, norm_w, norm2_w, mods):
+        def residual_norm(i, inp, gate, norm_w, norm2_w, mods, prev):
+            # `prev`: the previous layer's state update, whose norm scale and B/C shift this kernel finishes
             p = NormParams(
                 input=_ptr(inp), input_stride=inp.stride(0), gate=_ptr(gate),
                 gate_stride=gate.stride(0) if gate is not None else 0,
                 sumsq=_ptr(buf.sumsq) if fold_norm and i > 0 else None, sumsq_heads=cfg.nheads,
-                sumsq_count=cfg.d_inner, residual=_ptr(buf.residual), norm_w=_ptr(norm_w), norm2_w=_ptr(norm2_w),
+                sumsq_count=cfg.d_inner, bc=conv_shift_params(prev) if fold_norm and i > 0 else ConvShift(),
+                residual=_ptr(buf.residual), norm_w=_ptr(norm_w), norm2_w=_ptr(norm2_w),
                 shift=_ptr(mods[:, 0]), scale=_ptr(mods[:, 1]), mod_stride=mods.stride(0), out=_ptr(buf.normed),
                 out_stride=cfg.d_model, rows=rows, d=cfg.d_model, first=int(i == 0), eps=cfg.norm_eps)
             return lambda: k.residual_norm(p, stream())
 
-        ops = []
+        ops, p = [], None
         for i, w in enumerate(self._params):
             ops.append(("residual_norm", residual_norm(i, buf.hidden if i == 0 else buf.out,
                                                        buf.mods[i - 1][:, 2] if i else None, w["norm"], None,
-                                                       buf.mods[i])))
+                                                       buf.mods[i], p)))
             ops.append(("in_proj", lambda w=w: torch.mm(buf.normed, w["in_proj"].t(), out=buf.zxbcdt)))
             p = ssu_params(
                 xbc=buf.zxbcdt[:, d_in:d_x], z=buf.zxbcdt[:, :d_in], dt=buf.zxbcdt[:, d_x:],
                 conv_state_in=buf.conv[i], conv_state_out=buf.conv[i], ssm_state_in=buf.ssm[i],
-                ssm_state_out=buf.ssm[i], weights=w["ssu"], sumsq=buf.sumsq, arrived=buf.arrived, y=buf.y,
+                ssm_state_out=buf.ssm[i], weights=w["ssu"], sumsq=buf.sumsq, y=buf.y,
                 headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
             ops.append(("selective_state_update",
-                        lambda p=p: k.selective_state_update(p, stream(), normalize=not fold_norm)))
+                        lambda p=p: k.selective_state_update(p, stream(), finish=not fold_norm)))
             ops.append(("out_proj", lambda w=w: torch.mm(buf.y, w["out_proj"].t(), out=buf.out)))
         ops.append(("final_norm", residual_norm(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
-                                                bb.final_layer.norm_final.weight, buf.final_mods)))
+                                                bb.final_layer.norm_final.weight, buf.final_mods, p)))
         ops.append(("lm_head", lambda: torch.mm(buf.normed, self.model.lm_head.weight.t(), out=buf.logits)))
         ops.append(("sample", lambda: self._sample(buf, settings, stream())))
         return ops

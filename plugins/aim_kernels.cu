@@ -8,7 +8,8 @@
 //   aim_selective_state_update   one Mamba2 decode step between in_proj and out_proj for every row and head:
 //                           conv window shift + depthwise conv + SiLU, dt softplus, h = h*exp(dt*A) + dt*x*B,
 //                           y = h.C + D*x, g = y*silu(z); writes g*norm_w and each head's sum of g^2.
-//   aim_gated_norm_apply    divides that output by its group's RMS (where the next kernel cannot).
+//   aim_gated_norm_apply    divides that output by its group's RMS and shifts the B/C conv windows (where the
+//                           next kernel cannot: ConvShift).
 //   aim_residual_norm       residual += gate*out (or = input; out optionally scaled by the previous mixer's
 //                           1/rms), RMSNorm, optional second RMSNorm, modulate.
 //   aim_cfg_sample          CFG mix / temperature, top-k, top-p, inverse-CDF draw from a counter-based hash of
@@ -34,7 +35,6 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 #endif
 
 #define VEC 8  // state elements per thread per access: 16 bytes for 16-bit types, 32 for float32
-#define MAX_ITERS 8  // state vectors per thread held in registers: headdim * d_state <= 8 * 128 * VEC
 
 struct __align__(16) Vec8 { elem_t v[VEC]; };  // aligned: one 16-byte access (two for float32)
 
@@ -83,48 +83,53 @@ struct SsuParams {
   const elem_t* D;        // (nheads)
   const elem_t* norm_w;   // (d_inner)
   float* sumsq;           // out (rows, nheads): each head's sum of squares of g = y * silu(z)
-  unsigned int* arrived;  // workspace (rows, ngroups), zero between launches (the kernel resets it)
   elem_t* y;  long long y_stride;  // out (rows, d_inner): g * norm_w, not yet divided by the group's RMS
   int rows, d_inner, conv_dim, nheads, headdim, d_state, ngroups, d_conv;
   float eps;
 };
 
-#define SSU_MAX_CH 4  // conv channels per thread: headdim + 2 * d_state <= SSU_MAX_CH * blockDim.x
 #define MAX_W 4       // d_conv <= MAX_W
 
-// grid (nheads, rows); block SSU_THREADS; shared: 3 * headdim + 2 * d_state * (1 + d_conv) floats.
+// grid (nheads, rows); block SSU_THREADS; shared: 3 * headdim + 2 * d_state floats.
 // One block streams one (row, head) state slice exactly once. Every global load the block needs is issued
-// first, so a block costs one memory latency. The gated RMSNorm spans all heads of a group: instead of a
-// cross-block reduction, each block writes its heads' sum of squares and g * norm_w, and the consumer applies
-// the row's 1/rms (aim_residual_norm when ngroups == 1, where it factors out of out_proj; else
-// aim_gated_norm_apply). Every head of a group reads the group's old B/C conv windows, so with in-place state
-// those windows are written by the group's last block to arrive.
-extern "C" __global__ void __launch_bounds__(128) aim_selective_state_update(SsuParams p) {
+// first, so a block costs one memory latency, and no block waits for another. Two things span the heads of a
+// group and are left to the next kernel, which runs after every head is done: the gated RMSNorm (each block
+// writes its head's sum of squares and g * norm_w; the consumer applies 1/rms — aim_residual_norm when
+// ngroups == 1, where it factors out of out_proj, else aim_gated_norm_apply) and the shift of the group's
+// B/C conv windows, which every head reads (ConvShift, done by the same consumer).
+#ifndef SSU_THREADS
+#define SSU_THREADS 128
+#endif
+#ifndef SSU_MIN_BLOCKS
+#define SSU_MIN_BLOCKS 1
+#endif
+#define MAX_ITERS (1024 / SSU_THREADS)  // state vectors per thread, in registers: headdim * d_state <= 8192
+#define SSU_MAX_CH (512 / SSU_THREADS)  // conv channels per thread: headdim + 2 * d_state <= 512
+extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
   extern __shared__ float smem[];
   float* xs = smem;                   // this head's x after the conv
   float* zs = xs + p.headdim;         // silu(z) of this head's channels
   float* ws = zs + p.headdim;         // norm_w of this head's channels
   float* Bs = ws + p.headdim;         // the group's B
   float* Cs = Bs + p.d_state;         // the group's C
-  float* bcw = Cs + p.d_state;        // the group's new B/C conv windows (2 * d_state * d_conv)
   __shared__ float s_dt, s_dA, s_D, s_red[32];
-  __shared__ unsigned s_last;
   const int h = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
   const int P = p.headdim, N = p.d_state, W = p.d_conv;
   const int heads_per_group = p.nheads / p.ngroups, g = h / heads_per_group;
   const long long base = ((long long)r * p.nheads + h) * P * N;
-  const int iters = P * N / (blockDim.x * VEC);  // <= MAX_ITERS, exact (host-checked)
+  const int PN = P * N;  // a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
 
   // ---- 1. issue every load: state slice, conv inputs of this thread's channels, z, norm_w, scalars
   Vec8 hreg[MAX_ITERS];
 #pragma unroll
   for (int it = 0; it < MAX_ITERS; ++it)
-    if (it < iters) hreg[it] = *reinterpret_cast<const Vec8*>(p.ssm_state_in + base + (it * blockDim.x + tid) * VEC);
+    if ((it * SSU_THREADS + tid) * VEC < PN)
+      hreg[it] = *reinterpret_cast<const Vec8*>(p.ssm_state_in + base + (it * SSU_THREADS + tid) * VEC);
   float win[SSU_MAX_CH][MAX_W], cw[SSU_MAX_CH][MAX_W], cb[SSU_MAX_CH];
   int chan[SSU_MAX_CH];
 #pragma unroll
   for (int j = 0; j < SSU_MAX_CH; ++j) {
-    const int c = tid + j * blockDim.x;  // 0..P-1: x of this head; then the group's B, then its C
+    const int c = tid + j * SSU_THREADS;  // 0..P-1: x of this head; then the group's B, then its C
     chan[j] = c < P ? h * P + c
             : c < P + N ? p.d_inner + g * N + (c - P)
             : c < P + 2 * N ? p.d_inner + p.ngroups * N + g * N + (c - P - N) : -1;
@@ -153,7 +158,7 @@ extern "C" __global__ void __launch_bounds__(128) aim_selective_state_update(Ssu
   // ---- 2. conv + SiLU into shared memory; this head's x windows are its own to write
 #pragma unroll
   for (int j = 0; j < SSU_MAX_CH; ++j) {
-    const int c = tid + j * blockDim.x;
+    const int c = tid + j * SSU_THREADS;
     if (chan[j] < 0) continue;
     float acc = cb[j];
 #pragma unroll
@@ -166,13 +171,9 @@ extern "C" __global__ void __launch_bounds__(128) aim_selective_state_update(Ssu
       for (int w = 0; w < MAX_W; ++w) if (w < W) sout[w] = st(win[j][w]);
     } else {
       (c < P + N ? Bs[c - P] : Cs[c - P - N]) = a;
-#pragma unroll
-      for (int w = 0; w < MAX_W; ++w) if (w < W) bcw[(c - P) * W + w] = win[j][w];
     }
   }
-  __syncthreads();  // every thread of this block has consumed the old B/C windows
-  const int slot = r * p.ngroups + g;
-  if (tid == 0) s_last = atomicAdd(p.arrived + slot, 1u) == (unsigned)(heads_per_group - 1);  // latency overlaps step 3
+  __syncthreads();
 
   // ---- 3. state: (P, N) row-major, VEC contiguous elements per thread; N / VEC lanes share a row p
   const float dt = s_dt, dA = s_dA, Dh = s_D;
@@ -180,8 +181,8 @@ extern "C" __global__ void __launch_bounds__(128) aim_selective_state_update(Ssu
   float local_sq = 0.0f;
 #pragma unroll
   for (int it = 0; it < MAX_ITERS; ++it) {
-    if (it >= iters) break;
-    const int e = (it * blockDim.x + tid) * VEC;
+    const int e = (it * SSU_THREADS + tid) * VEC;
+    if (e >= PN) break;
     const int row = e / N, n0 = e % N;
     const Vec8 hin = hreg[it];
     Vec8 hout;
@@ -203,16 +204,36 @@ extern "C" __global__ void __launch_bounds__(128) aim_selective_state_update(Ssu
   }
 
   // ---- 4. this head's sum of squares (fixed-order reduction: deterministic)
-  const float sq = block_sum(local_sq, s_red);  // its barriers also publish s_last
+  const float sq = block_sum(local_sq, s_red);
   if (tid == 0) p.sumsq[(long long)r * p.nheads + h] = sq;
-  if (!s_last) return;
-  // ---- 5. the group's last block: every other head has read the old B/C windows; write the new ones
-  for (int i = tid; i < 2 * N; i += blockDim.x) {
-    const int ch = i < N ? p.d_inner + g * N + i : p.d_inner + p.ngroups * N + g * N + (i - N);
-    elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + ch) * W;
-    for (int w = 0; w < W; ++w) sout[w] = st(bcw[i * W + w]);
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// The B/C conv windows a selective-state update leaves to its consumer: window = (window[1:], new input).
+struct ConvShift {
+  const elem_t* xbc;  long long xbc_stride;  // (rows, conv_dim) the step's conv input, or null: nothing to do
+  const elem_t* state_in;  elem_t* state_out;  // (rows, conv_dim, width) contiguous; may be equal
+  int first, count, conv_dim, width;         // channels [first, first + count): the B and C of every group
+};
+
+__device__ void conv_shift(const ConvShift& s, int r) {
+  if (!s.xbc) return;
+  for (int c = threadIdx.x; c < s.count; c += blockDim.x) {
+    const long long at = ((long long)r * s.conv_dim + s.first + c) * s.width;
+    elem_t v[MAX_W];
+#pragma unroll
+    for (int w = 0; w < MAX_W; ++w)  // read the whole window before writing: in place is safe
+      v[w] = w < s.width - 1 ? s.state_in[at + w + 1] : s.xbc[(long long)r * s.xbc_stride + s.first + c];
+#pragma unroll
+    for (int w = 0; w < MAX_W; ++w) if (w < s.width) s.state_out[at + w] = v[w];
   }
-  if (tid == 0) p.arrived[slot] = 0u;
+}
+
+// 1/rms of each of a row's groups from the per-head sums of squares, added in a fixed order (deterministic).
+__device__ float group_inv_rms(const float* sumsq, int heads, int count, float eps) {
+  float t = 0.0f;
+  for (int i = 0; i < heads; ++i) t += sumsq[i];
+  return rsqrtf(t / count + eps);
 }
 
 // ----------------------------------------------------------------------------------------------------------
@@ -221,18 +242,17 @@ struct GatedNormParams {
   const float* sumsq;              // (rows, nheads) from aim_selective_state_update
   int rows, d_inner, nheads, ngroups;
   float eps;
+  ConvShift bc;
 };
 
-// grid (rows); block 256. The explicit normalisation where it cannot be folded into the next kernel
-// (ngroups > 1, or an op that must return the normed y, as the TensorRT plugin does).
+// grid (rows); block 256. Completes the op where the next kernel cannot (ngroups > 1, or an op that must
+// return the normed y and the whole conv state, as the TensorRT plugin does).
 extern "C" __global__ void aim_gated_norm_apply(GatedNormParams p) {
   __shared__ float s_inv[64];
   const int r = blockIdx.x, hpg = p.nheads / p.ngroups, group_size = p.d_inner / p.ngroups;
-  for (int g = threadIdx.x; g < p.ngroups; g += blockDim.x) {
-    float t = 0.0f;
-    for (int i = 0; i < hpg; ++i) t += p.sumsq[(long long)r * p.nheads + g * hpg + i];
-    s_inv[g] = rsqrtf(t / group_size + p.eps);
-  }
+  conv_shift(p.bc, r);
+  for (int g = threadIdx.x; g < p.ngroups; g += blockDim.x)
+    s_inv[g] = group_inv_rms(p.sumsq + (long long)r * p.nheads + g * hpg, hpg, group_size, p.eps);
   __syncthreads();
   for (int i = threadIdx.x; i < p.d_inner; i += blockDim.x) {
     elem_t* v = p.y + (long long)r * p.y_stride + i;
@@ -246,6 +266,7 @@ struct NormParams {
   const elem_t* gate;   long long gate_stride;   // (rows, d) gate of the previous block, or null (first layer)
   const float* sumsq;   // (rows, sumsq_heads) or null: input *= 1/rms of the previous gated norm (ngroups == 1)
   int sumsq_heads, sumsq_count;                   // heads to add; elements they cover (d_inner)
+  ConvShift bc;                                   // the previous mixer's B/C conv windows, when it left them
   float* residual;                                // (rows, d) float32, in/out
   const elem_t* norm_w;                           // (d)
   const elem_t* norm2_w;                          // (d) second RMSNorm (final layer), or null
@@ -261,11 +282,10 @@ extern "C" __global__ void aim_residual_norm(NormParams p) {
   __shared__ float s_red[32];
   __shared__ float s_scale;
   const int r = blockIdx.x;
-  if (threadIdx.x == 0) {  // fixed summation order: deterministic
-    float t = 0.0f;
-    if (p.sumsq) for (int i = 0; i < p.sumsq_heads; ++i) t += p.sumsq[(long long)r * p.sumsq_heads + i];
-    s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
-  }
+  conv_shift(p.bc, r);
+  if (threadIdx.x == 0)
+    s_scale = p.sumsq ? group_inv_rms(p.sumsq + (long long)r * p.sumsq_heads, p.sumsq_heads, p.sumsq_count, p.eps)
+                      : 1.0f;
   __syncthreads();
   const float scale = s_scale;
   float sq = 0.0f;

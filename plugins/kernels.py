@@ -30,7 +30,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AIM_RT_CACHE", Path.home() / ".cache" / "aim-rt")) / "kernels"
 
 
-def compile_cubin(dtype: str, arch: str, use_cache: bool = True, check_layout: bool = False) -> bytes:
+def compile_cubin(dtype: str, arch: str, use_cache: bool = True, check_layout: bool = False,
+                  defines: dict | None = None) -> bytes:
     """NVRTC-compile the kernels for one element type and one architecture ('sm_90'); cached by content.
     check_layout appends layout_asserts() (the tests and CI do; it needs an NVRTC with __builtin_offsetof)."""
     from cuda.bindings import nvrtc
@@ -38,7 +39,8 @@ def compile_cubin(dtype: str, arch: str, use_cache: bool = True, check_layout: b
     if dtype not in ELEM_KINDS:
         raise KernelError(f"kernels support {sorted(ELEM_KINDS)}, not {dtype!r}")
     source = SOURCE.read_bytes() + (layout_asserts().encode() if check_layout else b"")
-    options = [f"--gpu-architecture={arch}", f"-DELEM_KIND={ELEM_KINDS[dtype]}", "--std=c++17", "-lineinfo"]
+    options = [f"--gpu-architecture={arch}", f"-DELEM_KIND={ELEM_KINDS[dtype]}", "--std=c++17", "-lineinfo",
+               *(f"-D{k}={v}" for k, v in sorted((defines or {}).items()))]
     version = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
     key = hashlib.sha256(source + repr((options, version)).encode()).hexdigest()[:24]
     path = cache_dir() / f"aim_kernels-{dtype}-{arch}-{key}.cubin"
@@ -77,21 +79,26 @@ class SsuParams(ctypes.Structure):
         ("xbc", P), ("xbc_stride", LL), ("z", P), ("z_stride", LL), ("dt", P), ("dt_stride", LL),
         ("conv_state_in", P), ("conv_state_out", P), ("ssm_state_in", P), ("ssm_state_out", P),
         ("conv_w", P), ("conv_b", P), ("dt_bias", P), ("A_log", P), ("D", P), ("norm_w", P),
-        ("sumsq", P), ("arrived", P), ("y", P), ("y_stride", LL),
+        ("sumsq", P), ("y", P), ("y_stride", LL),
         ("rows", I), ("d_inner", I), ("conv_dim", I), ("nheads", I), ("headdim", I), ("d_state", I),
         ("ngroups", I), ("d_conv", I), ("eps", F),
     ]
 
 
+class ConvShift(ctypes.Structure):
+    _fields_ = [("xbc", P), ("xbc_stride", LL), ("state_in", P), ("state_out", P), ("first", I), ("count", I),
+                ("conv_dim", I), ("width", I)]
+
+
 class GatedNormParams(ctypes.Structure):
     _fields_ = [("y", P), ("y_stride", LL), ("sumsq", P), ("rows", I), ("d_inner", I), ("nheads", I),
-                ("ngroups", I), ("eps", F)]
+                ("ngroups", I), ("eps", F), ("bc", ConvShift)]
 
 
 class NormParams(ctypes.Structure):
     _fields_ = [
         ("input", P), ("input_stride", LL), ("gate", P), ("gate_stride", LL),
-        ("sumsq", P), ("sumsq_heads", I), ("sumsq_count", I), ("residual", P),
+        ("sumsq", P), ("sumsq_heads", I), ("sumsq_count", I), ("bc", ConvShift), ("residual", P),
         ("norm_w", P), ("norm2_w", P), ("shift", P), ("scale", P), ("mod_stride", LL),
         ("out", P), ("out_stride", LL), ("rows", I), ("d", I), ("first", I), ("eps", F),
     ]
@@ -107,7 +114,7 @@ class SampleParams(ctypes.Structure):
     ]
 
 
-STRUCTS = (SsuParams, GatedNormParams, NormParams, SampleParams)
+STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams)
 
 
 def layout_asserts() -> str:
@@ -129,7 +136,7 @@ def _ptr(t) -> int | None:
 
 
 def ssu_params(*, xbc, z, dt, conv_state_in, conv_state_out, ssm_state_in, ssm_state_out, weights: dict,
-               sumsq, arrived, y, headdim: int, d_state: int, ngroups: int, eps: float) -> SsuParams:
+               sumsq, y, headdim: int, d_state: int, ngroups: int, eps: float) -> SsuParams:
     """The one place SsuParams is filled (cuda backend, TensorRT plugin, tests). Tensors are torch views:
     xbc/z/dt/y may be strided row views (e.g. slices of in_proj's output); states are contiguous.
     `weights`: conv_weight (C, 1, W) or (C, W), conv_bias, dt_bias, A_log, D, norm_weight."""
@@ -150,31 +157,36 @@ def ssu_params(*, xbc, z, dt, conv_state_in, conv_state_out, ssm_state_in, ssm_s
         conv_state_in=_ptr(conv_state_in), conv_state_out=_ptr(conv_state_out), ssm_state_in=_ptr(ssm_state_in),
         ssm_state_out=_ptr(ssm_state_out), conv_w=_ptr(w["conv_weight"]), conv_b=_ptr(w["conv_bias"]),
         dt_bias=_ptr(w["dt_bias"]), A_log=_ptr(w["A_log"]), D=_ptr(w["D"]), norm_w=_ptr(w["norm_weight"]),
-        sumsq=_ptr(sumsq), arrived=_ptr(arrived), y=_ptr(y), y_stride=y.stride(0), rows=rows, d_inner=d_inner,
+        sumsq=_ptr(sumsq), y=_ptr(y), y_stride=y.stride(0), rows=rows, d_inner=d_inner,
         conv_dim=xbc.shape[1], nheads=nheads, headdim=headdim, d_state=d_state, ngroups=ngroups,
         d_conv=conv_state_in.shape[-1], eps=eps)
 
 
+def conv_shift_params(p: SsuParams) -> ConvShift:
+    """The B/C conv-window shift that the state update `p` leaves to the next kernel."""
+    return ConvShift(xbc=p.xbc, xbc_stride=p.xbc_stride, state_in=p.conv_state_in, state_out=p.conv_state_out,
+                     first=p.d_inner, count=2 * p.ngroups * p.d_state, conv_dim=p.conv_dim, width=p.d_conv)
+
+
 def gated_norm_params(p: SsuParams) -> GatedNormParams:
-    """Normalise the y that `p` writes, in place (see aim_gated_norm_apply)."""
+    """Complete the op `p` started: normalise its y in place and shift its B/C windows (aim_gated_norm_apply)."""
     return GatedNormParams(y=p.y, y_stride=p.y_stride, sumsq=p.sumsq, rows=p.rows, d_inner=p.d_inner,
-                           nheads=p.nheads, ngroups=p.ngroups, eps=p.eps)
+                           nheads=p.nheads, ngroups=p.ngroups, eps=p.eps, bc=conv_shift_params(p))
 
 
 SSU_THREADS, NORM_THREADS, SAMPLE_THREADS = 128, 256, 1024
-SSU_MAX_CH, MAX_W, MAX_ITERS, VEC = 4, 4, 8, 8  # as in aim_kernels.cu
+MAX_W, VEC, MAX_STATE = 4, 8, 8192  # as in aim_kernels.cu
 
 
 def check_shapes(headdim: int, d_state: int, d_conv: int, ngroups: int = 1) -> None:
     """The limits the kernels are written for (all AiM models satisfy them)."""
     if d_state % VEC or 256 % d_state:
         raise KernelError(f"d_state must divide 256 and be a multiple of {VEC}, got {d_state}")
-    if (headdim * d_state) % (SSU_THREADS * VEC) or headdim * d_state > SSU_THREADS * VEC * MAX_ITERS:
-        raise KernelError(f"headdim * d_state must be a multiple of {SSU_THREADS * VEC} and at most "
-                          f"{SSU_THREADS * VEC * MAX_ITERS}, got {headdim} * {d_state}")
-    if headdim + 2 * d_state > SSU_MAX_CH * SSU_THREADS or headdim > SSU_THREADS:
-        raise KernelError(f"headdim + 2 * d_state must be at most {SSU_MAX_CH * SSU_THREADS} (headdim <= "
-                          f"{SSU_THREADS}), got {headdim} + 2 * {d_state}")
+    if (headdim * d_state) % (32 * VEC) or headdim * d_state > MAX_STATE:
+        raise KernelError(f"headdim * d_state must be a multiple of {32 * VEC} and at most {MAX_STATE}, "
+                          f"got {headdim} * {d_state}")
+    if headdim + 2 * d_state > 512 or headdim > 128:
+        raise KernelError(f"headdim + 2 * d_state must be at most 512 (headdim <= 128), got {headdim} + 2 * {d_state}")
     if d_conv > MAX_W:
         raise KernelError(f"d_conv must be <= {MAX_W}, got {d_conv}")
     if ngroups > 64:
@@ -188,7 +200,8 @@ KERNEL_NAMES = ("aim_selective_state_update", "aim_gated_norm_apply", "aim_resid
 class Kernels:
     """The compiled module for one element type on the current CUDA device; launches on a given stream."""
 
-    def __init__(self, dtype: str, device_index: int = 0):
+    def __init__(self, dtype: str, device_index: int = 0, defines: dict | None = None):
+        """`defines`: extra -D macros (benchmarks of kernel variants, e.g. SSU_THREADS, SSU_MIN_BLOCKS)."""
         import torch
         from cuda.bindings import driver
 
@@ -198,7 +211,10 @@ class Kernels:
         self.dtype = dtype
         torch.cuda.init()
         torch.empty(1, device=f"cuda:{device_index}")  # makes the primary context current for the driver API
-        self.module = _check(driver.cuModuleLoadData(compile_cubin(dtype, self.arch)), "cuModuleLoadData")
+        self.defines = dict(defines or {})
+        self.ssu_threads = int(self.defines.get("SSU_THREADS", SSU_THREADS))
+        cubin = compile_cubin(dtype, self.arch, defines=self.defines)
+        self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
         self.fn = {name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
                    for name in KERNEL_NAMES}
         self._max_smem = 0
@@ -208,12 +224,13 @@ class Kernels:
         _check(self.driver.cuLaunchKernel(self.fn[name], *grid, block, 1, 1, smem, self.driver.CUstream(stream),
                                           ctypes.addressof(holder) if holder is not None else 0, 0), name)
 
-    def selective_state_update(self, p: SsuParams, stream: int, normalize: bool = True) -> None:
-        """y = the op's output (gated RMSNorm applied); with normalize=False y is left as g * norm_w and the
-        caller applies each row's 1/rms from p.sumsq (aim_residual_norm does, when ngroups == 1)."""
-        smem = (3 * p.headdim + 2 * p.d_state * (1 + p.d_conv)) * 4
-        self._launch("aim_selective_state_update", (p.nheads, p.rows, 1), SSU_THREADS, smem, stream, p)
-        if normalize:
+    def selective_state_update(self, p: SsuParams, stream: int, finish: bool = True) -> None:
+        """The whole op: y gated-normed, conv and SSM states updated. With finish=False two things are left to
+        the next kernel (aim_residual_norm does both, when ngroups == 1): y stays g * norm_w, to be scaled by its
+        row's 1/rms from p.sumsq, and the group B/C conv windows are not yet shifted (conv_shift_params(p))."""
+        smem = (3 * p.headdim + 2 * p.d_state) * 4
+        self._launch("aim_selective_state_update", (p.nheads, p.rows, 1), self.ssu_threads, smem, stream, p)
+        if finish:
             self._launch("aim_gated_norm_apply", (p.rows, 1, 1), NORM_THREADS, 0, stream, gated_norm_params(p))
 
     def residual_norm(self, p: NormParams, stream: int) -> None:

@@ -71,14 +71,13 @@ def register() -> None:
         rows, nheads = t[0].shape[0], t[2].shape[1]
         key = (rows, nheads, ngroups)
         if key not in workspaces:  # allocated on the first (uncaptured) run
-            workspaces[key] = (torch.zeros(rows, nheads, device="cuda"),
-                               torch.zeros(rows, ngroups, device="cuda", dtype=torch.int32))
-        sumsq, arrived = workspaces[key]
+            workspaces[key] = torch.zeros(rows, nheads, device="cuda")
+        sumsq = workspaces[key]
         names = ("conv_weight", "conv_bias", "dt_bias", "A_log", "D", "norm_weight")
         k.selective_state_update(ssu_params(
             xbc=t[0], z=t[1], dt=t[2], conv_state_in=t[3], conv_state_out=conv_out, ssm_state_in=t[4],
-            ssm_state_out=ssm_out, weights=dict(zip(names, t[5:])), sumsq=sumsq, arrived=arrived, y=y,
-            headdim=headdim, d_state=d_state, ngroups=ngroups, eps=eps), stream, normalize=True)
+            ssm_state_out=ssm_out, weights=dict(zip(names, t[5:])), sumsq=sumsq, y=y,
+            headdim=headdim, d_state=d_state, ngroups=ngroups, eps=eps), stream, finish=True)
 
     @trtp.register("aim_rt::CfgMix")
     def cfg_desc(logits: trtp.TensorDesc, cfg_scale: trtp.TensorDesc, temperature: trtp.TensorDesc

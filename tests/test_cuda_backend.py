@@ -52,9 +52,10 @@ def _ssu_inputs(cfg, rows, dtype, g):
         norm_weight=1 + r(cfg.d_inner, scale=0.1))
 
 
-def run_ssu_kernel(kernels, cfg, x, in_place=True, normalize=True):
-    """The kernel as the op (normalize=True: y is the gated-normed output), or as the cuda backend runs it
-    (normalize=False: y is g * norm_w and the caller applies each row's 1/rms from the returned sumsq)."""
+def run_ssu_kernel(kernels, cfg, x, in_place=True, finish=True):
+    """The kernel as the op (finish=True: y gated-normed, states complete), or as the cuda backend runs it
+    (finish=False: y is g * norm_w, to be scaled by each row's 1/rms from the returned sumsq, and the group
+    B/C conv windows are left to the next kernel)."""
     from aim_rt.plugins.kernels import ssu_params
 
     rows = x["xbc"].shape[0]
@@ -63,16 +64,13 @@ def run_ssu_kernel(kernels, cfg, x, in_place=True, normalize=True):
     ssm_out = x["ssm_state"] if in_place else torch.empty_like(x["ssm_state"])
     y = torch.empty(rows, cfg.d_inner, device=dev, dtype=dt)
     sumsq = torch.zeros(rows, cfg.nheads, device=dev)
-    arrived = torch.zeros(rows, cfg.ngroups, device=dev, dtype=torch.int32)
     weights = {k: x[k] for k in ("conv_weight", "conv_bias", "dt_bias", "A_log", "D", "norm_weight")}
     p = ssu_params(xbc=x["xbc"], z=x["z"], dt=x["dt"], conv_state_in=x["conv_state"], conv_state_out=conv_out,
-                   ssm_state_in=x["ssm_state"], ssm_state_out=ssm_out, weights=weights, sumsq=sumsq,
-                   arrived=arrived, y=y, headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups,
+                   ssm_state_in=x["ssm_state"], ssm_state_out=ssm_out, weights=weights, sumsq=sumsq, y=y, headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups,
                    eps=cfg.norm_eps)
-    kernels.selective_state_update(p, torch.cuda.current_stream().cuda_stream, normalize=normalize)
+    kernels.selective_state_update(p, torch.cuda.current_stream().cuda_stream, finish=finish)
     torch.cuda.synchronize()
-    assert arrived.abs().max() == 0  # the arrival counters are handed back clean
-    if not normalize:
+    if not finish:
         return (y, sumsq), conv_out, ssm_out
     return y, conv_out, ssm_out
 
