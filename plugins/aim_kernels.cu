@@ -97,11 +97,13 @@ struct SsuParams {
 // writes its head's sum of squares and g * norm_w; the consumer applies 1/rms — aim_residual_norm when
 // ngroups == 1, where it factors out of out_proj, else aim_gated_norm_apply) and the shift of the group's
 // B/C conv windows, which every head reads (ConvShift, done by the same consumer).
+// 256 threads, 4 resident blocks (<= 64 registers) measured best of 128/256/512 at AiM-B/XL, batch 1-64
+// (scripts/ssu_variants.py); other values are kept compilable for that comparison.
 #ifndef SSU_THREADS
-#define SSU_THREADS 128
+#define SSU_THREADS 256
 #endif
 #ifndef SSU_MIN_BLOCKS
-#define SSU_MIN_BLOCKS 1
+#define SSU_MIN_BLOCKS 4
 #endif
 #define MAX_ITERS (1024 / SSU_THREADS)  // state vectors per thread, in registers: headdim * d_state <= 8192
 #define SSU_MAX_CH (512 / SSU_THREADS)  // conv channels per thread: headdim + 2 * d_state <= 512
@@ -178,21 +180,27 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
   // ---- 3. state: (P, N) row-major, VEC contiguous elements per thread; N / VEC lanes share a row p
   const float dt = s_dt, dA = s_dA, Dh = s_D;
   const int lanes_per_row = N / VEC;
+  // A thread's columns n0..n0+VEC-1 are the same in every iteration (SSU_THREADS * VEC is a multiple of N, as
+  // N divides 256): its B and C live in registers, not re-read from shared memory per element.
+  const int n0 = (tid * VEC) % N;
+  float bq[VEC], cq[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) { bq[j] = Bs[n0 + j]; cq[j] = Cs[n0 + j]; }
   float local_sq = 0.0f;
 #pragma unroll
   for (int it = 0; it < MAX_ITERS; ++it) {
     const int e = (it * SSU_THREADS + tid) * VEC;
     if (e >= PN) break;
-    const int row = e / N, n0 = e % N;
+    const int row = e / N;
     const Vec8 hin = hreg[it];
     Vec8 hout;
     const float dtx = dt * xs[row];
     float acc = 0.0f;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float hv = ld(hin.v[j]) * dA + dtx * Bs[n0 + j];
+      const float hv = ld(hin.v[j]) * dA + dtx * bq[j];
       hout.v[j] = st(hv);
-      acc += hv * Cs[n0 + j];
+      acc += hv * cq[j];
     }
     *reinterpret_cast<Vec8*>(p.ssm_state_out + base + e) = hout;
     for (int o = lanes_per_row / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);

@@ -174,7 +174,7 @@ def gated_norm_params(p: SsuParams) -> GatedNormParams:
                            nheads=p.nheads, ngroups=p.ngroups, eps=p.eps, bc=conv_shift_params(p))
 
 
-SSU_THREADS, NORM_THREADS, SAMPLE_THREADS = 128, 256, 1024
+SSU_THREADS, NORM_THREADS, SAMPLE_THREADS = 256, 256, 1024  # SSU_THREADS: as in aim_kernels.cu
 MAX_W, VEC, MAX_STATE = 4, 8, 8192  # as in aim_kernels.cu
 
 
