@@ -109,7 +109,7 @@ def kernel_table(models: list[str], batches: list[int], dtype: str = "bfloat16",
             parts = sum(o["us_per_step"] for o in ops)
             row = {"model": label, "dtype": dtype, "batch": batch, "step_us_graph": step_us,
                    "sum_of_ops_us": parts, "gaps_us": step_us - parts,
-                   "kernels_per_step": timing["kernels_per_step"],
+                   "kernels_per_step": timing["kernels_per_step"], "replay_timeline": timing["timeline"],
                    "floor_us": step_bytes(model.config, batch, elem) / bandwidth * 1e6, "ops": ops}
             rows.append(row)
             if progress:
@@ -126,6 +126,10 @@ def format_kernel_table(result: dict) -> str:
         lines.append(f"\n{row['model']} {row['dtype']} batch {row['batch']}: step {row['step_us_graph']:.1f} µs "
                      f"(graph replay), ops alone {row['sum_of_ops_us']:.1f} µs, gaps {row['gaps_us']:.1f} µs, "
                      f"{row['kernels_per_step']} kernels per step, floor {row['floor_us']:.1f} µs")
+        tl = row.get("replay_timeline") or {}
+        if tl:
+            lines.append(f"  replayed graph under the profiler: {tl['kernel_us_per_step']:.1f} µs in kernels, "
+                         f"{tl['idle_us_per_step']:.1f} µs idle between them per step")
         lines.append(f"  {'op':<24}{'per step':>9}{'µs each':>10}{'µs/step':>10}{'MB each':>10}{'GB/s':>9}{'of copy':>9}")
         for o in row["ops"]:
             lines.append(f"  {o['op']:<24}{o['launches_per_step']:>9}{o['us_per_launch']:>10.2f}{o['us_per_step']:>10.1f}"

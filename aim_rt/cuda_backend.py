@@ -212,7 +212,31 @@ class CudaBackend:
             self._step(buf, settings)
             torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        return {"ops": result, "kernels_per_step": len(kernels)}
+        return {"ops": result, "kernels_per_step": len(kernels), "timeline": self._replay_timeline(buf, settings)}
+
+    def _replay_timeline(self, buf: _Buffers, settings: SamplingSettings, steps: int = 3) -> dict:
+        """The captured step graph replayed under the profiler: kernel time and idle time between kernels per
+        step, as the GPU ran them (where the 'gaps' of the op table go)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        key = (buf.seeds.shape[0], *self._mode, *settings.to_dict().values())
+        if key not in self._graphs:
+            return {}
+        buf.step.zero_()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self._run_steps(buf, settings, steps)
+            torch.cuda.synchronize()
+        spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA)
+        if len(spans) < 2:
+            return {}
+        busy = sum(end - start for start, end, _ in spans)
+        idle = sum(max(0, spans[i + 1][0] - spans[i][1]) for i in range(len(spans) - 1))
+        longest = sorted(((spans[i + 1][0] - spans[i][1], spans[i][2], spans[i + 1][2])
+                          for i in range(len(spans) - 1)), reverse=True)[:5]
+        return {"kernels": len(spans) / steps, "kernel_us_per_step": busy / steps, "idle_us_per_step": idle / steps,
+                "span_us_per_step": (spans[-1][1] - spans[0][0]) / steps,
+                "longest_idle_us": [{"us": g, "after": a, "before": b} for g, a, b in longest]}
 
     # ----- the sampler ------------------------------------------------------------------------------
     def _prefill(self, buf: _Buffers, classes: Tensor, prefix: Tensor | None, settings: SamplingSettings) -> int:
