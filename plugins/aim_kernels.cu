@@ -372,9 +372,12 @@ __device__ unsigned long long block_sum_u64(unsigned long long v, unsigned long 
   return v;
 }
 
-// Radix select over register-resident keys, most significant byte first, with one histogram per warp
-// (no cross-warp atomics) summed in a fixed order. weight[j] = 0 marks an element out of play.
-//   descending = true:  returns the key of the `rank`-th largest (weights are counts);
+// Radix select over register-resident keys, most significant byte first, into one 256-bin histogram.
+// Integer sums are exact, so the histogram is the same in any order (deterministic). Counting (top-k), the
+// lanes of a warp that hit one digit first agree on it (__match_any_sync) and add their count once: the
+// leading bytes of nearby logits are mostly equal, and 32 lanes adding 1 to one bin serialise.
+// weight[j] = 0 marks an element out of play.
+//   descending = true:  returns the key of the `rank`-th largest (weights are 0 or 1: counts);
 //   descending = false: returns the smallest key K whose ascending cumulative weight exceeds `limit`.
 __device__ __forceinline__ unsigned radix_select(const unsigned (&key)[MAX_PER], const unsigned long long (&weight)[MAX_PER],
                                  bool descending, unsigned long long limit, unsigned long long* hist,
@@ -383,17 +386,18 @@ __device__ __forceinline__ unsigned radix_select(const unsigned (&key)[MAX_PER],
   unsigned prefix = 0, mask = 0;
   unsigned long long acc = 0;  // weight already passed in walk order
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 32 * 256; i += blockDim.x) hist[i] = 0ull;
+    if (tid < 256) hist[tid] = 0ull;
     __syncthreads();
-    unsigned long long* mine = hist + warp * 256;
 #pragma unroll
-    for (int j = 0; j < MAX_PER; ++j)
-      if (weight[j] && (key[j] & mask) == prefix) atomicAdd(mine + ((key[j] >> shift) & 0xFF), weight[j]);
-    __syncthreads();
-    if (tid < 256) {
-      unsigned long long t = 0;
-      for (int w = 0; w < 32; ++w) t += hist[w * 256 + tid];
-      hist[tid] = t;  // column `tid` is touched by this thread only
+    for (int j = 0; j < MAX_PER; ++j) {
+      const bool in = weight[j] && (key[j] & mask) == prefix;
+      const unsigned digit = in ? (key[j] >> shift) & 0xFFu : 256u;
+      if (descending) {  // counts: one atomic per distinct digit in the warp (every lane takes part)
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);
+        if (in && lane == __ffs(peers) - 1) atomicAdd(hist + digit, (unsigned long long)__popc(peers));
+      } else if (in) {
+        atomicAdd(hist + digit, weight[j]);
+      }
     }
     __syncthreads();
     if (warp == 0) {  // lane l owns walk positions 8l..8l+7
@@ -436,7 +440,7 @@ __device__ __forceinline__ unsigned radix_select(const unsigned (&key)[MAX_PER],
   return prefix;
 }
 
-// grid (batch); block 1024; dynamic shared: 32 * 256 * 8 bytes.
+// grid (batch); block 1024; dynamic shared: 256 * 8 bytes.
 extern "C" __global__ void __launch_bounds__(1024) aim_cfg_sample(SampleParams p) {
   extern __shared__ unsigned long long hist[];
   __shared__ float s_red[32];

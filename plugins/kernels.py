@@ -239,7 +239,7 @@ class Kernels:
     def cfg_sample(self, p: SampleParams, stream: int) -> None:
         if p.vocab > SAMPLE_THREADS * 16:
             raise KernelError(f"the sampling kernel handles vocabularies up to {SAMPLE_THREADS * 16}, not {p.vocab}")
-        smem = 32 * 256 * 8
+        smem = 256 * 8
         if smem > self._max_smem:
             attr = self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             _check(self.driver.cuFuncSetAttribute(self.fn["aim_cfg_sample"], attr, smem), "cuFuncSetAttribute")
