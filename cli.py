@@ -45,11 +45,13 @@ def _fail(message: str, code: int = 2) -> None:
 @contextmanager
 def user_errors(out: Path | None = None):
     """AiM errors and the operating system's refusals (full disk, read-only, names too long) as one line, exit 2."""
-    from aim_rt.errors import AiMError
+    from aim_rt.errors import AiMError, WriteError
     from aim_rt.validation import describe_os_error
 
     try:
         yield
+    except WriteError as e:
+        _fail(describe_os_error(e.cause, out))  # says what is kept in `out`
     except AiMError as e:
         _fail(str(e))
     except OSError as e:
@@ -118,6 +120,20 @@ def plan_run(ckpt, flags: GenerateFlags, seed: int, npz: bool, grid: bool):
     defaults = {**SamplingSettings().to_dict(), **ckpt.sampling_defaults}
     settings = SamplingSettings(**{**defaults, **{k: v for k, v in flags.sampling.items() if v is not None}})
     return plan, settings
+
+
+def check_job_dir(ckpt, flags: GenerateFlags, plan, settings, shard, overwrite: bool, **record_fields) -> None:
+    """The output directory can take this job (no other job holds it, no other plan recorded there): said
+    before the model is built. generate.run checks again under the lock."""
+    from aim_rt.generate import check_out_dir_for, job_record
+    from aim_rt.validation import check_prefix
+
+    if not shard.is_main:
+        return
+    cfg = ckpt.stage2_config
+    prefix = check_prefix(flags.prefix, len(plan), cfg.num_tokens, cfg.vocab_size)
+    record = job_record(plan, settings, model_id=ckpt.sha256(), prefix=prefix, **record_fields)
+    check_out_dir_for(flags.out, record, overwrite)
 
 
 def load_for_run(ckpt, vq: Optional[str], device: str, dtype: str, shard):
@@ -227,6 +243,8 @@ def generate(
         shard = from_environment()
         ckpt = open_checkpoint(flags.model_ref, config)
         plan, settings = plan_run(ckpt, flags, seed, npz, grid)
+        check_job_dir(ckpt, flags, plan, settings, shard, overwrite, base_seed=seed, batch_size=batch_size,
+                      backend=backend, dtype=dtype)
         loaded = load_for_run(ckpt, vq, device, dtype, shard)
         del ckpt  # the module holds the weights now; the state dicts read from disk can go
         engine = open_backend(backend, loaded.model, model_sha256=loaded.sha256, source=loaded.source, dtype=dtype,
@@ -344,9 +362,9 @@ def doctor() -> None:
     table.add_column("here")
     for key, value in info.items():
         if key != "backends":
-            table.add_row(key, "no" if value is False else "—" if value is None else str(value))
+            table.add_row(key, Text("no" if value is False else "—" if value is None else str(value)))
     for name, verdict in info["backends"].items():
-        table.add_row(f"generate --backend {name}", verdict)
+        table.add_row(f"generate --backend {name}", Text(verdict))  # verdicts hold "pip install 'aim-rt[onnx]'"
     Console().print(table)
 
 

@@ -10,7 +10,9 @@ AIM_RT_DIST_TIMEOUT seconds (default 60) is named in the error instead of the jo
 from __future__ import annotations
 
 import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable
@@ -65,6 +67,20 @@ def startup_timeout() -> float:
     return seconds
 
 
+@contextmanager
+def _c_stderr_silenced():
+    """c10d logs each failed connection attempt (with a C++ stack) straight to fd 2; our one-line error says it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _store(rank: int, world: int, timeout: float):
     """The rendezvous TCPStore (torchrun's agent hosts it when TORCHELASTIC_USE_AGENT_STORE is set)."""
     import torch.distributed as dist
@@ -74,7 +90,9 @@ def _store(rank: int, world: int, timeout: float):
         raise DistributedError(f"WORLD_SIZE={world} but MASTER_ADDR/MASTER_PORT are not set; start ranks with torchrun")
     is_master = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     try:
-        return dist.TCPStore(host, int(port), world, is_master, timedelta(seconds=timeout), wait_for_workers=False)
+        with _c_stderr_silenced():
+            return dist.TCPStore(host, int(port), world, is_master, timedelta(seconds=timeout),
+                                 wait_for_workers=False)
     except Exception as e:  # DistNetworkError, RuntimeError: all mean the same to the user
         who = "could not listen" if is_master else "could not reach rank 0's store"
         raise DistributedError(f"rank {rank} {who} at {host}:{port} within {timeout:g} s ({type(e).__name__}); "

@@ -168,27 +168,49 @@ def discard_job(out_dir: Path, record: dict) -> None:
     (out_dir / JOB_FILE).unlink()
 
 
+def job_conflict(out_dir: Path, record: dict, overwrite: bool) -> str | None:
+    """Why this job cannot use `out_dir` (None if it can); reads only. A recorded job is resumed only by the same
+    job; files at this job's names that no record lists are never taken as done, nor deleted."""
+    old = read_record(out_dir) if out_dir.is_dir() else None
+    if old is not None and not overwrite:
+        diff = record_differences(old, record)
+        if diff:
+            return (f"{out_dir} holds images of a different run (differs in: {'; '.join(diff)}); rerun with the "
+                    "recorded settings to resume, pass another --out, or --overwrite to discard it")
+        return None
+    # With --overwrite the old job's files go; others at this job's names were written by no recorded job.
+    if old is not None and not isinstance(old.get("plan"), dict):
+        return None  # a record from an older aim-rt: every file at aim-rt's names is that job's, and goes
+    ours = set(old["plan"].get("images") or []) if old is not None else set()
+    clash = next((p for n in record["plan"]["images"] if n not in ours
+                  for p in (out_dir / "images" / f"{n}.png", out_dir / "tokens" / f"{n}.npy") if p.exists()), None)
+    if clash is not None:
+        return (f"{clash} already exists but no aim-rt job record lists it; move it away or pass another --out "
+                "(aim-rt never deletes files it did not write)")
+    return None
+
+
+def check_out_dir_for(out_dir: Path, record: dict, overwrite: bool) -> None:
+    """Before any heavy work: the directory is free (no other job holds its lock) and can take this job."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir():
+        JobLock(out_dir).acquire().release()
+    problem = job_conflict(out_dir, record, overwrite)
+    if problem:
+        raise OutputError(problem)
+
+
 def prepare_out_dir(out_dir: Path, record: dict, overwrite: bool) -> None:
     """Make the directory this job's (the caller holds its lock): resume the same job, refuse another one."""
     for sub in ("", "images", "tokens"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
+    problem = job_conflict(out_dir, record, overwrite)
+    if problem:
+        raise OutputError(problem)
     old = read_record(out_dir)
     if old is not None and overwrite:
         discard_job(out_dir, old)
-    elif old is not None:
-        diff = record_differences(old, record)
-        if diff:
-            raise OutputError(f"{out_dir} holds images of a different run (differs in: {'; '.join(diff)}); rerun "
-                              "with the recorded settings to resume, pass another --out, or --overwrite to discard it")
-    if old is None or overwrite:
-        # No record: files at this job's names were not written by it; they are never taken as done, nor deleted.
-        names = record["plan"]["images"]
-        clash = next((p for n in names for p in (out_dir / "images" / f"{n}.png", out_dir / "tokens" / f"{n}.npy")
-                      if p.exists()), None)
-        if clash is not None:
-            raise OutputError(f"{clash} already exists but no aim-rt job record lists it; move it away or pass "
-                              "another --out (aim-rt never deletes files it did not write)")
     atomic_write_json(out_dir / JOB_FILE, record)
 
 
