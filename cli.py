@@ -101,7 +101,7 @@ def plan_run(ckpt, flags: GenerateFlags, seed: int, npz: bool, grid: bool):
     """The images and settings of a run, from the checkpoint's config, checked before any module is built."""
     from aim_rt import SamplingSettings
     from aim_rt.config import VQConfig
-    from aim_rt.errors import CheckpointError
+    from aim_rt.errors import CheckpointError, UsageError
     from aim_rt.generate import plan_images
     from aim_rt.validation import check_fits, check_prefix, count_images, parse_class_spec
 
@@ -111,6 +111,9 @@ def plan_run(ckpt, flags: GenerateFlags, seed: int, npz: bool, grid: bool):
                               "pass --config")
     spec = parse_class_spec(flags.classes if flags.classes is not None
                             else ("all" if cfg.num_classes <= 16 else "random"), cfg.num_classes)
+    if flags.classes is None and spec.random and flags.images_per_class is not None:
+        raise UsageError(f"this model has {cfg.num_classes} classes, so the default --classes is random, which takes "
+                         "--num-images N; or pass --classes (e.g. 0-9) with -n")
     total = count_images(spec, flags.images_per_class, flags.num_images)
     side = cfg.grid_size * (ckpt.vq_config or VQConfig()).downsample
     check_fits(total, cfg.num_tokens, side, flags.out, npz, grid)

@@ -27,12 +27,12 @@ import torch
 
 from .backends import Backend
 from .distributed import Shard, fault_point
-from .errors import OutputError, UsageError
+from .errors import OutputError, SamplingError, UsageError
 from .joblock import JobLock
 from .outputs import (atomic_save_npy, atomic_save_npz, atomic_save_png, atomic_write_json, make_grid,
                       png_file_problem, remove_stale_temps, token_file_problem)
 from .sampling import SamplingSettings, image_seed
-from .validation import check_artifacts_hash, check_batch_size, check_prefix, parse_class_spec
+from .validation import check_artifacts_hash, check_batch_size, check_count, check_prefix, parse_class_spec
 from .vq import to_uint8
 
 JOB_FILE = "job.json"
@@ -64,8 +64,12 @@ def plan_images(classes: list[int] | None, images_per_class: int, num_images: in
                 base_seed: int) -> list[ImageSpec]:
     """Every image of a run in order: `images_per_class` of each listed class, or `num_images` random classes."""
     if classes is None:
+        check_count(num_images, "num_images (--num-images)")
         drawn = np.random.default_rng(base_seed).integers(0, num_classes, size=num_images)
         classes, images_per_class = [int(c) for c in drawn], 1
+    check_count(images_per_class, "images_per_class (-n)")
+    if not classes:
+        raise SamplingError("no classes given")
     counts: dict[int, int] = {}
     plan = []
     for c in classes:

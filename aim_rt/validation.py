@@ -118,11 +118,17 @@ def parse_class_spec(spec: str, num_classes: int) -> ClassSpec:
     return ClassSpec(tuple(ranges))
 
 
+def check_count(value, flag: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SamplingError(f"{flag} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def count_images(spec: ClassSpec, images_per_class: int | None, num_images: int | None) -> int:
     """-n goes with a class list, --num-images with random classes; mixing them is refused rather than ignored."""
     for value, flag in ((images_per_class, "--images-per-class/-n"), (num_images, "--num-images")):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise SamplingError(f"{flag} must be an integer >= 1, got {value!r}")
+        if value is not None:
+            check_count(value, flag)
     if spec.random:
         if images_per_class is not None:
             raise UsageError("-n/--images-per-class counts images per listed class; with --classes random use "
