@@ -289,7 +289,7 @@ def export(
         from aim_rt.exporters.onnx_export import OPSETS, check_export_dir, export_onnx
     except ImportError as e:
         _fail(f"exporting needs onnx: pip install 'aim-rt[onnx]' ({e})")
-    with user_errors(Path(out)):
+    with user_errors():  # no finished images to speak of here
         check_export_request(fmt, batch_min, batch_opt, batch_max, opset, OPSETS)
         resolve_dtype(dtype)
         out = check_out_dir(out)  # a str until checked: Path('') would silently be the current directory
@@ -310,7 +310,7 @@ def build_trt_engines(out: Path, batch_min: int, batch_opt: int, batch_max: int)
     from aim_rt.engines.builder import build_engines
     from aim_rt.engines.plan_meta import BatchRange
 
-    with user_errors(out):
+    with user_errors():
         results = build_engines(out, batch=BatchRange(batch_min, batch_opt, batch_max), log=say)
     if not any(r.ok for r in results):
         _fail("no engine could be built (see the messages above)")
