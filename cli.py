@@ -127,16 +127,26 @@ def plan_run(ckpt, flags: GenerateFlags, seed: int, npz: bool, grid: bool):
 
 def check_job_dir(ckpt, flags: GenerateFlags, plan, settings, shard, overwrite: bool, **record_fields) -> None:
     """The output directory can take this job (no other job holds it, no other plan recorded there): said
-    before the model is built. generate.run checks again under the lock."""
+    before the model is built. Rank 0 looks and every rank learns the verdict, so a refusal stops all ranks.
+    generate.run checks again under the lock."""
+    from aim_rt.errors import AiMError, OutputError
     from aim_rt.generate import check_out_dir_for, job_record
-    from aim_rt.validation import check_prefix
+    from aim_rt.validation import check_prefix, describe_os_error
 
-    if not shard.is_main:
-        return
-    cfg = ckpt.stage2_config
-    prefix = check_prefix(flags.prefix, len(plan), cfg.num_tokens, cfg.vocab_size)
-    record = job_record(plan, settings, model_id=ckpt.sha256(), prefix=prefix, **record_fields)
-    check_out_dir_for(flags.out, record, overwrite)
+    problem = None
+    if shard.is_main:
+        cfg = ckpt.stage2_config
+        prefix = check_prefix(flags.prefix, len(plan), cfg.num_tokens, cfg.vocab_size)
+        record = job_record(plan, settings, model_id=ckpt.sha256(), prefix=prefix, **record_fields)
+        try:
+            check_out_dir_for(flags.out, record, overwrite)
+        except AiMError as e:
+            problem = str(e)
+        except OSError as e:
+            problem = describe_os_error(e)
+    problem = shard.share(problem)
+    if problem:
+        raise OutputError(problem)
 
 
 def load_for_run(ckpt, vq: Optional[str], device: str, dtype: str, shard):
@@ -295,7 +305,7 @@ def export(
         out = check_out_dir(out)  # a str until checked: Path('') would silently be the current directory
         check_export_dir(out, overwrite)
         loaded = load(model or str(default_model_path()), config=config)
-        with console.status(f"exporting {loaded.source} ({dtype}, opset {opset})"):
+        with console.status(Text(f"exporting {loaded.source} ({dtype}, opset {opset})")):
             manifest = export_onnx(loaded.model, out, dtype=dtype, opset=opset, prefix_len=prefix_len,
                                    vq_uint8=vq_uint8, model_sha256=loaded.sha256, source=loaded.source,
                                    overwrite=overwrite)
@@ -342,7 +352,11 @@ def bench(
     def show(row) -> None:
         say(f"{row.model} {row.backend} b={row.batch}: {row.end_to_end_ms:.1f} ms end to end")
 
-    result = run_bench([m.strip() for m in models.split(",")], [int(b) for b in batches.split(",")],
+    try:
+        batch_sizes = [int(b) for b in batches.split(",")]
+    except ValueError:
+        _fail(f"--batches {batches!r}: give comma-separated integers, e.g. 1,16")
+    result = run_bench([m.strip() for m in models.split(",")], batch_sizes,
                        [b.strip() for b in backends.split(",")], dtype, repeats, progress=show)
     for r in result["rows"]:
         table.add_row(r["model"], r["backend"] + (f" ({r['note']})" if r["note"] else ""), str(r["batch"]),

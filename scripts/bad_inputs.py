@@ -291,6 +291,13 @@ def build_cases(tiny: Path, ref: Path, export_nohash: Path, export_other: Path) 
     cases.append(Case("-o with rich markup [/x]", ["generate", T, "-c", "0", "-n", "1", "-o", "x[/x]/[bold]y"], "ok",
                       check=markup_check))
 
+    def markup_model(work):
+        import shutil
+
+        shutil.copytree(tiny, work / "m[" / "x]")
+    cases.append(Case("export of a model under a path with [/x]", ["export", "m[/x]", "--out", "e"], "ok",
+                      setup=markup_model, check=lambda w: None if (w / "e/manifest.json").exists() else "no manifest"))
+
     def empty_dir(work):
         (work / "art").mkdir()
     err("tensorrt hint printed intact", ["generate", T, "--backend", "tensorrt", "--artifacts", "art", *out],

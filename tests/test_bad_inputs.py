@@ -409,3 +409,15 @@ def test_checkpoint_hash_is_read_once(tiny_ckpt, tmp_path):
     loaded = aim_rt.loading.load(tiny_ckpt)
     assert loaded.sha256 == first and loaded.source == str(tiny_ckpt)
     assert getattr(loaded.model, "checkpoint", None) is None
+
+
+def test_a_refused_directory_stops_every_torchrun_rank(tiny_ckpt, tmp_path):
+    out = tmp_path / "tr"
+    ok(generate(tiny_ckpt, "-c", "0", "-n", "1", "-o", out))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "aim_rt",
+           "generate", str(tiny_ckpt), "-c", "0", "-n", "1", "--seed", "4", "-o", str(out)]
+    start = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert time.monotonic() - start < 120
+    assert res.returncode != 0 and "different run" in res.stderr and "--seed" in res.stderr, res.stderr
