@@ -120,6 +120,10 @@ def plan_run(ckpt, flags: GenerateFlags, seed: int, npz: bool, grid: bool):
     check_prefix(flags.prefix, total, cfg.num_tokens, cfg.vocab_size)
     per_class = total if spec.random else total // spec.count
     plan = plan_images(None if spec.random else spec.classes(), per_class, total, cfg.num_classes, seed)
+    unknown = set(ckpt.sampling_defaults) - set(SamplingSettings().to_dict())
+    if unknown:
+        raise CheckpointError(f"{ckpt.source}: config.json 'aim_rt_sampling' has unknown field(s) {sorted(unknown)}; "
+                              f"known: {', '.join(SamplingSettings().to_dict())}")
     defaults = {**SamplingSettings().to_dict(), **ckpt.sampling_defaults}
     settings = SamplingSettings(**{**defaults, **{k: v for k, v in flags.sampling.items() if v is not None}})
     return plan, settings

@@ -411,6 +411,8 @@ def run(
     """
     shard = shard or Shard()
     cfg = backend.config
+    if not plan:
+        raise SamplingError("the plan holds no images")
     check_batch_size(batch_size)
     prefix = check_prefix(prefix, len(plan), cfg.num_tokens, cfg.vocab_size)
     out_dir = Path(out_dir)

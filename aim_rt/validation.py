@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OutputError, SamplingError, UsageError
+from .errors import SamplingError, UsageError
 
 # Longest single path component and whole path most file systems accept (Linux NAME_MAX / PATH_MAX).
 _NAME_MAX, _PATH_MAX = 255, 4096
@@ -261,4 +261,4 @@ def describe_os_error(e: OSError, out_dir: Path | None = None) -> str:
 
 __all__ = ["ClassSpec", "check_out_dir", "check_artifacts_dir", "check_artifacts_hash", "parse_class_spec",
            "count_images", "check_batch_size", "run_needs", "check_fits", "load_prefix", "check_prefix",
-           "check_export_request", "describe_os_error", "OutputError"]
+           "check_export_request", "describe_os_error", "check_count"]

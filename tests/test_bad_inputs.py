@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 import aim_rt
@@ -244,6 +243,8 @@ def test_a_config_that_does_not_match_the_weights_fails_before_building(tiny_ckp
     assert time.monotonic() - start < 5
     (bad / "config.json").write_text("[]")
     one_line_error(generate(bad, "-o", tmp_path / "o"), "config", "not an object")
+    (bad / "config.json").write_text(json.dumps({**config, "aim_rt_sampling": {"cfg": 3}}))
+    one_line_error(generate(bad, "-o", tmp_path / "o"), "aim_rt_sampling", "'cfg'")
 
 
 # ----- files handed in ----------------------------------------------------------------------------
