@@ -368,11 +368,17 @@ def open_backend(name: str, model, *, model_sha256: str | None, source: str, dty
         raise UsageError("--backend tensorrt needs --artifacts DIR (made by `aim-rt export MODEL --format trt "
                          "--out DIR`)")
     if name == "onnxruntime":
+        cache = artifacts is None
         artifacts = Path(artifacts) if artifacts is not None else default_artifacts_dir(model_sha256, source, dtype)
         if not (artifacts / "manifest.json").exists():
             from aim_rt.exporters.onnx_export import export_onnx
 
-            export_onnx(model, artifacts, dtype=dtype, model_sha256=model_sha256, source=source)
+            # Several torchrun ranks may arrive here at once: one exports, the others wait for it and reuse it.
+            artifacts.mkdir(parents=True, exist_ok=True)
+            with JobLock(artifacts, "--artifacts").acquire(wait=True):
+                if not (artifacts / "manifest.json").exists():
+                    export_onnx(model, artifacts, dtype=dtype, model_sha256=model_sha256, source=source,
+                                overwrite=cache, lock=False)  # the cache is aim-rt's own: leftovers may go
     if artifacts is not None and (Path(artifacts) / "manifest.json").exists():
         from aim_rt.exporters.onnx_export import read_manifest
 

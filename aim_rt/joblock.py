@@ -31,11 +31,12 @@ class JobLock:
         except OSError:
             return "another process"
 
-    def acquire(self) -> "JobLock":
+    def acquire(self, wait: bool = False) -> "JobLock":
+        """Take the lock; a held lock is an error naming its holder, or with `wait`, waited for."""
         for _ in range(5):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 os.close(fd)
                 raise OutputError(f"{self.path.parent} is in use by another aim-rt job ({self._holder()}, lock "
@@ -64,7 +65,7 @@ class JobLock:
             self._fd = None
 
     def __enter__(self) -> "JobLock":
-        return self.acquire()
+        return self if self._fd is not None else self.acquire()  # `with lock.acquire(wait=True):` holds it once
 
     def __exit__(self, *exc) -> None:
         self.release()

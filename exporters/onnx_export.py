@@ -12,6 +12,7 @@ Large graphs keep their weights in one external `NAME.onnx.data` file beside the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import platform
@@ -110,7 +111,7 @@ def _io(model: onnx.ModelProto) -> dict:
 
 def export_onnx(model: AiM, out_dir: str | Path, *, dtype: str | torch.dtype = "float32", opset: int = 18,
                 prefix_len: int = 0, vq_uint8: bool = False, model_sha256: str | None = None,
-                source: str | None = None, overwrite: bool = False) -> dict:
+                source: str | None = None, overwrite: bool = False, lock: bool = True) -> dict:
     """Write every graph for `model` into `out_dir` and return the manifest. `model` itself is left as it was
     (the export works on a CPU copy in the export dtype). With bfloat16 the VQ decoder graph stays float32:
     ONNX convolutions take no bfloat16."""
@@ -125,7 +126,7 @@ def export_onnx(model: AiM, out_dir: str | Path, *, dtype: str | torch.dtype = "
     out = Path(out_dir)
     check_export_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    with JobLock(out):
+    with JobLock(out) if lock else contextlib.nullcontext():
         check_export_dir(out, overwrite)  # again, under the lock
         _remove_previous_export(out)
         return _export_all(_export_copy(model, dt), out, dt, opset, prefix_len, vq_uint8, model_sha256,

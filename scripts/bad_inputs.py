@@ -355,7 +355,10 @@ def main() -> None:
             finally:
                 holder = work / "holder.pid"
                 if holder.exists():
-                    os.kill(int(holder.read_text()), 9)
+                    try:
+                        os.kill(int(holder.read_text()), 9)
+                    except ProcessLookupError:  # it already died (e.g. code without the lock module)
+                        pass
                 (work / "ro").exists() and (work / "ro").chmod(0o700)
 
         with ThreadPoolExecutor(args.jobs) as pool:

@@ -422,3 +422,31 @@ def test_a_refused_directory_stops_every_torchrun_rank(tiny_ckpt, tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert time.monotonic() - start < 120
     assert res.returncode != 0 and "different run" in res.stderr and "--seed" in res.stderr, res.stderr
+
+
+def test_ranks_sharing_the_default_artifacts_cache_export_once(tiny_ckpt, tmp_path, monkeypatch):
+    """torchrun ranks all open the onnxruntime backend at once: one exports, the others wait and reuse it."""
+    pytest.importorskip("onnxruntime")
+    import threading
+
+    from aim_rt.generate import open_backend
+
+    monkeypatch.setenv("AIM_RT_CACHE", str(tmp_path / "cache"))
+    loaded = aim_rt.loading.load(tiny_ckpt)
+    errors = []
+
+    def open_one():
+        try:
+            open_backend("onnxruntime", loaded.model, model_sha256=loaded.sha256, source=loaded.source,
+                         dtype="float32")
+        except Exception as e:  # collected: the test names it
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=open_one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    manifests = list((tmp_path / "cache").rglob("manifest.json"))
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text())["model_sha256"] == loaded.sha256
