@@ -45,14 +45,18 @@ class Checkpoint:
     # Sampling settings a model's author recommends (config.json "aim_rt_sampling"); CLI flags override them.
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
+    _sha256: str | None = field(default=None, repr=False, compare=False)
+
     def sha256(self) -> str:
-        """Content hash of the weight files (manifests and resume checks use it)."""
-        h = hashlib.sha256()
-        for f in self.files:
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-        return h.hexdigest()
+        """Content hash of the weight files (manifests and resume checks use it); read once, then remembered."""
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            for f in self.files:
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 22), b""):
+                        h.update(chunk)
+            self._sha256 = h.hexdigest()
+        return self._sha256
 
 
 # ----- reading files ------------------------------------------------------------------------------
@@ -86,9 +90,13 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read config {path}: {e}") from e
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"config {path} holds a JSON {type(data).__name__}, not an object of config fields; "
+                              "pass the model's config.json")
+    return data
 
 
 def split_state_dict(sd: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -189,7 +197,7 @@ def open_checkpoint(path_or_id: str | os.PathLike, config: str | os.PathLike | d
             if isinstance(config_data.get("aim_rt_sampling"), dict):
                 ckpt.sampling_defaults = dict(config_data["aim_rt_sampling"])
         except ConfigError as e:
-            raise CheckpointError(f"config for {path}: {e}") from e
+            raise CheckpointError(f"config for {path}: {e}") from None
     if ckpt.vq and ckpt.vq_config is None and ckpt.stage2_config is not None:
         ckpt.vq_config = VQConfig()  # hub checkpoints carry the default VQ-f16 tokenizer without a config
     return ckpt
@@ -219,3 +227,25 @@ def load_weights(module: torch.nn.Module, got: dict[str, Tensor], source: str, o
     expected = {k: v.shape for k, v in module.state_dict().items()}
     check_keys(expected, got, source, optional)
     module.load_state_dict({k: v for k, v in got.items() if k in expected}, strict=False)
+
+
+def check_config_against_weights(cfg: AiMConfig, stage2: dict[str, Tensor], source: str) -> None:
+    """The config's sizes against the weights' shapes, before any module is built: a config that does not match
+    its weights (n_layer: 1000000, a wrong d_model) fails at once, naming the config field, instead of first
+    building a model that may not fit in memory."""
+    layers = {int(k.split(".")[2]) for k in stage2 if k.startswith("backbone.layers.") and k.split(".")[2].isdigit()}
+    if len(layers) != cfg.n_layer:
+        raise CheckpointError(f"{source}: config field 'n_layer' is {cfg.n_layer} but the weights hold "
+                              f"{len(layers)} layers (backbone.layers.*); fix n_layer in config.json")
+    expected = {  # key: (shape the config implies, the config fields that decide it)
+        "backbone.embeddings.word_embeddings.weight": ((cfg.vocab_size, cfg.d_model), "vocab_size, d_model"),
+        "backbone.embeddings.position_embeddings.weight": ((cfg.num_tokens + 1, cfg.d_model), "num_tokens"),
+        "backbone.cls_embed.embedding_table.weight": ((cfg.num_classes + 1, cfg.d_model), "num_classes"),
+        "backbone.layers.0.mixer.in_proj.weight": ((cfg.d_in_proj, cfg.d_model),
+                                                   "d_model, expand, d_state, headdim, ngroups (ssm_cfg)"),
+        "backbone.layers.0.mixer.conv1d.weight": ((cfg.conv_dim, 1, cfg.d_conv), "d_conv, d_state (ssm_cfg)"),
+    }
+    for key, (shape, fields) in expected.items():
+        if key in stage2 and tuple(stage2[key].shape) != shape:
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(stage2[key].shape)} but the config "
+                                  f"({fields}) implies {shape}; fix config.json")

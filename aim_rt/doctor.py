@@ -6,8 +6,16 @@ import importlib.util
 import platform
 
 
+def _installed(module: str) -> bool:
+    """find_spec of a dotted name imports its parents, and raises when a parent is missing (no `cuda` package)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _version(module: str) -> str | None:
-    if importlib.util.find_spec(module) is None:
+    if not _installed(module):
         return None
     try:
         mod = importlib.import_module(module)
@@ -27,8 +35,7 @@ def report() -> dict:
         info["cuda_runtime"] = torch.version.cuda
     info["tensorrt"] = _version("tensorrt")
     info["tensorrt_rtx"] = _version("tensorrt_rtx_bindings")
-    info["tensorrt.plugin"] = importlib.util.find_spec("tensorrt") is not None and \
-        importlib.util.find_spec("tensorrt.plugin") is not None
+    info["tensorrt.plugin"] = _installed("tensorrt.plugin")
     info["cuda-python"] = _version("cuda.bindings")
     nvrtc = None
     if info["cuda-python"]:

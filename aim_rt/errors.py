@@ -18,4 +18,16 @@ class SamplingError(AiMError, ValueError):
 
 
 class OutputError(AiMError):
-    """An output directory that holds a different job."""
+    """An output or export directory that holds a different job, is in use, or holds damaged files."""
+
+
+class UsageError(AiMError, ValueError):
+    """A flag or file the user passed that cannot work as given (the flag is named)."""
+
+
+class WriteError(OutputError):
+    """The operating system refused a write (full disk, read-only, permissions); `cause` is the OSError."""
+
+    def __init__(self, message: str, cause: OSError):
+        super().__init__(message)
+        self.cause = cause

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, load_weights, open_checkpoint
+from .checkpoint import Checkpoint, check_config_against_weights, load_weights, open_checkpoint
 from .config import AiMConfig, VQConfig, preset
 from .errors import AiMError, CheckpointError
 from .model import AiM
@@ -37,12 +40,21 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise AiMError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16") from None
 
 
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """auto, cpu, cuda or cuda:N (a GPU that exists); anything else (gpu0, meta, mps) is refused by name."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not _DEVICE.fullmatch(str(device)):
+        raise AiMError(f"--device {str(device)!r} is not supported; use auto, cpu, cuda or cuda:N")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AiMError(f"device {device!r} was requested but no CUDA GPU is visible to torch; use --device cpu")
+        raise AiMError(f"--device {device!r} was requested but no CUDA GPU is visible to torch; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise AiMError(f"--device {device!r}: this machine has {torch.cuda.device_count()} GPU(s) "
+                       f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
@@ -59,6 +71,7 @@ def _build_stage2(ckpt: Checkpoint) -> AiM:
     if cfg is None:
         raise CheckpointError(
             f"{ckpt.source}: no stage-2 config found; put config.json beside the weights or pass config=...")
+    check_config_against_weights(cfg, ckpt.stage2, ckpt.source)
     model = AiM(cfg)
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
     load_weights(model, ckpt.stage2, ckpt.source, optional)
@@ -71,23 +84,48 @@ def _build_stage2(ckpt: Checkpoint) -> AiM:
     return model
 
 
+@dataclass
+class LoadedModel:
+    """A loaded model and what the loader knows about it; the module itself carries no loader metadata."""
+
+    model: AiM
+    sha256: str | None  # content hash of the weight files (None for weights without files)
+    source: str
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)  # config.json "aim_rt_sampling"
+
+
+def load(path_or_id: str | os.PathLike, device: str | torch.device | None = "cpu",
+         dtype: str | torch.dtype = torch.float32, config=None) -> LoadedModel:
+    """Load an AiM checkpoint (directory, file, hub id or preset name) as the reference model, with its hash."""
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    return build(open_checkpoint(path_or_id, config), dev, dt)
+
+
+def build(ckpt: Checkpoint, device: str | torch.device | None = "cpu",
+          dtype: str | torch.dtype = torch.float32) -> LoadedModel:
+    """The reference model from an opened checkpoint (config checked against the weights before building).
+
+    Nothing keeps the read state dicts: once the caller drops `ckpt`, each weight is held once, by the module.
+    """
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if not ckpt.stage2:
+        raise CheckpointError(f"{ckpt.source} holds no AiM stage-2 weights (a VQ tokenizer only? use aim_rt.load_vq)")
+    model = _build_stage2(ckpt)
+    if ckpt.vq:
+        attach_vq(model, _build_vq(ckpt))
+    # Kept on the module only while model.py still declares these (other code reads them); nothing here relies on it.
+    model.source = ckpt.source
+    model.sampling_defaults = dict(ckpt.sampling_defaults)
+    return LoadedModel(model.to(dev, dt).eval(), ckpt.sha256(), ckpt.source, dict(ckpt.sampling_defaults))
+
+
 def load_model(path_or_id: str | os.PathLike, device: str | torch.device | None = "cpu",
                dtype: str | torch.dtype = torch.float32, config=None) -> AiM:
     """Load an AiM checkpoint (directory, file, hub id or preset name) as the reference model.
 
     The VQ tokenizer is attached when the checkpoint carries one (`model.decode_tokens`).
     """
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
-    ckpt = open_checkpoint(path_or_id, config)
-    if not ckpt.stage2:
-        raise CheckpointError(f"{ckpt.source} holds no AiM stage-2 weights (a VQ tokenizer only? use aim_rt.load_vq)")
-    model = _build_stage2(ckpt)
-    if ckpt.vq:
-        attach_vq(model, _build_vq(ckpt))
-    model.source = ckpt.source
-    model.checkpoint = ckpt
-    model.sampling_defaults = ckpt.sampling_defaults
-    return model.to(dev, dt).eval()
+    return load(path_or_id, device, dtype, config).model
 
 
 def attach_vq(model: AiM, vq: VQModel) -> AiM:
@@ -153,8 +191,9 @@ def save_model(model: AiM, directory: str | os.PathLike, sampling_defaults: dict
     config = model.config.to_official()
     if model.vq is not None:
         config["vq_config"] = model.vq.config.to_official()
-    if sampling_defaults or model.sampling_defaults:
-        config["aim_rt_sampling"] = dict(sampling_defaults or model.sampling_defaults)
+    recommended = sampling_defaults or getattr(model, "sampling_defaults", None)
+    if recommended:
+        config["aim_rt_sampling"] = dict(recommended)
     tmp = out / "model.safetensors.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, out / "model.safetensors")

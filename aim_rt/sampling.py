@@ -11,6 +11,7 @@ Deviations (documented in the README):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,15 @@ _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
+MAX_CFG_SCALE = 1e3
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+
+
+def _is_number(x) -> bool:
+    """A finite real (not bool, not NaN, not inf)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """Defaults are the official README call: cfg 5, top-k 600, top-p 0.98 (temperature 1 = not applied)."""
@@ -39,14 +49,18 @@ class SamplingSettings:
     position_convention: str = "official"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.cfg_scale, (int, float)) and self.cfg_scale >= 0 and self.cfg_scale == self.cfg_scale):
-            raise SamplingError(f"cfg_scale must be a number >= 0, got {self.cfg_scale!r}")
+        # Bounds keep float32 sampling meaningful: (c - u) * cfg_scale / temperature must stay far from overflow
+        # (logits are O(10)), else every row becomes inf/NaN and the draw silently returns one token.
+        if not (_is_number(self.cfg_scale) and 0 <= self.cfg_scale <= MAX_CFG_SCALE):
+            raise SamplingError(f"cfg_scale (--cfg-scale) must be a finite number in [0, {MAX_CFG_SCALE:g}], "
+                                f"got {self.cfg_scale!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise SamplingError(f"top_k must be an integer >= 0 (0 = no top-k), got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise SamplingError(f"top_p must lie in (0, 1] (1 = no top-p), got {self.top_p!r}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and self.temperature != float("inf")):
-            raise SamplingError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+            raise SamplingError(f"top_k (--top-k) must be an integer >= 0 (0 = no top-k), got {self.top_k!r}")
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise SamplingError(f"top_p (--top-p) must lie in (0, 1] (1 = no top-p), got {self.top_p!r}")
+        if not (_is_number(self.temperature) and MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise SamplingError(f"temperature (--temperature) must be a finite number in [{MIN_TEMPERATURE:g}, "
+                                f"{MAX_TEMPERATURE:g}], got {self.temperature!r}")
         if self.position_convention not in POSITION_CONVENTIONS:
             raise SamplingError(
                 f"position_convention must be one of {sorted(POSITION_CONVENTIONS)}, got {self.position_convention!r}")

@@ -12,6 +12,8 @@ Large graphs keep their weights in one external `NAME.onnx.data` file beside the
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import platform
 import tempfile
@@ -22,7 +24,8 @@ import onnx
 import torch
 
 from aim_rt import __version__
-from aim_rt.errors import AiMError
+from aim_rt.errors import AiMError, OutputError
+from aim_rt.joblock import LOCK_NAME, JobLock
 from aim_rt.loading import dtype_name, resolve_dtype
 from aim_rt.model import AiM
 from aim_rt.outputs import atomic_write_json
@@ -35,6 +38,38 @@ MANIFEST = "manifest.json"
 FORMAT = "aim-rt-onnx/1"
 OPSETS = range(18, 22)  # Split(num_outputs) needs 18; TensorRT 10 parses up to 21-22
 EXTERNAL_DATA_BYTES = 256 << 20
+# Every file an export writes (graphs, their external data, the manifest): --overwrite removes these, nothing else.
+GRAPH_FILES = ("custom/prefill.onnx", "custom/step.onnx", "portable/prefill.onnx", "portable/step.onnx",
+               "vq_decoder.onnx")
+EXPORT_FILES = (*GRAPH_FILES, *(f"{g}.data" for g in GRAPH_FILES), MANIFEST)
+
+
+def _is_export(out: Path) -> bool:
+    try:
+        return json.loads((out / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_dir(out: str | Path, overwrite: bool = False) -> None:
+    """An export goes into a new or empty directory, or an earlier aim-rt export (whose files it replaces); a
+    directory holding anything else needs `overwrite`, and even then its other files are left alone."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; pass a directory")
+    if not out.is_dir() or overwrite or _is_export(out):
+        return
+    foreign = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    if foreign:
+        raise OutputError(f"--out {out} is not empty and is not an aim-rt export (it holds {foreign[0].name}); pass an "
+                          "empty or new directory, or --overwrite to export beside its files (none is deleted)")
+
+
+def _remove_previous_export(out: Path) -> None:
+    """The manifest goes first: a kill midway leaves no manifest describing graphs that are gone."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for name in EXPORT_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _export_one(module: torch.nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes,
@@ -75,21 +110,46 @@ def _io(model: onnx.ModelProto) -> dict:
 
 
 def export_onnx(model: AiM, out_dir: str | Path, *, dtype: str | torch.dtype = "float32", opset: int = 18,
-                prefix_len: int = 0, vq_uint8: bool = False, model_sha256: str | None = None) -> dict:
-    """Write every graph for `model` into `out_dir` and return the manifest."""
+                prefix_len: int = 0, vq_uint8: bool = False, model_sha256: str | None = None,
+                source: str | None = None, overwrite: bool = False, lock: bool = True) -> dict:
+    """Write every graph for `model` into `out_dir` and return the manifest. `model` itself is left as it was
+    (the export works on a CPU copy in the export dtype). With bfloat16 the VQ decoder graph stays float32:
+    ONNX convolutions take no bfloat16."""
     if opset not in OPSETS:
         raise AiMError(f"unsupported ONNX opset {opset}: aim-rt exports opsets {OPSETS.start}..{OPSETS.stop - 1}")
     try:
         dt = resolve_dtype(dtype)
     except AiMError as e:
         raise AiMError(f"cannot export: {e}") from None
-    cfg = model.config
-    if not 0 <= prefix_len < cfg.num_tokens:
-        raise AiMError(f"prefix length must lie in [0, {cfg.num_tokens}), got {prefix_len}")
+    if not 0 <= prefix_len < model.config.num_tokens:
+        raise AiMError(f"prefix length (--prefix-len) must lie in [0, {model.config.num_tokens}), got {prefix_len}")
     out = Path(out_dir)
+    check_export_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    model = model.to("cpu", dt).eval()
+    with JobLock(out) if lock else contextlib.nullcontext():
+        check_export_dir(out, overwrite)  # again, under the lock
+        _remove_previous_export(out)
+        return _export_all(_export_copy(model, dt), out, dt, opset, prefix_len, vq_uint8, model_sha256,
+                           source if source is not None else getattr(model, "source", None))
 
+
+def _export_copy(model: AiM, dt: torch.dtype) -> AiM:
+    """A CPU copy in `dt` (the caller's model is not converted in place); its VQ stays float32 for bfloat16."""
+    vq = model.vq
+    model.vq = None  # copied separately, so that it is converted once and only as needed
+    try:
+        copy_ = copy.deepcopy(model).to("cpu", dt).eval()
+    finally:
+        model.vq = vq
+    if vq is not None:
+        vq_dtype = torch.float32 if dt == torch.bfloat16 else dt
+        copy_.vq = copy.deepcopy(vq).to("cpu", vq_dtype).eval()
+    return copy_
+
+
+def _export_all(model: AiM, out: Path, dt: torch.dtype, opset: int, prefix_len: int, vq_uint8: bool,
+                model_sha256: str | None, source: str | None) -> dict:
+    cfg = model.config
     batch, rows = 2, 4
     classes = torch.arange(batch) % cfg.num_classes
     scal = torch.tensor(5.0), torch.tensor(1.0)
@@ -136,12 +196,13 @@ def export_onnx(model: AiM, out_dir: str | Path, *, dtype: str | torch.dtype = "
     manifest = {
         "format": FORMAT,
         "model_sha256": model_sha256,
-        "model_source": getattr(model, "source", None),
+        "model_source": source,
         "config": cfg.to_official(),
         "vq_config": model.vq.config.to_official() if model.vq is not None else None,
         "sampling_defaults": getattr(model, "sampling_defaults", {}),
         "opset": opset,
         "dtype": dtype_name(dt),
+        "vq_dtype": dtype_name(model.vq.dtype) if model.vq is not None else None,
         "prefix_len": prefix_len,
         "vq_uint8": vq_uint8,
         "semantics": {
