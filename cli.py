@@ -93,8 +93,9 @@ def generate(
         spec = classes if classes is not None else ("all" if cfg.num_classes <= 16 else "random")
         plan = plan_images(parse_classes(spec, cfg.num_classes), images_per_class, num_images, cfg.num_classes, seed)
         prefix_arr = np.load(prefix) if prefix is not None else None
-        engine = make_backend(backend, net, engines=engines, dtype=dtype)
-        model_id = net.checkpoint.sha256() if net.checkpoint is not None else net.source
+        sha = net.checkpoint.sha256() if getattr(net, "checkpoint", None) is not None else None
+        engine = make_backend(backend, net, artifacts=engines, model_sha256=sha, dtype=dtype)
+        model_id = sha or net.source
         ranks = f" · {shard.world} ranks" if shard.world > 1 else ""
         if not quiet:
             console.print(f"model [bold]{net.source}[/] ({cfg.n_layer} layers, d={cfg.d_model}) · backend {backend} · "

@@ -1,12 +1,15 @@
 """TensorRT plugin for the aim_rt custom ONNX ops, wrapping the kernels of aim_kernels.cu (no second
-implementation): `aim_rt::SelectiveStateUpdate` → aim_ssu_step, `aim_rt::CfgMix` → a CFG mix in torch.
+implementation): `aim_rt::SelectiveStateUpdate` (ops.selective_state_update in Python) → the fused CUDA kernel,
+`aim_rt::CfgMix` → ops.cfg_mix in torch.
 
 Registered through `tensorrt.plugin` (TensorRT >= 10.7) with a Python `impl`: the enqueue fills the same
 SsuParams struct the native runtime fills and launches on TensorRT's stream, so it is CUDA-graph capturable
 once its workspace exists (the runner warms up before capturing). An ahead-of-time implementation (engines
 that run without Python, TensorRT >= 10.9) and an IPluginV3 C++ shell are not written yet.
 
-The attribute (de)serialisation below is plain Python and tested without TensorRT.
+Every torch operation of an enqueue runs on TensorRT's stream (torch.cuda.ExternalStream), and the compiled
+kernels are built once per (dtype, device) (`kernels_for`): building them loads a CUDA module.
+The attribute (de)serialisation and the kernel cache are plain Python and tested without TensorRT.
 """
 
 from __future__ import annotations
@@ -15,6 +18,17 @@ import numpy as np
 
 SSU_ATTRS = {"headdim": np.int32, "d_state": np.int32, "ngroups": np.int32, "eps": np.float32}
 _registered = False
+_kernels: dict[tuple[str, int], object] = {}
+
+
+def kernels_for(dtype: str, device: int):
+    """The compiled kernels for one element type on one device, constructed on first use only."""
+    key = (dtype, device)
+    if key not in _kernels:
+        from .kernels import Kernels
+
+        _kernels[key] = Kernels(dtype, device)
+    return _kernels[key]
 
 
 def encode_fields(attrs: dict) -> dict[str, np.ndarray]:
@@ -43,11 +57,11 @@ def register() -> None:
     import tensorrt.plugin as trtp  # TensorRT >= 10.7
     import torch
 
+    from aim_rt import ops
     from aim_rt.loading import dtype_name
 
-    from .kernels import Kernels, SsuParams
+    from .kernels import SsuParams
 
-    kernels: dict = {}
     workspaces: dict = {}
 
     @trtp.register("aim_rt::SelectiveStateUpdate")
@@ -63,26 +77,29 @@ def register() -> None:
                  conv_weight: trtp.Tensor, conv_bias: trtp.Tensor, dt_bias: trtp.Tensor, A_log: trtp.Tensor,
                  D: trtp.Tensor, norm_weight: trtp.Tensor, headdim: int, d_state: int, ngroups: int, eps: float,
                  outputs: tuple[trtp.Tensor], stream: int) -> None:
-        t = [torch.as_tensor(x, device="cuda") for x in (xbc, z, dt, conv_state, ssm_state, conv_weight, conv_bias,
-                                                        dt_bias, A_log, D, norm_weight)]
-        y, conv_out, ssm_out = (torch.as_tensor(o, device="cuda") for o in outputs)
-        dtype = dtype_name(t[0].dtype)
-        k = kernels.setdefault(dtype, Kernels(dtype))
-        rows, conv_dim = t[0].shape
-        d_inner, nheads = t[1].shape[1], t[2].shape[1]
-        key = (rows, d_inner, nheads, ngroups)
-        if key not in workspaces:  # allocated on the first (uncaptured) run
-            workspaces[key] = (torch.zeros(rows, d_inner, device="cuda"), torch.zeros(rows, nheads, device="cuda"),
-                               torch.zeros(rows, ngroups, device="cuda", dtype=torch.int32))
-        gated, partial, arrived = workspaces[key]
-        k.ssu(SsuParams(
-            xbc=t[0].data_ptr(), xbc_stride=conv_dim, z=t[1].data_ptr(), z_stride=d_inner, dt=t[2].data_ptr(),
-            dt_stride=nheads, conv_state_in=t[3].data_ptr(), conv_state_out=conv_out.data_ptr(),
-            ssm_state_in=t[4].data_ptr(), ssm_state_out=ssm_out.data_ptr(), conv_w=t[5].data_ptr(),
-            conv_b=t[6].data_ptr(), dt_bias=t[7].data_ptr(), A_log=t[8].data_ptr(), D=t[9].data_ptr(),
-            norm_w=t[10].data_ptr(), gated=gated.data_ptr(), partial=partial.data_ptr(), arrived=arrived.data_ptr(),
-            y=y.data_ptr(), y_stride=d_inner, rows=rows, d_inner=d_inner, conv_dim=conv_dim, nheads=nheads,
-            headdim=headdim, d_state=d_state, ngroups=ngroups, d_conv=t[3].shape[2], eps=eps), stream)
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            t = [torch.as_tensor(x, device="cuda") for x in (xbc, z, dt, conv_state, ssm_state, conv_weight,
+                                                            conv_bias, dt_bias, A_log, D, norm_weight)]
+            y, conv_out, ssm_out = (torch.as_tensor(o, device="cuda") for o in outputs)
+            device = t[0].device.index
+            k = kernels_for(dtype_name(t[0].dtype), device)
+            rows, conv_dim = t[0].shape
+            d_inner, nheads = t[1].shape[1], t[2].shape[1]
+            key = (device, rows, d_inner, nheads, ngroups)
+            if key not in workspaces:  # allocated on the first (uncaptured) run
+                workspaces[key] = (torch.zeros(rows, d_inner, device="cuda"), torch.zeros(rows, nheads, device="cuda"),
+                                   torch.zeros(rows, ngroups, device="cuda", dtype=torch.int32))
+            gated, partial, arrived = workspaces[key]
+            # TODO(ssu_params): fill through plugins.kernels.ssu_params (one place for the cuda backend and this
+            # plugin) once it lands; until then the same fields as the cuda backend, by hand.
+            k.ssu(SsuParams(
+                xbc=t[0].data_ptr(), xbc_stride=conv_dim, z=t[1].data_ptr(), z_stride=d_inner, dt=t[2].data_ptr(),
+                dt_stride=nheads, conv_state_in=t[3].data_ptr(), conv_state_out=conv_out.data_ptr(),
+                ssm_state_in=t[4].data_ptr(), ssm_state_out=ssm_out.data_ptr(), conv_w=t[5].data_ptr(),
+                conv_b=t[6].data_ptr(), dt_bias=t[7].data_ptr(), A_log=t[8].data_ptr(), D=t[9].data_ptr(),
+                norm_w=t[10].data_ptr(), gated=gated.data_ptr(), partial=partial.data_ptr(), arrived=arrived.data_ptr(),
+                y=y.data_ptr(), y_stride=d_inner, rows=rows, d_inner=d_inner, conv_dim=conv_dim, nheads=nheads,
+                headdim=headdim, d_state=d_state, ngroups=ngroups, d_conv=t[3].shape[2], eps=eps), stream)
 
     @trtp.register("aim_rt::CfgMix")
     def cfg_desc(logits: trtp.TensorDesc, cfg_scale: trtp.TensorDesc, temperature: trtp.TensorDesc
@@ -95,13 +112,11 @@ def register() -> None:
     @trtp.impl("aim_rt::CfgMix")
     def cfg_impl(logits: trtp.Tensor, cfg_scale: trtp.Tensor, temperature: trtp.Tensor,
                  outputs: tuple[trtp.Tensor], stream: int) -> None:
-        x = torch.as_tensor(logits, device="cuda").float()
-        half = x.shape[0] // 2
-        s = torch.cuda.ExternalStream(stream)
-        with torch.cuda.stream(s):
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            x = torch.as_tensor(logits, device="cuda")
+            half = x.shape[0] // 2
             out = torch.as_tensor(outputs[0], device="cuda")
-            c, u = x[:half], x[half:]
-            torch.div(u + (c - u) * torch.as_tensor(cfg_scale, device="cuda"),
-                      torch.as_tensor(temperature, device="cuda"), out=out)
+            out.copy_(ops.cfg_mix(x[:half], x[half:], torch.as_tensor(cfg_scale, device="cuda"),
+                                  torch.as_tensor(temperature, device="cuda")))
 
     _registered = True

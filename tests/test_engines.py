@@ -118,7 +118,7 @@ def test_tensorrt_backend_without_tensorrt_is_a_clear_error(tmp_path):
     model = aim_rt.random_model(aim_rt.AiMConfig(d_model=64, n_layer=1, vocab_size=64, num_classes=5, num_tokens=16,
                                                  d_state=32, headdim=32))
     with pytest.raises(AiMError, match="TensorRT is not installed"):
-        make_backend("tensorrt", model, engines=tmp_path)
+        make_backend("tensorrt", model, artifacts=tmp_path)
 
 
 @pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed on this machine")

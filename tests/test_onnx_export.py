@@ -12,7 +12,8 @@ from aim_rt.errors import AiMError
 from aim_rt.exporters.graphs import PrefillGraph, StepGraph
 from aim_rt.exporters.onnx_export import export_onnx, export_vq_decoder
 from aim_rt.ort_backend import OnnxRuntimeBackend
-from aim_rt.sampling import SamplingSettings, sample_tokens
+from aim_rt.decoding import sample_tokens
+from aim_rt.sampling import SamplingSettings
 from conftest import GOLDEN, STAGE2_GOLDENS, golden, rel_err
 
 ort = pytest.importorskip("onnxruntime")
