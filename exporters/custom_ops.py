@@ -35,9 +35,9 @@ from aim_rt import ops
 
 DOMAIN = "aim_rt"
 VERSION = 1
-SSU_INPUTS = ["xbc", "z", "dt", "conv_state", "ssm_state", "conv_weight", "conv_bias", "dt_bias", "A_log", "D",
-              "norm_weight"]
-SSU_OUTPUTS = ["y", "conv_state_out", "ssm_state_out"]
+SELECTIVE_STATE_UPDATE_INPUTS = ["xbc", "z", "dt", "conv_state", "ssm_state", "conv_weight", "conv_bias", "dt_bias",
+                                 "A_log", "D", "norm_weight"]
+SELECTIVE_STATE_UPDATE_OUTPUTS = ["y", "conv_state_out", "ssm_state_out"]
 
 
 # ----- torch side: what the tracer records ----------------------------------------------------------
@@ -105,7 +105,7 @@ def selective_state_update_function(*, d_inner: int, conv_dim: int, nheads: int,
     n = []
     add = n.append
     # float32 views of the inputs
-    for name in SSU_INPUTS:
+    for name in SELECTIVE_STATE_UPDATE_INPUTS:
         add(helper.make_node("Cast", [name], [f"{name}_f"], to=f32))
     # conv: shift the window left, append xbc, depthwise conv + bias, SiLU
     add(_const("c_one", [1]))
@@ -184,7 +184,7 @@ def selective_state_update_function(*, d_inner: int, conv_dim: int, nheads: int,
     add(helper.make_node("CastLike", ["conv_new", "conv_state"], ["conv_state_out"]))
     add(helper.make_node("CastLike", ["h", "ssm_state"], ["ssm_state_out"]))
     return helper.make_function(
-        DOMAIN, "SelectiveStateUpdate", SSU_INPUTS, SSU_OUTPUTS, n,
+        DOMAIN, "SelectiveStateUpdate", SELECTIVE_STATE_UPDATE_INPUTS, SELECTIVE_STATE_UPDATE_OUTPUTS, n,
         opset_imports=[helper.make_opsetid("", opset)],
         attributes=["headdim", "d_state", "ngroups", "eps"],
         doc_string=__doc__.split("\n\n")[1],

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SSU_ATTRS = {"headdim": np.int32, "d_state": np.int32, "ngroups": np.int32, "eps": np.float32}
+SELECTIVE_STATE_UPDATE_ATTRS = {"headdim": np.int32, "d_state": np.int32, "ngroups": np.int32, "eps": np.float32}
 _registered = False
 _kernels: dict[tuple[str, int], object] = {}
 
@@ -33,15 +33,15 @@ def kernels_for(dtype: str, device: int):
 
 def encode_fields(attrs: dict) -> dict[str, np.ndarray]:
     """ONNX node attributes → the typed arrays TensorRT plugin fields carry (one element each)."""
-    missing = set(SSU_ATTRS) - set(attrs)
+    missing = set(SELECTIVE_STATE_UPDATE_ATTRS) - set(attrs)
     if missing:
         raise ValueError(f"SelectiveStateUpdate needs attributes {sorted(missing)}")
-    return {name: np.array([attrs[name]], dtype=dtype) for name, dtype in SSU_ATTRS.items()}
+    return {name: np.array([attrs[name]], dtype=dtype) for name, dtype in SELECTIVE_STATE_UPDATE_ATTRS.items()}
 
 
 def decode_fields(fields: dict[str, np.ndarray]) -> dict:
     out = {}
-    for name, dtype in SSU_ATTRS.items():
+    for name, dtype in SELECTIVE_STATE_UPDATE_ATTRS.items():
         value = np.asarray(fields[name])
         if value.dtype != dtype or value.size != 1:
             raise ValueError(f"plugin field {name!r} must be one {np.dtype(dtype).name}, got {value.dtype} x {value.size}")
@@ -65,18 +65,19 @@ def register() -> None:
     workspaces: dict = {}
 
     @trtp.register("aim_rt::SelectiveStateUpdate")
-    def ssu_desc(xbc: trtp.TensorDesc, z: trtp.TensorDesc, dt: trtp.TensorDesc, conv_state: trtp.TensorDesc,
-                 ssm_state: trtp.TensorDesc, conv_weight: trtp.TensorDesc, conv_bias: trtp.TensorDesc,
-                 dt_bias: trtp.TensorDesc, A_log: trtp.TensorDesc, D: trtp.TensorDesc, norm_weight: trtp.TensorDesc,
-                 headdim: int, d_state: int, ngroups: int, eps: float
-                 ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+    def selective_state_update_desc(
+            xbc: trtp.TensorDesc, z: trtp.TensorDesc, dt: trtp.TensorDesc, conv_state: trtp.TensorDesc,
+            ssm_state: trtp.TensorDesc, conv_weight: trtp.TensorDesc, conv_bias: trtp.TensorDesc,
+            dt_bias: trtp.TensorDesc, A_log: trtp.TensorDesc, D: trtp.TensorDesc, norm_weight: trtp.TensorDesc,
+            headdim: int, d_state: int, ngroups: int, eps: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         return z.like(), conv_state.like(), ssm_state.like()
 
     @trtp.impl("aim_rt::SelectiveStateUpdate")
-    def ssu_impl(xbc: trtp.Tensor, z: trtp.Tensor, dt: trtp.Tensor, conv_state: trtp.Tensor, ssm_state: trtp.Tensor,
-                 conv_weight: trtp.Tensor, conv_bias: trtp.Tensor, dt_bias: trtp.Tensor, A_log: trtp.Tensor,
-                 D: trtp.Tensor, norm_weight: trtp.Tensor, headdim: int, d_state: int, ngroups: int, eps: float,
-                 outputs: tuple[trtp.Tensor], stream: int) -> None:
+    def selective_state_update_impl(
+            xbc: trtp.Tensor, z: trtp.Tensor, dt: trtp.Tensor, conv_state: trtp.Tensor, ssm_state: trtp.Tensor,
+            conv_weight: trtp.Tensor, conv_bias: trtp.Tensor, dt_bias: trtp.Tensor, A_log: trtp.Tensor,
+            D: trtp.Tensor, norm_weight: trtp.Tensor, headdim: int, d_state: int, ngroups: int, eps: float,
+            outputs: tuple[trtp.Tensor], stream: int) -> None:
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             t = [torch.as_tensor(x, device="cuda") for x in (xbc, z, dt, conv_state, ssm_state, conv_weight,
                                                             conv_bias, dt_bias, A_log, D, norm_weight)]
