@@ -10,7 +10,7 @@ import torch
 import aim_rt
 from aim_rt import SamplingError, SamplingSettings, ops
 from aim_rt.decoding import ReferenceDecoder, check_request, decode, sample_tokens
-from conftest import GOLDEN, TINY, rel_err
+from conftest import GOLDEN, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
