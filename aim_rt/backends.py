@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .config import AiMConfig
 from .errors import AiMError
-from .decoding import ReferenceDecoder, decode
+from . import decoding
 from .model import AiM
 from .sampling import SamplingSettings
 
@@ -42,7 +42,8 @@ class TorchBackend:
         self.config = model.config
 
     def sample(self, classes, seeds, settings, prefix=None, teacher=None, return_mixed=False):
-        return decode(ReferenceDecoder(self.model), classes, seeds, settings, prefix, teacher, return_mixed)
+        return decoding.decode(decoding.ReferenceDecoder(self.model), classes, seeds, settings, prefix, teacher,
+                               return_mixed)
 
     def decode(self, tokens):
         return self.model.decode_tokens(tokens)

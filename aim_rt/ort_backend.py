@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .config import AiMConfig, VQConfig
-from .decoding import decode
+from . import decoding
 from .errors import AiMError
 from .sampling import SamplingSettings
 
@@ -58,7 +58,7 @@ class OnnxRuntimeBackend:
         return OnnxRuntimeDecoder(self, settings.cfg_scale, settings.temperature)
 
     def sample(self, classes, seeds, settings: SamplingSettings, prefix=None, teacher=None, return_mixed=False):
-        return decode(self.decoder(settings), classes, seeds, settings, prefix, teacher, return_mixed)
+        return decoding.decode(self.decoder(settings), classes, seeds, settings, prefix, teacher, return_mixed)
 
     def decode(self, tokens):
         if self.vq is None:

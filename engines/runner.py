@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from aim_rt.config import AiMConfig
-from aim_rt.decoding import check_request, decode
+from aim_rt import decoding
 from aim_rt.errors import AiMError
 from aim_rt.sampling import SamplingSettings
 
@@ -204,9 +204,9 @@ class TensorRTBackend:
 
     def sample(self, classes, seeds, settings: SamplingSettings, prefix=None, teacher=None, return_mixed=False):
         if teacher is not None or return_mixed:  # parity checks: the one loop over the same engines
-            return decode(self.decoder(settings), classes, seeds, settings, prefix, teacher, return_mixed)
+            return decoding.decode(self.decoder(settings), classes, seeds, settings, prefix, teacher, return_mixed)
         cfg = self.config
-        classes, seeds, prefix, _ = check_request(cfg, classes, seeds, prefix)
+        classes, seeds, prefix, _ = decoding.check_request(cfg, classes, seeds, prefix)
         batch = classes.shape[0]
         start = 0 if prefix is None else prefix.shape[1]
         ws = self._workspace(batch, settings)  # captured before the prefill fills the buffers

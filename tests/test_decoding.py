@@ -133,6 +133,8 @@ def _module_level_imports(path: Path) -> set[str]:
                 out.add(node.module.split(".")[0])
             elif node.level == 1:
                 out.update(a.name for a in node.names)
+            elif node.module == "aim_rt":
+                out.update(a.name for a in node.names)
             elif node.module and node.module.startswith("aim_rt."):
                 out.add(node.module.split(".")[1])
     return out
