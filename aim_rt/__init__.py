@@ -13,11 +13,12 @@ if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isdir(_o
 from .config import PRESETS, AiMConfig, VQConfig, preset  # noqa: E402
 from .errors import AiMError, CheckpointError, ConfigError, SamplingError  # noqa: E402
 from .loading import load_model, load_vq, random_model  # noqa: E402
-from .sampling import SamplingSettings, sample_tokens  # noqa: E402
+from .decoding import decode, sample_tokens, sampler_logits  # noqa: E402
+from .sampling import SamplingSettings  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AiMConfig", "VQConfig", "PRESETS", "preset", "load_model", "load_vq", "random_model",
-    "SamplingSettings", "sample_tokens", "AiMError", "CheckpointError", "ConfigError", "SamplingError",
+    "SamplingSettings", "sample_tokens", "sampler_logits", "decode", "AiMError", "CheckpointError", "ConfigError", "SamplingError",
 ]

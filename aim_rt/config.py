@@ -185,7 +185,7 @@ class VQConfig:
         }
 
 
-# The released checkpoints (hp-l33/aim-*). Checked against shared/golden/official_layouts.json in the tests.
+# The released checkpoints (hp-l33/aim-*). Checked against tests/golden/official_layouts.json.
 PRESETS: dict[str, AiMConfig] = {
     "AiM-B": AiMConfig(d_model=768, n_layer=24, adaln_group=False, num_groups=1),
     "AiM-L": AiMConfig(d_model=1024, n_layer=48, adaln_group=True, num_groups=4),

@@ -20,8 +20,9 @@ from torch import Tensor
 
 from .errors import AiMError
 from .loading import dtype_name
+from .decoding import check_request
 from .model import AiM
-from .sampling import SamplingSettings, check_request
+from .sampling import SamplingSettings
 from .vq import VQModel
 
 
@@ -282,7 +283,7 @@ class CudaBackend:
         fed on while the returned tokens are still the draws; `return_mixed` also returns every step's CFG-mixed
         logits (B, num_tokens, V)."""
         cfg = self.config
-        classes, seeds, prefix = check_request(cfg.num_classes, cfg.num_tokens, cfg.vocab_size, classes, seeds, prefix)
+        classes, seeds, prefix, _ = check_request(cfg, classes, seeds, prefix)
         batch = classes.shape[0]
         buf = self._alloc(batch)
         dev = self.model.device

@@ -14,9 +14,7 @@ second writer out while a job runs.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,17 +350,11 @@ def assemble(out_dir: Path, plan: list[ImageSpec], cfg, npz: bool, grid: bool,
 
 
 # ----- the backend ---------------------------------------------------------------------------------
-def default_artifacts_dir(model_sha256: str | None, source: str, dtype: str) -> Path:
-    """Where `--backend onnxruntime` exports on first use when no --artifacts is given: keyed by the weights."""
-    cache = Path(os.environ.get("AIM_RT_CACHE", Path.home() / ".cache" / "aim-rt"))
-    return cache / "exports" / f"{(model_sha256 or source.replace(':', '-').replace('/', '-'))[:16]}-{dtype}"
-
-
 def open_backend(name: str, model, *, model_sha256: str | None, source: str, dtype: str,
                  artifacts: Path | None = None) -> Backend:
     """The backend `name` over `model`. Backends that run exported artifacts get a directory whose manifest
     says it was exported from exactly these weights (exported here on first use for onnxruntime)."""
-    from .backends import BACKENDS, make_backend
+    from .backends import default_artifacts_dir, make_backend
 
     if name == "tensorrt" and artifacts is None:
         raise UsageError("--backend tensorrt needs --artifacts DIR (made by `aim-rt export MODEL --format trt "
@@ -383,11 +375,6 @@ def open_backend(name: str, model, *, model_sha256: str | None, source: str, dty
         from aim_rt.exporters.onnx_export import read_manifest
 
         check_artifacts_hash(read_manifest(artifacts), model_sha256, Path(artifacts), source)
-    factory = BACKENDS.get(name)
-    # backends.py is renaming engines= to artifacts= and adding model_sha256= (issue 12): call the form this
-    # backends.py takes, until both sides are merged.
-    if factory is not None and "engines" in inspect.signature(factory).parameters:
-        return make_backend(name, model, engines=artifacts, dtype=dtype)
     return make_backend(name, model, artifacts=artifacts, model_sha256=model_sha256, dtype=dtype)
 
 

@@ -18,7 +18,11 @@ from torch import Tensor, nn
 from . import ops
 from .config import AiMConfig
 from .errors import AiMError, SamplingError
-from .sampling import cfg_rows
+
+
+def cfg_rows(classes: Tensor, null_class: int) -> Tensor:
+    """The official doubled batch: conditional rows, then as many null-class rows."""
+    return torch.cat([classes, torch.full_like(classes, null_class)])
 
 
 @dataclass
@@ -79,7 +83,7 @@ class Mixer(nn.Module):
                                cfg.norm_eps, cfg.d_inner // cfg.ngroups)
         return self.out_proj(y), conv_state, ssm_state.to(u.dtype)
 
-    def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor, ssm_op=ops.selective_state_step
+    def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor, ssm_op=ops.selective_state_update
              ) -> tuple[Tensor, Tensor, Tensor]:
         """u: (B, d) → out (B, d), new conv state, new ssm state. `ssm_op` computes the selective-state update
         (the reference by default; exporters and fast paths pass their implementation of the same op)."""
@@ -132,7 +136,7 @@ class Backbone(nn.Module):
 
 
 class AiM(nn.Module):
-    """AiM stage 2 (class-conditional, raster order). See docs in AIM_SEMANTICS.md for every convention."""
+    """AiM stage 2 (class-conditional, raster order). docs/SEMANTICS.md states every convention."""
 
     def __init__(self, cfg: AiMConfig):
         super().__init__()
@@ -143,7 +147,6 @@ class AiM(nn.Module):
             self.lm_head.weight = self.backbone.embeddings.word_embeddings.weight
         self.vq = None  # attached by the loader when the checkpoint carries a tokenizer
         self.source = "unsaved"  # where the weights came from (set by the loaders)
-        self.checkpoint = None  # the Checkpoint read, for hashing
         self.sampling_defaults: dict = {}
 
     # ----- pieces -------------------------------------------------------------------------------
@@ -209,7 +212,7 @@ class AiM(nn.Module):
             ssms.append(ssm_state)
         return self._head(hidden, residual, mods), DecodeState(torch.stack(convs), torch.stack(ssms))
 
-    def step(self, hidden: Tensor, state: DecodeState, mods: Modulations, ssm_op=ops.selective_state_step
+    def step(self, hidden: Tensor, state: DecodeState, mods: Modulations, ssm_op=ops.selective_state_update
              ) -> tuple[Tensor, DecodeState]:
         """hidden: (B, d) one input embedding per row → logits (B, V) and the next state."""
         residual = None
@@ -265,24 +268,6 @@ class AiM(nn.Module):
         hidden = torch.cat([cond.unsqueeze(1), self.embed_tokens(inputs, positions)], dim=1)
         logits, _ = self.forward_sequence(hidden, self.modulations(cond))
         return logits.float()
-
-    @torch.no_grad()
-    def sampler_logits(self, classes: Tensor, tokens: Tensor, cfg_scale: float, position_offset: int = 1) -> Tensor:
-        """The official sampler, teacher-forced: CFG-mixed logits (B, N, V) where row k predicts tok_k.
-
-        Class token prefilled for conditional and null rows, then token k fed at position k + position_offset
-        (1 = official; 0 = the training convention) through the recurrent step.
-        """
-        classes, tokens = self._check_inputs(classes, tokens)
-        batch = classes.shape[0]
-        logits, state, mods = self.prefill(classes)
-        out = [ops.cfg_mix(logits[:batch], logits[batch:], cfg_scale)]
-        for k in range(tokens.shape[1] - 1):
-            tok = tokens[:, k].repeat(2)
-            pos = torch.full_like(tok, k + position_offset)
-            step_logits, state = self.step(self.embed_tokens(tok, pos), state, mods)
-            out.append(ops.cfg_mix(step_logits[:batch], step_logits[batch:], cfg_scale))
-        return torch.stack(out, dim=1)
 
     @torch.no_grad()
     def decode_tokens(self, tokens: Tensor) -> Tensor:

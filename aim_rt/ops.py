@@ -84,7 +84,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     return y, state
 
 
-def selective_state_step(
+def selective_state_update(
     xbc: Tensor, z: Tensor, dt: Tensor, conv_state: Tensor, ssm_state: Tensor,
     conv_weight: Tensor, conv_bias: Tensor, dt_bias: Tensor, A_log: Tensor, D: Tensor,
     norm_weight: Tensor, *, headdim: int, d_state: int, ngroups: int, eps: float,
@@ -119,10 +119,12 @@ def selective_state_step(
     return y.to(dtype), conv_state_new, h.to(ssm_state.dtype)
 
 
-def cfg_mix(cond: Tensor, uncond: Tensor, cfg_scale: float, temperature: float = 1.0) -> Tensor:
-    """Classifier-free guidance in logit space, as the official sampler does, then temperature.
+def cfg_mix(cond: Tensor, uncond: Tensor, cfg_scale, temperature=1.0) -> Tensor:
+    """Classifier-free guidance in logit space, as the official sampler does, then temperature (float32).
 
-    The official sampler accepts `temperature` and never applies it; aim-rt divides by it (1.0 = official).
+    The only place the formula is written: the ONNX CfgMix function body is traced from this function
+    (exporters/custom_ops.py) and the TensorRT plugin's CfgMix runs it. `cfg_scale` and `temperature` may be
+    Python numbers or 0-d tensors (graph inputs). The official sampler accepts `temperature` and never applies
+    it; aim-rt divides by it (1.0 = official: x / 1 is exact, so the division is always written).
     """
-    mixed = uncond.float() + (cond.float() - uncond.float()) * cfg_scale
-    return mixed / temperature if temperature != 1.0 else mixed
+    return (uncond.float() + (cond.float() - uncond.float()) * cfg_scale) / temperature

@@ -1,6 +1,9 @@
-"""The `onnxruntime` backend: runs an export directory's graphs with the reference sampler's seeds and settings.
+"""The `onnxruntime` backend: an export directory's prefill and step graphs as a `decoding.Decoder`, run by the
+one decode loop (so the reference's seeds, settings and tokens).
 
-Providers as onnxruntime allows: CUDA when onnxruntime-gpu is installed and sees a GPU, else CPU.
+The graphs end in the CfgMix node (the exported ops.cfg_mix), so a decoder is made for one (cfg_scale,
+temperature) and returns mixed logits. Providers as onnxruntime allows: CUDA when onnxruntime-gpu is
+installed and sees a GPU, else CPU.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ import numpy as np
 import torch
 
 from .config import AiMConfig, VQConfig
+from . import decoding
 from .errors import AiMError
-from .sampling import SamplingSettings, check_request, draw
+from .sampling import SamplingSettings
 
 
 def _providers(ort) -> list[str]:
@@ -45,38 +49,16 @@ class OnnxRuntimeBackend:
             return ort.InferenceSession(str(self.dir / self.manifest["graphs"][name]["file"]), opts,
                                         providers=self.providers)
 
-        self.prefill = session(f"{variant}/prefill")
-        self.step = session(f"{variant}/step")
+        self.prefill_session = session(f"{variant}/prefill")
+        self.step_session = session(f"{variant}/step")
         self.vq = session("vq_decoder") if "vq_decoder" in self.manifest["graphs"] else None
         self.vq_config = VQConfig.from_official(self.manifest["vq_config"]) if self.manifest["vq_config"] else None
 
-    def sample(self, classes, seeds, settings: SamplingSettings, prefix=None):
-        cfg = self.config
-        classes, seeds, prefix = check_request(cfg.num_classes, cfg.num_tokens, cfg.vocab_size, classes, seeds, prefix)
-        start = 0 if prefix is None else prefix.shape[1]
-        if start != self.prefix_len:
-            raise AiMError(f"this export's prefill graph takes a prefix of {self.prefix_len} tokens, the request has "
-                           f"{start}; export with `aim-rt export --prefix-len {start}`")
-        scale = np.array(settings.cfg_scale, dtype=np.float32)
-        temp = np.array(settings.temperature, dtype=np.float32)
-        feed = {"classes": classes.numpy(), "cfg_scale": scale, "temperature": temp}
-        if start:
-            feed.update(prefix=prefix.numpy(), position_offset=np.array(settings.position_offset, dtype=np.int64))
-        mixed, conv, ssm, mods, fmods = self.prefill.run(None, feed)
-        out = torch.empty(classes.shape[0], cfg.num_tokens, dtype=torch.long)
-        if start:
-            out[:, :start] = prefix
-        for k in range(start, cfg.num_tokens):
-            tok = draw(torch.from_numpy(mixed), seeds, k, settings)
-            out[:, k] = tok
-            if k + 1 == cfg.num_tokens:
-                break
-            mixed, conv, ssm = self.step.run(None, {
-                "tokens": tok.numpy(), "position": np.array(k + settings.position_offset, dtype=np.int64),
-                "conv_state": conv, "ssm_state": ssm, "mods": mods, "final_mods": fmods,
-                "cfg_scale": scale, "temperature": temp,
-            })
-        return out
+    def decoder(self, settings: SamplingSettings) -> "OnnxRuntimeDecoder":
+        return OnnxRuntimeDecoder(self, settings.cfg_scale, settings.temperature)
+
+    def sample(self, classes, seeds, settings: SamplingSettings, prefix=None, teacher=None, return_mixed=False):
+        return decoding.decode(self.decoder(settings), classes, seeds, settings, prefix, teacher, return_mixed)
 
     def decode(self, tokens):
         if self.vq is None:
@@ -85,3 +67,29 @@ class OnnxRuntimeBackend:
         if self.manifest.get("vq_uint8"):  # NHWC uint8 → the float NCHW images the interface promises
             return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         return torch.from_numpy(images).float()
+
+
+class OnnxRuntimeDecoder:
+    """The exported prefill and step graphs for one (cfg_scale, temperature); the state is the graphs' arrays."""
+
+    def __init__(self, backend: OnnxRuntimeBackend, cfg_scale: float, temperature: float):
+        self.backend, self.config = backend, backend.config
+        self.mixed_with = (cfg_scale, temperature)
+        self._scalars = {"cfg_scale": np.array(cfg_scale, dtype=np.float32),
+                         "temperature": np.array(temperature, dtype=np.float32)}
+
+    def prefill(self, classes, prefix, position_offset: int):
+        start = 0 if prefix is None else prefix.shape[1]
+        if start != self.backend.prefix_len:
+            raise AiMError(f"this export's prefill graph takes a prefix of {self.backend.prefix_len} tokens, the "
+                           f"request has {start}; export with `aim-rt export --prefix-len {start}`")
+        feed = {"classes": classes.numpy(), **self._scalars}
+        if start:
+            feed.update(prefix=prefix.numpy(), position_offset=np.array(position_offset, dtype=np.int64))
+        mixed, conv, ssm, mods, fmods = self.backend.prefill_session.run(None, feed)
+        return torch.from_numpy(mixed), {"conv_state": conv, "ssm_state": ssm, "mods": mods, "final_mods": fmods}
+
+    def step(self, tokens, position: int, state: dict):
+        mixed, conv, ssm = self.backend.step_session.run(None, {
+            "tokens": tokens.numpy(), "position": np.array(position, dtype=np.int64), **state, **self._scalars})
+        return torch.from_numpy(mixed), {**state, "conv_state": conv, "ssm_state": ssm}

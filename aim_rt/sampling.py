@@ -1,28 +1,21 @@
-"""The reference sampler: the official decode loop with per-image, counter-based randomness.
+"""Sampling settings, per-image randomness and the draw: what turns mixed logits into a token.
 
-Official semantics kept: conditional rows then null-class rows, the class token prefilled, image token k fed
-at position k + 1, logit-space CFG, top-k then top-p, a categorical draw, only conditional tokens fed back.
-Deviations (documented in the README):
-  * `temperature` divides the mixed logits before top-k/top-p (the official code ignores it; 1.0 = official);
-  * the draw uses one uniform per (image seed, token index) from a counter-based hash and the inverse CDF,
-    instead of torch.multinomial over the batch. An image's tokens therefore depend only on its class, seed
-    and settings, never on the batch it ran in, and a fast backend can draw the same numbers on the device.
+The official rules kept: top-k (ties at the k-th value kept), then top-p, then a categorical draw. Deviations
+(docs/SEMANTICS.md): the draw uses one uniform per (image seed, token index) from a counter-based hash and the
+inverse CDF instead of torch.multinomial over the batch, so an image's tokens depend only on its class, seed
+and settings, never on the batch it ran in, and a fast backend can draw the same numbers on the device.
+The loop that calls `draw` is aim_rt.decoding.decode.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from . import ops
 from .errors import SamplingError
-
-if TYPE_CHECKING:
-    from .model import AiM
 
 POSITION_CONVENTIONS = {"official": 1, "training": 0}
 _MASK32 = 0xFFFFFFFF
@@ -133,60 +126,3 @@ def categorical(logits: Tensor, u: Tensor) -> Tensor:
 def draw(mixed: Tensor, seeds: Tensor, step: int, settings: SamplingSettings) -> Tensor:
     """Token `step` of each image from its CFG-mixed, temperature-scaled logits."""
     return categorical(filter_logits(mixed, settings.top_k, settings.top_p), uniforms(seeds, step))
-
-
-def next_tokens(cond: Tensor, uncond: Tensor, seeds: Tensor, step: int, settings: SamplingSettings) -> Tensor:
-    return draw(ops.cfg_mix(cond, uncond, settings.cfg_scale, settings.temperature), seeds, step, settings)
-
-
-def cfg_rows(classes: Tensor, null_class: int) -> Tensor:
-    """The official doubled batch: conditional rows, then as many null-class rows."""
-    return torch.cat([classes, torch.full_like(classes, null_class)])
-
-
-# ----- argument checks shared by every backend ---------------------------------------------------
-def check_request(num_classes: int, num_tokens: int, vocab_size: int, classes, seeds, prefix=None):
-    classes = torch.as_tensor(classes).long().reshape(-1).cpu()
-    seeds = torch.as_tensor(seeds).long().reshape(-1).cpu()
-    if classes.numel() == 0:
-        raise SamplingError("no classes given")
-    if classes.shape != seeds.shape:
-        raise SamplingError(f"need one seed per image: {classes.numel()} classes, {seeds.numel()} seeds")
-    bad = classes[(classes < 0) | (classes >= num_classes)]
-    if bad.numel():
-        raise SamplingError(f"class {int(bad[0])} is out of range: this model has classes 0..{num_classes - 1}")
-    if (seeds < 0).any():
-        raise SamplingError("seeds must be >= 0")
-    if prefix is not None:
-        prefix = torch.as_tensor(prefix).long().cpu()
-        if prefix.dim() != 2 or prefix.shape[0] != classes.shape[0] or prefix.shape[1] >= num_tokens:
-            raise SamplingError(
-                f"prefix must be (B, m) with B = {classes.shape[0]} and m < {num_tokens}, got {tuple(prefix.shape)}")
-        if ((prefix < 0) | (prefix >= vocab_size)).any():
-            raise SamplingError(f"prefix tokens must lie in [0, {vocab_size})")
-        if prefix.shape[1] == 0:
-            prefix = None
-    return classes, seeds, prefix
-
-
-@torch.no_grad()
-def sample_tokens(model: "AiM", classes, seeds, settings: SamplingSettings, prefix=None) -> Tensor:
-    """Sample (B, num_tokens) tokens with the reference model; optional prefix (B, m) of given first tokens."""
-    cfg = model.config
-    classes, seeds, prefix = check_request(cfg.num_classes, cfg.num_tokens, cfg.vocab_size, classes, seeds, prefix)
-    device = model.device
-    batch, offset = classes.shape[0], settings.position_offset
-    start = 0 if prefix is None else prefix.shape[1]
-    logits, state, mods = model.prefill(classes.to(device), None if prefix is None else prefix.to(device), offset)
-
-    out = torch.empty(batch, cfg.num_tokens, dtype=torch.long)
-    if prefix is not None:
-        out[:, :start] = prefix
-    for k in range(start, cfg.num_tokens):
-        tok = next_tokens(logits[:batch], logits[batch:], seeds, k, settings)
-        out[:, k] = tok.cpu()
-        if k + 1 == cfg.num_tokens:
-            break
-        tok2 = tok.to(device).repeat(2)
-        logits, state = model.step(model.embed_tokens(tok2, torch.full_like(tok2, k + offset)), state, mods)
-    return out

@@ -4,17 +4,24 @@ the VQ-decoder engine. Written against the TensorRT >= 10 Python API (set_tensor
 
 The engines' logits are already CFG-mixed and temperature-scaled (the CfgMix node), so the sampler runs with
 uncond_rows = 0, cfg 1, temperature 1, and hands the token to the next step through `next_token`.
+
+Like the cuda backend, sampling keeps a device-resident loop; teacher forcing and the record of mixed logits
+run the engines through `TensorRTDecoder` and the one loop, aim_rt.decoding.decode. One captured graph, with the
+static buffers it reads and writes, per `graph_key` (see there), kept for the backend's lifetime.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from aim_rt.config import AiMConfig
+from aim_rt import decoding
 from aim_rt.errors import AiMError
-from aim_rt.sampling import SamplingSettings, check_request
+from aim_rt.sampling import SamplingSettings
 
 from .plan_meta import PlanMeta, check_plan
 from .trt import require_tensorrt
@@ -45,6 +52,49 @@ class _Engine:
             raise AiMError("TensorRT execute_async_v3 failed")
 
 
+def graph_key(batch: int, settings: SamplingSettings) -> tuple:
+    """What a captured decode graph bakes in: the batch (buffer shapes and addresses) and the settings the
+    sampling kernel takes by value. cfg_scale and temperature are device scalars, seeds, start and prefix live
+    in buffers: they change without a new capture."""
+    return (batch, settings.top_k, settings.top_p, settings.position_offset)
+
+
+class GraphCache:
+    """key → what `capture(key)` made (static buffers and the CUDA graph over them), each key captured once."""
+
+    def __init__(self, capture: Callable[[tuple], object]):
+        self._capture = capture
+        self._entries: dict[tuple, object] = {}
+
+    def get(self, key: tuple):
+        if key not in self._entries:
+            self._entries[key] = self._capture(key)
+        return self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass
+class _Workspace:
+    """The static device buffers of one graph key (their addresses are baked into `graph`)."""
+
+    a: dict            # ping: conv (L, 2B, C, W), ssm (L, 2B, H, P, N)
+    b: dict            # pong
+    mods: torch.Tensor
+    fmods: torch.Tensor
+    mixed: torch.Tensor       # (B, V) float32: the engines' CfgMix output
+    scale: torch.Tensor       # () cfg_scale
+    temp: torch.Tensor        # () temperature
+    tokens: torch.Tensor      # (B, num_tokens) int64
+    next_token: torch.Tensor  # (B,) int64: the token the next step embeds
+    position: torch.Tensor    # () int64
+    k_step: torch.Tensor      # (1,) int32: the token index the sampler draws next
+    seeds: torch.Tensor       # (B,) int64
+    params: object = None     # SampleParams over these buffers
+    graph: torch.cuda.CUDAGraph | None = None  # two steps, A→B then B→A
+
+
 class TensorRTBackend:
     name = "tensorrt"
 
@@ -73,88 +123,111 @@ class TensorRTBackend:
             self.engines[graph.split("/")[-1]] = _Engine(trt, runtime, plan)
         self.model = model  # the embedding tables are not needed (the step engine embeds); kept for decode fallback
         self.kernels = Kernels("float32")  # the sampler reads the float32 mixed logits
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._graphs = GraphCache(self._capture)
 
-    def sample(self, classes, seeds, settings: SamplingSettings, prefix=None):
+    # ----- the engines, one call each ---------------------------------------------------------------
+    def _states(self, rows: int) -> dict:
+        cfg, dt = self.config, self.engines["step"].dtype["conv_state"]
+        return {"conv": torch.zeros(cfg.n_layer, rows, cfg.conv_dim, cfg.d_conv, device="cuda", dtype=dt),
+                "ssm": torch.zeros(cfg.n_layer, rows, cfg.nheads, cfg.headdim, cfg.d_state, device="cuda", dtype=dt)}
+
+    def _run_prefill(self, classes, prefix, position_offset: int, scale, temp, state: dict, mods, fmods, mixed,
+                     stream: int) -> None:
+        start = 0 if prefix is None else prefix.shape[1]
+        if start != self.manifest["prefix_len"]:
+            raise AiMError(f"these engines take a prefix of {self.manifest['prefix_len']} tokens, the request has "
+                           f"{start}; export with `aim-rt export --prefix-len {start} --format trt`")
+        feeds = {"classes": classes.to("cuda"), "cfg_scale": scale, "temperature": temp, "logits": mixed,
+                 "conv_state": state["conv"], "ssm_state": state["ssm"], "mods": mods, "final_mods": fmods}
+        if start:
+            feeds.update(prefix=prefix.to("cuda"), position_offset=torch.tensor(position_offset, device="cuda"))
+        self.engines["prefill"].bind(feeds)
+        self.engines["prefill"].run(stream)
+
+    def _run_step(self, tokens, position, src: dict, dst: dict, mods, fmods, scale, temp, mixed, stream: int) -> None:
+        step = self.engines["step"]
+        step.bind({"tokens": tokens, "position": position, "conv_state": src["conv"], "ssm_state": src["ssm"],
+                   "mods": mods, "final_mods": fmods, "cfg_scale": scale, "temperature": temp, "logits": mixed,
+                   "conv_state_out": dst["conv"], "ssm_state_out": dst["ssm"]})
+        step.run(stream)
+
+    def decoder(self, settings: SamplingSettings) -> "TensorRTDecoder":
+        return TensorRTDecoder(self, settings.cfg_scale, settings.temperature)
+
+    # ----- the device-resident sampler --------------------------------------------------------------
+    def _workspace(self, batch: int, settings: SamplingSettings) -> _Workspace:
+        return self._graphs.get(graph_key(batch, settings))
+
+    def _capture(self, key: tuple) -> _Workspace:
+        """Allocate one key's buffers, warm the step up (TensorRT allocates on its first run), capture two steps."""
         from aim_rt.plugins.kernels import SampleParams
 
-        cfg = self.config
-        classes, seeds, prefix = check_request(cfg.num_classes, cfg.num_tokens, cfg.vocab_size, classes, seeds, prefix)
-        if prefix is not None and prefix.shape[1] != self.manifest["prefix_len"]:
-            raise AiMError(f"these engines take a prefix of {self.manifest['prefix_len']} tokens")
-        dev, batch = torch.device("cuda"), classes.shape[0]
-        start = 0 if prefix is None else prefix.shape[1]
-        pre, step = self.engines["prefill"], self.engines["step"]
-        rows = 2 * batch
-        state_dt = step.dtype["conv_state"]
-        shape = {"conv": (cfg.n_layer, rows, cfg.conv_dim, cfg.d_conv),
-                 "ssm": (cfg.n_layer, rows, cfg.nheads, cfg.headdim, cfg.d_state)}
-        a = {k: torch.empty(s, device=dev, dtype=state_dt) for k, s in shape.items()}
-        b = {k: torch.empty(s, device=dev, dtype=state_dt) for k, s in shape.items()}
-        mods = torch.empty(cfg.n_layer, rows, 3, cfg.d_model, device=dev, dtype=pre.dtype["mods"])
-        fmods = torch.empty(rows, 2, cfg.d_model, device=dev, dtype=pre.dtype["final_mods"])
-        mixed = torch.empty(batch, cfg.vocab_size, device=dev)
-        scale = torch.tensor(float(settings.cfg_scale), device=dev)
-        temp = torch.tensor(float(settings.temperature), device=dev)
-        tokens = torch.zeros(batch, cfg.num_tokens, device=dev, dtype=torch.long)
-        next_token = torch.zeros(batch, device=dev, dtype=torch.long)
-        position = torch.zeros((), device=dev, dtype=torch.long)
-        k_step = torch.zeros(1, device=dev, dtype=torch.int32)
-        seeds_d = seeds.to(dev)
-        feeds = {"classes": classes.to(dev), "cfg_scale": scale, "temperature": temp, "logits": mixed,
-                 "conv_state": a["conv"], "ssm_state": a["ssm"], "mods": mods, "final_mods": fmods}
-        if start:
-            feeds.update(prefix=prefix.to(dev), position_offset=torch.tensor(settings.position_offset, device=dev))
-            tokens[:, :start] = prefix.to(dev)
-        stream = torch.cuda.current_stream().cuda_stream
-        pre.bind(feeds)
-        pre.run(stream)
-        params = SampleParams(
-            logits=mixed.data_ptr(), logits_stride=cfg.vocab_size, batch=batch, vocab=cfg.vocab_size, uncond_rows=0,
-            cfg_scale=1.0, temperature=1.0, top_k=settings.top_k, top_p=settings.top_p, seeds=seeds_d.data_ptr(),
-            step=k_step.data_ptr(), position_offset=settings.position_offset, tokens=tokens.data_ptr(),
+        batch, top_k, top_p, position_offset = key
+        cfg, dev, rows = self.config, torch.device("cuda"), 2 * batch
+        pre = self.engines["prefill"]
+        ws = _Workspace(
+            a=self._states(rows), b=self._states(rows),
+            mods=torch.zeros(cfg.n_layer, rows, 3, cfg.d_model, device=dev, dtype=pre.dtype["mods"]),
+            fmods=torch.zeros(rows, 2, cfg.d_model, device=dev, dtype=pre.dtype["final_mods"]),
+            mixed=torch.zeros(batch, cfg.vocab_size, device=dev), scale=torch.ones((), device=dev),
+            temp=torch.ones((), device=dev), tokens=torch.zeros(batch, cfg.num_tokens, device=dev, dtype=torch.long),
+            next_token=torch.zeros(batch, device=dev, dtype=torch.long),
+            position=torch.zeros((), device=dev, dtype=torch.long), k_step=torch.zeros(1, device=dev, dtype=torch.int32),
+            seeds=torch.zeros(batch, device=dev, dtype=torch.long))
+        ws.params = SampleParams(
+            logits=ws.mixed.data_ptr(), logits_stride=cfg.vocab_size, batch=batch, vocab=cfg.vocab_size, uncond_rows=0,
+            cfg_scale=1.0, temperature=1.0, top_k=top_k, top_p=top_p, seeds=ws.seeds.data_ptr(),
+            step=ws.k_step.data_ptr(), position_offset=position_offset, tokens=ws.tokens.data_ptr(),
             num_tokens=cfg.num_tokens, teacher=None, mixed_out=None, word_emb=None, pos_emb=None, d=cfg.d_model,
-            next_input=None, next_token=next_token.data_ptr())
+            next_input=None, next_token=ws.next_token.data_ptr())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # changes the buffers: sample() fills them after this
+            self._one(ws, ws.a, ws.b, side.cuda_stream)
+            self._one(ws, ws.b, ws.a, side.cuda_stream)
+        torch.cuda.current_stream().wait_stream(side)
+        ws.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(ws.graph):
+            s = torch.cuda.current_stream().cuda_stream
+            self._one(ws, ws.a, ws.b, s)
+            self._one(ws, ws.b, ws.a, s)
+        return ws
 
-        def draw(s: int) -> None:
-            self.kernels.cfg_sample(params, s)
-            self.kernels.advance(k_step.data_ptr(), s)
-            position.add_(1)
+    def _draw(self, ws: _Workspace, stream: int) -> None:
+        self.kernels.cfg_sample(ws.params, stream)
+        self.kernels.advance(ws.k_step.data_ptr(), stream)
+        ws.position.add_(1)
 
-        k_step.fill_(start)
-        position.fill_(start + settings.position_offset)
-        draw(stream)
-        position.fill_(start + settings.position_offset)  # token `start` is fed at start + offset
+    def _one(self, ws: _Workspace, src: dict, dst: dict, stream: int) -> None:
+        self._run_step(ws.next_token, ws.position, src, dst, ws.mods, ws.fmods, ws.scale, ws.temp, ws.mixed, stream)
+        self._draw(ws, stream)
 
-        def one(src, dst, s):
-            step.bind({"tokens": next_token, "position": position, "conv_state": src["conv"], "ssm_state": src["ssm"],
-                       "mods": mods, "final_mods": fmods, "cfg_scale": scale, "temperature": temp, "logits": mixed,
-                       "conv_state_out": dst["conv"], "ssm_state_out": dst["ssm"]})
-            step.run(s)
-            draw(s)
-
-        remaining = cfg.num_tokens - start - 1
-        pairs, odd = divmod(remaining, 2)
-        if pairs:
-            graph = torch.cuda.CUDAGraph()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # TensorRT allocates on its first run: keep that out of the capture
-                snapshot = [t.clone() for t in (a["conv"], a["ssm"], tokens, next_token, position, k_step)]
-                one(a, b, side.cuda_stream)
-                one(b, a, side.cuda_stream)
-                for dst, src in zip((a["conv"], a["ssm"], tokens, next_token, position, k_step), snapshot):
-                    dst.copy_(src)
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
-                s = torch.cuda.current_stream().cuda_stream
-                one(a, b, s)
-                one(b, a, s)
-            for _ in range(pairs):
-                graph.replay()
+    def sample(self, classes, seeds, settings: SamplingSettings, prefix=None, teacher=None, return_mixed=False):
+        if teacher is not None or return_mixed:  # parity checks: the one loop over the same engines
+            return decoding.decode(self.decoder(settings), classes, seeds, settings, prefix, teacher, return_mixed)
+        cfg = self.config
+        classes, seeds, prefix, _ = decoding.check_request(cfg, classes, seeds, prefix)
+        batch = classes.shape[0]
+        start = 0 if prefix is None else prefix.shape[1]
+        ws = self._workspace(batch, settings)  # captured before the prefill fills the buffers
+        ws.seeds.copy_(seeds)
+        ws.scale.fill_(float(settings.cfg_scale))
+        ws.temp.fill_(float(settings.temperature))
+        ws.tokens.zero_()
+        if start:
+            ws.tokens[:, :start] = prefix.to("cuda")
+        stream = torch.cuda.current_stream().cuda_stream
+        self._run_prefill(classes, prefix, settings.position_offset, ws.scale, ws.temp, ws.a, ws.mods, ws.fmods,
+                          ws.mixed, stream)
+        ws.k_step.fill_(start)
+        self._draw(ws, stream)  # token `start` from the prefill's logits
+        ws.position.fill_(start + settings.position_offset)  # token `start` is fed at start + offset
+        pairs, odd = divmod(cfg.num_tokens - start - 1, 2)
+        for _ in range(pairs):
+            ws.graph.replay()
         if odd:
-            one(a, b, stream)
-        return tokens.cpu()
+            self._one(ws, ws.a, ws.b, stream)
+        return ws.tokens.cpu()
 
     def decode(self, tokens):
         vq = self.engines.get("vq_decoder")
@@ -168,3 +241,32 @@ class TensorRTBackend:
         if images.dtype == torch.uint8:
             return images.permute(0, 3, 1, 2).float() / 127.5 - 1
         return images.float()
+
+
+class TensorRTDecoder:
+    """The prefill and step engines for one (cfg_scale, temperature), run eagerly on the current stream;
+    the state is (conv, ssm) on the device plus the modulations, written to fresh buffers at each step."""
+
+    def __init__(self, backend: TensorRTBackend, cfg_scale: float, temperature: float):
+        self.backend, self.config = backend, backend.config
+        self.mixed_with = (cfg_scale, temperature)
+        self._scale = torch.tensor(float(cfg_scale), device="cuda")
+        self._temp = torch.tensor(float(temperature), device="cuda")
+
+    def prefill(self, classes, prefix, position_offset: int):
+        cfg, pre, batch = self.config, self.backend.engines["prefill"], classes.shape[0]
+        rows = 2 * batch
+        state = self.backend._states(rows)
+        state["mods"] = torch.empty(cfg.n_layer, rows, 3, cfg.d_model, device="cuda", dtype=pre.dtype["mods"])
+        state["fmods"] = torch.empty(rows, 2, cfg.d_model, device="cuda", dtype=pre.dtype["final_mods"])
+        mixed = torch.empty(batch, cfg.vocab_size, device="cuda")
+        self.backend._run_prefill(classes, prefix, position_offset, self._scale, self._temp, state, state["mods"],
+                                  state["fmods"], mixed, torch.cuda.current_stream().cuda_stream)
+        return mixed, state
+
+    def step(self, tokens, position: int, state: dict):
+        out = {**state, **self.backend._states(state["conv"].shape[1])}
+        mixed = torch.empty(tokens.shape[0], self.config.vocab_size, device="cuda")
+        self.backend._run_step(tokens.to("cuda"), torch.tensor(position, device="cuda"), state, out, state["mods"],
+                               state["fmods"], self._scale, self._temp, mixed, torch.cuda.current_stream().cuda_stream)
+        return mixed, out

@@ -13,11 +13,18 @@
       mixed = (u + (c - u) * cfg_scale) / temperature, (B, V), float32.
 
 In the exported graph each op also carries its definition as an ONNX model-local function built from standard
-ops below, so any ONNX runtime executes the very graph the TensorRT plugin sees (the TensorRT builder drops the
-function bodies so that its plugin is used). `ops.selective_state_step` / `ops.cfg_mix` are the references.
+ops, so any ONNX runtime executes the very graph the TensorRT plugin sees (the TensorRT builder drops the
+function bodies so that its plugin is used). `ops.selective_state_update` / `ops.cfg_mix` are the references;
+CfgMix's body is ops.cfg_mix itself, traced to ONNX, so the formula is written once.
+
+Names: the Python op is `selective_state_update` (ops.py); ONNX op types and TensorRT plugin names are
+CamelCase by convention, so the same op is `aim_rt::SelectiveStateUpdate` there (and `CfgMix` for cfg_mix).
 """
 
 from __future__ import annotations
+
+import io
+import warnings
 
 import numpy as np
 import onnx
@@ -28,9 +35,9 @@ from aim_rt import ops
 
 DOMAIN = "aim_rt"
 VERSION = 1
-SSU_INPUTS = ["xbc", "z", "dt", "conv_state", "ssm_state", "conv_weight", "conv_bias", "dt_bias", "A_log", "D",
-              "norm_weight"]
-SSU_OUTPUTS = ["y", "conv_state_out", "ssm_state_out"]
+SELECTIVE_STATE_UPDATE_INPUTS = ["xbc", "z", "dt", "conv_state", "ssm_state", "conv_weight", "conv_bias", "dt_bias",
+                                 "A_log", "D", "norm_weight"]
+SELECTIVE_STATE_UPDATE_OUTPUTS = ["y", "conv_state_out", "ssm_state_out"]
 
 
 # ----- torch side: what the tracer records ----------------------------------------------------------
@@ -40,7 +47,7 @@ class SelectiveStateUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xbc, z, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight,
                 headdim, d_state, ngroups, eps):
-        return ops.selective_state_step(xbc, z, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
+        return ops.selective_state_update(xbc, z, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
                                         norm_weight, headdim=headdim, d_state=d_state, ngroups=ngroups, eps=eps)
 
     @staticmethod
@@ -56,17 +63,18 @@ class SelectiveStateUpdate(torch.autograd.Function):
 
 def selective_state_update_op(xbc, z, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
                               norm_weight, *, headdim, d_state, ngroups, eps):
-    """Drop-in for `ops.selective_state_step` (keyword attributes) that exports as the custom node."""
+    """Drop-in for `ops.selective_state_update` (keyword attributes) that exports as the custom node."""
     return SelectiveStateUpdate.apply(xbc, z, dt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
                                       norm_weight, headdim, d_state, ngroups, eps)
 
 
 class CfgMix(torch.autograd.Function):
+    """Runs ops.cfg_mix eagerly; the ONNX exporter records one aim_rt.CfgMix node."""
+
     @staticmethod
     def forward(ctx, logits, cfg_scale, temperature):
         half = logits.shape[0] // 2
-        mixed = logits[half:].float() + (logits[:half].float() - logits[half:].float()) * cfg_scale
-        return mixed / temperature
+        return ops.cfg_mix(logits[:half], logits[half:], cfg_scale, temperature)
 
     @staticmethod
     def symbolic(g, logits, cfg_scale, temperature):
@@ -97,7 +105,7 @@ def selective_state_update_function(*, d_inner: int, conv_dim: int, nheads: int,
     n = []
     add = n.append
     # float32 views of the inputs
-    for name in SSU_INPUTS:
+    for name in SELECTIVE_STATE_UPDATE_INPUTS:
         add(helper.make_node("Cast", [name], [f"{name}_f"], to=f32))
     # conv: shift the window left, append xbc, depthwise conv + bias, SiLU
     add(_const("c_one", [1]))
@@ -176,7 +184,7 @@ def selective_state_update_function(*, d_inner: int, conv_dim: int, nheads: int,
     add(helper.make_node("CastLike", ["conv_new", "conv_state"], ["conv_state_out"]))
     add(helper.make_node("CastLike", ["h", "ssm_state"], ["ssm_state_out"]))
     return helper.make_function(
-        DOMAIN, "SelectiveStateUpdate", SSU_INPUTS, SSU_OUTPUTS, n,
+        DOMAIN, "SelectiveStateUpdate", SELECTIVE_STATE_UPDATE_INPUTS, SELECTIVE_STATE_UPDATE_OUTPUTS, n,
         opset_imports=[helper.make_opsetid("", opset)],
         attributes=["headdim", "d_state", "ngroups", "eps"],
         doc_string=__doc__.split("\n\n")[1],
@@ -184,16 +192,36 @@ def selective_state_update_function(*, d_inner: int, conv_dim: int, nheads: int,
 
 
 def cfg_mix_function(opset: int) -> onnx.FunctionProto:
+    """CfgMix's body: cast to float32, split the rows into conditional and null halves, then ops.cfg_mix as the
+    TorchScript exporter records it (so the ONNX definition cannot drift from the Python one)."""
     f32 = TensorProto.FLOAT
-    n = [
-        helper.make_node("Cast", ["logits"], ["lf"], to=f32),
-        helper.make_node("Cast", ["cfg_scale"], ["s"], to=f32),
-        helper.make_node("Cast", ["temperature"], ["t"], to=f32),
-        helper.make_node("Split", ["lf"], ["c", "u"], axis=0, num_outputs=2),
-        helper.make_node("Sub", ["c", "u"], ["d"]),
-        helper.make_node("Mul", ["d", "s"], ["ds"]),
-        helper.make_node("Add", ["u", "ds"], ["m"]),
-        helper.make_node("Div", ["m", "t"], ["mixed"]),
+    prologue = [
+        helper.make_node("Cast", ["logits"], ["logits_f"], to=f32),
+        helper.make_node("Cast", ["cfg_scale"], ["scale_f"], to=f32),
+        helper.make_node("Cast", ["temperature"], ["temperature_f"], to=f32),
+        helper.make_node("Split", ["logits_f"], ["cond", "uncond"], axis=0, num_outputs=2),
     ]
-    return helper.make_function(DOMAIN, "CfgMix", ["logits", "cfg_scale", "temperature"], ["mixed"], n,
+    return helper.make_function(DOMAIN, "CfgMix", ["logits", "cfg_scale", "temperature"], ["mixed"],
+                                prologue + _traced_cfg_mix_nodes(opset),
                                 opset_imports=[helper.make_opsetid("", opset)], attributes=[])
+
+
+class _CfgMixModule(torch.nn.Module):
+    def forward(self, cond, uncond, scale_f, temperature_f):
+        return ops.cfg_mix(cond, uncond, scale_f, temperature_f)
+
+
+def _traced_cfg_mix_nodes(opset: int) -> list[onnx.NodeProto]:
+    """ops.cfg_mix traced to ONNX nodes reading cond, uncond, scale_f, temperature_f and writing `mixed`."""
+    buf = io.BytesIO()
+    dyn = {0: "rows", 1: "vocab"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_CfgMixModule(), (torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor(1.0), torch.tensor(1.0)),
+                          buf, dynamo=False, opset_version=opset, do_constant_folding=False,
+                          input_names=["cond", "uncond", "scale_f", "temperature_f"], output_names=["mixed"],
+                          dynamic_axes={"cond": dyn, "uncond": dyn, "mixed": dyn})
+    graph = onnx.load_from_string(buf.getvalue()).graph
+    if graph.initializer:  # a function body has no initializers: a traced constant would be lost
+        raise AssertionError("ops.cfg_mix traced to a graph with initializers; build CfgMix's body differently")
+    return list(graph.node)

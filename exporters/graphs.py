@@ -34,7 +34,7 @@ class PrefillGraph(nn.Module):
 
 
 class StepGraph(nn.Module):
-    def __init__(self, model: AiM, ssm_op=ops.selective_state_step, cfg_op=None):
+    def __init__(self, model: AiM, ssm_op=ops.selective_state_update, cfg_op=None):
         super().__init__()
         self.model, self.ssm_op = model, ssm_op
         self.cfg_op = cfg_op or _cfg_mix_portable
@@ -66,4 +66,4 @@ class VQDecoderGraph(nn.Module):
 
 def _cfg_mix_portable(logits: Tensor, cfg_scale: Tensor, temperature: Tensor) -> Tensor:
     half = logits.shape[0] // 2
-    return ops.cfg_mix(logits[:half], logits[half:], cfg_scale, temperature=1.0) / temperature
+    return ops.cfg_mix(logits[:half], logits[half:], cfg_scale, temperature)

@@ -20,7 +20,8 @@ import aim_rt
 from aim_rt.bench import format_kernel_table, kernel_table, run_bench
 from aim_rt.config import VQConfig
 from aim_rt.cuda_backend import CudaBackend
-from aim_rt.sampling import SamplingSettings, draw, sample_tokens
+from aim_rt.decoding import sample_tokens, sampler_logits
+from aim_rt.sampling import SamplingSettings, draw
 from aim_rt.vq import VQModel
 
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -36,7 +37,7 @@ def parity(report: dict) -> None:
     classes, seeds = torch.arange(8) * 125, torch.arange(8)
     ref32 = aim_rt.random_model("AiM-B", seed=0, device="cuda")
     tokens = sample_tokens(ref32, classes, seeds, settings)
-    ref_logits = ref32.sampler_logits(classes, tokens, settings.cfg_scale)
+    ref_logits = sampler_logits(ref32, classes, tokens, settings.cfg_scale)
     for dtype in ("float32", "bfloat16"):
         model = ref32 if dtype == "float32" else aim_rt.random_model("AiM-B", seed=0, device="cuda", dtype=dtype)
         backend = CudaBackend(model)

@@ -7,7 +7,8 @@ import torch
 
 import aim_rt
 from aim_rt import ops
-from aim_rt.sampling import SamplingSettings, draw, sample_tokens
+from aim_rt.decoding import sample_tokens, sampler_logits
+from aim_rt.sampling import SamplingSettings, draw
 from conftest import rel_err
 
 HAS_NVRTC = importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None
@@ -90,7 +91,7 @@ def test_ssu_kernel_matches_reference(preset, dtype, in_place):
     kernels = Kernels("float32" if dtype == torch.float32 else "bfloat16")
     x = _ssu_inputs(cfg, rows=6, dtype=dtype, g=torch.Generator().manual_seed(0))
     x_again = {k: v.clone() for k, v in x.items()}  # the first run updates x's states in place
-    ref = ops.selective_state_step(*[t.clone() for t in x.values()], headdim=cfg.headdim, d_state=cfg.d_state,
+    ref = ops.selective_state_update(*[t.clone() for t in x.values()], headdim=cfg.headdim, d_state=cfg.d_state,
                                    ngroups=cfg.ngroups, eps=cfg.norm_eps)
     got = run_ssu_kernel(kernels, cfg, x, in_place)
     for name, r, o in zip(["y", "conv_state", "ssm_state"], ref, got):
@@ -112,7 +113,7 @@ def test_ssu_kernel_groups(ngroups):
     kernels = Kernels("float32")
     for in_place in (True, False):
         x = _ssu_inputs(cfg, rows=5, dtype=torch.float32, g=torch.Generator().manual_seed(ngroups))
-        ref = ops.selective_state_step(*[t.clone() for t in x.values()], headdim=cfg.headdim,
+        ref = ops.selective_state_update(*[t.clone() for t in x.values()], headdim=cfg.headdim,
                                        d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
         for name, r, o in zip(["y", "conv_state", "ssm_state"], ref, run_ssu_kernel(kernels, cfg, x, in_place)):
             assert rel_err(o, r) <= 1e-5, (name, in_place, rel_err(o, r))
@@ -161,7 +162,7 @@ def test_teacher_forced_logits_over_all_steps_and_token_agreement():
     seeds = torch.tensor([1, 2])
     tokens = sample_tokens(model, classes, seeds, settings)
     drawn, mixed = backend.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
-    ref = model.sampler_logits(classes, tokens, 5.0)
+    ref = sampler_logits(model, classes, tokens, 5.0)
     assert rel_err(mixed, ref.cuda()) <= 1e-4
     # draws on teacher-forced logits: no autoregressive divergence, so agreement is per token
     ref_draws = torch.stack([draw(ref[:, k].cpu(), seeds, k, settings) for k in range(256)], dim=1)
@@ -181,7 +182,7 @@ def test_bf16_backend_against_reference_and_vq_decode():
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
     tokens = sample_tokens(ref32, list(range(8)), list(range(8)), settings)
     _, mixed = backend.sample(list(range(8)), list(range(8)), settings, teacher=tokens, return_mixed=True)
-    assert rel_err(mixed, ref32.sampler_logits(torch.arange(8), tokens, 3.0)) <= 5e-2
+    assert rel_err(mixed, sampler_logits(ref32, torch.arange(8), tokens, 3.0)) <= 5e-2
     # graphs replayed with another batch size and settings still give the eager result
     eager = CudaBackend(model, use_graphs=False).sample([1, 2, 3], [4, 5, 6], settings)
     assert torch.equal(backend.sample([1, 2, 3], [4, 5, 6], settings), eager)

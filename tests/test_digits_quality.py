@@ -52,7 +52,7 @@ def test_generated_digits_are_recognised_and_diverse(backend_name, classifier, t
     model = aim_rt.load_model(default_model_path(), device=device)
     settings = SamplingSettings(**model.sampling_defaults)
     plan = plan_images(parse_classes("all", 10), 10, 0, 10, base_seed=0)
-    backend = make_backend(backend_name, model, engines=tmp_path / "engines", dtype="float32")
+    backend = make_backend(backend_name, model, artifacts=tmp_path / "engines", dtype="float32")
     classes = torch.tensor([s.cls for s in plan])
     tokens = backend.sample(classes, torch.tensor([s.seed for s in plan]), settings)
     images = backend.decode(tokens)

@@ -118,7 +118,7 @@ def test_tensorrt_backend_without_tensorrt_is_a_clear_error(tmp_path):
     model = aim_rt.random_model(aim_rt.AiMConfig(d_model=64, n_layer=1, vocab_size=64, num_classes=5, num_tokens=16,
                                                  d_state=32, headdim=32))
     with pytest.raises(AiMError, match="TensorRT is not installed"):
-        make_backend("tensorrt", model, engines=tmp_path)
+        make_backend("tensorrt", model, artifacts=tmp_path)
 
 
 @pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed on this machine")
@@ -135,3 +135,63 @@ def test_build_engines_with_tensorrt(tmp_path):
     export_onnx(aim_rt.load_model(GOLDEN / "stage2_group.safetensors"), tmp_path)
     results = {r.graph: r for r in build_engines(tmp_path)}
     assert results["portable/step"].ok and results["portable/prefill"].ok
+
+
+def test_plugin_builds_kernels_once_per_dtype_and_device(monkeypatch):
+    """Building Kernels loads a CUDA module: an enqueue must reuse them (a setdefault(key, Kernels(...)) did not)."""
+    import aim_rt.plugins.kernels as kernels
+    from aim_rt.plugins import trt_plugin
+
+    built = []
+
+    class FakeKernels:
+        def __init__(self, dtype, device_index=0):
+            built.append((dtype, device_index))
+
+    monkeypatch.setattr(kernels, "Kernels", FakeKernels)
+    monkeypatch.setattr(trt_plugin, "_kernels", {})
+    first = trt_plugin.kernels_for("bfloat16", 0)
+    assert trt_plugin.kernels_for("bfloat16", 0) is first and built == [("bfloat16", 0)]
+    trt_plugin.kernels_for("float32", 0)
+    trt_plugin.kernels_for("bfloat16", 1)
+    trt_plugin.kernels_for("float32", 0)
+    assert built == [("bfloat16", 0), ("float32", 0), ("bfloat16", 1)]
+
+
+def test_runner_captures_one_graph_per_key_and_reuses_it():
+    """sample() must replay the graph it captured for this batch and these baked-in settings, not capture anew."""
+    from aim_rt.engines.runner import GraphCache, TensorRTBackend, graph_key
+    from aim_rt.sampling import SamplingSettings
+
+    captured = []
+    backend = object.__new__(TensorRTBackend)  # no TensorRT here: only the cache logic
+    backend._graphs = GraphCache(lambda key: captured.append(key) or {"key": key})
+    base = SamplingSettings(cfg_scale=5.0, top_k=600, top_p=0.98)
+    ws = backend._workspace(4, base)
+    # cfg_scale, temperature (device scalars) and the seeds (a buffer) do not need a new graph
+    assert backend._workspace(4, SamplingSettings(cfg_scale=2.0, top_k=600, top_p=0.98, temperature=0.5)) is ws
+    assert captured == [graph_key(4, base)]
+    # what the sampling kernel takes by value, and the batch, do
+    backend._workspace(4, SamplingSettings(cfg_scale=5.0, top_k=100, top_p=0.98))
+    backend._workspace(4, SamplingSettings(cfg_scale=5.0, top_k=600, top_p=0.9))
+    backend._workspace(4, SamplingSettings(cfg_scale=5.0, top_k=600, top_p=0.98, position_convention="training"))
+    backend._workspace(8, base)
+    assert len(captured) == len(set(captured)) == 5 == len(backend._graphs)
+    assert backend._workspace(8, base)["key"] == graph_key(8, base) and len(captured) == 5
+
+
+def test_plugin_enqueues_do_all_torch_work_on_tensorrts_stream():
+    """Without TensorRT the impls cannot run; their shape is checked instead: the whole body of each enqueue is
+    one `with torch.cuda.stream(torch.cuda.ExternalStream(stream))` block."""
+    import ast
+    import inspect
+
+    from aim_rt.plugins import trt_plugin
+
+    tree = ast.parse(inspect.getsource(trt_plugin.register))
+    impls = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+             and any(isinstance(d, ast.Call) and ast.unparse(d.func) == "trtp.impl" for d in f.decorator_list)]
+    assert len(impls) == 2
+    for fn in impls:
+        assert len(fn.body) == 1 and isinstance(fn.body[0], ast.With), fn.name
+        assert ast.unparse(fn.body[0].items[0].context_expr) == "torch.cuda.stream(torch.cuda.ExternalStream(stream))"

@@ -24,7 +24,7 @@ def test_teacher_logits_match_official(name):
 def test_sampler_logits_match_official(name):
     g, meta = golden(name)
     model = aim_rt.load_model(GOLDEN / f"{name}.safetensors")
-    got = model.sampler_logits(g["golden.classes"], g["golden.tokens"], meta["cfg_scale"])
+    got = aim_rt.sampler_logits(model, g["golden.classes"], g["golden.tokens"], meta["cfg_scale"])
     assert got.shape == g["golden.logits_sampler_cfg"].shape
     assert rel_err(got, g["golden.logits_sampler_cfg"]) <= TOL
 
@@ -34,7 +34,7 @@ def test_semantic_switches_are_detected(name):
     """The goldens are sensitive to the conventions: the training position convention must not match them."""
     g, meta = golden(name)
     model = aim_rt.load_model(GOLDEN / f"{name}.safetensors")
-    wrong = model.sampler_logits(g["golden.classes"], g["golden.tokens"], meta["cfg_scale"], position_offset=0)
+    wrong = aim_rt.sampler_logits(model, g["golden.classes"], g["golden.tokens"], meta["cfg_scale"], position_offset=0)
     assert rel_err(wrong, g["golden.logits_sampler_cfg"]) > 1e-2
 
 

@@ -1,7 +1,6 @@
 """Compiling the kernels must leave the interpreter intact (issue 13: NVRTC once wrote a NUL into CPython's
 shared one-byte bytes object for a space, and every later b" " in the process became b"\\x00")."""
 
-import io
 import subprocess
 import sys
 import textwrap

@@ -12,7 +12,8 @@ from aim_rt.errors import AiMError
 from aim_rt.exporters.graphs import PrefillGraph, StepGraph
 from aim_rt.exporters.onnx_export import export_onnx, export_vq_decoder
 from aim_rt.ort_backend import OnnxRuntimeBackend
-from aim_rt.sampling import SamplingSettings, sample_tokens
+from aim_rt.decoding import sample_tokens
+from aim_rt.sampling import SamplingSettings
 from conftest import GOLDEN, STAGE2_GOLDENS, golden, rel_err
 
 ort = pytest.importorskip("onnxruntime")
@@ -165,3 +166,64 @@ def test_export_errors(tmp_path):
         export_onnx(model, tmp_path, dtype="int8")
     with pytest.raises(AiMError, match="not an aim-rt export"):
         OnnxRuntimeBackend(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_onnxruntime_teacher_forcing_gives_the_reference_mixed_logits(golden_export, variant):
+    """The one loop over the exported graphs: teacher-forced mixed logits against the reference's."""
+    from aim_rt.backends import TorchBackend
+
+    name, model, out = golden_export
+    settings = SamplingSettings(cfg_scale=2.5, top_k=30, top_p=0.95, temperature=0.9)
+    classes, seeds = [3, 6], [1, 2]
+    teacher = sample_tokens(model, classes, [9, 9], settings)
+    ours, mixed = OnnxRuntimeBackend(out, variant).sample(classes, seeds, settings, teacher=teacher, return_mixed=True)
+    ref, ref_mixed = TorchBackend(model).sample(classes, seeds, settings, teacher=teacher, return_mixed=True)
+    assert mixed.shape == ref_mixed.shape == (2, model.config.num_tokens, model.config.vocab_size)
+    assert rel_err(mixed, ref_mixed) <= TOL
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_cfg_mix_onnx_function_is_ops_cfg_mix(dtype):
+    """The CfgMix function body, run by ONNX Runtime, against ops.cfg_mix (its source)."""
+    from onnx import TensorProto, helper
+
+    from aim_rt import ops
+    from aim_rt.exporters.custom_ops import DOMAIN, VERSION, cfg_mix_function
+
+    elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    graph = helper.make_graph(
+        [helper.make_node("CfgMix", ["logits", "cfg_scale", "temperature"], ["mixed"], domain=DOMAIN)], "cfg",
+        [helper.make_tensor_value_info("logits", elem, ["rows", "vocab"]),
+         helper.make_tensor_value_info("cfg_scale", TensorProto.FLOAT, []),
+         helper.make_tensor_value_info("temperature", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("mixed", TensorProto.FLOAT, ["batch", "vocab"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, VERSION)],
+                              functions=[cfg_mix_function(18)])
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = np.random.default_rng(0).standard_normal((6, 37)).astype(dtype)
+    got = session.run(None, {"logits": logits, "cfg_scale": np.array(3.5, np.float32),
+                             "temperature": np.array(0.7, np.float32)})[0]
+    t = torch.from_numpy(logits)
+    want = ops.cfg_mix(t[:3], t[3:], torch.tensor(3.5), torch.tensor(0.7))
+    assert got.dtype == np.float32 and np.array_equal(got, want.numpy())
+
+
+def test_artifacts_of_other_or_unknown_weights_are_refused(tmp_path):
+    from aim_rt.backends import make_backend
+
+    model = aim_rt.load_model(GOLDEN / "stage2_single.safetensors")
+    ours, other = "ab" * 32, "cd" * 32
+    export_onnx(model, tmp_path / "ours", model_sha256=ours)
+    export_onnx(model, tmp_path / "unknown")
+    assert make_backend("onnxruntime", model, artifacts=tmp_path / "ours", model_sha256=ours).name == "onnxruntime"
+    with pytest.raises(AiMError, match=r"exported from other weights \(sha256 abababababab.*aim-rt export .* --out"):
+        make_backend("onnxruntime", model, artifacts=tmp_path / "ours", model_sha256=other)
+    with pytest.raises(AiMError, match="do not say which weights.*aim-rt export"):
+        make_backend("onnxruntime", model, artifacts=tmp_path / "unknown", model_sha256=ours)
+    # no hash known (a model made in memory): the artifacts are taken as they are
+    assert make_backend("onnxruntime", model, artifacts=tmp_path / "unknown").name == "onnxruntime"
+    with pytest.raises(TypeError):
+        make_backend("onnxruntime", model, engines=tmp_path / "ours")  # the old name is gone

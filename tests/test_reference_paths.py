@@ -4,7 +4,7 @@ import torch
 
 import aim_rt
 from aim_rt import ops
-from aim_rt.sampling import cfg_rows
+from aim_rt.model import cfg_rows
 from conftest import rel_err
 
 CFG = aim_rt.AiMConfig(d_model=64, n_layer=3, vocab_size=96, num_classes=7, num_tokens=256, d_state=32,
@@ -29,7 +29,7 @@ def test_step_path_equals_chunked_path_over_256_tokens():
     classes = torch.tensor([0, 6, 3])
     tokens = torch.randint(0, CFG.vocab_size, (3, CFG.num_tokens), generator=g)
     with torch.no_grad():
-        step = model.sampler_logits(classes, tokens, 2.5)
+        step = aim_rt.sampler_logits(model, classes, tokens, 2.5)
         par = parallel_sampler_logits(model, classes, tokens, 2.5)
     assert rel_err(step, par) < 1e-5
 

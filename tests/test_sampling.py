@@ -5,7 +5,8 @@ import torch
 
 import aim_rt
 from aim_rt import SamplingError, SamplingSettings
-from aim_rt.sampling import categorical, filter_logits, image_seed, sample_tokens, uniforms
+from aim_rt.decoding import sample_tokens
+from aim_rt.sampling import categorical, filter_logits, image_seed, uniforms
 from conftest import GOLDEN
 
 
@@ -69,7 +70,7 @@ def test_greedy_limit_follows_the_argmax_of_the_mixed_logits(model):
     """top_k = 1 makes sampling deterministic: tokens must be the argmax of the sampler's CFG logits."""
     settings = SamplingSettings(cfg_scale=3.0, top_k=1, top_p=1.0)
     tokens = sample_tokens(model, [2, 5], [0, 1], settings)
-    logits = model.sampler_logits(torch.tensor([2, 5]), tokens, 3.0)
+    logits = aim_rt.sampler_logits(model, torch.tensor([2, 5]), tokens, 3.0)
     assert torch.equal(logits.argmax(-1), tokens)
 
 
