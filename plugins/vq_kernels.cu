@@ -1,0 +1,227 @@
+// aim-rt VQ decoder kernels (NHWC, 16-bit activations, float32 arithmetic): GroupNorm split into a statistics
+// pass (which also performs the residual add and the conv bias add and may write the sum back), a tiny finalize
+// (per image and channel: scale, shift), and an apply pass that fuses normalize * gamma + beta and SiLU.
+// Plus the nearest-neighbour 2x upsample. The convolutions around them are cuDNN's (torch, channels_last).
+//
+// Compiled per element type with -DELEM_KIND=1 (float16) or 2 (bfloat16); no CUDA headers are needed, so NVRTC
+// compiles it anywhere. Each entry point takes one plain parameter struct mirrored in aim_rt/vq_fast.py.
+// Layout: activations are (B, HW, C) row-major with C % 8 == 0 and 16-byte aligned rows (8 elements / thread).
+//
+//   vq_gn_stats     v = x (+ res) (+ bias), optionally written back rounded; per (image, chunk of rows, group):
+//                   mean and M2 of v (as rounded when written). grid (nchunk, B), block cv * (256 / cv), cv = C / 8
+//   vq_gn_finalize  Chan-combines the chunks; scale = rstd * gamma, shift = beta + (bias - mean) * scale.
+//                   grid (B), block <= 1024 (loops over channels)
+//   vq_gn_apply     y = x * scale + shift, optional SiLU. grid-stride over 8-element vectors
+//   vq_upsample2x   nearest 2x: (B, H, W, C) -> (B, 2H, 2W, C). grid-stride over input vectors
+
+#ifndef ELEM_KIND
+#define ELEM_KIND 2
+#endif
+
+typedef unsigned short elem_t;
+#if ELEM_KIND == 1
+__device__ __forceinline__ float ld(elem_t v) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f; }
+__device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
+#elif ELEM_KIND == 2
+__device__ __forceinline__ float ld(elem_t v) { return __uint_as_float(((unsigned)v) << 16); }
+__device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
+#else
+#error "vq_kernels.cu supports ELEM_KIND 1 (float16) and 2 (bfloat16)"
+#endif
+
+union Pack8 {
+  uint4 u;
+  elem_t e[8];
+};
+
+__device__ __forceinline__ void load8(const elem_t* p, float* f) {
+  Pack8 k;
+  k.u = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = ld(k.e[i]);
+}
+
+__device__ __forceinline__ void store8(elem_t* p, const float* f) {
+  Pack8 k;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) k.e[i] = st(f[i]);
+  *reinterpret_cast<uint4*>(p) = k.u;
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+
+struct GnStatsParams {
+  const elem_t* x;     // (B, hw, c)
+  const elem_t* res;   // optional, same shape: added
+  const float* bias;   // optional (c): added
+  elem_t* out;         // optional: v written back (may alias x)
+  float* partial;      // (B, nchunk, groups, 2): mean, M2
+  long long hw;
+  int c, groups, rows_per_chunk, nchunk;
+};
+
+extern "C" __global__ void vq_gn_stats(GnStatsParams p) {
+  extern __shared__ float sm[];  // [2][blockDim.x * 8]
+  const int cv = p.c >> 3;
+  const int tpr = blockDim.x / cv;  // rows in flight
+  const int t = threadIdx.x;
+  const int vi = t % cv, r0 = t / cv;
+  const long long b = blockIdx.y;
+  const long long row_begin = (long long)blockIdx.x * p.rows_per_chunk;
+  long long row_end = row_begin + p.rows_per_chunk;
+  if (row_end > p.hw) row_end = p.hw;
+  float s[8], q[8], bias[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    s[i] = 0.0f;
+    q[i] = 0.0f;
+    bias[i] = p.bias ? p.bias[vi * 8 + i] : 0.0f;
+  }
+  if (r0 < tpr) {
+    for (long long r = row_begin + r0; r < row_end; r += tpr) {
+      const size_t off = ((size_t)b * (size_t)p.hw + (size_t)r) * (size_t)p.c + (size_t)vi * 8;
+      float v[8];
+      load8(p.x + off, v);
+      if (p.res) {
+        float w[8];
+        load8(p.res + off, w);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] += w[i];
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] += bias[i];
+      if (p.out) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = ld(st(v[i]));
+        store8(p.out + off, v);
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        s[i] += v[i];
+        q[i] += v[i] * v[i];
+      }
+    }
+  }
+  float* ss = sm;
+  float* qs = sm + blockDim.x * 8;
+  if (r0 < tpr) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      ss[r0 * p.c + vi * 8 + i] = s[i];
+      qs[r0 * p.c + vi * 8 + i] = q[i];
+    }
+  }
+  __syncthreads();
+  const int cg = p.c / p.groups;
+  for (int g = t; g < p.groups; g += blockDim.x) {
+    float S = 0.0f, Q = 0.0f;
+    for (int rr = 0; rr < tpr; ++rr)
+      for (int j = 0; j < cg; ++j) {
+        S += ss[rr * p.c + g * cg + j];
+        Q += qs[rr * p.c + g * cg + j];
+      }
+    const float n = (float)((row_end > row_begin ? row_end - row_begin : 0) * cg);
+    const float mean = n > 0.0f ? S / n : 0.0f;
+    const float m2 = n > 0.0f ? fmaxf(Q - S * mean, 0.0f) : 0.0f;
+    float* dst = p.partial + (((size_t)b * p.nchunk + blockIdx.x) * p.groups + g) * 2;
+    dst[0] = mean;
+    dst[1] = m2;
+  }
+}
+
+struct GnFinalizeParams {
+  const float* partial;  // from vq_gn_stats
+  const float* gamma;    // (c)
+  const float* beta;     // (c)
+  const float* bias;     // optional (c): the statistics included it, the apply pass's input does not
+  float* scale;          // (B, c)
+  float* shift;          // (B, c)
+  long long hw;
+  int c, groups, rows_per_chunk, nchunk;
+  float eps;
+};
+
+extern "C" __global__ void vq_gn_finalize(GnFinalizeParams p) {
+  const long long b = blockIdx.x;
+  const int cg = p.c / p.groups;
+  for (int ch = threadIdx.x; ch < p.c; ch += blockDim.x) {
+    const int g = ch / cg;
+    float n_tot = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int k = 0; k < p.nchunk; ++k) {
+      long long rows = p.hw - (long long)k * p.rows_per_chunk;
+      if (rows > p.rows_per_chunk) rows = p.rows_per_chunk;
+      if (rows <= 0) continue;
+      const float nk = (float)(rows * cg);
+      const float* src = p.partial + (((size_t)b * p.nchunk + k) * p.groups + g) * 2;
+      const float n_new = n_tot + nk;
+      const float d = src[0] - mean;
+      mean += d * (nk / n_new);
+      m2 += src[1] + d * d * (n_tot * nk / n_new);
+      n_tot = n_new;
+    }
+    const float rstd = 1.0f / sqrtf(m2 / n_tot + p.eps);
+    const float a = rstd * p.gamma[ch];
+    float sh = p.beta[ch] - mean * a;
+    if (p.bias) sh += p.bias[ch] * a;
+    p.scale[b * p.c + ch] = a;
+    p.shift[b * p.c + ch] = sh;
+  }
+}
+
+struct GnApplyParams {
+  const elem_t* x;     // (B, hw, c)
+  const float* scale;  // (B, c)
+  const float* shift;  // (B, c)
+  elem_t* out;         // (B, hw, c), may alias x
+  long long hw, total_vec;
+  int c, silu;
+};
+
+extern "C" __global__ void vq_gn_apply(GnApplyParams p) {
+  const long long cv = p.c >> 3;
+  const long long per_image = p.hw * cv;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.total_vec; i += stride) {
+    const long long b = i / per_image;
+    const long long vi = i % cv;
+    const float* a = p.scale + b * p.c + vi * 8;
+    const float* s = p.shift + b * p.c + vi * 8;
+    float v[8];
+    load8(p.x + i * 8, v);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      float y = v[k] * a[k] + s[k];
+      v[k] = p.silu ? silu(y) : y;
+    }
+    store8(p.out + i * 8, v);
+  }
+}
+
+struct UpsampleParams {
+  const elem_t* x;  // (B, h, w, c)
+  elem_t* out;      // (B, 2h, 2w, c)
+  long long total_vec;
+  int h, w, c;
+};
+
+extern "C" __global__ void vq_upsample2x(UpsampleParams p) {
+  const long long cv = p.c >> 3;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.total_vec; i += stride) {
+    const long long vi = i % cv;
+    const long long pix = i / cv;
+    const long long xw = pix % p.w;
+    const long long t = pix / p.w;
+    const long long yh = t % p.h;
+    const long long b = t / p.h;
+    const uint4 v = *reinterpret_cast<const uint4*>(p.x + i * 8);
+    const long long W2 = 2LL * p.w;
+#pragma unroll
+    for (int dy = 0; dy < 2; ++dy)
+#pragma unroll
+      for (int dx = 0; dx < 2; ++dx) {
+        const long long off = ((b * 2 * p.h + 2 * yh + dy) * W2 + 2 * xw + dx) * p.c + vi * 8;
+        *reinterpret_cast<uint4*>(p.out + off) = v;
+      }
+  }
+}
