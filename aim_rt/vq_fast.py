@@ -106,6 +106,21 @@ class UpsampleParams(ctypes.Structure):
     _fields_ = [("x", P), ("out", P), ("total_vec", LL), ("h", I), ("w", I), ("c", I)]
 
 
+class SubpixelParams(ctypes.Structure):
+    _fields_ = [("y", P), ("bias", P), ("out", P), ("total_vec", LL), ("h", I), ("w", I), ("c", I)]
+
+
+# tap folding for a 3x3 conv after a nearest 2x upsample: output phase d uses input offsets (d - 1, d) -> rows
+_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def subpixel_weight(w: Tensor) -> Tensor:
+    """(Cout, Cin, 3, 3) conv after nearest 2x upsampling -> (4 Cout, Cin, 2, 2) on the 1-padded input, phases
+    (dy, dx) in the order 2 dy + dx; float32 sums."""
+    m = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=w.device)  # (phase, 2, 3)
+    return torch.cat([torch.einsum("ak,oikl,bl->oiab", m[dy], w.float(), m[dx]) for dy in (0, 1) for dx in (0, 1)])
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -149,6 +164,14 @@ class _TorchOps:
     def upsample(self, x: Tensor) -> Tensor:
         return x.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
 
+    def subpixel_gather(self, y: Tensor, bias: Tensor | None) -> Tensor:
+        b, h1, w1, c4 = y.shape
+        h, w, c = h1 - 1, w1 - 1, c4 // 4
+        y = y.reshape(b, h1, w1, 2, 2, c)
+        rows = [torch.stack([y[:, dy:dy + h, dx:dx + w, dy, dx] for dx in (0, 1)], dim=3) for dy in (0, 1)]
+        out = torch.stack(rows, dim=2).reshape(b, 2 * h, 2 * w, c).float()  # (b, h, dy, w, dx, c)
+        return (out if bias is None else out + bias).to(y.dtype)
+
 
 class _CudaOps:
     """The same four operations on plugins/vq_kernels.cu (16-bit activations, NHWC, C % 8 == 0)."""
@@ -165,7 +188,7 @@ class _CudaOps:
         torch.empty(1, device=device)  # the primary context current for the driver API
         self.module = _check(driver.cuModuleLoadData(compile_vq_cubin(name, f"sm_{major}{minor}")), "cuModuleLoadData")
         self.fn = {n: _check(driver.cuModuleGetFunction(self.module, n.encode()), f"cuModuleGetFunction({n})")
-                   for n in ("vq_gn_stats", "vq_gn_finalize", "vq_gn_apply", "vq_upsample2x")}
+                   for n in ("vq_gn_stats", "vq_gn_finalize", "vq_gn_apply", "vq_upsample2x", "vq_subpixel_gather")}
         self.sms = torch.cuda.get_device_properties(index).multi_processor_count
 
     def _launch(self, name: str, grid: tuple, block: int, smem: int, params) -> None:
@@ -218,6 +241,15 @@ class _CudaOps:
         self._launch("vq_upsample2x", (self._grid(total), 1, 1), 256, 0, p)
         return out
 
+    def subpixel_gather(self, y: Tensor, bias: Tensor | None) -> Tensor:
+        b, h1, w1, c4 = y.shape
+        h, w, c = h1 - 1, w1 - 1, c4 // 4
+        out = torch.empty(b, 2 * h, 2 * w, c, device=y.device, dtype=y.dtype)
+        total = out.numel() // 8
+        p = SubpixelParams(_ptr(y), _ptr(bias), _ptr(out), total, h, w, c)
+        self._launch("vq_subpixel_gather", (self._grid(total), 1, 1), 256, 0, p)
+        return out
+
 
 # ----- the decoder ---------------------------------------------------------------------------------------
 class _Res:
@@ -231,16 +263,18 @@ class FastVQDecoder:
     `use_graphs`: capture one CUDA graph per batch size on first use (the tokens are copied into it).
     `kernels`: use plugins/vq_kernels.cu (default: on CUDA for 16-bit types); False = pure torch ops.
     `benchmark`: let cuDNN time its algorithms during the first call of each batch size (per process).
+    `subpixel`: fold each nearest 2x upsample into its conv (a 2x2 conv with 4x the outputs at low resolution,
+    5/9 fewer FLOPs, then a phase-interleave pass) instead of upsampling then a 3x3 conv.
     Tokens are not range-checked here (that would sync with the host): callers check them.
     """
 
     def __init__(self, vq: VQModel, dtype: torch.dtype = torch.bfloat16, use_graphs: bool | None = None,
-                 kernels: bool | None = None, benchmark: bool = True):
+                 kernels: bool | None = None, benchmark: bool = True, subpixel: bool = True):
         dev = vq.device
         cuda = dev.type == "cuda"
         self.config, self.device, self.dtype = vq.config, dev, dtype
         self.use_graphs = cuda if use_graphs is None else use_graphs
-        self.benchmark = benchmark
+        self.benchmark, self.subpixel = benchmark, subpixel
         want = cuda and dtype in (torch.bfloat16, torch.float16) if kernels is None else kernels
         self.ops = _CudaOps(dtype, dev) if want else _TorchOps()
         self._graphs: dict[int, tuple] = {}
@@ -287,7 +321,12 @@ class FastVQDecoder:
                     blocks.append(("res", res(r)))
                     if len(level.attn):
                         blocks.append(("attn", attn(level.attn[i])))
-                up = (convw(level.upsample.conv), f32(level.upsample.conv.bias)) if hasattr(level, "upsample") else None
+                up = None
+                if hasattr(level, "upsample"):
+                    m = level.upsample.conv
+                    w = subpixel_weight(m.weight.detach()).to(dt).contiguous(memory_format=torch.channels_last) \
+                        if self.subpixel else convw(m)
+                    up = (w, f32(m.bias))
                 self.levels.append((blocks, up))
             self.norm_out = (f32(dec.norm_out.weight), f32(dec.norm_out.bias))
             self.out_channels = dec.conv_out.weight.shape[0]
@@ -335,7 +374,11 @@ class FastVQDecoder:
         for blocks, up in self.levels:
             for kind, m in blocks:
                 h, st = self._res(h, st, m) if kind == "res" else self._attn(h, st, m)
-            if up is not None:
+            if up is not None and self.subpixel:
+                y = self._conv(F.pad(h, (0, 0, 1, 1, 1, 1)), up[0], 0)
+                h = ops.subpixel_gather(y, up[1])
+                st = ops.stats(h)
+            elif up is not None:
                 h = self._conv(ops.upsample(h), up[0], 1)
                 st = ops.stats(h, bias=up[1], out=h)
         a, s = ops.finalize(st, *self.norm_out)

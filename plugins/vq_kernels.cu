@@ -225,3 +225,39 @@ extern "C" __global__ void vq_upsample2x(UpsampleParams p) {
       }
   }
 }
+
+// The nearest 2x upsample folded into the following 3x3 conv: that conv, on the zero-padded low-resolution
+// input, is one 2x2 conv with 4 * C outputs (one C-block per output phase (dy, dx), tap weights pre-summed),
+// giving y (B, h+1, w+1, 4c); this interleaves the phases and adds the bias:
+//   out[b, 2i+dy, 2j+dx, c] = y[b, i+dy, j+dx, (2dy+dx) c + c] + bias[c]
+struct SubpixelParams {
+  const elem_t* y;     // (B, h+1, w+1, 4c)
+  const float* bias;   // optional (c)
+  elem_t* out;         // (B, 2h, 2w, c)
+  long long total_vec;
+  int h, w, c;
+};
+
+extern "C" __global__ void vq_subpixel_gather(SubpixelParams p) {
+  const long long cv = p.c >> 3;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long W2 = 2LL * p.w, H2 = 2LL * p.h;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.total_vec; i += stride) {
+    const long long vi = i % cv;
+    const long long pix = i / cv;
+    const long long ox = pix % W2;
+    const long long t = pix / W2;
+    const long long oy = t % H2;
+    const long long b = t / H2;
+    const int dy = (int)(oy & 1), dx = (int)(ox & 1);
+    const long long iy = (oy >> 1) + dy, ix = (ox >> 1) + dx;
+    const long long src = ((b * (p.h + 1) + iy) * (p.w + 1) + ix) * 4LL * p.c + (long long)(2 * dy + dx) * p.c + vi * 8;
+    float v[8];
+    load8(p.y + src, v);
+    if (p.bias) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] += p.bias[vi * 8 + k];
+    }
+    store8(p.out + i * 8, v);
+  }
+}
