@@ -22,6 +22,7 @@ pure torch ops (`_TorchOps`), which is what the CPU tests check against the refe
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -386,10 +387,14 @@ class FastVQDecoder:
         y = y[..., : self.out_channels].float() + self.conv_out[1]
         return y.permute(0, 3, 1, 2).contiguous()
 
+    @contextlib.contextmanager
     def _flags(self):
-        return torch.backends.cudnn.flags(enabled=True, benchmark=self.benchmark,
-                                          deterministic=torch.backends.cudnn.deterministic,
-                                          allow_tf32=torch.backends.cudnn.allow_tf32)
+        old = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = self.benchmark
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = old
 
     @torch.no_grad()
     def __call__(self, tokens: Tensor) -> Tensor:
