@@ -203,7 +203,7 @@ class _CudaOps:
         hw = x.numel() // (b * c)
         cv = c // 8
         tpr = STATS_THREADS // cv
-        nchunk = max(1, min(-(-4 * self.sms // b), -(-hw // tpr)))
+        nchunk = max(1, min(-(-8 * self.sms // b), -(-hw // tpr)))
         rpc = -(-hw // nchunk)
         rpc = -(-rpc // tpr) * tpr
         nchunk = -(-hw // rpc)
@@ -220,7 +220,7 @@ class _CudaOps:
         shift = torch.empty_like(scale)
         p = GnFinalizeParams(_ptr(partial), _ptr(gamma), _ptr(beta), _ptr(bias), _ptr(scale), _ptr(shift), hw,
                              c, GROUPS, rpc, nchunk, EPS)
-        self._launch("vq_gn_finalize", (b, 1, 1), min(1024, -(-c // 32) * 32), 0, p)
+        self._launch("vq_gn_finalize", (b, 1, 1), 1024, 0, p)
         return scale, shift
 
     def _grid(self, total_vec: int) -> int:

@@ -10,7 +10,7 @@
 //   vq_gn_stats     v = x (+ res) (+ bias), optionally written back rounded; per (image, chunk of rows, group):
 //                   mean and M2 of v (as rounded when written). grid (nchunk, B), block cv * (256 / cv), cv = C / 8
 //   vq_gn_finalize  Chan-combines the chunks; scale = rstd * gamma, shift = beta + (bias - mean) * scale.
-//                   grid (B), block <= 1024 (loops over channels)
+//                   grid (B), block 1024 (a warp per group, lanes over chunks; groups <= 1024)
 //   vq_gn_apply     y = x * scale + shift, optional SiLU. grid-stride over 8-element vectors
 //   vq_upsample2x   nearest 2x: (B, H, W, C) -> (B, 2H, 2W, C). grid-stride over input vectors
 
@@ -78,6 +78,7 @@ extern "C" __global__ void vq_gn_stats(GnStatsParams p) {
     bias[i] = p.bias ? p.bias[vi * 8 + i] : 0.0f;
   }
   if (r0 < tpr) {
+#pragma unroll 4
     for (long long r = row_begin + r0; r < row_end; r += tpr) {
       const size_t off = ((size_t)b * (size_t)p.hw + (size_t)r) * (size_t)p.c + (size_t)vi * 8;
       float v[8];
@@ -141,27 +142,47 @@ struct GnFinalizeParams {
   float eps;
 };
 
+__device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
+  const float nn = n + nb;
+  if (nn <= 0.0f) return;
+  const float d = meanb - mean;
+  mean += d * (nb / nn);
+  m2 += m2b + d * d * (n * nb / nn);
+  n = nn;
+}
+
+// grid (B), block 1024 (32 warps): warp w combines group w (w + 32, ...) over the chunks, lane-strided, then a
+// shuffle tree; then every thread writes channels.
 extern "C" __global__ void vq_gn_finalize(GnFinalizeParams p) {
+  __shared__ float g_mean[1024], g_rstd[1024];
   const long long b = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int cg = p.c / p.groups;
-  for (int ch = threadIdx.x; ch < p.c; ch += blockDim.x) {
-    const int g = ch / cg;
-    float n_tot = 0.0f, mean = 0.0f, m2 = 0.0f;
-    for (int k = 0; k < p.nchunk; ++k) {
+  for (int g = warp; g < p.groups; g += nwarps) {
+    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int k = lane; k < p.nchunk; k += 32) {
       long long rows = p.hw - (long long)k * p.rows_per_chunk;
       if (rows > p.rows_per_chunk) rows = p.rows_per_chunk;
       if (rows <= 0) continue;
-      const float nk = (float)(rows * cg);
       const float* src = p.partial + (((size_t)b * p.nchunk + k) * p.groups + g) * 2;
-      const float n_new = n_tot + nk;
-      const float d = src[0] - mean;
-      mean += d * (nk / n_new);
-      m2 += src[1] + d * d * (n_tot * nk / n_new);
-      n_tot = n_new;
+      chan_merge(n, mean, m2, (float)(rows * cg), src[0], src[1]);
     }
-    const float rstd = 1.0f / sqrtf(m2 / n_tot + p.eps);
-    const float a = rstd * p.gamma[ch];
-    float sh = p.beta[ch] - mean * a;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float nb = __shfl_xor_sync(0xffffffffu, n, o);
+      const float mb = __shfl_xor_sync(0xffffffffu, mean, o);
+      const float m2b = __shfl_xor_sync(0xffffffffu, m2, o);
+      chan_merge(n, mean, m2, nb, mb, m2b);
+    }
+    if (lane == 0) {
+      g_mean[g] = mean;
+      g_rstd[g] = 1.0f / sqrtf(m2 / n + p.eps);
+    }
+  }
+  __syncthreads();
+  for (int ch = threadIdx.x; ch < p.c; ch += blockDim.x) {
+    const int g = ch / cg;
+    const float a = g_rstd[g] * p.gamma[ch];
+    float sh = p.beta[ch] - g_mean[g] * a;
     if (p.bias) sh += p.bias[ch] * a;
     p.scale[b * p.c + ch] = a;
     p.shift[b * p.c + ch] = sh;

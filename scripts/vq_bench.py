@@ -284,7 +284,7 @@ def cold_start() -> dict:
         for i, extra in enumerate(([], [], ["--no-benchmark"])):
             name = ["first_process", "second_process", "third_process_no_cudnn_benchmark"][i]
             p = subprocess.run([sys.executable, __file__, "--cold-child", *extra], env=env, capture_output=True,
-                               text=True, timeout=120)
+                               text=True, timeout=60)
             try:
                 res[name] = json.loads(p.stdout.strip().splitlines()[-1])
             except Exception:  # noqa: BLE001
@@ -299,7 +299,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out"))
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--budget", type=float, default=250.0, help="skip remaining timings after this many seconds")
+    ap.add_argument("--budget", type=float, default=220.0, help="skip remaining timings after this many seconds")
     ap.add_argument("--cold-child", action="store_true")
     ap.add_argument("--no-benchmark", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,accuracy,timing,profile,cold")
@@ -328,9 +328,9 @@ def main() -> None:
     vq16 = copy.deepcopy(vq32).bfloat16()
     sections += [("accuracy", lambda: accuracy(vq32, vq16, {k: variants[k] for k in ("fast_subpixel", "fast_upsample",
                                                                                           "fast_torch_ops")})),
+                 ("cold", lambda: cold_start()),
                  ("timing", lambda: timing(vq16, vq32, batches, variants, args.iters, args.budget)),
-                 ("profile", lambda: profiles(vq16, vq32, args.out)),
-                 ("cold", lambda: cold_start())]
+                 ("profile", lambda: profiles(vq16, vq32, args.out))]
     for name, fn in sections:
         if name in skip:
             continue
