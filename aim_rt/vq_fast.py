@@ -220,7 +220,7 @@ class _CudaOps:
         shift = torch.empty_like(scale)
         p = GnFinalizeParams(_ptr(partial), _ptr(gamma), _ptr(beta), _ptr(bias), _ptr(scale), _ptr(shift), hw,
                              c, GROUPS, rpc, nchunk, EPS)
-        self._launch("vq_gn_finalize", (b, 1, 1), 1024, 0, p)
+        self._launch("vq_gn_finalize", (b, 1, 1), 256, 0, p)
         return scale, shift
 
     def _grid(self, total_vec: int) -> int:

@@ -9,8 +9,9 @@
 //
 //   vq_gn_stats     v = x (+ res) (+ bias), optionally written back rounded; per (image, chunk of rows, group):
 //                   mean and M2 of v (as rounded when written). grid (nchunk, B), block cv * (256 / cv), cv = C / 8
+// Every entry point is launched with at most 256 threads (__launch_bounds__(256)).
 //   vq_gn_finalize  Chan-combines the chunks; scale = rstd * gamma, shift = beta + (bias - mean) * scale.
-//                   grid (B), block 1024 (a warp per group, lanes over chunks; groups <= 1024)
+//                   grid (B), block 256 (a warp per group, lanes over chunks; groups <= 1024)
 //   vq_gn_apply     y = x * scale + shift, optional SiLU. grid-stride over 8-element vectors
 //   vq_upsample2x   nearest 2x: (B, H, W, C) -> (B, 2H, 2W, C). grid-stride over input vectors
 
@@ -60,7 +61,7 @@ struct GnStatsParams {
   int c, groups, rows_per_chunk, nchunk;
 };
 
-extern "C" __global__ void vq_gn_stats(GnStatsParams p) {
+extern "C" __global__ void __launch_bounds__(256) vq_gn_stats(GnStatsParams p) {
   extern __shared__ float sm[];  // [2][blockDim.x * 8]
   const int cv = p.c >> 3;
   const int tpr = blockDim.x / cv;  // rows in flight
@@ -151,9 +152,9 @@ __device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, flo
   n = nn;
 }
 
-// grid (B), block 1024 (32 warps): warp w combines group w (w + 32, ...) over the chunks, lane-strided, then a
+// grid (B), block 256 (8 warps): warp w combines groups w, w + 8, ... over the chunks, lane-strided, then a
 // shuffle tree; then every thread writes channels.
-extern "C" __global__ void vq_gn_finalize(GnFinalizeParams p) {
+extern "C" __global__ void __launch_bounds__(256) vq_gn_finalize(GnFinalizeParams p) {
   __shared__ float g_mean[1024], g_rstd[1024];
   const long long b = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -198,7 +199,7 @@ struct GnApplyParams {
   int c, silu;
 };
 
-extern "C" __global__ void vq_gn_apply(GnApplyParams p) {
+extern "C" __global__ void __launch_bounds__(256) vq_gn_apply(GnApplyParams p) {
   const long long cv = p.c >> 3;
   const long long per_image = p.hw * cv;
   const long long stride = (long long)gridDim.x * blockDim.x;
@@ -225,7 +226,7 @@ struct UpsampleParams {
   int h, w, c;
 };
 
-extern "C" __global__ void vq_upsample2x(UpsampleParams p) {
+extern "C" __global__ void __launch_bounds__(256) vq_upsample2x(UpsampleParams p) {
   const long long cv = p.c >> 3;
   const long long stride = (long long)gridDim.x * blockDim.x;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.total_vec; i += stride) {
@@ -259,7 +260,7 @@ struct SubpixelParams {
   int h, w, c;
 };
 
-extern "C" __global__ void vq_subpixel_gather(SubpixelParams p) {
+extern "C" __global__ void __launch_bounds__(256) vq_subpixel_gather(SubpixelParams p) {
   const long long cv = p.c >> 3;
   const long long stride = (long long)gridDim.x * blockDim.x;
   const long long W2 = 2LL * p.w, H2 = 2LL * p.h;

@@ -135,3 +135,30 @@ def test_fast_decoder_eager_equals_graph():
     eager = FastVQDecoder(vq, torch.bfloat16, use_graphs=False, benchmark=False)(tokens)
     graph = FastVQDecoder(vq, torch.bfloat16, benchmark=False)(tokens)
     torch.testing.assert_close(eager, graph, rtol=0, atol=1e-2)
+
+
+def _cubin_registers(cubin: bytes) -> dict[str, int]:
+    """Registers per thread of each kernel of an sm_80 cubin (ELF: `.text.<name>` sh_info >> 24)."""
+    import struct
+
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names = secs[shstrndx][4]
+    out = {}
+    for s in secs:
+        name = cubin[names + s[0]: cubin.index(b"\0", names + s[0])].decode()
+        if name.startswith(".text."):
+            out[name[6:]] = s[7] >> 24
+    return out
+
+
+@pytest.mark.skipif(not _nvrtc_usable(), reason="cuda-python with an NVRTC library is not installed")
+def test_vq_kernels_launchable_at_256_threads():
+    """Every entry point is launched with up to 256 threads: registers must allow it (a 1024-thread finalize
+    once failed with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES on the H200)."""
+    from aim_rt.vq_fast import compile_vq_cubin
+
+    regs = _cubin_registers(compile_vq_cubin("bfloat16", "sm_80", use_cache=False))
+    assert set(regs) >= {"vq_gn_stats", "vq_gn_finalize", "vq_gn_apply", "vq_upsample2x", "vq_subpixel_gather"}
+    assert all(0 < r and r * 256 <= 65536 for r in regs.values()), regs
