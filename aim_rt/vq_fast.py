@@ -47,8 +47,10 @@ STATS_THREADS = 256
 
 
 # ----- NVRTC (a generalisation of plugins/kernels.py:compile_cubin to another source file) -------------
-def compile_vq_cubin(dtype: str, arch: str, use_cache: bool = True, source: Path | None = None) -> bytes:
-    """NVRTC-compile vq_kernels.cu for one element type ('bfloat16'/'float16') and arch ('sm_90'); cached."""
+def compile_vq_cubin(dtype: str, arch: str, use_cache: bool = True, source: Path | None = None,
+                     load_batch: int = 4) -> bytes:
+    """NVRTC-compile vq_kernels.cu for one element type ('bfloat16'/'float16') and arch ('sm_90'); cached on disk
+    by (source, options, NVRTC version). `load_batch`: vectors each thread loads before storing (LOAD_BATCH)."""
     from cuda.bindings import nvrtc
 
     from .plugins.kernels import KernelError, _check, cache_dir
@@ -57,10 +59,11 @@ def compile_vq_cubin(dtype: str, arch: str, use_cache: bool = True, source: Path
     if dtype not in ELEM_KINDS:
         raise KernelError(f"VQ kernels support {sorted(ELEM_KINDS)}, not {dtype!r}")
     text = Path(source).read_bytes()
-    options = [f"--gpu-architecture={arch}", f"-DELEM_KIND={ELEM_KINDS[dtype]}", "--std=c++17", "-lineinfo"]
+    options = [f"--gpu-architecture={arch}", f"-DELEM_KIND={ELEM_KINDS[dtype]}", f"-DLOAD_BATCH={int(load_batch)}",
+               "--std=c++17", "-lineinfo"]
     version = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
     key = hashlib.sha256(text + repr((options, version)).encode()).hexdigest()[:24]
-    path = cache_dir() / f"vq_kernels-{dtype}-{arch}-{key}.cubin"
+    path = cache_dir() / f"vq_kernels-{dtype}-{arch}-b{int(load_batch)}-{key}.cubin"
     if use_cache and path.is_file():
         return path.read_bytes()
     prog = _check(nvrtc.nvrtcCreateProgram(text, b"vq_kernels.cu", 0, [], []), "nvrtcCreateProgram")
@@ -177,7 +180,7 @@ class _TorchOps:
 class _CudaOps:
     """The same four operations on plugins/vq_kernels.cu (16-bit activations, NHWC, C % 8 == 0)."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
+    def __init__(self, dtype: torch.dtype, device: torch.device, load_batch: int = 4):
         from cuda.bindings import driver
 
         from .plugins.kernels import _check
@@ -187,7 +190,7 @@ class _CudaOps:
         major, minor = torch.cuda.get_device_capability(index)
         name = str(dtype).removeprefix("torch.")
         torch.empty(1, device=device)  # the primary context current for the driver API
-        self.module = _check(driver.cuModuleLoadData(compile_vq_cubin(name, f"sm_{major}{minor}")), "cuModuleLoadData")
+        self.module = _check(driver.cuModuleLoadData(compile_vq_cubin(name, f"sm_{major}{minor}", load_batch=load_batch)), "cuModuleLoadData")
         self.fn = {n: _check(driver.cuModuleGetFunction(self.module, n.encode()), f"cuModuleGetFunction({n})")
                    for n in ("vq_gn_stats", "vq_gn_finalize", "vq_gn_apply", "vq_upsample2x", "vq_subpixel_gather")}
         self.sms = torch.cuda.get_device_properties(index).multi_processor_count
@@ -220,7 +223,7 @@ class _CudaOps:
         shift = torch.empty_like(scale)
         p = GnFinalizeParams(_ptr(partial), _ptr(gamma), _ptr(beta), _ptr(bias), _ptr(scale), _ptr(shift), hw,
                              c, GROUPS, rpc, nchunk, EPS)
-        self._launch("vq_gn_finalize", (b, 1, 1), 256, 0, p)
+        self._launch("vq_gn_finalize", (b, GROUPS, 1), 128, 0, p)
         return scale, shift
 
     def _grid(self, total_vec: int) -> int:
@@ -229,9 +232,12 @@ class _CudaOps:
     def apply(self, x: Tensor, a: Tensor, s: Tensor, silu: bool) -> Tensor:
         out = torch.empty_like(x)
         b, c = x.shape[0], x.shape[-1]
-        total = x.numel() // 8
-        p = GnApplyParams(_ptr(x), _ptr(a), _ptr(s), _ptr(out), x.numel() // (b * c), total, c, int(silu))
-        self._launch("vq_gn_apply", (self._grid(total), 1, 1), 256, 0, p)
+        hw = x.numel() // (b * c)
+        cv = c // 8
+        block = cv * (STATS_THREADS // cv)
+        nblk = max(1, min(-(-hw * cv // block), -(-8 * self.sms // b)))
+        p = GnApplyParams(_ptr(x), _ptr(a), _ptr(s), _ptr(out), hw, x.numel() // 8, c, int(silu))
+        self._launch("vq_gn_apply", (nblk, b, 1), block, 0, p)
         return out
 
     def upsample(self, x: Tensor) -> Tensor:
@@ -266,18 +272,21 @@ class FastVQDecoder:
     `benchmark`: let cuDNN time its algorithms during the first call of each batch size (per process).
     `subpixel`: fold each nearest 2x upsample into its conv (a 2x2 conv with 4x the outputs at low resolution,
     5/9 fewer FLOPs, then a phase-interleave pass) instead of upsampling then a 3x3 conv.
+    `out_pad`: output channels the final 3-channel conv is zero-padded to. `load_batch`: kernel build option.
     Tokens are not range-checked here (that would sync with the host): callers check them.
     """
 
     def __init__(self, vq: VQModel, dtype: torch.dtype = torch.bfloat16, use_graphs: bool | None = None,
-                 kernels: bool | None = None, benchmark: bool = True, subpixel: bool = True):
+                 kernels: bool | None = None, benchmark: bool = True, subpixel: bool = True, out_pad: int = 8,
+                 load_batch: int = 4):
         dev = vq.device
         cuda = dev.type == "cuda"
         self.config, self.device, self.dtype = vq.config, dev, dtype
         self.use_graphs = cuda if use_graphs is None else use_graphs
         self.benchmark, self.subpixel = benchmark, subpixel
         want = cuda and dtype in (torch.bfloat16, torch.float16) if kernels is None else kernels
-        self.ops = _CudaOps(dtype, dev) if want else _TorchOps()
+        self.out_pad = out_pad
+        self.ops = _CudaOps(dtype, dev, load_batch) if want else _TorchOps()
         self._graphs: dict[int, tuple] = {}
         self._prepare(vq)
 
@@ -331,7 +340,7 @@ class FastVQDecoder:
                 self.levels.append((blocks, up))
             self.norm_out = (f32(dec.norm_out.weight), f32(dec.norm_out.bias))
             self.out_channels = dec.conv_out.weight.shape[0]
-            self.conv_out = (convw(dec.conv_out, pad_out=8), f32(dec.conv_out.bias))
+            self.conv_out = (convw(dec.conv_out, pad_out=self.out_pad), f32(dec.conv_out.bias))
         channels = {self.conv_in[0].shape[0]} | {b.w1.shape[0] for blocks, _ in self.levels for k, b in blocks
                                                   if k == "res"}
         if isinstance(self.ops, _CudaOps) and not all(kernels_support(c) for c in channels):
@@ -376,7 +385,7 @@ class FastVQDecoder:
             for kind, m in blocks:
                 h, st = self._res(h, st, m) if kind == "res" else self._attn(h, st, m)
             if up is not None and self.subpixel:
-                y = self._conv(F.pad(h, (0, 0, 1, 1, 1, 1)), up[0], 0)
+                y = self._conv(h, up[0], 1)  # 2x2 kernel, padding 1: (h+1, w+1) outputs
                 h = ops.subpixel_gather(y, up[1])
                 st = ops.stats(h)
             elif up is not None:

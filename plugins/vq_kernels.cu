@@ -11,8 +11,8 @@
 //                   mean and M2 of v (as rounded when written). grid (nchunk, B), block cv * (256 / cv), cv = C / 8
 // Every entry point is launched with at most 256 threads (__launch_bounds__(256)).
 //   vq_gn_finalize  Chan-combines the chunks; scale = rstd * gamma, shift = beta + (bias - mean) * scale.
-//                   grid (B), block 256 (a warp per group, lanes over chunks; groups <= 1024)
-//   vq_gn_apply     y = x * scale + shift, optional SiLU. grid-stride over 8-element vectors
+//                   grid (B, groups), block 128
+//   vq_gn_apply     y = x * scale + shift, optional SiLU. grid (nblk, B), block cv * (256 / cv)
 //   vq_upsample2x   nearest 2x: (B, H, W, C) -> (B, 2H, 2W, C). grid-stride over input vectors
 
 #ifndef ELEM_KIND
@@ -28,6 +28,10 @@ __device__ __forceinline__ float ld(elem_t v) { return __uint_as_float(((unsigne
 __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
 #else
 #error "vq_kernels.cu supports ELEM_KIND 1 (float16) and 2 (bfloat16)"
+#endif
+
+#ifndef LOAD_BATCH
+#define LOAD_BATCH 4  // vectors each thread loads before it stores (memory-level parallelism)
 #endif
 
 union Pack8 {
@@ -78,40 +82,52 @@ extern "C" __global__ void __launch_bounds__(256) vq_gn_stats(GnStatsParams p) {
     q[i] = 0.0f;
     bias[i] = p.bias ? p.bias[vi * 8 + i] : 0.0f;
   }
-  if (r0 < tpr) {
-#pragma unroll 4
-    for (long long r = row_begin + r0; r < row_end; r += tpr) {
-      const size_t off = ((size_t)b * (size_t)p.hw + (size_t)r) * (size_t)p.c + (size_t)vi * 8;
-      float v[8];
-      load8(p.x + off, v);
-      if (p.res) {
+  // LOAD_BATCH rows per thread are loaded before any is stored: `out` may alias `x`, so the compiler could not
+  // hoist the next loads above the stores by itself (one 16-byte load in flight per thread was ~2 TB/s).
+  for (long long r = row_begin + r0; r < row_end; r += (long long)LOAD_BATCH * tpr) {
+    float v[LOAD_BATCH][8];
+    size_t off[LOAD_BATCH];
+    bool ok[LOAD_BATCH];
+#pragma unroll
+    for (int u = 0; u < LOAD_BATCH; ++u) {
+      const long long rr = r + (long long)u * tpr;
+      ok[u] = rr < row_end;
+      off[u] = ((size_t)b * (size_t)p.hw + (size_t)(ok[u] ? rr : row_begin)) * (size_t)p.c + (size_t)vi * 8;
+      if (ok[u]) load8(p.x + off[u], v[u]);
+    }
+    if (p.res) {
+#pragma unroll
+      for (int u = 0; u < LOAD_BATCH; ++u) {
+        if (!ok[u]) continue;
         float w[8];
-        load8(p.res + off, w);
+        load8(p.res + off[u], w);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] += w[i];
+        for (int i = 0; i < 8; ++i) v[u][i] += w[i];
       }
+    }
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] += bias[i];
+    for (int u = 0; u < LOAD_BATCH; ++u) {
+      if (!ok[u]) continue;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[u][i] += bias[i];
       if (p.out) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = ld(st(v[i]));
-        store8(p.out + off, v);
+        for (int i = 0; i < 8; ++i) v[u][i] = ld(st(v[u][i]));
+        store8(p.out + off[u], v[u]);
       }
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        s[i] += v[i];
-        q[i] += v[i] * v[i];
+        s[i] += v[u][i];
+        q[i] += v[u][i] * v[u][i];
       }
     }
   }
   float* ss = sm;
   float* qs = sm + blockDim.x * 8;
-  if (r0 < tpr) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      ss[r0 * p.c + vi * 8 + i] = s[i];
-      qs[r0 * p.c + vi * 8 + i] = q[i];
-    }
+  for (int i = 0; i < 8; ++i) {
+    ss[r0 * p.c + vi * 8 + i] = s[i];
+    qs[r0 * p.c + vi * 8 + i] = q[i];
   }
   __syncthreads();
   const int cg = p.c / p.groups;
@@ -152,38 +168,43 @@ __device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, flo
   n = nn;
 }
 
-// grid (B), block 256 (8 warps): warp w combines groups w, w + 8, ... over the chunks, lane-strided, then a
-// shuffle tree; then every thread writes channels.
+// grid (B, groups), block 128: the block combines one (image, group) over the chunks (thread-strided, then a
+// shuffle tree and the 4 warps), then writes that group's channels.
 extern "C" __global__ void __launch_bounds__(256) vq_gn_finalize(GnFinalizeParams p) {
-  __shared__ float g_mean[1024], g_rstd[1024];
+  __shared__ float s_n[8], s_mean[8], s_m2[8];
   const long long b = blockIdx.x;
+  const int g = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int cg = p.c / p.groups;
-  for (int g = warp; g < p.groups; g += nwarps) {
-    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
-    for (int k = lane; k < p.nchunk; k += 32) {
-      long long rows = p.hw - (long long)k * p.rows_per_chunk;
-      if (rows > p.rows_per_chunk) rows = p.rows_per_chunk;
-      if (rows <= 0) continue;
-      const float* src = p.partial + (((size_t)b * p.nchunk + k) * p.groups + g) * 2;
-      chan_merge(n, mean, m2, (float)(rows * cg), src[0], src[1]);
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float nb = __shfl_xor_sync(0xffffffffu, n, o);
-      const float mb = __shfl_xor_sync(0xffffffffu, mean, o);
-      const float m2b = __shfl_xor_sync(0xffffffffu, m2, o);
-      chan_merge(n, mean, m2, nb, mb, m2b);
-    }
-    if (lane == 0) {
-      g_mean[g] = mean;
-      g_rstd[g] = 1.0f / sqrtf(m2 / n + p.eps);
-    }
+  float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+  for (int k = threadIdx.x; k < p.nchunk; k += blockDim.x) {
+    long long rows = p.hw - (long long)k * p.rows_per_chunk;
+    if (rows > p.rows_per_chunk) rows = p.rows_per_chunk;
+    if (rows <= 0) continue;
+    const float* src = p.partial + (((size_t)b * p.nchunk + k) * p.groups + g) * 2;
+    chan_merge(n, mean, m2, (float)(rows * cg), src[0], src[1]);
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float nb = __shfl_xor_sync(0xffffffffu, n, o);
+    const float mb = __shfl_xor_sync(0xffffffffu, mean, o);
+    const float m2b = __shfl_xor_sync(0xffffffffu, m2, o);
+    chan_merge(n, mean, m2, nb, mb, m2b);
+  }
+  if (lane == 0) {
+    s_n[warp] = n;
+    s_mean[warp] = mean;
+    s_m2[warp] = m2;
   }
   __syncthreads();
-  for (int ch = threadIdx.x; ch < p.c; ch += blockDim.x) {
-    const int g = ch / cg;
-    const float a = g_rstd[g] * p.gamma[ch];
-    float sh = p.beta[ch] - g_mean[g] * a;
+  n = s_n[0];
+  mean = s_mean[0];
+  m2 = s_m2[0];
+  for (int w = 1; w < nwarps; ++w) chan_merge(n, mean, m2, s_n[w], s_mean[w], s_m2[w]);
+  const float rstd = 1.0f / sqrtf(m2 / n + p.eps);
+  for (int j = threadIdx.x; j < cg; j += blockDim.x) {
+    const int ch = g * cg + j;
+    const float a = rstd * p.gamma[ch];
+    float sh = p.beta[ch] - mean * a;
     if (p.bias) sh += p.bias[ch] * a;
     p.scale[b * p.c + ch] = a;
     p.shift[b * p.c + ch] = sh;
@@ -199,23 +220,37 @@ struct GnApplyParams {
   int c, silu;
 };
 
+// grid (nblk, B), block cv * (256 / cv): the block size and the stride are multiples of cv, so each thread keeps
+// one channel vector and its scale/shift in registers.
 extern "C" __global__ void __launch_bounds__(256) vq_gn_apply(GnApplyParams p) {
-  const long long cv = p.c >> 3;
+  const int cv = p.c >> 3;
+  const int vi = threadIdx.x % cv;
+  const long long b = blockIdx.y;
   const long long per_image = p.hw * cv;
-  const long long stride = (long long)gridDim.x * blockDim.x;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.total_vec; i += stride) {
-    const long long b = i / per_image;
-    const long long vi = i % cv;
-    const float* a = p.scale + b * p.c + vi * 8;
-    const float* s = p.shift + b * p.c + vi * 8;
-    float v[8];
-    load8(p.x + i * 8, v);
+  float a[8], s[8];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      float y = v[k] * a[k] + s[k];
-      v[k] = p.silu ? silu(y) : y;
+  for (int k = 0; k < 8; ++k) {
+    a[k] = p.scale[b * p.c + vi * 8 + k];
+    s[k] = p.shift[b * p.c + vi * 8 + k];
+  }
+  const elem_t* x = p.x + b * per_image * 8;
+  elem_t* out = p.out + b * per_image * 8;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < per_image; j += LOAD_BATCH * stride) {
+    float v[LOAD_BATCH][8];
+#pragma unroll
+    for (int u = 0; u < LOAD_BATCH; ++u)
+      if (j + u * stride < per_image) load8(x + (j + u * stride) * 8, v[u]);
+#pragma unroll
+    for (int u = 0; u < LOAD_BATCH; ++u) {
+      if (j + u * stride >= per_image) continue;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float y = v[u][k] * a[k] + s[k];
+        v[u][k] = p.silu ? silu(y) : y;
+      }
+      store8(out + (j + u * stride) * 8, v[u]);
     }
-    store8(p.out + i * 8, v);
   }
 }
 

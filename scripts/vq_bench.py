@@ -117,10 +117,17 @@ def official_vq(seed: int = 0) -> VQModel:
 
 # ----- sections --------------------------------------------------------------------------------------
 def kernel_checks() -> dict:
-    k, t = _CudaOps(torch.bfloat16, torch.device("cuda")), _TorchOps()
+    out = {}
+    for lb in (4, 1):
+        out[f"load_batch{lb}"] = kernel_checks_one(lb)
+    return out
+
+
+def kernel_checks_one(load_batch: int) -> dict:
+    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), load_batch), _TorchOps()
     g = torch.Generator(device="cuda").manual_seed(1)
     out = {}
-    for shape in [(2, 64, 64, 128), (3, 16, 16, 512), (1, 8, 8, 32), (2, 32, 32, 256), (1, 7, 9, 96)]:
+    for shape in [(2, 64, 64, 128), (3, 16, 16, 512), (1, 8, 8, 32), (2, 32, 32, 256), (1, 7, 9, 96), (5, 33, 31, 64)]:
         c = shape[-1]
         x = (torch.randn(*shape, device="cuda", generator=g) * 2 + 3).bfloat16()
         r = torch.randn(*shape, device="cuda", generator=g).bfloat16()
@@ -230,15 +237,21 @@ def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, bu
 
 
 def profiles(vq16: VQModel, vq32: VQModel, out: Path, batch: int = 16) -> dict:
+    summary = profiles_one(vq16, vq32, out, batch, with_reference=True)
+    summary.update(profiles_one(vq16, vq32, out, 1, with_reference=False))
+    return summary
+
+
+def profiles_one(vq16: VQModel, vq32: VQModel, out: Path, batch: int, with_reference: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     tok = torch.randint(0, vq16.config.n_embed, (batch, 256), device="cuda")
     vq_cl = copy.deepcopy(vq16).to(memory_format=torch.channels_last)
     fast = FastVQDecoder(vq32, torch.bfloat16, use_graphs=False)
     summary = {}
-    for name, fn in (("eager_channels_last_bf16", lambda: vq_cl.decode_checked(tok)),
-                     ("eager_nchw_bf16", lambda: vq16.decode_checked(tok)),
-                     ("fast_eager_bf16", lambda: fast(tok))):
+    cases = [("eager_channels_last_bf16", lambda: vq_cl.decode_checked(tok)),
+             ("eager_nchw_bf16", lambda: vq16.decode_checked(tok))] if with_reference else []
+    for name, fn in cases + [("fast_eager_bf16", lambda: fast(tok))]:
         torch.backends.cudnn.benchmark = True
         with torch.no_grad():
             fn(), fn()
@@ -251,7 +264,7 @@ def profiles(vq16: VQModel, vq32: VQModel, out: Path, batch: int = 16) -> dict:
         tot = sum(e.device_time_total for e in prof.key_averages()) / 1000
         top = sorted(((e.key, e.device_time_total / 1000, e.count) for e in prof.key_averages()),
                      key=lambda x: -x[1])[:12]
-        summary[name] = {"kernel_ms_total": tot, "top": [{"kernel": k[:120], "ms": ms, "count": c} for k, ms, c in top]}
+        summary[f"{name}_b{batch}"] = {"kernel_ms_total": tot, "top": [{"kernel": k[:120], "ms": ms, "count": c} for k, ms, c in top]}
         log("profile", name, f"{tot:.2f} ms")
     torch.backends.cudnn.benchmark = False
     return summary
@@ -319,15 +332,16 @@ def main() -> None:
     def save():
         path.write_text(json.dumps(result, indent=1))
 
-    variants = {"fast_subpixel": dict(subpixel=True), "fast_upsample": dict(subpixel=False),
-                "fast_subpixel_nobench": dict(subpixel=True, benchmark=False),
-                "fast_torch_ops": dict(subpixel=True, kernels=False)}
+    variants = {"fast": dict(), "fast_upsample": dict(subpixel=False),
+                "fast_nobench": dict(benchmark=False), "fast_loadbatch1": dict(load_batch=1),
+                "fast_outpad16": dict(out_pad=16), "fast_outpad32": dict(out_pad=32),
+                "fast_torch_ops": dict(kernels=False)}
     sections = [("kernels", lambda: kernel_checks())]
     log("building the official-shape VQ")
     vq32 = official_vq()
     vq16 = copy.deepcopy(vq32).bfloat16()
-    sections += [("accuracy", lambda: accuracy(vq32, vq16, {k: variants[k] for k in ("fast_subpixel", "fast_upsample",
-                                                                                          "fast_torch_ops")})),
+    sections += [("accuracy", lambda: accuracy(vq32, vq16, {k: variants[k] for k in ("fast", "fast_upsample",
+                                                                                          "fast_loadbatch1")})),
                  ("cold", lambda: cold_start()),
                  ("timing", lambda: timing(vq16, vq32, batches, variants, args.iters, args.budget)),
                  ("profile", lambda: profiles(vq16, vq32, args.out))]

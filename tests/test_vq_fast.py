@@ -79,11 +79,12 @@ def _no_tf32():
 
 
 @needs_gpu
-@pytest.mark.parametrize("shape", [(2, 16, 16, 64), (1, 8, 8, 32), (3, 5, 7, 96), (2, 4, 4, 512)])
-def test_kernel_ops_match_torch_ops(shape):
+@pytest.mark.parametrize("load_batch", [4, 1])
+@pytest.mark.parametrize("shape", [(2, 16, 16, 64), (1, 8, 8, 32), (3, 5, 7, 96), (2, 4, 4, 512), (5, 33, 31, 64)])
+def test_kernel_ops_match_torch_ops(shape, load_batch):
     from aim_rt.vq_fast import _CudaOps
 
-    k, t = _CudaOps(torch.bfloat16, torch.device("cuda")), _TorchOps()
+    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), load_batch), _TorchOps()
     g = torch.Generator(device="cuda").manual_seed(0)
     c = shape[-1]
     x = (torch.randn(*shape, device="cuda", generator=g) * 2 + 3).bfloat16()
