@@ -326,7 +326,8 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     result = {"device": props.name, "torch": torch.__version__, "cuda": torch.version.cuda,
               "cudnn": torch.backends.cudnn.version(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-              "vq_config": "VQConfig() (official shape), random weights seed 0", "tf32": False}
+              "vq_config": "VQConfig() (official shape), random weights seed 0", "tf32": False,
+              "commit": (ROOT / "COMMIT").read_text().strip() if (ROOT / "COMMIT").is_file() else None}
     path = args.out / "vq_bench.json"
 
     def save():
