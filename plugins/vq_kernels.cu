@@ -31,7 +31,7 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 #endif
 
 #ifndef LOAD_BATCH
-#define LOAD_BATCH 4  // vectors each thread loads before it stores (memory-level parallelism)
+#define LOAD_BATCH 1  // vectors each thread loads before it stores; 4 was slower on the H200 (stats: 100 registers)
 #endif
 
 union Pack8 {
@@ -82,8 +82,9 @@ extern "C" __global__ void __launch_bounds__(256) vq_gn_stats(GnStatsParams p) {
     q[i] = 0.0f;
     bias[i] = p.bias ? p.bias[vi * 8 + i] : 0.0f;
   }
-  // LOAD_BATCH rows per thread are loaded before any is stored: `out` may alias `x`, so the compiler could not
-  // hoist the next loads above the stores by itself (one 16-byte load in flight per thread was ~2 TB/s).
+  // LOAD_BATCH rows per thread are loaded before any is stored (`out` may alias `x`, so the compiler cannot hoist
+  // loads above stores by itself). Measured on the H200 (bench/results/vq_bench_h200_2026-11-29.json): 1 is
+  // faster overall than 4 (10.0 vs 10.7 ms at batch 16): the register cost outweighs the extra loads in flight.
   for (long long r = row_begin + r0; r < row_end; r += (long long)LOAD_BATCH * tpr) {
     float v[LOAD_BATCH][8];
     size_t off[LOAD_BATCH];

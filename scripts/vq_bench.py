@@ -334,7 +334,7 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1))
 
     variants = {"fast": dict(), "fast_upsample": dict(subpixel=False),
-                "fast_nobench": dict(benchmark=False), "fast_loadbatch1": dict(load_batch=1),
+                "fast_nobench": dict(benchmark=False), "fast_loadbatch4": dict(load_batch=4),
                 "fast_outpad16": dict(out_pad=16), "fast_outpad32": dict(out_pad=32),
                 "fast_torch_ops": dict(kernels=False)}
     sections = [("kernels", lambda: kernel_checks())]
@@ -342,7 +342,7 @@ def main() -> None:
     vq32 = official_vq()
     vq16 = copy.deepcopy(vq32).bfloat16()
     sections += [("accuracy", lambda: accuracy(vq32, vq16, {k: variants[k] for k in ("fast", "fast_upsample",
-                                                                                          "fast_loadbatch1")})),
+                                                                                          "fast_loadbatch4")})),
                  ("cold", lambda: cold_start()),
                  ("timing", lambda: timing(vq16, vq32, batches, variants, args.iters, args.budget)),
                  ("profile", lambda: profiles(vq16, vq32, args.out))]
