@@ -1,0 +1,366 @@
+"""VQ decoder on the GPU, in one go: kernel checks, accuracy vs the fp32 reference, timing, profiles, cold start.
+
+    PYTHONPATH=. python scripts/vq_bench.py --out DIR [--batches 1,16,64] [--budget 270]
+
+Writes DIR/vq_bench.json (and profiles as text). Paths compared (bf16, VQ of the official VQConfig() shape with
+random weights, seed 0):
+  eager_nchw      the official code's way: bf16 NCHW eager, cudnn.benchmark on
+  cl_graph        aim-rt's CudaBackend.decode before issue 11: bf16 channels_last, one CUDA graph per batch
+  fast*           aim_rt.vq_fast.FastVQDecoder variants (graph per batch)
+Accuracy: fp32 reference (TF32 off) vs bf16 eager and vs the fast decoder; PSNR on images clamped to [-1, 1],
+peak-to-peak 2: 10 log10(4 / MSE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from aim_rt.config import VQConfig  # noqa: E402
+from aim_rt.vq import VQModel  # noqa: E402
+from aim_rt.vq_fast import FastVQDecoder, _CudaOps, _TorchOps  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def log(*a):
+    print(f"[{time.perf_counter() - T0:7.1f}s]", *a, flush=True)
+
+
+def no_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def smooth_images(n: int, size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    img = torch.zeros(n, 3, size, size)
+    for _ in range(6):
+        f = torch.rand(n, 1, 2, generator=g) * 4 + 0.3
+        ph = torch.rand(n, 3, 1, 1, generator=g) * 6.3
+        amp = torch.randn(n, 3, 1, 1, generator=g) * 0.6
+        img += amp * torch.sin(2 * math.pi * (f[..., 0, None, None] * xx + f[..., 1, None, None] * yy) + ph)
+    return torch.tanh(img)
+
+
+def metrics(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    got, ref = got.float(), ref.float()
+    mse = (got.clamp(-1, 1) - ref.clamp(-1, 1)).pow(2).mean().item()
+    return {"max_abs_diff": (got - ref).abs().max().item(), "psnr_db": 10 * math.log10(4 / max(mse, 1e-20)),
+            "ref_max_abs": ref.abs().max().item()}
+
+
+def time_fn(fn, iters: int, warmup: int = 2) -> dict:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    ts.sort()
+    return {"median_ms": ts[len(ts) // 2], "min_ms": ts[0], "iters": iters}
+
+
+class ClGraph:
+    """What CudaBackend.decode does (before issue 11): channels_last bf16 VQ, one CUDA graph per batch size."""
+
+    def __init__(self, vq_bf16: VQModel):
+        self.vq = copy.deepcopy(vq_bf16).to(memory_format=torch.channels_last)
+        self.graphs = {}
+
+    @torch.no_grad()
+    def __call__(self, tokens):
+        b = tokens.shape[0]
+        if b not in self.graphs:
+            static_in = tokens.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.vq.decode_checked(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.vq.decode_checked(static_in)
+            self.graphs[b] = (graph, static_in, static_out)
+        graph, static_in, static_out = self.graphs[b]
+        static_in.copy_(tokens)
+        graph.replay()
+        return static_out.float().clone()
+
+
+def official_vq(seed: int = 0) -> VQModel:
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        vq = VQModel(VQConfig())
+    return vq.eval()
+
+
+# ----- sections --------------------------------------------------------------------------------------
+def kernel_checks() -> dict:
+    out = {}
+    for lb in (4, 1):
+        out[f"load_batch{lb}"] = kernel_checks_one(lb)
+    return out
+
+
+def kernel_checks_one(load_batch: int) -> dict:
+    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), load_batch), _TorchOps()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    out = {}
+    for shape in [(2, 64, 64, 128), (3, 16, 16, 512), (1, 8, 8, 32), (2, 32, 32, 256), (1, 7, 9, 96), (5, 33, 31, 64)]:
+        c = shape[-1]
+        x = (torch.randn(*shape, device="cuda", generator=g) * 2 + 3).bfloat16()
+        r = torch.randn(*shape, device="cuda", generator=g).bfloat16()
+        bias = torch.randn(c, device="cuda", generator=g)
+        gamma, beta = 1 + 0.1 * torch.randn(c, device="cuda", generator=g), torch.randn(c, device="cuda", generator=g)
+        rec = {}
+        o1, o2 = torch.empty_like(x), torch.empty_like(x)
+        sk = k.stats(x, res=r, bias=bias, out=o1)
+        stt = t.stats(x, res=r, bias=bias, out=o2)
+        rec["stats_written_max_diff"] = (o1.float() - o2.float()).abs().max().item()
+        ak, sk_ = k.finalize(sk, gamma, beta)
+        at, st_ = t.finalize(stt, gamma, beta)
+        rec["scale_rel_diff"] = ((ak - at).abs().max() / at.abs().max()).item()
+        rec["shift_rel_diff"] = ((sk_ - st_).abs().max() / st_.abs().max()).item()
+        for silu in (True, False):
+            yk, yt = k.apply(o1, ak, sk_, silu), t.apply(o1, at, st_, silu)
+            rec[f"apply_silu{int(silu)}_max_diff"] = (yk.float() - yt.float()).abs().max().item()
+        # stats with a bias folded into the apply pass (conv1 -> norm2)
+        sk2, st2 = k.stats(x, bias=bias), t.stats(x, bias=bias)
+        a1, s1 = k.finalize(sk2, gamma, beta, bias=bias)
+        a2, s2 = t.finalize(st2, gamma, beta, bias=bias)
+        rec["apply_biasfold_max_diff"] = (k.apply(x, a1, s1, True).float() - t.apply(x, a2, s2, True).float()).abs().max().item()
+        rec["upsample_equal"] = bool(torch.equal(k.upsample(x), t.upsample(x)))
+        y4 = torch.randn(shape[0], shape[1] + 1, shape[2] + 1, 4 * c, device="cuda", generator=g).bfloat16()
+        rec["subpixel_max_diff"] = (k.subpixel_gather(y4, bias).float() - t.subpixel_gather(y4, bias).float()).abs().max().item()
+        out[str(shape)] = rec
+    torch.cuda.synchronize()
+    return out
+
+
+def accuracy(vq32: VQModel, vq16: VQModel, variants: dict) -> dict:
+    res = {}
+    imgs = smooth_images(16, 256, seed=2).cuda()
+    with torch.no_grad():
+        tok_enc = vq32.encode_tokens(imgs)
+    tok_rand = torch.randint(0, vq32.config.n_embed, (16, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    res["encoded_tokens_unique"] = int(tok_enc.unique().numel())
+    decs = {name: FastVQDecoder(vq32, torch.bfloat16, **kw) for name, kw in variants.items()}
+    for tname, tok in (("encoded_smooth", tok_enc), ("random", tok_rand)):
+        with torch.no_grad():
+            ref = vq32.decode_checked(tok)
+            r = {"bf16_eager": metrics(vq16.decode_checked(tok), ref)}
+            r["encoder_input_vs_ref"] = metrics(imgs, ref) if tname == "encoded_smooth" else None
+            for name, d in decs.items():
+                r[name] = metrics(d(tok), ref)
+        res[tname] = r
+    # the embedded digits VQ (ch 32, ch_mult 1,1,1: 32x32 images from 8x8 tokens)
+    try:
+        from aim_rt.loading import load_vq
+
+        d32 = load_vq(ROOT / "aim_rt" / "data" / "digits", device="cuda")
+        d16 = copy.deepcopy(d32).bfloat16()
+        n = d32.config.n_embed
+        toks = {"random": torch.randint(0, n, (16, 64), device="cuda")}
+        if hasattr(d32, "encoder"):
+            with torch.no_grad():
+                toks["encoded_smooth"] = d32.encode_tokens(smooth_images(16, 32, seed=4).cuda())
+        dr = {}
+        for tname, tok in toks.items():
+            with torch.no_grad():
+                ref = d32.decode_checked(tok)
+                dr[tname] = {"bf16_eager": metrics(d16.decode_checked(tok), ref),
+                             "fast": metrics(FastVQDecoder(d32, torch.bfloat16)(tok), ref)}
+        res["digits_vq"] = dr
+    except Exception as e:  # noqa: BLE001
+        res["digits_vq"] = {"error": repr(e)}
+    return res
+
+
+def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, budget: float) -> dict:
+    res = {}
+    toks = {b: torch.randint(0, vq16.config.n_embed, (b, 256), device="cuda") for b in batches}
+
+    def run(name, make, bench_flag):
+        torch.backends.cudnn.benchmark = bench_flag
+        rec = {}
+        try:
+            dec = make()
+            for b in batches:
+                if time.perf_counter() - T0 > budget:
+                    rec[b] = "skipped (budget)"
+                    continue
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                with torch.no_grad():
+                    dec(toks[b])
+                torch.cuda.synchronize()
+                first = (time.perf_counter() - t) * 1000
+                with torch.no_grad():
+                    rec[b] = time_fn(lambda: dec(toks[b]), iters if b < 64 else max(5, iters // 2))
+                rec[b]["first_call_ms"] = first
+                log(name, b, rec[b])
+            del dec
+        except Exception:  # noqa: BLE001
+            rec["error"] = traceback.format_exc()
+            log(name, "ERROR", rec["error"])
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        res[name] = rec
+
+    run("eager_nchw", lambda: vq16.decode_checked, True)
+    run("cl_graph", lambda: ClGraph(vq16), False)
+    for name, kw in variants.items():
+        run(name, lambda kw=kw: FastVQDecoder(vq32, torch.bfloat16, **kw), False)
+    torch.backends.cudnn.benchmark = False
+    return res
+
+
+def profiles(vq16: VQModel, vq32: VQModel, out: Path, batch: int = 16) -> dict:
+    summary = profiles_one(vq16, vq32, out, batch, with_reference=True)
+    summary.update(profiles_one(vq16, vq32, out, 1, with_reference=False))
+    return summary
+
+
+def profiles_one(vq16: VQModel, vq32: VQModel, out: Path, batch: int, with_reference: bool) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = torch.randint(0, vq16.config.n_embed, (batch, 256), device="cuda")
+    vq_cl = copy.deepcopy(vq16).to(memory_format=torch.channels_last)
+    fast = FastVQDecoder(vq32, torch.bfloat16, use_graphs=False)
+    summary = {}
+    cases = [("eager_channels_last_bf16", lambda: vq_cl.decode_checked(tok)),
+             ("eager_nchw_bf16", lambda: vq16.decode_checked(tok))] if with_reference else []
+    for name, fn in cases + [("fast_eager_bf16", lambda: fast(tok))]:
+        torch.backends.cudnn.benchmark = True
+        with torch.no_grad():
+            fn(), fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+        (out / f"profile_{name}_b{batch}.txt").write_text(table)
+        tot = sum(e.device_time_total for e in prof.key_averages()) / 1000
+        top = sorted(((e.key, e.device_time_total / 1000, e.count) for e in prof.key_averages()),
+                     key=lambda x: -x[1])[:12]
+        summary[f"{name}_b{batch}"] = {"kernel_ms_total": tot, "top": [{"kernel": k[:120], "ms": ms, "count": c} for k, ms, c in top]}
+        log("profile", name, f"{tot:.2f} ms")
+    torch.backends.cudnn.benchmark = False
+    return summary
+
+
+def cold_child(args) -> None:
+    no_tf32()
+    vq = official_vq()
+    tok = torch.randint(0, vq.config.n_embed, (16, 256), device="cuda")
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    dec = FastVQDecoder(vq, torch.bfloat16, benchmark=not args.no_benchmark)
+    torch.cuda.synchronize()
+    t_init = time.perf_counter() - t
+    dec(tok)
+    torch.cuda.synchronize()
+    t_first = time.perf_counter() - t
+    t2 = time.perf_counter()
+    dec(tok)
+    torch.cuda.synchronize()
+    print(json.dumps({"construct_s": t_init, "first_decode_s_incl_construct": t_first,
+                      "second_call_ms": (time.perf_counter() - t2) * 1000,
+                      "process_s_to_first_image": time.perf_counter() - T0}))
+
+
+def cold_start() -> dict:
+    res = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, AIM_RT_CACHE=cache, PYTHONPATH=str(ROOT))
+        for i, extra in enumerate(([], [], ["--no-benchmark"])):
+            name = ["first_process", "second_process", "third_process_no_cudnn_benchmark"][i]
+            p = subprocess.run([sys.executable, __file__, "--cold-child", *extra], env=env, capture_output=True,
+                               text=True, timeout=60)
+            try:
+                res[name] = json.loads(p.stdout.strip().splitlines()[-1])
+            except Exception:  # noqa: BLE001
+                res[name] = {"error": p.stdout[-2000:] + p.stderr[-3000:]}
+            log("cold", name, res[name])
+        res["cache_files"] = sorted(os.listdir(Path(cache) / "kernels")) if (Path(cache) / "kernels").is_dir() else []
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("out"))
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--budget", type=float, default=220.0, help="skip remaining timings after this many seconds")
+    ap.add_argument("--cold-child", action="store_true")
+    ap.add_argument("--no-benchmark", action="store_true")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,accuracy,timing,profile,cold")
+    args = ap.parse_args()
+    if args.cold_child:
+        return cold_child(args)
+    no_tf32()
+    args.out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    batches = [int(b) for b in args.batches.split(",")]
+    props = torch.cuda.get_device_properties(0)
+    result = {"device": props.name, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "cudnn": torch.backends.cudnn.version(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+              "vq_config": "VQConfig() (official shape), random weights seed 0", "tf32": False,
+              "commit": (ROOT / "COMMIT").read_text().strip() if (ROOT / "COMMIT").is_file() else None}
+    path = args.out / "vq_bench.json"
+
+    def save():
+        path.write_text(json.dumps(result, indent=1))
+
+    variants = {"fast": dict(), "fast_upsample": dict(subpixel=False),
+                "fast_nobench": dict(benchmark=False), "fast_loadbatch4": dict(load_batch=4),
+                "fast_outpad16": dict(out_pad=16), "fast_outpad32": dict(out_pad=32),
+                "fast_torch_ops": dict(kernels=False)}
+    sections = [("kernels", lambda: kernel_checks())]
+    log("building the official-shape VQ")
+    vq32 = official_vq()
+    vq16 = copy.deepcopy(vq32).bfloat16()
+    sections += [("accuracy", lambda: accuracy(vq32, vq16, {k: variants[k] for k in ("fast", "fast_upsample",
+                                                                                          "fast_loadbatch4")})),
+                 ("cold", lambda: cold_start()),
+                 ("timing", lambda: timing(vq16, vq32, batches, variants, args.iters, args.budget)),
+                 ("profile", lambda: profiles(vq16, vq32, args.out))]
+    for name, fn in sections:
+        if name in skip:
+            continue
+        log("section", name)
+        try:
+            result[name] = fn()
+        except Exception:  # noqa: BLE001
+            result[name] = {"error": traceback.format_exc()}
+            log(name, "ERROR", result[name]["error"])
+        save()
+        log(json.dumps(result[name])[:3000])
+    result["wall_s"] = time.perf_counter() - T0
+    save()
+    log("done", path)
+
+
+if __name__ == "__main__":
+    main()
