@@ -338,6 +338,8 @@ def bench(
     dtype: str = typer.Option("bfloat16", "--dtype"),
     repeats: int = typer.Option(3, "--repeats", min=1),
     json_out: Path = typer.Option(Path("bench.json"), "--json", help="Where to write the results."),
+    kernels: bool = typer.Option(False, "--kernels", help="Instead: the cuda backend's step, op by op (time, bytes "
+                                 "it must move, achieved bandwidth, kernels per step)."),
 ) -> None:
     """Time sampling (ms/step, autoregressive, VQ, end to end, images/s, peak memory, ratio to the floor)."""
     import json
@@ -360,6 +362,16 @@ def bench(
         batch_sizes = [int(b) for b in batches.split(",")]
     except ValueError:
         _fail(f"--batches {batches!r}: give comma-separated integers, e.g. 1,16")
+    if kernels:
+        from aim_rt.bench import format_kernel_table, kernel_table
+
+        result = kernel_table([m.strip() for m in models.split(",")], batch_sizes, dtype,
+                              progress=lambda row: say(f"{row['model']} b={row['batch']}: step "
+                                                       f"{row['step_us_graph']:.1f} µs"))
+        print(format_kernel_table(result))
+        json_out.write_text(json.dumps(result, indent=1) + "\n")
+        say(f"wrote {json_out}")
+        return
     result = run_bench([m.strip() for m in models.split(",")], batch_sizes,
                        [b.strip() for b in backends.split(",")], dtype, repeats, progress=show)
     for r in result["rows"]:

@@ -69,7 +69,7 @@ class CudaBackend:
         self.use_graphs = use_graphs
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self._vq_graphs: dict[int, tuple] = {}
+        self._vq = None  # the fast VQ decoder, built on first use
         self._params = self._layer_params()
         self._mode = (False, False)  # (teacher forcing, record mixed logits): which optional pointers are live
 
@@ -315,31 +315,21 @@ class CudaBackend:
             return tokens, torch.stack(mixed, dim=1)
         return tokens
 
-    # ----- the VQ decoder: bf16, channels_last, one graph per batch size ------------------------------
+    # ----- the VQ decoder ------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
+        """Images (B, 3, H, W) float32. 16-bit models: the NHWC decoder of aim_rt/vq_fast.py (fused GroupNorm
+        kernels, a CUDA graph per batch size); float32 models: the reference decoder."""
+        from .vq_fast import FastVQDecoder
+
         vq: VQModel | None = self.model.vq
         if vq is None:
             raise AiMError("this checkpoint has no VQ tokenizer to decode with")
         tokens = torch.as_tensor(tokens, device=self.model.device).long()
-        batch = tokens.shape[0]
-        if not self.use_graphs:
-            return vq.decode_tokens(tokens).float()
         if ((tokens < 0) | (tokens >= vq.config.n_embed)).any() or tokens.shape[1] != self.config.num_tokens:
             raise AiMError(f"tokens must be (B, {self.config.num_tokens}) in [0, {vq.config.n_embed})")
-        if batch not in self._vq_graphs:
-            vq.to(memory_format=torch.channels_last)
-            static_in = tokens.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                vq.decode_checked(static_in)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = vq.decode_checked(static_in)
-            self._vq_graphs[batch] = (graph, static_in, static_out)
-        graph, static_in, static_out = self._vq_graphs[batch]
-        static_in.copy_(tokens)
-        graph.replay()
-        return static_out.float().clone()
+        if self.dtype == torch.float32:
+            return vq.decode_tokens(tokens).float()
+        if self._vq is None:
+            self._vq = FastVQDecoder(vq, self.dtype, use_graphs=self.use_graphs)
+        return self._vq(tokens)

@@ -231,9 +231,9 @@ class TensorRTBackend:
 
     def decode(self, tokens):
         vq = self.engines.get("vq_decoder")
-        if vq is None:
-            raise AiMError("no VQ-decoder engine was built for this model")
         tokens = torch.as_tensor(tokens, device="cuda").long()
+        if vq is None:  # no VQ engine built: the native fast decoder over the model's own VQ
+            return self._fallback_vq(tokens)
         out_shape = [tokens.shape[0]] + list(vq.engine.get_tensor_shape("images"))[1:]
         images = torch.empty(out_shape, device="cuda", dtype=vq.dtype["images"])
         vq.bind({"tokens": tokens, "images": images})
@@ -270,3 +270,17 @@ class TensorRTDecoder:
         self.backend._run_step(tokens.to("cuda"), torch.tensor(position, device="cuda"), state, out, state["mods"],
                                state["fmods"], self._scale, self._temp, mixed, torch.cuda.current_stream().cuda_stream)
         return mixed, out
+
+    def _fallback_vq(self, tokens):
+        from aim_rt.vq_fast import FastVQDecoder
+
+        model_vq = getattr(self.model, "vq", None)
+        if model_vq is None:
+            raise AiMError("no VQ-decoder engine was built and the model has no VQ tokenizer to decode with")
+        n = model_vq.config.n_embed
+        if ((tokens < 0) | (tokens >= n)).any():
+            raise AiMError(f"tokens must lie in [0, {n})")
+        if getattr(self, "_vq", None) is None:
+            dtype = torch.bfloat16 if model_vq.dtype == torch.float32 else model_vq.dtype
+            self._vq = FastVQDecoder(model_vq.to("cuda"), dtype)
+        return self._vq(tokens)

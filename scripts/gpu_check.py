@@ -92,7 +92,8 @@ def main() -> None:
     t0 = time.time()
     if "tests" not in skip:
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                            "tests/test_cuda_backend.py", "tests/test_kernel_layout.py"],
+                            "tests/test_cuda_backend.py", "tests/test_kernel_layout.py", "tests/test_vq_fast.py",
+                            "tests/test_digits_quality.py"],
                            capture_output=True, text=True)
         (args.out / "pytest_gpu.txt").write_text(r.stdout + r.stderr)
         print(r.stdout[-3000:], flush=True)

@@ -49,7 +49,9 @@ def test_prefill_state_continues_like_steps():
         for k in range(70):
             _, state = model.step(model.embed_tokens(toks[:, k], torch.full((2,), k + 1)), state, mods)
     assert rel_err(state.ssm, state_par.ssm) < 1e-5
-    assert torch.allclose(state.conv, state_par.conv, atol=1e-6)
+    # relative, like the SSM state: the conv state holds in_proj outputs, and an absolute 1e-6 on values of
+    # order 10 failed on this CPU's BLAS (2.7e-6: a couple of fp32 ulps between batched and per-step GEMMs)
+    assert rel_err(state.conv, state_par.conv) < 1e-5
 
 
 def test_ssd_chunked_equals_recurrence_for_any_chunk_size():
