@@ -98,6 +98,7 @@ def kernel_table(models: list[str], batches: list[int], dtype: str = "bfloat16",
             backend.sample(classes, seeds, settings)
             step_s, _ = _timed(lambda: backend.sample(classes, seeds, settings), dev, 3)
             step_us = step_s / model.config.num_tokens * 1e6
+            phases = backend.phase_times(batch, settings)
             timing = backend.op_timings(batch, settings)
             nbytes = op_bytes(model.config, batch, elem)
             ops = []
@@ -110,6 +111,7 @@ def kernel_table(models: list[str], batches: list[int], dtype: str = "bfloat16",
             row = {"model": label, "dtype": dtype, "batch": batch, "step_us_graph": step_us,
                    "sum_of_ops_us": parts, "gaps_us": step_us - parts,
                    "kernels_per_step": timing["kernels_per_step"], "replay_timeline": timing["timeline"],
+                   **phases,
                    "floor_us": step_bytes(model.config, batch, elem) / bandwidth * 1e6, "ops": ops}
             rows.append(row)
             if progress:
@@ -126,6 +128,9 @@ def format_kernel_table(result: dict) -> str:
         lines.append(f"\n{row['model']} {row['dtype']} batch {row['batch']}: step {row['step_us_graph']:.1f} µs "
                      f"(graph replay), ops alone {row['sum_of_ops_us']:.1f} µs, gaps {row['gaps_us']:.1f} µs, "
                      f"{row['kernels_per_step']} kernels per step, floor {row['floor_us']:.1f} µs")
+        if "prefill_ms" in row:
+            lines.append(f"  phases: prefill {row['prefill_ms']:.1f} ms, host loop of graph replays "
+                         f"{row['replays_us_per_step']:.1f} µs per step")
         tl = row.get("replay_timeline") or {}
         if tl:
             lines.append(f"  replayed graph under the profiler: {tl['kernel_us_per_step']:.1f} µs in kernels, "

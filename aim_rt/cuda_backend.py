@@ -4,10 +4,11 @@ decode loop replayed from a CUDA graph, with sampling on the device (no host rou
 Per step and layer: residual+RMSNorm+modulate (1 kernel) → in_proj GEMM → fused selective-state update (1
 kernel, state streamed once, updated in place) → out_proj GEMM. With one group (every AiM model) the gated
 RMSNorm's 1/rms is a per-row scalar that factors out of out_proj, so the next residual-norm kernel applies it
-and the state update needs no cross-block reduction; otherwise a small kernel normalises y before out_proj. Then the final norms, the
-lm_head GEMM, and one sampling kernel that writes the token and the next step's input embedding. The
-modulations are computed once per sequence in the prefill (the reference's chunked path, on the GPU).
-One graph per (batch, settings) holds a whole step; it is replayed for every token.
+(and shifts the B/C conv windows the state update leaves), and the state update waits for no other block;
+otherwise a small kernel finishes the op before out_proj. Then the final norms, the lm_head GEMM, and one
+sampling kernel that writes the token and the next step's input embedding. The modulations are computed once
+per sequence; the class token is the first replayed step, from the zero state (a prefix goes through the
+reference's chunked prefill). One graph per (batch, settings) holds a whole step; it is replayed for every token.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 from .errors import AiMError
 from .loading import dtype_name
 from .decoding import check_request
-from .model import AiM
+from .model import AiM, cfg_rows
 from .sampling import SamplingSettings
 from .vq import VQModel
 
@@ -215,6 +216,25 @@ class CudaBackend:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         return {"ops": result, "kernels_per_step": len(kernels), "timeline": self._replay_timeline(buf, settings)}
 
+    @torch.no_grad()
+    def phase_times(self, batch: int, settings: SamplingSettings) -> dict:
+        """Wall time of a sample's phases (after a warm sample of this batch size): the prefill (the reference
+        model's chunked path) and the host loop of graph replays, per step."""
+        import time
+
+        buf = self._alloc(batch)
+        self._mode = (False, False)
+        buf.seeds.copy_(torch.arange(batch))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        self._prefill(buf, torch.arange(batch) % self.config.num_classes, None, settings)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        self._run_steps(buf, settings, self.config.num_tokens - 1)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        return {"prefill_ms": (t1 - t0) * 1e3, "replays_us_per_step": (t2 - t1) / (self.config.num_tokens - 1) * 1e6}
+
     def _replay_timeline(self, buf: _Buffers, settings: SamplingSettings, steps: int = 3) -> dict:
         """The captured step graph replayed under the profiler: kernel time and idle time between kernels per
         step, as the GPU ran them (where the 'gaps' of the op table go)."""
@@ -240,20 +260,34 @@ class CudaBackend:
                 "longest_idle_us": [{"us": g, "after": a, "before": b} for g, a, b in longest]}
 
     # ----- the sampler ------------------------------------------------------------------------------
-    def _prefill(self, buf: _Buffers, classes: Tensor, prefix: Tensor | None, settings: SamplingSettings) -> int:
+    def _prefill(self, buf: _Buffers, classes: Tensor, prefix: Tensor | None,
+                 settings: SamplingSettings) -> tuple[int, bool]:
+        """Fill the buffers for drawing token `start`; returns (start, logits_ready).
+
+        Without a prefix the class token alone is one step from the zero state: the buffers get its input (the
+        class embedding, no position) and the step graph itself computes its logits (logits_ready False), so no
+        eager prefill runs (it cost ~50 ms per sample). With a prefix, the reference's chunked prefill."""
         dev = self.model.device
-        start = 0 if prefix is None else prefix.shape[1]
-        if prefix is not None:
-            buf.tokens[:, :start] = prefix.to(dev)
-        logits, state, mods = self.model.prefill(classes.to(dev), None if prefix is None else prefix.to(dev),
-                                                 settings.position_offset)
+        if prefix is None:
+            cond = self.model.class_embedding(cfg_rows(classes.to(dev), self.config.null_class))
+            mods = self.model.modulations(cond)
+            buf.hidden.copy_(cond)
+            buf.conv.zero_()
+            buf.ssm.zero_()
+            buf.mods.copy_(mods.layers)
+            buf.final_mods.copy_(mods.final)
+            buf.step.fill_(0)
+            return 0, False
+        start = prefix.shape[1]
+        buf.tokens[:, :start] = prefix.to(dev)
+        logits, state, mods = self.model.prefill(classes.to(dev), prefix.to(dev), settings.position_offset)
         buf.logits.copy_(logits)
         buf.conv.copy_(state.conv)
         buf.ssm.copy_(state.ssm)
         buf.mods.copy_(mods.layers)
         buf.final_mods.copy_(mods.final)
         buf.step.fill_(start)
-        return start
+        return start, True
 
     def _run_steps(self, buf: _Buffers, settings: SamplingSettings, count: int) -> None:
         if not self.use_graphs:
@@ -297,13 +331,14 @@ class CudaBackend:
         buf.seeds.copy_(seeds)
         if self.use_graphs and (batch, *self._mode, *settings.to_dict().values()) not in self._graphs:
             self._run_steps(buf, settings, 0)  # capture before the prefill fills the buffers
-        start = self._prefill(buf, classes, prefix, settings)
-        stream = torch.cuda.current_stream().cuda_stream
+        start, logits_ready = self._prefill(buf, classes, prefix, settings)
         mixed = []
-        self._sample(buf, settings, stream)  # token `start` from the prefill logits
-        if return_mixed:
-            mixed.append(buf.mixed.clone())
-        remaining = cfg.num_tokens - start - 1
+        remaining = cfg.num_tokens - start  # graph steps, each ending in the draw of one token
+        if logits_ready:
+            self._sample(buf, settings, torch.cuda.current_stream().cuda_stream)  # token `start`, prefill logits
+            if return_mixed:
+                mixed.append(buf.mixed.clone())
+            remaining -= 1
         if return_mixed:  # one step at a time to read every step's logits
             for _ in range(remaining):
                 self._run_steps(buf, settings, 1)

@@ -114,8 +114,9 @@ def main() -> None:
         # the reference (seconds per image) only where a ratio is wanted; the fast path on every model
         batches = [int(b) for b in args.batches.split(",")]
         show = lambda row: print(row, flush=True)  # noqa: E731
-        result = run_bench(args.torch_models.split(","), batches, ["torch", "cuda"], progress=show)
-        rest = [m for m in args.models.split(",") if m not in args.torch_models.split(",")]
+        torch_models = [m for m in args.torch_models.split(",") if m]
+        result = run_bench(torch_models, batches, ["torch", "cuda"], progress=show)
+        rest = [m for m in args.models.split(",") if m not in torch_models]
         if rest:
             result["rows"] += run_bench(rest, batches, ["cuda"], progress=show)["rows"]
         (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
