@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -46,46 +44,17 @@ EPS = 1e-6
 STATS_THREADS = 256
 
 
-# ----- NVRTC (a generalisation of plugins/kernels.py:compile_cubin to another source file) -------------
+# ----- NVRTC: the same build and on-disk cache as the decode-step kernels (plugins/kernels.py) ---------------
 def compile_vq_cubin(dtype: str, arch: str, use_cache: bool = True, source: Path | None = None,
                      load_batch: int = 1) -> bytes:
-    """NVRTC-compile vq_kernels.cu for one element type ('bfloat16'/'float16') and arch ('sm_90'); cached on disk
+    """NVRTC-compile vq_kernels.cu for one element type ('bfloat16'/'float16') and arch ('sm_90'), cached on disk
     by (source, options, NVRTC version). `load_batch`: vectors each thread loads before storing (LOAD_BATCH)."""
-    from cuda.bindings import nvrtc
+    from .plugins.kernels import KernelError, compile_cubin
 
-    from .plugins.kernels import KernelError, _check, cache_dir
-
-    source = _source() if source is None else Path(source)
     if dtype not in ELEM_KINDS:
         raise KernelError(f"VQ kernels support {sorted(ELEM_KINDS)}, not {dtype!r}")
-    text = Path(source).read_bytes()
-    options = [f"--gpu-architecture={arch}", f"-DELEM_KIND={ELEM_KINDS[dtype]}", f"-DLOAD_BATCH={int(load_batch)}",
-               "--std=c++17", "-lineinfo"]
-    version = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
-    key = hashlib.sha256(text + repr((options, version)).encode()).hexdigest()[:24]
-    path = cache_dir() / f"vq_kernels-{dtype}-{arch}-b{int(load_batch)}-{key}.cubin"
-    if use_cache and path.is_file():
-        return path.read_bytes()
-    prog = _check(nvrtc.nvrtcCreateProgram(text, b"vq_kernels.cu", 0, [], []), "nvrtcCreateProgram")
-    opts = [o.encode() for o in options]
-    result = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-    log = bytearray(size)  # a mutable buffer we own (see plugins/kernels.py)
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    if int(result[0]) != 0:
-        msg = bytes(log).rstrip(b"\0").decode(errors="replace")
-        raise KernelError(f"NVRTC could not compile {Path(source).name} for {arch}/{dtype}:\n{msg}")
-    size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-    buf = bytearray(size)
-    _check(nvrtc.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
-    cubin = bytes(buf)
-    nvrtc.nvrtcDestroyProgram(prog)
-    if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_bytes(cubin)
-        os.replace(tmp, path)
-    return cubin
+    return compile_cubin(dtype, arch, use_cache, defines={"LOAD_BATCH": int(load_batch)},
+                         source_path=_source() if source is None else Path(source))
 
 
 P, LL, I, Fl = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float

@@ -31,22 +31,23 @@ def cache_dir() -> Path:
 
 
 def compile_cubin(dtype: str, arch: str, use_cache: bool = True, check_layout: bool = False,
-                  defines: dict | None = None) -> bytes:
-    """NVRTC-compile the kernels for one element type and one architecture ('sm_90'); cached by content.
-    check_layout appends layout_asserts() (the tests and CI do; it needs an NVRTC with __builtin_offsetof)."""
+                  defines: dict | None = None, source_path: Path = SOURCE) -> bytes:
+    """NVRTC-compile a kernel source (aim_kernels.cu, or vq_kernels.cu) for one element type and one architecture
+    ('sm_90'), with extra -D `defines`; cached on disk by content. check_layout appends layout_asserts() (the
+    tests and CI do; it needs an NVRTC with __builtin_offsetof)."""
     from cuda.bindings import nvrtc
 
     if dtype not in ELEM_KINDS:
         raise KernelError(f"kernels support {sorted(ELEM_KINDS)}, not {dtype!r}")
-    source = SOURCE.read_bytes() + (layout_asserts().encode() if check_layout else b"")
+    source = source_path.read_bytes() + (layout_asserts().encode() if check_layout else b"")
     options = [f"--gpu-architecture={arch}", f"-DELEM_KIND={ELEM_KINDS[dtype]}", "--std=c++17", "-lineinfo",
                *(f"-D{k}={v}" for k, v in sorted((defines or {}).items()))]
     version = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
     key = hashlib.sha256(source + repr((options, version)).encode()).hexdigest()[:24]
-    path = cache_dir() / f"aim_kernels-{dtype}-{arch}-{key}.cubin"
+    path = cache_dir() / f"{source_path.stem}-{dtype}-{arch}-{key}.cubin"
     if use_cache and path.is_file():
         return path.read_bytes()
-    prog = _check(nvrtc.nvrtcCreateProgram(source, b"aim_kernels.cu", 0, [], []), "nvrtcCreateProgram")
+    prog = _check(nvrtc.nvrtcCreateProgram(source, source_path.name.encode(), 0, [], []), "nvrtcCreateProgram")
     opts = [o.encode() for o in options]
     result = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
@@ -56,7 +57,7 @@ def compile_cubin(dtype: str, arch: str, use_cache: bool = True, check_layout: b
     nvrtc.nvrtcGetProgramLog(prog, log)
     if int(result[0]) != 0:
         text = bytes(log).rstrip(b"\0").decode(errors="replace")
-        raise KernelError(f"NVRTC could not compile {SOURCE.name} for {arch}/{dtype}:\n{text}")
+        raise KernelError(f"NVRTC could not compile {source_path.name} for {arch}/{dtype}:\n{text}")
     size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
     buf = bytearray(size)
     _check(nvrtc.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
