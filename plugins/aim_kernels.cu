@@ -34,6 +34,20 @@ __device__ __forceinline__ float ld(elem_t v) { return __uint_as_float(((unsigne
 __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
 #endif
 
+// Programmatic dependent launch (Hopper, sm_90+): a kernel launched with the PDL attribute may start while its
+// predecessor in the stream still runs. PDL_TRIGGER lets the successor launch; PDL_WAIT blocks until the
+// predecessor has finished and its writes are visible. Before PDL_WAIT a kernel may only read what no recent
+// kernel writes (weights, the recurrent state of its own layer) and must write nothing. Every kernel calls
+// PDL_WAIT (also the ones that read nothing), so each kernel's completion implies that of all earlier ones.
+// On sm_80 both are no-ops and launches are plain (serialised) ones.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_WAIT()
+#define PDL_TRIGGER()
+#endif
+
 #define VEC 8  // state elements per thread per access: 16 bytes for 16-bit types, 32 for float32
 
 struct __align__(16) Vec8 { elem_t v[VEC]; };  // aligned: one 16-byte access (two for float32)
@@ -121,12 +135,16 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
   const long long base = ((long long)r * p.nheads + h) * P * N;
   const int PN = P * N;  // a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
 
-  // ---- 1. issue every load: state slice, conv inputs of this thread's channels, z, norm_w, scalars
+  // ---- 1. issue every load: state slice, conv inputs of this thread's channels, z, norm_w, scalars.
+  // The state slice is this layer's own (last written by this kernel one step ago): it is read before
+  // PDL_WAIT, while in_proj may still run.
+  PDL_TRIGGER();
   Vec8 hreg[MAX_ITERS];
 #pragma unroll
   for (int it = 0; it < MAX_ITERS; ++it)
     if ((it * SSU_THREADS + tid) * VEC < PN)
       hreg[it] = *reinterpret_cast<const Vec8*>(p.ssm_state_in + base + (it * SSU_THREADS + tid) * VEC);
+  PDL_WAIT();
   float win[SSU_MAX_CH][MAX_W], cw[SSU_MAX_CH][MAX_W], cb[SSU_MAX_CH];
   int chan[SSU_MAX_CH];
 #pragma unroll
@@ -256,6 +274,8 @@ struct GatedNormParams {
 // grid (rows); block 256. Completes the op where the next kernel cannot (ngroups > 1, or an op that must
 // return the normed y and the whole conv state, as the TensorRT plugin does).
 extern "C" __global__ void aim_gated_norm_apply(GatedNormParams p) {
+  PDL_TRIGGER();
+  PDL_WAIT();
   __shared__ float s_inv[64];
   const int r = blockIdx.x, hpg = p.nheads / p.ngroups, group_size = p.d_inner / p.ngroups;
   conv_shift(p.bc, r);
@@ -286,6 +306,8 @@ struct NormParams {
 
 // grid (rows); block 256; shared: d floats.
 extern "C" __global__ void aim_residual_norm(NormParams p) {
+  PDL_TRIGGER();
+  PDL_WAIT();
   extern __shared__ float xsh[];
   __shared__ float s_red[32];
   __shared__ float s_scale;
@@ -442,6 +464,8 @@ __device__ __forceinline__ unsigned radix_select(const unsigned (&key)[MAX_PER],
 
 // grid (batch); block 1024; dynamic shared: 256 * 8 bytes.
 extern "C" __global__ void __launch_bounds__(1024) aim_cfg_sample(SampleParams p) {
+  PDL_TRIGGER();
+  PDL_WAIT();
   extern __shared__ unsigned long long hist[];
   __shared__ float s_red[32];
   __shared__ unsigned long long s_red64[32], s_acc;
@@ -546,4 +570,8 @@ extern "C" __global__ void __launch_bounds__(1024) aim_cfg_sample(SampleParams p
   }
 }
 
-extern "C" __global__ void aim_advance(int* step) { *step += 1; }
+extern "C" __global__ void aim_advance(int* step) {
+  PDL_TRIGGER();
+  PDL_WAIT();
+  *step += 1;
+}

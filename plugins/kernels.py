@@ -219,11 +219,30 @@ class Kernels:
         self.fn = {name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
                    for name in KERNEL_NAMES}
         self._max_smem = 0
+        # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
+        # it off (to measure what it gains).
+        self.pdl = major >= 9 and os.environ.get("AIM_RT_PDL", "1") != "0"
+        if self.pdl:
+            attr = driver.CUlaunchAttribute()
+            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
+            self._pdl_attrs = [attr]
 
     def _launch(self, name: str, grid: tuple, block: int, smem: int, stream: int, params) -> None:
         holder = (ctypes.c_void_p * 1)(ctypes.addressof(params)) if params is not None else None
-        _check(self.driver.cuLaunchKernel(self.fn[name], *grid, block, 1, 1, smem, self.driver.CUstream(stream),
-                                          ctypes.addressof(holder) if holder is not None else 0, 0), name)
+        args = ctypes.addressof(holder) if holder is not None else 0
+        if not self.pdl:
+            _check(self.driver.cuLaunchKernel(self.fn[name], *grid, block, 1, 1, smem, self.driver.CUstream(stream),
+                                              args, 0), name)
+            return
+        config = self.driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid
+        config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
+        config.sharedMemBytes = smem
+        config.hStream = self.driver.CUstream(stream)
+        config.attrs = self._pdl_attrs
+        config.numAttrs = 1
+        _check(self.driver.cuLaunchKernelEx(config, self.fn[name], args, 0), name)
 
     def selective_state_update(self, p: SsuParams, stream: int, finish: bool = True) -> None:
         """The whole op: y gated-normed, conv and SSM states updated. With finish=False two things are left to
@@ -248,7 +267,4 @@ class Kernels:
         self._launch("aim_cfg_sample", (p.batch, 1, 1), SAMPLE_THREADS, smem, stream, p)
 
     def advance(self, step_ptr: int, stream: int) -> None:
-        arg = ctypes.c_void_p(step_ptr)
-        holder = (ctypes.c_void_p * 1)(ctypes.addressof(arg))
-        _check(self.driver.cuLaunchKernel(self.fn["aim_advance"], 1, 1, 1, 1, 1, 1, 0, self.driver.CUstream(stream),
-                                          ctypes.addressof(holder), 0), "aim_advance")
+        self._launch("aim_advance", (1, 1, 1), 1, 0, stream, ctypes.c_void_p(step_ptr))
