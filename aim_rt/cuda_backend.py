@@ -1,8 +1,11 @@
 """The `cuda` backend: the fused step kernels of plugins/aim_kernels.cu, cuBLAS GEMMs through torch, and the
 decode loop replayed from a CUDA graph, with sampling on the device (no host round trip per token).
 
-Per step and layer: residual+RMSNorm+modulate (1 kernel) → in_proj GEMM → fused selective-state update (1
-kernel, state streamed once, updated in place) → out_proj GEMM. With one group (every AiM model) the gated
+Per step and layer: residual+RMSNorm+modulate (1 kernel) → in_proj product → fused selective-state update (1
+kernel, state streamed once, updated in place) → out_proj product. The products are aim_gemv (tensor-core,
+weights read once) for 16-bit models up to 64 rows, cuBLAS otherwise. On Hopper every kernel of ours is
+launched with programmatic dependent launch: it starts while its predecessor runs and reads what does not
+depend on it (weights, its layer's state) before waiting for it (PDL_WAIT in aim_kernels.cu). With one group (every AiM model) the gated
 RMSNorm's 1/rms is a per-row scalar that factors out of out_proj, so the next residual-norm kernel applies it
 (and shifts the B/C conv windows the state update leaves), and the state update waits for no other block;
 otherwise a small kernel finishes the op before out_proj. Then the final norms, the lm_head GEMM, and one
@@ -13,6 +16,7 @@ reference's chunked prefill). One graph per (batch, settings) holds a whole step
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,7 +61,7 @@ class _Buffers:
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, model: AiM, use_graphs: bool = True):
+    def __init__(self, model: AiM, use_graphs: bool = True, use_gemv: bool | None = None):
         from aim_rt.plugins.kernels import Kernels, check_shapes
 
         if model.device.type != "cuda":
@@ -68,6 +72,8 @@ class CudaBackend:
         self.dtype = model.dtype
         self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0)
         self.use_graphs = use_graphs
+        # False (or AIM_RT_GEMV=0): cuBLAS for every product, to measure what aim_gemv gains
+        self.use_gemv = os.environ.get("AIM_RT_GEMV", "1") != "0" if use_gemv is None else use_gemv
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._vq = None  # the fast VQ decoder, built on first use
@@ -157,7 +163,7 @@ class CudaBackend:
             ops.append(("residual_norm", residual_norm(i, buf.hidden if i == 0 else buf.out,
                                                        buf.mods[i - 1][:, 2] if i else None, w["norm"], None,
                                                        buf.mods[i], p)))
-            ops.append(("in_proj", lambda w=w: torch.mm(buf.normed, w["in_proj"].t(), out=buf.zxbcdt)))
+            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             p = ssu_params(
                 xbc=buf.zxbcdt[:, d_in:d_x], z=buf.zxbcdt[:, :d_in], dt=buf.zxbcdt[:, d_x:],
                 conv_state_in=buf.conv[i], conv_state_out=buf.conv[i], ssm_state_in=buf.ssm[i],
@@ -165,12 +171,22 @@ class CudaBackend:
                 headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
             ops.append(("selective_state_update",
                         lambda p=p: k.selective_state_update(p, stream(), finish=not fold_norm)))
-            ops.append(("out_proj", lambda w=w: torch.mm(buf.y, w["out_proj"].t(), out=buf.out)))
+            ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
         ops.append(("final_norm", residual_norm(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
                                                 bb.final_layer.norm_final.weight, buf.final_mods, p)))
-        ops.append(("lm_head", lambda: torch.mm(buf.normed, self.model.lm_head.weight.t(), out=buf.logits)))
+        ops.append(("lm_head", self._matmul(buf.normed, self.model.lm_head.weight, buf.logits)))
         ops.append(("sample", lambda: self._sample(buf, settings, stream())))
         return ops
+
+    def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
+        """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel
+        ends) for 16-bit models up to 64 rows; cuBLAS otherwise."""
+        from aim_rt.plugins.kernels import gemv_params, gemv_supported
+
+        if self.use_gemv and gemv_supported(dtype_name(self.dtype), x.shape[0], x.shape[1]):
+            p = gemv_params(x, w, y)
+            return lambda: self.kernels.gemv(p, torch.cuda.current_stream().cuda_stream)
+        return lambda: torch.mm(x, w.t(), out=y)
 
     def _step(self, buf: _Buffers, settings: SamplingSettings) -> None:
         for _, launch in self._ops(buf, settings):

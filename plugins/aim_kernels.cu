@@ -575,3 +575,95 @@ extern "C" __global__ void aim_advance(int* step) {
   PDL_WAIT();
   *step += 1;
 }
+
+// ----------------------------------------------------------------------------------------------------------
+// Skinny matrix product for the decode step: y (rows, n) = x (rows, k) · w (n, k)^T, rows <= 16 * GEMV_MAX_MT
+// (2 to 64 rows: batch <= 32 with CFG). At these sizes the weights are the traffic, so each weight element is
+// read exactly once, and before PDL_WAIT: a block fills its registers with its weight tile while the previous
+// kernel still runs, then waits, reads x (small, in L2) and multiplies on the tensor cores (mma.sync m16n8k16,
+// rows padded to 16 with zeros). Grid: one block of 8 warps per 8 output columns; warp j takes the j-th
+// eighth of k, in chunks of 32; the 8 partial tiles are added in a fixed order (deterministic, and row r's
+// result does not depend on the other rows). The sum over k is order-free, so within a chunk thread t holds
+// k = 8t..8t+7 of its row for both operands: one 16-byte load each (the mma's own k order needs 4-byte loads).
+// 16-bit types only (the fp32 model keeps cuBLAS: no fp32 tensor-core product is exact enough for parity).
+struct GemvParams {
+  const elem_t* x;  long long x_stride;  // (rows, k), rows 16-byte aligned
+  const elem_t* w;                       // (n, k) contiguous
+  elem_t* y;  long long y_stride;        // (rows, n)
+  int rows, n, k;
+};
+
+#ifndef GEMV_MAX_MT
+#define GEMV_MAX_MT 4
+#endif
+
+#if ELEM_KIND != 0
+__device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                          unsigned b0, unsigned b1) {
+#if ELEM_KIND == 2
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// CH: chunks of 32 per warp, k = 8 warps * 32 * CH.
+template <int CH>
+__device__ __forceinline__ void gemv_body(const GemvParams& p) {
+  __shared__ float part[8][GEMV_MAX_MT][32][4];  // each warp's partial tiles, in fragment order
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int n = blockIdx.x * 8 + g;
+  const int k0 = warp * (32 * CH) + 8 * t;
+  PDL_TRIGGER();
+  uint4 wreg[CH];
+#pragma unroll
+  for (int c = 0; c < CH; ++c)
+    wreg[c] = n < p.n ? *reinterpret_cast<const uint4*>(p.w + (long long)n * p.k + k0 + 32 * c) : make_uint4(0, 0, 0, 0);
+  PDL_WAIT();
+  const int mt = (p.rows + 15) >> 4;
+  float acc[GEMV_MAX_MT][4];
+#pragma unroll
+  for (int m = 0; m < GEMV_MAX_MT; ++m) {
+    acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.0f;
+    if (m >= mt) continue;
+    const int r0 = 16 * m + g, r1 = r0 + 8;
+    const elem_t* x0 = p.x + (long long)r0 * p.x_stride + k0;
+    const elem_t* x1 = p.x + (long long)r1 * p.x_stride + k0;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
+      const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
+      mma_16816(acc[m], xa.x, xb.x, xa.y, xb.y, wreg[c].x, wreg[c].y);
+      mma_16816(acc[m], xa.z, xb.z, xa.w, xb.w, wreg[c].z, wreg[c].w);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) part[warp][m][lane][q] = acc[m][q];
+  }
+  __syncthreads();
+  // thread -> (m-tile, lane, q): add the 8 warps' partials in warp order and store one output element
+  for (int i = threadIdx.x; i < mt * 128; i += blockDim.x) {
+    const int m = i >> 7, l = (i >> 2) & 31, q = i & 3;
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) s += part[w][m][l][q];
+    const int row = 16 * m + (l >> 2) + (q >= 2 ? 8 : 0), col = blockIdx.x * 8 + 2 * (l & 3) + (q & 1);
+    if (row < p.rows && col < p.n) p.y[(long long)row * p.y_stride + col] = st(s);
+  }
+}
+
+#define GEMV_ENTRY(CH) \
+  extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH(GemvParams p) { gemv_body<CH>(p); }
+GEMV_ENTRY(1)
+GEMV_ENTRY(2)
+GEMV_ENTRY(3)
+GEMV_ENTRY(4)
+GEMV_ENTRY(6)
+GEMV_ENTRY(8)
+GEMV_ENTRY(12)
+#endif

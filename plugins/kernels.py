@@ -115,7 +115,11 @@ class SampleParams(ctypes.Structure):
     ]
 
 
-STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams)
+class GemvParams(ctypes.Structure):
+    _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
+
+
+STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams)
 
 
 def layout_asserts() -> str:
@@ -196,6 +200,27 @@ def check_shapes(headdim: int, d_state: int, d_conv: int, ngroups: int = 1) -> N
 
 KERNEL_NAMES = ("aim_selective_state_update", "aim_gated_norm_apply", "aim_residual_norm", "aim_cfg_sample",
                 "aim_advance")
+# aim_gemv_k<CH> (16-bit types): k = 256 * CH; rows <= GEMV_MAX_ROWS (as GEMV_MAX_MT in aim_kernels.cu)
+GEMV_CHUNKS, GEMV_MAX_ROWS = (1, 2, 3, 4, 6, 8, 12), 64
+
+
+def gemv_supported(dtype: str, rows: int, k: int) -> bool:
+    """Whether aim_gemv_k* computes this product (else the caller uses cuBLAS)."""
+    return dtype != "float32" and 0 < rows <= GEMV_MAX_ROWS and k % 256 == 0 and k // 256 in GEMV_CHUNKS
+
+
+def gemv_params(x, w, y) -> GemvParams:
+    """y = x @ w.T for torch tensors: x (rows, k) with 16-byte-aligned rows, w (n, k) contiguous, y (rows, n)."""
+    rows, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k or tuple(y.shape) != (rows, n):
+        raise KernelError(f"gemv shapes: x {tuple(x.shape)}, w {tuple(w.shape)}, y {tuple(y.shape)}")
+    es = x.element_size()
+    if (x.stride(1) != 1 or y.stride(1) != 1 or not w.is_contiguous() or (x.stride(0) * es) % 16
+            or x.data_ptr() % 16 or w.data_ptr() % 16):
+        raise KernelError("gemv needs contiguous, 16-byte-aligned rows of x and a contiguous w")
+    return GemvParams(x=x.data_ptr(), x_stride=x.stride(0), w=w.data_ptr(), y=y.data_ptr(), y_stride=y.stride(0),
+                      rows=rows, n=n, k=k)
 
 
 class Kernels:
@@ -216,8 +241,9 @@ class Kernels:
         self.ssu_threads = int(self.defines.get("SSU_THREADS", SSU_THREADS))
         cubin = compile_cubin(dtype, self.arch, defines=self.defines)
         self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+        names = KERNEL_NAMES + (tuple(f"aim_gemv_k{c}" for c in GEMV_CHUNKS) if dtype != "float32" else ())
         self.fn = {name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
-                   for name in KERNEL_NAMES}
+                   for name in names}
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
@@ -252,6 +278,10 @@ class Kernels:
         self._launch("aim_selective_state_update", (p.nheads, p.rows, 1), self.ssu_threads, smem, stream, p)
         if finish:
             self._launch("aim_gated_norm_apply", (p.rows, 1, 1), NORM_THREADS, 0, stream, gated_norm_params(p))
+
+    def gemv(self, p: GemvParams, stream: int) -> None:
+        """y = x @ w.T (gemv_params); the caller checked gemv_supported."""
+        self._launch(f"aim_gemv_k{p.k // 256}", ((p.n + 7) // 8, 1, 1), 256, 0, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         self._launch("aim_residual_norm", (p.rows, 1, 1), NORM_THREADS, p.d * 4, stream, p)

@@ -201,3 +201,44 @@ def test_vq_decode_bf16_graph_against_fp32_reference():
     assert rel_err(images.cpu(), g["golden.images"]) <= 3e-2
     again = CudaBackend(model).decode(g["golden.indices"].flip(0))  # a second replay with new inputs
     assert rel_err(again.cpu(), g["golden.images"].flip(0)) <= 3e-2
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,n", [(768, 3352), (1536, 768), (3072, 1536), (1024, 2088), (256, 1000), (2048, 8)])
+def test_gemv_matches_matmul_and_rows_are_independent(dtype, k, n):
+    """aim_gemv vs an fp32 product of the same 16-bit operands: at most one rounding of the output apart; a
+    row's result is bit-identical whatever the other rows are (batch composition does not change an image)."""
+    from aim_rt.plugins.kernels import Kernels, gemv_params, gemv_supported
+
+    kern = Kernels("bfloat16" if dtype == torch.bfloat16 else "float16")
+    gen = torch.Generator(device="cuda").manual_seed(k + n)
+    w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(dtype)
+    x_all = torch.randn(64, k, device="cuda", generator=gen).to(dtype)
+    stream = torch.cuda.current_stream().cuda_stream
+    results = {}
+    for rows in (1, 2, 3, 16, 17, 32, 64):
+        assert gemv_supported(str(dtype).split(".")[1], rows, k)
+        x = x_all[:rows].clone()
+        y = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
+        kern.gemv(gemv_params(x, w, y), stream)
+        torch.cuda.synchronize()
+        ref = x.float() @ w.float().t()
+        tol = 2 * ref.abs().clamp_min(1e-3) * (2 ** -8 if dtype == torch.bfloat16 else 2 ** -11) + 1e-5
+        assert ((y.float() - ref).abs() <= tol).all(), f"rows={rows}: max diff {(y.float() - ref).abs().max()}"
+        results[rows] = y
+    for rows, y in results.items():
+        assert torch.equal(y, results[64][:rows]), f"row results depend on the batch ({rows} vs 64 rows)"
+
+
+@needs_gpu
+def test_bf16_image_does_not_depend_on_batch_composition():
+    """An image's tokens depend on its class and seed only, not on which other images share the batch."""
+    from aim_rt.cuda_backend import CudaBackend
+
+    model = aim_rt.random_model("AiM-B", seed=0, device="cuda", dtype="bfloat16")
+    backend = CudaBackend(model)
+    settings = SamplingSettings()
+    alone = backend.sample([207], [11], settings)
+    crowd = backend.sample([1, 207, 980, 5, 5], [3, 11, 0, 11, 9], settings)
+    assert torch.equal(crowd[1], alone[0])
