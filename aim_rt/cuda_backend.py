@@ -3,7 +3,7 @@ decode loop replayed from a CUDA graph, with sampling on the device (no host rou
 
 Per step and layer: residual+RMSNorm+modulate (1 kernel) → in_proj product → fused selective-state update (1
 kernel, state streamed once, updated in place) → out_proj product. The products are aim_gemv (tensor-core,
-weights read once) for 16-bit models up to 64 rows, cuBLAS otherwise. On Hopper every kernel of ours is
+weights read once) for 16-bit models up to 16 rows (batch 8), cuBLAS otherwise. On Hopper every kernel of ours is
 launched with programmatic dependent launch: it starts while its predecessor runs and reads what does not
 depend on it (weights, its layer's state) before waiting for it (PDL_WAIT in aim_kernels.cu). With one group (every AiM model) the gated
 RMSNorm's 1/rms is a per-row scalar that factors out of out_proj, so the next residual-norm kernel applies it
@@ -180,10 +180,11 @@ class CudaBackend:
 
     def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel
-        ends) for 16-bit models up to 64 rows; cuBLAS otherwise."""
-        from aim_rt.plugins.kernels import gemv_params, gemv_supported
+        ends) for 16-bit models up to GEMV_FAST_ROWS rows; cuBLAS otherwise."""
+        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemv_params, gemv_supported
 
-        if self.use_gemv and gemv_supported(dtype_name(self.dtype), x.shape[0], x.shape[1]):
+        if (self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS
+                and gemv_supported(dtype_name(self.dtype), x.shape[0], x.shape[1])):
             p = gemv_params(x, w, y)
             return lambda: self.kernels.gemv(p, torch.cuda.current_stream().cuda_stream)
         return lambda: torch.mm(x, w.t(), out=y)

@@ -304,44 +304,76 @@ struct NormParams {
   float eps;
 };
 
-// grid (rows); block 256; shared: d floats.
-extern "C" __global__ void aim_residual_norm(NormParams p) {
-  PDL_TRIGGER();
-  PDL_WAIT();
-  extern __shared__ float xsh[];
+// grid (rows); block NORM_THREADS; d <= NORM_THREADS * NORM_PER. The row lives in registers. The weights and
+// modulations (constant through a sample) are read before PDL_WAIT, so after it only the previous kernels'
+// outputs are fetched: one round trip to L2, then the reductions.
+#define NORM_THREADS 256
+#define NORM_PER 8
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
   __shared__ float s_red[32];
   __shared__ float s_scale;
-  const int r = blockIdx.x;
+  const int r = blockIdx.x, tid = threadIdx.x;
+  PDL_TRIGGER();
+  float w1[NORM_PER], w2[NORM_PER], sh[NORM_PER], sc[NORM_PER];
+#pragma unroll
+  for (int j = 0; j < NORM_PER; ++j) {
+    const int i = tid + j * NORM_THREADS;
+    if (i >= p.d) continue;
+    w1[j] = ld(p.norm_w[i]);
+    w2[j] = p.norm2_w ? ld(p.norm2_w[i]) : 0.0f;
+    sh[j] = ld(p.shift[(long long)r * p.mod_stride + i]);
+    sc[j] = ld(p.scale[(long long)r * p.mod_stride + i]);
+  }
+  PDL_WAIT();
   conv_shift(p.bc, r);
-  if (threadIdx.x == 0)
-    s_scale = p.sumsq ? group_inv_rms(p.sumsq + (long long)r * p.sumsq_heads, p.sumsq_heads, p.sumsq_count, p.eps)
-                      : 1.0f;
+  if (tid < 32) {  // the previous gated norm's 1/rms: its heads' sums of squares, added as a fixed tree
+    float t = 0.0f;
+    if (p.sumsq)
+      for (int i = tid; i < p.sumsq_heads; i += 32) t += p.sumsq[(long long)r * p.sumsq_heads + i];
+    t = warp_sum(t);
+    if (tid == 0) s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
+  }
+  float x[NORM_PER];
+  float gate[NORM_PER], res[NORM_PER], in[NORM_PER];
+#pragma unroll
+  for (int j = 0; j < NORM_PER; ++j) {  // issue every load before using any
+    const int i = tid + j * NORM_THREADS;
+    if (i >= p.d) continue;
+    in[j] = ld(p.input[(long long)r * p.input_stride + i]);
+    gate[j] = p.gate ? ld(p.gate[(long long)r * p.gate_stride + i]) : 0.0f;
+    res[j] = p.first ? 0.0f : p.residual[(long long)r * p.d + i];
+  }
   __syncthreads();
   const float scale = s_scale;
   float sq = 0.0f;
-  for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-    float v = ld(p.input[(long long)r * p.input_stride + i]) * scale;
-    if (p.gate) v = ld(st(v * ld(p.gate[(long long)r * p.gate_stride + i])));  // the reference rounds gate*out
-    float res = p.first ? v : p.residual[(long long)r * p.d + i] + v;
-    p.residual[(long long)r * p.d + i] = res;
-    xsh[i] = res;
-    sq += res * res;
+#pragma unroll
+  for (int j = 0; j < NORM_PER; ++j) {
+    const int i = tid + j * NORM_THREADS;
+    x[j] = 0.0f;
+    if (i >= p.d) continue;
+    float v = in[j] * scale;
+    if (p.gate) v = ld(st(v * gate[j]));  // the reference rounds gate*out
+    const float rv = p.first ? v : res[j] + v;
+    p.residual[(long long)r * p.d + i] = rv;
+    x[j] = rv;
+    sq += rv * rv;
   }
   float inv = rsqrtf(block_sum(sq, s_red) / p.d + p.eps);
   if (p.norm2_w) {  // final layer: norm_f (rounded to the model type), then norm_final
     float sq2 = 0.0f;
-    for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-      float v = ld(st(xsh[i] * inv * ld(p.norm_w[i])));
-      xsh[i] = v;
-      sq2 += v * v;
+#pragma unroll
+    for (int j = 0; j < NORM_PER; ++j) {
+      x[j] = ld(st(x[j] * inv * w1[j]));
+      sq2 += x[j] * x[j];
     }
     inv = rsqrtf(block_sum(sq2, s_red) / p.d + p.eps);
   }
-  const elem_t* w = p.norm2_w ? p.norm2_w : p.norm_w;
-  for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-    float v = ld(st(xsh[i] * inv * ld(w[i])));
-    float m = v * (1.0f + ld(p.scale[(long long)r * p.mod_stride + i])) + ld(p.shift[(long long)r * p.mod_stride + i]);
-    p.out[(long long)r * p.out_stride + i] = st(m);
+#pragma unroll
+  for (int j = 0; j < NORM_PER; ++j) {
+    const int i = tid + j * NORM_THREADS;
+    if (i >= p.d) continue;
+    const float v = ld(st(x[j] * inv * (p.norm2_w ? w2[j] : w1[j])));
+    p.out[(long long)r * p.out_stride + i] = st(v * (1.0f + sc[j]) + sh[j]);
   }
 }
 

@@ -179,7 +179,7 @@ def gated_norm_params(p: SsuParams) -> GatedNormParams:
                            nheads=p.nheads, ngroups=p.ngroups, eps=p.eps, bc=conv_shift_params(p))
 
 
-SSU_THREADS, NORM_THREADS, SAMPLE_THREADS = 256, 256, 1024  # SSU_THREADS: as in aim_kernels.cu
+SSU_THREADS, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 256, 8, 1024  # as in aim_kernels.cu
 MAX_W, VEC, MAX_STATE = 4, 8, 8192  # as in aim_kernels.cu
 
 
@@ -202,6 +202,9 @@ KERNEL_NAMES = ("aim_selective_state_update", "aim_gated_norm_apply", "aim_resid
                 "aim_advance")
 # aim_gemv_k<CH> (16-bit types): k = 256 * CH; rows <= GEMV_MAX_ROWS (as GEMV_MAX_MT in aim_kernels.cu)
 GEMV_CHUNKS, GEMV_MAX_ROWS = (1, 2, 3, 4, 6, 8, 12), 64
+# Above this many rows every block re-reading all of x costs more L2 traffic than the weights: cuBLAS was faster
+# there (H200, 2026-11-29: AiM-XL in_proj at 32 rows 14.0 µs vs 8.9 µs; at 2 rows ours 2.3 µs vs 4.6 µs).
+GEMV_FAST_ROWS = 16
 
 
 def gemv_supported(dtype: str, rows: int, k: int) -> bool:
@@ -284,7 +287,9 @@ class Kernels:
         self._launch(f"aim_gemv_k{p.k // 256}", ((p.n + 7) // 8, 1, 1), 256, 0, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
-        self._launch("aim_residual_norm", (p.rows, 1, 1), NORM_THREADS, p.d * 4, stream, p)
+        if p.d > NORM_THREADS * NORM_PER:
+            raise KernelError(f"aim_residual_norm handles d_model up to {NORM_THREADS * NORM_PER}, not {p.d}")
+        self._launch("aim_residual_norm", (p.rows, 1, 1), NORM_THREADS, 0, stream, p)
 
     def cfg_sample(self, p: SampleParams, stream: int) -> None:
         if p.vocab > SAMPLE_THREADS * 16:
