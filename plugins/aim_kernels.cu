@@ -609,11 +609,11 @@ extern "C" __global__ void aim_advance(int* step) {
 }
 
 // ----------------------------------------------------------------------------------------------------------
-// Skinny matrix product for the decode step: y (rows, n) = x (rows, k) · w (n, k)^T, rows <= 16 * GEMV_MAX_MT
+// Skinny matrix product for the decode step: y (rows, n) = x (rows, k) · w (n, k)^T, rows <= 16 * min(4, 8 / NT)
 // (2 to 64 rows: batch <= 32 with CFG). At these sizes the weights are the traffic, so each weight element is
 // read exactly once, and before PDL_WAIT: a block fills its registers with its weight tile while the previous
 // kernel still runs, then waits, reads x (small, in L2) and multiplies on the tensor cores (mma.sync m16n8k16,
-// rows padded to 16 with zeros). Grid: one block of 8 warps per 8 output columns; warp j takes the j-th
+// rows padded to 16 with zeros). Grid: one block of 8 warps per 8 * NT output columns; warp j takes the j-th
 // eighth of k, in chunks of 32; the 8 partial tiles are added in a fixed order (deterministic, and row r's
 // result does not depend on the other rows). The sum over k is order-free, so within a chunk thread t holds
 // k = 8t..8t+7 of its row for both operands: one 16-byte load each (the mma's own k order needs 4-byte loads).
@@ -645,25 +645,32 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 #endif
 }
 
-// CH: chunks of 32 per warp, k = 8 warps * 32 * CH.
-template <int CH>
+// CH: chunks of 32 per warp, k = 8 warps * 32 * CH. NT: 8-column tiles per block; a warp multiplies the x
+// fragments it loads by NT weight tiles (more rows re-read x: NT > 1 cuts that L2 traffic by NT).
+template <int CH, int NT>
 __device__ __forceinline__ void gemv_body(const GemvParams& p) {
-  __shared__ float part[8][GEMV_MAX_MT][32][4];  // each warp's partial tiles, in fragment order
+  constexpr int MT = 8 / NT < GEMV_MAX_MT ? 8 / NT : GEMV_MAX_MT;  // m-tiles of 16 rows (8 * 16 partials per warp)
+  __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int n = blockIdx.x * 8 + g;
   const int k0 = warp * (32 * CH) + 8 * t;
   PDL_TRIGGER();
-  uint4 wreg[CH];
+  uint4 wreg[NT][CH];
 #pragma unroll
-  for (int c = 0; c < CH; ++c)
-    wreg[c] = n < p.n ? *reinterpret_cast<const uint4*>(p.w + (long long)n * p.k + k0 + 32 * c) : make_uint4(0, 0, 0, 0);
+  for (int j = 0; j < NT; ++j) {
+    const int n = (blockIdx.x * NT + j) * 8 + g;
+#pragma unroll
+    for (int c = 0; c < CH; ++c)
+      wreg[j][c] = n < p.n ? *reinterpret_cast<const uint4*>(p.w + (long long)n * p.k + k0 + 32 * c)
+                           : make_uint4(0, 0, 0, 0);
+  }
   PDL_WAIT();
   const int mt = (p.rows + 15) >> 4;
-  float acc[GEMV_MAX_MT][4];
 #pragma unroll
-  for (int m = 0; m < GEMV_MAX_MT; ++m) {
-    acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.0f;
-    if (m >= mt) continue;
+  for (int m = 0; m < MT; ++m) {
+    if (m >= mt) break;
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     const int r0 = 16 * m + g, r1 = r0 + 8;
     const elem_t* x0 = p.x + (long long)r0 * p.x_stride + k0;
     const elem_t* x1 = p.x + (long long)r1 * p.x_stride + k0;
@@ -671,31 +678,41 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
     for (int c = 0; c < CH; ++c) {
       const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
       const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
-      mma_16816(acc[m], xa.x, xb.x, xa.y, xb.y, wreg[c].x, wreg[c].y);
-      mma_16816(acc[m], xa.z, xb.z, xa.w, xb.w, wreg[c].z, wreg[c].w);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        mma_16816(acc[j], xa.x, xb.x, xa.y, xb.y, wreg[j][c].x, wreg[j][c].y);
+        mma_16816(acc[j], xa.z, xb.z, xa.w, xb.w, wreg[j][c].z, wreg[j][c].w);
+      }
     }
 #pragma unroll
-    for (int q = 0; q < 4; ++q) part[warp][m][lane][q] = acc[m][q];
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) part[warp][m * NT + j][lane][q] = acc[j][q];
   }
   __syncthreads();
-  // thread -> (m-tile, lane, q): add the 8 warps' partials in warp order and store one output element
-  for (int i = threadIdx.x; i < mt * 128; i += blockDim.x) {
-    const int m = i >> 7, l = (i >> 2) & 31, q = i & 3;
+  // thread -> (tile, lane, q): add the 8 warps' partials in warp order and store one output element
+  for (int i = threadIdx.x; i < mt * NT * 128; i += blockDim.x) {
+    const int tile = i >> 7, m = tile / NT, j = tile % NT, l = (i >> 2) & 31, q = i & 3;
     float s = 0.0f;
 #pragma unroll
-    for (int w = 0; w < 8; ++w) s += part[w][m][l][q];
-    const int row = 16 * m + (l >> 2) + (q >= 2 ? 8 : 0), col = blockIdx.x * 8 + 2 * (l & 3) + (q & 1);
+    for (int w = 0; w < 8; ++w) s += part[w][tile][l][q];
+    const int row = 16 * m + (l >> 2) + (q >= 2 ? 8 : 0), col = (blockIdx.x * NT + j) * 8 + 2 * (l & 3) + (q & 1);
     if (row < p.rows && col < p.n) p.y[(long long)row * p.y_stride + col] = st(s);
   }
 }
 
-#define GEMV_ENTRY(CH) \
-  extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH(GemvParams p) { gemv_body<CH>(p); }
-GEMV_ENTRY(1)
-GEMV_ENTRY(2)
-GEMV_ENTRY(3)
-GEMV_ENTRY(4)
-GEMV_ENTRY(6)
-GEMV_ENTRY(8)
-GEMV_ENTRY(12)
+#define GEMV_ENTRY(CH, NT) \
+  extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH##_n##NT(GemvParams p) { gemv_body<CH, NT>(p); }
+GEMV_ENTRY(1, 1)
+GEMV_ENTRY(2, 1)
+GEMV_ENTRY(3, 1)
+GEMV_ENTRY(4, 1)
+GEMV_ENTRY(6, 1)
+GEMV_ENTRY(8, 1)
+GEMV_ENTRY(12, 1)
+GEMV_ENTRY(1, 4)
+GEMV_ENTRY(2, 4)
+GEMV_ENTRY(3, 4)
+GEMV_ENTRY(4, 2)
+GEMV_ENTRY(6, 2)
 #endif

@@ -200,16 +200,27 @@ def check_shapes(headdim: int, d_state: int, d_conv: int, ngroups: int = 1) -> N
 
 KERNEL_NAMES = ("aim_selective_state_update", "aim_gated_norm_apply", "aim_residual_norm", "aim_cfg_sample",
                 "aim_advance")
-# aim_gemv_k<CH> (16-bit types): k = 256 * CH; rows <= GEMV_MAX_ROWS (as GEMV_MAX_MT in aim_kernels.cu)
-GEMV_CHUNKS, GEMV_MAX_ROWS = (1, 2, 3, 4, 6, 8, 12), 64
-# Above this many rows every block re-reading all of x costs more L2 traffic than the weights: cuBLAS was faster
-# there (H200, 2026-11-29: AiM-XL in_proj at 32 rows 14.0 µs vs 8.9 µs; at 2 rows ours 2.3 µs vs 4.6 µs).
-GEMV_FAST_ROWS = 16
+# aim_gemv_k<CH>_n<NT> (16-bit types): k = 256 * CH, 8 * NT output columns per block, rows <= 16 * min(4, 8 / NT)
+GEMV_CHUNKS = (1, 2, 3, 4, 6, 8, 12)
+GEMV_WIDE = {1: 4, 2: 4, 3: 4, 4: 2, 6: 2}  # CH -> NT used above GEMV_NARROW_ROWS rows (registers: CH * NT <= 12)
+GEMV_NARROW_ROWS = 16
+# Up to GEMV_FAST_ROWS rows the backend uses aim_gemv, above it cuBLAS. Measured on the H200, 2026-11-29
+# (bench/results/step_*): at 2 rows aim_gemv takes 2.3 µs for AiM-B's in_proj where cuBLAS takes 4.6 µs; at 32
+# rows one 8-column tile per block re-read x from L2 so often that cuBLAS won (AiM-XL in_proj 14.0 vs 8.9 µs),
+# hence the wider tiles there. AIM_RT_GEMV_ROWS overrides the limit (to measure).
+GEMV_FAST_ROWS = int(os.environ.get("AIM_RT_GEMV_ROWS", "32"))
+
+
+def gemv_tiles(rows: int, k: int) -> int:
+    """NT, the 8-column tiles per block, for a product of `rows` rows and depth k."""
+    return GEMV_WIDE.get(k // 256, 1) if rows > GEMV_NARROW_ROWS else 1
 
 
 def gemv_supported(dtype: str, rows: int, k: int) -> bool:
-    """Whether aim_gemv_k* computes this product (else the caller uses cuBLAS)."""
-    return dtype != "float32" and 0 < rows <= GEMV_MAX_ROWS and k % 256 == 0 and k // 256 in GEMV_CHUNKS
+    """Whether aim_gemv computes this product (else the caller uses cuBLAS)."""
+    if dtype == "float32" or rows <= 0 or k % 256 or k // 256 not in GEMV_CHUNKS:
+        return False
+    return rows <= 16 * min(4, 8 // gemv_tiles(rows, k))
 
 
 def gemv_params(x, w, y) -> GemvParams:
@@ -244,7 +255,8 @@ class Kernels:
         self.ssu_threads = int(self.defines.get("SSU_THREADS", SSU_THREADS))
         cubin = compile_cubin(dtype, self.arch, defines=self.defines)
         self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
-        names = KERNEL_NAMES + (tuple(f"aim_gemv_k{c}" for c in GEMV_CHUNKS) if dtype != "float32" else ())
+        gemvs = [f"aim_gemv_k{c}_n1" for c in GEMV_CHUNKS] + [f"aim_gemv_k{c}_n{t}" for c, t in GEMV_WIDE.items()]
+        names = KERNEL_NAMES + (tuple(gemvs) if dtype != "float32" else ())
         self.fn = {name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
                    for name in names}
         self._max_smem = 0
@@ -284,7 +296,8 @@ class Kernels:
 
     def gemv(self, p: GemvParams, stream: int) -> None:
         """y = x @ w.T (gemv_params); the caller checked gemv_supported."""
-        self._launch(f"aim_gemv_k{p.k // 256}", ((p.n + 7) // 8, 1, 1), 256, 0, stream, p)
+        nt = gemv_tiles(p.rows, p.k)
+        self._launch(f"aim_gemv_k{p.k // 256}_n{nt}", ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         if p.d > NORM_THREADS * NORM_PER:

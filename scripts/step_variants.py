@@ -16,6 +16,7 @@ from pathlib import Path
 
 VARIANTS = {  # name: environment
     "pdl+gemv": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1"},
+    "pdl+gemv16": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_GEMV_ROWS": "16"},
     "gemv": {"AIM_RT_PDL": "0", "AIM_RT_GEMV": "1"},
     "cublas": {"AIM_RT_PDL": "0", "AIM_RT_GEMV": "0"},
 }
