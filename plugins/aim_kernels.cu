@@ -35,17 +35,15 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 #endif
 
 // Programmatic dependent launch (Hopper, sm_90+): a kernel launched with the PDL attribute may start while its
-// predecessor in the stream still runs. PDL_TRIGGER lets the successor launch; PDL_WAIT blocks until the
-// predecessor has finished and its writes are visible. Before PDL_WAIT a kernel may only read what no recent
-// kernel writes (weights, the recurrent state of its own layer) and must write nothing. Every kernel calls
-// PDL_WAIT (also the ones that read nothing), so each kernel's completion implies that of all earlier ones.
-// On sm_80 both are no-ops and launches are plain (serialised) ones.
+// predecessor in the stream still runs. PDL_WAIT blocks until the predecessor has finished and its writes are
+// visible, then lets the successor launch. So at most one kernel runs ahead, and only its part before PDL_WAIT:
+// that part may read only what the kernel right before it does not write (weights, modulations, its own
+// layer's recurrent state) and must write nothing. Every kernel calls PDL_WAIT, so each kernel's completion
+// implies that of all earlier ones. On sm_80 it is a no-op and launches are plain (serialised) ones.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
 #else
 #define PDL_WAIT()
-#define PDL_TRIGGER()
 #endif
 
 #define VEC 8  // state elements per thread per access: 16 bytes for 16-bit types, 32 for float32
@@ -137,8 +135,7 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
 
   // ---- 1. issue every load: state slice, conv inputs of this thread's channels, z, norm_w, scalars.
   // The state slice is this layer's own (last written by this kernel one step ago): it is read before
-  // PDL_WAIT, while in_proj may still run.
-  PDL_TRIGGER();
+  // PDL_WAIT, while in_proj still runs.
   Vec8 hreg[MAX_ITERS];
 #pragma unroll
   for (int it = 0; it < MAX_ITERS; ++it)
@@ -274,7 +271,6 @@ struct GatedNormParams {
 // grid (rows); block 256. Completes the op where the next kernel cannot (ngroups > 1, or an op that must
 // return the normed y and the whole conv state, as the TensorRT plugin does).
 extern "C" __global__ void aim_gated_norm_apply(GatedNormParams p) {
-  PDL_TRIGGER();
   PDL_WAIT();
   __shared__ float s_inv[64];
   const int r = blockIdx.x, hpg = p.nheads / p.ngroups, group_size = p.d_inner / p.ngroups;
@@ -313,11 +309,11 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(Nor
   __shared__ float s_red[32];
   __shared__ float s_scale;
   const int r = blockIdx.x, tid = threadIdx.x;
-  PDL_TRIGGER();
   float w1[NORM_PER], w2[NORM_PER], sh[NORM_PER], sc[NORM_PER];
 #pragma unroll
   for (int j = 0; j < NORM_PER; ++j) {
     const int i = tid + j * NORM_THREADS;
+    w1[j] = w2[j] = sh[j] = sc[j] = 0.0f;  // lanes past d stay 0 (no garbage, e.g. NaN, in the sums)
     if (i >= p.d) continue;
     w1[j] = ld(p.norm_w[i]);
     w2[j] = p.norm2_w ? ld(p.norm2_w[i]) : 0.0f;
@@ -338,6 +334,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(Nor
 #pragma unroll
   for (int j = 0; j < NORM_PER; ++j) {  // issue every load before using any
     const int i = tid + j * NORM_THREADS;
+    in[j] = gate[j] = res[j] = 0.0f;
     if (i >= p.d) continue;
     in[j] = ld(p.input[(long long)r * p.input_stride + i]);
     gate[j] = p.gate ? ld(p.gate[(long long)r * p.gate_stride + i]) : 0.0f;
@@ -496,7 +493,6 @@ __device__ __forceinline__ unsigned radix_select(const unsigned (&key)[MAX_PER],
 
 // grid (batch); block 1024; dynamic shared: 256 * 8 bytes.
 extern "C" __global__ void __launch_bounds__(1024) aim_cfg_sample(SampleParams p) {
-  PDL_TRIGGER();
   PDL_WAIT();
   extern __shared__ unsigned long long hist[];
   __shared__ float s_red[32];
@@ -603,7 +599,6 @@ extern "C" __global__ void __launch_bounds__(1024) aim_cfg_sample(SampleParams p
 }
 
 extern "C" __global__ void aim_advance(int* step) {
-  PDL_TRIGGER();
   PDL_WAIT();
   *step += 1;
 }
@@ -653,7 +648,6 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
   __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int k0 = warp * (32 * CH) + 8 * t;
-  PDL_TRIGGER();
   uint4 wreg[NT][CH];
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
