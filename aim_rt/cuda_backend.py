@@ -70,7 +70,8 @@ class CudaBackend:
         check_shapes(cfg.headdim, cfg.d_state, cfg.d_conv, cfg.ngroups)
         self.model, self.config = model, cfg
         self.dtype = model.dtype
-        self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0)
+        self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0,
+                               gemv_depths=(cfg.d_model, cfg.d_inner))
         self.use_graphs = use_graphs
         # False (or AIM_RT_GEMV=0): cuBLAS for every product, to measure what aim_gemv gains
         self.use_gemv = os.environ.get("AIM_RT_GEMV", "1") != "0" if use_gemv is None else use_gemv

@@ -240,8 +240,11 @@ def gemv_params(x, w, y) -> GemvParams:
 class Kernels:
     """The compiled module for one element type on the current CUDA device; launches on a given stream."""
 
-    def __init__(self, dtype: str, device_index: int = 0, defines: dict | None = None):
-        """`defines`: extra -D macros (benchmarks of kernel variants, e.g. SSU_THREADS, SSU_MIN_BLOCKS)."""
+    def __init__(self, dtype: str, device_index: int = 0, defines: dict | None = None,
+                 gemv_depths: tuple[int, ...] | None = None):
+        """`defines`: extra -D macros (benchmarks of kernel variants, e.g. SSU_THREADS, SSU_MIN_BLOCKS).
+        `gemv_depths`: the k of every product the caller will run through `gemv` (compiles only those
+        instances; a cold start pays for each); None: all of them."""
         import torch
         from cuda.bindings import driver
 
@@ -252,11 +255,16 @@ class Kernels:
         torch.cuda.init()
         torch.empty(1, device=f"cuda:{device_index}")  # makes the primary context current for the driver API
         self.defines = dict(defines or {})
+        pairs = [(c, 1) for c in GEMV_CHUNKS] + list(GEMV_WIDE.items())
+        if gemv_depths is not None:
+            chunks = {k // 256 for k in gemv_depths}
+            pairs = [(c, t) for c, t in pairs if c in chunks]
+            self.defines["GEMV_INSTANCES"] = " ".join(f"X({c},{t})" for c, t in pairs) or "/* none */"
         self.ssu_threads = int(self.defines.get("SSU_THREADS", SSU_THREADS))
         cubin = compile_cubin(dtype, self.arch, defines=self.defines)
         self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
-        gemvs = [f"aim_gemv_k{c}_n1" for c in GEMV_CHUNKS] + [f"aim_gemv_k{c}_n{t}" for c, t in GEMV_WIDE.items()]
-        names = KERNEL_NAMES + (tuple(gemvs) if dtype != "float32" else ())
+        self.gemvs = {(c, t) for c, t in pairs} if dtype != "float32" else set()
+        names = KERNEL_NAMES + tuple(f"aim_gemv_k{c}_n{t}" for c, t in sorted(self.gemvs))
         self.fn = {name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
                    for name in names}
         self._max_smem = 0
@@ -297,6 +305,8 @@ class Kernels:
     def gemv(self, p: GemvParams, stream: int) -> None:
         """y = x @ w.T (gemv_params); the caller checked gemv_supported."""
         nt = gemv_tiles(p.rows, p.k)
+        if (p.k // 256, nt) not in self.gemvs:
+            raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
         self._launch(f"aim_gemv_k{p.k // 256}_n{nt}", ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:

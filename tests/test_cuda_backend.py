@@ -34,6 +34,17 @@ def test_kernels_compile(arch, dtype):
 
     cubin = compile_cubin(dtype, arch, use_cache=False)
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
+    # the tensor-core products exist for 16-bit types only
+    assert (b"aim_gemv_k3_n1" in cubin) == (dtype != "float32")
+
+
+@pytest.mark.skipif(not _nvrtc_usable(), reason="cuda-python with an NVRTC library is not installed")
+def test_only_the_requested_gemv_instances_are_compiled():
+    from aim_rt.plugins.kernels import compile_cubin
+
+    cubin = compile_cubin("bfloat16", "sm_90", use_cache=False, defines={"GEMV_INSTANCES": "X(3,1) X(6,2)"})
+    assert b"aim_gemv_k3_n1" in cubin and b"aim_gemv_k6_n2" in cubin
+    assert b"aim_gemv_k6_n1" not in cubin and b"aim_gemv_k12_n1" not in cubin
 
 
 @pytest.fixture(autouse=True)
