@@ -321,7 +321,6 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(Nor
     sc[j] = ld(p.scale[(long long)r * p.mod_stride + i]);
   }
   PDL_WAIT();
-  conv_shift(p.bc, r);
   if (tid < 32) {  // the previous gated norm's 1/rms: its heads' sums of squares, added as a fixed tree
     float t = 0.0f;
     if (p.sumsq)
@@ -340,6 +339,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(Nor
     gate[j] = p.gate ? ld(p.gate[(long long)r * p.gate_stride + i]) : 0.0f;
     res[j] = p.first ? 0.0f : p.residual[(long long)r * p.d + i];
   }
+  conv_shift(p.bc, r);  // while those loads are in flight
   __syncthreads();
   const float scale = s_scale;
   float sq = 0.0f;
