@@ -102,133 +102,229 @@ struct SsuParams {
 
 #define MAX_W 4       // d_conv <= MAX_W
 
-// grid (nheads, rows); block SSU_THREADS; shared: 3 * headdim + 2 * d_state floats.
-// One block streams one (row, head) state slice exactly once. Every global load the block needs is issued
-// first, so a block costs one memory latency, and no block waits for another. Two things span the heads of a
-// group and are left to the next kernel, which runs after every head is done: the gated RMSNorm (each block
-// writes its head's sum of squares and g * norm_w; the consumer applies 1/rms — aim_residual_norm when
-// ngroups == 1, where it factors out of out_proj, else aim_gated_norm_apply) and the shift of the group's
-// B/C conv windows, which every head reads (ConvShift, done by the same consumer).
-// 256 threads, 4 resident blocks (<= 64 registers) measured best of 128/256/512 at AiM-B/XL, batch 1-64
-// (scripts/ssu_variants.py); other values are kept compilable for that comparison.
+// grid (G): G <= rows * nheads blocks, each owning a contiguous run of (row, head) slices, s = row * nheads +
+// head; block SSU_THREADS; dynamic shared memory: SSU_STAGES state slices + 2 * (3 * headdim + 2 * d_state)
+// floats (ssu_smem_bytes in kernels.py). Every state slice is streamed exactly once.
+// Why this shape (H200 measurements in bench/results/ssu3_*): one block per slice kept too few bytes in flight
+// (each block loaded 16 KB, then spent most of its life on round trips to L2 and its own compute). Here the
+// state moves by cp.async into a ring of SSU_STAGES slices in shared memory: a block's first SSU_STAGES slices
+// are requested before PDL_WAIT (while in_proj runs) and each finished slice's buffer is refilled at once with
+// the slice SSU_STAGES ahead, so DRAM reads never wait for compute. Each thread copies exactly the 16-byte
+// chunks it later reads, so its own cp.async.wait_group makes them visible: no barrier guards the ring.
+// Per slice, one __syncthreads (the conv results, double-buffered by slice parity) and no other round trip
+// than the loads of in_proj's outputs: conv windows and weights are read before those are needed (before
+// PDL_WAIT for the first slice). Consecutive slices of one (row, group) share B and C, which stay in registers.
+// Two things span the heads of a group and are left to the next kernel, which runs after every head is done:
+// the gated RMSNorm (each slice writes its head's sum of squares and g * norm_w; the consumer applies 1/rms —
+// aim_residual_norm when ngroups == 1, where it factors out of out_proj, else aim_gated_norm_apply) and the
+// shift of the group's B/C conv windows, which every head reads (ConvShift, done by the same consumer).
+// Arithmetic per slice is the same whatever block runs it, in a fixed order: deterministic and independent of
+// the batch composition.
 #ifndef SSU_THREADS
 #define SSU_THREADS 256
 #endif
 #ifndef SSU_MIN_BLOCKS
 #define SSU_MIN_BLOCKS 4
 #endif
-#define MAX_ITERS (1024 / SSU_THREADS)  // state vectors per thread, in registers: headdim * d_state <= 8192
-#define SSU_MAX_CH (512 / SSU_THREADS)  // conv channels per thread: headdim + 2 * d_state <= 512
+#ifndef SSU_STAGES
+#define SSU_STAGES 3
+#endif
+#ifndef SSU_STORE_CS
+#define SSU_STORE_CS 0  // 1: the state is written with st.global.cs (evict first)
+#endif
+#define MAX_ITERS (1024 / SSU_THREADS)  // state chunks per thread per slice: headdim * d_state <= 8192
+#define SSU_BC (512 / SSU_THREADS)      // B/C conv channels per thread: 2 * d_state <= 512
+#define SSU_WARPS (SSU_THREADS / 32)
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+// cp.async (sm_80+): 16 bytes global → shared, bypassing L1 (the state is read once).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+__device__ __forceinline__ void copy_vec8_async(elem_t* dst, const elem_t* src) {
+#pragma unroll
+  for (int q = 0; q < (int)sizeof(Vec8) / 16; ++q) cp_async16(dst + q * 16 / sizeof(elem_t), src + q * 16 / sizeof(elem_t));
+}
+__device__ __forceinline__ void store_vec8(elem_t* dst, const Vec8& v) {
+#if SSU_STORE_CS
+  const unsigned* u = reinterpret_cast<const unsigned*>(&v);
+#pragma unroll
+  for (int q = 0; q < (int)sizeof(Vec8) / 16; ++q)
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};"
+                 :: "l"(dst + q * 16 / sizeof(elem_t)), "r"(u[4 * q]), "r"(u[4 * q + 1]), "r"(u[4 * q + 2]),
+                    "r"(u[4 * q + 3]) : "memory");
+#else
+  *reinterpret_cast<Vec8*>(dst) = v;
+#endif
+}
+
 extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
-  extern __shared__ float smem[];
-  float* xs = smem;                   // this head's x after the conv
-  float* zs = xs + p.headdim;         // silu(z) of this head's channels
-  float* ws = zs + p.headdim;         // norm_w of this head's channels
-  float* Bs = ws + p.headdim;         // the group's B
-  float* Cs = Bs + p.d_state;         // the group's C
-  __shared__ float s_dt, s_dA, s_D, s_red[32];
-  const int h = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
-  const int P = p.headdim, N = p.d_state, W = p.d_conv;
-  const int heads_per_group = p.nheads / p.ngroups, g = h / heads_per_group;
-  const long long base = ((long long)r * p.nheads + h) * P * N;
+  extern __shared__ __align__(16) unsigned char ssu_smem[];
+  __shared__ float s_red[2][SSU_WARPS];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int P = p.headdim, N = p.d_state, W = p.d_conv, H = p.nheads;
   const int PN = P * N;  // a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
+  const int hpg = H / p.ngroups;
+  const int total = p.rows * H;
+  const int s0 = (int)((long long)blockIdx.x * total / gridDim.x);
+  const int n = (int)((long long)(blockIdx.x + 1) * total / gridDim.x) - s0;  // >= 1: gridDim.x <= total
+  elem_t* ring = reinterpret_cast<elem_t*>(ssu_smem);
+  float* conv_buf = reinterpret_cast<float*>(ring + SSU_STAGES * PN);  // 2 x {x, silu(z), norm_w, B, C}
+  const int conv_len = 3 * P + 2 * N;
 
-  // ---- 1. issue every load: state slice, conv inputs of this thread's channels, z, norm_w, scalars.
-  // The state slice is this layer's own (last written by this kernel one step ago): it is read before
-  // PDL_WAIT, while in_proj still runs.
-  Vec8 hreg[MAX_ITERS];
+  // ---- state of the first SSU_STAGES slices: this layer's own, last written by this kernel one step ago,
+  // so requested before PDL_WAIT. One commit group per slice (empty past the run) keeps the count uniform.
 #pragma unroll
-  for (int it = 0; it < MAX_ITERS; ++it)
-    if ((it * SSU_THREADS + tid) * VEC < PN)
-      hreg[it] = *reinterpret_cast<const Vec8*>(p.ssm_state_in + base + (it * SSU_THREADS + tid) * VEC);
-  PDL_WAIT();
-  float win[SSU_MAX_CH][MAX_W], cw[SSU_MAX_CH][MAX_W], cb[SSU_MAX_CH];
-  int chan[SSU_MAX_CH];
+  for (int k = 0; k < SSU_STAGES; ++k) {
+    if (k < n) {
+      const elem_t* src = p.ssm_state_in + (long long)(s0 + k) * PN;
 #pragma unroll
-  for (int j = 0; j < SSU_MAX_CH; ++j) {
-    const int c = tid + j * SSU_THREADS;  // 0..P-1: x of this head; then the group's B, then its C
-    chan[j] = c < P ? h * P + c
-            : c < P + N ? p.d_inner + g * N + (c - P)
-            : c < P + 2 * N ? p.d_inner + p.ngroups * N + g * N + (c - P - N) : -1;
-    if (chan[j] < 0) continue;
-    const elem_t* sin = p.conv_state_in + ((long long)r * p.conv_dim + chan[j]) * W;
-    const float xin = ld(p.xbc[(long long)r * p.xbc_stride + chan[j]]);
-#pragma unroll
-    for (int w = 0; w < MAX_W; ++w) {  // the window shifted left, the new input appended (one store per
-      // element at a constant index keeps `win` in registers)
-      win[j][w] = w < W - 1 ? ld(sin[w + 1]) : (w == W - 1 ? xin : 0.0f);
-      cw[j][w] = w < W ? ld(p.conv_w[chan[j] * W + w]) : 0.0f;
+      for (int it = 0; it < MAX_ITERS; ++it) {
+        const int e = (it * SSU_THREADS + tid) * VEC;
+        if (e < PN) copy_vec8_async(ring + k * PN + e, src + e);
+      }
     }
-    cb[j] = ld(p.conv_b[chan[j]]);
-  }
-  if (tid < P) {
-    zs[tid] = silu(ld(p.z[(long long)r * p.z_stride + h * P + tid]));
-    ws[tid] = ld(p.norm_w[h * P + tid]);
-  }
-  if (tid == 0) {
-    const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + ld(p.dt_bias[h]));
-    s_dt = dt;
-    s_dA = __expf(-dt * __expf(ld(p.A_log[h])));
-    s_D = ld(p.D[h]);
+    cp_async_commit();
   }
 
-  // ---- 2. conv + SiLU into shared memory; this head's x windows are its own to write
-#pragma unroll
-  for (int j = 0; j < SSU_MAX_CH; ++j) {
-    const int c = tid + j * SSU_THREADS;
-    if (chan[j] < 0) continue;
-    float acc = cb[j];
-#pragma unroll
-    for (int w = 0; w < MAX_W; ++w) if (w < W) acc += win[j][w] * cw[j][w];
-    const float a = silu(acc);
-    if (c < P) {
-      xs[c] = a;
-      elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + chan[j]) * W;
-#pragma unroll
-      for (int w = 0; w < MAX_W; ++w) if (w < W) sout[w] = st(win[j][w]);
-    } else {
-      (c < P + N ? Bs[c - P] : Cs[c - P - N]) = a;
-    }
-  }
-  __syncthreads();
-
-  // ---- 3. state: (P, N) row-major, VEC contiguous elements per thread; N / VEC lanes share a row p
-  const float dt = s_dt, dA = s_dA, Dh = s_D;
-  const int lanes_per_row = N / VEC;
-  // A thread's columns n0..n0+VEC-1 are the same in every iteration (SSU_THREADS * VEC is a multiple of N, as
-  // N divides 256): its B and C live in registers, not re-read from shared memory per element.
+  // A thread's state columns n0..n0+VEC-1 are the same in every chunk (SSU_THREADS * VEC is a multiple of N,
+  // as N divides 256), so its B and C live in registers, reloaded only when the (row, group) changes.
   const int n0 = (tid * VEC) % N;
   float bq[VEC], cq[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) { bq[j] = Bs[n0 + j]; cq[j] = Cs[n0 + j]; }
-  float local_sq = 0.0f;
-#pragma unroll
-  for (int it = 0; it < MAX_ITERS; ++it) {
-    const int e = (it * SSU_THREADS + tid) * VEC;
-    if (e >= PN) break;
-    const int row = e / N;
-    const Vec8 hin = hreg[it];
-    Vec8 hout;
-    const float dtx = dt * xs[row];
-    float acc = 0.0f;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float hv = ld(hin.v[j]) * dA + dtx * bq[j];
-      hout.v[j] = st(hv);
-      acc += hv * cq[j];
-    }
-    *reinterpret_cast<Vec8*>(p.ssm_state_out + base + e) = hout;
-    for (int o = lanes_per_row / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (n0 == 0) {
-      const float gv = (acc + Dh * xs[row]) * zs[row];
-      p.y[(long long)r * p.y_stride + h * P + row] = st(gv * ws[row]);
-      local_sq += gv * gv;
-    }
-  }
+  int prev_rg = -1;
+  for (int i = 0; i < n; ++i) {
+    const int s = s0 + i, r = s / H, h = s - r * H, g = h / hpg;
+    const bool new_bc = r * p.ngroups + g != prev_rg;  // uniform across the block
+    prev_rg = r * p.ngroups + g;
+    float* xs = conv_buf + (i & 1) * conv_len;  // this head's x after the conv
+    float* zs = xs + P;                         // silu(z)
+    float* ws = zs + P;                         // norm_w
+    float* Bs = ws + P;                         // the group's B after the conv
+    float* Cs = Bs + N;                         // the group's C
 
-  // ---- 4. this head's sum of squares (fixed-order reduction: deterministic)
-  const float sq = block_sum(local_sq, s_red);
-  if (tid == 0) p.sumsq[(long long)r * p.nheads + h] = sq;
+    // ---- 1. what does not depend on in_proj: the conv over the kept window (the new input's tap is added in
+    // step 2, in the same order as a whole-window sum), conv weights, per-head scalars
+    float xacc = 0.0f, xlast = 0.0f, nw = 0.0f;  // x channel of this thread: partial conv, last tap's weight
+    float xwin[MAX_W];                           // its window shifted left (the new input appended in step 2)
+    const int xch = h * P + tid;
+    if (tid < P) {
+      const elem_t* sin = p.conv_state_in + ((long long)r * p.conv_dim + xch) * W;
+      xacc = ld(p.conv_b[xch]);
+#pragma unroll
+      for (int w = 0; w < MAX_W - 1; ++w) {
+        xwin[w] = w < W - 1 ? ld(sin[w + 1]) : 0.0f;
+        if (w < W - 1) xacc += xwin[w] * ld(p.conv_w[xch * W + w]);
+      }
+      xlast = ld(p.conv_w[xch * W + W - 1]);
+      nw = ld(p.norm_w[xch]);
+    }
+    float bacc[SSU_BC], blast[SSU_BC];
+    int bch[SSU_BC];
+#pragma unroll
+    for (int j = 0; j < SSU_BC; ++j) {
+      const int c = tid + j * SSU_THREADS;  // 0..N-1: the group's B; N..2N-1: its C
+      bch[j] = !new_bc || c >= 2 * N ? -1
+             : c < N ? p.d_inner + g * N + c : p.d_inner + p.ngroups * N + g * N + (c - N);
+      if (bch[j] < 0) continue;
+      const elem_t* sin = p.conv_state_in + ((long long)r * p.conv_dim + bch[j]) * W;
+      bacc[j] = ld(p.conv_b[bch[j]]);
+#pragma unroll
+      for (int w = 0; w < MAX_W - 1; ++w)
+        if (w < W - 1) bacc[j] += ld(sin[w + 1]) * ld(p.conv_w[bch[j] * W + w]);
+      blast[j] = ld(p.conv_w[bch[j] * W + W - 1]);
+    }
+    const float dt_bias = ld(p.dt_bias[h]), A_log = ld(p.A_log[h]), Dh = ld(p.D[h]);
+    if (i == 0) PDL_WAIT();
+
+    // ---- 2. in_proj's outputs for this slice (L2), then the conv + SiLU into shared memory
+    const elem_t* xbc = p.xbc + (long long)r * p.xbc_stride;
+    const float xin = tid < P ? ld(xbc[xch]) : 0.0f;
+    const float zv = tid < P ? ld(p.z[(long long)r * p.z_stride + xch]) : 0.0f;
+    float bin[SSU_BC];
+#pragma unroll
+    for (int j = 0; j < SSU_BC; ++j) bin[j] = bch[j] >= 0 ? ld(xbc[bch[j]]) : 0.0f;
+    const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
+    const float dA = __expf(-dt * __expf(A_log));
+    if (tid < P) {
+      xs[tid] = silu(xacc + xin * xlast);
+      zs[tid] = silu(zv);
+      ws[tid] = nw;
+      elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + xch) * W;  // this head's own x windows
+#pragma unroll
+      for (int w = 0; w < MAX_W; ++w)
+        if (w < W - 1) sout[w] = st(xwin[w]);
+        else if (w == W - 1) sout[w] = st(xin);
+    }
+#pragma unroll
+    for (int j = 0; j < SSU_BC; ++j)
+      if (bch[j] >= 0) Bs[tid + j * SSU_THREADS] = silu(bacc[j] + bin[j] * blast[j]);  // c >= N lands in Cs
+    cp_async_wait<SSU_STAGES - 1>();  // this thread's chunks of slice i have landed
+    __syncthreads();
+    if (i > 0 && warp == 0) {  // the previous slice's sum of squares (fixed order: deterministic)
+      const float v = warp_sum(lane < SSU_WARPS ? s_red[(i - 1) & 1][lane] : 0.0f);
+      if (lane == 0) p.sumsq[s - 1] = v;
+    }
+    if (new_bc) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) { bq[j] = Bs[n0 + j]; cq[j] = Cs[n0 + j]; }
+    }
+
+    // ---- 3. state: (P, N) row-major, VEC contiguous elements per thread; N / VEC lanes share a row p
+    const elem_t* slot = ring + (i % SSU_STAGES) * PN;
+    elem_t* out = p.ssm_state_out + (long long)s * PN;
+    const int lanes_per_row = N / VEC;
+    float local_sq = 0.0f;
+#pragma unroll
+    for (int it = 0; it < MAX_ITERS; ++it) {
+      const int e = (it * SSU_THREADS + tid) * VEC;
+      if (e >= PN) break;
+      const int row = e / N;
+      const Vec8 hin = *reinterpret_cast<const Vec8*>(slot + e);
+      Vec8 hout;
+      const float xv = xs[row], dtx = dt * xv;
+      float acc = 0.0f;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float hv = ld(hin.v[j]) * dA + dtx * bq[j];
+        hout.v[j] = st(hv);
+        acc += hv * cq[j];
+      }
+      store_vec8(out + e, hout);
+      for (int o = lanes_per_row / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (n0 == 0) {
+        const float gv = (acc + Dh * xv) * zs[row];
+        p.y[(long long)r * p.y_stride + h * P + row] = st(gv * ws[row]);
+        local_sq += gv * gv;
+      }
+    }
+    const float wsq = warp_sum(local_sq);
+    if (lane == 0) s_red[i & 1][warp] = wsq;
+
+    // ---- 4. refill the slot just consumed (this thread's own chunks, already read above) with slice i + STAGES
+    if (i + SSU_STAGES < n) {
+      const elem_t* src = p.ssm_state_in + (long long)(s + SSU_STAGES) * PN;
+      elem_t* dst = ring + (i % SSU_STAGES) * PN;
+#pragma unroll
+      for (int it = 0; it < MAX_ITERS; ++it) {
+        const int e = (it * SSU_THREADS + tid) * VEC;
+        if (e < PN) copy_vec8_async(dst + e, src + e);
+      }
+    }
+    cp_async_commit();
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const float v = warp_sum(lane < SSU_WARPS ? s_red[(n - 1) & 1][lane] : 0.0f);
+    if (lane == 0) p.sumsq[s0 + n - 1] = v;
+  }
 }
 
 // ----------------------------------------------------------------------------------------------------------
