@@ -103,23 +103,26 @@ struct SsuParams {
 #define MAX_W 4       // d_conv <= MAX_W
 
 // grid (G): G <= rows * nheads blocks, each owning a contiguous run of (row, head) slices, s = row * nheads +
-// head; block SSU_THREADS; dynamic shared memory: SSU_STAGES state slices + 2 * (3 * headdim + 2 * d_state)
-// floats (ssu_smem_bytes in kernels.py). Every state slice is streamed exactly once.
-// Why this shape (H200 measurements in bench/results/ssu3_*): one block per slice kept too few bytes in flight
-// (each block loaded 16 KB, then spent most of its life on round trips to L2 and its own compute). Here the
-// state moves by cp.async into a ring of SSU_STAGES slices in shared memory: a block's first SSU_STAGES slices
-// are requested before PDL_WAIT (while in_proj runs) and each finished slice's buffer is refilled at once with
-// the slice SSU_STAGES ahead, so DRAM reads never wait for compute. Each thread copies exactly the 16-byte
-// chunks it later reads, so its own cp.async.wait_group makes them visible: no barrier guards the ring.
-// Per slice, one __syncthreads (the conv results, double-buffered by slice parity) and no other round trip
-// than the loads of in_proj's outputs: conv windows and weights are read before those are needed (before
-// PDL_WAIT for the first slice). Consecutive slices of one (row, group) share B and C, which stay in registers.
+// head; block SSU_THREADS; dynamic shared memory: a ring of SSU_STAGES stages (ssu_smem_bytes in kernels.py).
+// Every state slice is streamed exactly once.
+// Why this shape (H200, bench/results/ssu3_*): one block per slice kept too few bytes in flight (each block
+// loaded its 16 KB, then spent most of its life on round trips and its own compute). Here a fixed set of
+// resident blocks streams the slices through a ring in shared memory, filled by cp.async: a stage holds a
+// slice's state and the conv windows it reads (its head's x channels; the group's B/C when the (row, group)
+// changes). A block's first SSU_STAGES stages are requested before PDL_WAIT (while in_proj runs) and each
+// stage is refilled, SSU_STAGES slices ahead, as soon as it is consumed, so no DRAM round trip is left on a
+// slice's path: after the first one, only in_proj's outputs (L2) and the weights (L1/L2) are read directly.
+// Each thread copies exactly the bytes it later reads, so its own cp.async.wait_group makes them visible: no
+// barrier guards the ring. One __syncthreads per slice (the conv results, double-buffered by slice parity).
+// Instructions per state element are kept few (ncu showed the first version of this loop issue-bound): bf16
+// pairs unpacked with one integer op each and packed by one cvt per pair, no division in the loops.
+// Consecutive slices of one (row, group) share B and C, which stay in registers.
 // Two things span the heads of a group and are left to the next kernel, which runs after every head is done:
 // the gated RMSNorm (each slice writes its head's sum of squares and g * norm_w; the consumer applies 1/rms —
 // aim_residual_norm when ngroups == 1, where it factors out of out_proj, else aim_gated_norm_apply) and the
 // shift of the group's B/C conv windows, which every head reads (ConvShift, done by the same consumer).
-// Arithmetic per slice is the same whatever block runs it, in a fixed order: deterministic and independent of
-// the batch composition.
+// The arithmetic of a slice is the same, in the same order, whatever block runs it: deterministic and
+// independent of the batch composition.
 #ifndef SSU_THREADS
 #define SSU_THREADS 256
 #endif
@@ -127,21 +130,23 @@ struct SsuParams {
 #define SSU_MIN_BLOCKS 4
 #endif
 #ifndef SSU_STAGES
-#define SSU_STAGES 3
+#define SSU_STAGES 2
 #endif
 #ifndef SSU_STORE_CS
 #define SSU_STORE_CS 0  // 1: the state is written with st.global.cs (evict first)
 #endif
 #define MAX_ITERS (1024 / SSU_THREADS)  // state chunks per thread per slice: headdim * d_state <= 8192
-#define SSU_BC (512 / SSU_THREADS)      // B/C conv channels per thread: 2 * d_state <= 512
+#define SSU_BC ((256 + SSU_THREADS - 1) / SSU_THREADS)  // B/C channels per thread: 2 * d_state <= 256
 #define SSU_WARPS (SSU_THREADS / 32)
+#define WORDS8 (VEC * (int)sizeof(elem_t) / 4)  // 32-bit words in VEC state elements
+
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   unsigned a;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
   return a;
 }
-// cp.async (sm_80+): 16 bytes global → shared, bypassing L1 (the state is read once).
+// cp.async (sm_80+): global → shared without registers. 16 bytes bypass L1 (the state is read once).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
 }
@@ -149,21 +154,94 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 }
-__device__ __forceinline__ void copy_vec8_async(elem_t* dst, const elem_t* src) {
-#pragma unroll
-  for (int q = 0; q < (int)sizeof(Vec8) / 16; ++q) cp_async16(dst + q * 16 / sizeof(elem_t), src + q * 16 / sizeof(elem_t));
+// One conv window (W elements) into shared memory: one cp.async where its size allows, else plain copies
+// (then it is complete at once). Callers keep src and dst aligned to the window's size (host-checked).
+__device__ __forceinline__ void copy_window(elem_t* dst, const elem_t* src, int W) {
+  const int bytes = W * (int)sizeof(elem_t);
+  const unsigned d = smem_addr(dst);
+  if (bytes == 16) asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" :: "r"(d), "l"(src) : "memory");
+  else if (bytes == 8) asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(d), "l"(src) : "memory");
+  else if (bytes == 4) asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(d), "l"(src) : "memory");
+  else for (int w = 0; w < W; ++w) dst[w] = src[w];
 }
-__device__ __forceinline__ void store_vec8(elem_t* dst, const Vec8& v) {
-#if SSU_STORE_CS
-  const unsigned* u = reinterpret_cast<const unsigned*>(&v);
+__device__ __forceinline__ void load8(const elem_t* src, unsigned (&u)[WORDS8]) {  // 16-byte aligned
 #pragma unroll
-  for (int q = 0; q < (int)sizeof(Vec8) / 16; ++q)
-    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};"
-                 :: "l"(dst + q * 16 / sizeof(elem_t)), "r"(u[4 * q]), "r"(u[4 * q + 1]), "r"(u[4 * q + 2]),
-                    "r"(u[4 * q + 3]) : "memory");
+  for (int q = 0; q < WORDS8 / 4; ++q) {
+    const uint4 t = reinterpret_cast<const uint4*>(src)[q];
+    u[4 * q] = t.x; u[4 * q + 1] = t.y; u[4 * q + 2] = t.z; u[4 * q + 3] = t.w;
+  }
+}
+__device__ __forceinline__ void unpack8(const unsigned (&u)[WORDS8], float (&f)[VEC]) {
+#pragma unroll
+  for (int q = 0; q < WORDS8; ++q) {
+#if ELEM_KIND == 0
+    f[q] = __uint_as_float(u[q]);
+#elif ELEM_KIND == 1
+    f[2 * q] = ld((elem_t)(u[q] & 0xFFFFu));
+    f[2 * q + 1] = ld((elem_t)(u[q] >> 16));
 #else
-  *reinterpret_cast<Vec8*>(dst) = v;
+    f[2 * q] = __uint_as_float(u[q] << 16);  // little endian: the lower half is the first element
+    f[2 * q + 1] = __uint_as_float(u[q] & 0xFFFF0000u);
 #endif
+  }
+}
+__device__ __forceinline__ void pack8(const float (&f)[VEC], unsigned (&u)[WORDS8]) {
+#pragma unroll
+  for (int q = 0; q < WORDS8; ++q) {
+#if ELEM_KIND == 0
+    u[q] = __float_as_uint(f[q]);
+#elif ELEM_KIND == 1  // one cvt rounds two values, as two cvt.rn.f16.f32 would
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(u[q]) : "f"(f[2 * q + 1]), "f"(f[2 * q]));
+#else
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u[q]) : "f"(f[2 * q + 1]), "f"(f[2 * q]));
+#endif
+  }
+}
+__device__ __forceinline__ void store8(elem_t* dst, const unsigned (&u)[WORDS8]) {
+#pragma unroll
+  for (int q = 0; q < WORDS8 / 4; ++q) {
+#if SSU_STORE_CS
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(dst + q * 16 / sizeof(elem_t)),
+                 "r"(u[4 * q]), "r"(u[4 * q + 1]), "r"(u[4 * q + 2]), "r"(u[4 * q + 3]) : "memory");
+#else
+    reinterpret_cast<uint4*>(dst)[q] = make_uint4(u[4 * q], u[4 * q + 1], u[4 * q + 2], u[4 * q + 3]);
+#endif
+  }
+}
+
+struct SsuRing {  // the shape of one stage: state (P * N), then x windows (P * W), then B/C windows (2N * W)
+  int PN, xwin, bcwin, len;  // element offsets and the stage length (rounded to 16 bytes)
+};
+__device__ __forceinline__ int ssu_rg(const SsuParams& p, int s) {  // (row, group) of slice s, as one number
+  const int r = s / p.nheads;
+  return r * p.ngroups + (s - r * p.nheads) / (p.nheads / p.ngroups);
+}
+// Request slice s into `stage`: this thread's state chunks, its x channel's window, and (new_bc) its B/C
+// channel's window; the same bytes it reads when it computes slice s.
+__device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, elem_t* stage, int s, bool new_bc) {
+  const int tid = threadIdx.x, P = p.headdim, N = p.d_state, W = p.d_conv;
+  const elem_t* src = p.ssm_state_in + (long long)s * g.PN;
+#pragma unroll
+  for (int it = 0; it < MAX_ITERS; ++it) {
+    const int e = (it * SSU_THREADS + tid) * VEC;
+    if (e < g.PN)
+#pragma unroll
+      for (int q = 0; q < WORDS8 / 4; ++q)
+        cp_async16(stage + e + q * 16 / sizeof(elem_t), src + e + q * 16 / sizeof(elem_t));
+  }
+  const int r = s / p.nheads, h = s - r * p.nheads;
+  const elem_t* conv = p.conv_state_in + (long long)r * p.conv_dim * W;
+  if (tid < P) copy_window(stage + g.xwin + tid * W, conv + (h * P + tid) * W, W);
+  if (new_bc) {
+    const int grp = h / (p.nheads / p.ngroups);
+#pragma unroll
+    for (int j = 0; j < SSU_BC; ++j) {
+      const int c = tid + j * SSU_THREADS;  // 0..N-1: the group's B; N..2N-1: its C
+      if (c >= 2 * N) break;
+      const int ch = c < N ? p.d_inner + grp * N + c : p.d_inner + p.ngroups * N + grp * N + (c - N);
+      copy_window(stage + g.bcwin + c * W, conv + ch * W, W);
+    }
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
@@ -171,102 +249,108 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
   __shared__ float s_red[2][SSU_WARPS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = p.headdim, N = p.d_state, W = p.d_conv, H = p.nheads;
-  const int PN = P * N;  // a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
-  const int hpg = H / p.ngroups;
+  SsuRing g;
+  g.PN = P * N;  // a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
+  g.xwin = g.PN;
+  g.bcwin = g.xwin + P * W;
+  g.len = (g.bcwin + 2 * N * W + 16 / (int)sizeof(elem_t) - 1) / (16 / (int)sizeof(elem_t)) * (16 / (int)sizeof(elem_t));
   const int total = p.rows * H;
   const int s0 = (int)((long long)blockIdx.x * total / gridDim.x);
   const int n = (int)((long long)(blockIdx.x + 1) * total / gridDim.x) - s0;  // >= 1: gridDim.x <= total
   elem_t* ring = reinterpret_cast<elem_t*>(ssu_smem);
-  float* conv_buf = reinterpret_cast<float*>(ring + SSU_STAGES * PN);  // 2 x {x, silu(z), norm_w, B, C}
+  float* conv_buf = reinterpret_cast<float*>(ring + SSU_STAGES * g.len);  // 2 x {x, silu(z), norm_w, B, C}
   const int conv_len = 3 * P + 2 * N;
 
-  // ---- state of the first SSU_STAGES slices: this layer's own, last written by this kernel one step ago,
-  // so requested before PDL_WAIT. One commit group per slice (empty past the run) keeps the count uniform.
+  // ---- the first SSU_STAGES slices: this layer's own state, last written by this kernel one step ago, so
+  // requested before PDL_WAIT. One commit group per slice (empty past the run) keeps the count uniform.
 #pragma unroll
   for (int k = 0; k < SSU_STAGES; ++k) {
-    if (k < n) {
-      const elem_t* src = p.ssm_state_in + (long long)(s0 + k) * PN;
-#pragma unroll
-      for (int it = 0; it < MAX_ITERS; ++it) {
-        const int e = (it * SSU_THREADS + tid) * VEC;
-        if (e < PN) copy_vec8_async(ring + k * PN + e, src + e);
-      }
-    }
+    if (k < n) ssu_fetch(p, g, ring + k * g.len, s0 + k, k == 0 || ssu_rg(p, s0 + k) != ssu_rg(p, s0 + k - 1));
     cp_async_commit();
   }
 
-  // A thread's state columns n0..n0+VEC-1 are the same in every chunk (SSU_THREADS * VEC is a multiple of N,
-  // as N divides 256), so its B and C live in registers, reloaded only when the (row, group) changes.
-  const int n0 = (tid * VEC) % N;
+  // Thread layout of a state slice ((P, N) row-major): VEC contiguous elements per chunk, N / VEC lanes per row
+  // p; chunk `it` of thread tid starts at (it * SSU_THREADS + tid) * VEC, in row row0 + it * rows_per_it. Its
+  // columns n0..n0+VEC-1 are the same in every chunk (SSU_THREADS * VEC is a multiple of N, as N divides 256),
+  // so its B and C live in registers, reloaded only when the (row, group) changes.
+  const int n0 = (tid * VEC) % N, row0 = tid * VEC / N, rows_per_it = SSU_THREADS * VEC / N;
+  const int lanes_per_row = N / VEC;
   float bq[VEC], cq[VEC];
-  int prev_rg = -1;
-  for (int i = 0; i < n; ++i) {
-    const int s = s0 + i, r = s / H, h = s - r * H, g = h / hpg;
-    const bool new_bc = r * p.ngroups + g != prev_rg;  // uniform across the block
-    prev_rg = r * p.ngroups + g;
+  int r = s0 / H, h = s0 - r * H;
+  for (int i = 0; i < n; ++i, ++h) {
+    if (h == H) { h = 0; ++r; }
+    const int s = s0 + i, grp = h / (H / p.ngroups);
+    const bool new_bc = i == 0 || ssu_rg(p, s) != ssu_rg(p, s - 1);  // uniform across the block
+    const elem_t* stage = ring + (i % SSU_STAGES) * g.len;
     float* xs = conv_buf + (i & 1) * conv_len;  // this head's x after the conv
     float* zs = xs + P;                         // silu(z)
     float* ws = zs + P;                         // norm_w
     float* Bs = ws + P;                         // the group's B after the conv
     float* Cs = Bs + N;                         // the group's C
 
-    // ---- 1. what does not depend on in_proj: the conv over the kept window (the new input's tap is added in
-    // step 2, in the same order as a whole-window sum), conv weights, per-head scalars
-    float xacc = 0.0f, xlast = 0.0f, nw = 0.0f;  // x channel of this thread: partial conv, last tap's weight
-    float xwin[MAX_W];                           // its window shifted left (the new input appended in step 2)
-    const int xch = h * P + tid;
+    // ---- 1. weights (for the first slice, before PDL_WAIT)
+    const int xch = h * P + tid;  // this thread's x channel (tid < P)
+    float xcw[MAX_W - 1], xlast = 0.0f, xcb = 0.0f, nw = 0.0f;  // taps on the kept window; the new input's tap
     if (tid < P) {
-      const elem_t* sin = p.conv_state_in + ((long long)r * p.conv_dim + xch) * W;
-      xacc = ld(p.conv_b[xch]);
 #pragma unroll
-      for (int w = 0; w < MAX_W - 1; ++w) {
-        xwin[w] = w < W - 1 ? ld(sin[w + 1]) : 0.0f;
-        if (w < W - 1) xacc += xwin[w] * ld(p.conv_w[xch * W + w]);
-      }
+      for (int w = 0; w < MAX_W - 1; ++w) xcw[w] = w < W - 1 ? ld(p.conv_w[xch * W + w]) : 0.0f;
       xlast = ld(p.conv_w[xch * W + W - 1]);
+      xcb = ld(p.conv_b[xch]);
       nw = ld(p.norm_w[xch]);
     }
-    float bacc[SSU_BC], blast[SSU_BC];
+    float bcw[SSU_BC][MAX_W - 1], blast[SSU_BC], bcb[SSU_BC];
     int bch[SSU_BC];
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) {
-      const int c = tid + j * SSU_THREADS;  // 0..N-1: the group's B; N..2N-1: its C
+      const int c = tid + j * SSU_THREADS;
       bch[j] = !new_bc || c >= 2 * N ? -1
-             : c < N ? p.d_inner + g * N + c : p.d_inner + p.ngroups * N + g * N + (c - N);
+             : c < N ? p.d_inner + grp * N + c : p.d_inner + p.ngroups * N + grp * N + (c - N);
       if (bch[j] < 0) continue;
-      const elem_t* sin = p.conv_state_in + ((long long)r * p.conv_dim + bch[j]) * W;
-      bacc[j] = ld(p.conv_b[bch[j]]);
 #pragma unroll
-      for (int w = 0; w < MAX_W - 1; ++w)
-        if (w < W - 1) bacc[j] += ld(sin[w + 1]) * ld(p.conv_w[bch[j] * W + w]);
+      for (int w = 0; w < MAX_W - 1; ++w) bcw[j][w] = w < W - 1 ? ld(p.conv_w[bch[j] * W + w]) : 0.0f;
       blast[j] = ld(p.conv_w[bch[j] * W + W - 1]);
+      bcb[j] = ld(p.conv_b[bch[j]]);
     }
     const float dt_bias = ld(p.dt_bias[h]), A_log = ld(p.A_log[h]), Dh = ld(p.D[h]);
     if (i == 0) PDL_WAIT();
 
-    // ---- 2. in_proj's outputs for this slice (L2), then the conv + SiLU into shared memory
+    // ---- 2. in_proj's outputs for this slice (L2)
     const elem_t* xbc = p.xbc + (long long)r * p.xbc_stride;
-    const float xin = tid < P ? ld(xbc[xch]) : 0.0f;
+    const elem_t xin = tid < P ? xbc[xch] : elem_t(0);
     const float zv = tid < P ? ld(p.z[(long long)r * p.z_stride + xch]) : 0.0f;
     float bin[SSU_BC];
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) bin[j] = bch[j] >= 0 ? ld(xbc[bch[j]]) : 0.0f;
     const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
     const float dA = __expf(-dt * __expf(A_log));
+
+    // ---- 3. this thread's part of slice i has landed: conv + SiLU (window shifted left, new input last,
+    // summed in window order) into shared memory; this head's x windows written back
+    cp_async_wait<SSU_STAGES - 1>();
     if (tid < P) {
-      xs[tid] = silu(xacc + xin * xlast);
+      const elem_t* win = stage + g.xwin + tid * W;
+      elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + xch) * W;
+      float acc = xcb;
+#pragma unroll
+      for (int w = 0; w < MAX_W - 1; ++w)
+        if (w < W - 1) { const elem_t v = win[w + 1]; acc += ld(v) * xcw[w]; sout[w] = v; }
+      acc += ld(xin) * xlast;
+      sout[W - 1] = xin;
+      xs[tid] = silu(acc);
       zs[tid] = silu(zv);
       ws[tid] = nw;
-      elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + xch) * W;  // this head's own x windows
-#pragma unroll
-      for (int w = 0; w < MAX_W; ++w)
-        if (w < W - 1) sout[w] = st(xwin[w]);
-        else if (w == W - 1) sout[w] = st(xin);
     }
 #pragma unroll
-    for (int j = 0; j < SSU_BC; ++j)
-      if (bch[j] >= 0) Bs[tid + j * SSU_THREADS] = silu(bacc[j] + bin[j] * blast[j]);  // c >= N lands in Cs
-    cp_async_wait<SSU_STAGES - 1>();  // this thread's chunks of slice i have landed
+    for (int j = 0; j < SSU_BC; ++j) {
+      if (bch[j] < 0) continue;
+      const int c = tid + j * SSU_THREADS;
+      const elem_t* win = stage + g.bcwin + c * W;
+      float acc = bcb[j];
+#pragma unroll
+      for (int w = 0; w < MAX_W - 1; ++w) if (w < W - 1) acc += ld(win[w + 1]) * bcw[j][w];
+      acc += bin[j] * blast[j];
+      Bs[c] = silu(acc);  // c >= N lands in Cs[c - N]
+    }
     __syncthreads();
     if (i > 0 && warp == 0) {  // the previous slice's sum of squares (fixed order: deterministic)
       const float v = warp_sum(lane < SSU_WARPS ? s_red[(i - 1) & 1][lane] : 0.0f);
@@ -277,47 +361,44 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
       for (int j = 0; j < VEC; ++j) { bq[j] = Bs[n0 + j]; cq[j] = Cs[n0 + j]; }
     }
 
-    // ---- 3. state: (P, N) row-major, VEC contiguous elements per thread; N / VEC lanes share a row p
-    const elem_t* slot = ring + (i % SSU_STAGES) * PN;
-    elem_t* out = p.ssm_state_out + (long long)s * PN;
-    const int lanes_per_row = N / VEC;
+    // ---- 4. the state: h = h * dA + dt * x * B, y = h . C
+    elem_t* out = p.ssm_state_out + (long long)s * g.PN;
+    elem_t* yrow = p.y + (long long)r * p.y_stride + h * P;
     float local_sq = 0.0f;
 #pragma unroll
     for (int it = 0; it < MAX_ITERS; ++it) {
       const int e = (it * SSU_THREADS + tid) * VEC;
-      if (e >= PN) break;
-      const int row = e / N;
-      const Vec8 hin = *reinterpret_cast<const Vec8*>(slot + e);
-      Vec8 hout;
+      if (e >= g.PN) break;
+      const int row = row0 + it * rows_per_it;
+      unsigned raw[WORDS8];
+      float hv[VEC];
+      load8(stage + e, raw);
+      unpack8(raw, hv);
       const float xv = xs[row], dtx = dt * xv;
       float acc = 0.0f;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float hv = ld(hin.v[j]) * dA + dtx * bq[j];
-        hout.v[j] = st(hv);
-        acc += hv * cq[j];
+      for (int j = 0; j < VEC; ++j) {  // contractions spelled out: the same rounding in every build
+        hv[j] = __fmaf_rn(dtx, bq[j], __fmul_rn(hv[j], dA));
+        acc = __fmaf_rn(hv[j], cq[j], acc);
       }
-      store_vec8(out + e, hout);
-      for (int o = lanes_per_row / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      pack8(hv, raw);
+      store8(out + e, raw);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1)  // the row's lanes: a butterfly over N / VEC lanes (uniform condition)
+        if (o < lanes_per_row) acc += __shfl_xor_sync(0xffffffffu, acc, o);
       if (n0 == 0) {
         const float gv = (acc + Dh * xv) * zs[row];
-        p.y[(long long)r * p.y_stride + h * P + row] = st(gv * ws[row]);
+        yrow[row] = st(gv * ws[row]);
         local_sq += gv * gv;
       }
     }
     const float wsq = warp_sum(local_sq);
     if (lane == 0) s_red[i & 1][warp] = wsq;
 
-    // ---- 4. refill the slot just consumed (this thread's own chunks, already read above) with slice i + STAGES
-    if (i + SSU_STAGES < n) {
-      const elem_t* src = p.ssm_state_in + (long long)(s + SSU_STAGES) * PN;
-      elem_t* dst = ring + (i % SSU_STAGES) * PN;
-#pragma unroll
-      for (int it = 0; it < MAX_ITERS; ++it) {
-        const int e = (it * SSU_THREADS + tid) * VEC;
-        if (e < PN) copy_vec8_async(dst + e, src + e);
-      }
-    }
+    // ---- 5. refill the stage just consumed (this thread's own bytes, read above) with slice i + SSU_STAGES
+    if (i + SSU_STAGES < n)
+      ssu_fetch(p, g, ring + (i % SSU_STAGES) * g.len, s + SSU_STAGES,
+                ssu_rg(p, s + SSU_STAGES) != ssu_rg(p, s + SSU_STAGES - 1));
     cp_async_commit();
   }
   __syncthreads();

@@ -153,8 +153,9 @@ def ssu_params(*, xbc, z, dt, conv_state_in, conv_state_out, ssm_state_in, ssm_s
     for name, t in (("xbc", xbc), ("z", z), ("dt", dt), ("y", y)):
         if t.stride(1) != 1:
             raise KernelError(f"{name} rows must be contiguous")
-    for name, t in (("ssm_state_in", ssm_state_in), ("ssm_state_out", ssm_state_out)):
-        if t.data_ptr() % 16:  # the kernel moves the state in 16-byte chunks (cp.async)
+    for name, t in (("ssm_state_in", ssm_state_in), ("ssm_state_out", ssm_state_out),
+                    ("conv_state_in", conv_state_in)):
+        if t.data_ptr() % 16:  # the kernel copies states and conv windows in aligned chunks (cp.async)
             raise KernelError(f"{name} must be 16-byte aligned")
     w = dict(weights)
     for name, t in w.items():
@@ -174,9 +175,11 @@ ELEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def ssu_smem_bytes(p: SsuParams, elem_bytes: int, stages: int) -> int:
-    """Dynamic shared memory of aim_selective_state_update: a ring of `stages` state slices, then two sets of
-    the per-slice conv results (x, silu(z), norm_w of the head; B and C of the group) as float32."""
-    return stages * p.headdim * p.d_state * elem_bytes + 2 * (3 * p.headdim + 2 * p.d_state) * 4
+    """Dynamic shared memory of aim_selective_state_update (as SsuRing there): a ring of `stages` stages (a state
+    slice, its head's x conv windows, its group's B/C windows; 16-byte multiples), then two sets of the
+    per-slice conv results (x, silu(z), norm_w of the head; B and C of the group) as float32."""
+    stage = (p.headdim * p.d_state + (p.headdim + 2 * p.d_state) * p.d_conv) * elem_bytes
+    return stages * ((stage + 15) // 16 * 16) + 2 * (3 * p.headdim + 2 * p.d_state) * 4
 
 
 def conv_shift_params(p: SsuParams) -> ConvShift:
@@ -191,7 +194,7 @@ def gated_norm_params(p: SsuParams) -> GatedNormParams:
                            nheads=p.nheads, ngroups=p.ngroups, eps=p.eps, bc=conv_shift_params(p))
 
 
-SSU_THREADS, SSU_STAGES, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 3, 256, 8, 1024  # as in aim_kernels.cu
+SSU_THREADS, SSU_STAGES, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 2, 256, 8, 1024  # as in aim_kernels.cu
 MAX_W, VEC, MAX_STATE = 4, 8, 8192  # as in aim_kernels.cu
 
 

@@ -28,12 +28,12 @@ from aim_rt.plugins.kernels import SOURCE, Kernels, compile_cubin, ssu_params
 # new-kernel compile-time variants (the first is the default build)
 VARIANTS = {
     "new": {},
-    "new_s2": {"SSU_STAGES": 2},
-    "new_s4": {"SSU_STAGES": 4},
+    "new_s3": {"SSU_STAGES": 3},
+    "new_min3": {"SSU_MIN_BLOCKS": 3},
     "new_cs": {"SSU_STORE_CS": 1},
     "new_t512": {"SSU_THREADS": 512, "SSU_MIN_BLOCKS": 2},
 }
-CAPS = (1, 2, 3)  # the default build with at most this many blocks per SM
+CAPS = (2, 3)  # the default build with at most this many blocks per SM
 CASES = [("AiM-B", 1), ("AiM-B", 16), ("AiM-B", 64), ("AiM-XL", 1), ("AiM-XL", 16), ("AiM-XL", 64)]
 
 
@@ -175,7 +175,7 @@ def kernel_table(kernels, cases, bandwidth, log):
     return rows
 
 
-def step_table(kernels, specs, log):
+def step_table(kernels, specs, log, save):
     """Whole decode steps of the cuda backend (graph replay) with the old and the new state update."""
     from aim_rt.cuda_backend import CudaBackend
     from aim_rt.sampling import SamplingSettings
@@ -199,6 +199,7 @@ def step_table(kernels, specs, log):
             log(f"step {model} b{batch}: old {row['old_us_per_step']:.1f} us, new {row['new_us_per_step']:.1f} us "
                 f"per step; tokens equal {row['tokens_equal']}")
             rows.append(row)
+            save(rows)
         del backend, m
         torch.cuda.empty_cache()
     return rows
@@ -244,12 +245,16 @@ def main():
               "variants": {n: VARIANTS[n] for n in names if n in VARIANTS}, "caps_blocks_per_sm": CAPS}
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",") if c]
     result["kernels"] = kernel_table(kernels, cases, bandwidth, log)
-    (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
+
+    def save(steps=None):
+        if steps is not None:
+            result["steps"] = steps
+        (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{args.tag}.txt").write_text("\n".join(lines) + "\n")
+
+    save()
     if args.steps:
-        specs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.steps.split(",")]
-        result["steps"] = step_table(kernels, specs, log)
-    (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{args.tag}.txt").write_text("\n".join(lines) + "\n")
+        step_table(kernels, [(c.split(":")[0], int(c.split(":")[1])) for c in args.steps.split(",")], log, save)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,24 @@ def test_ssu_kernel_independent_of_grid(dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("d_conv", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ssu_kernel_other_conv_widths(d_conv, dtype):
+    """Conv windows of 4, 6, 8 and 12 bytes: copied by cp.async where the size allows, else element by element."""
+    from aim_rt.plugins.kernels import Kernels
+
+    cfg = aim_rt.AiMConfig(d_model=256, n_layer=1, d_conv=d_conv, d_state=64, headdim=32)
+    kernels = Kernels("float32" if dtype == torch.float32 else "bfloat16")
+    kernels.ssu_max_blocks = 4  # runs of several slices
+    for in_place in (True, False):
+        x = _ssu_inputs(cfg, rows=3, dtype=dtype, g=torch.Generator().manual_seed(d_conv))
+        ref = ops.selective_state_update(*[t.clone() for t in x.values()], headdim=cfg.headdim,
+                                       d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
+        for name, r, o in zip(["y", "conv_state", "ssm_state"], ref, run_ssu_kernel(kernels, cfg, x, in_place)):
+            assert rel_err(o, r) <= TOLS[dtype], (name, in_place, rel_err(o, r))
+
+
+@needs_gpu
 def test_sampling_kernel_matches_reference_draw():
     """Random logits, official settings: the kernel's tokens equal the reference draw (same seeds, same step)."""
     from aim_rt.cuda_backend import CudaBackend
