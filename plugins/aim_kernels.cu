@@ -126,8 +126,12 @@ struct SsuParams {
 #ifndef SSU_THREADS
 #define SSU_THREADS 256
 #endif
+// Measured on the H200 (scripts/ssu_bench.py, bench/results/ssu3_h200_2026-11-29_run2.*): 3 resident blocks
+// of 256 threads (80 registers, no spill) beat 4 (64 registers, 32 bytes spilled, whose reloads sit on a
+// slice's path) at batch 1 and 16 (AiM-B: 2.8 vs 3.7 us, 11.3 vs 12.9 us) and tie at 64; 2 stages beat 3
+// (a third stage leaves room for fewer blocks). SSU_MIN_BLOCKS only changes register allocation (same PTX).
 #ifndef SSU_MIN_BLOCKS
-#define SSU_MIN_BLOCKS 4
+#define SSU_MIN_BLOCKS 3
 #endif
 #ifndef SSU_STAGES
 #define SSU_STAGES 2

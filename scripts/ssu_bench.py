@@ -26,10 +26,11 @@ from aim_rt.bench import copy_bandwidth, op_bytes
 from aim_rt.plugins.kernels import SOURCE, Kernels, compile_cubin, ssu_params
 
 # new-kernel compile-time variants (the first is the default build)
-VARIANTS = {
+VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was SSU_MIN_BLOCKS=4: "new" there is
+    # "new_min4" here, "new_min3" there is "new" here)
     "new": {},
     "new_s3": {"SSU_STAGES": 3},
-    "new_min3": {"SSU_MIN_BLOCKS": 3},
+    "new_min4": {"SSU_MIN_BLOCKS": 4},
     "new_cs": {"SSU_STORE_CS": 1},
     "new_t512": {"SSU_THREADS": 512, "SSU_MIN_BLOCKS": 2},
 }
