@@ -102,133 +102,314 @@ struct SsuParams {
 
 #define MAX_W 4       // d_conv <= MAX_W
 
-// grid (nheads, rows); block SSU_THREADS; shared: 3 * headdim + 2 * d_state floats.
-// One block streams one (row, head) state slice exactly once. Every global load the block needs is issued
-// first, so a block costs one memory latency, and no block waits for another. Two things span the heads of a
-// group and are left to the next kernel, which runs after every head is done: the gated RMSNorm (each block
-// writes its head's sum of squares and g * norm_w; the consumer applies 1/rms — aim_residual_norm when
-// ngroups == 1, where it factors out of out_proj, else aim_gated_norm_apply) and the shift of the group's
-// B/C conv windows, which every head reads (ConvShift, done by the same consumer).
-// 256 threads, 4 resident blocks (<= 64 registers) measured best of 128/256/512 at AiM-B/XL, batch 1-64
-// (scripts/ssu_variants.py); other values are kept compilable for that comparison.
+// grid (G): G <= rows * nheads blocks, each owning a contiguous run of (row, head) slices, s = row * nheads +
+// head; block SSU_THREADS; dynamic shared memory: a ring of SSU_STAGES stages (ssu_smem_bytes in kernels.py).
+// Every state slice is streamed exactly once.
+// Why this shape (H200, bench/results/ssu3_*): one block per slice kept too few bytes in flight (each block
+// loaded its 16 KB, then spent most of its life on round trips and its own compute). Here a fixed set of
+// resident blocks streams the slices through a ring in shared memory, filled by cp.async: a stage holds a
+// slice's state and the conv windows it reads (its head's x channels; the group's B/C when the (row, group)
+// changes). A block's first SSU_STAGES stages are requested before PDL_WAIT (while in_proj runs) and each
+// stage is refilled, SSU_STAGES slices ahead, as soon as it is consumed, so no DRAM round trip is left on a
+// slice's path: after the first one, only in_proj's outputs (L2) and the weights (L1/L2) are read directly.
+// Each thread copies exactly the bytes it later reads, so its own cp.async.wait_group makes them visible: no
+// barrier guards the ring. One __syncthreads per slice (the conv results, double-buffered by slice parity).
+// Instructions per state element are kept few (ncu showed the first version of this loop issue-bound): bf16
+// pairs unpacked with one integer op each and packed by one cvt per pair, no division in the loops.
+// Consecutive slices of one (row, group) share B and C, which stay in registers.
+// Two things span the heads of a group and are left to the next kernel, which runs after every head is done:
+// the gated RMSNorm (each slice writes its head's sum of squares and g * norm_w; the consumer applies 1/rms —
+// aim_residual_norm when ngroups == 1, where it factors out of out_proj, else aim_gated_norm_apply) and the
+// shift of the group's B/C conv windows, which every head reads (ConvShift, done by the same consumer).
+// The arithmetic of a slice is the same, in the same order, whatever block runs it: deterministic and
+// independent of the batch composition.
 #ifndef SSU_THREADS
 #define SSU_THREADS 256
 #endif
+// Measured on the H200 (scripts/ssu_bench.py, bench/results/ssu3_h200_2026-11-29_run2.*): 3 resident blocks
+// of 256 threads (80 registers, no spill) beat 4 (64 registers, 32 bytes spilled, whose reloads sit on a
+// slice's path) at batch 1 and 16 (AiM-B: 2.8 vs 3.7 us, 11.3 vs 12.9 us) and tie at 64; 2 stages beat 3
+// (a third stage leaves room for fewer blocks). SSU_MIN_BLOCKS only changes register allocation (same PTX).
 #ifndef SSU_MIN_BLOCKS
-#define SSU_MIN_BLOCKS 4
+#define SSU_MIN_BLOCKS 3
 #endif
-#define MAX_ITERS (1024 / SSU_THREADS)  // state vectors per thread, in registers: headdim * d_state <= 8192
-#define SSU_MAX_CH (512 / SSU_THREADS)  // conv channels per thread: headdim + 2 * d_state <= 512
-extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
-  extern __shared__ float smem[];
-  float* xs = smem;                   // this head's x after the conv
-  float* zs = xs + p.headdim;         // silu(z) of this head's channels
-  float* ws = zs + p.headdim;         // norm_w of this head's channels
-  float* Bs = ws + p.headdim;         // the group's B
-  float* Cs = Bs + p.d_state;         // the group's C
-  __shared__ float s_dt, s_dA, s_D, s_red[32];
-  const int h = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
-  const int P = p.headdim, N = p.d_state, W = p.d_conv;
-  const int heads_per_group = p.nheads / p.ngroups, g = h / heads_per_group;
-  const long long base = ((long long)r * p.nheads + h) * P * N;
-  const int PN = P * N;  // a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
+#ifndef SSU_STAGES
+#define SSU_STAGES 2
+#endif
+#ifndef SSU_STORE_CS
+#define SSU_STORE_CS 0  // 1: the state is written with st.global.cs (evict first)
+#endif
+#define MAX_ITERS (1024 / SSU_THREADS)  // state chunks per thread per slice: headdim * d_state <= 8192
+#define SSU_BC ((256 + SSU_THREADS - 1) / SSU_THREADS)  // B/C channels per thread: 2 * d_state <= 256
+#define SSU_WARPS (SSU_THREADS / 32)
+#define WORDS8 (VEC * (int)sizeof(elem_t) / 4)  // 32-bit words in VEC state elements
 
-  // ---- 1. issue every load: state slice, conv inputs of this thread's channels, z, norm_w, scalars.
-  // The state slice is this layer's own (last written by this kernel one step ago): it is read before
-  // PDL_WAIT, while in_proj still runs.
-  Vec8 hreg[MAX_ITERS];
-#pragma unroll
-  for (int it = 0; it < MAX_ITERS; ++it)
-    if ((it * SSU_THREADS + tid) * VEC < PN)
-      hreg[it] = *reinterpret_cast<const Vec8*>(p.ssm_state_in + base + (it * SSU_THREADS + tid) * VEC);
-  PDL_WAIT();
-  float win[SSU_MAX_CH][MAX_W], cw[SSU_MAX_CH][MAX_W], cb[SSU_MAX_CH];
-  int chan[SSU_MAX_CH];
-#pragma unroll
-  for (int j = 0; j < SSU_MAX_CH; ++j) {
-    const int c = tid + j * SSU_THREADS;  // 0..P-1: x of this head; then the group's B, then its C
-    chan[j] = c < P ? h * P + c
-            : c < P + N ? p.d_inner + g * N + (c - P)
-            : c < P + 2 * N ? p.d_inner + p.ngroups * N + g * N + (c - P - N) : -1;
-    if (chan[j] < 0) continue;
-    const elem_t* sin = p.conv_state_in + ((long long)r * p.conv_dim + chan[j]) * W;
-    const float xin = ld(p.xbc[(long long)r * p.xbc_stride + chan[j]]);
-#pragma unroll
-    for (int w = 0; w < MAX_W; ++w) {  // the window shifted left, the new input appended (one store per
-      // element at a constant index keeps `win` in registers)
-      win[j][w] = w < W - 1 ? ld(sin[w + 1]) : (w == W - 1 ? xin : 0.0f);
-      cw[j][w] = w < W ? ld(p.conv_w[chan[j] * W + w]) : 0.0f;
-    }
-    cb[j] = ld(p.conv_b[chan[j]]);
-  }
-  if (tid < P) {
-    zs[tid] = silu(ld(p.z[(long long)r * p.z_stride + h * P + tid]));
-    ws[tid] = ld(p.norm_w[h * P + tid]);
-  }
-  if (tid == 0) {
-    const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + ld(p.dt_bias[h]));
-    s_dt = dt;
-    s_dA = __expf(-dt * __expf(ld(p.A_log[h])));
-    s_D = ld(p.D[h]);
-  }
 
-  // ---- 2. conv + SiLU into shared memory; this head's x windows are its own to write
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+// cp.async (sm_80+): global → shared without registers. 16 bytes bypass L1 (the state is read once).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+// One conv window (W elements) into shared memory: one cp.async where its size allows, else plain copies
+// (then it is complete at once). Callers keep src and dst aligned to the window's size (host-checked).
+__device__ __forceinline__ void copy_window(elem_t* dst, const elem_t* src, int W) {
+  const int bytes = W * (int)sizeof(elem_t);
+  const unsigned d = smem_addr(dst);
+  if (bytes == 16) asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" :: "r"(d), "l"(src) : "memory");
+  else if (bytes == 8) asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(d), "l"(src) : "memory");
+  else if (bytes == 4) asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(d), "l"(src) : "memory");
+  else for (int w = 0; w < W; ++w) dst[w] = src[w];
+}
+__device__ __forceinline__ void load8(const elem_t* src, unsigned (&u)[WORDS8]) {  // 16-byte aligned
 #pragma unroll
-  for (int j = 0; j < SSU_MAX_CH; ++j) {
-    const int c = tid + j * SSU_THREADS;
-    if (chan[j] < 0) continue;
-    float acc = cb[j];
-#pragma unroll
-    for (int w = 0; w < MAX_W; ++w) if (w < W) acc += win[j][w] * cw[j][w];
-    const float a = silu(acc);
-    if (c < P) {
-      xs[c] = a;
-      elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + chan[j]) * W;
-#pragma unroll
-      for (int w = 0; w < MAX_W; ++w) if (w < W) sout[w] = st(win[j][w]);
-    } else {
-      (c < P + N ? Bs[c - P] : Cs[c - P - N]) = a;
-    }
+  for (int q = 0; q < WORDS8 / 4; ++q) {
+    const uint4 t = reinterpret_cast<const uint4*>(src)[q];
+    u[4 * q] = t.x; u[4 * q + 1] = t.y; u[4 * q + 2] = t.z; u[4 * q + 3] = t.w;
   }
-  __syncthreads();
-
-  // ---- 3. state: (P, N) row-major, VEC contiguous elements per thread; N / VEC lanes share a row p
-  const float dt = s_dt, dA = s_dA, Dh = s_D;
-  const int lanes_per_row = N / VEC;
-  // A thread's columns n0..n0+VEC-1 are the same in every iteration (SSU_THREADS * VEC is a multiple of N, as
-  // N divides 256): its B and C live in registers, not re-read from shared memory per element.
-  const int n0 = (tid * VEC) % N;
-  float bq[VEC], cq[VEC];
+}
+__device__ __forceinline__ void unpack8(const unsigned (&u)[WORDS8], float (&f)[VEC]) {
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) { bq[j] = Bs[n0 + j]; cq[j] = Cs[n0 + j]; }
-  float local_sq = 0.0f;
+  for (int q = 0; q < WORDS8; ++q) {
+#if ELEM_KIND == 0
+    f[q] = __uint_as_float(u[q]);
+#elif ELEM_KIND == 1
+    f[2 * q] = ld((elem_t)(u[q] & 0xFFFFu));
+    f[2 * q + 1] = ld((elem_t)(u[q] >> 16));
+#else
+    f[2 * q] = __uint_as_float(u[q] << 16);  // little endian: the lower half is the first element
+    f[2 * q + 1] = __uint_as_float(u[q] & 0xFFFF0000u);
+#endif
+  }
+}
+__device__ __forceinline__ void pack8(const float (&f)[VEC], unsigned (&u)[WORDS8]) {
+#pragma unroll
+  for (int q = 0; q < WORDS8; ++q) {
+#if ELEM_KIND == 0
+    u[q] = __float_as_uint(f[q]);
+#elif ELEM_KIND == 1  // one cvt rounds two values, as two cvt.rn.f16.f32 would
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(u[q]) : "f"(f[2 * q + 1]), "f"(f[2 * q]));
+#else
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u[q]) : "f"(f[2 * q + 1]), "f"(f[2 * q]));
+#endif
+  }
+}
+__device__ __forceinline__ void store8(elem_t* dst, const unsigned (&u)[WORDS8]) {
+#pragma unroll
+  for (int q = 0; q < WORDS8 / 4; ++q) {
+#if SSU_STORE_CS
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(dst + q * 16 / sizeof(elem_t)),
+                 "r"(u[4 * q]), "r"(u[4 * q + 1]), "r"(u[4 * q + 2]), "r"(u[4 * q + 3]) : "memory");
+#else
+    reinterpret_cast<uint4*>(dst)[q] = make_uint4(u[4 * q], u[4 * q + 1], u[4 * q + 2], u[4 * q + 3]);
+#endif
+  }
+}
+
+struct SsuRing {  // the shape of one stage: state (P * N), then x windows (P * W), then B/C windows (2N * W)
+  int PN, xwin, bcwin, len;  // element offsets and the stage length (rounded to 16 bytes)
+};
+__device__ __forceinline__ int ssu_rg(const SsuParams& p, int s) {  // (row, group) of slice s, as one number
+  const int r = s / p.nheads;
+  return r * p.ngroups + (s - r * p.nheads) / (p.nheads / p.ngroups);
+}
+// Request slice s into `stage`: this thread's state chunks, its x channel's window, and (new_bc) its B/C
+// channel's window; the same bytes it reads when it computes slice s.
+__device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, elem_t* stage, int s, bool new_bc) {
+  const int tid = threadIdx.x, P = p.headdim, N = p.d_state, W = p.d_conv;
+  const elem_t* src = p.ssm_state_in + (long long)s * g.PN;
 #pragma unroll
   for (int it = 0; it < MAX_ITERS; ++it) {
     const int e = (it * SSU_THREADS + tid) * VEC;
-    if (e >= PN) break;
-    const int row = e / N;
-    const Vec8 hin = hreg[it];
-    Vec8 hout;
-    const float dtx = dt * xs[row];
-    float acc = 0.0f;
+    if (e < g.PN)
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float hv = ld(hin.v[j]) * dA + dtx * bq[j];
-      hout.v[j] = st(hv);
-      acc += hv * cq[j];
-    }
-    *reinterpret_cast<Vec8*>(p.ssm_state_out + base + e) = hout;
-    for (int o = lanes_per_row / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (n0 == 0) {
-      const float gv = (acc + Dh * xs[row]) * zs[row];
-      p.y[(long long)r * p.y_stride + h * P + row] = st(gv * ws[row]);
-      local_sq += gv * gv;
+      for (int q = 0; q < WORDS8 / 4; ++q)
+        cp_async16(stage + e + q * 16 / sizeof(elem_t), src + e + q * 16 / sizeof(elem_t));
+  }
+  const int r = s / p.nheads, h = s - r * p.nheads;
+  const elem_t* conv = p.conv_state_in + (long long)r * p.conv_dim * W;
+  if (tid < P) copy_window(stage + g.xwin + tid * W, conv + (h * P + tid) * W, W);
+  if (new_bc) {
+    const int grp = h / (p.nheads / p.ngroups);
+#pragma unroll
+    for (int j = 0; j < SSU_BC; ++j) {
+      const int c = tid + j * SSU_THREADS;  // 0..N-1: the group's B; N..2N-1: its C
+      if (c >= 2 * N) break;
+      const int ch = c < N ? p.d_inner + grp * N + c : p.d_inner + p.ngroups * N + grp * N + (c - N);
+      copy_window(stage + g.bcwin + c * W, conv + ch * W, W);
     }
   }
+}
 
-  // ---- 4. this head's sum of squares (fixed-order reduction: deterministic)
-  const float sq = block_sum(local_sq, s_red);
-  if (tid == 0) p.sumsq[(long long)r * p.nheads + h] = sq;
+extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
+  extern __shared__ __align__(16) unsigned char ssu_smem[];
+  __shared__ float s_red[2][SSU_WARPS];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int P = p.headdim, N = p.d_state, W = p.d_conv, H = p.nheads;
+  SsuRing g;
+  g.PN = P * N;  // a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
+  g.xwin = g.PN;
+  g.bcwin = g.xwin + P * W;
+  g.len = (g.bcwin + 2 * N * W + 16 / (int)sizeof(elem_t) - 1) / (16 / (int)sizeof(elem_t)) * (16 / (int)sizeof(elem_t));
+  const int total = p.rows * H;
+  const int s0 = (int)((long long)blockIdx.x * total / gridDim.x);
+  const int n = (int)((long long)(blockIdx.x + 1) * total / gridDim.x) - s0;  // >= 1: gridDim.x <= total
+  elem_t* ring = reinterpret_cast<elem_t*>(ssu_smem);
+  float* conv_buf = reinterpret_cast<float*>(ring + SSU_STAGES * g.len);  // 2 x {x, silu(z), norm_w, B, C}
+  const int conv_len = 3 * P + 2 * N;
+
+  // ---- the first SSU_STAGES slices: this layer's own state, last written by this kernel one step ago, so
+  // requested before PDL_WAIT. One commit group per slice (empty past the run) keeps the count uniform.
+#pragma unroll
+  for (int k = 0; k < SSU_STAGES; ++k) {
+    if (k < n) ssu_fetch(p, g, ring + k * g.len, s0 + k, k == 0 || ssu_rg(p, s0 + k) != ssu_rg(p, s0 + k - 1));
+    cp_async_commit();
+  }
+
+  // Thread layout of a state slice ((P, N) row-major): VEC contiguous elements per chunk, N / VEC lanes per row
+  // p; chunk `it` of thread tid starts at (it * SSU_THREADS + tid) * VEC, in row row0 + it * rows_per_it. Its
+  // columns n0..n0+VEC-1 are the same in every chunk (SSU_THREADS * VEC is a multiple of N, as N divides 256),
+  // so its B and C live in registers, reloaded only when the (row, group) changes.
+  const int n0 = (tid * VEC) % N, row0 = tid * VEC / N, rows_per_it = SSU_THREADS * VEC / N;
+  const int lanes_per_row = N / VEC;
+  float bq[VEC], cq[VEC];
+  int r = s0 / H, h = s0 - r * H;
+  for (int i = 0; i < n; ++i, ++h) {
+    if (h == H) { h = 0; ++r; }
+    const int s = s0 + i, grp = h / (H / p.ngroups);
+    const bool new_bc = i == 0 || ssu_rg(p, s) != ssu_rg(p, s - 1);  // uniform across the block
+    const elem_t* stage = ring + (i % SSU_STAGES) * g.len;
+    float* xs = conv_buf + (i & 1) * conv_len;  // this head's x after the conv
+    float* zs = xs + P;                         // silu(z)
+    float* ws = zs + P;                         // norm_w
+    float* Bs = ws + P;                         // the group's B after the conv
+    float* Cs = Bs + N;                         // the group's C
+
+    // ---- 1. weights (for the first slice, before PDL_WAIT)
+    const int xch = h * P + tid;  // this thread's x channel (tid < P)
+    float xcw[MAX_W - 1], xlast = 0.0f, xcb = 0.0f, nw = 0.0f;  // taps on the kept window; the new input's tap
+    if (tid < P) {
+#pragma unroll
+      for (int w = 0; w < MAX_W - 1; ++w) xcw[w] = w < W - 1 ? ld(p.conv_w[xch * W + w]) : 0.0f;
+      xlast = ld(p.conv_w[xch * W + W - 1]);
+      xcb = ld(p.conv_b[xch]);
+      nw = ld(p.norm_w[xch]);
+    }
+    float bcw[SSU_BC][MAX_W - 1], blast[SSU_BC], bcb[SSU_BC];
+    int bch[SSU_BC];
+#pragma unroll
+    for (int j = 0; j < SSU_BC; ++j) {
+      const int c = tid + j * SSU_THREADS;
+      bch[j] = !new_bc || c >= 2 * N ? -1
+             : c < N ? p.d_inner + grp * N + c : p.d_inner + p.ngroups * N + grp * N + (c - N);
+      if (bch[j] < 0) continue;
+#pragma unroll
+      for (int w = 0; w < MAX_W - 1; ++w) bcw[j][w] = w < W - 1 ? ld(p.conv_w[bch[j] * W + w]) : 0.0f;
+      blast[j] = ld(p.conv_w[bch[j] * W + W - 1]);
+      bcb[j] = ld(p.conv_b[bch[j]]);
+    }
+    const float dt_bias = ld(p.dt_bias[h]), A_log = ld(p.A_log[h]), Dh = ld(p.D[h]);
+    if (i == 0) PDL_WAIT();
+
+    // ---- 2. in_proj's outputs for this slice (L2)
+    const elem_t* xbc = p.xbc + (long long)r * p.xbc_stride;
+    const elem_t xin = tid < P ? xbc[xch] : elem_t(0);
+    const float zv = tid < P ? ld(p.z[(long long)r * p.z_stride + xch]) : 0.0f;
+    float bin[SSU_BC];
+#pragma unroll
+    for (int j = 0; j < SSU_BC; ++j) bin[j] = bch[j] >= 0 ? ld(xbc[bch[j]]) : 0.0f;
+    const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
+    const float dA = __expf(-dt * __expf(A_log));
+
+    // ---- 3. this thread's part of slice i has landed: conv + SiLU (window shifted left, new input last,
+    // summed in window order) into shared memory; this head's x windows written back
+    cp_async_wait<SSU_STAGES - 1>();
+    if (tid < P) {
+      const elem_t* win = stage + g.xwin + tid * W;
+      elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + xch) * W;
+      float acc = xcb;
+#pragma unroll
+      for (int w = 0; w < MAX_W - 1; ++w)
+        if (w < W - 1) { const elem_t v = win[w + 1]; acc += ld(v) * xcw[w]; sout[w] = v; }
+      acc += ld(xin) * xlast;
+      sout[W - 1] = xin;
+      xs[tid] = silu(acc);
+      zs[tid] = silu(zv);
+      ws[tid] = nw;
+    }
+#pragma unroll
+    for (int j = 0; j < SSU_BC; ++j) {
+      if (bch[j] < 0) continue;
+      const int c = tid + j * SSU_THREADS;
+      const elem_t* win = stage + g.bcwin + c * W;
+      float acc = bcb[j];
+#pragma unroll
+      for (int w = 0; w < MAX_W - 1; ++w) if (w < W - 1) acc += ld(win[w + 1]) * bcw[j][w];
+      acc += bin[j] * blast[j];
+      Bs[c] = silu(acc);  // c >= N lands in Cs[c - N]
+    }
+    __syncthreads();
+    if (i > 0 && warp == 0) {  // the previous slice's sum of squares (fixed order: deterministic)
+      const float v = warp_sum(lane < SSU_WARPS ? s_red[(i - 1) & 1][lane] : 0.0f);
+      if (lane == 0) p.sumsq[s - 1] = v;
+    }
+    if (new_bc) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) { bq[j] = Bs[n0 + j]; cq[j] = Cs[n0 + j]; }
+    }
+
+    // ---- 4. the state: h = h * dA + dt * x * B, y = h . C
+    elem_t* out = p.ssm_state_out + (long long)s * g.PN;
+    elem_t* yrow = p.y + (long long)r * p.y_stride + h * P;
+    float local_sq = 0.0f;
+#pragma unroll
+    for (int it = 0; it < MAX_ITERS; ++it) {
+      const int e = (it * SSU_THREADS + tid) * VEC;
+      if (e >= g.PN) break;
+      const int row = row0 + it * rows_per_it;
+      unsigned raw[WORDS8];
+      float hv[VEC];
+      load8(stage + e, raw);
+      unpack8(raw, hv);
+      const float xv = xs[row], dtx = dt * xv;
+      float acc = 0.0f;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {  // contractions spelled out: the same rounding in every build
+        hv[j] = __fmaf_rn(dtx, bq[j], __fmul_rn(hv[j], dA));
+        acc = __fmaf_rn(hv[j], cq[j], acc);
+      }
+      pack8(hv, raw);
+      store8(out + e, raw);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1)  // the row's lanes: a butterfly over N / VEC lanes (uniform condition)
+        if (o < lanes_per_row) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (n0 == 0) {
+        const float gv = (acc + Dh * xv) * zs[row];
+        yrow[row] = st(gv * ws[row]);
+        local_sq += gv * gv;
+      }
+    }
+    const float wsq = warp_sum(local_sq);
+    if (lane == 0) s_red[i & 1][warp] = wsq;
+
+    // ---- 5. refill the stage just consumed (this thread's own bytes, read above) with slice i + SSU_STAGES
+    if (i + SSU_STAGES < n)
+      ssu_fetch(p, g, ring + (i % SSU_STAGES) * g.len, s + SSU_STAGES,
+                ssu_rg(p, s + SSU_STAGES) != ssu_rg(p, s + SSU_STAGES - 1));
+    cp_async_commit();
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const float v = warp_sum(lane < SSU_WARPS ? s_red[(n - 1) & 1][lane] : 0.0f);
+    if (lane == 0) p.sumsq[s0 + n - 1] = v;
+  }
 }
 
 // ----------------------------------------------------------------------------------------------------------

@@ -153,6 +153,10 @@ def ssu_params(*, xbc, z, dt, conv_state_in, conv_state_out, ssm_state_in, ssm_s
     for name, t in (("xbc", xbc), ("z", z), ("dt", dt), ("y", y)):
         if t.stride(1) != 1:
             raise KernelError(f"{name} rows must be contiguous")
+    for name, t in (("ssm_state_in", ssm_state_in), ("ssm_state_out", ssm_state_out),
+                    ("conv_state_in", conv_state_in)):
+        if t.data_ptr() % 16:  # the kernel copies states and conv windows in aligned chunks (cp.async)
+            raise KernelError(f"{name} must be 16-byte aligned")
     w = dict(weights)
     for name, t in w.items():
         if not t.is_contiguous():  # a contiguous copy made here would be freed before the launch
@@ -167,6 +171,17 @@ def ssu_params(*, xbc, z, dt, conv_state_in, conv_state_out, ssm_state_in, ssm_s
         d_conv=conv_state_in.shape[-1], eps=eps)
 
 
+ELEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def ssu_smem_bytes(p: SsuParams, elem_bytes: int, stages: int) -> int:
+    """Dynamic shared memory of aim_selective_state_update (as SsuRing there): a ring of `stages` stages (a state
+    slice, its head's x conv windows, its group's B/C windows; 16-byte multiples), then two sets of the
+    per-slice conv results (x, silu(z), norm_w of the head; B and C of the group) as float32."""
+    stage = (p.headdim * p.d_state + (p.headdim + 2 * p.d_state) * p.d_conv) * elem_bytes
+    return stages * ((stage + 15) // 16 * 16) + 2 * (3 * p.headdim + 2 * p.d_state) * 4
+
+
 def conv_shift_params(p: SsuParams) -> ConvShift:
     """The B/C conv-window shift that the state update `p` leaves to the next kernel."""
     return ConvShift(xbc=p.xbc, xbc_stride=p.xbc_stride, state_in=p.conv_state_in, state_out=p.conv_state_out,
@@ -179,7 +194,7 @@ def gated_norm_params(p: SsuParams) -> GatedNormParams:
                            nheads=p.nheads, ngroups=p.ngroups, eps=p.eps, bc=conv_shift_params(p))
 
 
-SSU_THREADS, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 256, 8, 1024  # as in aim_kernels.cu
+SSU_THREADS, SSU_STAGES, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 2, 256, 8, 1024  # as in aim_kernels.cu
 MAX_W, VEC, MAX_STATE = 4, 8, 8192  # as in aim_kernels.cu
 
 
@@ -241,10 +256,11 @@ class Kernels:
     """The compiled module for one element type on the current CUDA device; launches on a given stream."""
 
     def __init__(self, dtype: str, device_index: int = 0, defines: dict | None = None,
-                 gemv_depths: tuple[int, ...] | None = None):
-        """`defines`: extra -D macros (benchmarks of kernel variants, e.g. SSU_THREADS, SSU_MIN_BLOCKS).
+                 gemv_depths: tuple[int, ...] | None = None, source_path: Path = SOURCE):
+        """`defines`: extra -D macros (benchmarks of kernel variants, e.g. SSU_THREADS, SSU_STAGES).
         `gemv_depths`: the k of every product the caller will run through `gemv` (compiles only those
-        instances; a cold start pays for each); None: all of them."""
+        instances; a cold start pays for each); None: all of them.
+        `source_path`: another version of aim_kernels.cu (benchmarks against an older kernel)."""
         import torch
         from cuda.bindings import driver
 
@@ -261,12 +277,20 @@ class Kernels:
             pairs = [(c, t) for c, t in pairs if c in chunks]
             self.defines["GEMV_INSTANCES"] = " ".join(f"X({c},{t})" for c, t in pairs) or "/* none */"
         self.ssu_threads = int(self.defines.get("SSU_THREADS", SSU_THREADS))
-        cubin = compile_cubin(dtype, self.arch, defines=self.defines)
+        self.ssu_stages = int(self.defines.get("SSU_STAGES", SSU_STAGES))
+        self.ssu_max_blocks = None  # None: as many blocks as are resident at once; a number caps the grid (tests)
+        self._ssu_occupancy: dict[int, int] = {}
+        self.num_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+        cubin = compile_cubin(dtype, self.arch, defines=self.defines, source_path=source_path)
         self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
-        self.gemvs = {(c, t) for c, t in pairs} if dtype != "float32" else set()
-        names = KERNEL_NAMES + tuple(f"aim_gemv_k{c}_n{t}" for c, t in sorted(self.gemvs))
         self.fn = {name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
-                   for name in names}
+                   for name in KERNEL_NAMES}
+        self.gemvs = set()
+        for c, t in pairs if dtype != "float32" else ():
+            err, fn = driver.cuModuleGetFunction(self.module, f"aim_gemv_k{c}_n{t}".encode())
+            if int(err) == 0:  # an older source (source_path) has none
+                self.fn[f"aim_gemv_k{c}_n{t}"] = fn
+                self.gemvs.add((c, t))
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
@@ -297,10 +321,31 @@ class Kernels:
         """The whole op: y gated-normed, conv and SSM states updated. With finish=False two things are left to
         the next kernel (aim_residual_norm does both, when ngroups == 1): y stays g * norm_w, to be scaled by its
         row's 1/rms from p.sumsq, and the group B/C conv windows are not yet shifted (conv_shift_params(p))."""
-        smem = (3 * p.headdim + 2 * p.d_state) * 4
-        self._launch("aim_selective_state_update", (p.nheads, p.rows, 1), self.ssu_threads, smem, stream, p)
+        smem = ssu_smem_bytes(p, ELEM_BYTES[self.dtype], self.ssu_stages)
+        grid = min(p.rows * p.nheads, self._ssu_blocks_per_sm(smem) * self.num_sms, self.ssu_max_blocks or 1 << 30)
+        # (each block a run of consecutive (row, head) slices; all resident at once: no tail wave)
+        self._launch("aim_selective_state_update", (grid, 1, 1), self.ssu_threads, smem, stream, p)
         if finish:
             self._launch("aim_gated_norm_apply", (p.rows, 1, 1), NORM_THREADS, 0, stream, gated_norm_params(p))
+
+    def _ssu_blocks_per_sm(self, smem: int) -> int:
+        """Resident state-update blocks per SM for `smem` bytes of dynamic shared memory (set up once per size)."""
+        if smem not in self._ssu_occupancy:
+            d, fn = self.driver, self.fn["aim_selective_state_update"]
+            attr = d.CUfunction_attribute
+            largest = max(self._ssu_occupancy, default=0)
+            if smem > largest:  # the limit only grows: launches of a smaller size stay valid
+                _check(d.cuFuncSetAttribute(fn, attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
+                       "cuFuncSetAttribute")
+            # shared memory over L1: the kernel reads its state through shared memory only
+            _check(d.cuFuncSetAttribute(fn, attr.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
+                   "cuFuncSetAttribute")
+            n = _check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, self.ssu_threads, smem),
+                       "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+            if n < 1:
+                raise KernelError(f"the state update does not fit on an SM with {smem} bytes of shared memory")
+            self._ssu_occupancy[smem] = n
+        return self._ssu_occupancy[smem]
 
     def gemv(self, p: GemvParams, stream: int) -> None:
         """y = x @ w.T (gemv_params); the caller checked gemv_supported."""

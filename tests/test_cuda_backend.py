@@ -114,20 +114,71 @@ def test_ssu_kernel_matches_reference(preset, dtype, in_place):
 
 
 @needs_gpu
+@pytest.mark.parametrize("max_blocks", [None, 3])
 @pytest.mark.parametrize("ngroups", [1, 2, 4])
-def test_ssu_kernel_groups(ngroups):
-    """ngroups > 1: heads share their group's B/C (written once, by the group's last block) and the norm is per
-    group (aim_gated_norm_apply)."""
+def test_ssu_kernel_groups(ngroups, max_blocks):
+    """ngroups > 1: heads share their group's B/C and the norm is per group (aim_gated_norm_apply). With 3
+    blocks each block runs through many slices, crossing rows and groups (B/C recomputed on each change)."""
     from aim_rt.plugins.kernels import Kernels
 
     cfg = aim_rt.AiMConfig(d_model=256, n_layer=1, ngroups=ngroups, d_state=64, headdim=32)
     kernels = Kernels("float32")
+    kernels.ssu_max_blocks = max_blocks
     for in_place in (True, False):
         x = _ssu_inputs(cfg, rows=5, dtype=torch.float32, g=torch.Generator().manual_seed(ngroups))
         ref = ops.selective_state_update(*[t.clone() for t in x.values()], headdim=cfg.headdim,
                                        d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
         for name, r, o in zip(["y", "conv_state", "ssm_state"], ref, run_ssu_kernel(kernels, cfg, x, in_place)):
             assert rel_err(o, r) <= 1e-5, (name, in_place, rel_err(o, r))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ssu_kernel_independent_of_grid(dtype):
+    """Each block of the state update runs through a run of (row, head) slices with a ring of prefetched states:
+    outputs are bit-identical whatever the number of blocks (one slice per block, runs longer than the ring,
+    runs crossing rows), in place and ping-pong, and match the reference."""
+    from aim_rt.plugins.kernels import Kernels
+
+    cfg = aim_rt.preset("AiM-B")
+    kernels = Kernels("float32" if dtype == torch.float32 else "bfloat16")
+    x0 = _ssu_inputs(cfg, rows=6, dtype=dtype, g=torch.Generator().manual_seed(3))
+    ref = ops.selective_state_update(*[t.clone() for t in x0.values()], headdim=cfg.headdim, d_state=cfg.d_state,
+                                   ngroups=cfg.ngroups, eps=cfg.norm_eps)
+    first = None
+    for max_blocks in (None, 1, 5, 7, 50, 143):
+        kernels.ssu_max_blocks = max_blocks
+        for in_place in (True, False):
+            x = {k: v.clone() for k, v in x0.items()}
+            (g_w, sumsq), conv, ssm = run_ssu_kernel(kernels, cfg, x, in_place, finish=False)
+            got = [g_w, sumsq, conv[:, :cfg.d_inner], ssm]  # (ping-pong leaves the B/C windows unwritten)
+            if first is None:
+                first = got
+                inv = torch.rsqrt(sumsq.sum(1, keepdim=True) / cfg.d_inner + cfg.norm_eps)
+                assert rel_err(g_w.float() * inv, ref[0]) <= TOLS[dtype]
+                assert rel_err(ssm, ref[2]) <= TOLS[dtype]
+                # x windows are the kernel's; B/C windows are left to the next kernel (unchanged here)
+                assert torch.equal(conv[:, :cfg.d_inner], ref[1][:, :cfg.d_inner])
+            for name, a, b in zip(["y", "sumsq", "conv_state", "ssm_state"], got, first):
+                assert torch.equal(a, b), (name, max_blocks, in_place)
+
+
+@needs_gpu
+@pytest.mark.parametrize("d_conv", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ssu_kernel_other_conv_widths(d_conv, dtype):
+    """Conv windows of 4, 6, 8 and 12 bytes: copied by cp.async where the size allows, else element by element."""
+    from aim_rt.plugins.kernels import Kernels
+
+    cfg = aim_rt.AiMConfig(d_model=256, n_layer=1, d_conv=d_conv, d_state=64, headdim=32)
+    kernels = Kernels("float32" if dtype == torch.float32 else "bfloat16")
+    kernels.ssu_max_blocks = 4  # runs of several slices
+    for in_place in (True, False):
+        x = _ssu_inputs(cfg, rows=3, dtype=dtype, g=torch.Generator().manual_seed(d_conv))
+        ref = ops.selective_state_update(*[t.clone() for t in x.values()], headdim=cfg.headdim,
+                                       d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
+        for name, r, o in zip(["y", "conv_state", "ssm_state"], ref, run_ssu_kernel(kernels, cfg, x, in_place)):
+            assert rel_err(o, r) <= TOLS[dtype], (name, in_place, rel_err(o, r))
 
 
 @needs_gpu

@@ -1,0 +1,262 @@
+"""The selective-state-update kernel, old against new, in one process: outputs compared bit for bit, time per
+launch as bytes moved against the copy bandwidth, and (optionally) whole decode steps with either kernel.
+
+    PYTHONPATH=. python scripts/ssu_bench.py --out results/ --old-source old_aim_kernels.cu
+    ncu ... python scripts/ssu_bench.py --profile AiM-B:16:new,AiM-B:16:old --old-source ...   (a few plain launches)
+
+`--old-source`: an earlier aim_kernels.cu (e.g. `git show main:plugins/aim_kernels.cu`), whose state update is
+launched as it was then (one block per (row, head), 256 threads). Each timing is a CUDA graph of launches that
+cycle through enough distinct state copies (>= 300 MB) that no state is served from L2, as in a real step where
+the weights of every layer stream through between two updates of one layer's state. Kernels are launched as
+the cuda backend does (finish=False, programmatic dependent launch on Hopper); "pdl_off" rows launch plainly.
+Bytes are those the op must move (aim_rt.bench.op_bytes).
+"""
+
+import argparse
+import json
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+import aim_rt
+from aim_rt.bench import copy_bandwidth, op_bytes
+from aim_rt.plugins.kernels import SOURCE, Kernels, compile_cubin, ssu_params
+
+# new-kernel compile-time variants (the first is the default build)
+VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was SSU_MIN_BLOCKS=4: "new" there is
+    # "new_min4" here, "new_min3" there is "new" here)
+    "new": {},
+    "new_s3": {"SSU_STAGES": 3},
+    "new_min4": {"SSU_MIN_BLOCKS": 4},
+    "new_cs": {"SSU_STORE_CS": 1},
+    "new_t512": {"SSU_THREADS": 512, "SSU_MIN_BLOCKS": 2},
+}
+CAPS = (2, 3)  # the default build with at most this many blocks per SM
+CASES = [("AiM-B", 1), ("AiM-B", 16), ("AiM-B", 64), ("AiM-XL", 1), ("AiM-XL", 16), ("AiM-XL", 64)]
+
+
+class OldKernels(Kernels):
+    """An earlier aim_kernels.cu, its state update launched as it was: one block per (row, head)."""
+
+    def selective_state_update(self, p, stream, finish=True):
+        smem = (3 * p.headdim + 2 * p.d_state) * 4
+        self._launch("aim_selective_state_update", (p.nheads, p.rows, 1), 256, smem, stream, p)
+        assert not finish
+
+
+def _compile(job):
+    dtype, arch, defines, source = job
+    t = time.perf_counter()
+    compile_cubin(dtype, arch, defines=defines, source_path=Path(source))
+    return time.perf_counter() - t
+
+
+def build_kernels(old_source, names):
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    jobs = [("bfloat16", arch, VARIANTS[n], str(SOURCE)) for n in names if n in VARIANTS]
+    jobs.append(("float32", arch, {}, str(SOURCE)))  # not used here: cached for the tests that follow
+    if old_source:
+        jobs.append(("bfloat16", arch, {}, str(old_source)))
+    t = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=min(8, len(jobs))) as pool:  # NVRTC is slow: all builds at once
+        list(pool.map(_compile, jobs))
+    print(f"compiled {len(jobs)} modules in {time.perf_counter() - t:.1f} s", flush=True)
+    kernels = {n: Kernels("bfloat16", defines=VARIANTS[n]) for n in names if n in VARIANTS}
+    if old_source:
+        kernels["old"] = OldKernels("bfloat16", source_path=Path(old_source))
+    return kernels
+
+
+class Case:
+    """Inputs of one (model, batch) with `slots` distinct layer states."""
+
+    def __init__(self, model, batch, min_bytes=300e6):
+        cfg = self.cfg = aim_rt.preset(model)
+        rows = self.rows = 2 * batch
+        dev, dt = "cuda", torch.bfloat16
+        per_slot = rows * (cfg.nheads * cfg.headdim * cfg.d_state + cfg.conv_dim * cfg.d_conv) * 2
+        self.slots = max(4, math.ceil(min_bytes / per_slot))
+        torch.manual_seed(0)
+        r = lambda *s, scale=1.0: (scale * torch.randn(*s, device=dev)).to(dt)  # noqa: E731
+        self.zxbcdt = r(rows, cfg.d_in_proj)
+        self.conv = r(self.slots, rows, cfg.conv_dim, cfg.d_conv)
+        self.ssm = r(self.slots, rows, cfg.nheads, cfg.headdim, cfg.d_state)
+        self.weights = dict(conv_weight=r(cfg.conv_dim, 1, cfg.d_conv, scale=0.5), conv_bias=r(cfg.conv_dim, scale=0.1),
+                            dt_bias=r(cfg.nheads, scale=0.5) - 3, A_log=r(cfg.nheads, scale=0.5) + 1, D=r(cfg.nheads),
+                            norm_weight=1 + r(cfg.d_inner, scale=0.1))
+        self.conv0, self.ssm0 = self.conv[0].clone(), self.ssm[0].clone()  # timing updates the slots in place
+        self.y = torch.zeros(rows, cfg.d_inner, device=dev, dtype=dt)
+        self.sumsq = torch.zeros(rows, cfg.nheads, device=dev)
+        self.bytes = op_bytes(cfg, batch, 2)["selective_state_update"]
+
+    def params(self, conv, ssm, y=None, sumsq=None):
+        cfg, z = self.cfg, self.zxbcdt
+        d_in, d_x = cfg.d_inner, cfg.d_inner + cfg.conv_dim
+        return ssu_params(xbc=z[:, d_in:d_x], z=z[:, :d_in], dt=z[:, d_x:], conv_state_in=conv, conv_state_out=conv,
+                          ssm_state_in=ssm, ssm_state_out=ssm, weights=self.weights,
+                          sumsq=self.sumsq if sumsq is None else sumsq, y=self.y if y is None else y,
+                          headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
+
+    def outputs(self, k):
+        """One launch on copies of slot 0 as made: (y, sumsq, x conv windows, ssm state)."""
+        conv, ssm = self.conv0.clone(), self.ssm0.clone()
+        y, sumsq = torch.zeros_like(self.y), torch.zeros_like(self.sumsq)
+        k.selective_state_update(self.params(conv, ssm, y, sumsq), torch.cuda.current_stream().cuda_stream, finish=False)
+        torch.cuda.synchronize()
+        return [y, sumsq, conv[:, :self.cfg.d_inner], ssm]
+
+    def time(self, k, launches=120, replays=7):
+        ps = [self.params(self.conv[i], self.ssm[i]) for i in range(self.slots)]
+        n = max(launches, self.slots)
+        for i in range(min(n, 8)):  # warm-up: module, attributes
+            k.selective_state_update(ps[i % self.slots], torch.cuda.current_stream().cuda_stream, finish=False)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(n):
+                k.selective_state_update(ps[i % self.slots], torch.cuda.current_stream().cuda_stream, finish=False)
+        graph.replay()
+        times = []
+        for _ in range(replays):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3 / n)
+        del graph
+        return sorted(times)[len(times) // 2]
+
+
+def grid_of(k, case):
+    if isinstance(k, OldKernels):
+        return case.rows * case.cfg.nheads, None
+    from aim_rt.plugins.kernels import ssu_smem_bytes
+    smem = ssu_smem_bytes(case.params(case.conv[0], case.ssm[0]), 2, k.ssu_stages)
+    per_sm = k._ssu_blocks_per_sm(smem)
+    return min(case.rows * case.cfg.nheads, per_sm * k.num_sms, k.ssu_max_blocks or 1 << 30), per_sm  # grid, fit
+
+
+def kernel_table(kernels, cases, bandwidth, log):
+    rows = []
+    for model, batch in cases:
+        case = Case(model, batch)
+        ref = case.outputs(kernels["old"]) if "old" in kernels else None
+        row = {"model": model, "batch": batch, "bytes": case.bytes, "slots": case.slots, "runs": {}}
+        runs = [(n, k, None, True) for n, k in kernels.items()]
+        runs += [(f"new_cap{c}", kernels["new"], c, True) for c in CAPS]
+        runs += [(f"{n}_pdl_off", kernels[n], None, False) for n in ("old", "new") if n in kernels]
+        for name, k, cap, pdl in runs:
+            k.ssu_max_blocks = cap * k.num_sms if cap else None
+            saved, k.pdl = k.pdl, k.pdl and pdl
+            try:
+                same = None
+                if ref is not None and cap is None and pdl:
+                    same = all(torch.equal(a, b) for a, b in zip(case.outputs(k), ref))
+                us = case.time(k)
+                grid = grid_of(k, case)
+            except Exception as e:  # a variant that fails to launch is reported, not fatal
+                log(f"{model} b{batch} {name}: FAILED {e!r}")
+                row["runs"][name] = {"error": repr(e)}
+                continue
+            finally:
+                k.pdl = saved
+                k.ssu_max_blocks = None
+            gbps = case.bytes / us / 1e3
+            row["runs"][name] = {"us": us, "GBps": gbps, "of_copy": gbps * 1e9 / bandwidth,
+                                 "grid": grid, "outputs_equal_old": same}
+            log(f"{model:7s} b{batch:<3d} {name:16s} {us:8.2f} us {case.bytes / 1e6:8.2f} MB {gbps:7.0f} GB/s "
+                f"{gbps * 1e9 / bandwidth:5.0%}  grid {grid}  same-as-old {same}")
+        rows.append(row)
+        del case
+        torch.cuda.empty_cache()
+    return rows
+
+
+def step_table(kernels, specs, log, save):
+    """Whole decode steps of the cuda backend (graph replay) with the old and the new state update."""
+    from aim_rt.cuda_backend import CudaBackend
+    from aim_rt.sampling import SamplingSettings
+
+    settings, rows = SamplingSettings(), []
+    by_model = {}
+    for model, batch in specs:
+        by_model.setdefault(model, []).append(batch)
+    for model, batches in by_model.items():
+        m = aim_rt.random_model(model, seed=0, device="cuda", dtype=torch.bfloat16)
+        backend = CudaBackend(m)
+        for batch in batches:
+            classes, seeds = torch.arange(batch) % m.config.num_classes, torch.arange(batch)
+            row, tokens = {"model": model, "batch": batch}, {}
+            for name in ("old", "new"):
+                backend.kernels = kernels[name]
+                backend._graphs.clear()
+                tokens[name] = backend.sample(classes, seeds, settings)
+                row[name + "_us_per_step"] = backend.phase_times(batch, settings)["replays_us_per_step"]
+            row["tokens_equal"] = bool(torch.equal(tokens["old"], tokens["new"]))
+            log(f"step {model} b{batch}: old {row['old_us_per_step']:.1f} us, new {row['new_us_per_step']:.1f} us "
+                f"per step; tokens equal {row['tokens_equal']}")
+            rows.append(row)
+            save(rows)
+        del backend, m
+        torch.cuda.empty_cache()
+    return rows
+
+
+def profile(kernels, spec):
+    """Plain launches for Nsight Compute: each listed (model, batch, variant) launched twice."""
+    for item in spec.split(","):
+        model, batch, name = item.split(":")
+        case = Case(model, int(batch), min_bytes=0)
+        for _ in range(2):
+            case.outputs(kernels[name])
+        print("profiled", item, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--old-source")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--cases", default=",".join(f"{m}:{b}" for m, b in CASES))
+    ap.add_argument("--steps", default="", help="model:batch,... for whole-step timing (old vs new)")
+    ap.add_argument("--profile", help="model:batch:variant,... plain launches only (for ncu)")
+    ap.add_argument("--tag", default="ssu3")
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    kernels = build_kernels(args.old_source, names)
+    if args.profile:
+        profile(kernels, args.profile)
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+
+    def log(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    bandwidth = copy_bandwidth(torch.device("cuda"))
+    date = time.strftime("%Y-%m-%d")
+    log(f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, {date}, torch {torch.__version__}")
+    result = {"device": torch.cuda.get_device_name(), "date": date, "copy_bandwidth_TBps": bandwidth / 1e12,
+              "variants": {n: VARIANTS[n] for n in names if n in VARIANTS}, "caps_blocks_per_sm": CAPS}
+    cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",") if c]
+    result["kernels"] = kernel_table(kernels, cases, bandwidth, log)
+
+    def save(steps=None):
+        if steps is not None:
+            result["steps"] = steps
+        (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{args.tag}.txt").write_text("\n".join(lines) + "\n")
+
+    save()
+    if args.steps:
+        step_table(kernels, [(c.split(":")[0], int(c.split(":")[1])) for c in args.steps.split(",")], log, save)
+
+
+if __name__ == "__main__":
+    main()
