@@ -80,7 +80,7 @@ class UpsampleParams(ctypes.Structure):
 
 class ConvOutParams(ctypes.Structure):
     _fields_ = [("x", P), ("scale", P), ("shift", P), ("wt", P), ("bias", P), ("out", P), ("h", I), ("w", I),
-                ("c", I), ("out_ch", I)]
+                ("c", I), ("out_ch", I), ("tiles_x", I), ("tiles_y", I), ("ntiles", I)]
 
 
 # tap folding for a 3x3 conv after a nearest 2x upsample: output phase d uses input offsets (d - 1, d) -> rows
@@ -103,7 +103,7 @@ def kernels_support(channels: int) -> bool:
     return channels % 8 == 0 and channels % GROUPS == 0 and channels // 8 <= STATS_THREADS
 
 
-CO_TH, CO_TW, CO_OUT = 4, 32, 8  # vq_conv_out's output tile and output channels (mma n = 8)
+CO_TH, CO_TW, CO_OUT, CO_PF = 4, 32, 8, 13  # vq_conv_out's output tile, outputs (mma n = 8), vectors/thread
 
 
 def conv_out_smem(channels: int) -> int:
@@ -176,7 +176,7 @@ class _TorchOps:
 class _CudaOps:
     """The same operations on plugins/vq_kernels.cu (16-bit activations, NHWC, C % 8 == 0)."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, vec_batch: int = 4):
+    def __init__(self, dtype: torch.dtype, device: torch.device, vec_batch: int = 4, chunking: str = "wave"):
         from cuda.bindings import driver
 
         from .plugins.kernels import _check
@@ -189,6 +189,9 @@ class _CudaOps:
         torch.empty(1, device=device)  # the primary context current for the driver API
         cubin = compile_vq_cubin(name, f"sm_{major}{minor}", vec_batch=vec_batch)
         self.vec_batch = vec_batch
+        if chunking not in ("wave", "64k"):
+            raise ValueError(f"chunking must be 'wave' or '64k', not {chunking!r}")
+        self.chunking = chunking
         self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
         self.fn = {n: _check(driver.cuModuleGetFunction(self.module, n.encode()), f"cuModuleGetFunction({n})")
                    for n in ("vq_gn_stats", "vq_gn_apply", "vq_upsample2x", "vq_conv_out")}
@@ -225,11 +228,14 @@ class _CudaOps:
         tpr = STATS_THREADS // cv
         block = cv * tpr
         smem = (2 * block * 8 + c) * 4
-        # Chunks of about 64 KiB of x per block (a short tail, each block's reduction amortised), at least one
-        # full wave of blocks, at most 1024 partials per image for the last block to combine.
         wave = self._blocks_per_sm("vq_gn_stats", block, smem) * self.sms
-        nchunk = max(-(-hw // max(tpr, 65536 // (2 * c))), -(-wave // b))
-        nchunk = max(1, min(nchunk, -(-hw // tpr), 1024))
+        if self.chunking == "wave":
+            # One wave of long-lived blocks: the per-block prologue and reduction (which stall the block's
+            # loads) are paid once per SM slot; 64 KiB chunks ran the read-only pass at 1.8 TB/s on the H200.
+            nchunk = max(1, min(wave // b, -(-hw // tpr), 1024))
+        else:  # chunks of about 64 KiB of x per block, at least one full wave
+            nchunk = max(-(-hw // max(tpr, 65536 // (2 * c))), -(-wave // b))
+            nchunk = max(1, min(nchunk, -(-hw // tpr), 1024))
         rpc = -(-hw // nchunk)
         rpc = -(-rpc // tpr) * tpr
         nchunk = -(-hw // rpc)
@@ -279,7 +285,9 @@ class _CudaOps:
         return out
 
     def conv_out_supported(self, channels: int, out_ch: int) -> bool:
-        return self.mma and channels % 16 == 0 and out_ch <= CO_OUT and conv_out_smem(channels) <= self.smem_optin
+        cv = channels // 8
+        return (self.mma and channels % 16 == 0 and out_ch <= CO_OUT and 256 % cv == 0
+                and (CO_TH + 2) * (CO_TW + 2) * cv <= 256 * CO_PF and conv_out_smem(channels) <= self.smem_optin)
 
     def conv_out(self, h: Tensor, a: Tensor, s: Tensor, w: Tensor, bias: Tensor, out_ch: int) -> Tensor:
         b, hh, ww, c = h.shape
@@ -289,8 +297,12 @@ class _CudaOps:
             self._check(self.driver.cuFuncSetAttribute(self.fn["vq_conv_out"], attr, smem), "cuFuncSetAttribute")
             self._conv_out_smem = smem
         out = torch.empty(b, out_ch, hh, ww, device=h.device, dtype=torch.float32)
-        p = ConvOutParams(_ptr(h), _ptr(a), _ptr(s), _ptr(w), _ptr(bias), _ptr(out), hh, ww, c, out_ch)
-        self._launch("vq_conv_out", (-(-ww // CO_TW), -(-hh // CO_TH), b), 256, smem, p)
+        tx, ty = -(-ww // CO_TW), -(-hh // CO_TH)
+        ntiles = tx * ty * b
+        grid = min(ntiles, self._blocks_per_sm("vq_conv_out", 256, smem) * self.sms)  # persistent blocks
+        p = ConvOutParams(_ptr(h), _ptr(a), _ptr(s), _ptr(w), _ptr(bias), _ptr(out), hh, ww, c, out_ch, tx, ty,
+                          ntiles)
+        self._launch("vq_conv_out", (grid, 1, 1), 256, smem, p)
         return out
 
 
@@ -312,12 +324,14 @@ class FastVQDecoder:
     `fuse_out`: norm_out + SiLU + conv_out + bias in one kernel (vq_conv_out, tensor cores) where supported;
     False: an apply pass, cuDNN's conv (padded to `out_pad` outputs), then the bias in float32.
     `vec_batch`: kernel build option VEC_BATCH (vectors each thread loads before computing).
+    `chunking`: how the statistics pass splits an image over blocks: "wave" (one wave of blocks in all) or
+    "64k" (about 64 KiB per block, at least one wave).
     Tokens are not range-checked here (that would sync with the host): callers check them.
     """
 
     def __init__(self, vq: VQModel, dtype: torch.dtype = torch.bfloat16, use_graphs: bool | None = None,
                  kernels: bool | None = None, benchmark: bool = True, subpixel: bool = True, out_pad: int = 8,
-                 fuse_out: bool = True, vec_batch: int = 4):
+                 fuse_out: bool = True, vec_batch: int = 4, chunking: str = "wave"):
         dev = vq.device
         cuda = dev.type == "cuda"
         self.config, self.device, self.dtype = vq.config, dev, dtype
@@ -325,7 +339,7 @@ class FastVQDecoder:
         self.benchmark, self.subpixel = benchmark, subpixel
         want = cuda and dtype in (torch.bfloat16, torch.float16) if kernels is None else kernels
         self.out_pad = out_pad
-        self.ops = _CudaOps(dtype, dev, vec_batch) if want else _TorchOps()
+        self.ops = _CudaOps(dtype, dev, vec_batch, chunking) if want else _TorchOps()
         self._graphs: dict[int, tuple] = {}
         self._prepare(vq)
         self.fuse_out = fuse_out and isinstance(self.ops, _CudaOps) and \

@@ -13,7 +13,7 @@
 //   vq_gn_apply     y = x * scale + shift, optional SiLU. grid (tiles, B), block cv * (256 / cv)
 //   vq_upsample2x   nearest 2x: (B, H, W, C) -> (B, 2H, 2W, C). grid-stride over input vectors
 //   vq_conv_out     norm_out apply + SiLU + the final 3x3 conv (<= 8 outputs, mma.sync) + bias, written as float32
-//                   NCHW images. grid (W/32, H/4, B), block 256
+//                   NCHW images. persistent: grid <= (W/32)(H/4)B tiles, block 256
 
 #ifndef ELEM_KIND
 #define ELEM_KIND 2
@@ -203,10 +203,12 @@ extern "C" __global__ void __launch_bounds__(256, 3) vq_gn_stats(GnStatsParams p
     float* dst = p.partial + (((size_t)b * p.nchunk + blockIdx.x) * G + t) * 2;
     dst[0] = mean;
     dst[1] = m2;
-    __threadfence();  // the partial is visible before this block counts as done
   }
   __syncthreads();
-  if (t == 0) s_last = atomicAdd(p.counter + b, 1u) == (unsigned)(p.nchunk - 1);
+  if (t == 0) {  // one fence: cumulative over the block's writes ordered before it by the barrier
+    __threadfence();
+    s_last = atomicAdd(p.counter + b, 1u) == (unsigned)(p.nchunk - 1);
+  }
   __syncthreads();
   if (!s_last) return;
 
@@ -319,11 +321,13 @@ extern "C" __global__ void __launch_bounds__(256) vq_upsample2x(UpsampleParams p
 
 // ----- norm_out + SiLU + conv_out (3x3, <= 8 outputs) + bias -> float32 NCHW --------------------------------
 // cuDNN runs this conv at L2 speed (its im2col tiles re-read the input 9x for 8 useful output columns) after a
-// separate normalize pass; here each block normalizes a (4+2) x (32+2) input tile once into shared memory and
-// runs m16n8k16 tensor-core MMAs over the 9 taps. Pixel rows in shared memory are padded by 8 elements, so the
+// separate normalize pass; here a block normalizes a (4+2) x (32+2) input tile once into shared memory and runs
+// m16n8k16 tensor-core MMAs over the 9 taps. Blocks are persistent (one wave, weights loaded once) and load the
+// next tile into registers while their MMAs run. Pixel rows in shared memory are padded by 8 elements, so the
 // 32-bit fragment loads of 8 consecutive pixels hit 8 distinct 4-bank sets.
 #define CO_TH 4
 #define CO_TW 32
+#define CO_PF 13  // vectors per thread in flight: a tile has (CO_TH+2)(CO_TW+2) C/8 <= 256 CO_PF (host checks)
 struct ConvOutParams {
   const elem_t* x;      // (B, h, w, c)
   const float* scale;   // (B, c)
@@ -331,91 +335,111 @@ struct ConvOutParams {
   const elem_t* wt;     // (8, 9, c): [out channel][tap ky*3+kx][in channel], zero past out_ch
   const float* bias;    // (out_ch)
   float* out;           // (B, out_ch, h, w)
-  int h, w, c, out_ch;
+  int h, w, c, out_ch, tiles_x, tiles_y, ntiles;
 };
 
-extern "C" __global__ void __launch_bounds__(256) vq_conv_out(ConvOutParams p) {
+// tiles in (image, row, column) order, columns fastest: neighbouring blocks share halos in L2
+__device__ __forceinline__ void co_tile(const ConvOutParams& p, int tile, long long& b, int& y0, int& x0) {
+  const int tx = tile % p.tiles_x, r = tile / p.tiles_x;
+  y0 = (r % p.tiles_y) * CO_TH;
+  x0 = tx * CO_TW;
+  b = r / p.tiles_y;
+}
+
+// block 256 (blockDim % (c/8) == 0: each thread keeps one channel vector), grid <= tiles
+extern "C" __global__ void __launch_bounds__(256, 2) vq_conv_out(ConvOutParams p) {
 #if __CUDA_ARCH__ >= 800
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int C = p.c, cs = C + 8, ks = 9 * C + 8, tw2 = CO_TW + 2;
+  const int C = p.c, cs = C + 8, ks = 9 * C + 8, tw2 = CO_TW + 2, cv = C >> 3;
   elem_t* tile = reinterpret_cast<elem_t*>(smem_raw);   // (CO_TH+2) * tw2 pixels x cs
   elem_t* wsm = tile + (CO_TH + 2) * tw2 * cs;            // 8 x ks
-  float* ssm = reinterpret_cast<float*>(wsm + 8 * ks);    // scale[C], shift[C]
   const int t = threadIdx.x;
-  const long long b = blockIdx.z;
-  const int y0 = blockIdx.y * CO_TH, x0 = blockIdx.x * CO_TW;
-  for (int i = t; i < C; i += blockDim.x) {
-    ssm[i] = p.scale[b * C + i];
-    ssm[C + i] = p.shift[b * C + i];
-  }
   const int kv = (9 * C) >> 3;
   for (int i = t; i < 8 * kv; i += blockDim.x) {
     const int n = i / kv, k = i - n * kv;
     *reinterpret_cast<uint4*>(wsm + n * ks + k * 8) = reinterpret_cast<const uint4*>(p.wt)[i];
   }
-  __syncthreads();
-  const int cv = C >> 3;
   const int total = (CO_TH + 2) * tw2 * cv;
-  const elem_t* xb = p.x + b * (long long)p.h * p.w * C;
-  for (int i0 = t; i0 < total; i0 += VEC_BATCH * blockDim.x) {
-    uint4 raw[VEC_BATCH];
+  const int vi = t % cv, pix0 = t / cv, ppu = blockDim.x / cv;  // vector t + u*blockDim is pixel pix0 + u*ppu
+  uint4 raw[CO_PF];
+  long long b;
+  int y0, x0;
+  int tl = blockIdx.x;
+  co_tile(p, tl, b, y0, x0);
 #pragma unroll
-    for (int u = 0; u < VEC_BATCH; ++u) {
-      const int i = i0 + u * blockDim.x;
-      raw[u] = make_uint4(0u, 0u, 0u, 0u);
-      if (i < total) {
-        const int pix = i / cv, vi = i - pix * cv;
-        const int gy = y0 - 1 + pix / tw2, gx = x0 - 1 + pix % tw2;
-        if (gy >= 0 && gy < p.h && gx >= 0 && gx < p.w)
-          raw[u] = *reinterpret_cast<const uint4*>(xb + ((long long)gy * p.w + gx) * C + vi * 8);
-      }
+  for (int u = 0; u < CO_PF; ++u) {
+    const int pix = pix0 + u * ppu;
+    const int gy = y0 - 1 + pix / tw2, gx = x0 - 1 + pix % tw2;
+    raw[u] = make_uint4(0u, 0u, 0u, 0u);
+    if (t + u * (int)blockDim.x < total && gy >= 0 && gy < p.h && gx >= 0 && gx < p.w)
+      raw[u] = *reinterpret_cast<const uint4*>(p.x + ((b * p.h + gy) * p.w + gx) * C + vi * 8);
+  }
+  const int warp = t >> 5, lane = t & 31, gid = lane >> 2, tig = lane & 3;
+  const int ty = warp >> 1, tx = (warp & 1) * 16;  // warp w: tile row w/2, columns (w%2)*16 .. +16
+  const unsigned* T32 = reinterpret_cast<const unsigned*>(tile);
+  const unsigned* W32 = reinterpret_cast<const unsigned*>(wsm);
+  for (; tl < p.ntiles; tl += gridDim.x) {
+    co_tile(p, tl, b, y0, x0);
+    float a[8], s[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      a[k] = p.scale[b * C + vi * 8 + k];
+      s[k] = p.shift[b * C + vi * 8 + k];
     }
+    __syncthreads();  // the previous tile's MMAs are done with the buffer (first time: the weights are stored)
 #pragma unroll
-    for (int u = 0; u < VEC_BATCH; ++u) {
-      const int i = i0 + u * blockDim.x;
-      if (i >= total) continue;
-      const int pix = i / cv, vi = i - pix * cv;
+    for (int u = 0; u < CO_PF; ++u) {
+      if (t + u * (int)blockDim.x >= total) continue;
+      const int pix = pix0 + u * ppu;
       const int gy = y0 - 1 + pix / tw2, gx = x0 - 1 + pix % tw2;
       uint4 r = make_uint4(0u, 0u, 0u, 0u);  // the conv's zero padding is of the activated tensor
       if (gy >= 0 && gy < p.h && gx >= 0 && gx < p.w) {
         float f[8];
         unpack8(raw[u], f);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) f[k] = silu(f[k] * ssm[vi * 8 + k] + ssm[C + vi * 8 + k]);
+        for (int k = 0; k < 8; ++k) f[k] = silu(f[k] * a[k] + s[k]);
         r = pack8(f);  // rounded as the unfused path's apply pass rounds
       }
       *reinterpret_cast<uint4*>(tile + pix * cs + vi * 8) = r;
     }
-  }
-  __syncthreads();
-  // 8 warps: warp w computes output row w/2 of the tile, columns (w%2)*16 .. +16 (one m16 x n8 tile)
-  const int warp = t >> 5, lane = t & 31, gid = lane >> 2, tig = lane & 3;
-  const int ty = warp >> 1, tx = (warp & 1) * 16;
-  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  const unsigned* T32 = reinterpret_cast<const unsigned*>(tile);
-  const unsigned* W32 = reinterpret_cast<const unsigned*>(wsm);
-  for (int tap = 0; tap < 9; ++tap) {
-    const int ky = tap / 3, kx = tap - ky * 3;
-    const int pa = (ty + ky) * tw2 + tx + gid + kx;  // input pixel of A row gid; row gid+8 is 8 pixels on
-    const unsigned* ra = T32 + ((pa * cs) >> 1) + tig;
-    const unsigned* rb = T32 + (((pa + 8) * cs) >> 1) + tig;
-    const unsigned* wr = W32 + ((gid * ks + tap * C) >> 1) + tig;
-    for (int kc = 0; kc < (C >> 1); kc += 8) {
-      const unsigned a0 = ra[kc], a1 = rb[kc], a2 = ra[kc + 4], a3 = rb[kc + 4];
-      const unsigned b0 = wr[kc], b1 = wr[kc + 4];
-      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
-                   "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                   : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-    }
-  }
-  const int oy = y0 + ty;
+    __syncthreads();
+    const int next = tl + gridDim.x;
+    if (next < p.ntiles) {  // the next tile's loads, in flight during this tile's MMAs
+      long long nb;
+      int ny0, nx0;
+      co_tile(p, next, nb, ny0, nx0);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int n = tig * 2 + (i & 1);
-    const int ox = x0 + tx + gid + (i >= 2 ? 8 : 0);
-    if (n < p.out_ch && oy < p.h && ox < p.w)
-      p.out[((b * p.out_ch + n) * p.h + oy) * (long long)p.w + ox] = d[i] + p.bias[n];
+      for (int u = 0; u < CO_PF; ++u) {
+        const int pix = pix0 + u * ppu;
+        const int gy = ny0 - 1 + pix / tw2, gx = nx0 - 1 + pix % tw2;
+        if (t + u * (int)blockDim.x < total && gy >= 0 && gy < p.h && gx >= 0 && gx < p.w)
+          raw[u] = *reinterpret_cast<const uint4*>(p.x + ((nb * p.h + gy) * p.w + gx) * C + vi * 8);
+      }
+    }
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int tap = 0; tap < 9; ++tap) {
+      const int ky = tap / 3, kx = tap - ky * 3;
+      const int pa = (ty + ky) * tw2 + tx + gid + kx;  // input pixel of A row gid; row gid+8 is 8 pixels on
+      const unsigned* ra = T32 + ((pa * cs) >> 1) + tig;
+      const unsigned* rb = T32 + (((pa + 8) * cs) >> 1) + tig;
+      const unsigned* wr = W32 + ((gid * ks + tap * C) >> 1) + tig;
+      for (int kc = 0; kc < (C >> 1); kc += 8) {
+        const unsigned a0 = ra[kc], a1 = rb[kc], a2 = ra[kc + 4], a3 = rb[kc + 4];
+        const unsigned b0 = wr[kc], b1 = wr[kc + 4];
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
+                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+      }
+    }
+    const int oy = y0 + ty;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int n = tig * 2 + (i & 1);
+      const int ox = x0 + tx + gid + (i >= 2 ? 8 : 0);
+      if (n < p.out_ch && oy < p.h && ox < p.w)
+        p.out[((b * p.out_ch + n) * p.h + oy) * (long long)p.w + ox] = d[i] + p.bias[n];
+    }
   }
 #endif
 }

@@ -118,8 +118,8 @@ def official_vq(seed: int = 0) -> VQModel:
 # ----- sections --------------------------------------------------------------------------------------
 def kernel_checks() -> dict:
     out = {}
-    for vb in (4, 2):
-        out[f"vec_batch{vb}"] = kernel_checks_one(vb)
+    for vb, chunking in CONFIGS:
+        out[f"vec_batch{vb}_{chunking}"] = kernel_checks_one(vb, chunking)
     out["bandwidth_b16_256x256x128"] = kernel_bandwidth()
     return out
 
@@ -128,10 +128,13 @@ def _diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def kernel_checks_one(vec_batch: int) -> dict:
+CONFIGS = [(4, "wave"), (4, "64k"), (2, "wave")]  # (vec_batch, chunking) of the kernel ops
+
+
+def kernel_checks_one(vec_batch: int, chunking: str) -> dict:
     from aim_rt.vq_fast import conv_out_weight
 
-    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), vec_batch), _TorchOps()
+    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), vec_batch, chunking), _TorchOps()
     g = torch.Generator(device="cuda").manual_seed(1)
     out = {}
     for shape in [(2, 64, 64, 128), (3, 16, 16, 512), (1, 8, 8, 32), (2, 32, 32, 256), (1, 7, 9, 96), (5, 33, 31, 64)]:
@@ -195,8 +198,8 @@ def kernel_bandwidth() -> dict:
         norm = torch.ones(128, device="cuda"), torch.zeros(128, device="cuda")
         y4 = torch.randn(16, 129, 129, 512, device="cuda", generator=g).bfloat16()
         w = conv_out_weight(torch.randn(3, 128, 3, 3, device="cuda") * 0.03, torch.bfloat16)
-        for vb in (4, 2):
-            k = _CudaOps(torch.bfloat16, torch.device("cuda"), vb)
+        for vb, chunking in CONFIGS:
+            k = _CudaOps(torch.bfloat16, torch.device("cuda"), vb, chunking)
             a, s = k.stats(x, norm, bias=bias)
             cases = {"torch_clone": (lambda: x.clone(), 2),
                      "stats_read": (lambda: k.stats(x, norm, bias=bias), 1),
@@ -206,14 +209,15 @@ def kernel_bandwidth() -> dict:
                      "conv_out": (lambda: k.conv_out(x, a, s, w, bias[:3], 3), 1)}
             for name, (fn, units) in cases.items():
                 tm = time_fn(fn, 20, warmup=3)
-                res[f"vb{vb}_{name}"] = {"median_ms": tm["median_ms"], "tb_per_s": units * nbytes / tm["median_ms"] / 1e9}
-                log("bandwidth", vb, name, res[f"vb{vb}_{name}"])
+                key = f"vb{vb}_{chunking}_{name}"
+                res[key] = {"median_ms": tm["median_ms"], "tb_per_s": units * nbytes / tm["median_ms"] / 1e9}
+                log("bandwidth", key, res[key])
     except Exception:  # noqa: BLE001
         res["error"] = traceback.format_exc()
     return res
 
 
-def accuracy(vq32: VQModel, vq16: VQModel, variants: dict) -> dict:
+def accuracy(vq32: VQModel, vq16: VQModel, variants: dict, prev=None) -> dict:
     res = {}
     imgs = smooth_images(16, 256, seed=2).cuda()
     with torch.no_grad():
@@ -221,6 +225,8 @@ def accuracy(vq32: VQModel, vq16: VQModel, variants: dict) -> dict:
     tok_rand = torch.randint(0, vq32.config.n_embed, (16, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     res["encoded_tokens_unique"] = int(tok_enc.unique().numel())
     decs = {name: FastVQDecoder(vq32, torch.bfloat16, **kw) for name, kw in variants.items()}
+    if prev is not None:
+        decs["prev"] = prev.FastVQDecoder(vq32, torch.bfloat16)
     for tname, tok in (("encoded_smooth", tok_enc), ("random", tok_rand)):
         with torch.no_grad():
             ref = vq32.decode_checked(tok)
@@ -252,7 +258,7 @@ def accuracy(vq32: VQModel, vq16: VQModel, variants: dict) -> dict:
     return res
 
 
-def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, budget: float) -> dict:
+def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, budget: float, prev=None) -> dict:
     res = {}
     toks = {b: torch.randint(0, vq16.config.n_embed, (b, 256), device="cuda") for b in batches}
 
@@ -277,7 +283,7 @@ def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, bu
                     rec[b] = time_fn(lambda: dec(toks[b]), iters if b < 64 else max(5, iters // 3))
                 rec[b]["first_call_ms"] = first
                 log(name, b, rec[b])
-            del dec
+            dec = None  # frees the graphs before the next variant
         except Exception:  # noqa: BLE001
             rec["error"] = traceback.format_exc()
             log(name, "ERROR", rec["error"])
@@ -287,6 +293,8 @@ def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, bu
 
     run("eager_nchw", lambda: vq16.decode_checked, True)
     run("cl_graph", lambda: ClGraph(vq16), False)
+    if prev is not None:  # an earlier FastVQDecoder, timed in the same process for a like-for-like comparison
+        run("prev", lambda: prev.FastVQDecoder(vq32, torch.bfloat16), False)
     for name, kw in variants.items():
         run(name, lambda kw=kw: FastVQDecoder(vq32, torch.bfloat16, **kw), False)
     run("fast_again", lambda: FastVQDecoder(vq32, torch.bfloat16), False)  # run-to-run spread of the default
@@ -395,10 +403,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("out"))
     ap.add_argument("--batches", default="1,16,64")
-    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--budget", type=float, default=220.0, help="skip remaining timings after this many seconds")
     ap.add_argument("--cold-child", action="store_true")
     ap.add_argument("--no-benchmark", action="store_true")
+    ap.add_argument("--prev-module", default="", help="module with an earlier FastVQDecoder to time alongside, "
+                    "e.g. a copy of an older aim_rt/vq_fast.py placed as aim_rt._vq_fast_prev")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,accuracy,timing,profile,cold")
     args = ap.parse_args()
     if args.cold_child:
@@ -417,16 +427,22 @@ def main() -> None:
     def save():
         path.write_text(json.dumps(result, indent=1))
 
-    variants = {"fast": dict(), "fast_vb2": dict(vec_batch=2), "fast_nofuse_out": dict(fuse_out=False),
-                "fast_upsample": dict(subpixel=False), "fast_nobench": dict(benchmark=False)}
+    variants = {"fast": dict(), "fast_chunk64k": dict(chunking="64k"), "fast_vb2": dict(vec_batch=2),
+                "fast_nofuse_out": dict(fuse_out=False), "fast_upsample": dict(subpixel=False),
+                "fast_nobench": dict(benchmark=False)}
+    prev = None
+    if args.prev_module:
+        import importlib
+
+        prev = importlib.import_module(args.prev_module)
     sections = [("kernels", lambda: kernel_checks())]
     log("building the official-shape VQ")
     vq32 = official_vq()
     vq16 = copy.deepcopy(vq32).bfloat16()
-    sections += [("accuracy", lambda: accuracy(vq32, vq16, {k: variants[k] for k in ("fast", "fast_upsample",
-                                                                                          "fast_nofuse_out")})),
+    acc_variants = {k: variants[k] for k in ("fast", "fast_upsample", "fast_nofuse_out", "fast_chunk64k")}
+    sections += [("accuracy", lambda: accuracy(vq32, vq16, acc_variants, prev)),
                  ("cold", lambda: cold_start()),
-                 ("timing", lambda: timing(vq16, vq32, batches, variants, args.iters, args.budget)),
+                 ("timing", lambda: timing(vq16, vq32, batches, variants, args.iters, args.budget, prev)),
                  ("profile", lambda: profiles(vq16, vq32, args.out))]
     for name, fn in sections:
         if name in skip:

@@ -97,13 +97,13 @@ def _no_tf32():
 
 
 @needs_gpu
-@pytest.mark.parametrize("vec_batch", [4, 2])
+@pytest.mark.parametrize("vec_batch,chunking", [(4, "wave"), (2, "wave"), (4, "64k")])
 @pytest.mark.parametrize("shape", [(2, 16, 16, 64), (1, 8, 8, 32), (3, 5, 7, 96), (2, 4, 4, 512), (5, 33, 31, 64),
                                    (2, 64, 64, 128)])
-def test_kernel_ops_match_torch_ops(shape, vec_batch):
+def test_kernel_ops_match_torch_ops(shape, vec_batch, chunking):
     from aim_rt.vq_fast import _CudaOps
 
-    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), vec_batch), _TorchOps()
+    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), vec_batch, chunking), _TorchOps()
     g = torch.Generator(device="cuda").manual_seed(0)
     c = shape[-1]
     x = (torch.randn(*shape, device="cuda", generator=g) * 2 + 3).bfloat16()
