@@ -9,9 +9,13 @@ What it does differently from `VQModel.decode_tokens` (same maths, float32 stati
   table: the quantizer is a single gather;
 - activations stay (B, H, W, C) contiguous; convolutions are torch/cuDNN on channels_last views, without bias;
 - each conv bias, residual add and GroupNorm statistics happen in one pass over the conv output
-  (plugins/vq_kernels.cu `vq_gn_stats`), and normalize * gamma + beta + SiLU in one more (`vq_gn_apply`);
+  (plugins/vq_kernels.cu `vq_gn_stats`, whose last block per image also turns the statistics into per-channel
+  scale and shift), and normalize * gamma + beta + SiLU in one more (`vq_gn_apply`);
+- each nearest 2x upsample + 3x3 conv is a 2x2 conv with 4x the outputs at low resolution; the phase interleave
+  happens in the following statistics pass;
 - the attention's q, k, v are one GEMM and the attention is F.scaled_dot_product_attention;
-- the final 3-channel conv is padded to 8 output channels (tensor-core friendly);
+- norm_out + SiLU + the final 3-channel conv + bias are one kernel (`vq_conv_out`, tensor cores) writing the
+  float32 NCHW images;
 - one CUDA graph per batch size, captured on first use.
 
 The kernels are NVRTC-compiled once per (source, options, NVRTC version, arch) and cached on disk (the same
@@ -46,14 +50,14 @@ STATS_THREADS = 256
 
 # ----- NVRTC: the same build and on-disk cache as the decode-step kernels (plugins/kernels.py) ---------------
 def compile_vq_cubin(dtype: str, arch: str, use_cache: bool = True, source: Path | None = None,
-                     load_batch: int = 1) -> bytes:
+                     vec_batch: int = 4) -> bytes:
     """NVRTC-compile vq_kernels.cu for one element type ('bfloat16'/'float16') and arch ('sm_90'), cached on disk
-    by (source, options, NVRTC version). `load_batch`: vectors each thread loads before storing (LOAD_BATCH)."""
+    by (source, options, NVRTC version). `vec_batch`: vectors each thread loads before it computes (VEC_BATCH)."""
     from .plugins.kernels import KernelError, compile_cubin
 
     if dtype not in ELEM_KINDS:
         raise KernelError(f"VQ kernels support {sorted(ELEM_KINDS)}, not {dtype!r}")
-    return compile_cubin(dtype, arch, use_cache, defines={"LOAD_BATCH": int(load_batch)},
+    return compile_cubin(dtype, arch, use_cache, defines={"VEC_BATCH": int(vec_batch)},
                          source_path=_source() if source is None else Path(source))
 
 
@@ -61,26 +65,22 @@ P, LL, I, Fl = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
 
 
 class GnStatsParams(ctypes.Structure):
-    _fields_ = [("x", P), ("res", P), ("bias", P), ("out", P), ("partial", P), ("hw", LL),
-                ("c", I), ("groups", I), ("rows_per_chunk", I), ("nchunk", I)]
-
-
-class GnFinalizeParams(ctypes.Structure):
-    _fields_ = [("partial", P), ("gamma", P), ("beta", P), ("bias", P), ("scale", P), ("shift", P), ("hw", LL),
-                ("c", I), ("groups", I), ("rows_per_chunk", I), ("nchunk", I), ("eps", Fl)]
+    _fields_ = [("x", P), ("res", P), ("bias", P), ("out", P), ("partial", P), ("counter", P), ("gamma", P),
+                ("beta", P), ("fold", P), ("scale", P), ("shift", P), ("hw", LL), ("c", I), ("groups", I),
+                ("rows_per_chunk", I), ("nchunk", I), ("sub_h", I), ("sub_w", I), ("eps", Fl)]
 
 
 class GnApplyParams(ctypes.Structure):
-    _fields_ = [("x", P), ("scale", P), ("shift", P), ("out", P), ("hw", LL), ("total_vec", LL),
-                ("c", I), ("silu", I)]
+    _fields_ = [("x", P), ("scale", P), ("shift", P), ("out", P), ("per_image", LL), ("c", I), ("silu", I)]
 
 
 class UpsampleParams(ctypes.Structure):
     _fields_ = [("x", P), ("out", P), ("total_vec", LL), ("h", I), ("w", I), ("c", I)]
 
 
-class SubpixelParams(ctypes.Structure):
-    _fields_ = [("y", P), ("bias", P), ("out", P), ("total_vec", LL), ("h", I), ("w", I), ("c", I)]
+class ConvOutParams(ctypes.Structure):
+    _fields_ = [("x", P), ("scale", P), ("shift", P), ("wt", P), ("bias", P), ("out", P), ("h", I), ("w", I),
+                ("c", I), ("out_ch", I), ("tiles_x", I), ("tiles_y", I), ("ntiles", I)]
 
 
 # tap folding for a 3x3 conv after a nearest 2x upsample: output phase d uses input offsets (d - 1, d) -> rows
@@ -103,11 +103,31 @@ def kernels_support(channels: int) -> bool:
     return channels % 8 == 0 and channels % GROUPS == 0 and channels // 8 <= STATS_THREADS
 
 
+CO_TH, CO_TW, CO_OUT, CO_PF = 4, 32, 8, 13  # vq_conv_out's output tile, outputs (mma n = 8), vectors/thread
+
+
+def conv_out_smem(channels: int) -> int:
+    """Shared memory of one vq_conv_out block: the padded input tile, the weights, scale and shift."""
+    return ((CO_TH + 2) * (CO_TW + 2) * (channels + 8) + CO_OUT * (9 * channels + 8)) * 2 + 8 * channels
+
+
+def conv_out_weight(w: Tensor, dtype: torch.dtype) -> Tensor:
+    """(out_ch, C, 3, 3) -> (8, 9, C) [out channel][tap][in channel], zero rows past out_ch (vq_conv_out)."""
+    o = w.detach().float().permute(0, 2, 3, 1).reshape(w.shape[0], 9, w.shape[1])
+    return torch.cat([o, o.new_zeros(CO_OUT - o.shape[0], *o.shape[1:])]).to(dtype).contiguous()
+
+
 # ----- the two op sets: pure torch (reference semantics, any device/dtype) and the CUDA kernels ----------
+# stats(x, norm, res, bias, out) -> (scale, shift) of GroupNorm `norm` = (gamma, beta) over v = x + res + bias
+# (v written to `out` when given; a bias not written is folded into the shift, since the apply pass's input lacks
+# it); norm None: only the write. apply(x, scale, shift, silu) -> normalized. subpixel_stats(y, bias, norm) ->
+# (the phase-interleaved upsample conv output + bias, its stats). conv_out(h, scale, shift, w, bias, oc) ->
+# (B, oc, H, W) float32: the final SiLU(norm) + 3x3 conv.
 class _TorchOps:
     """GroupNorm split as the kernels split it; activations (B, H, W, C)."""
 
-    def stats(self, x: Tensor, res: Tensor | None = None, bias: Tensor | None = None, out: Tensor | None = None):
+    def stats(self, x: Tensor, norm, res: Tensor | None = None, bias: Tensor | None = None,
+              out: Tensor | None = None):
         v = x.float()
         if res is not None:
             v = v + res.float()
@@ -117,16 +137,15 @@ class _TorchOps:
             r = v.to(x.dtype)
             out.copy_(r)
             v = r.float()
+        if norm is None:
+            return None
         g = v.reshape(v.shape[0], -1, GROUPS, v.shape[-1] // GROUPS)
-        return g.mean(dim=(1, 3)), g.var(dim=(1, 3), unbiased=False)
-
-    def finalize(self, st, gamma: Tensor, beta: Tensor, bias: Tensor | None = None):
-        mean, var = st
+        mean, var = g.mean(dim=(1, 3)), g.var(dim=(1, 3), unbiased=False)
+        gamma, beta = norm
         cg = gamma.numel() // GROUPS
-        rstd = (var + EPS).rsqrt().repeat_interleave(cg, dim=1)
-        a = rstd * gamma
+        a = (var + EPS).rsqrt().repeat_interleave(cg, dim=1) * gamma
         s = beta - mean.repeat_interleave(cg, dim=1) * a
-        if bias is not None:
+        if bias is not None and out is None:
             s = s + bias * a
         return a, s
 
@@ -145,11 +164,19 @@ class _TorchOps:
         out = torch.stack(rows, dim=2).reshape(b, 2 * h, 2 * w, c).float()  # (b, h, dy, w, dx, c)
         return (out if bias is None else out + bias).to(y.dtype)
 
+    def subpixel_stats(self, y: Tensor, bias: Tensor | None, norm):
+        h = self.subpixel_gather(y, bias)
+        return h, self.stats(h, norm)
+
+    def conv_out(self, h: Tensor, a: Tensor, s: Tensor, w: Tensor, bias: Tensor, out_ch: int) -> Tensor:
+        t = self.apply(h, a, s, True).permute(0, 3, 1, 2).float()  # accumulate in float32, as the MMAs do
+        return F.conv2d(t, w.float(), padding=1)[:, :out_ch] + bias[:, None, None]
+
 
 class _CudaOps:
-    """The same four operations on plugins/vq_kernels.cu (16-bit activations, NHWC, C % 8 == 0)."""
+    """The same operations on plugins/vq_kernels.cu (16-bit activations, NHWC, C % 8 == 0)."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, load_batch: int = 1):
+    def __init__(self, dtype: torch.dtype, device: torch.device, vec_batch: int = 4, chunking: str = "wave"):
         from cuda.bindings import driver
 
         from .plugins.kernels import _check
@@ -157,13 +184,25 @@ class _CudaOps:
         self.driver, self._check = driver, _check
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
+        self.mma = major >= 8  # vq_conv_out's mma.sync m16n8k16
         name = str(dtype).removeprefix("torch.")
         torch.empty(1, device=device)  # the primary context current for the driver API
-        cubin = compile_vq_cubin(name, f"sm_{major}{minor}", load_batch=load_batch)
+        cubin = compile_vq_cubin(name, f"sm_{major}{minor}", vec_batch=vec_batch)
+        self.vec_batch = vec_batch
+        if chunking not in ("wave", "64k"):
+            raise ValueError(f"chunking must be 'wave' or '64k', not {chunking!r}")
+        self.chunking = chunking
         self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
         self.fn = {n: _check(driver.cuModuleGetFunction(self.module, n.encode()), f"cuModuleGetFunction({n})")
-                   for n in ("vq_gn_stats", "vq_gn_finalize", "vq_gn_apply", "vq_upsample2x", "vq_subpixel_gather")}
-        self.sms = torch.cuda.get_device_properties(index).multi_processor_count
+                   for n in ("vq_gn_stats", "vq_gn_apply", "vq_upsample2x", "vq_conv_out")}
+        props = torch.cuda.get_device_properties(index)
+        self.sms = props.multi_processor_count
+        attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+        dev = _check(driver.cuDeviceGet(index), "cuDeviceGet")
+        self.smem_optin = int(_check(driver.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute"))
+        self._occ: dict[tuple, int] = {}
+        self._counters: dict[int, Tensor] = {}  # per batch size: a graph keeps the buffer it was captured with
+        self._conv_out_smem = 0
 
     def _launch(self, name: str, grid: tuple, block: int, smem: int, params) -> None:
         stream = torch.cuda.current_stream().cuda_stream
@@ -171,43 +210,70 @@ class _CudaOps:
         self._check(self.driver.cuLaunchKernel(self.fn[name], *grid, block, 1, 1, smem, self.driver.CUstream(stream),
                                                ctypes.addressof(holder), 0), name)
 
-    def stats(self, x: Tensor, res: Tensor | None = None, bias: Tensor | None = None, out: Tensor | None = None):
-        b, c = x.shape[0], x.shape[-1]
-        hw = x.numel() // (b * c)
+    def _blocks_per_sm(self, name: str, block: int, smem: int) -> int:
+        key = (name, block, smem)
+        if key not in self._occ:
+            n = self._check(self.driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.fn[name], block, smem),
+                            "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+            self._occ[key] = max(1, int(n))
+        return self._occ[key]
+
+    def _counter(self, b: int, device) -> Tensor:
+        if b not in self._counters:
+            self._counters[b] = torch.zeros(b, device=device, dtype=torch.int32)
+        return self._counters[b]
+
+    def _stats(self, x: Tensor, norm, b: int, hw: int, c: int, res=None, bias=None, out=None, sub=(0, 0)):
         cv = c // 8
         tpr = STATS_THREADS // cv
-        nchunk = max(1, min(-(-8 * self.sms // b), -(-hw // tpr)))
+        block = cv * tpr
+        smem = (2 * block * 8 + c) * 4
+        wave = self._blocks_per_sm("vq_gn_stats", block, smem) * self.sms
+        if self.chunking == "wave":
+            # One wave of long-lived blocks: the per-block prologue and reduction (which stall the block's
+            # loads) are paid once per SM slot; 64 KiB chunks ran the read-only pass at 1.8 TB/s on the H200.
+            nchunk = max(1, min(wave // b, -(-hw // tpr), 1024))
+        else:  # chunks of about 64 KiB of x per block, at least one full wave
+            nchunk = max(-(-hw // max(tpr, 65536 // (2 * c))), -(-wave // b))
+            nchunk = max(1, min(nchunk, -(-hw // tpr), 1024))
         rpc = -(-hw // nchunk)
         rpc = -(-rpc // tpr) * tpr
         nchunk = -(-hw // rpc)
-        partial = torch.empty(b, nchunk, GROUPS, 2, device=x.device, dtype=torch.float32)
-        p = GnStatsParams(_ptr(x), _ptr(res), _ptr(bias), _ptr(out), _ptr(partial), hw, c, GROUPS, rpc, nchunk)
-        block = cv * tpr
-        self._launch("vq_gn_stats", (nchunk, b, 1), block, 2 * block * 8 * 4, p)
-        return partial, hw, rpc, nchunk
+        scale = shift = partial = counter = gamma = beta = fold = None
+        if norm is not None:
+            gamma, beta = norm
+            partial = torch.empty(b, nchunk, GROUPS, 2, device=x.device, dtype=torch.float32)
+            scale = torch.empty(b, c, device=x.device, dtype=torch.float32)
+            shift = torch.empty_like(scale)
+            counter = self._counter(b, x.device)
+            fold = bias if out is None else None
+        p = GnStatsParams(_ptr(x), _ptr(res), _ptr(bias), _ptr(out), _ptr(partial), _ptr(counter), _ptr(gamma),
+                          _ptr(beta), _ptr(fold), _ptr(scale), _ptr(shift), hw, c, GROUPS, rpc, nchunk, sub[0],
+                          sub[1], EPS)
+        self._launch("vq_gn_stats", (nchunk, b, 1), block, smem, p)
+        return None if norm is None else (scale, shift)
 
-    def finalize(self, st, gamma: Tensor, beta: Tensor, bias: Tensor | None = None):
-        partial, hw, rpc, nchunk = st
-        b, c = partial.shape[0], gamma.numel()
-        scale = torch.empty(b, c, device=gamma.device, dtype=torch.float32)
-        shift = torch.empty_like(scale)
-        p = GnFinalizeParams(_ptr(partial), _ptr(gamma), _ptr(beta), _ptr(bias), _ptr(scale), _ptr(shift), hw,
-                             c, GROUPS, rpc, nchunk, EPS)
-        self._launch("vq_gn_finalize", (b, GROUPS, 1), 128, 0, p)
-        return scale, shift
+    def stats(self, x: Tensor, norm, res: Tensor | None = None, bias: Tensor | None = None,
+              out: Tensor | None = None):
+        if norm is None and out is None:
+            return None
+        b, c = x.shape[0], x.shape[-1]
+        return self._stats(x, norm, b, x.numel() // (b * c), c, res, bias, out)
 
-    def _grid(self, total_vec: int) -> int:
-        return max(1, min(-(-total_vec // 256), self.sms * 16))
+    def subpixel_stats(self, y: Tensor, bias: Tensor | None, norm):
+        b, h1, w1, c4 = y.shape
+        h, w, c = h1 - 1, w1 - 1, c4 // 4
+        out = torch.empty(b, 2 * h, 2 * w, c, device=y.device, dtype=y.dtype)
+        return out, self._stats(y, norm, b, 4 * h * w, c, bias=bias, out=out, sub=(h, w))
 
     def apply(self, x: Tensor, a: Tensor, s: Tensor, silu: bool) -> Tensor:
         out = torch.empty_like(x)
         b, c = x.shape[0], x.shape[-1]
-        hw = x.numel() // (b * c)
         cv = c // 8
         block = cv * (STATS_THREADS // cv)
-        nblk = max(1, min(-(-hw * cv // block), -(-8 * self.sms // b)))
-        p = GnApplyParams(_ptr(x), _ptr(a), _ptr(s), _ptr(out), hw, x.numel() // 8, c, int(silu))
-        self._launch("vq_gn_apply", (nblk, b, 1), block, 0, p)
+        per_image = x.numel() // (8 * b)
+        p = GnApplyParams(_ptr(x), _ptr(a), _ptr(s), _ptr(out), per_image, c, int(silu))
+        self._launch("vq_gn_apply", (-(-per_image // (block * self.vec_batch)), b, 1), block, 0, p)
         return out
 
     def upsample(self, x: Tensor) -> Tensor:
@@ -215,16 +281,28 @@ class _CudaOps:
         out = torch.empty(b, 2 * h, 2 * w, c, device=x.device, dtype=x.dtype)
         total = x.numel() // 8
         p = UpsampleParams(_ptr(x), _ptr(out), total, h, w, c)
-        self._launch("vq_upsample2x", (self._grid(total), 1, 1), 256, 0, p)
+        self._launch("vq_upsample2x", (max(1, min(-(-total // 256), self.sms * 16)), 1, 1), 256, 0, p)
         return out
 
-    def subpixel_gather(self, y: Tensor, bias: Tensor | None) -> Tensor:
-        b, h1, w1, c4 = y.shape
-        h, w, c = h1 - 1, w1 - 1, c4 // 4
-        out = torch.empty(b, 2 * h, 2 * w, c, device=y.device, dtype=y.dtype)
-        total = out.numel() // 8
-        p = SubpixelParams(_ptr(y), _ptr(bias), _ptr(out), total, h, w, c)
-        self._launch("vq_subpixel_gather", (self._grid(total), 1, 1), 256, 0, p)
+    def conv_out_supported(self, channels: int, out_ch: int) -> bool:
+        cv = channels // 8
+        return (self.mma and channels % 16 == 0 and out_ch <= CO_OUT and 256 % cv == 0
+                and (CO_TH + 2) * (CO_TW + 2) * cv <= 256 * CO_PF and conv_out_smem(channels) <= self.smem_optin)
+
+    def conv_out(self, h: Tensor, a: Tensor, s: Tensor, w: Tensor, bias: Tensor, out_ch: int) -> Tensor:
+        b, hh, ww, c = h.shape
+        smem = conv_out_smem(c)
+        if smem > self._conv_out_smem:  # above 48 KiB needs the opt-in
+            attr = self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            self._check(self.driver.cuFuncSetAttribute(self.fn["vq_conv_out"], attr, smem), "cuFuncSetAttribute")
+            self._conv_out_smem = smem
+        out = torch.empty(b, out_ch, hh, ww, device=h.device, dtype=torch.float32)
+        tx, ty = -(-ww // CO_TW), -(-hh // CO_TH)
+        ntiles = tx * ty * b
+        grid = min(ntiles, self._blocks_per_sm("vq_conv_out", 256, smem) * self.sms)  # persistent blocks
+        p = ConvOutParams(_ptr(h), _ptr(a), _ptr(s), _ptr(w), _ptr(bias), _ptr(out), hh, ww, c, out_ch, tx, ty,
+                          ntiles)
+        self._launch("vq_conv_out", (grid, 1, 1), 256, smem, p)
         return out
 
 
@@ -241,15 +319,19 @@ class FastVQDecoder:
     `kernels`: use plugins/vq_kernels.cu (default: on CUDA for 16-bit types); False = pure torch ops.
     `benchmark`: let cuDNN time its algorithms during the first call of each batch size (per process).
     `subpixel`: fold each nearest 2x upsample into its conv (a 2x2 conv with 4x the outputs at low resolution,
-    5/9 fewer FLOPs, then a phase-interleave pass) instead of upsampling then a 3x3 conv.
-    `out_pad`: output channels the final 3-channel conv is zero-padded to (8, 16, 32 measured alike).
-    `load_batch`: kernel build option LOAD_BATCH (1 measured fastest on the H200; 4 also supported).
+    5/9 fewer FLOPs; the phase interleave happens in the next statistics pass) instead of upsampling then a 3x3
+    conv.
+    `fuse_out`: norm_out + SiLU + conv_out + bias in one kernel (vq_conv_out, tensor cores) where supported;
+    False: an apply pass, cuDNN's conv (padded to `out_pad` outputs), then the bias in float32.
+    `vec_batch`: kernel build option VEC_BATCH (vectors each thread loads before computing).
+    `chunking`: how the statistics pass splits an image over blocks: "wave" (one wave of blocks in all) or
+    "64k" (about 64 KiB per block, at least one wave).
     Tokens are not range-checked here (that would sync with the host): callers check them.
     """
 
     def __init__(self, vq: VQModel, dtype: torch.dtype = torch.bfloat16, use_graphs: bool | None = None,
                  kernels: bool | None = None, benchmark: bool = True, subpixel: bool = True, out_pad: int = 8,
-                 load_batch: int = 1):
+                 fuse_out: bool = True, vec_batch: int = 4, chunking: str = "wave"):
         dev = vq.device
         cuda = dev.type == "cuda"
         self.config, self.device, self.dtype = vq.config, dev, dtype
@@ -257,9 +339,11 @@ class FastVQDecoder:
         self.benchmark, self.subpixel = benchmark, subpixel
         want = cuda and dtype in (torch.bfloat16, torch.float16) if kernels is None else kernels
         self.out_pad = out_pad
-        self.ops = _CudaOps(dtype, dev, load_batch) if want else _TorchOps()
+        self.ops = _CudaOps(dtype, dev, vec_batch, chunking) if want else _TorchOps()
         self._graphs: dict[int, tuple] = {}
         self._prepare(vq)
+        self.fuse_out = fuse_out and isinstance(self.ops, _CudaOps) and \
+            self.ops.conv_out_supported(self.conv_out[0].shape[1], self.out_channels)
 
     # weights, folded in float32 once
     def _prepare(self, vq: VQModel) -> None:
@@ -279,7 +363,7 @@ class FastVQDecoder:
 
             def res(m):
                 r = _Res()
-                r.g1, r.b1, r.g2, r.b2 = f32(m.norm1.weight), f32(m.norm1.bias), f32(m.norm2.weight), f32(m.norm2.bias)
+                r.norm1, r.norm2 = (f32(m.norm1.weight), f32(m.norm1.bias)), (f32(m.norm2.weight), f32(m.norm2.bias))
                 r.w1, r.cb1, r.w2 = convw(m.conv1), f32(m.conv1.bias), convw(m.conv2)
                 r.wn = convw(m.nin_shortcut) if hasattr(m, "nin_shortcut") else None
                 r.bias_out = f32(m.conv2.bias) + (f32(m.nin_shortcut.bias) if r.wn is not None else 0)
@@ -287,33 +371,34 @@ class FastVQDecoder:
 
             def attn(m):
                 a = _Res()
-                a.g, a.b = f32(m.norm.weight), f32(m.norm.bias)
+                a.norm1 = (f32(m.norm.weight), f32(m.norm.bias))
                 a.wqkv = torch.cat([f32(x.weight).flatten(1) for x in (m.q, m.k, m.v)]).to(dt).contiguous()
                 a.bqkv = torch.cat([f32(x.bias) for x in (m.q, m.k, m.v)]).to(dt).contiguous()
                 a.wo, a.bo = f32(m.proj_out.weight).flatten(1).to(dt).contiguous(), f32(m.proj_out.bias)
                 return a
 
             self.conv_in = (convw(dec.conv_in), f32(dec.conv_in.bias))
-            self.mid = [res(dec.mid[0]), attn(dec.mid[1]), res(dec.mid[2])]
-            self.levels = []
+            # the blocks in order: ("res", r), ("attn", a), ("up", (w, bias))
+            self.seq = [("res", res(dec.mid[0])), ("attn", attn(dec.mid[1])), ("res", res(dec.mid[2]))]
             for level in dec.conv_blocks:
-                blocks = []
                 for i, r in enumerate(level.res):
-                    blocks.append(("res", res(r)))
+                    self.seq.append(("res", res(r)))
                     if len(level.attn):
-                        blocks.append(("attn", attn(level.attn[i])))
-                up = None
+                        self.seq.append(("attn", attn(level.attn[i])))
                 if hasattr(level, "upsample"):
                     m = level.upsample.conv
                     w = subpixel_weight(m.weight.detach()).to(dt).contiguous(memory_format=torch.channels_last) \
                         if self.subpixel else convw(m)
-                    up = (w, f32(m.bias))
-                self.levels.append((blocks, up))
+                    self.seq.append(("up", (w, f32(m.bias))))
             self.norm_out = (f32(dec.norm_out.weight), f32(dec.norm_out.bias))
             self.out_channels = dec.conv_out.weight.shape[0]
             self.conv_out = (convw(dec.conv_out, pad_out=self.out_pad), f32(dec.conv_out.bias))
-        channels = {self.conv_in[0].shape[0]} | {b.w1.shape[0] for blocks, _ in self.levels for k, b in blocks
-                                                  if k == "res"}
+            self.conv_out_mma = conv_out_weight(dec.conv_out.weight, dt) if self.out_channels <= CO_OUT else None
+        # the GroupNorm whose statistics each block's output feeds (an upsample conv reads its input raw)
+        firsts = [m.norm1 if kind != "up" else None for kind, m in self.seq] + [self.norm_out]
+        self.next_norm = firsts[1:]
+        self.first_norm = firsts[0]
+        channels = {self.conv_in[0].shape[0]} | {m.w1.shape[0] for kind, m in self.seq if kind == "res"}
         if isinstance(self.ops, _CudaOps) and not all(kernels_support(c) for c in channels):
             self.ops = _TorchOps()
 
@@ -322,24 +407,22 @@ class FastVQDecoder:
         y = F.conv2d(x.permute(0, 3, 1, 2), w, None, padding=pad).permute(0, 2, 3, 1)
         return y if y.is_contiguous() else y.contiguous()
 
-    def _res(self, x: Tensor, st, r: _Res):
+    def _res(self, x: Tensor, st, r: _Res, nxt):
         ops = self.ops
-        a, s = ops.finalize(st, r.g1, r.b1)
-        h = self._conv(ops.apply(x, a, s, True), r.w1, 1)
-        a, s = ops.finalize(ops.stats(h, bias=r.cb1), r.g2, r.b2, bias=r.cb1)
+        h = self._conv(ops.apply(x, *st, True), r.w1, 1)
+        a, s = ops.stats(h, r.norm2, bias=r.cb1)  # the bias folded into the shift, not written
         h = self._conv(ops.apply(h, a, s, True), r.w2, 1)
         xs = self._conv(x, r.wn, 0) if r.wn is not None else x
-        return h, ops.stats(h, res=xs, bias=r.bias_out, out=h)
+        return h, ops.stats(h, nxt, res=xs, bias=r.bias_out, out=h)
 
-    def _attn(self, x: Tensor, st, m: _Res):
+    def _attn(self, x: Tensor, st, m: _Res, nxt):
         ops = self.ops
-        a, s = ops.finalize(st, m.g, m.b)
         b, hh, ww, c = x.shape
-        t = ops.apply(x, a, s, False).reshape(b, hh * ww, c)
+        t = ops.apply(x, *st, False).reshape(b, hh * ww, c)
         q, k, v = F.linear(t, m.wqkv, m.bqkv).unsqueeze(1).split(c, dim=-1)
         o = F.scaled_dot_product_attention(q, k, v).squeeze(1)
         o = F.linear(o, m.wo).reshape(b, hh, ww, c)
-        return o, ops.stats(o, res=x, bias=m.bo, out=o)
+        return o, ops.stats(o, nxt, res=x, bias=m.bo, out=o)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """The whole decode, eager (what the graphs capture)."""
@@ -348,21 +431,21 @@ class FastVQDecoder:
         side = int(round(n ** 0.5))
         z = F.embedding(tokens, self.table).reshape(b, side, side, -1)
         h = self._conv(z, self.conv_in[0], 1)
-        st = ops.stats(h, bias=self.conv_in[1], out=h)
-        h, st = self._res(h, st, self.mid[0])
-        h, st = self._attn(h, st, self.mid[1])
-        h, st = self._res(h, st, self.mid[2])
-        for blocks, up in self.levels:
-            for kind, m in blocks:
-                h, st = self._res(h, st, m) if kind == "res" else self._attn(h, st, m)
-            if up is not None and self.subpixel:
-                y = self._conv(h, up[0], 1)  # 2x2 kernel, padding 1: (h+1, w+1) outputs
-                h = ops.subpixel_gather(y, up[1])
-                st = ops.stats(h)
-            elif up is not None:
-                h = self._conv(ops.upsample(h), up[0], 1)
-                st = ops.stats(h, bias=up[1], out=h)
-        a, s = ops.finalize(st, *self.norm_out)
+        st = ops.stats(h, self.first_norm, bias=self.conv_in[1], out=h)
+        for (kind, m), nxt in zip(self.seq, self.next_norm):
+            if kind == "res":
+                h, st = self._res(h, st, m, nxt)
+            elif kind == "attn":
+                h, st = self._attn(h, st, m, nxt)
+            elif self.subpixel:
+                y = self._conv(h, m[0], 1)  # 2x2 kernel, padding 1: (h+1, w+1) outputs, 4 phases
+                h, st = ops.subpixel_stats(y, m[1], nxt)
+            else:
+                h = self._conv(ops.upsample(h), m[0], 1)
+                st = ops.stats(h, nxt, bias=m[1], out=h)
+        a, s = st
+        if self.fuse_out:
+            return ops.conv_out(h, a, s, self.conv_out_mma, self.conv_out[1], self.out_channels)
         y = self._conv(ops.apply(h, a, s, True), self.conv_out[0], 1)
         y = y[..., : self.out_channels].float() + self.conv_out[1]
         return y.permute(0, 3, 1, 2).contiguous()

@@ -118,13 +118,23 @@ def official_vq(seed: int = 0) -> VQModel:
 # ----- sections --------------------------------------------------------------------------------------
 def kernel_checks() -> dict:
     out = {}
-    for lb in (4, 1):
-        out[f"load_batch{lb}"] = kernel_checks_one(lb)
+    for vb, chunking in CONFIGS:
+        out[f"vec_batch{vb}_{chunking}"] = kernel_checks_one(vb, chunking)
+    out["bandwidth_b16_256x256x128"] = kernel_bandwidth()
     return out
 
 
-def kernel_checks_one(load_batch: int) -> dict:
-    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), load_batch), _TorchOps()
+def _diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+CONFIGS = [(4, "wave"), (4, "64k"), (2, "wave")]  # (vec_batch, chunking) of the kernel ops
+
+
+def kernel_checks_one(vec_batch: int, chunking: str) -> dict:
+    from aim_rt.vq_fast import conv_out_weight
+
+    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), vec_batch, chunking), _TorchOps()
     g = torch.Generator(device="cuda").manual_seed(1)
     out = {}
     for shape in [(2, 64, 64, 128), (3, 16, 16, 512), (1, 8, 8, 32), (2, 32, 32, 256), (1, 7, 9, 96), (5, 33, 31, 64)]:
@@ -132,33 +142,82 @@ def kernel_checks_one(load_batch: int) -> dict:
         x = (torch.randn(*shape, device="cuda", generator=g) * 2 + 3).bfloat16()
         r = torch.randn(*shape, device="cuda", generator=g).bfloat16()
         bias = torch.randn(c, device="cuda", generator=g)
-        gamma, beta = 1 + 0.1 * torch.randn(c, device="cuda", generator=g), torch.randn(c, device="cuda", generator=g)
+        norm = 1 + 0.1 * torch.randn(c, device="cuda", generator=g), torch.randn(c, device="cuda", generator=g)
         rec = {}
-        o1, o2 = torch.empty_like(x), torch.empty_like(x)
-        sk = k.stats(x, res=r, bias=bias, out=o1)
-        stt = t.stats(x, res=r, bias=bias, out=o2)
-        rec["stats_written_max_diff"] = (o1.float() - o2.float()).abs().max().item()
-        ak, sk_ = k.finalize(sk, gamma, beta)
-        at, st_ = t.finalize(stt, gamma, beta)
-        rec["scale_rel_diff"] = ((ak - at).abs().max() / at.abs().max()).item()
-        rec["shift_rel_diff"] = ((sk_ - st_).abs().max() / st_.abs().max()).item()
-        for silu in (True, False):
-            yk, yt = k.apply(o1, ak, sk_, silu), t.apply(o1, at, st_, silu)
-            rec[f"apply_silu{int(silu)}_max_diff"] = (yk.float() - yt.float()).abs().max().item()
-        # stats with a bias folded into the apply pass (conv1 -> norm2)
-        sk2, st2 = k.stats(x, bias=bias), t.stats(x, bias=bias)
-        a1, s1 = k.finalize(sk2, gamma, beta, bias=bias)
-        a2, s2 = t.finalize(st2, gamma, beta, bias=bias)
-        rec["apply_biasfold_max_diff"] = (k.apply(x, a1, s1, True).float() - t.apply(x, a2, s2, True).float()).abs().max().item()
-        rec["upsample_equal"] = bool(torch.equal(k.upsample(x), t.upsample(x)))
-        y4 = torch.randn(shape[0], shape[1] + 1, shape[2] + 1, 4 * c, device="cuda", generator=g).bfloat16()
-        rec["subpixel_max_diff"] = (k.subpixel_gather(y4, bias).float() - t.subpixel_gather(y4, bias).float()).abs().max().item()
+        try:
+            o1, o2 = torch.empty_like(x), torch.empty_like(x)
+            ak, sk = k.stats(x, norm, res=r, bias=bias, out=o1)
+            at, st = t.stats(x, norm, res=r, bias=bias, out=o2)
+            rec["stats_written_max_diff"] = _diff(o1, o2)
+            rec["scale_rel_diff"] = ((ak - at).abs().max() / at.abs().max()).item()
+            rec["shift_rel_diff"] = ((sk - st).abs().max() / st.abs().max()).item()
+            o3 = x.clone()
+            a3, s3 = k.stats(o3, norm, res=r, bias=bias, out=o3)  # in place, and the counters were reset
+            rec["stats_inplace_repeat_equal"] = bool(torch.equal(o3, o1) and torch.equal(a3, ak) and torch.equal(s3, sk))
+            for silu in (True, False):
+                rec[f"apply_silu{int(silu)}_max_diff"] = _diff(k.apply(o1, ak, sk, silu), t.apply(o1, at, st, silu))
+            a1, s1 = k.stats(x, norm, bias=bias)
+            a2, s2 = t.stats(x, norm, bias=bias)
+            rec["apply_biasfold_max_diff"] = _diff(k.apply(x, a1, s1, True), t.apply(x, a2, s2, True))
+            o4 = torch.empty_like(x)
+            k.stats(x, None, res=r, bias=bias, out=o4)
+            rec["write_only_max_diff"] = _diff(o4, o2)
+            rec["upsample_equal"] = bool(torch.equal(k.upsample(x), t.upsample(x)))
+            y4 = torch.randn(shape[0], shape[1] + 1, shape[2] + 1, 4 * c, device="cuda", generator=g).bfloat16()
+            h1, (a1, s1) = k.subpixel_stats(y4, bias, norm)
+            h2, (a2, s2) = t.subpixel_stats(y4, bias, norm)
+            rec["subpixel_max_diff"] = _diff(h1, h2)
+            rec["subpixel_scale_rel_diff"] = ((a1 - a2).abs().max() / a2.abs().max()).item()
+            if k.conv_out_supported(c, 3):
+                w = torch.randn(3, c, 3, 3, device="cuda", generator=g) / (3 * c ** 0.5)
+                cb = torch.randn(3, device="cuda", generator=g)
+                got = k.conv_out(o1, ak, sk, conv_out_weight(w, torch.bfloat16), cb, 3)
+                ref = t.conv_out(o1, ak, sk, w.bfloat16(), cb, 3)
+                rec["conv_out_max_diff"] = _diff(got, ref)
+                rec["conv_out_ref_max_abs"] = ref.abs().max().item()
+        except Exception:  # noqa: BLE001
+            rec["error"] = traceback.format_exc()
         out[str(shape)] = rec
     torch.cuda.synchronize()
     return out
 
 
-def accuracy(vq32: VQModel, vq16: VQModel, variants: dict) -> dict:
+def kernel_bandwidth() -> dict:
+    """Each op alone on the largest activation (16 x 256 x 256 x 128 bf16, 268 MB), CUDA-event timed."""
+    from aim_rt.vq_fast import conv_out_weight
+
+    res = {}
+    try:
+        shape = (16, 256, 256, 128)
+        nbytes = math.prod(shape) * 2
+        g = torch.Generator(device="cuda").manual_seed(5)
+        x = torch.randn(*shape, device="cuda", generator=g).bfloat16()
+        r = torch.randn(*shape, device="cuda", generator=g).bfloat16()
+        o = torch.empty_like(x)
+        bias = torch.randn(128, device="cuda")
+        norm = torch.ones(128, device="cuda"), torch.zeros(128, device="cuda")
+        y4 = torch.randn(16, 129, 129, 512, device="cuda", generator=g).bfloat16()
+        w = conv_out_weight(torch.randn(3, 128, 3, 3, device="cuda") * 0.03, torch.bfloat16)
+        for vb, chunking in CONFIGS:
+            k = _CudaOps(torch.bfloat16, torch.device("cuda"), vb, chunking)
+            a, s = k.stats(x, norm, bias=bias)
+            cases = {"torch_clone": (lambda: x.clone(), 2),
+                     "stats_read": (lambda: k.stats(x, norm, bias=bias), 1),
+                     "stats_res_write": (lambda: k.stats(x, norm, res=r, bias=bias, out=o), 3),
+                     "apply_silu": (lambda: k.apply(x, a, s, True), 2),
+                     "subpixel_stats": (lambda: k.subpixel_stats(y4, bias, norm), 2),
+                     "conv_out": (lambda: k.conv_out(x, a, s, w, bias[:3], 3), 1)}
+            for name, (fn, units) in cases.items():
+                tm = time_fn(fn, 20, warmup=3)
+                key = f"vb{vb}_{chunking}_{name}"
+                res[key] = {"median_ms": tm["median_ms"], "tb_per_s": units * nbytes / tm["median_ms"] / 1e9}
+                log("bandwidth", key, res[key])
+    except Exception:  # noqa: BLE001
+        res["error"] = traceback.format_exc()
+    return res
+
+
+def accuracy(vq32: VQModel, vq16: VQModel, variants: dict, prev=None) -> dict:
     res = {}
     imgs = smooth_images(16, 256, seed=2).cuda()
     with torch.no_grad():
@@ -166,6 +225,8 @@ def accuracy(vq32: VQModel, vq16: VQModel, variants: dict) -> dict:
     tok_rand = torch.randint(0, vq32.config.n_embed, (16, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     res["encoded_tokens_unique"] = int(tok_enc.unique().numel())
     decs = {name: FastVQDecoder(vq32, torch.bfloat16, **kw) for name, kw in variants.items()}
+    if prev is not None:
+        decs["prev"] = prev.FastVQDecoder(vq32, torch.bfloat16)
     for tname, tok in (("encoded_smooth", tok_enc), ("random", tok_rand)):
         with torch.no_grad():
             ref = vq32.decode_checked(tok)
@@ -197,7 +258,7 @@ def accuracy(vq32: VQModel, vq16: VQModel, variants: dict) -> dict:
     return res
 
 
-def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, budget: float) -> dict:
+def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, budget: float, prev=None) -> dict:
     res = {}
     toks = {b: torch.randint(0, vq16.config.n_embed, (b, 256), device="cuda") for b in batches}
 
@@ -206,6 +267,8 @@ def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, bu
         rec = {}
         try:
             dec = make()
+            if hasattr(dec, "fuse_out"):
+                rec["fuse_out"] = dec.fuse_out
             for b in batches:
                 if time.perf_counter() - T0 > budget:
                     rec[b] = "skipped (budget)"
@@ -217,10 +280,10 @@ def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, bu
                 torch.cuda.synchronize()
                 first = (time.perf_counter() - t) * 1000
                 with torch.no_grad():
-                    rec[b] = time_fn(lambda: dec(toks[b]), iters if b < 64 else max(5, iters // 2))
+                    rec[b] = time_fn(lambda: dec(toks[b]), iters if b < 64 else max(5, iters // 3))
                 rec[b]["first_call_ms"] = first
                 log(name, b, rec[b])
-            del dec
+            dec = None  # frees the graphs before the next variant
         except Exception:  # noqa: BLE001
             rec["error"] = traceback.format_exc()
             log(name, "ERROR", rec["error"])
@@ -230,16 +293,45 @@ def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, bu
 
     run("eager_nchw", lambda: vq16.decode_checked, True)
     run("cl_graph", lambda: ClGraph(vq16), False)
+    if prev is not None:  # an earlier FastVQDecoder, timed in the same process for a like-for-like comparison
+        run("prev", lambda: prev.FastVQDecoder(vq32, torch.bfloat16), False)
     for name, kw in variants.items():
         run(name, lambda kw=kw: FastVQDecoder(vq32, torch.bfloat16, **kw), False)
+    run("fast_again", lambda: FastVQDecoder(vq32, torch.bfloat16), False)  # run-to-run spread of the default
     torch.backends.cudnn.benchmark = False
     return res
 
 
 def profiles(vq16: VQModel, vq32: VQModel, out: Path, batch: int = 16) -> dict:
-    summary = profiles_one(vq16, vq32, out, batch, with_reference=True)
+    summary = profiles_one(vq16, vq32, out, batch, with_reference=False)
     summary.update(profiles_one(vq16, vq32, out, 1, with_reference=False))
+    summary.update(graph_gaps(vq32, batch))
     return summary
+
+
+def graph_gaps(vq32: VQModel, batch: int) -> dict:
+    """Kernel time inside the replayed graph vs the replay's wall time: the idle gaps between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = torch.randint(0, vq32.config.n_embed, (batch, 256), device="cuda")
+    dec = FastVQDecoder(vq32, torch.bfloat16)
+    reps = 5
+    with torch.no_grad():
+        dec(tok), dec(tok)
+        torch.cuda.synchronize()
+        wall = time_fn(lambda: dec(tok), 20)["median_ms"]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                dec(tok)
+            torch.cuda.synchronize()
+    avg = prof.key_averages()
+    kern = sum(e.device_time_total for e in avg) / 1000 / reps
+    n = sum(e.count for e in avg if e.device_time_total > 0) / reps
+    top = sorted(((e.key, e.device_time_total / 1000 / reps, e.count / reps) for e in avg), key=lambda x: -x[1])[:14]
+    rec = {"wall_median_ms": wall, "kernel_sum_ms": kern, "kernels_per_call": n, "gaps_ms": wall - kern,
+           "top": [{"kernel": k[:120], "ms": ms, "count": c} for k, ms, c in top]}
+    log("graph gaps", batch, json.dumps(rec)[:1500])
+    return {f"graph_b{batch}": rec}
 
 
 def profiles_one(vq16: VQModel, vq32: VQModel, out: Path, batch: int, with_reference: bool) -> dict:
@@ -311,10 +403,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("out"))
     ap.add_argument("--batches", default="1,16,64")
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--budget", type=float, default=220.0, help="skip remaining timings after this many seconds")
     ap.add_argument("--cold-child", action="store_true")
     ap.add_argument("--no-benchmark", action="store_true")
+    ap.add_argument("--prev-module", default="", help="module with an earlier FastVQDecoder to time alongside, "
+                    "e.g. a copy of an older aim_rt/vq_fast.py placed as aim_rt._vq_fast_prev")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,accuracy,timing,profile,cold")
     args = ap.parse_args()
     if args.cold_child:
@@ -333,18 +427,22 @@ def main() -> None:
     def save():
         path.write_text(json.dumps(result, indent=1))
 
-    variants = {"fast": dict(), "fast_upsample": dict(subpixel=False),
-                "fast_nobench": dict(benchmark=False), "fast_loadbatch4": dict(load_batch=4),
-                "fast_outpad16": dict(out_pad=16), "fast_outpad32": dict(out_pad=32),
-                "fast_torch_ops": dict(kernels=False)}
+    variants = {"fast": dict(), "fast_chunk64k": dict(chunking="64k"), "fast_vb2": dict(vec_batch=2),
+                "fast_nofuse_out": dict(fuse_out=False), "fast_upsample": dict(subpixel=False),
+                "fast_nobench": dict(benchmark=False)}
+    prev = None
+    if args.prev_module:
+        import importlib
+
+        prev = importlib.import_module(args.prev_module)
     sections = [("kernels", lambda: kernel_checks())]
     log("building the official-shape VQ")
     vq32 = official_vq()
     vq16 = copy.deepcopy(vq32).bfloat16()
-    sections += [("accuracy", lambda: accuracy(vq32, vq16, {k: variants[k] for k in ("fast", "fast_upsample",
-                                                                                          "fast_loadbatch4")})),
+    acc_variants = {k: variants[k] for k in ("fast", "fast_upsample", "fast_nofuse_out", "fast_chunk64k")}
+    sections += [("accuracy", lambda: accuracy(vq32, vq16, acc_variants, prev)),
                  ("cold", lambda: cold_start()),
-                 ("timing", lambda: timing(vq16, vq32, batches, variants, args.iters, args.budget)),
+                 ("timing", lambda: timing(vq16, vq32, batches, variants, args.iters, args.budget, prev)),
                  ("profile", lambda: profiles(vq16, vq32, args.out))]
     for name, fn in sections:
         if name in skip:

@@ -60,6 +60,24 @@ def test_subpixel_weight_is_upsample_then_conv():
     assert torch.allclose(got, ref, atol=1e-4)  # the folded taps are summed in float32
 
 
+def test_conv_out_weight_layout():
+    from aim_rt.vq_fast import conv_out_weight
+
+    w = torch.randn(3, 16, 3, 3)
+    got = conv_out_weight(w, torch.float32)  # (8, 9, C): [out][ky * 3 + kx][in], zero rows past 3
+    assert got.shape == (8, 9, 16) and not got[3:].any()
+    assert torch.equal(got[:3].reshape(3, 3, 3, 16).permute(0, 3, 1, 2), w)
+
+
+def test_torch_ops_conv_out_is_apply_then_conv():
+    torch.manual_seed(0)
+    t = _TorchOps()
+    h, a, s = torch.randn(2, 6, 5, 16), torch.rand(2, 16) + 0.5, torch.randn(2, 16)
+    w, bias = torch.randn(3, 16, 3, 3), torch.randn(3)
+    ref = F.conv2d(F.silu(h * a[:, None, None] + s[:, None, None]).permute(0, 3, 1, 2), w, bias, padding=1)
+    torch.testing.assert_close(t.conv_out(h, a, s, w, bias, 3), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("subpixel", [True, False])
 @pytest.mark.parametrize("cfg", [SMALL, VQConfig(n_embed=32, z_channels=32, ch=32, ch_mult=(1, 1), num_res_blocks=2)])
 def test_torch_ops_decoder_matches_reference(cfg, subpixel):
@@ -79,39 +97,75 @@ def _no_tf32():
 
 
 @needs_gpu
-@pytest.mark.parametrize("load_batch", [4, 1])
-@pytest.mark.parametrize("shape", [(2, 16, 16, 64), (1, 8, 8, 32), (3, 5, 7, 96), (2, 4, 4, 512), (5, 33, 31, 64)])
-def test_kernel_ops_match_torch_ops(shape, load_batch):
+@pytest.mark.parametrize("vec_batch,chunking", [(4, "wave"), (2, "wave"), (4, "64k")])
+@pytest.mark.parametrize("shape", [(2, 16, 16, 64), (1, 8, 8, 32), (3, 5, 7, 96), (2, 4, 4, 512), (5, 33, 31, 64),
+                                   (2, 64, 64, 128)])
+def test_kernel_ops_match_torch_ops(shape, vec_batch, chunking):
     from aim_rt.vq_fast import _CudaOps
 
-    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), load_batch), _TorchOps()
+    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), vec_batch, chunking), _TorchOps()
     g = torch.Generator(device="cuda").manual_seed(0)
     c = shape[-1]
     x = (torch.randn(*shape, device="cuda", generator=g) * 2 + 3).bfloat16()
     r = torch.randn(*shape, device="cuda", generator=g).bfloat16()
     bias = torch.randn(c, device="cuda", generator=g)
-    gamma, beta = 1 + 0.1 * torch.randn(c, device="cuda", generator=g), torch.randn(c, device="cuda", generator=g)
+    norm = 1 + 0.1 * torch.randn(c, device="cuda", generator=g), torch.randn(c, device="cuda", generator=g)
     o1, o2 = torch.empty_like(x), torch.empty_like(x)
-    a1, s1 = k.finalize(k.stats(x, res=r, bias=bias, out=o1), gamma, beta)
-    a2, s2 = t.finalize(t.stats(x, res=r, bias=bias, out=o2), gamma, beta)
+    a1, s1 = k.stats(x, norm, res=r, bias=bias, out=o1)
+    a2, s2 = t.stats(x, norm, res=r, bias=bias, out=o2)
     assert torch.equal(o1, o2)
     torch.testing.assert_close(a1, a2, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-4)
+    # in place, twice: the per-image block counters are left at zero for the next launch
+    for _ in range(2):
+        o3 = x.clone()
+        a3, s3 = k.stats(o3, norm, res=r, bias=bias, out=o3)
+        assert torch.equal(o3, o2) and torch.equal(a3, a1) and torch.equal(s3, s1)
     for silu in (True, False):
         torch.testing.assert_close(k.apply(o1, a1, s1, silu).float(), t.apply(o1, a1, s1, silu).float(),
                                    rtol=1e-2, atol=1e-2)
-    a1, s1 = k.finalize(k.stats(x, bias=bias), gamma, beta, bias=bias)
-    a2, s2 = t.finalize(t.stats(x, bias=bias), gamma, beta, bias=bias)
+    # a bias in the statistics but not written: folded into the shift
+    a1, s1 = k.stats(x, norm, bias=bias)
+    a2, s2 = t.stats(x, norm, bias=bias)
+    torch.testing.assert_close(a1, a2, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-4)
+    # no norm: only the residual add is written
+    o1 = torch.empty_like(x)
+    assert k.stats(x, None, res=r, bias=bias, out=o1) is None
+    assert torch.equal(o1, o2)
     assert torch.equal(k.upsample(x), t.upsample(x))
     y = torch.randn(shape[0], shape[1] + 1, shape[2] + 1, 4 * c, device="cuda", generator=g).bfloat16()
-    torch.testing.assert_close(k.subpixel_gather(y, bias).float(), t.subpixel_gather(y, bias).float(),
-                               rtol=1e-2, atol=1e-2)
+    h1, (a1, s1) = k.subpixel_stats(y, bias, norm)
+    h2, (a2, s2) = t.subpixel_stats(y, bias, norm)
+    assert torch.equal(h1, h2)
+    torch.testing.assert_close(a1, a2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-4)
 
 
 @needs_gpu
-@pytest.mark.parametrize("subpixel", [True, False])
-def test_fast_decoder_bf16_parity(subpixel):
+@pytest.mark.parametrize("shape", [(2, 16, 16, 32), (1, 7, 9, 32), (3, 33, 31, 64), (2, 64, 64, 128), (1, 8, 40, 16)])
+@pytest.mark.parametrize("out_ch", [3, 8])
+def test_conv_out_kernel_matches_torch(shape, out_ch):
+    from aim_rt.vq_fast import _CudaOps, conv_out_weight
+
+    k, t = _CudaOps(torch.bfloat16, torch.device("cuda")), _TorchOps()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    c = shape[-1]
+    assert k.conv_out_supported(c, out_ch)
+    h = (torch.randn(*shape, device="cuda", generator=g) * 2 + 1).bfloat16()
+    a = 1 + 0.2 * torch.randn(shape[0], c, device="cuda", generator=g)
+    s = torch.randn(shape[0], c, device="cuda", generator=g)
+    w = torch.randn(out_ch, c, 3, 3, device="cuda", generator=g) / (3 * c ** 0.5)
+    bias = torch.randn(out_ch, device="cuda", generator=g)
+    got = k.conv_out(h, a, s, conv_out_weight(w, torch.bfloat16), bias, out_ch)
+    ref = t.conv_out(h, a, s, w.bfloat16(), bias, out_ch)
+    assert got.shape == (shape[0], out_ch, shape[1], shape[2]) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=2e-3)
+
+
+@needs_gpu
+@pytest.mark.parametrize("subpixel,fuse_out", [(True, True), (False, True), (True, False)])
+def test_fast_decoder_bf16_parity(subpixel, fuse_out):
     vq = _vq(device="cuda")
     tokens = torch.randint(0, SMALL.n_embed, (4, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     with torch.no_grad():
@@ -119,7 +173,8 @@ def test_fast_decoder_bf16_parity(subpixel):
         eager16 = VQModel(SMALL).cuda().eval()
         eager16.load_state_dict(vq.state_dict())
         eager16 = eager16.bfloat16().decode_checked(tokens)
-    dec = FastVQDecoder(vq, torch.bfloat16, subpixel=subpixel)
+    dec = FastVQDecoder(vq, torch.bfloat16, subpixel=subpixel, fuse_out=fuse_out)
+    assert dec.fuse_out == fuse_out
     first = dec(tokens)
     again = dec(tokens)  # graph replay
     assert torch.equal(first, again)
@@ -161,5 +216,5 @@ def test_vq_kernels_launchable_at_256_threads():
     from aim_rt.vq_fast import compile_vq_cubin
 
     regs = _cubin_registers(compile_vq_cubin("bfloat16", "sm_80", use_cache=False))
-    assert set(regs) >= {"vq_gn_stats", "vq_gn_finalize", "vq_gn_apply", "vq_upsample2x", "vq_subpixel_gather"}
+    assert set(regs) >= {"vq_gn_stats", "vq_gn_apply", "vq_upsample2x", "vq_conv_out"}
     assert all(0 < r and r * 256 <= 65536 for r in regs.values()), regs
