@@ -1,4 +1,4 @@
-"""The `cuda` backend: the fused step kernels of plugins/aim_kernels.cu, cuBLAS GEMMs through torch, and the
+"""The `cuda` backend: the fused step kernels of plugins/aim_kernels.cu (products: aim_gemv, or cuBLAS), and the
 decode loop replayed from a CUDA graph, with sampling on the device (no host round trip per token).
 
 Per step and layer: residual+RMSNorm+modulate (1 kernel) → in_proj product → fused selective-state update (1
