@@ -411,185 +411,393 @@ __device__ __forceinline__ unsigned order_key(float f) {  // monotone float → 
   unsigned b = __float_as_uint(f);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
+__device__ __forceinline__ float key_value(unsigned k) {  // order_key's inverse (bit-exact, NaNs included)
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+}
 
-#define MAX_PER 16        // vocabulary entries per thread: vocab <= 1024 * MAX_PER
+// One block of SAMPLE_THREADS per image. The row (vocab <= SAMPLE_VMAX) is read once into registers; after the
+// top-k select only its survivors (~top_k entries) are handled, from a list in shared memory.
+#ifndef SAMPLE_THREADS
+#define SAMPLE_THREADS 1024
+#endif
+#define SAMPLE_WARPS (SAMPLE_THREADS / 32)
+#define SAMPLE_VMAX 16384
+#define MAX_PER (SAMPLE_VMAX / SAMPLE_THREADS)  // vocabulary entries per thread
+#define NBINS 4096                              // histogram bins of a select
+#define BINS_PER (NBINS / SAMPLE_THREADS)
+#define LCAP 4096     // survivor list capacity; beyond it the list is the whole vocabulary, re-read from the logits
+#define NCAND 32      // boundary-bin entries that one warp resolves by counting (more: finer histograms)
 #define FIXED_ONE 1099511627776.0  // 2^40: probabilities in fixed point, so every sum is exact and order-free
+// Dynamic shared memory: NBINS * 8 (histogram) + LCAP * 6 (list keys and indices); Kernels.cfg_sample sizes it.
 
-__device__ unsigned long long block_sum_u64(unsigned long long v, unsigned long long* scratch) {
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < nwarps ? scratch[lane] : 0ull;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
+// Written once and used everywhere: recomputing a key or a weight must give the same bits every time.
+__device__ __forceinline__ float cfg_mix(float c, float u, float cfg_scale, float temperature) {
+  return (u + (c - u) * cfg_scale) / temperature;
+}
+__device__ __forceinline__ unsigned long long fixed_weight(unsigned key, float mx) {
+  return (unsigned long long)(expf(key_value(key) - mx) * FIXED_ONE);
 }
 
-// Radix select over register-resident keys, most significant byte first, into one 256-bin histogram.
-// Integer sums are exact, so the histogram is the same in any order (deterministic). Counting (top-k), the
-// lanes of a warp that hit one digit first agree on it (__match_any_sync) and add their count once: the
-// leading bytes of nearby logits are mostly equal, and 32 lanes adding 1 to one bin serialise.
-// weight[j] = 0 marks an element out of play.
-//   descending = true:  returns the key of the `rank`-th largest (weights are 0 or 1: counts);
-//   descending = false: returns the smallest key K whose ascending cumulative weight exceeds `limit`.
-__device__ __forceinline__ unsigned radix_select(const unsigned (&key)[MAX_PER], const unsigned long long (&weight)[MAX_PER],
-                                 bool descending, unsigned long long limit, unsigned long long* hist,
-                                 unsigned long long* s_acc, unsigned* s_digit) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  unsigned prefix = 0, mask = 0;
-  unsigned long long acc = 0;  // weight already passed in walk order
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    if (tid < 256) hist[tid] = 0ull;
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < MAX_PER; ++j) {
-      const bool in = weight[j] && (key[j] & mask) == prefix;
-      const unsigned digit = in ? (key[j] >> shift) & 0xFFu : 256u;
-      if (descending) {  // counts: one atomic per distinct digit in the warp (every lane takes part)
-        const unsigned peers = __match_any_sync(0xffffffffu, digit);
-        if (in && lane == __ffs(peers) - 1) atomicAdd(hist + digit, (unsigned long long)__popc(peers));
-      } else if (in) {
-        atomicAdd(hist + digit, weight[j]);
-      }
-    }
-    __syncthreads();
-    if (warp == 0) {  // lane l owns walk positions 8l..8l+7
-      unsigned long long v[8], sum = 0;
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        int pos = 8 * lane + q;
-        v[q] = hist[descending ? 255 - pos : pos];
-        sum += v[q];
-      }
-      unsigned long long incl = sum;
-      for (int o = 1; o < 32; o <<= 1) {
-        unsigned long long t = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += t;
-      }
-      unsigned long long run = acc + incl - sum;
-      int found = -1;
-      unsigned long long before = 0;
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        bool hit = descending ? (run + v[q] >= limit) : (run + v[q] > limit);
-        if (found < 0 && hit) { found = 8 * lane + q; before = run; }
-        run += v[q];
-      }
-      unsigned ballot = __ballot_sync(0xffffffffu, found >= 0);
-      int leader = ballot ? __ffs(ballot) - 1 : 31;
-      int pos = __shfl_sync(0xffffffffu, found >= 0 ? found : 255, leader);
-      unsigned long long b4 = __shfl_sync(0xffffffffu, found >= 0 ? before : run - v[7], leader);
-      if (lane == 0) {
-        *s_digit = descending ? 255 - pos : pos;
-        *s_acc = b4;
-      }
-    }
-    __syncthreads();
-    prefix |= *s_digit << shift;
-    mask |= 0xFFu << shift;
-    acc = *s_acc;
-    __syncthreads();
-  }
-  return prefix;
+// Histogram bin of a key: monotone (a larger value never gets a larger bin, bin 0 holds the maximum), so the
+// keys of one bin form an interval. The bins are logarithmic in the distance to the maximum relative to the
+// row's range (256 per octave over 16 octaves): fine near the top, where top-k and top-p cut, whatever the
+// logits' scale, and no outlier squeezes the rest into one bin. Rows with a non-finite range use the keys'
+// high bits. Keys above the maximum (NaNs) go to bin 0, below the minimum to the last bin.
+struct BinMap { float mx, inv; unsigned kmx, kmn; };
+__device__ __forceinline__ int coarse_bin(unsigned key, const BinMap& m) {
+  if (key >= m.kmx) return 0;
+  if (key <= m.kmn) return NBINS - 1;
+  if (m.inv == 0.0f) return (int)((m.kmx - key) >> 20);
+  const float r = (m.mx - key_value(key)) * m.inv;  // in (0, 1]
+  const int bin = (int)(__float_as_uint(r) >> 15) - ((127 - 16) << 8);
+  return min(max(bin, 0), NBINS - 1);
 }
 
-// grid (batch); block 1024; dynamic shared: 256 * 8 bytes.
-extern "C" __global__ void __launch_bounds__(1024) aim_cfg_sample(SampleParams p) {
-  PDL_TRIGGER();
-  PDL_WAIT();
-  extern __shared__ unsigned long long hist[];
-  __shared__ float s_red[32];
-  __shared__ unsigned long long s_red64[32], s_acc;
-  __shared__ unsigned s_digit;
-  __shared__ int s_token;
-  const int b = blockIdx.x, V = p.vocab, k = *p.step;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int per = (V + blockDim.x - 1) / blockDim.x;
-  const int lo = tid * per;  // this thread's contiguous slice of the vocabulary
-  const elem_t* cond = p.logits + (long long)b * p.logits_stride;
-  const elem_t* uncond = p.logits + (long long)(b + p.uncond_rows) * p.logits_stride;
+struct SelectOut { int bin; unsigned long long above; };
+struct SampleShared {
+  float fmx[32], fmn[32];
+  unsigned part32[32], klo[32], khi[32];
+  unsigned long long part64[32];
+  unsigned cand[NCAND];
+  SelectOut sel;
+  int nc, token;
+  unsigned key;
+};
 
-  float x[MAX_PER];
-  unsigned key[MAX_PER];
-  unsigned long long w[MAX_PER];
-  float mx = -3.402823466e38f;
+// Exclusive prefix sum over the block in thread order; `total` gets the sum. One __syncthreads: the caller
+// syncs before `part` is written again.
+template <typename T>
+__device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  T incl = local;
 #pragma unroll
-  for (int j = 0; j < MAX_PER; ++j) {
-    const int i = lo + j;
-    const bool valid = j < per && i < V;
-    float m = 0.0f;
-    if (valid) {
-      float c = ld(cond[i]), u = ld(uncond[i]);
-      m = (u + (c - u) * p.cfg_scale) / p.temperature;
-      if (p.mixed_out) p.mixed_out[(long long)b * V + i] = m;
-      mx = fmaxf(mx, m);
-    }
-    x[j] = m;
-    key[j] = order_key(m);
-    w[j] = valid ? 1ull : 0ull;
-  }
-  mx = block_max(mx, s_red);
-
-  // top-k: keep values >= the k-th largest (ties kept, as the official sampler)
-  if (p.top_k > 0 && p.top_k < V) {
-    const unsigned kth = radix_select(key, w, true, (unsigned long long)p.top_k, hist, &s_acc, &s_digit);
-#pragma unroll
-    for (int j = 0; j < MAX_PER; ++j) if (key[j] < kth) w[j] = 0ull;
-  }
-  // probabilities (unnormalised, fixed point) of the survivors
-  unsigned long long z = 0;
-#pragma unroll
-  for (int j = 0; j < MAX_PER; ++j) {
-    w[j] = w[j] ? (unsigned long long)(expf(x[j] - mx) * FIXED_ONE) : 0ull;
-    z += w[j];
-  }
-  z = block_sum_u64(z, s_red64);
-  // top-p: drop tokens whose ascending cumulative probability is <= 1 - top_p (the top token always stays)
-  if (p.top_p < 1.0f) {
-    const unsigned long long limit = (unsigned long long)((double)z * (1.0 - (double)p.top_p));
-    const unsigned cut = radix_select(key, w, false, limit, hist, &s_acc, &s_digit);
-#pragma unroll
-    for (int j = 0; j < MAX_PER; ++j) if (key[j] < cut) w[j] = 0ull;
-  }
-
-  // inverse CDF in vocabulary order: the first token whose cumulative mass exceeds u * total
-  unsigned long long local = 0;
-#pragma unroll
-  for (int j = 0; j < MAX_PER; ++j) local += w[j];
-  unsigned long long incl = local;
   for (int o = 1; o < 32; o <<= 1) {
-    unsigned long long t = __shfl_up_sync(0xffffffffu, incl, o);
+    const T t = __shfl_up_sync(0xffffffffu, incl, o);
     if (lane >= o) incl += t;
   }
+  if (lane == 31) part[warp] = incl;
   __syncthreads();
-  if (lane == 31) s_red64[warp] = incl;
-  if (tid == 0) s_token = V;
-  __syncthreads();
-  if (warp == 0) {
-    unsigned long long t = s_red64[lane];
-    for (int o = 1; o < 32; o <<= 1) {
-      unsigned long long u2 = __shfl_up_sync(0xffffffffu, t, o);
-      if (lane >= o) t += u2;
+  T w = lane < SAMPLE_WARPS ? part[lane] : T(0);
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T t = __shfl_up_sync(0xffffffffu, w, o);
+    if (lane >= o) w += t;
+  }
+  total = __shfl_sync(0xffffffffu, w, 31);
+  const T prev = __shfl_sync(0xffffffffu, w, (warp + 31) & 31);
+  return (warp ? prev : T(0)) + incl - local;
+}
+
+// Walks the bins from bin 0 (largest values) and stores the bin where the cumulative count/mass first reaches
+// target_of(total) (which must lie in [1, total]) and the mass before that bin. Returns the total.
+template <typename T, typename F>
+__device__ __forceinline__ T find_bin(const T* hist, F target_of, T* part, SelectOut* out) {
+  T v[BINS_PER], local = 0;
+#pragma unroll
+  for (int q = 0; q < BINS_PER; ++q) {
+    v[q] = hist[threadIdx.x * BINS_PER + q];
+    local += v[q];
+  }
+  T total;
+  const T before = block_excl_scan<T>(local, part, total);
+  const T target = target_of(total);
+  if (before < target && target <= before + local) {
+    T run = before;
+#pragma unroll
+    for (int q = 0; q < BINS_PER; ++q) {
+      if (run + v[q] >= target) {
+        out->bin = threadIdx.x * BINS_PER + q;
+        out->above = run;
+        break;
+      }
+      run += v[q];
     }
-    s_red64[lane] = t;  // inclusive totals per warp
   }
   __syncthreads();
-  const unsigned long long total = s_red64[31];
-  const unsigned long long before = incl - local + (warp ? s_red64[warp - 1] : 0ull);
+  return total;
+}
+
+// One warp: among n <= 32 candidates (keys; weight 1, or their fixed-point probability), the key where the
+// descending cumulative mass first reaches `need` (1 <= need <= their total). Exact integer sums: the result
+// does not depend on the candidates' order.
+template <bool WEIGHTED>
+__device__ __forceinline__ unsigned resolve_warp(const unsigned* cand, int n, unsigned long long need, float mx) {
+  const int lane = threadIdx.x & 31;
+  const bool in = lane < n;
+  const unsigned key = in ? cand[lane] : 0u;
+  const unsigned long long w = in ? (WEIGHTED ? fixed_weight(key, mx) : 1ull) : 0ull;
+  unsigned long long gt = 0, ge = 0;
+  for (int m = 0; m < n; ++m) {
+    const unsigned km = __shfl_sync(0xffffffffu, key, m);
+    const unsigned long long wm = __shfl_sync(0xffffffffu, w, m);
+    if (km > key) gt += wm;
+    if (km >= key) ge += wm;
+  }
+  const unsigned hit = __ballot_sync(0xffffffffu, in && gt < need && need <= ge);
+  return __shfl_sync(0xffffffffu, key, (__ffs(hit) - 1) & 31);
+}
+
+// The same answer when the boundary bin holds more than NCAND entries (ties, odd rows): radix-select passes over
+// the list entries i < n whose coarse bin is `bsel` (key >= floor_key, positive weight when WEIGHTED), first
+// their key interval [lo, hi], then 12 bits of (hi - key) per pass (at most 3). Uses `hist` as scratch.
+template <bool WEIGHTED, typename KeyAt>
+__device__ unsigned refine(KeyAt key_at, int n, int bsel, const BinMap& map, unsigned floor_key,
+                           unsigned long long need, unsigned long long* hist, SampleShared& sh) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  unsigned lo = 0xFFFFFFFFu, hi = 0u;
+  for (int i = tid; i < n; i += SAMPLE_THREADS) {
+    const unsigned key = key_at(i);
+    if (key >= floor_key && coarse_bin(key, map) == bsel && (!WEIGHTED || fixed_weight(key, map.mx))) {
+      lo = min(lo, key);
+      hi = max(hi, key);
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  if (lane == 0) { sh.klo[warp] = lo; sh.khi[warp] = hi; }
+  __syncthreads();
+  lo = lane < SAMPLE_WARPS ? sh.klo[lane] : 0xFFFFFFFFu;
+  hi = lane < SAMPLE_WARPS ? sh.khi[lane] : 0u;
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  while (lo < hi) {
+    const int s = max(0, 20 - __clz(hi - lo));  // (hi - lo) >> s < NBINS
+    for (int q = tid; q < NBINS; q += SAMPLE_THREADS) hist[q] = 0ull;
+    __syncthreads();
+    for (int i = tid; i < n; i += SAMPLE_THREADS) {
+      const unsigned key = key_at(i);
+      if (key < lo || key > hi || key < floor_key) continue;
+      const unsigned long long w = WEIGHTED ? fixed_weight(key, map.mx) : 1ull;
+      if (w) atomicAdd(hist + ((hi - key) >> s), w);
+    }
+    __syncthreads();
+    find_bin<unsigned long long>(hist, [&](unsigned long long) { return need; }, sh.part64, &sh.sel);
+    const unsigned bb = sh.sel.bin;
+    need -= sh.sel.above;
+    const unsigned width = (bb << s) + ((1u << s) - 1u);  // keys hi - (bb << s) - width' .. hi - (bb << s)
+    lo = hi - lo > width ? hi - width : lo;
+    hi -= bb << s;
+  }
+  return lo;
+}
+
+// CFG mix and temperature, top-k (ties at the k-th value kept), top-p (drop the tokens whose ascending
+// cumulative probability is <= 1 - top_p; the top token stays), inverse-CDF draw in vocabulary order, with the
+// probabilities in 2^40 fixed point: every sum is an exact integer, so the token is the same in any thread
+// order and batch (and the same as aim_rt.sampling.draw up to float rounding at the cut points).
+// grid (batch); block SAMPLE_THREADS; dynamic shared memory NBINS * 8 + LCAP * 6 bytes.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(SampleParams p) {
+  PDL_TRIGGER();
+  PDL_WAIT();
+  extern __shared__ __align__(16) unsigned long long sample_smem[];
+  unsigned long long* hist64 = sample_smem;                          // top-p (and refine) histogram
+  unsigned* hist32 = reinterpret_cast<unsigned*>(sample_smem); // top-k histogram (counts), the same memory
+  unsigned* lkey = reinterpret_cast<unsigned*>(sample_smem + NBINS);  // survivor list, vocabulary order: keys
+  unsigned short* lidx = reinterpret_cast<unsigned short*>(lkey + LCAP);  //                 and token ids
+  __shared__ SampleShared sh;
+  const int b = blockIdx.x, V = p.vocab, k = *p.step;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int per = (V + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+  const int lo = tid * per;  // this thread's contiguous slice of the vocabulary
+  const int nvalid = max(0, min(per, V - lo));
+  const elem_t* cond = p.logits + (long long)b * p.logits_stride;
+  const elem_t* uncond = p.logits + (long long)(b + p.uncond_rows) * p.logits_stride;
+  const bool topk = p.top_k > 0 && p.top_k < V, topp = p.top_p < 1.0f;
+
+  if (tid == 0) { sh.nc = 0; sh.token = V; }
+  if (topk) {
+#pragma unroll
+    for (int q = 0; q < BINS_PER; ++q) hist32[tid * BINS_PER + q] = 0u;
+  }
+
+  // 1. mixed logits in registers; the row's max (as the weights' reference) and min (for the bins)
+  float x[MAX_PER];
+  if (nvalid == MAX_PER && (((unsigned long long)(cond + lo) | (unsigned long long)(uncond + lo)) & 15) == 0) {
+    Vec8 cv[MAX_PER / VEC], uv[MAX_PER / VEC];
+#pragma unroll
+    for (int q = 0; q < MAX_PER / VEC; ++q) {
+      cv[q] = reinterpret_cast<const Vec8*>(cond + lo)[q];
+      uv[q] = reinterpret_cast<const Vec8*>(uncond + lo)[q];
+    }
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j)
+      x[j] = cfg_mix(ld(cv[j / VEC].v[j % VEC]), ld(uv[j / VEC].v[j % VEC]), p.cfg_scale, p.temperature);
+  } else {
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j)
+      x[j] = j < nvalid ? cfg_mix(ld(cond[lo + j]), ld(uncond[lo + j]), p.cfg_scale, p.temperature) : 0.0f;
+  }
+  float mx = -3.402823466e38f, mn = 3.402823466e38f;
+#pragma unroll
+  for (int j = 0; j < MAX_PER; ++j) {
+    if (j >= nvalid) continue;
+    if (p.mixed_out) p.mixed_out[(long long)b * V + lo + j] = x[j];
+    mx = fmaxf(mx, x[j]);
+    mn = fminf(mn, x[j]);
+  }
+  mx = warp_max(mx);
+  mn = -warp_max(-mn);
+  if (lane == 0) { sh.fmx[warp] = mx; sh.fmn[warp] = mn; }
+  __syncthreads();
+  mx = warp_max(lane < SAMPLE_WARPS ? sh.fmx[lane] : -3.402823466e38f);
+  mn = -warp_max(lane < SAMPLE_WARPS ? -sh.fmn[lane] : -3.402823466e38f);
+  BinMap map;
+  map.mx = mx;
+  map.kmx = order_key(mx);
+  map.kmn = order_key(mn);
+  const float range = mx - mn;
+  map.inv = 1.0f / range;
+  if (!(range > 0.0f && range <= 3.402823466e38f && map.inv <= 3.402823466e38f)) map.inv = 0.0f;
+
+  // 2. top-k: the k-th largest key. One histogram over the row finds its bin; the entries of the bins up to
+  // that one (all survivors and that bin's others, ~top_k) go to the list, the boundary bin's to `cand`.
+  unsigned kth = 0;
+  int n = V;           // list length
+  bool direct = true;  // the list is the vocabulary itself (no top-k, or too many survivors)
+  if (topk) {
+    unsigned pk[MAX_PER / 2];  // bins, two per register
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) {
+      const unsigned bin = j < nvalid ? (unsigned)coarse_bin(order_key(x[j]), map) : 0xFFFFu;
+      if (j < nvalid) atomicAdd(hist32 + bin, 1u);
+      pk[j / 2] = (j & 1) ? (pk[j / 2] | (bin << 16)) : bin;
+    }
+    __syncthreads();
+    find_bin<unsigned>(hist32, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
+    const unsigned bstar = sh.sel.bin;
+    const unsigned long long above = sh.sel.above;
+    unsigned cnt = 0;  // list entries | boundary-bin entries << 16 (each <= SAMPLE_VMAX)
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) {
+      const unsigned bin = (pk[j / 2] >> (16 * (j & 1))) & 0xFFFFu;
+      cnt += (bin <= bstar ? 1u : 0u) + (bin == bstar ? 0x10000u : 0u);
+    }
+    unsigned tot;
+    const unsigned off = block_excl_scan<unsigned>(cnt, sh.part32, tot);
+    n = tot & 0xFFFFu;
+    const int nc = tot >> 16;
+    direct = n > LCAP;
+    unsigned lpos = off & 0xFFFFu, cpos = off >> 16;
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) {
+      const unsigned bin = (pk[j / 2] >> (16 * (j & 1))) & 0xFFFFu;
+      if (bin > bstar) continue;
+      const unsigned key = order_key(x[j]);
+      if (!direct) { lkey[lpos] = key; lidx[lpos] = (unsigned short)(lo + j); }
+      ++lpos;
+      if (bin == bstar) {
+        if (cpos < NCAND) sh.cand[cpos] = key;
+        ++cpos;
+      }
+    }
+    if (direct) n = V;
+    __syncthreads();
+    const unsigned long long need = (unsigned long long)p.top_k - above;
+    if (nc <= NCAND) {
+      if (warp == 0) {
+        kth = resolve_warp<false>(sh.cand, nc, need, mx);
+        if (lane == 0) sh.key = kth;
+      }
+    } else {
+      auto key_at = [&](int i) -> unsigned {
+        return direct ? order_key(cfg_mix(ld(cond[i]), ld(uncond[i]), p.cfg_scale, p.temperature)) : lkey[i];
+      };
+      kth = refine<false>(key_at, n, (int)bstar, map, 0u, need, hist64, sh);
+      if (tid == 0) sh.key = kth;
+    }
+  }
+  if (topp) {
+#pragma unroll
+    for (int q = 0; q < BINS_PER; ++q) hist64[tid * BINS_PER + q] = 0ull;
+  }
+  __syncthreads();
+  if (topk) kth = sh.key;
+  auto key_at = [&](int i) -> unsigned {  // list entry i: from shared memory, or recomputed from the logits
+    return direct ? order_key(cfg_mix(ld(cond[i]), ld(uncond[i]), p.cfg_scale, p.temperature)) : lkey[i];
+  };
+
+  // 3. top-p over the survivors (key >= kth): the same select, weighted by the fixed-point probabilities. In
+  // descending order the cut is the key where the mass first reaches z - limit (the smallest key whose
+  // ascending cumulative mass exceeds limit).
+  unsigned cut = kth;
+  if (topp) {
+    for (int i = tid; i < n; i += SAMPLE_THREADS) {
+      const unsigned key = key_at(i);
+      if (key < kth) continue;
+      const unsigned long long w = fixed_weight(key, mx);
+      if (w) atomicAdd(hist64 + coarse_bin(key, map), w);
+    }
+    __syncthreads();
+    unsigned long long limit = 0;
+    const unsigned long long z = find_bin<unsigned long long>(hist64, [&](unsigned long long total) {
+      limit = (unsigned long long)((double)total * (1.0 - (double)p.top_p));
+      return limit < total ? total - limit : 0ull;
+    }, sh.part64, &sh.sel);
+    if (limit >= z) {
+      cut = 0xFFFFFFFFu;  // nothing exceeds the limit: nothing is kept (as an exact ascending walk finds)
+    } else {
+      const int bp = sh.sel.bin;
+      const unsigned long long need = z - limit - sh.sel.above;
+      for (int base = 0; base < n; base += SAMPLE_THREADS) {  // the boundary bin's entries into `cand`
+        const int i = base + tid;
+        unsigned key = 0;
+        bool c = false;
+        if (i < n) {
+          key = key_at(i);
+          c = key >= kth && coarse_bin(key, map) == bp && fixed_weight(key, mx) != 0ull;
+        }
+        const unsigned hits = __ballot_sync(0xffffffffu, c);
+        if (!hits) continue;
+        const int first = __ffs(hits) - 1;
+        int slot = 0;
+        if (lane == first) slot = atomicAdd(&sh.nc, __popc(hits));
+        slot = __shfl_sync(0xffffffffu, slot, first) + __popc(hits & ((1u << lane) - 1u));
+        if (c && slot < NCAND) sh.cand[slot] = key;
+      }
+      __syncthreads();
+      const int nc = sh.nc;
+      if (nc <= NCAND) {
+        if (warp == 0) {
+          const unsigned c = resolve_warp<true>(sh.cand, nc, need, mx);
+          if (lane == 0) sh.key = c;
+        }
+        __syncthreads();
+        cut = sh.key;
+      } else {
+        cut = refine<true>(key_at, n, bp, map, kth, need, hist64, sh);
+      }
+    }
+  }
+
+  // 4. inverse CDF in vocabulary order: the first kept token whose cumulative mass exceeds u * total
+  const int chunk = (n + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+  const int beg = min(n, tid * chunk), end = min(n, beg + chunk);
+  unsigned long long local = 0;
+  for (int i = beg; i < end; ++i) {
+    const unsigned key = key_at(i);
+    if (key >= cut) local += fixed_weight(key, mx);
+  }
+  unsigned long long total;
+  const unsigned long long before = block_excl_scan<unsigned long long>(local, sh.part64, total);
   const unsigned long long target = (unsigned long long)((double)total * (double)uniform((unsigned long long)p.seeds[b], k));
   if (before <= target && target < before + local) {
     unsigned long long run = before;
-#pragma unroll
-    for (int j = 0; j < MAX_PER; ++j) {
-      run += w[j];
-      if (w[j] && run > target) { atomicMin(&s_token, lo + j); break; }
+    for (int i = beg; i < end; ++i) {
+      const unsigned key = key_at(i);
+      if (key < cut) continue;
+      const unsigned long long w = fixed_weight(key, mx);
+      run += w;
+      if (w && run > target) { sh.token = direct ? i : lidx[i]; break; }
     }
   }
   __syncthreads();
 
   // `tokens` records the draw; with teacher forcing the teacher's token is fed on instead
-  const int drawn = s_token;
+  const int drawn = sh.token;
   const int tok = p.teacher ? (int)p.teacher[(long long)b * p.num_tokens + k] : drawn;
   if (tid == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = drawn;
   if (tid == 0 && p.next_token) p.next_token[b] = tok;

@@ -180,6 +180,8 @@ def gated_norm_params(p: SsuParams) -> GatedNormParams:
 
 
 SSU_THREADS, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 256, 8, 1024  # as in aim_kernels.cu
+# aim_cfg_sample: vocabulary <= SAMPLE_VMAX; dynamic shared memory NBINS * 8 + LCAP * 6 (as in aim_kernels.cu)
+SAMPLE_VMAX, SAMPLE_SMEM = 16384, 4096 * 8 + 4096 * 6
 MAX_W, VEC, MAX_STATE = 4, 8, 8192  # as in aim_kernels.cu
 
 
@@ -242,6 +244,7 @@ class Kernels:
         torch.empty(1, device=f"cuda:{device_index}")  # makes the primary context current for the driver API
         self.defines = dict(defines or {})
         self.ssu_threads = int(self.defines.get("SSU_THREADS", SSU_THREADS))
+        self.sample_threads = int(self.defines.get("SAMPLE_THREADS", SAMPLE_THREADS))
         cubin = compile_cubin(dtype, self.arch, defines=self.defines)
         self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
         names = KERNEL_NAMES + (tuple(f"aim_gemv_k{c}" for c in GEMV_CHUNKS) if dtype != "float32" else ())
@@ -292,14 +295,13 @@ class Kernels:
         self._launch("aim_residual_norm", (p.rows, 1, 1), NORM_THREADS, 0, stream, p)
 
     def cfg_sample(self, p: SampleParams, stream: int) -> None:
-        if p.vocab > SAMPLE_THREADS * 16:
-            raise KernelError(f"the sampling kernel handles vocabularies up to {SAMPLE_THREADS * 16}, not {p.vocab}")
-        smem = 256 * 8
-        if smem > self._max_smem:
+        if not 0 < p.vocab <= SAMPLE_VMAX:
+            raise KernelError(f"the sampling kernel handles vocabularies up to {SAMPLE_VMAX}, not {p.vocab}")
+        if SAMPLE_SMEM > self._max_smem:  # above the 48 KiB default: opt in once
             attr = self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            _check(self.driver.cuFuncSetAttribute(self.fn["aim_cfg_sample"], attr, smem), "cuFuncSetAttribute")
-            self._max_smem = smem
-        self._launch("aim_cfg_sample", (p.batch, 1, 1), SAMPLE_THREADS, smem, stream, p)
+            _check(self.driver.cuFuncSetAttribute(self.fn["aim_cfg_sample"], attr, SAMPLE_SMEM), "cuFuncSetAttribute")
+            self._max_smem = SAMPLE_SMEM
+        self._launch("aim_cfg_sample", (p.batch, 1, 1), self.sample_threads, SAMPLE_SMEM, stream, p)
 
     def advance(self, step_ptr: int, stream: int) -> None:
         self._launch("aim_advance", (1, 1, 1), 1, 0, stream, ctypes.c_void_p(step_ptr))
