@@ -425,32 +425,39 @@ __device__ __forceinline__ float key_value(unsigned k) {  // order_key's inverse
 #define MAX_PER (SAMPLE_VMAX / SAMPLE_THREADS)  // vocabulary entries per thread
 #define NBINS 4096                              // histogram bins of a select
 #define BINS_PER (NBINS / SAMPLE_THREADS)
-#define LCAP 4096     // survivor list capacity; beyond it the list is the whole vocabulary, re-read from the logits
+#define LCAP 4096     // survivor list capacity; beyond it every thread keeps its own vocabulary slice as its list
+#define LPER (LCAP / SAMPLE_THREADS)  // list entries per thread
 #define NCAND 32      // boundary-bin entries that one warp resolves by counting (more: finer histograms)
 #define FIXED_ONE 1099511627776.0  // 2^40: probabilities in fixed point, so every sum is exact and order-free
-// Dynamic shared memory: NBINS * 8 (histogram) + LCAP * 6 (list keys and indices); Kernels.cfg_sample sizes it.
+// Dynamic shared memory: NBINS * 8 (histograms) + LCAP * 6 (list keys and indices); Kernels.cfg_sample sizes it.
 
-// Written once and used everywhere: recomputing a key or a weight must give the same bits every time.
+// CFG mix and temperature. x / 1 == x exactly (a NaN here comes from arithmetic, so it is canonical already):
+// skipping the division at temperature 1 changes no bit.
+template <bool UNIT_TEMPERATURE>
 __device__ __forceinline__ float cfg_mix(float c, float u, float cfg_scale, float temperature) {
-  return (u + (c - u) * cfg_scale) / temperature;
+  const float m = u + (c - u) * cfg_scale;
+  return UNIT_TEMPERATURE ? m : m / temperature;
 }
 __device__ __forceinline__ unsigned long long fixed_weight(unsigned key, float mx) {
   return (unsigned long long)(expf(key_value(key) - mx) * FIXED_ONE);
 }
 
-// Histogram bin of a key: monotone (a larger value never gets a larger bin, bin 0 holds the maximum), so the
+// Histogram bin of a value: monotone (a larger value never gets a larger bin; bin 0 holds the maximum), so the
 // keys of one bin form an interval. The bins are logarithmic in the distance to the maximum relative to the
 // row's range (256 per octave over 16 octaves): fine near the top, where top-k and top-p cut, whatever the
-// logits' scale, and no outlier squeezes the rest into one bin. Rows with a non-finite range use the keys'
-// high bits. Keys above the maximum (NaNs) go to bin 0, below the minimum to the last bin.
+// logits' scale, and no outlier squeezes the rest into one bin. A NaN (canonical, the largest key) gets bin 0.
+// Rows with a non-finite or zero range (inv == 0) use the keys' high bits instead.
 struct BinMap { float mx, inv; unsigned kmx, kmn; };
-__device__ __forceinline__ int coarse_bin(unsigned key, const BinMap& m) {
+__device__ __forceinline__ int coarse_bin(float x, const BinMap& m) {
+  if (m.inv > 0.0f) {
+    const float d = fmaxf(m.mx - x, 0.0f);
+    const float r = fmaf(d, m.inv, 1.52587890625e-05f);  // + 2^-16: r in [2^-16, 1 + 2^-16], no lower clamp
+    return min((int)(__float_as_uint(r) >> 15) - ((127 - 16) << 8), NBINS - 1);
+  }
+  const unsigned key = order_key(x);
   if (key >= m.kmx) return 0;
   if (key <= m.kmn) return NBINS - 1;
-  if (m.inv == 0.0f) return (int)((m.kmx - key) >> 20);
-  const float r = (m.mx - key_value(key)) * m.inv;  // in (0, 1]
-  const int bin = (int)(__float_as_uint(r) >> 15) - ((127 - 16) << 8);
-  return min(max(bin, 0), NBINS - 1);
+  return (int)((m.kmx - key) >> 20);
 }
 
 struct SelectOut { int bin; unsigned long long above; };
@@ -460,8 +467,9 @@ struct SampleShared {
   unsigned long long part64[32];
   unsigned cand[NCAND];
   SelectOut sel;
-  int nc, token;
+  int nc, token, teacher_tok;
   unsigned key;
+  float u;
 };
 
 // Exclusive prefix sum over the block in thread order; `total` gets the sum. One __syncthreads: the caller
@@ -527,9 +535,10 @@ __device__ __forceinline__ unsigned resolve_warp(const unsigned* cand, int n, un
   const unsigned key = in ? cand[lane] : 0u;
   const unsigned long long w = in ? (WEIGHTED ? fixed_weight(key, mx) : 1ull) : 0ull;
   unsigned long long gt = 0, ge = 0;
+#pragma unroll 4
   for (int m = 0; m < n; ++m) {
     const unsigned km = __shfl_sync(0xffffffffu, key, m);
-    const unsigned long long wm = __shfl_sync(0xffffffffu, w, m);
+    const unsigned long long wm = WEIGHTED ? __shfl_sync(0xffffffffu, w, m) : 1ull;
     if (km > key) gt += wm;
     if (km >= key) ge += wm;
   }
@@ -538,16 +547,18 @@ __device__ __forceinline__ unsigned resolve_warp(const unsigned* cand, int n, un
 }
 
 // The same answer when the boundary bin holds more than NCAND entries (ties, odd rows): radix-select passes over
-// the list entries i < n whose coarse bin is `bsel` (key >= floor_key, positive weight when WEIGHTED), first
-// their key interval [lo, hi], then 12 bits of (hi - key) per pass (at most 3). Uses `hist` as scratch.
-template <bool WEIGHTED, typename KeyAt>
-__device__ unsigned refine(KeyAt key_at, int n, int bsel, const BinMap& map, unsigned floor_key,
+// the block's entries (each thread its `cnt` keys, key_of(j), read from memory: a rare path that should not hold
+// registers) whose coarse bin is `bsel` (key >= floor_key, positive weight when WEIGHTED): first their key
+// interval [lo, hi], then 12 bits of (hi - key) per pass (at most 3). Uses `hist` as scratch.
+template <bool WEIGHTED, typename KeyOf>
+__device__ unsigned refine(KeyOf key_of, int cnt, int bsel, const BinMap& map, unsigned floor_key,
                            unsigned long long need, unsigned long long* hist, SampleShared& sh) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   unsigned lo = 0xFFFFFFFFu, hi = 0u;
-  for (int i = tid; i < n; i += SAMPLE_THREADS) {
-    const unsigned key = key_at(i);
-    if (key >= floor_key && coarse_bin(key, map) == bsel && (!WEIGHTED || fixed_weight(key, map.mx))) {
+#pragma unroll 1
+  for (int j = 0; j < cnt; ++j) {
+    const unsigned key = key_of(j);
+    if (key >= floor_key && coarse_bin(key_value(key), map) == bsel) {  // weight 0 too: harmless
       lo = min(lo, key);
       hi = max(hi, key);
     }
@@ -568,21 +579,181 @@ __device__ unsigned refine(KeyAt key_at, int n, int bsel, const BinMap& map, uns
     const int s = max(0, 20 - __clz(hi - lo));  // (hi - lo) >> s < NBINS
     for (int q = tid; q < NBINS; q += SAMPLE_THREADS) hist[q] = 0ull;
     __syncthreads();
-    for (int i = tid; i < n; i += SAMPLE_THREADS) {
-      const unsigned key = key_at(i);
+#pragma unroll 1
+    for (int j = 0; j < cnt; ++j) {
+      const unsigned key = key_of(j);
       if (key < lo || key > hi || key < floor_key) continue;
       const unsigned long long w = WEIGHTED ? fixed_weight(key, map.mx) : 1ull;
       if (w) atomicAdd(hist + ((hi - key) >> s), w);
     }
     __syncthreads();
-    find_bin<unsigned long long>(hist, [&](unsigned long long) { return need; }, sh.part64, &sh.sel);
+    find_bin<unsigned long long>(hist, [need](unsigned long long) { return need; }, sh.part64, &sh.sel);
     const unsigned bb = sh.sel.bin;
     need -= sh.sel.above;
-    const unsigned width = (bb << s) + ((1u << s) - 1u);  // keys hi - (bb << s) - width' .. hi - (bb << s)
-    lo = hi - lo > width ? hi - width : lo;
+    const unsigned width = (bb << s) + ((1u << s) - 1u);  // the new interval: hi - (bb << s) - (2^s - 1) ..
+    lo = hi - lo > width ? hi - width : lo;                //                   hi - (bb << s)
     hi -= bb << s;
   }
   return lo;
+}
+
+struct RowSelect {  // what the top-k stage hands on
+  bool topk, topp, direct;
+  int bstar, nc;              // top-k boundary bin and its entry count (in sh.cand up to NCAND)
+  unsigned long long need;    // top-k rank within that bin
+};
+
+// Stages 3-5 over each thread's `cnt` entries key[] (its chunk of the survivor list, or its vocabulary slice):
+// top-k cut resolved, top-p, the draw. Returns the drawn list position (in the thread that owns it) via sh.token.
+template <int NPER, typename KeyOf>
+__device__ __forceinline__ void finish(const unsigned (&key)[NPER], KeyOf key_of, int cnt, int first,
+                                       const unsigned short* lidx, const RowSelect& rs, const BinMap& map,
+                                       float top_p, unsigned long long* hist64, SampleShared& sh) {
+  constexpr bool CACHE = NPER <= LPER;  // few entries: keep their weights in registers
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float mx = map.mx;
+
+  // top-k: the k-th largest key, within the boundary bin
+  unsigned kth = 0;
+  if (rs.topk) {
+    if (rs.nc <= NCAND) {
+      if (warp == 0) {
+        kth = resolve_warp<false>(sh.cand, rs.nc, rs.need, mx);
+        if (lane == 0) sh.key = kth;
+      }
+    } else {
+      kth = refine<false>(key_of, cnt, rs.bstar, map, 0u, rs.need, hist64, sh);
+      if (tid == 0) sh.key = kth;
+    }
+  }
+  if (rs.topp) {
+#pragma unroll
+    for (int q = 0; q < BINS_PER; ++q) hist64[tid * BINS_PER + q] = 0ull;
+  }
+  __syncthreads();
+  if (rs.topk) kth = sh.key;
+
+  unsigned long long w[CACHE ? NPER : 1];
+  auto weight = [&](int j) -> unsigned long long {  // the probability of entry j if it survived top-k, else 0
+    if constexpr (CACHE) return w[j];
+    return key[j] >= kth ? fixed_weight(key[j], mx) : 0ull;
+  };
+  if constexpr (CACHE) {
+#pragma unroll
+    for (int j = 0; j < NPER; ++j) w[j] = j < cnt && key[j] >= kth ? fixed_weight(key[j], mx) : 0ull;
+  }
+
+  // top-p over the survivors: the same select, weighted by the fixed-point probabilities. In descending order
+  // the cut is the key where the mass first reaches z - limit (= the smallest key whose ascending cumulative
+  // mass exceeds limit).
+  unsigned cut = kth;
+  if (rs.topp) {
+#pragma unroll
+    for (int j = 0; j < NPER; ++j) {
+      if (j >= cnt) continue;
+      const unsigned long long wj = weight(j);
+      if (wj) atomicAdd(hist64 + coarse_bin(key_value(key[j]), map), wj);
+    }
+    __syncthreads();
+    const unsigned long long z = find_bin<unsigned long long>(hist64, [top_p](unsigned long long total) {
+      const unsigned long long limit = (unsigned long long)((double)total * (1.0 - (double)top_p));
+      return limit < total ? total - limit : 0ull;
+    }, sh.part64, &sh.sel);
+    const unsigned long long limit = (unsigned long long)((double)z * (1.0 - (double)top_p));
+    if (limit >= z) {
+      cut = 0xFFFFFFFFu;  // nothing exceeds the limit: nothing is kept (as an exact ascending walk finds)
+    } else {
+      const int bp = sh.sel.bin;
+      const unsigned long long need = z - limit - sh.sel.above;
+#pragma unroll
+      for (int j = 0; j < NPER; ++j) {  // the boundary bin's entries into sh.cand (any order)
+        const bool c = j < cnt && weight(j) != 0ull && coarse_bin(key_value(key[j]), map) == bp;
+        const unsigned hits = __ballot_sync(0xffffffffu, c);
+        if (!hits) continue;
+        const int leader = __ffs(hits) - 1;
+        int slot = 0;
+        if (lane == leader) slot = atomicAdd(&sh.nc, __popc(hits));
+        slot = __shfl_sync(0xffffffffu, slot, leader) + __popc(hits & ((1u << lane) - 1u));
+        if (c && slot < NCAND) sh.cand[slot] = key[j];
+      }
+      __syncthreads();
+      const int nc = sh.nc;
+      if (nc <= NCAND) {
+        if (warp == 0) {
+          const unsigned c = resolve_warp<true>(sh.cand, nc, need, mx);
+          if (lane == 0) sh.key = c;
+        }
+        __syncthreads();
+        cut = sh.key;
+      } else {
+        cut = refine<true>(key_of, cnt, bp, map, kth, need, hist64, sh);
+      }
+    }
+  }
+
+  // inverse CDF in vocabulary order: the first kept token whose cumulative mass exceeds u * total
+  unsigned long long local = 0;
+#pragma unroll
+  for (int j = 0; j < NPER; ++j)
+    if (j < cnt && key[j] >= cut) local += weight(j);
+  unsigned long long total;
+  const unsigned long long before = block_excl_scan<unsigned long long>(local, sh.part64, total);
+  const unsigned long long target = (unsigned long long)((double)total * (double)sh.u);
+  if (before <= target && target < before + local) {
+    unsigned long long run = before;
+#pragma unroll
+    for (int j = 0; j < NPER; ++j) {
+      if (j >= cnt || key[j] < cut) continue;
+      const unsigned long long wj = weight(j);
+      run += wj;
+      if (wj && run > target) {
+        sh.token = lidx ? lidx[first + j] : first + j;
+        break;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// Bins of this thread's entries (two per register) and the top-k histogram: only entries in bins <= blimit
+// (the k-th largest lies there) are counted.
+template <bool FLOAT_BINS>
+__device__ __forceinline__ void bin_pass(const float (&x)[MAX_PER], int nvalid, const BinMap& map, int blimit,
+                                         unsigned* hist, unsigned (&pk)[MAX_PER / 2]) {
+#pragma unroll
+  for (int j = 0; j < MAX_PER; ++j) {
+    unsigned bin = 0xFFFFu;
+    if (j < nvalid) {
+      if (FLOAT_BINS) {
+        const float r = fmaf(fmaxf(map.mx - x[j], 0.0f), map.inv, 1.52587890625e-05f);  // as coarse_bin
+        bin = (unsigned)min((int)(__float_as_uint(r) >> 15) - ((127 - 16) << 8), NBINS - 1);
+      } else {
+        bin = (unsigned)coarse_bin(x[j], map);
+      }
+      if ((int)bin <= blimit) atomicAdd(hist + bin, 1u);
+    }
+    pk[j / 2] = (j & 1) ? (pk[j / 2] | (bin << 16)) : bin;
+  }
+}
+
+template <bool UNIT_TEMPERATURE>
+__device__ __forceinline__ void load_mixed(const elem_t* cond, const elem_t* uncond, int nvalid, float cfg_scale,
+                                           float temperature, float (&x)[MAX_PER]) {
+  if (nvalid == MAX_PER && (((unsigned long long)cond | (unsigned long long)uncond) & 15) == 0) {
+    Vec8 cv[MAX_PER / VEC], uv[MAX_PER / VEC];
+#pragma unroll
+    for (int q = 0; q < MAX_PER / VEC; ++q) {
+      cv[q] = reinterpret_cast<const Vec8*>(cond)[q];
+      uv[q] = reinterpret_cast<const Vec8*>(uncond)[q];
+    }
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j)
+      x[j] = cfg_mix<UNIT_TEMPERATURE>(ld(cv[j / VEC].v[j % VEC]), ld(uv[j / VEC].v[j % VEC]), cfg_scale, temperature);
+  } else {
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j)
+      x[j] = j < nvalid ? cfg_mix<UNIT_TEMPERATURE>(ld(cond[j]), ld(uncond[j]), cfg_scale, temperature) : 0.0f;
+  }
 }
 
 // CFG mix and temperature, top-k (ties at the k-th value kept), top-p (drop the tokens whose ascending
@@ -594,8 +765,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   PDL_TRIGGER();
   PDL_WAIT();
   extern __shared__ __align__(16) unsigned long long sample_smem[];
-  unsigned long long* hist64 = sample_smem;                          // top-p (and refine) histogram
-  unsigned* hist32 = reinterpret_cast<unsigned*>(sample_smem); // top-k histogram (counts), the same memory
+  unsigned long long* hist64 = sample_smem;                      // top-p (and refine) histogram
+  unsigned* hist_max = reinterpret_cast<unsigned*>(sample_smem);  // top-k: histogram of the threads' maxima
+  unsigned* hist_all = hist_max + NBINS;                          //        and of the entries; same memory
   unsigned* lkey = reinterpret_cast<unsigned*>(sample_smem + NBINS);  // survivor list, vocabulary order: keys
   unsigned short* lidx = reinterpret_cast<unsigned short*>(lkey + LCAP);  //                 and token ids
   __shared__ SampleShared sh;
@@ -606,40 +778,35 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   const int nvalid = max(0, min(per, V - lo));
   const elem_t* cond = p.logits + (long long)b * p.logits_stride;
   const elem_t* uncond = p.logits + (long long)(b + p.uncond_rows) * p.logits_stride;
-  const bool topk = p.top_k > 0 && p.top_k < V, topp = p.top_p < 1.0f;
+  RowSelect rs;
+  rs.topk = p.top_k > 0 && p.top_k < V;
+  rs.topp = p.top_p < 1.0f;
+  // read early, used late (kept in shared memory from stage 2 on, out of the registers): the seed, the
+  // teacher's token, this thread's first element of the position embedding
+  const unsigned long long seed = (unsigned long long)p.seeds[b];
+  const int teacher_tok = p.teacher ? (int)p.teacher[(long long)b * p.num_tokens + k] : 0;
+  const int pos = k + p.position_offset;
+  const float pos_e = p.next_input && tid < p.d ? ld(p.pos_emb[(long long)pos * p.d + tid]) : 0.0f;
 
   if (tid == 0) { sh.nc = 0; sh.token = V; }
-  if (topk) {
+  if (rs.topk) {
 #pragma unroll
-    for (int q = 0; q < BINS_PER; ++q) hist32[tid * BINS_PER + q] = 0u;
+    for (int q = 0; q < 2 * BINS_PER; ++q) hist_max[tid * 2 * BINS_PER + q] = 0u;
   }
 
-  // 1. mixed logits in registers; the row's max (as the weights' reference) and min (for the bins)
+  // 1. mixed logits in registers; the row's max (the weights' reference) and min (for the bins)
   float x[MAX_PER];
-  if (nvalid == MAX_PER && (((unsigned long long)(cond + lo) | (unsigned long long)(uncond + lo)) & 15) == 0) {
-    Vec8 cv[MAX_PER / VEC], uv[MAX_PER / VEC];
-#pragma unroll
-    for (int q = 0; q < MAX_PER / VEC; ++q) {
-      cv[q] = reinterpret_cast<const Vec8*>(cond + lo)[q];
-      uv[q] = reinterpret_cast<const Vec8*>(uncond + lo)[q];
-    }
-#pragma unroll
-    for (int j = 0; j < MAX_PER; ++j)
-      x[j] = cfg_mix(ld(cv[j / VEC].v[j % VEC]), ld(uv[j / VEC].v[j % VEC]), p.cfg_scale, p.temperature);
-  } else {
-#pragma unroll
-    for (int j = 0; j < MAX_PER; ++j)
-      x[j] = j < nvalid ? cfg_mix(ld(cond[lo + j]), ld(uncond[lo + j]), p.cfg_scale, p.temperature) : 0.0f;
-  }
-  float mx = -3.402823466e38f, mn = 3.402823466e38f;
+  if (p.temperature == 1.0f) load_mixed<true>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
+  else load_mixed<false>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
+  float tmx = -3.402823466e38f, mn = 3.402823466e38f;
 #pragma unroll
   for (int j = 0; j < MAX_PER; ++j) {
     if (j >= nvalid) continue;
     if (p.mixed_out) p.mixed_out[(long long)b * V + lo + j] = x[j];
-    mx = fmaxf(mx, x[j]);
+    tmx = fmaxf(tmx, x[j]);
     mn = fminf(mn, x[j]);
   }
-  mx = warp_max(mx);
+  float mx = warp_max(tmx);
   mn = -warp_max(-mn);
   if (lane == 0) { sh.fmx[warp] = mx; sh.fmn[warp] = mn; }
   __syncthreads();
@@ -652,24 +819,34 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   const float range = mx - mn;
   map.inv = 1.0f / range;
   if (!(range > 0.0f && range <= 3.402823466e38f && map.inv <= 3.402823466e38f)) map.inv = 0.0f;
+  if (tid == 0) { sh.u = uniform(seed, k); sh.teacher_tok = teacher_tok; }  // read after later __syncthreads
 
-  // 2. top-k: the k-th largest key. One histogram over the row finds its bin; the entries of the bins up to
-  // that one (all survivors and that bin's others, ~top_k) go to the list, the boundary bin's to `cand`.
-  unsigned kth = 0;
-  int n = V;           // list length
-  bool direct = true;  // the list is the vocabulary itself (no top-k, or too many survivors)
-  if (topk) {
-    unsigned pk[MAX_PER / 2];  // bins, two per register
-#pragma unroll
-    for (int j = 0; j < MAX_PER; ++j) {
-      const unsigned bin = j < nvalid ? (unsigned)coarse_bin(order_key(x[j]), map) : 0xFFFFu;
-      if (j < nvalid) atomicAdd(hist32 + bin, 1u);
-      pk[j / 2] = (j & 1) ? (pk[j / 2] | (bin << 16)) : bin;
+  // 2. top-k: the bin of the k-th largest key. Each thread's maximum is an entry, so the bin where the threads'
+  // maxima reach top_k bounds it (blimit): the full histogram counts only the entries up to there (~top_k
+  // of them, not the whole row). The entries of the bins up to the k-th's go to the list (vocabulary order),
+  // that bin's to sh.cand.
+  rs.direct = true;  // no list: every thread keeps its vocabulary slice (no top-k, or too many survivors)
+  rs.bstar = 0;
+  rs.nc = 0;
+  rs.need = 0;
+  int n = V;
+  if (rs.topk) {
+    const int threads_with_entries = (V + per - 1) / per;
+    int blimit = NBINS - 1;
+    if (p.top_k <= threads_with_entries) {
+      if (nvalid > 0) atomicAdd(hist_max + coarse_bin(tmx, map), 1u);
+      __syncthreads();
+      find_bin<unsigned>(hist_max, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
+      blimit = sh.sel.bin;
     }
+    unsigned pk[MAX_PER / 2];  // bins, two per register
+    if (map.inv > 0.0f) bin_pass<true>(x, nvalid, map, blimit, hist_all, pk);
+    else bin_pass<false>(x, nvalid, map, blimit, hist_all, pk);
     __syncthreads();
-    find_bin<unsigned>(hist32, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
+    find_bin<unsigned>(hist_all, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
     const unsigned bstar = sh.sel.bin;
-    const unsigned long long above = sh.sel.above;
+    rs.bstar = (int)bstar;
+    rs.need = (unsigned long long)p.top_k - sh.sel.above;
     unsigned cnt = 0;  // list entries | boundary-bin entries << 16 (each <= SAMPLE_VMAX)
 #pragma unroll
     for (int j = 0; j < MAX_PER; ++j) {
@@ -679,132 +856,53 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
     unsigned tot;
     const unsigned off = block_excl_scan<unsigned>(cnt, sh.part32, tot);
     n = tot & 0xFFFFu;
-    const int nc = tot >> 16;
-    direct = n > LCAP;
+    rs.nc = tot >> 16;
+    rs.direct = n > LCAP;
     unsigned lpos = off & 0xFFFFu, cpos = off >> 16;
 #pragma unroll
     for (int j = 0; j < MAX_PER; ++j) {
       const unsigned bin = (pk[j / 2] >> (16 * (j & 1))) & 0xFFFFu;
       if (bin > bstar) continue;
       const unsigned key = order_key(x[j]);
-      if (!direct) { lkey[lpos] = key; lidx[lpos] = (unsigned short)(lo + j); }
+      if (!rs.direct) { lkey[lpos] = key; lidx[lpos] = (unsigned short)(lo + j); }
       ++lpos;
       if (bin == bstar) {
         if (cpos < NCAND) sh.cand[cpos] = key;
         ++cpos;
       }
     }
-    if (direct) n = V;
     __syncthreads();
-    const unsigned long long need = (unsigned long long)p.top_k - above;
-    if (nc <= NCAND) {
-      if (warp == 0) {
-        kth = resolve_warp<false>(sh.cand, nc, need, mx);
-        if (lane == 0) sh.key = kth;
-      }
-    } else {
-      auto key_at = [&](int i) -> unsigned {
-        return direct ? order_key(cfg_mix(ld(cond[i]), ld(uncond[i]), p.cfg_scale, p.temperature)) : lkey[i];
-      };
-      kth = refine<false>(key_at, n, (int)bstar, map, 0u, need, hist64, sh);
-      if (tid == 0) sh.key = kth;
-    }
   }
-  if (topp) {
+
+  // 3-5. resolve top-k, top-p, draw: over a chunk of the list, or over the thread's own slice
+  if (!rs.direct) {
+    const int chunk = (n + SAMPLE_THREADS - 1) / SAMPLE_THREADS;  // <= LPER
+    const int first = tid * chunk, cnt = max(0, min(chunk, n - first));
+    unsigned key[LPER];
 #pragma unroll
-    for (int q = 0; q < BINS_PER; ++q) hist64[tid * BINS_PER + q] = 0ull;
+    for (int j = 0; j < LPER; ++j) key[j] = j < cnt ? lkey[first + j] : 0u;
+    finish<LPER>(key, [&](int j) { return lkey[first + j]; }, cnt, first, lidx, rs, map, p.top_p, hist64, sh);
+  } else {
+    unsigned key[MAX_PER];
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) key[j] = order_key(x[j]);
+    auto key_of = [&](int j) {  // as x[j] was computed
+      const float c = ld(cond[lo + j]), v = ld(uncond[lo + j]);
+      return order_key(p.temperature == 1.0f ? cfg_mix<true>(c, v, p.cfg_scale, p.temperature)
+                                             : cfg_mix<false>(c, v, p.cfg_scale, p.temperature));
+    };
+    finish<MAX_PER>(key, key_of, nvalid, lo, nullptr, rs, map, p.top_p, hist64, sh);
   }
-  __syncthreads();
-  if (topk) kth = sh.key;
-  auto key_at = [&](int i) -> unsigned {  // list entry i: from shared memory, or recomputed from the logits
-    return direct ? order_key(cfg_mix(ld(cond[i]), ld(uncond[i]), p.cfg_scale, p.temperature)) : lkey[i];
-  };
-
-  // 3. top-p over the survivors (key >= kth): the same select, weighted by the fixed-point probabilities. In
-  // descending order the cut is the key where the mass first reaches z - limit (the smallest key whose
-  // ascending cumulative mass exceeds limit).
-  unsigned cut = kth;
-  if (topp) {
-    for (int i = tid; i < n; i += SAMPLE_THREADS) {
-      const unsigned key = key_at(i);
-      if (key < kth) continue;
-      const unsigned long long w = fixed_weight(key, mx);
-      if (w) atomicAdd(hist64 + coarse_bin(key, map), w);
-    }
-    __syncthreads();
-    unsigned long long limit = 0;
-    const unsigned long long z = find_bin<unsigned long long>(hist64, [&](unsigned long long total) {
-      limit = (unsigned long long)((double)total * (1.0 - (double)p.top_p));
-      return limit < total ? total - limit : 0ull;
-    }, sh.part64, &sh.sel);
-    if (limit >= z) {
-      cut = 0xFFFFFFFFu;  // nothing exceeds the limit: nothing is kept (as an exact ascending walk finds)
-    } else {
-      const int bp = sh.sel.bin;
-      const unsigned long long need = z - limit - sh.sel.above;
-      for (int base = 0; base < n; base += SAMPLE_THREADS) {  // the boundary bin's entries into `cand`
-        const int i = base + tid;
-        unsigned key = 0;
-        bool c = false;
-        if (i < n) {
-          key = key_at(i);
-          c = key >= kth && coarse_bin(key, map) == bp && fixed_weight(key, mx) != 0ull;
-        }
-        const unsigned hits = __ballot_sync(0xffffffffu, c);
-        if (!hits) continue;
-        const int first = __ffs(hits) - 1;
-        int slot = 0;
-        if (lane == first) slot = atomicAdd(&sh.nc, __popc(hits));
-        slot = __shfl_sync(0xffffffffu, slot, first) + __popc(hits & ((1u << lane) - 1u));
-        if (c && slot < NCAND) sh.cand[slot] = key;
-      }
-      __syncthreads();
-      const int nc = sh.nc;
-      if (nc <= NCAND) {
-        if (warp == 0) {
-          const unsigned c = resolve_warp<true>(sh.cand, nc, need, mx);
-          if (lane == 0) sh.key = c;
-        }
-        __syncthreads();
-        cut = sh.key;
-      } else {
-        cut = refine<true>(key_at, n, bp, map, kth, need, hist64, sh);
-      }
-    }
-  }
-
-  // 4. inverse CDF in vocabulary order: the first kept token whose cumulative mass exceeds u * total
-  const int chunk = (n + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
-  const int beg = min(n, tid * chunk), end = min(n, beg + chunk);
-  unsigned long long local = 0;
-  for (int i = beg; i < end; ++i) {
-    const unsigned key = key_at(i);
-    if (key >= cut) local += fixed_weight(key, mx);
-  }
-  unsigned long long total;
-  const unsigned long long before = block_excl_scan<unsigned long long>(local, sh.part64, total);
-  const unsigned long long target = (unsigned long long)((double)total * (double)uniform((unsigned long long)p.seeds[b], k));
-  if (before <= target && target < before + local) {
-    unsigned long long run = before;
-    for (int i = beg; i < end; ++i) {
-      const unsigned key = key_at(i);
-      if (key < cut) continue;
-      const unsigned long long w = fixed_weight(key, mx);
-      run += w;
-      if (w && run > target) { sh.token = direct ? i : lidx[i]; break; }
-    }
-  }
-  __syncthreads();
 
   // `tokens` records the draw; with teacher forcing the teacher's token is fed on instead
   const int drawn = sh.token;
-  const int tok = p.teacher ? (int)p.teacher[(long long)b * p.num_tokens + k] : drawn;
+  const int tok = p.teacher ? sh.teacher_tok : drawn;
   if (tid == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = drawn;
   if (tid == 0 && p.next_token) p.next_token[b] = tok;
   if (!p.next_input) return;
-  const int pos = k + p.position_offset;
   for (int i = tid; i < p.d; i += blockDim.x) {
-    elem_t e = st(ld(p.word_emb[(long long)tok * p.d + i]) + ld(p.pos_emb[(long long)pos * p.d + i]));
+    const float pe = i == tid ? pos_e : ld(p.pos_emb[(long long)pos * p.d + i]);
+    elem_t e = st(ld(p.word_emb[(long long)tok * p.d + i]) + pe);
     p.next_input[(long long)b * p.d + i] = e;
     p.next_input[(long long)(b + p.batch) * p.d + i] = e;
   }

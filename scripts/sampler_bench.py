@@ -41,11 +41,12 @@ def log(*args) -> None:
 
 
 class OldSampler:
-    """aim_cfg_sample compiled from another source file (the previous kernel), launched as it was."""
+    """aim_cfg_sample compiled from another source file (an earlier version), launched as it was: 1024 threads
+    and `smem` bytes of dynamic shared memory."""
 
     _launch = Kernels._launch
 
-    def __init__(self, dtype: str, source: Path):
+    def __init__(self, dtype: str, source: Path, smem: int = 256 * 8):
         from cuda.bindings import driver
 
         major, minor = torch.cuda.get_device_capability()
@@ -53,6 +54,10 @@ class OldSampler:
         cubin = compile_cubin(dtype, f"sm_{major}{minor}", source_path=source)
         self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
         self.fn = {"aim_cfg_sample": _check(driver.cuModuleGetFunction(self.module, b"aim_cfg_sample"), "fn")}
+        self.smem = smem
+        if smem > 48 * 1024:
+            attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            _check(driver.cuFuncSetAttribute(self.fn["aim_cfg_sample"], attr, smem), "cuFuncSetAttribute")
         self.pdl = major >= 9 and os.environ.get("AIM_RT_PDL", "1") != "0"
         if self.pdl:
             attr = driver.CUlaunchAttribute()
@@ -61,13 +66,18 @@ class OldSampler:
             self._pdl_attrs = [attr]
 
     def cfg_sample(self, p: SampleParams, stream: int) -> None:
-        self._launch("aim_cfg_sample", (p.batch, 1, 1), 1024, 256 * 8, stream, p)
+        self._launch("aim_cfg_sample", (p.batch, 1, 1), 1024, self.smem, stream, p)
+
+
+EXTRA: dict = {}  # name -> (source, smem): earlier versions to compare (--extra)
 
 
 def variants(dtype: str, old_source: Path | None) -> dict:
     out = {"new": Kernels(dtype)}
     if dtype == "bfloat16":
         out["new512"] = Kernels(dtype, defines={"SAMPLE_THREADS": 512})
+    for name, (source, smem) in EXTRA.items():
+        out[name] = OldSampler(dtype, source, smem)
     if old_source is not None:
         out["old"] = OldSampler(dtype, old_source)
     return out
@@ -88,7 +98,7 @@ def agreement(old_source: Path | None, report: dict) -> None:
                             "vs_draw_agree": 0, "vs_draw_rows": 0} for name in kern}
             for si, settings in enumerate(SETTINGS):
                 for ki, kind in enumerate(KINDS):
-                    for rep in range(2):
+                    for rep in range(2 if vocab == 16384 else 1):
                         logits = random_logits(kind, 2 * batch, vocab, g)
                         if dtype == "float16":
                             logits = logits.clamp(-6e4, 6e4)
@@ -96,18 +106,18 @@ def agreement(old_source: Path | None, report: dict) -> None:
                         step = 11 * si + 3 * ki + rep
                         outs = {name: run_sampler(k, logits, seeds, step, settings, d=64) for name, k in kern.items()}
                         base = outs.get("old", outs["new"])
+                        want = fixed_point_draw(outs["new"][1], seeds, step, settings.top_k, settings.top_p)
                         for name, (tok, mixed, emb) in outs.items():
                             s = stats[name]
                             s["rows"] += batch
-                            want = fixed_point_draw(mixed, seeds, step, settings.top_k, settings.top_p)
                             s["vs_fixed_point"] += int((tok != want).sum())
                             s["vs_old"] += int((tok != base[0]).sum())
                             s["mixed_vs_old"] += int((mixed.view(torch.int32) != base[1].view(torch.int32)).sum())
                             s["next_vs_old"] += int((emb["next_input"] != base[2]["next_input"]).sum())
-                            if kind in ("normal", "gumbel"):
-                                ref = draw(mixed.cpu(), seeds.cpu(), step, settings)
-                                s["vs_draw_agree"] += int((tok.cpu() == ref).sum())
-                                s["vs_draw_rows"] += batch
+                        if kind in ("normal", "gumbel"):
+                            ref = draw(outs["new"][1].cpu(), seeds.cpu(), step, settings)
+                            stats["new"]["vs_draw_agree"] += int((outs["new"][0].cpu() == ref).sum())
+                            stats["new"]["vs_draw_rows"] += batch
             res[f"{dtype} vocab {vocab}"] = stats
             log(f"agreement {dtype} vocab {vocab}: " + "; ".join(
                 f"{n}: rows {s['rows']}, != fixed-point {s['vs_fixed_point']}, != old {s['vs_old']}, mixed != old "
@@ -165,7 +175,8 @@ def timing(old_source: Path | None, reps: int, report: dict) -> None:
     cases = [("official", official, kind, batch) for kind in ("normal", "gumbel") for batch in (1, 16, 64)]
     cases += [("top_k 0 / top_p 0.9", SamplingSettings(top_k=0, top_p=0.9), "normal", 16),
               ("top_k 50 / top_p 1", SamplingSettings(top_k=50, top_p=1.0), "normal", 16),
-              ("official, ties", official, "ties", 16)]
+              ("official, ties", official, "ties", 16),
+              ("official, temperature 0.8", SamplingSettings(temperature=0.8), "normal", 16)]
     for label, settings, kind, batch in cases:
         row = {}
         for name, k in kern.items():
@@ -184,8 +195,8 @@ def ncu_launches(old_source: Path | None) -> None:
         g = torch.Generator(device="cuda").manual_seed(batch)
         logits = random_logits("normal", 2 * batch, 16384, g).to(torch.bfloat16)
         seeds = torch.arange(batch, device="cuda")
-        for name in ("old", "new", "new512"):
-            if name in kern:
+        for name in kern:
+            if name != "new512":
                 run_sampler(kern[name], logits, seeds, 1, SamplingSettings(), d=768)
                 print(f"ncu launch: {name} batch {batch}", flush=True)
 
@@ -225,11 +236,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--old-source", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--extra", action="append", default=[], help="NAME=SOURCE:SMEM, another version to compare")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds for the whole run (later parts skip)")
     ap.add_argument("--all", action="store_true", help="also pytest, ncu and compute-sanitizer (subprocesses)")
     ap.add_argument("--ncu-target", action="store_true")
     ap.add_argument("--sanitize-target", action="store_true")
     a = ap.parse_args()
+    for spec in a.extra:
+        name, rest = spec.split("=", 1)
+        source, smem = rest.rsplit(":", 1)
+        EXTRA[name] = (Path(source), int(smem))
     if a.ncu_target:
         return ncu_launches(a.old_source)
     if a.sanitize_target:
@@ -254,6 +270,7 @@ def main() -> None:
     if a.all:
         py = sys.executable
         me = [py, str(Path(__file__).resolve())] + (["--old-source", str(a.old_source)] if a.old_source else [])
+        me += [f"--extra={e}" for e in a.extra]
         ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
         tool([ncu, "--set", "full", "--kernel-name", "aim_cfg_sample", *me, "--ncu-target"], a.out / "ncu.txt",
              a.budget * 0.55)

@@ -50,11 +50,12 @@ def fixed_point_draw(mixed: torch.Tensor, seeds: torch.Tensor, step: int, top_k:
     return (w.cumsum(1) <= target.unsqueeze(1)).sum(1)
 
 
-def run_sampler(kernels, logits, seeds, step, settings, *, teacher=None, d=0, num_tokens=8, position_offset=1):
+def run_sampler(kernels, logits, seeds, step, settings, *, teacher=None, d=0, num_tokens=None, position_offset=1):
     """One launch on (2 * batch, vocab) logits; returns tokens[:, step], the mixed logits, and with d > 0 the
     next input (2 * batch, d) and next token (batch) with the embeddings used."""
     from aim_rt.plugins.kernels import SampleParams
 
+    num_tokens = num_tokens or step + 1
     batch, vocab = logits.shape[0] // 2, logits.shape[1]
     dev, dt = logits.device, logits.dtype
     tokens = torch.full((batch, num_tokens), -1, device=dev, dtype=torch.long)
