@@ -196,7 +196,7 @@ def ncu_launches(old_source: Path | None) -> None:
         logits = random_logits("normal", 2 * batch, 16384, g).to(torch.bfloat16)
         seeds = torch.arange(batch, device="cuda")
         for name in kern:
-            if name != "new512":
+            if name in ("old", "new"):
                 run_sampler(kern[name], logits, seeds, 1, SamplingSettings(), d=768)
                 print(f"ncu launch: {name} batch {batch}", flush=True)
 
