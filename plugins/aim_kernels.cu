@@ -589,191 +589,497 @@ __device__ __forceinline__ unsigned order_key(float f) {  // monotone float → 
   unsigned b = __float_as_uint(f);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
+__device__ __forceinline__ float key_value(unsigned k) {  // order_key's inverse (bit-exact, NaNs included)
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+}
 
-#define MAX_PER 16        // vocabulary entries per thread: vocab <= 1024 * MAX_PER
+// One block of SAMPLE_THREADS per image. The row (vocab <= SAMPLE_VMAX) is read once into registers; after the
+// top-k select only its survivors (~top_k entries) are handled, from a list in shared memory.
+#ifndef SAMPLE_THREADS
+#define SAMPLE_THREADS 1024
+#endif
+#define SAMPLE_WARPS (SAMPLE_THREADS / 32)
+#define SAMPLE_VMAX 16384
+#define MAX_PER (SAMPLE_VMAX / SAMPLE_THREADS)  // vocabulary entries per thread
+#define NBINS 4096                              // histogram bins of a select
+#define BINS_PER (NBINS / SAMPLE_THREADS)
+#define LCAP 4096     // survivor list capacity; beyond it every thread keeps its own vocabulary slice as its list
+#define LPER (LCAP / SAMPLE_THREADS)  // list entries per thread
+#define NCAND 32      // boundary-bin entries that one warp resolves by counting (more: finer histograms)
 #define FIXED_ONE 1099511627776.0  // 2^40: probabilities in fixed point, so every sum is exact and order-free
+// Dynamic shared memory: NBINS * 8 (histograms) + LCAP * 6 (list keys and indices); Kernels.cfg_sample sizes it.
 
-__device__ unsigned long long block_sum_u64(unsigned long long v, unsigned long long* scratch) {
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < nwarps ? scratch[lane] : 0ull;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
+// CFG mix and temperature. x / 1 == x exactly (a NaN here comes from arithmetic, so it is canonical already):
+// skipping the division at temperature 1 changes no bit.
+template <bool UNIT_TEMPERATURE>
+__device__ __forceinline__ float cfg_mix(float c, float u, float cfg_scale, float temperature) {
+  const float m = u + (c - u) * cfg_scale;
+  return UNIT_TEMPERATURE ? m : m / temperature;
+}
+__device__ __forceinline__ unsigned long long fixed_weight(unsigned key, float mx) {
+  return (unsigned long long)(expf(key_value(key) - mx) * FIXED_ONE);
 }
 
-// Radix select over register-resident keys, most significant byte first, into one 256-bin histogram.
-// Integer sums are exact, so the histogram is the same in any order (deterministic). Counting (top-k), the
-// lanes of a warp that hit one digit first agree on it (__match_any_sync) and add their count once: the
-// leading bytes of nearby logits are mostly equal, and 32 lanes adding 1 to one bin serialise.
-// weight[j] = 0 marks an element out of play.
-//   descending = true:  returns the key of the `rank`-th largest (weights are 0 or 1: counts);
-//   descending = false: returns the smallest key K whose ascending cumulative weight exceeds `limit`.
-__device__ __forceinline__ unsigned radix_select(const unsigned (&key)[MAX_PER], const unsigned long long (&weight)[MAX_PER],
-                                 bool descending, unsigned long long limit, unsigned long long* hist,
-                                 unsigned long long* s_acc, unsigned* s_digit) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  unsigned prefix = 0, mask = 0;
-  unsigned long long acc = 0;  // weight already passed in walk order
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    if (tid < 256) hist[tid] = 0ull;
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < MAX_PER; ++j) {
-      const bool in = weight[j] && (key[j] & mask) == prefix;
-      const unsigned digit = in ? (key[j] >> shift) & 0xFFu : 256u;
-      if (descending) {  // counts: one atomic per distinct digit in the warp (every lane takes part)
-        const unsigned peers = __match_any_sync(0xffffffffu, digit);
-        if (in && lane == __ffs(peers) - 1) atomicAdd(hist + digit, (unsigned long long)__popc(peers));
-      } else if (in) {
-        atomicAdd(hist + digit, weight[j]);
-      }
-    }
-    __syncthreads();
-    if (warp == 0) {  // lane l owns walk positions 8l..8l+7
-      unsigned long long v[8], sum = 0;
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        int pos = 8 * lane + q;
-        v[q] = hist[descending ? 255 - pos : pos];
-        sum += v[q];
-      }
-      unsigned long long incl = sum;
-      for (int o = 1; o < 32; o <<= 1) {
-        unsigned long long t = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += t;
-      }
-      unsigned long long run = acc + incl - sum;
-      int found = -1;
-      unsigned long long before = 0;
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        bool hit = descending ? (run + v[q] >= limit) : (run + v[q] > limit);
-        if (found < 0 && hit) { found = 8 * lane + q; before = run; }
-        run += v[q];
-      }
-      unsigned ballot = __ballot_sync(0xffffffffu, found >= 0);
-      int leader = ballot ? __ffs(ballot) - 1 : 31;
-      int pos = __shfl_sync(0xffffffffu, found >= 0 ? found : 255, leader);
-      unsigned long long b4 = __shfl_sync(0xffffffffu, found >= 0 ? before : run - v[7], leader);
-      if (lane == 0) {
-        *s_digit = descending ? 255 - pos : pos;
-        *s_acc = b4;
-      }
-    }
-    __syncthreads();
-    prefix |= *s_digit << shift;
-    mask |= 0xFFu << shift;
-    acc = *s_acc;
-    __syncthreads();
+// Histogram bin of a value: monotone (a larger value never gets a larger bin; bin 0 holds the maximum), so the
+// keys of one bin form an interval. The bins are logarithmic in the distance to the maximum relative to the
+// row's range (256 per octave over 16 octaves): fine near the top, where top-k and top-p cut, whatever the
+// logits' scale, and no outlier squeezes the rest into one bin. A NaN (canonical, the largest key) gets bin 0.
+// Rows with a non-finite or zero range (inv == 0) use the keys' high bits instead.
+struct BinMap { float mx, inv; unsigned kmx, kmn; };
+__device__ __forceinline__ int coarse_bin(float x, const BinMap& m) {
+  if (m.inv > 0.0f) {
+    const float d = fmaxf(m.mx - x, 0.0f);
+    const float r = fmaf(d, m.inv, 1.52587890625e-05f);  // + 2^-16: r in [2^-16, 1 + 2^-16], no lower clamp
+    return min((int)(__float_as_uint(r) >> 15) - ((127 - 16) << 8), NBINS - 1);
   }
-  return prefix;
+  const unsigned key = order_key(x);
+  if (key >= m.kmx) return 0;
+  if (key <= m.kmn) return NBINS - 1;
+  return (int)((m.kmx - key) >> 20);
 }
 
-// grid (batch); block 1024; dynamic shared: 256 * 8 bytes.
-extern "C" __global__ void __launch_bounds__(1024) aim_cfg_sample(SampleParams p) {
-  PDL_WAIT();
-  extern __shared__ unsigned long long hist[];
-  __shared__ float s_red[32];
-  __shared__ unsigned long long s_red64[32], s_acc;
-  __shared__ unsigned s_digit;
-  __shared__ int s_token;
-  const int b = blockIdx.x, V = p.vocab, k = *p.step;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int per = (V + blockDim.x - 1) / blockDim.x;
-  const int lo = tid * per;  // this thread's contiguous slice of the vocabulary
-  const elem_t* cond = p.logits + (long long)b * p.logits_stride;
-  const elem_t* uncond = p.logits + (long long)(b + p.uncond_rows) * p.logits_stride;
+struct SelectOut { int bin; unsigned long long above; };
+struct SampleShared {
+  float fmx[32], fmn[32];
+  unsigned part32[32], klo[32], khi[32];
+  unsigned long long part64[32];
+  unsigned cand[NCAND];
+  SelectOut sel;
+  int nc, token, teacher_tok;
+  unsigned key;
+  float u;
+};
 
-  float x[MAX_PER];
-  unsigned key[MAX_PER];
-  unsigned long long w[MAX_PER];
-  float mx = -3.402823466e38f;
+// Exclusive prefix sum over the block in thread order; `total` gets the sum. One __syncthreads: the caller
+// syncs before `part` is written again.
+template <typename T>
+__device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  T incl = local;
 #pragma unroll
-  for (int j = 0; j < MAX_PER; ++j) {
-    const int i = lo + j;
-    const bool valid = j < per && i < V;
-    float m = 0.0f;
-    if (valid) {
-      float c = ld(cond[i]), u = ld(uncond[i]);
-      m = (u + (c - u) * p.cfg_scale) / p.temperature;
-      if (p.mixed_out) p.mixed_out[(long long)b * V + i] = m;
-      mx = fmaxf(mx, m);
-    }
-    x[j] = m;
-    key[j] = order_key(m);
-    w[j] = valid ? 1ull : 0ull;
-  }
-  mx = block_max(mx, s_red);
-
-  // top-k: keep values >= the k-th largest (ties kept, as the official sampler)
-  if (p.top_k > 0 && p.top_k < V) {
-    const unsigned kth = radix_select(key, w, true, (unsigned long long)p.top_k, hist, &s_acc, &s_digit);
-#pragma unroll
-    for (int j = 0; j < MAX_PER; ++j) if (key[j] < kth) w[j] = 0ull;
-  }
-  // probabilities (unnormalised, fixed point) of the survivors
-  unsigned long long z = 0;
-#pragma unroll
-  for (int j = 0; j < MAX_PER; ++j) {
-    w[j] = w[j] ? (unsigned long long)(expf(x[j] - mx) * FIXED_ONE) : 0ull;
-    z += w[j];
-  }
-  z = block_sum_u64(z, s_red64);
-  // top-p: drop tokens whose ascending cumulative probability is <= 1 - top_p (the top token always stays)
-  if (p.top_p < 1.0f) {
-    const unsigned long long limit = (unsigned long long)((double)z * (1.0 - (double)p.top_p));
-    const unsigned cut = radix_select(key, w, false, limit, hist, &s_acc, &s_digit);
-#pragma unroll
-    for (int j = 0; j < MAX_PER; ++j) if (key[j] < cut) w[j] = 0ull;
-  }
-
-  // inverse CDF in vocabulary order: the first token whose cumulative mass exceeds u * total
-  unsigned long long local = 0;
-#pragma unroll
-  for (int j = 0; j < MAX_PER; ++j) local += w[j];
-  unsigned long long incl = local;
   for (int o = 1; o < 32; o <<= 1) {
-    unsigned long long t = __shfl_up_sync(0xffffffffu, incl, o);
+    const T t = __shfl_up_sync(0xffffffffu, incl, o);
     if (lane >= o) incl += t;
   }
+  if (lane == 31) part[warp] = incl;
   __syncthreads();
-  if (lane == 31) s_red64[warp] = incl;
-  if (tid == 0) s_token = V;
-  __syncthreads();
-  if (warp == 0) {
-    unsigned long long t = s_red64[lane];
-    for (int o = 1; o < 32; o <<= 1) {
-      unsigned long long u2 = __shfl_up_sync(0xffffffffu, t, o);
-      if (lane >= o) t += u2;
+  T w = lane < SAMPLE_WARPS ? part[lane] : T(0);
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T t = __shfl_up_sync(0xffffffffu, w, o);
+    if (lane >= o) w += t;
+  }
+  total = __shfl_sync(0xffffffffu, w, 31);
+  const T prev = __shfl_sync(0xffffffffu, w, (warp + 31) & 31);
+  return (warp ? prev : T(0)) + incl - local;
+}
+
+// Walks the bins from bin 0 (largest values) and stores the bin where the cumulative count/mass first reaches
+// target_of(total) (which must lie in [1, total]) and the mass before that bin. Returns the total.
+template <typename T, typename F>
+__device__ __forceinline__ T find_bin(const T* hist, F target_of, T* part, SelectOut* out) {
+  T v[BINS_PER], local = 0;
+#pragma unroll
+  for (int q = 0; q < BINS_PER; ++q) {
+    v[q] = hist[threadIdx.x * BINS_PER + q];
+    local += v[q];
+  }
+  T total;
+  const T before = block_excl_scan<T>(local, part, total);
+  const T target = target_of(total);
+  if (before < target && target <= before + local) {
+    T run = before;
+#pragma unroll
+    for (int q = 0; q < BINS_PER; ++q) {
+      if (run + v[q] >= target) {
+        out->bin = threadIdx.x * BINS_PER + q;
+        out->above = run;
+        break;
+      }
+      run += v[q];
     }
-    s_red64[lane] = t;  // inclusive totals per warp
   }
   __syncthreads();
-  const unsigned long long total = s_red64[31];
-  const unsigned long long before = incl - local + (warp ? s_red64[warp - 1] : 0ull);
-  const unsigned long long target = (unsigned long long)((double)total * (double)uniform((unsigned long long)p.seeds[b], k));
+  return total;
+}
+
+// One warp: among n <= 32 candidates (keys; weight 1, or their fixed-point probability), the key where the
+// descending cumulative mass first reaches `need` (1 <= need <= their total). Exact integer sums: the result
+// does not depend on the candidates' order.
+template <bool WEIGHTED>
+__device__ __forceinline__ unsigned resolve_warp(const unsigned* cand, int n, unsigned long long need, float mx) {
+  const int lane = threadIdx.x & 31;
+  const bool in = lane < n;
+  const unsigned key = in ? cand[lane] : 0u;
+  const unsigned long long w = in ? (WEIGHTED ? fixed_weight(key, mx) : 1ull) : 0ull;
+  unsigned long long gt = 0, ge = 0;
+#pragma unroll 4
+  for (int m = 0; m < n; ++m) {
+    const unsigned km = __shfl_sync(0xffffffffu, key, m);
+    const unsigned long long wm = WEIGHTED ? __shfl_sync(0xffffffffu, w, m) : 1ull;
+    if (km > key) gt += wm;
+    if (km >= key) ge += wm;
+  }
+  const unsigned hit = __ballot_sync(0xffffffffu, in && gt < need && need <= ge);
+  return __shfl_sync(0xffffffffu, key, (__ffs(hit) - 1) & 31);
+}
+
+// The same answer when the boundary bin holds more than NCAND entries (ties, odd rows): radix-select passes over
+// the block's entries (each thread its `cnt` keys, key_of(j), read from memory: a rare path that should not hold
+// registers) whose coarse bin is `bsel` (key >= floor_key, positive weight when WEIGHTED): first their key
+// interval [lo, hi], then 12 bits of (hi - key) per pass (at most 3). Uses `hist` as scratch.
+template <bool WEIGHTED, typename KeyOf>
+__device__ unsigned refine(KeyOf key_of, int cnt, int bsel, const BinMap& map, unsigned floor_key,
+                           unsigned long long need, unsigned long long* hist, SampleShared& sh) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  unsigned lo = 0xFFFFFFFFu, hi = 0u;
+#pragma unroll 1
+  for (int j = 0; j < cnt; ++j) {
+    const unsigned key = key_of(j);
+    if (key >= floor_key && coarse_bin(key_value(key), map) == bsel) {  // weight 0 too: harmless
+      lo = min(lo, key);
+      hi = max(hi, key);
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  if (lane == 0) { sh.klo[warp] = lo; sh.khi[warp] = hi; }
+  __syncthreads();
+  lo = lane < SAMPLE_WARPS ? sh.klo[lane] : 0xFFFFFFFFu;
+  hi = lane < SAMPLE_WARPS ? sh.khi[lane] : 0u;
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  while (lo < hi) {
+    const int s = max(0, 20 - __clz(hi - lo));  // (hi - lo) >> s < NBINS
+    for (int q = tid; q < NBINS; q += SAMPLE_THREADS) hist[q] = 0ull;
+    __syncthreads();
+#pragma unroll 1
+    for (int j = 0; j < cnt; ++j) {
+      const unsigned key = key_of(j);
+      if (key < lo || key > hi || key < floor_key) continue;
+      const unsigned long long w = WEIGHTED ? fixed_weight(key, map.mx) : 1ull;
+      if (w) atomicAdd(hist + ((hi - key) >> s), w);
+    }
+    __syncthreads();
+    find_bin<unsigned long long>(hist, [need](unsigned long long) { return need; }, sh.part64, &sh.sel);
+    const unsigned bb = sh.sel.bin;
+    need -= sh.sel.above;
+    const unsigned width = (bb << s) + ((1u << s) - 1u);  // the new interval: hi - (bb << s) - (2^s - 1) ..
+    lo = hi - lo > width ? hi - width : lo;                //                   hi - (bb << s)
+    hi -= bb << s;
+  }
+  return lo;
+}
+
+struct RowSelect {  // what the top-k stage hands on
+  bool topk, topp, direct;
+  int bstar, nc;              // top-k boundary bin and its entry count (in sh.cand up to NCAND)
+  unsigned long long need;    // top-k rank within that bin
+};
+
+// Stages 3-5 over each thread's `cnt` entries key[] (its chunk of the survivor list, or its vocabulary slice):
+// top-k cut resolved, top-p, the draw. Returns the drawn list position (in the thread that owns it) via sh.token.
+template <int NPER, typename KeyOf>
+__device__ __forceinline__ void finish(const unsigned (&key)[NPER], KeyOf key_of, int cnt, int first,
+                                       const unsigned short* lidx, const RowSelect& rs, const BinMap& map,
+                                       float top_p, unsigned long long* hist64, SampleShared& sh) {
+  constexpr bool CACHE = NPER <= LPER;  // few entries: keep their weights in registers
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float mx = map.mx;
+
+  // top-k: the k-th largest key, within the boundary bin
+  unsigned kth = 0;
+  if (rs.topk) {
+    if (rs.nc <= NCAND) {
+      if (warp == 0) {
+        kth = resolve_warp<false>(sh.cand, rs.nc, rs.need, mx);
+        if (lane == 0) sh.key = kth;
+      }
+    } else {
+      kth = refine<false>(key_of, cnt, rs.bstar, map, 0u, rs.need, hist64, sh);
+      if (tid == 0) sh.key = kth;
+    }
+  }
+  if (rs.topp) {
+#pragma unroll
+    for (int q = 0; q < BINS_PER; ++q) hist64[tid * BINS_PER + q] = 0ull;
+  }
+  __syncthreads();
+  if (rs.topk) kth = sh.key;
+
+  unsigned long long w[CACHE ? NPER : 1];
+  auto weight = [&](int j) -> unsigned long long {  // the probability of entry j if it survived top-k, else 0
+    if constexpr (CACHE) return w[j];
+    return key[j] >= kth ? fixed_weight(key[j], mx) : 0ull;
+  };
+  if constexpr (CACHE) {
+#pragma unroll
+    for (int j = 0; j < NPER; ++j) w[j] = j < cnt && key[j] >= kth ? fixed_weight(key[j], mx) : 0ull;
+  }
+
+  // top-p over the survivors: the same select, weighted by the fixed-point probabilities. In descending order
+  // the cut is the key where the mass first reaches z - limit (= the smallest key whose ascending cumulative
+  // mass exceeds limit).
+  unsigned cut = kth;
+  if (rs.topp) {
+#pragma unroll
+    for (int j = 0; j < NPER; ++j) {
+      if (j >= cnt) continue;
+      const unsigned long long wj = weight(j);
+      if (wj) atomicAdd(hist64 + coarse_bin(key_value(key[j]), map), wj);
+    }
+    __syncthreads();
+    const unsigned long long z = find_bin<unsigned long long>(hist64, [top_p](unsigned long long total) {
+      const unsigned long long limit = (unsigned long long)((double)total * (1.0 - (double)top_p));
+      return limit < total ? total - limit : 0ull;
+    }, sh.part64, &sh.sel);
+    const unsigned long long limit = (unsigned long long)((double)z * (1.0 - (double)top_p));
+    if (limit >= z) {
+      cut = 0xFFFFFFFFu;  // nothing exceeds the limit: nothing is kept (as an exact ascending walk finds)
+    } else {
+      const int bp = sh.sel.bin;
+      const unsigned long long need = z - limit - sh.sel.above;
+#pragma unroll
+      for (int j = 0; j < NPER; ++j) {  // the boundary bin's entries into sh.cand (any order)
+        const bool c = j < cnt && weight(j) != 0ull && coarse_bin(key_value(key[j]), map) == bp;
+        const unsigned hits = __ballot_sync(0xffffffffu, c);
+        if (!hits) continue;
+        const int leader = __ffs(hits) - 1;
+        int slot = 0;
+        if (lane == leader) slot = atomicAdd(&sh.nc, __popc(hits));
+        slot = __shfl_sync(0xffffffffu, slot, leader) + __popc(hits & ((1u << lane) - 1u));
+        if (c && slot < NCAND) sh.cand[slot] = key[j];
+      }
+      __syncthreads();
+      const int nc = sh.nc;
+      if (nc <= NCAND) {
+        if (warp == 0) {
+          const unsigned c = resolve_warp<true>(sh.cand, nc, need, mx);
+          if (lane == 0) sh.key = c;
+        }
+        __syncthreads();
+        cut = sh.key;
+      } else {
+        cut = refine<true>(key_of, cnt, bp, map, kth, need, hist64, sh);
+      }
+    }
+  }
+
+  // inverse CDF in vocabulary order: the first kept token whose cumulative mass exceeds u * total
+  unsigned long long local = 0;
+#pragma unroll
+  for (int j = 0; j < NPER; ++j)
+    if (j < cnt && key[j] >= cut) local += weight(j);
+  unsigned long long total;
+  const unsigned long long before = block_excl_scan<unsigned long long>(local, sh.part64, total);
+  const unsigned long long target = (unsigned long long)((double)total * (double)sh.u);
   if (before <= target && target < before + local) {
     unsigned long long run = before;
 #pragma unroll
-    for (int j = 0; j < MAX_PER; ++j) {
-      run += w[j];
-      if (w[j] && run > target) { atomicMin(&s_token, lo + j); break; }
+    for (int j = 0; j < NPER; ++j) {
+      if (j >= cnt || key[j] < cut) continue;
+      const unsigned long long wj = weight(j);
+      run += wj;
+      if (wj && run > target) {
+        sh.token = lidx ? lidx[first + j] : first + j;
+        break;
+      }
     }
   }
   __syncthreads();
+}
+
+// Bins of this thread's entries (two per register) and the top-k histogram: only entries in bins <= blimit
+// (the k-th largest lies there) are counted.
+template <bool FLOAT_BINS>
+__device__ __forceinline__ void bin_pass(const float (&x)[MAX_PER], int nvalid, const BinMap& map, int blimit,
+                                         unsigned* hist, unsigned (&pk)[MAX_PER / 2]) {
+#pragma unroll
+  for (int j = 0; j < MAX_PER; ++j) {
+    unsigned bin = 0xFFFFu;
+    if (j < nvalid) {
+      if (FLOAT_BINS) {
+        const float r = fmaf(fmaxf(map.mx - x[j], 0.0f), map.inv, 1.52587890625e-05f);  // as coarse_bin
+        bin = (unsigned)min((int)(__float_as_uint(r) >> 15) - ((127 - 16) << 8), NBINS - 1);
+      } else {
+        bin = (unsigned)coarse_bin(x[j], map);
+      }
+      if ((int)bin <= blimit) atomicAdd(hist + bin, 1u);
+    }
+    pk[j / 2] = (j & 1) ? (pk[j / 2] | (bin << 16)) : bin;
+  }
+}
+
+template <bool UNIT_TEMPERATURE>
+__device__ __forceinline__ void load_mixed(const elem_t* cond, const elem_t* uncond, int nvalid, float cfg_scale,
+                                           float temperature, float (&x)[MAX_PER]) {
+  if (nvalid == MAX_PER && (((unsigned long long)cond | (unsigned long long)uncond) & 15) == 0) {
+    Vec8 cv[MAX_PER / VEC], uv[MAX_PER / VEC];
+#pragma unroll
+    for (int q = 0; q < MAX_PER / VEC; ++q) {
+      cv[q] = reinterpret_cast<const Vec8*>(cond)[q];
+      uv[q] = reinterpret_cast<const Vec8*>(uncond)[q];
+    }
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j)
+      x[j] = cfg_mix<UNIT_TEMPERATURE>(ld(cv[j / VEC].v[j % VEC]), ld(uv[j / VEC].v[j % VEC]), cfg_scale, temperature);
+  } else {
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j)
+      x[j] = j < nvalid ? cfg_mix<UNIT_TEMPERATURE>(ld(cond[j]), ld(uncond[j]), cfg_scale, temperature) : 0.0f;
+  }
+}
+
+// CFG mix and temperature, top-k (ties at the k-th value kept), top-p (drop the tokens whose ascending
+// cumulative probability is <= 1 - top_p; the top token stays), inverse-CDF draw in vocabulary order, with the
+// probabilities in 2^40 fixed point: every sum is an exact integer, so the token is the same in any thread
+// order and batch (and the same as aim_rt.sampling.draw up to float rounding at the cut points).
+// grid (batch); block SAMPLE_THREADS; dynamic shared memory NBINS * 8 + LCAP * 6 bytes.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(SampleParams p) {
+  PDL_WAIT();
+  extern __shared__ __align__(16) unsigned long long sample_smem[];
+  unsigned long long* hist64 = sample_smem;                      // top-p (and refine) histogram
+  unsigned* hist_max = reinterpret_cast<unsigned*>(sample_smem);  // top-k: histogram of the threads' maxima
+  unsigned* hist_all = hist_max + NBINS;                          //        and of the entries; same memory
+  unsigned* lkey = reinterpret_cast<unsigned*>(sample_smem + NBINS);  // survivor list, vocabulary order: keys
+  unsigned short* lidx = reinterpret_cast<unsigned short*>(lkey + LCAP);  //                 and token ids
+  __shared__ SampleShared sh;
+  const int b = blockIdx.x, V = p.vocab, k = *p.step;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int per = (V + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+  const int lo = tid * per;  // this thread's contiguous slice of the vocabulary
+  const int nvalid = max(0, min(per, V - lo));
+  const elem_t* cond = p.logits + (long long)b * p.logits_stride;
+  const elem_t* uncond = p.logits + (long long)(b + p.uncond_rows) * p.logits_stride;
+  RowSelect rs;
+  rs.topk = p.top_k > 0 && p.top_k < V;
+  rs.topp = p.top_p < 1.0f;
+  // read early, used late (kept in shared memory from stage 2 on, out of the registers): the seed, the
+  // teacher's token, this thread's first element of the position embedding
+  const unsigned long long seed = (unsigned long long)p.seeds[b];
+  const int teacher_tok = p.teacher ? (int)p.teacher[(long long)b * p.num_tokens + k] : 0;
+  const int pos = k + p.position_offset;
+  const float pos_e = p.next_input && tid < p.d ? ld(p.pos_emb[(long long)pos * p.d + tid]) : 0.0f;
+
+  if (tid == 0) { sh.nc = 0; sh.token = V; }
+  if (rs.topk) {
+#pragma unroll
+    for (int q = 0; q < 2 * BINS_PER; ++q) hist_max[tid * 2 * BINS_PER + q] = 0u;
+  }
+
+  // 1. mixed logits in registers; the row's max (the weights' reference) and min (for the bins)
+  float x[MAX_PER];
+  if (p.temperature == 1.0f) load_mixed<true>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
+  else load_mixed<false>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
+  float tmx = -3.402823466e38f, mn = 3.402823466e38f;
+#pragma unroll
+  for (int j = 0; j < MAX_PER; ++j) {
+    if (j >= nvalid) continue;
+    if (p.mixed_out) p.mixed_out[(long long)b * V + lo + j] = x[j];
+    tmx = fmaxf(tmx, x[j]);
+    mn = fminf(mn, x[j]);
+  }
+  float mx = warp_max(tmx);
+  mn = -warp_max(-mn);
+  if (lane == 0) { sh.fmx[warp] = mx; sh.fmn[warp] = mn; }
+  __syncthreads();
+  mx = warp_max(lane < SAMPLE_WARPS ? sh.fmx[lane] : -3.402823466e38f);
+  mn = -warp_max(lane < SAMPLE_WARPS ? -sh.fmn[lane] : -3.402823466e38f);
+  BinMap map;
+  map.mx = mx;
+  map.kmx = order_key(mx);
+  map.kmn = order_key(mn);
+  const float range = mx - mn;
+  map.inv = 1.0f / range;
+  if (!(range > 0.0f && range <= 3.402823466e38f && map.inv <= 3.402823466e38f)) map.inv = 0.0f;
+  if (tid == 0) { sh.u = uniform(seed, k); sh.teacher_tok = teacher_tok; }  // read after later __syncthreads
+
+  // 2. top-k: the bin of the k-th largest key. Each thread's maximum is an entry, so the bin where the threads'
+  // maxima reach top_k bounds it (blimit): the full histogram counts only the entries up to there (~top_k
+  // of them, not the whole row). The entries of the bins up to the k-th's go to the list (vocabulary order),
+  // that bin's to sh.cand.
+  rs.direct = true;  // no list: every thread keeps its vocabulary slice (no top-k, or too many survivors)
+  rs.bstar = 0;
+  rs.nc = 0;
+  rs.need = 0;
+  int n = V;
+  if (rs.topk) {
+    const int threads_with_entries = (V + per - 1) / per;
+    int blimit = NBINS - 1;
+    if (p.top_k <= threads_with_entries) {
+      if (nvalid > 0) atomicAdd(hist_max + coarse_bin(tmx, map), 1u);
+      __syncthreads();
+      find_bin<unsigned>(hist_max, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
+      blimit = sh.sel.bin;
+    }
+    unsigned pk[MAX_PER / 2];  // bins, two per register
+    if (map.inv > 0.0f) bin_pass<true>(x, nvalid, map, blimit, hist_all, pk);
+    else bin_pass<false>(x, nvalid, map, blimit, hist_all, pk);
+    __syncthreads();
+    find_bin<unsigned>(hist_all, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
+    const unsigned bstar = sh.sel.bin;
+    rs.bstar = (int)bstar;
+    rs.need = (unsigned long long)p.top_k - sh.sel.above;
+    unsigned cnt = 0;  // list entries | boundary-bin entries << 16 (each <= SAMPLE_VMAX)
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) {
+      const unsigned bin = (pk[j / 2] >> (16 * (j & 1))) & 0xFFFFu;
+      cnt += (bin <= bstar ? 1u : 0u) + (bin == bstar ? 0x10000u : 0u);
+    }
+    unsigned tot;
+    const unsigned off = block_excl_scan<unsigned>(cnt, sh.part32, tot);
+    n = tot & 0xFFFFu;
+    rs.nc = tot >> 16;
+    rs.direct = n > LCAP;
+    unsigned lpos = off & 0xFFFFu, cpos = off >> 16;
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) {
+      const unsigned bin = (pk[j / 2] >> (16 * (j & 1))) & 0xFFFFu;
+      if (bin > bstar) continue;
+      const unsigned key = order_key(x[j]);
+      if (!rs.direct) { lkey[lpos] = key; lidx[lpos] = (unsigned short)(lo + j); }
+      ++lpos;
+      if (bin == bstar) {
+        if (cpos < NCAND) sh.cand[cpos] = key;
+        ++cpos;
+      }
+    }
+    __syncthreads();
+  }
+
+  // 3-5. resolve top-k, top-p, draw: over a chunk of the list, or over the thread's own slice
+  if (!rs.direct) {
+    const int chunk = (n + SAMPLE_THREADS - 1) / SAMPLE_THREADS;  // <= LPER
+    const int first = tid * chunk, cnt = max(0, min(chunk, n - first));
+    unsigned key[LPER];
+#pragma unroll
+    for (int j = 0; j < LPER; ++j) key[j] = j < cnt ? lkey[first + j] : 0u;
+    finish<LPER>(key, [&](int j) { return lkey[first + j]; }, cnt, first, lidx, rs, map, p.top_p, hist64, sh);
+  } else {
+    unsigned key[MAX_PER];
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) key[j] = order_key(x[j]);
+    auto key_of = [&](int j) {  // as x[j] was computed
+      const float c = ld(cond[lo + j]), v = ld(uncond[lo + j]);
+      return order_key(p.temperature == 1.0f ? cfg_mix<true>(c, v, p.cfg_scale, p.temperature)
+                                             : cfg_mix<false>(c, v, p.cfg_scale, p.temperature));
+    };
+    finish<MAX_PER>(key, key_of, nvalid, lo, nullptr, rs, map, p.top_p, hist64, sh);
+  }
 
   // `tokens` records the draw; with teacher forcing the teacher's token is fed on instead
-  const int drawn = s_token;
-  const int tok = p.teacher ? (int)p.teacher[(long long)b * p.num_tokens + k] : drawn;
+  const int drawn = sh.token;
+  const int tok = p.teacher ? sh.teacher_tok : drawn;
   if (tid == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = drawn;
   if (tid == 0 && p.next_token) p.next_token[b] = tok;
   if (!p.next_input) return;
-  const int pos = k + p.position_offset;
   for (int i = tid; i < p.d; i += blockDim.x) {
-    elem_t e = st(ld(p.word_emb[(long long)tok * p.d + i]) + ld(p.pos_emb[(long long)pos * p.d + i]));
+    const float pe = i == tid ? pos_e : ld(p.pos_emb[(long long)pos * p.d + i]);
+    elem_t e = st(ld(p.word_emb[(long long)tok * p.d + i]) + pe);
     p.next_input[(long long)b * p.d + i] = e;
     p.next_input[(long long)(b + p.batch) * p.d + i] = e;
   }

@@ -195,6 +195,8 @@ def gated_norm_params(p: SsuParams) -> GatedNormParams:
 
 
 SSU_THREADS, SSU_STAGES, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 2, 256, 8, 1024  # as in aim_kernels.cu
+# aim_cfg_sample: vocabulary <= SAMPLE_VMAX; dynamic shared memory NBINS * 8 + LCAP * 6 (as in aim_kernels.cu)
+SAMPLE_VMAX, SAMPLE_SMEM = 16384, 4096 * 8 + 4096 * 6
 MAX_W, VEC, MAX_STATE = 4, 8, 8192  # as in aim_kernels.cu
 
 
@@ -281,6 +283,7 @@ class Kernels:
         self.ssu_max_blocks = None  # None: as many blocks as are resident at once; a number caps the grid (tests)
         self._ssu_occupancy: dict[int, int] = {}
         self.num_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+        self.sample_threads = int(self.defines.get("SAMPLE_THREADS", SAMPLE_THREADS))
         cubin = compile_cubin(dtype, self.arch, defines=self.defines, source_path=source_path)
         self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
         self.fn = {name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
@@ -360,14 +363,13 @@ class Kernels:
         self._launch("aim_residual_norm", (p.rows, 1, 1), NORM_THREADS, 0, stream, p)
 
     def cfg_sample(self, p: SampleParams, stream: int) -> None:
-        if p.vocab > SAMPLE_THREADS * 16:
-            raise KernelError(f"the sampling kernel handles vocabularies up to {SAMPLE_THREADS * 16}, not {p.vocab}")
-        smem = 256 * 8
-        if smem > self._max_smem:
+        if not 0 < p.vocab <= SAMPLE_VMAX:
+            raise KernelError(f"the sampling kernel handles vocabularies up to {SAMPLE_VMAX}, not {p.vocab}")
+        if SAMPLE_SMEM > self._max_smem:  # above the 48 KiB default: opt in once
             attr = self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            _check(self.driver.cuFuncSetAttribute(self.fn["aim_cfg_sample"], attr, smem), "cuFuncSetAttribute")
-            self._max_smem = smem
-        self._launch("aim_cfg_sample", (p.batch, 1, 1), SAMPLE_THREADS, smem, stream, p)
+            _check(self.driver.cuFuncSetAttribute(self.fn["aim_cfg_sample"], attr, SAMPLE_SMEM), "cuFuncSetAttribute")
+            self._max_smem = SAMPLE_SMEM
+        self._launch("aim_cfg_sample", (p.batch, 1, 1), self.sample_threads, SAMPLE_SMEM, stream, p)
 
     def advance(self, step_ptr: int, stream: int) -> None:
         self._launch("aim_advance", (1, 1, 1), 1, 0, stream, ctypes.c_void_p(step_ptr))
