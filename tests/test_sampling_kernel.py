@@ -55,7 +55,8 @@ def run_sampler(kernels, logits, seeds, step, settings, *, teacher=None, d=0, nu
     next input (2 * batch, d) and next token (batch) with the embeddings used."""
     from aim_rt.plugins.kernels import SampleParams
 
-    num_tokens = num_tokens or step + 1
+    # tokens and teacher share the row stride num_tokens (SampleParams): a teacher sets it
+    num_tokens = num_tokens or (teacher.shape[1] if teacher is not None else step + 1)
     batch, vocab = logits.shape[0] // 2, logits.shape[1]
     dev, dt = logits.device, logits.dtype
     tokens = torch.full((batch, num_tokens), -1, device=dev, dtype=torch.long)
