@@ -254,6 +254,19 @@ def gemv_params(x, w, y) -> GemvParams:
                       rows=rows, n=n, k=k)
 
 
+def pdl_attributes(major: int) -> list:
+    """The launch attribute list that enables programmatic dependent launch on this compute capability (empty
+    before Hopper, or with AIM_RT_PDL=0)."""
+    from cuda.bindings import driver
+
+    if major < 9 or os.environ.get("AIM_RT_PDL", "1") == "0":
+        return []
+    attr = driver.CUlaunchAttribute()
+    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    return [attr]
+
+
 class Kernels:
     """The compiled module for one element type on the current CUDA device; launches on a given stream."""
 
@@ -297,12 +310,8 @@ class Kernels:
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
-        self.pdl = major >= 9 and os.environ.get("AIM_RT_PDL", "1") != "0"
-        if self.pdl:
-            attr = driver.CUlaunchAttribute()
-            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-            attr.value.programmaticStreamSerializationAllowed = 1
-            self._pdl_attrs = [attr]
+        self._pdl_attrs = pdl_attributes(major)
+        self.pdl = bool(self._pdl_attrs)
 
     def _launch(self, name: str, grid: tuple, block: int, smem: int, stream: int, params) -> None:
         holder = (ctypes.c_void_p * 1)(ctypes.addressof(params)) if params is not None else None

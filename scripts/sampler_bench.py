@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_sampling_kernel import KINDS, SETTINGS, fixed_point_draw, random_logits, run_sampler  # noqa: E402
 
-from aim_rt.plugins.kernels import Kernels, SampleParams, _check, compile_cubin  # noqa: E402
+from aim_rt.plugins.kernels import Kernels, SampleParams, _check, compile_cubin, pdl_attributes  # noqa: E402
 from aim_rt.sampling import SamplingSettings, draw  # noqa: E402
 
 T0 = time.time()
@@ -58,12 +57,8 @@ class OldSampler:
         if smem > 48 * 1024:
             attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             _check(driver.cuFuncSetAttribute(self.fn["aim_cfg_sample"], attr, smem), "cuFuncSetAttribute")
-        self.pdl = major >= 9 and os.environ.get("AIM_RT_PDL", "1") != "0"
-        if self.pdl:
-            attr = driver.CUlaunchAttribute()
-            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-            attr.value.programmaticStreamSerializationAllowed = 1
-            self._pdl_attrs = [attr]
+        self._pdl_attrs = pdl_attributes(major)
+        self.pdl = bool(self._pdl_attrs)
 
     def cfg_sample(self, p: SampleParams, stream: int) -> None:
         self._launch("aim_cfg_sample", (p.batch, 1, 1), 1024, self.smem, stream, p)
