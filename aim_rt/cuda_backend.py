@@ -378,9 +378,12 @@ class CudaBackend:
         vq: VQModel | None = self.model.vq
         if vq is None:
             raise AiMError("this checkpoint has no VQ tokenizer to decode with")
-        tokens = torch.as_tensor(tokens, device=self.model.device).long()
-        if ((tokens < 0) | (tokens >= vq.config.n_embed)).any() or tokens.shape[1] != self.config.num_tokens:
+        tokens = torch.as_tensor(tokens)
+        # checked where they are (tokens from sample() are on the CPU: no device kernels and sync for the check)
+        if (tokens.dim() != 2 or tokens.shape[1] != self.config.num_tokens
+                or ((tokens < 0) | (tokens >= vq.config.n_embed)).any()):
             raise AiMError(f"tokens must be (B, {self.config.num_tokens}) in [0, {vq.config.n_embed})")
+        tokens = tokens.to(self.model.device, torch.long)
         if self.dtype == torch.float32:
             return vq.decode_tokens(tokens).float()
         if self._vq is None:
