@@ -317,6 +317,9 @@ class CudaBackend:
         if graph is None:
             # Warm up on a side stream (cuBLAS picks its kernels), then capture one whole step. The warm-up
             # changes the buffers; callers run the prefill after this.
+            # The token index may still be num_tokens from the last sample of this batch size: the warm-up step
+            # would read the teacher row and the position table past their ends (an index in range is kept).
+            buf.step.remainder_(self.config.num_tokens)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

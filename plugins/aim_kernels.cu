@@ -961,7 +961,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   // read early, used late (kept in shared memory from stage 2 on, out of the registers): the seed, the
   // teacher's token, this thread's first element of the position embedding
   const unsigned long long seed = (unsigned long long)p.seeds[b];
-  const int teacher_tok = p.teacher ? (int)p.teacher[(long long)b * p.num_tokens + k] : 0;
+  const int teacher_tok = p.teacher && k < p.num_tokens ? (int)p.teacher[(long long)b * p.num_tokens + k] : 0;
   const int pos = k + p.position_offset;
   const float pos_e = p.next_input && tid < p.d ? ld(p.pos_emb[(long long)pos * p.d + tid]) : 0.0f;
 

@@ -146,6 +146,20 @@ def ssu_params(*, xbc, z, dt, conv_state_in, conv_state_out, ssm_state_in, ssm_s
     xbc/z/dt/y may be strided row views (e.g. slices of in_proj's output); states are contiguous.
     `weights`: conv_weight (C, 1, W) or (C, W), conv_bias, dt_bias, A_log, D, norm_weight."""
     rows, d_inner, nheads = xbc.shape[0], z.shape[1], dt.shape[1]
+    # The kernel's limits (warp-uniform state chunks, MAX_W taps, 64 groups in aim_gated_norm_apply's shared
+    # array, ...) are checked here, where every caller passes (the TensorRT plugin calls no other check).
+    d_conv = conv_state_in.shape[-1]
+    check_shapes(headdim, d_state, d_conv, ngroups)
+    conv_dim = d_inner + 2 * ngroups * d_state
+    if (nheads * headdim != d_inner or nheads % ngroups or xbc.shape[1] != conv_dim
+            or tuple(z.shape) != (rows, d_inner) or tuple(y.shape) != (rows, d_inner) or dt.shape[0] != rows
+            or tuple(sumsq.shape) != (rows, nheads)
+            or any(tuple(t.shape) != (rows, conv_dim, d_conv) for t in (conv_state_in, conv_state_out))
+            or any(tuple(t.shape) != (rows, nheads, headdim, d_state) for t in (ssm_state_in, ssm_state_out))):
+        raise KernelError(f"selective state update shapes disagree: xbc {tuple(xbc.shape)}, z {tuple(z.shape)}, "
+                          f"dt {tuple(dt.shape)}, conv {tuple(conv_state_in.shape)}, ssm {tuple(ssm_state_in.shape)}, "
+                          f"y {tuple(y.shape)}, sumsq {tuple(sumsq.shape)} (headdim {headdim}, d_state {d_state}, "
+                          f"ngroups {ngroups})")
     for name, t in (("conv_state_in", conv_state_in), ("conv_state_out", conv_state_out),
                     ("ssm_state_in", ssm_state_in), ("ssm_state_out", ssm_state_out)):
         if not t.is_contiguous():
