@@ -309,3 +309,31 @@ def test_bf16_image_does_not_depend_on_batch_composition():
     assert torch.equal(crowd[1], alone[0])
     big = backend.sample(list(range(100, 112)) + [207], list(range(12)) + [11], settings)  # 26 rows: wide tiles
     assert torch.equal(big[12], alone[0])
+
+
+def test_ssu_params_rejects_shapes_the_kernel_cannot_take():
+    """Every caller (the backend, the TensorRT plugin) goes through ssu_params: bad shapes fail there, by name,
+    instead of indexing out of bounds on the device (CPU tensors: only the checks run)."""
+    from aim_rt.plugins.kernels import KernelError, ssu_params
+
+    cfg = aim_rt.AiMConfig(d_model=64, n_layer=1, vocab_size=16, num_classes=2, num_tokens=4, d_state=32, headdim=32)
+    rows, C = 2, cfg.conv_dim
+
+    def make(d_conv=cfg.d_conv, sumsq_cols=cfg.nheads, headdim=cfg.headdim):
+        z = torch.zeros(rows, cfg.d_in_proj)
+        w = dict(conv_weight=torch.zeros(C, d_conv), conv_bias=torch.zeros(C), dt_bias=torch.zeros(cfg.nheads),
+                 A_log=torch.zeros(cfg.nheads), D=torch.zeros(cfg.nheads), norm_weight=torch.zeros(cfg.d_inner))
+        conv = torch.zeros(rows, C, d_conv)
+        ssm = torch.zeros(rows, cfg.nheads, cfg.headdim, cfg.d_state)
+        d_in, d_x = cfg.d_inner, cfg.d_inner + C
+        return ssu_params(xbc=z[:, d_in:d_x], z=z[:, :d_in], dt=z[:, d_x:], conv_state_in=conv, conv_state_out=conv,
+                          ssm_state_in=ssm, ssm_state_out=ssm, weights=w, sumsq=torch.zeros(rows, sumsq_cols),
+                          y=torch.zeros(rows, cfg.d_inner), headdim=headdim, d_state=cfg.d_state, ngroups=1, eps=1e-5)
+
+    assert make().rows == rows
+    with pytest.raises(KernelError, match="d_conv"):
+        make(d_conv=5)
+    with pytest.raises(KernelError, match="sumsq"):
+        make(sumsq_cols=cfg.nheads + 1)
+    with pytest.raises(KernelError, match="headdim"):
+        make(headdim=16)
