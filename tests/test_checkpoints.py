@@ -156,3 +156,21 @@ def test_dtype_and_device_choices():
     if not torch.cuda.is_available():
         with pytest.raises(aim_rt.AiMError, match="no CUDA GPU"):
             aim_rt.load_model(GOLDEN / "stage2_single.safetensors", device="cuda")
+
+
+def test_models_are_built_without_the_default_init_and_every_weight_is_assigned():
+    """Loading and random_model skip torch's default init (its draws are overwritten): every parameter must
+    then come from the weights or the seed, never from whatever the default init or fresh memory held."""
+    import aim_rt
+
+    cfg = aim_rt.AiMConfig(d_model=64, n_layer=2, vocab_size=32, num_classes=3, num_tokens=4, d_state=16,
+                           headdim=16, adaln_group=True, num_groups=2)
+    torch.manual_seed(0)
+    a = aim_rt.random_model(cfg, seed=3).state_dict()
+    torch.manual_seed(1)
+    torch.empty(10_000_000).normal_()  # dirty the allocator's free memory
+    b = aim_rt.random_model(cfg, seed=3).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the default init is back for everyone else
+    torch.manual_seed(0)
+    assert torch.nn.Linear(8, 8).weight.abs().sum() > 0
