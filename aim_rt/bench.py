@@ -154,6 +154,22 @@ def _model(spec: str, device, dtype):
     return model, f"{spec} (random weights)"
 
 
+def replay_us(graph, launches: int, replays: int = 5, before=None) -> float:
+    """Median device time per launch (µs) of a captured CUDA graph of `launches` launches, over `replays`
+    replays timed with CUDA events; `before()` runs ahead of each replay (e.g. resets a counter)."""
+    times = []
+    for _ in range(replays):
+        if before:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / launches)
+    return statistics.median(times)
+
+
 def _timed(fn, device, repeats: int) -> tuple[float, object]:
     times, out = [], None
     for _ in range(repeats):

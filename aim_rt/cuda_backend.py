@@ -3,15 +3,16 @@ decode loop replayed from a CUDA graph, with sampling on the device (no host rou
 
 Per step and layer: residual+RMSNorm+modulate (1 kernel) → in_proj product → fused selective-state update (1
 kernel, state streamed once, updated in place) → out_proj product. The products are aim_gemv (tensor-core,
-weights read once) for 16-bit models up to GEMV_FAST_ROWS rows (batch 16), cuBLAS otherwise. On Hopper every kernel of ours is
-launched with programmatic dependent launch: it starts while its predecessor runs and reads what does not
-depend on it (weights, its layer's state) before waiting for it (PDL_WAIT in aim_kernels.cu). With one group (every AiM model) the gated
-RMSNorm's 1/rms is a per-row scalar that factors out of out_proj, so the next residual-norm kernel applies it
-(and shifts the B/C conv windows the state update leaves), and the state update waits for no other block;
-otherwise a small kernel finishes the op before out_proj. Then the final norms, the lm_head GEMM, and one
-sampling kernel that writes the token and the next step's input embedding. The modulations are computed once
-per sequence; the class token is the first replayed step, from the zero state (a prefix goes through the
-reference's chunked prefill). One graph per (batch, settings) holds a whole step; it is replayed for every token.
+weights read once) for 16-bit models up to GEMV_FAST_ROWS rows (batch 16), cuBLAS otherwise. On Hopper every
+kernel of ours is launched with programmatic dependent launch: it starts while its predecessor runs and reads
+what does not depend on it (weights, its layer's state) before waiting for it (PDL_WAIT in aim_kernels.cu).
+With one group (every AiM model) the gated RMSNorm's 1/rms is a per-row scalar that factors out of out_proj,
+so the next residual-norm kernel applies it (and shifts the B/C conv windows the state update leaves), and the
+state update waits for no other block; otherwise a small kernel finishes the op before out_proj. Then the final
+norms, the lm_head product, and one sampling kernel that writes the token and the next step's input
+embedding. The modulations are computed once per sequence; the class token is the first replayed step, from
+the zero state (a prefix goes through the reference's chunked prefill). One graph per (batch, settings) holds
+a whole step; it is replayed for every token.
 """
 
 from __future__ import annotations
@@ -201,6 +202,8 @@ class CudaBackend:
         and the kernels one step launches (= nodes of the step graph), counted by the profiler."""
         from torch.profiler import ProfilerActivity, profile
 
+        from .bench import replay_us
+
         buf = self._alloc(batch)
         self._mode = (False, False)
         classes = torch.arange(batch) % self.config.num_classes
@@ -217,16 +220,9 @@ class CudaBackend:
                 for _ in range(reps):
                     for fn in launches:
                         fn()
-            times = []
-            for _ in range(5):
-                buf.step.zero_()  # the sampler advances the token index: keep it inside the position table
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3 / (reps * len(launches)))
-            result[kind] = {"launches_per_step": len(launches), "us_per_launch": sorted(times)[len(times) // 2]}
+            # the sampler advances the token index: keep it inside the position table
+            us = replay_us(graph, reps * len(launches), before=buf.step.zero_)
+            result[kind] = {"launches_per_step": len(launches), "us_per_launch": us}
         buf.step.zero_()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             self._step(buf, settings)

@@ -26,7 +26,6 @@ _DTYPES = {
 }
 
 
-
 @contextlib.contextmanager
 def _weights_assigned_after():
     """Build modules without torch's default parameter init, for callers that assign every weight right after

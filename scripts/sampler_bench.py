@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_sampling_kernel import KINDS, SETTINGS, fixed_point_draw, random_logits, run_sampler  # noqa: E402
 
+from aim_rt.bench import replay_us  # noqa: E402
 from aim_rt.plugins.kernels import Kernels, SampleParams, _check, compile_cubin, pdl_attributes  # noqa: E402
 from aim_rt.sampling import SamplingSettings, draw  # noqa: E402
 
@@ -151,16 +152,7 @@ def time_graph(kern, advance_kern, batch: int, settings: SamplingSettings, kind:
     with torch.cuda.graph(graph):
         for _ in range(reps):
             launch()
-    times = []
-    for _ in range(7):
-        step.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    return sorted(times)[len(times) // 2]
+    return replay_us(graph, reps, replays=7, before=step.zero_)
 
 
 def timing(old_source: Path | None, reps: int, report: dict) -> None:

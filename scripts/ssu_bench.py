@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import aim_rt
-from aim_rt.bench import copy_bandwidth, op_bytes
+from aim_rt.bench import copy_bandwidth, op_bytes, replay_us
 from aim_rt.plugins.kernels import SOURCE, Kernels, compile_cubin, ssu_params
 
 # new-kernel compile-time variants (the first is the default build)
@@ -119,16 +119,9 @@ class Case:
             for i in range(n):
                 k.selective_state_update(ps[i % self.slots], torch.cuda.current_stream().cuda_stream, finish=False)
         graph.replay()
-        times = []
-        for _ in range(replays):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3 / n)
+        us = replay_us(graph, n, replays)
         del graph
-        return sorted(times)[len(times) // 2]
+        return us
 
 
 def grid_of(k, case):

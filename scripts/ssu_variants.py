@@ -14,7 +14,7 @@ import time
 import torch
 
 import aim_rt
-from aim_rt.bench import copy_bandwidth, op_bytes
+from aim_rt.bench import copy_bandwidth, op_bytes, replay_us
 from aim_rt.plugins.kernels import Kernels, ssu_params
 
 VARIANTS = {  # the first is the default build; outputs of the others are compared with it
@@ -77,15 +77,7 @@ def main():
                 for _ in range(args.reps):
                     for p in ps:
                         k.selective_state_update(p, torch.cuda.current_stream().cuda_stream, finish=False)
-            times = []
-            for _ in range(5):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graph.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1e3 / (args.reps * cfg.n_layer))
-            us = sorted(times)[2]
+            us = replay_us(graph, args.reps * cfg.n_layer)
             row[name] = {"us": us, "GBps": nbytes / us / 1e3, "of_copy": nbytes / (us * 1e-6) / bandwidth,
                          "outputs_equal_default": same}
             print(model, batch, name, f"{us:.2f} us", f"{nbytes / (us * 1e-6) / bandwidth:.0%}", same, flush=True)
