@@ -153,11 +153,12 @@ def check_job_dir(ckpt, flags: GenerateFlags, plan, settings, shard, overwrite: 
         raise OutputError(problem)
 
 
-def load_for_run(ckpt, vq: Optional[str], device: str, dtype: str, shard):
-    """Build the model (one GPU per rank under torchrun) and make sure it can decode images."""
+def load_for_run(ckpt, vq: Optional[str], device: str, dtype: str, shard, backend: str = ""):
+    """Build the model (one GPU per rank under torchrun) and make sure it can decode images. With the cuda
+    backend its kernels start compiling first, so the compile and the model build overlap."""
     from aim_rt import load_vq
     from aim_rt.errors import AiMError
-    from aim_rt.loading import attach_vq, build
+    from aim_rt.loading import attach_vq, build, dtype_name, resolve_device, resolve_dtype
 
     if shard.world > 1 and device in ("auto", "cuda"):
         import torch
@@ -165,6 +166,10 @@ def load_for_run(ckpt, vq: Optional[str], device: str, dtype: str, shard):
         if torch.cuda.is_available():
             device = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
             torch.cuda.set_device(device)
+    if backend == "cuda" and ckpt.stage2_config is not None:
+        from aim_rt.cuda_backend import precompile
+
+        precompile(ckpt.stage2_config, dtype_name(resolve_dtype(dtype)), resolve_device(device))
     loaded = build(ckpt, device, dtype)
     if vq is not None:
         attach_vq(loaded.model, load_vq(vq))
@@ -262,7 +267,7 @@ def generate(
         plan, settings = plan_run(ckpt, flags, seed, npz, grid)
         check_job_dir(ckpt, flags, plan, settings, shard, overwrite, base_seed=seed, batch_size=batch_size,
                       backend=backend, dtype=dtype)
-        loaded = load_for_run(ckpt, vq, device, dtype, shard)
+        loaded = load_for_run(ckpt, vq, device, dtype, shard, backend)
         del ckpt  # the module holds the weights now; the state dicts read from disk can go
         engine = open_backend(backend, loaded.model, model_sha256=loaded.sha256, source=loaded.source, dtype=dtype,
                               artifacts=flags.artifacts)

@@ -53,12 +53,27 @@ def compile_vq_cubin(dtype: str, arch: str, use_cache: bool = True, source: Path
                      vec_batch: int = 4) -> bytes:
     """NVRTC-compile vq_kernels.cu for one element type ('bfloat16'/'float16') and arch ('sm_90'), cached on disk
     by (source, options, NVRTC version). `vec_batch`: vectors each thread loads before it computes (VEC_BATCH)."""
-    from .plugins.kernels import KernelError, compile_cubin
+    from .plugins.kernels import compile_cubin
+
+    _check_dtype(dtype)
+    return compile_cubin(dtype, arch, use_cache, defines={"VEC_BATCH": int(vec_batch)},
+                         source_path=_source() if source is None else Path(source))
+
+
+def compile_vq_async(dtype: str, arch: str, vec_batch: int = 4):
+    """compile_vq_cubin (with the disk cache) in a background thread, once per process: a Future of the cubin
+    (see plugins/kernels.py compile_async). The cuda backend starts it early so a cold start overlaps it."""
+    from .plugins.kernels import compile_async
+
+    _check_dtype(dtype)
+    return compile_async(dtype, arch, {"VEC_BATCH": int(vec_batch)}, _source())
+
+
+def _check_dtype(dtype: str) -> None:
+    from .plugins.kernels import KernelError
 
     if dtype not in ELEM_KINDS:
         raise KernelError(f"VQ kernels support {sorted(ELEM_KINDS)}, not {dtype!r}")
-    return compile_cubin(dtype, arch, use_cache, defines={"VEC_BATCH": int(vec_batch)},
-                         source_path=_source() if source is None else Path(source))
 
 
 P, LL, I, Fl = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
@@ -187,7 +202,7 @@ class _CudaOps:
         self.mma = major >= 8  # vq_conv_out's mma.sync m16n8k16
         name = str(dtype).removeprefix("torch.")
         torch.empty(1, device=device)  # the primary context current for the driver API
-        cubin = compile_vq_cubin(name, f"sm_{major}{minor}", vec_batch=vec_batch)
+        cubin = compile_vq_async(name, f"sm_{major}{minor}", vec_batch=vec_batch).result()
         self.vec_batch = vec_batch
         if chunking not in ("wave", "64k"):
             raise ValueError(f"chunking must be 'wave' or '64k', not {chunking!r}")

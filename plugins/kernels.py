@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("aim_kernels.cu")
@@ -71,6 +73,40 @@ def compile_cubin(dtype: str, arch: str, use_cache: bool = True, check_layout: b
     return cubin
 
 
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="aim-rt-nvrtc")
+_BUILDS: dict[tuple, Future] = {}
+_BUILDS_LOCK = threading.Lock()
+
+
+def compile_async(dtype: str, arch: str, defines: dict | None = None, source_path: Path = SOURCE) -> Future:
+    """compile_cubin (cached on disk) in a background thread: NVRTC releases the GIL, so programs compile side by
+    side, and with the rest of a cold start (building the model). One compile per distinct build in a process:
+    a second request for it waits for the first. Returns a Future of the cubin."""
+    key = (dtype, arch, tuple(sorted((k, str(v)) for k, v in (defines or {}).items())), str(source_path))
+    with _BUILDS_LOCK:
+        fut = _BUILDS.get(key)
+        if fut is None or (fut.done() and fut.exception() is not None):  # a failed build is tried again
+            fut = _BUILDS[key] = _POOL.submit(compile_cubin, dtype, arch, True, False, defines, source_path)
+    return fut
+
+
+def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None,
+                norm_depths: tuple[int, ...] | None = None) -> list[dict]:
+    """The -D sets of the programs a Kernels compiles: the step's kernels with only the aim_gemv instances the
+    depths need (all of them for gemv_depths None), and the sampler (AIM_PARTS in aim_kernels.cu)."""
+    step = dict(defines or {})
+    if gemv_depths is not None:
+        chunks, norm_chunks = {k // 256 for k in gemv_depths}, {k // 256 for k in norm_depths or ()}
+        entries = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
+        entries += [f"XN({c})" for c in NORM_CHUNKS if c in norm_chunks]
+        step["GEMV_INSTANCES"] = " ".join(entries) or "/* none */"
+    return [{**step, "AIM_PARTS": 1}, {**(defines or {}), "AIM_PARTS": 2, "GEMV_INSTANCES": "/* none */"}]
+
+
+def _gemv_pairs() -> list[tuple[int, int]]:
+    return list(dict.fromkeys([(c, 1) for c in GEMV_CHUNKS] + list(GEMV_WIDE.items())))
+
+
 # ----- parameter structs (mirror aim_kernels.cu; layout_asserts() makes NVRTC check that they agree) ------
 P, LL, I, F = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
 
@@ -100,7 +136,7 @@ class NormParams(ctypes.Structure):
     _fields_ = [
         ("input", P), ("input_stride", LL), ("gate", P), ("gate_stride", LL),
         ("sumsq", P), ("sumsq_heads", I), ("sumsq_count", I), ("bc", ConvShift), ("residual", P),
-        ("norm_w", P), ("norm2_w", P), ("shift", P), ("scale", P), ("mod_stride", LL),
+        ("residual_out", P), ("norm_w", P), ("norm2_w", P), ("shift", P), ("scale", P), ("mod_stride", LL),
         ("out", P), ("out_stride", LL), ("rows", I), ("d", I), ("first", I), ("eps", F),
     ]
 
@@ -119,7 +155,11 @@ class GemvParams(ctypes.Structure):
     _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
 
 
-STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams)
+class GemvNormParams(ctypes.Structure):
+    _fields_ = [("g", GemvParams), ("n", NormParams)]
+
+
+STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemvNormParams)
 
 
 def layout_asserts() -> str:
@@ -234,12 +274,20 @@ KERNEL_NAMES = ("aim_selective_state_update", "aim_gated_norm_apply", "aim_resid
 # aim_gemv_k<CH>_n<NT> (16-bit types): k = 256 * CH, 8 * NT output columns per block, rows <= 16 * min(4, 8 / NT)
 GEMV_CHUNKS = (1, 2, 3, 4, 6, 8, 12)
 GEMV_WIDE = {1: 4, 2: 4, 3: 4, 4: 2, 6: 2}  # CH -> NT used above GEMV_NARROW_ROWS rows (registers: CH * NT <= 12)
+# AIM_RT_GEMV_WIDE="3:2,6:1" overrides some (to measure); NT 1, 2 or 4 with CH * NT <= 12
+GEMV_WIDE.update({int(c): int(t) for c, t in (kv.split(":") for kv in os.environ.get("AIM_RT_GEMV_WIDE", "").split(",")
+                                               if kv)})
 GEMV_NARROW_ROWS = 16
 # Up to GEMV_FAST_ROWS rows the backend uses aim_gemv, above it cuBLAS. Measured on the H200, 2026-11-29
 # (bench/results/step_*): at 2 rows aim_gemv takes 2.3 µs for AiM-B's in_proj where cuBLAS takes 4.6 µs; at 32
 # rows one 8-column tile per block re-read x from L2 so often that cuBLAS won (AiM-XL in_proj 14.0 vs 8.9 µs),
 # hence the wider tiles there. AIM_RT_GEMV_ROWS overrides the limit (to measure).
 GEMV_FAST_ROWS = int(os.environ.get("AIM_RT_GEMV_ROWS", "32"))
+# aim_gemv_norm_k<CH>: the residual norm folded into in_proj, up to GEMV_NORM_ROWS rows (batch 2; as in
+# aim_kernels.cu). AIM_RT_FOLD_ROWS lowers the limit (0: never fold, to measure what it gains).
+GEMV_NORM_ROWS = 4
+FOLD_ROWS = min(GEMV_NORM_ROWS, int(os.environ.get("AIM_RT_FOLD_ROWS", str(GEMV_NORM_ROWS))))
+NORM_CHUNKS = tuple(c for c in GEMV_CHUNKS if 256 * c <= NORM_THREADS * NORM_PER)
 
 
 def gemv_tiles(rows: int, k: int) -> int:
@@ -252,6 +300,11 @@ def gemv_supported(dtype: str, rows: int, k: int) -> bool:
     if dtype == "float32" or rows <= 0 or k % 256 or k // 256 not in GEMV_CHUNKS:
         return False
     return rows <= 16 * min(4, 8 // gemv_tiles(rows, k))
+
+
+def gemv_norm_supported(dtype: str, rows: int, d: int) -> bool:
+    """Whether aim_gemv_norm folds a residual norm of `rows` rows of width d into a product of depth d."""
+    return dtype != "float32" and 0 < rows <= FOLD_ROWS and d % 256 == 0 and d // 256 in NORM_CHUNKS
 
 
 def gemv_params(x, w, y) -> GemvParams:
@@ -285,10 +338,12 @@ class Kernels:
     """The compiled module for one element type on the current CUDA device; launches on a given stream."""
 
     def __init__(self, dtype: str, device_index: int = 0, defines: dict | None = None,
-                 gemv_depths: tuple[int, ...] | None = None, source_path: Path = SOURCE):
+                 gemv_depths: tuple[int, ...] | None = None, norm_depths: tuple[int, ...] | None = None,
+                 source_path: Path = SOURCE):
         """`defines`: extra -D macros (benchmarks of kernel variants, e.g. SSU_THREADS, SSU_STAGES).
         `gemv_depths`: the k of every product the caller will run through `gemv` (compiles only those
-        instances; a cold start pays for each); None: all of them.
+        instances; a cold start pays for each); None: all of them. `norm_depths`: likewise for `gemv_norm`
+        (the d_model of in_proj); used only with gemv_depths.
         `source_path`: another version of aim_kernels.cu (benchmarks against an older kernel)."""
         import torch
         from cuda.bindings import driver
@@ -300,32 +355,41 @@ class Kernels:
         torch.cuda.init()
         torch.empty(1, device=f"cuda:{device_index}")  # makes the primary context current for the driver API
         self.defines = dict(defines or {})
-        pairs = [(c, 1) for c in GEMV_CHUNKS] + list(GEMV_WIDE.items())
-        if gemv_depths is not None:
-            chunks = {k // 256 for k in gemv_depths}
-            pairs = [(c, t) for c, t in pairs if c in chunks]
-            self.defines["GEMV_INSTANCES"] = " ".join(f"X({c},{t})" for c, t in pairs) or "/* none */"
         self.ssu_threads = int(self.defines.get("SSU_THREADS", SSU_THREADS))
         self.ssu_stages = int(self.defines.get("SSU_STAGES", SSU_STAGES))
         self.ssu_max_blocks = None  # None: as many blocks as are resident at once; a number caps the grid (tests)
         self._ssu_occupancy: dict[int, int] = {}
         self.num_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
         self.sample_threads = int(self.defines.get("SAMPLE_THREADS", SAMPLE_THREADS))
-        cubin = compile_cubin(dtype, self.arch, defines=self.defines, source_path=source_path)
-        self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
-        self.fn = {name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
-                   for name in KERNEL_NAMES}
-        self.gemvs = set()
-        for c, t in pairs if dtype != "float32" else ():
-            err, fn = driver.cuModuleGetFunction(self.module, f"aim_gemv_k{c}_n{t}".encode())
-            if int(err) == 0:  # an older source (source_path) has none
+        builds = [compile_async(dtype, self.arch, d, source_path)
+                  for d in step_builds(dtype, self.defines, gemv_depths, norm_depths)]
+        self.modules = [_check(driver.cuModuleLoadData(b.result()), "cuModuleLoadData") for b in builds]
+        self.fn = {name: self._function(name) for name in KERNEL_NAMES}
+        self.gemvs, self.gemv_norms = set(), set()
+        for c, t in _gemv_pairs() if dtype != "float32" else ():
+            fn = self._function(f"aim_gemv_k{c}_n{t}", required=False)
+            if fn is not None:  # only the instances asked for (or an older source_path has none)
                 self.fn[f"aim_gemv_k{c}_n{t}"] = fn
                 self.gemvs.add((c, t))
+        for c in NORM_CHUNKS if dtype != "float32" else ():
+            fn = self._function(f"aim_gemv_norm_k{c}", required=False)
+            if fn is not None:
+                self.fn[f"aim_gemv_norm_k{c}"] = fn
+                self.gemv_norms.add(c)
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
         self._pdl_attrs = pdl_attributes(major)
         self.pdl = bool(self._pdl_attrs)
+
+    def _function(self, name: str, required: bool = True):
+        for module in self.modules:  # the first program that has it (an older source_path has every kernel in both)
+            err, fn = self.driver.cuModuleGetFunction(module, name.encode())
+            if int(err) == 0:
+                return fn
+        if required:
+            raise KernelError(f"no kernel {name} in the compiled programs")
+        return None
 
     def _launch(self, name: str, grid: tuple, block: int, smem: int, stream: int, params) -> None:
         holder = (ctypes.c_void_p * 1)(ctypes.addressof(params)) if params is not None else None
@@ -379,6 +443,19 @@ class Kernels:
         if (p.k // 256, nt) not in self.gemvs:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
         self._launch(f"aim_gemv_k{p.k // 256}_n{nt}", ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
+
+    def gemv_norm(self, p: GemvNormParams, stream: int) -> None:
+        """y = norm(x) @ w.T: the residual norm p.n (into no global `out`) folded into the product p.g, whose x
+        is unused; the caller checked gemv_norm_supported. p.n.residual_out must not alias p.n.residual (other
+        blocks still read the old residual while block 0 stores the new)."""
+        g, n = p.g, p.n
+        if g.k // 256 not in self.gemv_norms:
+            raise KernelError(f"aim_gemv_norm for k={g.k} was not compiled (norm_depths)")
+        if n.d != g.k or n.rows != g.rows or g.rows > GEMV_NORM_ROWS or n.norm2_w:
+            raise KernelError(f"aim_gemv_norm: norm of {n.rows} x {n.d} into a product of {g.rows} x {g.k}")
+        if n.residual_out == n.residual and not n.first:
+            raise KernelError("aim_gemv_norm needs a residual_out apart from the residual it reads")
+        self._launch(f"aim_gemv_norm_k{g.k // 256}", ((g.n + 7) // 8, 1, 1), 256, 0, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         if p.d > NORM_THREADS * NORM_PER:
