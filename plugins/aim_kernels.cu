@@ -216,13 +216,24 @@ __device__ __forceinline__ void store8(elem_t* dst, const unsigned (&u)[WORDS8])
 struct SsuRing {  // the shape of one stage: state (P * N), then x windows (P * W), then B/C windows (2N * W)
   int PN, xwin, bcwin, len;  // element offsets and the stage length (rounded to 16 bytes)
 };
-__device__ __forceinline__ int ssu_rg(const SsuParams& p, int s) {  // (row, group) of slice s, as one number
-  const int r = s / p.nheads;
-  return r * p.ngroups + (s - r * p.nheads) / (p.nheads / p.ngroups);
-}
-// Request slice s into `stage`: this thread's state chunks, its x channel's window, and (new_bc) its B/C
-// channel's window; the same bytes it reads when it computes slice s.
-__device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, elem_t* stage, int s, bool new_bc) {
+// Where a slice s = row * nheads + head is: its row, head, group and head within the group. Divided out once
+// per block (init) and then advanced one slice at a time, so no division is left on a slice's path. Slice s
+// starts a new (row, group), whose B and C differ from slice s - 1's, exactly when hg == 0.
+struct SsuCursor {
+  int r, h, grp, hg;
+  __device__ __forceinline__ void init(int s, int H, int hpg) {
+    r = s / H; h = s - r * H; grp = h / hpg; hg = h - grp * hpg;
+  }
+  __device__ __forceinline__ void advance(int H, int hpg) {
+    ++h; ++hg;
+    if (hg == hpg) { hg = 0; ++grp; }
+    if (h == H) { h = 0; grp = 0; ++r; }
+  }
+};
+// Request slice s (at cursor c) into `stage`: this thread's state chunks, its x channel's window, and
+// (new_bc) its B/C channel's window; the same bytes it reads when it computes slice s.
+__device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, elem_t* stage, int s,
+                                          const SsuCursor& c, bool new_bc) {
   const int tid = threadIdx.x, P = p.headdim, N = p.d_state, W = p.d_conv;
   const elem_t* src = p.ssm_state_in + (long long)s * g.PN;
 #pragma unroll
@@ -233,26 +244,29 @@ __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, 
       for (int q = 0; q < WORDS8 / 4; ++q)
         cp_async16(stage + e + q * 16 / sizeof(elem_t), src + e + q * 16 / sizeof(elem_t));
   }
-  const int r = s / p.nheads, h = s - r * p.nheads;
-  const elem_t* conv = p.conv_state_in + (long long)r * p.conv_dim * W;
-  if (tid < P) copy_window(stage + g.xwin + tid * W, conv + (h * P + tid) * W, W);
+  const elem_t* conv = p.conv_state_in + (long long)c.r * p.conv_dim * W;
+  if (tid < P) copy_window(stage + g.xwin + tid * W, conv + (c.h * P + tid) * W, W);
   if (new_bc) {
-    const int grp = h / (p.nheads / p.ngroups);
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) {
-      const int c = tid + j * SSU_THREADS;  // 0..N-1: the group's B; N..2N-1: its C
-      if (c >= 2 * N) break;
-      const int ch = c < N ? p.d_inner + grp * N + c : p.d_inner + p.ngroups * N + grp * N + (c - N);
-      copy_window(stage + g.bcwin + c * W, conv + ch * W, W);
+      const int ch = tid + j * SSU_THREADS;  // 0..N-1: the group's B; N..2N-1: its C
+      if (ch >= 2 * N) break;
+      const int chn = ch < N ? p.d_inner + c.grp * N + ch : p.d_inner + p.ngroups * N + c.grp * N + (ch - N);
+      copy_window(stage + g.bcwin + ch * W, conv + chn * W, W);
     }
   }
 }
 
+// The thread that computes a slice's dt, exp(dt * A) and D (once per slice, shared through shared memory):
+// lane 0 of the last warp, which has no x channel when headdim <= SSU_THREADS - 32.
+#define SSU_DT_TID (SSU_THREADS - 32)
+
 extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
   extern __shared__ __align__(16) unsigned char ssu_smem[];
   __shared__ float s_red[2][SSU_WARPS];
+  __shared__ float s_dt[2][3];  // per slice parity: dt, dA = exp(-dt * exp(A_log)), D
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int P = p.headdim, N = p.d_state, W = p.d_conv, H = p.nheads;
+  const int P = p.headdim, N = p.d_state, W = p.d_conv, H = p.nheads, hpg = p.nheads / p.ngroups;
   SsuRing g;
   g.PN = P * N;  // a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
   g.xwin = g.PN;
@@ -267,10 +281,15 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
 
   // ---- the first SSU_STAGES slices: this layer's own state, last written by this kernel one step ago, so
   // requested before PDL_WAIT. One commit group per slice (empty past the run) keeps the count uniform.
+  // `fc` is the cursor of the next slice to request, `cur` that of the slice computed.
+  SsuCursor cur, fc;
+  cur.init(s0, H, hpg);
+  fc = cur;
 #pragma unroll
   for (int k = 0; k < SSU_STAGES; ++k) {
-    if (k < n) ssu_fetch(p, g, ring + k * g.len, s0 + k, k == 0 || ssu_rg(p, s0 + k) != ssu_rg(p, s0 + k - 1));
+    if (k < n) ssu_fetch(p, g, ring + k * g.len, s0 + k, fc, k == 0 || fc.hg == 0);
     cp_async_commit();
+    fc.advance(H, hpg);
   }
 
   // Thread layout of a state slice ((P, N) row-major): VEC contiguous elements per chunk, N / VEC lanes per row
@@ -280,17 +299,17 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
   const int n0 = (tid * VEC) % N, row0 = tid * VEC / N, rows_per_it = SSU_THREADS * VEC / N;
   const int lanes_per_row = N / VEC;
   float bq[VEC], cq[VEC];
-  int r = s0 / H, h = s0 - r * H;
-  for (int i = 0; i < n; ++i, ++h) {
-    if (h == H) { h = 0; ++r; }
-    const int s = s0 + i, grp = h / (H / p.ngroups);
-    const bool new_bc = i == 0 || ssu_rg(p, s) != ssu_rg(p, s - 1);  // uniform across the block
-    const elem_t* stage = ring + (i % SSU_STAGES) * g.len;
+  int slot = 0;  // i % SSU_STAGES
+  for (int i = 0; i < n; ++i) {
+    const int s = s0 + i, r = cur.r, h = cur.h, grp = cur.grp;
+    const bool new_bc = i == 0 || cur.hg == 0;  // uniform across the block
+    elem_t* stage = ring + slot * g.len;
     float* xs = conv_buf + (i & 1) * conv_len;  // this head's x after the conv
     float* zs = xs + P;                         // silu(z)
     float* ws = zs + P;                         // norm_w
     float* Bs = ws + P;                         // the group's B after the conv
     float* Cs = Bs + N;                         // the group's C
+    float* sd = s_dt[i & 1];
 
     // ---- 1. weights (for the first slice, before PDL_WAIT)
     const int xch = h * P + tid;  // this thread's x channel (tid < P)
@@ -315,7 +334,12 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
       blast[j] = ld(p.conv_w[bch[j] * W + W - 1]);
       bcb[j] = ld(p.conv_b[bch[j]]);
     }
-    const float dt_bias = ld(p.dt_bias[h]), A_log = ld(p.A_log[h]), Dh = ld(p.D[h]);
+    float dt_bias = 0.0f, A_log = 0.0f;
+    if (tid == SSU_DT_TID) {
+      dt_bias = ld(p.dt_bias[h]);
+      A_log = ld(p.A_log[h]);
+      sd[2] = ld(p.D[h]);
+    }
     if (i == 0) PDL_WAIT();
 
     // ---- 2. in_proj's outputs for this slice (L2)
@@ -325,8 +349,11 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
     float bin[SSU_BC];
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) bin[j] = bch[j] >= 0 ? ld(xbc[bch[j]]) : 0.0f;
-    const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
-    const float dA = __expf(-dt * __expf(A_log));
+    if (tid == SSU_DT_TID) {
+      const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
+      sd[0] = dt;
+      sd[1] = __expf(-dt * __expf(A_log));
+    }
 
     // ---- 3. this thread's part of slice i has landed: conv + SiLU (window shifted left, new input last,
     // summed in window order) into shared memory; this head's x windows written back
@@ -364,6 +391,7 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
 #pragma unroll
       for (int j = 0; j < VEC; ++j) { bq[j] = Bs[n0 + j]; cq[j] = Cs[n0 + j]; }
     }
+    const float dt = sd[0], dA = sd[1], Dh = sd[2];
 
     // ---- 4. the state: h = h * dA + dt * x * B, y = h . C
     elem_t* out = p.ssm_state_out + (long long)s * g.PN;
@@ -400,10 +428,11 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
     if (lane == 0) s_red[i & 1][warp] = wsq;
 
     // ---- 5. refill the stage just consumed (this thread's own bytes, read above) with slice i + SSU_STAGES
-    if (i + SSU_STAGES < n)
-      ssu_fetch(p, g, ring + (i % SSU_STAGES) * g.len, s + SSU_STAGES,
-                ssu_rg(p, s + SSU_STAGES) != ssu_rg(p, s + SSU_STAGES - 1));
+    if (i + SSU_STAGES < n) ssu_fetch(p, g, stage, s + SSU_STAGES, fc, fc.hg == 0);
     cp_async_commit();
+    fc.advance(H, hpg);
+    cur.advance(H, hpg);
+    if (++slot == SSU_STAGES) slot = 0;
   }
   __syncthreads();
   if (warp == 0) {
