@@ -115,7 +115,10 @@ struct SsuParams {
 // Each thread copies exactly the bytes it later reads, so its own cp.async.wait_group makes them visible: no
 // barrier guards the ring. One __syncthreads per slice (the conv results, double-buffered by slice parity).
 // Instructions per state element are kept few (ncu showed the first version of this loop issue-bound): bf16
-// pairs unpacked with one integer op each and packed by one cvt per pair, no division in the loops.
+// pairs unpacked with one integer op each and packed by one cvt per pair, no division in the loops (the slice
+// cursor is advanced, not divided), dt and exp(dt * A) computed once per slice by one thread, and the AiM
+// shape compiled with constants (SSU_FAST): 4.6k warp-instructions per slice at AiM-XL b64 against 7.7k before
+// (ncu, bench/results/ncu_ssu4_h200_2026-11-29.txt).
 // Consecutive slices of one (row, group) share B and C, which stay in registers.
 // Two things span the heads of a group and are left to the next kernel, which runs after every head is done:
 // the gated RMSNorm (each slice writes its head's sum of squares and g * norm_w; the consumer applies 1/rms —
@@ -126,10 +129,11 @@ struct SsuParams {
 #ifndef SSU_THREADS
 #define SSU_THREADS 256
 #endif
-// Measured on the H200 (scripts/ssu_bench.py, bench/results/ssu3_h200_2026-11-29_run2.*): 3 resident blocks
-// of 256 threads (80 registers, no spill) beat 4 (64 registers, 32 bytes spilled, whose reloads sit on a
-// slice's path) at batch 1 and 16 (AiM-B: 2.8 vs 3.7 us, 11.3 vs 12.9 us) and tie at 64; 2 stages beat 3
-// (a third stage leaves room for fewer blocks). SSU_MIN_BLOCKS only changes register allocation (same PTX).
+// Measured on the H200 (scripts/ssu_bench.py, bench/results/ssu3_h200_2026-11-29_run2.*, ssu4_h200_2026-11-29.*):
+// 3 resident blocks of 256 threads (80 registers, no spill) beat 4 (64 registers, 72 bytes spilled, whose
+// reloads sit on a slice's path) everywhere (ssu4: AiM-B b16 9.5 vs 12.0 us, AiM-XL b64 68.2 vs 74.1 us); 3
+// stages tie with 2 (AiM-XL b64 66.9 vs 68.2 us, b16 18.5 vs 18.1). SSU_MIN_BLOCKS only changes register
+// allocation (same PTX).
 #ifndef SSU_MIN_BLOCKS
 #define SSU_MIN_BLOCKS 3
 #endif
