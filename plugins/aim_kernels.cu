@@ -121,7 +121,10 @@ struct SsuParams {
 // Each thread copies exactly the bytes it later reads, so its own cp.async.wait_group makes them visible: no
 // barrier guards the ring. One __syncthreads per slice (the conv results, double-buffered by slice parity).
 // Instructions per state element are kept few (ncu showed the first version of this loop issue-bound): bf16
-// pairs unpacked with one integer op each and packed by one cvt per pair, no division in the loops.
+// pairs unpacked with one integer op each and packed by one cvt per pair, no division in the loops (the slice
+// cursor is advanced, not divided), dt and exp(dt * A) computed once per slice by one thread, and the AiM
+// shape compiled with constants (SSU_FAST): 4.6k warp-instructions per slice at AiM-XL b64 against 7.7k before
+// (ncu, bench/results/ncu_ssu4_h200_2026-11-29.txt).
 // Consecutive slices of one (row, group) share B and C, which stay in registers.
 // Two things span the heads of a group and are left to the next kernel, which runs after every head is done:
 // the gated RMSNorm (each slice writes its head's sum of squares and g * norm_w; the consumer applies 1/rms —
@@ -132,10 +135,11 @@ struct SsuParams {
 #ifndef SSU_THREADS
 #define SSU_THREADS 256
 #endif
-// Measured on the H200 (scripts/ssu_bench.py, bench/results/ssu3_h200_2026-11-29_run2.*): 3 resident blocks
-// of 256 threads (80 registers, no spill) beat 4 (64 registers, 32 bytes spilled, whose reloads sit on a
-// slice's path) at batch 1 and 16 (AiM-B: 2.8 vs 3.7 us, 11.3 vs 12.9 us) and tie at 64; 2 stages beat 3
-// (a third stage leaves room for fewer blocks). SSU_MIN_BLOCKS only changes register allocation (same PTX).
+// Measured on the H200 (scripts/ssu_bench.py, bench/results/ssu3_h200_2026-11-29_run2.*, ssu4_h200_2026-11-29.*):
+// 3 resident blocks of 256 threads (80 registers, no spill) beat 4 (64 registers, 72 bytes spilled, whose
+// reloads sit on a slice's path) everywhere (ssu4: AiM-B b16 9.5 vs 12.0 us, AiM-XL b64 68.2 vs 74.1 us); 3
+// stages tie with 2 (AiM-XL b64 66.9 vs 68.2 us, b16 18.5 vs 18.1). SSU_MIN_BLOCKS only changes register
+// allocation (same PTX).
 #ifndef SSU_MIN_BLOCKS
 #define SSU_MIN_BLOCKS 3
 #endif
@@ -222,14 +226,38 @@ __device__ __forceinline__ void store8(elem_t* dst, const unsigned (&u)[WORDS8])
 struct SsuRing {  // the shape of one stage: state (P * N), then x windows (P * W), then B/C windows (2N * W)
   int PN, xwin, bcwin, len;  // element offsets and the stage length (rounded to 16 bytes)
 };
-__device__ __forceinline__ int ssu_rg(const SsuParams& p, int s) {  // (row, group) of slice s, as one number
-  const int r = s / p.nheads;
-  return r * p.ngroups + (s - r * p.nheads) / (p.nheads / p.ngroups);
-}
-// Request slice s into `stage`: this thread's state chunks, its x channel's window, and (new_bc) its B/C
-// channel's window; the same bytes it reads when it computes slice s.
-__device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, elem_t* stage, int s, bool new_bc) {
-  const int tid = threadIdx.x, P = p.headdim, N = p.d_state, W = p.d_conv;
+// Where a slice s = row * nheads + head is: its row, head, group and head within the group. Divided out once
+// per block (init) and then advanced one slice at a time, so no division is left on a slice's path. Slice s
+// starts a new (row, group), whose B and C differ from slice s - 1's, exactly when hg == 0.
+struct SsuCursor {
+  int r, h, grp, hg;
+  __device__ __forceinline__ void init(int s, int H, int hpg) {
+    r = s / H; h = s - r * H; grp = h / hpg; hg = h - grp * hpg;
+  }
+  __device__ __forceinline__ void advance(int H, int hpg) {
+    ++h; ++hg;
+    if (hg == hpg) { hg = 0; ++grp; }
+    if (h == H) { h = 0; grp = 0; ++r; }
+  }
+};
+// The state update's body for one shape: KP, KN, KW (headdim, d_state, d_conv) are compile-time constants, or 0
+// where they are read from p at run time. The kernel runs the instance of the AiM models' shape (64, 128, 4)
+// when it applies, else the generic one: same arithmetic, in the same order (bit-identical outputs); the
+// constant shape only removes address arithmetic and uniform branches, and lets the row sums of the state loop
+// be reduced for all of a thread's chunks at once (ssu_row_sums).
+#define SSU_FAST_P 64
+#define SSU_FAST_N 128
+#define SSU_FAST_W 4
+#ifndef SSU_FAST
+#define SSU_FAST 1  // 0: the generic instance only (to measure what the constant shape gains)
+#endif
+
+// Request slice s (at cursor c) into `stage`: this thread's state chunks, its x channel's window, and
+// (new_bc) its B/C channel's window; the same bytes it reads when it computes slice s.
+template <int KP, int KN, int KW>
+__device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, elem_t* stage, int s,
+                                          const SsuCursor& c, bool new_bc) {
+  const int tid = threadIdx.x, P = KP ? KP : p.headdim, N = KN ? KN : p.d_state, W = KW ? KW : p.d_conv;
   const elem_t* src = p.ssm_state_in + (long long)s * g.PN;
 #pragma unroll
   for (int it = 0; it < MAX_ITERS; ++it) {
@@ -239,27 +267,48 @@ __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, 
       for (int q = 0; q < WORDS8 / 4; ++q)
         cp_async16(stage + e + q * 16 / sizeof(elem_t), src + e + q * 16 / sizeof(elem_t));
   }
-  const int r = s / p.nheads, h = s - r * p.nheads;
-  const elem_t* conv = p.conv_state_in + (long long)r * p.conv_dim * W;
-  if (tid < P) copy_window(stage + g.xwin + tid * W, conv + (h * P + tid) * W, W);
+  const elem_t* conv = p.conv_state_in + (long long)c.r * p.conv_dim * W;
+  if (tid < P) copy_window(stage + g.xwin + tid * W, conv + (c.h * P + tid) * W, W);
   if (new_bc) {
-    const int grp = h / (p.nheads / p.ngroups);
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) {
-      const int c = tid + j * SSU_THREADS;  // 0..N-1: the group's B; N..2N-1: its C
-      if (c >= 2 * N) break;
-      const int ch = c < N ? p.d_inner + grp * N + c : p.d_inner + p.ngroups * N + grp * N + (c - N);
-      copy_window(stage + g.bcwin + c * W, conv + ch * W, W);
+      const int ch = tid + j * SSU_THREADS;  // 0..N-1: the group's B; N..2N-1: its C
+      if (ch >= 2 * N) break;
+      const int chn = ch < N ? p.d_inner + c.grp * N + ch : p.d_inner + p.ngroups * N + c.grp * N + (ch - N);
+      copy_window(stage + g.bcwin + ch * W, conv + chn * W, W);
     }
   }
 }
 
-#if AIM_PARTS & 1
-extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
+// The thread that computes a slice's dt, exp(dt * A) and D (once per slice, shared through shared memory):
+// lane 0 of the last warp, which has no x channel when headdim <= SSU_THREADS - 32.
+#define SSU_DT_TID (SSU_THREADS - 32)
+
+// Row sums of the fast shape (16 lanes per state row, 4 chunks per thread): the same butterfly over the row's
+// lanes as the generic loop (pairs differing in lane bit 3, then 2, 1, 0; each sum a + b is b + a, so every
+// lane's value is the generic one), but exchanging half of the chunks at the first two levels: 5 shuffles
+// instead of 16. Returns the sum of chunk 2 * bit3 + bit2 of the lane's row.
+__device__ __forceinline__ float ssu_row_sums(const float (&a)[4], int lane) {
+  const bool b3 = lane & 8, b2 = lane & 4;
+  float k0 = b3 ? a[2] : a[0], k1 = b3 ? a[3] : a[1];  // the chunks this lane keeps
+  const float s0 = b3 ? a[0] : a[2], s1 = b3 ? a[1] : a[3];  // those its partner keeps
+  k0 += __shfl_xor_sync(0xffffffffu, s0, 8);
+  k1 += __shfl_xor_sync(0xffffffffu, s1, 8);
+  float k = b2 ? k1 : k0;
+  k += __shfl_xor_sync(0xffffffffu, b2 ? k0 : k1, 4);
+  k += __shfl_xor_sync(0xffffffffu, k, 2);
+  k += __shfl_xor_sync(0xffffffffu, k, 1);
+  return k;
+}
+
+template <int KP, int KN, int KW>
+__device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_WARPS], float (*s_dt)[3]) {
   extern __shared__ __align__(16) unsigned char ssu_smem[];
-  __shared__ float s_red[2][SSU_WARPS];
+  // the fast reduction: 16 lanes per row, 4 chunks per thread
+  constexpr bool FAST = KN * KP == 4 * SSU_THREADS * VEC && KN == 16 * VEC;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int P = p.headdim, N = p.d_state, W = p.d_conv, H = p.nheads;
+  const int P = KP ? KP : p.headdim, N = KN ? KN : p.d_state, W = KW ? KW : p.d_conv;
+  const int H = p.nheads, hpg = p.nheads / p.ngroups;
   SsuRing g;
   g.PN = P * N;  // a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
   g.xwin = g.PN;
@@ -274,10 +323,15 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
 
   // ---- the first SSU_STAGES slices: this layer's own state, last written by this kernel one step ago, so
   // requested before PDL_WAIT. One commit group per slice (empty past the run) keeps the count uniform.
+  // `fc` is the cursor of the next slice to request, `cur` that of the slice computed.
+  SsuCursor cur, fc;
+  cur.init(s0, H, hpg);
+  fc = cur;
 #pragma unroll
   for (int k = 0; k < SSU_STAGES; ++k) {
-    if (k < n) ssu_fetch(p, g, ring + k * g.len, s0 + k, k == 0 || ssu_rg(p, s0 + k) != ssu_rg(p, s0 + k - 1));
+    if (k < n) ssu_fetch<KP, KN, KW>(p, g, ring + k * g.len, s0 + k, fc, k == 0 || fc.hg == 0);
     cp_async_commit();
+    fc.advance(H, hpg);
   }
 
   // Thread layout of a state slice ((P, N) row-major): VEC contiguous elements per chunk, N / VEC lanes per row
@@ -287,17 +341,17 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
   const int n0 = (tid * VEC) % N, row0 = tid * VEC / N, rows_per_it = SSU_THREADS * VEC / N;
   const int lanes_per_row = N / VEC;
   float bq[VEC], cq[VEC];
-  int r = s0 / H, h = s0 - r * H;
-  for (int i = 0; i < n; ++i, ++h) {
-    if (h == H) { h = 0; ++r; }
-    const int s = s0 + i, grp = h / (H / p.ngroups);
-    const bool new_bc = i == 0 || ssu_rg(p, s) != ssu_rg(p, s - 1);  // uniform across the block
-    const elem_t* stage = ring + (i % SSU_STAGES) * g.len;
+  int slot = 0;  // i % SSU_STAGES
+  for (int i = 0; i < n; ++i) {
+    const int s = s0 + i, r = cur.r, h = cur.h, grp = cur.grp;
+    const bool new_bc = i == 0 || cur.hg == 0;  // uniform across the block
+    elem_t* stage = ring + slot * g.len;
     float* xs = conv_buf + (i & 1) * conv_len;  // this head's x after the conv
     float* zs = xs + P;                         // silu(z)
     float* ws = zs + P;                         // norm_w
     float* Bs = ws + P;                         // the group's B after the conv
     float* Cs = Bs + N;                         // the group's C
+    float* sd = s_dt[i & 1];
 
     // ---- 1. weights (for the first slice, before PDL_WAIT)
     const int xch = h * P + tid;  // this thread's x channel (tid < P)
@@ -322,7 +376,12 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
       blast[j] = ld(p.conv_w[bch[j] * W + W - 1]);
       bcb[j] = ld(p.conv_b[bch[j]]);
     }
-    const float dt_bias = ld(p.dt_bias[h]), A_log = ld(p.A_log[h]), Dh = ld(p.D[h]);
+    float dt_bias = 0.0f, A_log = 0.0f;
+    if (tid == SSU_DT_TID) {
+      dt_bias = ld(p.dt_bias[h]);
+      A_log = ld(p.A_log[h]);
+      sd[2] = ld(p.D[h]);
+    }
     if (i == 0) PDL_WAIT();
 
     // ---- 2. in_proj's outputs for this slice (L2)
@@ -332,8 +391,11 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
     float bin[SSU_BC];
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) bin[j] = bch[j] >= 0 ? ld(xbc[bch[j]]) : 0.0f;
-    const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
-    const float dA = __expf(-dt * __expf(A_log));
+    if (tid == SSU_DT_TID) {
+      const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
+      sd[0] = dt;
+      sd[1] = __expf(-dt * __expf(A_log));
+    }
 
     // ---- 3. this thread's part of slice i has landed: conv + SiLU (window shifted left, new input last,
     // summed in window order) into shared memory; this head's x windows written back
@@ -371,11 +433,13 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
 #pragma unroll
       for (int j = 0; j < VEC; ++j) { bq[j] = Bs[n0 + j]; cq[j] = Cs[n0 + j]; }
     }
+    const float dt = sd[0], dA = sd[1], Dh = sd[2];
 
     // ---- 4. the state: h = h * dA + dt * x * B, y = h . C
     elem_t* out = p.ssm_state_out + (long long)s * g.PN;
     elem_t* yrow = p.y + (long long)r * p.y_stride + h * P;
     float local_sq = 0.0f;
+    float rs[MAX_ITERS];  // the fast shape: each chunk's partial row sum, reduced after the loop
 #pragma unroll
     for (int it = 0; it < MAX_ITERS; ++it) {
       const int e = (it * SSU_THREADS + tid) * VEC;
@@ -394,6 +458,10 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
       }
       pack8(hv, raw);
       store8(out + e, raw);
+      if (FAST) {
+        rs[it] = acc;
+        continue;
+      }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1)  // the row's lanes: a butterfly over N / VEC lanes (uniform condition)
         if (o < lanes_per_row) acc += __shfl_xor_sync(0xffffffffu, acc, o);
@@ -403,20 +471,49 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
         local_sq += gv * gv;
       }
     }
+    if (FAST) {  // lane holds chunk 2 * bit3 + bit2 of its row; lanes 0 and 16 sum the squares in chunk order
+      const float acc = ssu_row_sums(reinterpret_cast<const float (&)[4]>(rs), lane);
+      const int row = row0 + (((lane >> 3) & 1) * 2 + ((lane >> 2) & 1)) * rows_per_it;
+      const float xv = xs[row];
+      const float gv = (acc + Dh * xv) * zs[row];
+      if ((lane & 3) == 0) yrow[row] = st(gv * ws[row]);
+      const float g1 = __shfl_down_sync(0xffffffffu, gv, 4), g2 = __shfl_down_sync(0xffffffffu, gv, 8),
+                  g3 = __shfl_down_sync(0xffffffffu, gv, 12);
+      if ((lane & 15) == 0) {
+        local_sq += gv * gv;
+        local_sq += g1 * g1;
+        local_sq += g2 * g2;
+        local_sq += g3 * g3;
+      }
+    }
     const float wsq = warp_sum(local_sq);
     if (lane == 0) s_red[i & 1][warp] = wsq;
 
     // ---- 5. refill the stage just consumed (this thread's own bytes, read above) with slice i + SSU_STAGES
-    if (i + SSU_STAGES < n)
-      ssu_fetch(p, g, ring + (i % SSU_STAGES) * g.len, s + SSU_STAGES,
-                ssu_rg(p, s + SSU_STAGES) != ssu_rg(p, s + SSU_STAGES - 1));
+    if (i + SSU_STAGES < n) ssu_fetch<KP, KN, KW>(p, g, stage, s + SSU_STAGES, fc, fc.hg == 0);
     cp_async_commit();
+    fc.advance(H, hpg);
+    cur.advance(H, hpg);
+    if (++slot == SSU_STAGES) slot = 0;
   }
   __syncthreads();
   if (warp == 0) {
     const float v = warp_sum(lane < SSU_WARPS ? s_red[(n - 1) & 1][lane] : 0.0f);
     if (lane == 0) p.sumsq[s0 + n - 1] = v;
   }
+}
+
+#if AIM_PARTS & 1
+extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
+  __shared__ float s_red[2][SSU_WARPS];
+  __shared__ float s_dt[2][3];  // per slice parity: dt, dA = exp(-dt * exp(A_log)), D
+#if SSU_FAST
+  if (p.headdim == SSU_FAST_P && p.d_state == SSU_FAST_N && p.d_conv == SSU_FAST_W) {
+    ssu_body<SSU_FAST_P, SSU_FAST_N, SSU_FAST_W>(p, s_red, s_dt);
+    return;
+  }
+#endif
+  ssu_body<0, 0, 0>(p, s_red, s_dt);
 }
 #endif
 

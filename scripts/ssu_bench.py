@@ -5,7 +5,8 @@ launch as bytes moved against the copy bandwidth, and (optionally) whole decode 
     ncu ... python scripts/ssu_bench.py --profile AiM-B:16:new,AiM-B:16:old --old-source ...   (a few plain launches)
 
 `--old-source`: an earlier aim_kernels.cu (e.g. `git show main:plugins/aim_kernels.cu`), whose state update is
-launched as it was then (one block per (row, head), 256 threads). Each timing is a CUDA graph of launches that
+launched as the current one is (resident blocks, each a run of slices: the ssu3 kernel and later), or with
+`--old-per-slice` as kernels before ssu3 were (one block per (row, head), 256 threads). Each timing is a CUDA graph of launches that
 cycle through enough distinct state copies (>= 300 MB) that no state is served from L2, as in a real step where
 the weights of every layer stream through between two updates of one layer's state. Kernels are launched as
 the cuda backend does (finish=False, programmatic dependent launch on Hopper); "pdl_off" rows launch plainly.
@@ -29,6 +30,7 @@ from aim_rt.plugins.kernels import SOURCE, Kernels, compile_cubin, ssu_params
 VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was SSU_MIN_BLOCKS=4: "new" there is
     # "new_min4" here, "new_min3" there is "new" here)
     "new": {},
+    "new_generic": {"SSU_FAST": 0},  # no constant-shape instance: the run-time shape path for every shape
     "new_s3": {"SSU_STAGES": 3},
     "new_min4": {"SSU_MIN_BLOCKS": 4},
     "new_cs": {"SSU_STORE_CS": 1},
@@ -54,7 +56,7 @@ def _compile(job):
     return time.perf_counter() - t
 
 
-def build_kernels(old_source, names):
+def build_kernels(old_source, names, old_per_slice=False):
     major, minor = torch.cuda.get_device_capability()
     arch = f"sm_{major}{minor}"
     jobs = [("bfloat16", arch, VARIANTS[n], str(SOURCE)) for n in names if n in VARIANTS]
@@ -67,7 +69,7 @@ def build_kernels(old_source, names):
     print(f"compiled {len(jobs)} modules in {time.perf_counter() - t:.1f} s", flush=True)
     kernels = {n: Kernels("bfloat16", defines=VARIANTS[n]) for n in names if n in VARIANTS}
     if old_source:
-        kernels["old"] = OldKernels("bfloat16", source_path=Path(old_source))
+        kernels["old"] = (OldKernels if old_per_slice else Kernels)("bfloat16", source_path=Path(old_source))
     return kernels
 
 
@@ -213,6 +215,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--old-source")
+    ap.add_argument("--old-per-slice", action="store_true",
+                    help="the old source's state update is a pre-ssu3 one (one block per (row, head))")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--cases", default=",".join(f"{m}:{b}" for m, b in CASES))
     ap.add_argument("--steps", default="", help="model:batch,... for whole-step timing (old vs new)")
@@ -220,7 +224,7 @@ def main():
     ap.add_argument("--tag", default="ssu3")
     args = ap.parse_args()
     names = args.variants.split(",")
-    kernels = build_kernels(args.old_source, names)
+    kernels = build_kernels(args.old_source, names, args.old_per_slice)
     if args.profile:
         profile(kernels, args.profile)
         return
