@@ -54,8 +54,9 @@ def stats_chunking(hw: int, c: int, chunk_bytes: int = CHUNK_BYTES, max_chunks: 
     """(rows_per_chunk, nchunk) of vq_gn_stats for an image of `hw` rows of `c` 16-bit channels: about
     `chunk_bytes` of x per block, at most `max_chunks` blocks, rows a multiple of the rows a block has in flight.
     A function of the image's shape alone -- not of the batch size or the GPU -- so the chunk partials and the
-    order the last block merges them in are the same for an image decoded alone or in a batch: its statistics,
-    hence its pixels, are the same bits."""
+    order the last block merges them in are the same for an image decoded alone or in a batch: its statistics are
+    the same bits (the whole decode is not: cuDNN picks its conv kernels per batch size, and they round
+    differently -- bench/results/README.md, v4)."""
     tpr = STATS_THREADS // (c // 8)
     rows = max(tpr, chunk_bytes // (2 * c))
     nchunk = max(1, min(-(-hw // rows), max_chunks))
