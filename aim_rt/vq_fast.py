@@ -46,6 +46,23 @@ ELEM_KINDS = {"float16": 1, "bfloat16": 2}
 GROUPS = 32
 EPS = 1e-6
 STATS_THREADS = 256
+CHUNK_BYTES = 32 << 10  # vq_gn_stats: about this much of x per block (16-bit elements) ...
+MAX_CHUNKS = 256        # ... and at most this many blocks per image (the last block merges their partials)
+
+
+def stats_chunking(hw: int, c: int, chunk_bytes: int = CHUNK_BYTES, max_chunks: int = MAX_CHUNKS) -> tuple[int, int]:
+    """(rows_per_chunk, nchunk) of vq_gn_stats for an image of `hw` rows of `c` 16-bit channels: about
+    `chunk_bytes` of x per block, at most `max_chunks` blocks, rows a multiple of the rows a block has in flight.
+    A function of the image's shape alone -- not of the batch size or the GPU -- so the chunk partials and the
+    order the last block merges them in are the same for an image decoded alone or in a batch: its statistics are
+    the same bits (the whole decode is not: cuDNN picks its conv kernels per batch size, and they round
+    differently -- bench/results/README.md, v4)."""
+    tpr = STATS_THREADS // (c // 8)
+    rows = max(tpr, chunk_bytes // (2 * c))
+    nchunk = max(1, min(-(-hw // rows), max_chunks))
+    rpc = -(-hw // nchunk)
+    rpc = -(-rpc // tpr) * tpr
+    return rpc, -(-hw // rpc)
 
 
 # ----- NVRTC: the same build and on-disk cache as the decode-step kernels (plugins/kernels.py) ---------------
@@ -191,7 +208,8 @@ class _TorchOps:
 class _CudaOps:
     """The same operations on plugins/vq_kernels.cu (16-bit activations, NHWC, C % 8 == 0)."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, vec_batch: int = 4, chunking: str = "wave"):
+    def __init__(self, dtype: torch.dtype, device: torch.device, vec_batch: int = 4, chunk_bytes: int = CHUNK_BYTES,
+                 max_chunks: int = MAX_CHUNKS):
         from cuda.bindings import driver
 
         from .plugins.kernels import _check
@@ -204,9 +222,9 @@ class _CudaOps:
         torch.empty(1, device=device)  # the primary context current for the driver API
         cubin = compile_vq_async(name, f"sm_{major}{minor}", vec_batch=vec_batch).result()
         self.vec_batch = vec_batch
-        if chunking not in ("wave", "64k"):
-            raise ValueError(f"chunking must be 'wave' or '64k', not {chunking!r}")
-        self.chunking = chunking
+        if chunk_bytes < 1 or max_chunks < 1:
+            raise ValueError(f"chunk_bytes and max_chunks must be positive, not {chunk_bytes}, {max_chunks}")
+        self.chunk_bytes, self.max_chunks = chunk_bytes, max_chunks
         self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
         self.fn = {n: _check(driver.cuModuleGetFunction(self.module, n.encode()), f"cuModuleGetFunction({n})")
                    for n in ("vq_gn_stats", "vq_gn_apply", "vq_upsample2x", "vq_conv_out")}
@@ -216,7 +234,10 @@ class _CudaOps:
         dev = _check(driver.cuDeviceGet(index), "cuDeviceGet")
         self.smem_optin = int(_check(driver.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute"))
         self._occ: dict[tuple, int] = {}
-        self._counters: dict[int, Tensor] = {}  # per batch size: a graph keeps the buffer it was captured with
+        self._counters: dict[int, Tensor] = {}  # per batch size, for launches outside a counter scope
+        self._scopes: dict[object, list[Tensor]] = {}  # scope key -> one counter buffer per stats call, in order
+        self._scope: list[Tensor] | None = None
+        self._scope_pos = 0
         self._conv_out_smem = 0
 
     def _launch(self, name: str, grid: tuple, block: int, smem: int, params) -> None:
@@ -233,27 +254,34 @@ class _CudaOps:
             self._occ[key] = max(1, int(n))
         return self._occ[key]
 
+    @contextlib.contextmanager
+    def counter_scope(self, key):
+        """Inside, the n-th statistics launch uses the n-th counter buffer of scope `key` (made, zeroed, on first
+        use; the kernel leaves it zero). The decoder opens one scope per CUDA graph and one per (stream, batch
+        size) for eager calls, so graphs and decodes on different streams never share arrival counters; a
+        graph's buffers are all made by the eager warm-up run before its capture."""
+        prev = self._scope, self._scope_pos
+        self._scope, self._scope_pos = self._scopes.setdefault(key, []), 0
+        try:
+            yield
+        finally:
+            self._scope, self._scope_pos = prev
+
     def _counter(self, b: int, device) -> Tensor:
-        if b not in self._counters:
-            self._counters[b] = torch.zeros(b, device=device, dtype=torch.int32)
-        return self._counters[b]
+        if self._scope is None:
+            if b not in self._counters:
+                self._counters[b] = torch.zeros(b, device=device, dtype=torch.int32)
+            return self._counters[b]
+        if self._scope_pos == len(self._scope) or self._scope[self._scope_pos].numel() != b:
+            self._scope[self._scope_pos:self._scope_pos + 1] = [torch.zeros(b, device=device, dtype=torch.int32)]
+        self._scope_pos += 1
+        return self._scope[self._scope_pos - 1]
 
     def _stats(self, x: Tensor, norm, b: int, hw: int, c: int, res=None, bias=None, out=None, sub=(0, 0)):
         cv = c // 8
-        tpr = STATS_THREADS // cv
-        block = cv * tpr
+        block = cv * (STATS_THREADS // cv)
         smem = (2 * block * 8 + c) * 4
-        wave = self._blocks_per_sm("vq_gn_stats", block, smem) * self.sms
-        if self.chunking == "wave":
-            # One wave of long-lived blocks: the per-block prologue and reduction (which stall the block's
-            # loads) are paid once per SM slot; 64 KiB chunks ran the read-only pass at 1.8 TB/s on the H200.
-            nchunk = max(1, min(wave // b, -(-hw // tpr), 1024))
-        else:  # chunks of about 64 KiB of x per block, at least one full wave
-            nchunk = max(-(-hw // max(tpr, 65536 // (2 * c))), -(-wave // b))
-            nchunk = max(1, min(nchunk, -(-hw // tpr), 1024))
-        rpc = -(-hw // nchunk)
-        rpc = -(-rpc // tpr) * tpr
-        nchunk = -(-hw // rpc)
+        rpc, nchunk = stats_chunking(hw, c, self.chunk_bytes, self.max_chunks)  # never from b or the GPU
         scale = shift = partial = counter = gamma = beta = fold = None
         if norm is not None:
             gamma, beta = norm
@@ -339,14 +367,16 @@ class FastVQDecoder:
     `fuse_out`: norm_out + SiLU + conv_out + bias in one kernel (vq_conv_out, tensor cores) where supported;
     False: an apply pass, cuDNN's conv (padded to `out_pad` outputs), then the bias in float32.
     `vec_batch`: kernel build option VEC_BATCH (vectors each thread loads before computing).
-    `chunking`: how the statistics pass splits an image over blocks: "wave" (one wave of blocks in all) or
-    "64k" (about 64 KiB per block, at least one wave).
+    `chunk_bytes`, `max_chunks`: how the statistics pass splits an image over blocks (`stats_chunking`: about
+    chunk_bytes of each image per block, at most max_chunks blocks per image; from the image shape alone, so an
+    image decoded alone or in a batch gets the same statistics, bit for bit).
     Tokens are not range-checked here (that would sync with the host): callers check them.
     """
 
     def __init__(self, vq: VQModel, dtype: torch.dtype = torch.bfloat16, use_graphs: bool | None = None,
                  kernels: bool | None = None, benchmark: bool = True, subpixel: bool = True, out_pad: int = 8,
-                 fuse_out: bool = True, vec_batch: int = 4, chunking: str = "wave"):
+                 fuse_out: bool = True, vec_batch: int = 4, chunk_bytes: int = CHUNK_BYTES,
+                 max_chunks: int = MAX_CHUNKS):
         dev = vq.device
         cuda = dev.type == "cuda"
         self.config, self.device, self.dtype = vq.config, dev, dtype
@@ -354,7 +384,7 @@ class FastVQDecoder:
         self.benchmark, self.subpixel = benchmark, subpixel
         want = cuda and dtype in (torch.bfloat16, torch.float16) if kernels is None else kernels
         self.out_pad = out_pad
-        self.ops = _CudaOps(dtype, dev, vec_batch, chunking) if want else _TorchOps()
+        self.ops = _CudaOps(dtype, dev, vec_batch, chunk_bytes, max_chunks) if want else _TorchOps()
         self._graphs: dict[int, tuple] = {}
         self._prepare(vq)
         self.fuse_out = fuse_out and isinstance(self.ops, _CudaOps) and \
@@ -474,19 +504,24 @@ class FastVQDecoder:
         finally:
             torch.backends.cudnn.benchmark = old
 
+    def _counters(self, key):
+        """The statistics kernels' arrival counters of one graph / one (stream, batch size) of eager calls."""
+        return self.ops.counter_scope(key) if isinstance(self.ops, _CudaOps) else contextlib.nullcontext()
+
     @torch.no_grad()
     def __call__(self, tokens: Tensor) -> Tensor:
         tokens = torch.as_tensor(tokens, device=self.device).long()
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, h*w), got shape {tuple(tokens.shape)}")
         if not self.use_graphs:
-            with self._flags():
+            stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+            with self._flags(), self._counters(("eager", stream, tokens.shape[0])):
                 return self.forward(tokens)
         batch = tokens.shape[0]
         entry = self._graphs.get(batch)
         if entry is None or entry[1].shape != tokens.shape:
             static_in = tokens.clone()
-            with self._flags():
+            with self._flags(), self._counters(("graph", tuple(tokens.shape))):
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):

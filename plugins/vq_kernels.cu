@@ -9,7 +9,8 @@
 //   vq_gn_stats     v = x (+ res) (+ bias), optionally written back rounded; GroupNorm statistics of v per image,
 //                   turned into per-(image, channel) scale and shift by the last block of each image (no separate
 //                   finalize launch). x may instead be a subpixel conv output (the nearest 2x upsample folded
-//                   into the conv): rows are then gathered from its 4 phases. grid (nchunk, B), block cv * (256/cv)
+//                   into the conv): rows are then gathered from its 4 phases. grid (nchunk, B), block cv * (256/cv);
+//                   nchunk is a function of the image shape alone (batch-invariant results)
 //   vq_gn_apply     y = x * scale + shift, optional SiLU. grid (tiles, B), block cv * (256 / cv)
 //   vq_upsample2x   nearest 2x: (B, H, W, C) -> (B, 2H, 2W, C). grid-stride over input vectors
 //   vq_conv_out     norm_out apply + SiLU + the final 3x3 conv (<= 8 outputs, mma.sync) + bias, written as float32
@@ -36,6 +37,10 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 // (the data stays packed, 4 registers per vector, until used).
 #ifndef VEC_BATCH
 #define VEC_BATCH 4
+#endif
+// Chunk partials each thread of vq_gn_stats's last block loads before it merges them.
+#ifndef COMBINE_BATCH
+#define COMBINE_BATCH 8
 #endif
 
 union Pack8 {
@@ -72,7 +77,7 @@ struct GnStatsParams {
   const float* bias;      // optional (c): added
   elem_t* out;            // optional: v written (may alias x unless sub_w > 0)
   float* partial;         // (B, nchunk, groups, 2): mean, M2 of each chunk
-  unsigned* counter;      // (B): zero on entry, left zero (blocks done per image)
+  unsigned* counter;      // (B): zero on entry, left zero (blocks done per image); one buffer per call site
   const float* gamma;     // (c); null: no statistics, only the write
   const float* beta;      // (c)
   const float* fold;      // optional (c): in the statistics but not in the apply pass's input: shift += fold*scale
@@ -86,9 +91,9 @@ struct GnStatsParams {
 __device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
   const float nn = n + nb;
   if (nn <= 0.0f) return;
-  const float d = meanb - mean;
-  mean += d * (nb / nn);
-  m2 += m2b + d * d * (n * nb / nn);
+  const float d = meanb - mean, w = nb * __frcp_rn(nn);  // one correctly rounded reciprocal, no division
+  mean += d * w;
+  m2 += m2b + d * d * (n * w);
   n = nn;
 }
 
@@ -212,18 +217,33 @@ extern "C" __global__ void __launch_bounds__(256, 3) vq_gn_stats(GnStatsParams p
   __syncthreads();
   if (!s_last) return;
 
-  // the last block of image b: Chan-combine the chunks (threads (group, lane) over strided chunks, then lanes)
+  // The last block of image b combines the chunks. Chunk count and sizes depend on the image's shape only (host:
+  // aim_rt/vq_fast.py stats_chunking), and the combine order is fixed, so an image's statistics are the same bits
+  // whether it is decoded alone or in a batch. Thread (lane = t / G, group g = t % G) merges chunks lane, lane + L,
+  // ... in order, COMBINE_BATCH loads in flight at a time (a warp reads 32 consecutive groups: 256 contiguous
+  // bytes per chunk); then the L lane results of each group are merged in lane order.
   __threadfence();
   const int L = blockDim.x / G;
   float n = 0.0f, mean = 0.0f, m2 = 0.0f;
-  if (part < L)
-    for (int k = part; k < p.nchunk; k += L) {
-      long long rows = p.hw - (long long)k * p.rows_per_chunk;
-      if (rows > p.rows_per_chunk) rows = p.rows_per_chunk;
-      if (rows <= 0) continue;
-      const float* src = p.partial + (((size_t)b * p.nchunk + k) * G + g) * 2;
-      chan_merge(n, mean, m2, (float)(rows * cg), __ldcg(src), __ldcg(src + 1));  // L2: other blocks wrote them
+  if (part < L) {
+    const float2* pb = reinterpret_cast<const float2*>(p.partial) + (size_t)b * p.nchunk * G + g;
+    for (int k0 = part; k0 < p.nchunk; k0 += L * COMBINE_BATCH) {
+      float2 v[COMBINE_BATCH];
+#pragma unroll
+      for (int u = 0; u < COMBINE_BATCH; ++u) {
+        const int k = k0 + u * L;
+        if (k < p.nchunk) v[u] = __ldcg(pb + (size_t)k * G);  // L2: other blocks wrote them
+      }
+#pragma unroll
+      for (int u = 0; u < COMBINE_BATCH; ++u) {
+        const int k = k0 + u * L;
+        if (k >= p.nchunk) break;
+        long long rows = p.hw - (long long)k * p.rows_per_chunk;  // > 0: nchunk = ceil(hw / rows_per_chunk)
+        if (rows > p.rows_per_chunk) rows = p.rows_per_chunk;
+        chan_merge(n, mean, m2, (float)(rows * cg), v[u].x, v[u].y);
+      }
     }
+  }
   f_n[t] = n;
   f_mean[t] = mean;
   f_m2[t] = m2;
@@ -233,15 +253,17 @@ extern "C" __global__ void __launch_bounds__(256, 3) vq_gn_stats(GnStatsParams p
     mean = f_mean[t];
     m2 = f_m2[t];
     for (int k = 1; k < L; ++k) chan_merge(n, mean, m2, f_n[k * G + t], f_mean[k * G + t], f_m2[k * G + t]);
-    const float rstd = 1.0f / sqrtf(m2 / n + p.eps);
-    for (int j = 0; j < cg; ++j) {
-      const int ch = t * cg + j;
-      const float a = rstd * p.gamma[ch];
-      float sh = p.beta[ch] - mean * a;
-      if (p.fold) sh += p.fold[ch] * a;
-      p.scale[b * p.c + ch] = a;
-      p.shift[b * p.c + ch] = sh;
-    }
+    f_mean[t] = mean;
+    f_m2[t] = 1.0f / sqrtf(m2 / n + p.eps);  // rstd of group t
+  }
+  __syncthreads();
+  for (int ch = t; ch < p.c; ch += blockDim.x) {  // all threads write the per-channel scale and shift
+    const int gg = ch / cg;
+    const float a = f_m2[gg] * p.gamma[ch];
+    float sh = p.beta[ch] - f_mean[gg] * a;
+    if (p.fold) sh += p.fold[ch] * a;
+    p.scale[b * p.c + ch] = a;
+    p.shift[b * p.c + ch] = sh;
   }
   if (t == 0) p.counter[b] = 0;  // ready for the next launch (graph replays included)
 }

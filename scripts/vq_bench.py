@@ -8,7 +8,8 @@ random weights, seed 0):
   cl_graph        aim-rt's CudaBackend.decode before issue 11: bf16 channels_last, one CUDA graph per batch
   fast*           aim_rt.vq_fast.FastVQDecoder variants (graph per batch)
 Accuracy: fp32 reference (TF32 off) vs bf16 eager and vs the fast decoder; PSNR on images clamped to [-1, 1],
-peak-to-peak 2: 10 log10(4 / MSE).
+peak-to-peak 2: 10 log10(4 / MSE). Batch invariance: an image decoded alone vs its row of a batch (bits).
+Host-timed: the `aim-rt bench` VQ column's method (median of 20 synchronised perf_counter calls).
 """
 
 from __future__ import annotations
@@ -116,11 +117,11 @@ def official_vq(seed: int = 0) -> VQModel:
 
 
 # ----- sections --------------------------------------------------------------------------------------
-def kernel_checks() -> dict:
+def kernel_checks(prev=None) -> dict:
     out = {}
-    for vb, chunking in CONFIGS:
-        out[f"vec_batch{vb}_{chunking}"] = kernel_checks_one(vb, chunking)
-    out["bandwidth_b16_256x256x128"] = kernel_bandwidth()
+    for vb, cb, mc in CONFIGS:
+        out[f"vec_batch{vb}_chunk{cb >> 10}k_max{mc}"] = kernel_checks_one(vb, cb, mc)
+    out["bandwidth_b16_256x256x128"] = kernel_bandwidth(prev)
     return out
 
 
@@ -128,13 +129,13 @@ def _diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-CONFIGS = [(4, "wave"), (4, "64k"), (2, "wave")]  # (vec_batch, chunking) of the kernel ops
+CONFIGS = [(4, 32 << 10, 256), (4, 64 << 10, 256), (4, 16 << 10, 512)]  # (vec_batch, chunk_bytes, max_chunks)
 
 
-def kernel_checks_one(vec_batch: int, chunking: str) -> dict:
+def kernel_checks_one(vec_batch: int, chunk_bytes: int, max_chunks: int) -> dict:
     from aim_rt.vq_fast import conv_out_weight
 
-    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), vec_batch, chunking), _TorchOps()
+    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), vec_batch, chunk_bytes, max_chunks), _TorchOps()
     g = torch.Generator(device="cuda").manual_seed(1)
     out = {}
     for shape in [(2, 64, 64, 128), (3, 16, 16, 512), (1, 8, 8, 32), (2, 32, 32, 256), (1, 7, 9, 96), (5, 33, 31, 64)]:
@@ -182,8 +183,10 @@ def kernel_checks_one(vec_batch: int, chunking: str) -> dict:
     return out
 
 
-def kernel_bandwidth() -> dict:
-    """Each op alone on the largest activation (16 x 256 x 256 x 128 bf16, 268 MB), CUDA-event timed."""
+def kernel_bandwidth(prev=None) -> dict:
+    """Each op alone on the largest activation (16 x 256 x 256 x 128 bf16, 268 MB), CUDA-event timed; the
+    statistics ops also on one image of it (`*_b1`: where the last block's combine showed) and on one 16x16x512
+    image (`*_b1_16x16x512`: the smallest activation). `prev`: the earlier module's ops ("wave" chunking) too."""
     from aim_rt.vq_fast import conv_out_weight
 
     res = {}
@@ -198,18 +201,31 @@ def kernel_bandwidth() -> dict:
         norm = torch.ones(128, device="cuda"), torch.zeros(128, device="cuda")
         y4 = torch.randn(16, 129, 129, 512, device="cuda", generator=g).bfloat16()
         w = conv_out_weight(torch.randn(3, 128, 3, 3, device="cuda") * 0.03, torch.bfloat16)
-        for vb, chunking in CONFIGS:
-            k = _CudaOps(torch.bfloat16, torch.device("cuda"), vb, chunking)
+        x1, r1, o1, y1 = x[:1].clone(), r[:1].clone(), o[:1].clone(), y4[:1].clone()
+        xs, rs = x1.reshape(1, 16, 16, -1)[..., :512].contiguous(), r1.reshape(1, 16, 16, -1)[..., :512].contiguous()
+        os_, bs, ns = torch.empty_like(xs), torch.randn(512, device="cuda"), (torch.ones(512, device="cuda"),
+                                                                              torch.zeros(512, device="cuda"))
+        ops = [(f"vb{vb}_chunk{cb >> 10}k_max{mc}", _CudaOps(torch.bfloat16, torch.device("cuda"), vb, cb, mc))
+               for vb, cb, mc in CONFIGS]
+        if prev is not None:
+            ops.append(("prev_wave", prev._CudaOps(torch.bfloat16, torch.device("cuda"), 4, "wave")))
+        for tag, k in ops:
             a, s = k.stats(x, norm, bias=bias)
             cases = {"torch_clone": (lambda: x.clone(), 2),
                      "stats_read": (lambda: k.stats(x, norm, bias=bias), 1),
                      "stats_res_write": (lambda: k.stats(x, norm, res=r, bias=bias, out=o), 3),
                      "apply_silu": (lambda: k.apply(x, a, s, True), 2),
                      "subpixel_stats": (lambda: k.subpixel_stats(y4, bias, norm), 2),
-                     "conv_out": (lambda: k.conv_out(x, a, s, w, bias[:3], 3), 1)}
+                     "conv_out": (lambda: k.conv_out(x, a, s, w, bias[:3], 3), 1),
+                     "stats_read_b1": (lambda: k.stats(x1, norm, bias=bias), 1 / 16),
+                     "stats_res_write_b1": (lambda: k.stats(x1, norm, res=r1, bias=bias, out=o1), 3 / 16),
+                     "subpixel_stats_b1": (lambda: k.subpixel_stats(y1, bias, norm), 2 / 16),
+                     "stats_res_write_b1_16x16x512": (lambda: k.stats(xs, ns, res=rs, bias=bs, out=os_), 3 / 256)}
             for name, (fn, units) in cases.items():
+                if tag == "prev_wave" and name in ("torch_clone", "apply_silu", "conv_out"):
+                    continue
                 tm = time_fn(fn, 20, warmup=3)
-                key = f"vb{vb}_{chunking}_{name}"
+                key = f"{tag}_{name}"
                 res[key] = {"median_ms": tm["median_ms"], "tb_per_s": units * nbytes / tm["median_ms"] / 1e9}
                 log("bandwidth", key, res[key])
     except Exception:  # noqa: BLE001
@@ -258,7 +274,8 @@ def accuracy(vq32: VQModel, vq16: VQModel, variants: dict, prev=None) -> dict:
     return res
 
 
-def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, budget: float, prev=None) -> dict:
+def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, budget: float, prev=None,
+           baselines=("eager_nchw", "cl_graph")) -> dict:
     res = {}
     toks = {b: torch.randint(0, vq16.config.n_embed, (b, 256), device="cuda") for b in batches}
 
@@ -291,14 +308,132 @@ def timing(vq16: VQModel, vq32: VQModel, batches, variants: dict, iters: int, bu
         torch.cuda.empty_cache()
         res[name] = rec
 
-    run("eager_nchw", lambda: vq16.decode_checked, True)
-    run("cl_graph", lambda: ClGraph(vq16), False)
+    if "eager_nchw" in baselines:
+        run("eager_nchw", lambda: vq16.decode_checked, True)
+    if "cl_graph" in baselines:
+        run("cl_graph", lambda: ClGraph(vq16), False)
     if prev is not None:  # an earlier FastVQDecoder, timed in the same process for a like-for-like comparison
         run("prev", lambda: prev.FastVQDecoder(vq32, torch.bfloat16), False)
     for name, kw in variants.items():
         run(name, lambda kw=kw: FastVQDecoder(vq32, torch.bfloat16, **kw), False)
     run("fast_again", lambda: FastVQDecoder(vq32, torch.bfloat16), False)  # run-to-run spread of the default
     torch.backends.cudnn.benchmark = False
+    return res
+
+
+def batch_invariance(vq32: VQModel, prev=None, batch: int = 16, rows=(0, 7, 15)) -> dict:
+    """An image decoded alone vs its row of a batch of `batch` (official shape, bf16, graphs): bit identity and
+    max |diff| per decoder; for the fast decoder also eagerly op by op, naming the first op whose output for the
+    image alone differs from its batch row (cuDNN / cuBLAS choose kernels per batch size)."""
+    res = {}
+    tok = torch.randint(0, vq32.config.n_embed, (batch, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(6))
+    decs = {"fast": lambda: FastVQDecoder(vq32, torch.bfloat16)}
+    if prev is not None:
+        decs["prev"] = lambda: prev.FastVQDecoder(vq32, torch.bfloat16)
+    for name, make in decs.items():
+        try:
+            dec = make()
+            with torch.no_grad():
+                full = dec(tok)
+                rec = {}
+                for i in rows:
+                    alone = dec(tok[i:i + 1])
+                    rec[f"row{i}"] = {"equal": bool(torch.equal(alone, full[i:i + 1])), "max_abs_diff": _diff(alone, full[i:i + 1])}
+            rec["all_equal"] = all(v["equal"] for v in rec.values())
+            res[name] = rec
+            log("batch invariance", name, rec)
+            dec = None
+        except Exception:  # noqa: BLE001
+            res[name] = {"error": traceback.format_exc()}
+            log("batch invariance", name, "ERROR", res[name]["error"])
+    try:
+        res["fast_eager_ops"] = first_divergence(vq32, tok[:4], 1)
+        log("batch invariance: first diverging op", res["fast_eager_ops"])
+    except Exception:  # noqa: BLE001
+        res["fast_eager_ops"] = {"error": traceback.format_exc()}
+    torch.cuda.empty_cache()
+    return res
+
+
+def first_divergence(vq32: VQModel, tok: torch.Tensor, row: int) -> dict:
+    """Eager decode (cudnn.benchmark on, as in the graphs' warm-up) of `tok` and of tok[row] alone, every conv,
+    linear, attention and kernel op's output recorded; the ops whose outputs for that image differ."""
+    import torch.nn.functional as F
+
+    import aim_rt.vq_fast as vf
+
+    def record(n_tok):
+        dec = FastVQDecoder(vq32, torch.bfloat16, use_graphs=False)
+        outs = []
+        wrap = lambda name, fn: (lambda *a, **k: (lambda r: (outs.append((name, r)), r)[1])(fn(*a, **k)))  # noqa: E731
+        dec._conv = wrap("conv", dec._conv)
+        for m in ("stats", "apply", "subpixel_stats", "conv_out"):
+            setattr(dec.ops, m, wrap(m, getattr(dec.ops, m)))
+        old_lin, old_sdpa = F.linear, F.scaled_dot_product_attention
+        vf.F.linear, vf.F.scaled_dot_product_attention = wrap("linear", old_lin), wrap("sdpa", old_sdpa)
+        try:
+            with torch.no_grad():
+                dec(n_tok)  # cuDNN benchmark and lazy inits
+                outs.clear()
+                dec(n_tok)
+        finally:
+            vf.F.linear, vf.F.scaled_dot_product_attention = old_lin, old_sdpa
+        return outs
+
+    def flat(r):
+        if r is None:
+            return []
+        if isinstance(r, (tuple, list)):
+            return [t for x in r for t in flat(x)]
+        return [r]
+
+    full, alone = record(tok), record(tok[row:row + 1])
+    diverged = []
+    for i, ((name, rf), (_, ra)) in enumerate(zip(full, alone)):
+        for j, (tf, ta) in enumerate(zip(flat(rf), flat(ra))):
+            if not torch.equal(tf[row:row + 1], ta):
+                diverged.append({"op_index": i, "op": name, "output": j, "shape": list(ta.shape),
+                                 "max_abs_diff": _diff(tf[row:row + 1], ta)})
+    by_kind = {}
+    for d in diverged:
+        by_kind[d["op"]] = by_kind.get(d["op"], 0) + 1
+    ops = {}
+    for name, _ in full:
+        ops[name] = ops.get(name, 0) + 1
+    return {"ops": len(full), "ops_by_kind": ops, "diverged_by_kind": by_kind, "first": diverged[:6]}
+
+
+def host_timed(vq32: VQModel, prev=None, batches=(1, 16), reps: int = 20) -> dict:
+    """`aim-rt bench`'s VQ column: median of `reps` host-timed calls (synchronize, perf_counter, call, synchronize)
+    of CudaBackend.decode's decoder on a bf16 VQ of the official shape, tokens already on the device."""
+    res = {}
+    vq16 = copy.deepcopy(vq32).bfloat16()
+    decs = {"fast": lambda: FastVQDecoder(vq16, torch.bfloat16)}
+    if prev is not None:
+        decs["prev"] = lambda: prev.FastVQDecoder(vq16, torch.bfloat16)
+    for name, make in decs.items():
+        rec = {}
+        try:
+            dec = make()
+            for b in batches:
+                tok = torch.randint(0, vq32.config.n_embed, (b, 256), device="cuda")
+                with torch.no_grad():
+                    dec(tok), dec(tok)
+                    ts = []
+                    for _ in range(reps):
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        dec(tok)
+                        torch.cuda.synchronize()
+                        ts.append((time.perf_counter() - t) * 1000)
+                ts.sort()
+                rec[b] = {"median_ms": ts[len(ts) // 2], "min_ms": ts[0], "max_ms": ts[-1], "reps": reps}
+            dec = None
+        except Exception:  # noqa: BLE001
+            rec["error"] = traceback.format_exc()
+        res[name] = rec
+        log("host timed", name, rec)
+    torch.cuda.empty_cache()
     return res
 
 
@@ -409,7 +544,11 @@ def main() -> None:
     ap.add_argument("--no-benchmark", action="store_true")
     ap.add_argument("--prev-module", default="", help="module with an earlier FastVQDecoder to time alongside, "
                     "e.g. a copy of an older aim_rt/vq_fast.py placed as aim_rt._vq_fast_prev")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,accuracy,timing,profile,cold")
+    ap.add_argument("--variants", default="", help="comma list of the fast variants to time besides `fast` "
+                    "(default: all)")
+    ap.add_argument("--baselines", default="eager_nchw,cl_graph", help="reference paths to time (comma list)")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,accuracy,timing,profile,"
+                    "cold,batch_invariance,host_timed")
     args = ap.parse_args()
     if args.cold_child:
         return cold_child(args)
@@ -427,22 +566,28 @@ def main() -> None:
     def save():
         path.write_text(json.dumps(result, indent=1))
 
-    variants = {"fast": dict(), "fast_chunk64k": dict(chunking="64k"), "fast_vb2": dict(vec_batch=2),
-                "fast_nofuse_out": dict(fuse_out=False), "fast_upsample": dict(subpixel=False),
-                "fast_nobench": dict(benchmark=False)}
+    variants = {"fast": dict(), "fast_chunk64k": dict(chunk_bytes=64 << 10),
+                "fast_chunk16k_max512": dict(chunk_bytes=16 << 10, max_chunks=512),
+                "fast_max128": dict(max_chunks=128), "fast_nofuse_out": dict(fuse_out=False),
+                "fast_upsample": dict(subpixel=False), "fast_nobench": dict(benchmark=False)}
+    variants = {k: v for k, v in variants.items() if k == "fast" or not args.variants or k in args.variants.split(",")}
     prev = None
     if args.prev_module:
         import importlib
 
         prev = importlib.import_module(args.prev_module)
-    sections = [("kernels", lambda: kernel_checks())]
+    sections = [("kernels", lambda: kernel_checks(prev))]
     log("building the official-shape VQ")
     vq32 = official_vq()
     vq16 = copy.deepcopy(vq32).bfloat16()
-    acc_variants = {k: variants[k] for k in ("fast", "fast_upsample", "fast_nofuse_out", "fast_chunk64k")}
+    acc_variants = {k: variants[k] for k in ("fast", "fast_upsample", "fast_nofuse_out", "fast_chunk64k")
+                    if k in variants}
+    baselines = tuple(filter(None, args.baselines.split(",")))
     sections += [("accuracy", lambda: accuracy(vq32, vq16, acc_variants, prev)),
                  ("cold", lambda: cold_start()),
-                 ("timing", lambda: timing(vq16, vq32, batches, variants, args.iters, args.budget, prev)),
+                 ("timing", lambda: timing(vq16, vq32, batches, variants, args.iters, args.budget, prev, baselines)),
+                 ("batch_invariance", lambda: batch_invariance(vq32, prev)),
+                 ("host_timed", lambda: host_timed(vq32, prev)),
                  ("profile", lambda: profiles(vq16, vq32, args.out))]
     for name, fn in sections:
         if name in skip:

@@ -16,7 +16,7 @@ from aim_rt.config import VQConfig
 from aim_rt.vq import VQModel
 from aim_rt.vq_fast import FastVQDecoder, _TorchOps, subpixel_weight
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: none visible to torch")
 SMALL = VQConfig(n_embed=64, embed_dim=8, z_channels=64, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
 
 
@@ -89,6 +89,87 @@ def test_torch_ops_decoder_matches_reference(cfg, subpixel):
     assert (got - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
 
 
+class _Recorder:
+    """Stands in for a _CudaOps (no GPU needed): records each vq_gn_stats launch instead of running it."""
+
+    def __init__(self, chunk_bytes=None, max_chunks=None):
+        from aim_rt import vq_fast
+
+        ops = vq_fast._CudaOps.__new__(vq_fast._CudaOps)
+        ops.chunk_bytes = vq_fast.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        ops.max_chunks = vq_fast.MAX_CHUNKS if max_chunks is None else max_chunks
+        ops._counters, ops._scopes, ops._scope, ops._scope_pos = {}, {}, None, 0
+        ops.sms = 132  # must not matter
+        self.launches = []
+        ops._launch = lambda name, grid, block, smem, p: self.launches.append(
+            (name, grid, block, smem, p.rows_per_chunk, p.nchunk, p.hw, p.counter))
+        self.ops = ops
+
+
+# the official decoder's statistics shapes (h, w, c) and some odd ones
+_STATS_SHAPES = [(16, 16, 512), (32, 32, 256), (64, 64, 256), (128, 128, 128), (256, 256, 128), (5, 7, 96),
+                 (33, 31, 64), (1, 1, 32), (8, 40, 16 * 8)]
+
+
+@pytest.mark.parametrize("h,w,c", _STATS_SHAPES)
+def test_stats_chunking_is_batch_independent(h, w, c):
+    """The statistics launch splits each image the same way whatever the batch size (or the GPU's SM count): the
+    grid is (nchunk, B) with nchunk and the rows per chunk from the image shape alone."""
+    from aim_rt.vq_fast import MAX_CHUNKS, STATS_THREADS, stats_chunking
+
+    norm = torch.ones(c), torch.zeros(c)
+    seen = set()
+    for b in (1, 2, 3, 16, 64):
+        for sms in (132, 78, 1):
+            rec = _Recorder()
+            rec.ops.sms = sms
+            rec.ops.stats(torch.zeros(b, h, w, c, dtype=torch.bfloat16), norm)
+            y = torch.zeros(b, h + 1, w + 1, 4 * c, dtype=torch.bfloat16)  # the subpixel path: 4 h w rows
+            rec.ops.subpixel_stats(y, None, norm)
+            (_, g1, blk1, _, rpc1, n1, hw1, _), (_, g2, _, _, rpc2, n2, hw2, _) = rec.launches
+            assert g1 == (n1, b, 1) and g2 == (n2, b, 1) and hw1 == h * w and hw2 == 4 * h * w
+            seen.add((rpc1, n1, rpc2, n2, blk1))
+    assert len(seen) == 1, seen
+    rpc, n, _, _, block = seen.pop()
+    tpr = STATS_THREADS // (c // 8)
+    assert (rpc, n) == stats_chunking(h * w, c) and block == tpr * (c // 8) <= 256
+    assert rpc % tpr == 0 and 1 <= n <= MAX_CHUNKS and (n - 1) * rpc < h * w <= n * rpc  # no empty chunk
+
+
+def test_stats_chunking_sizes():
+    from aim_rt.vq_fast import stats_chunking
+
+    assert stats_chunking(256 * 256, 128) == (256, 256)  # 64 KiB chunks: capped at 256 per image
+    assert stats_chunking(128 * 128, 128) == (128, 128)  # 32 KiB
+    assert stats_chunking(16 * 16, 512) == (32, 8)
+    assert stats_chunking(1, 32) == (64, 1)  # 64 rows in flight at 32 channels
+    assert stats_chunking(256 * 256, 128, chunk_bytes=1, max_chunks=10_000) == (16, 4096)  # rows in flight
+
+
+def test_counter_scopes_separate_graphs_and_streams():
+    """Each scope (a graph, or a stream and batch size of eager calls) has its own counter per stats call."""
+    rec = _Recorder()
+    ops, norm = rec.ops, (torch.ones(64), torch.zeros(64))
+    x = torch.zeros(2, 4, 4, 64, dtype=torch.bfloat16)
+
+    def counters(key):
+        rec.launches.clear()
+        with ops.counter_scope(key):
+            for _ in range(3):
+                ops.stats(x, norm)
+        return [lc[-1] for lc in rec.launches]
+
+    a, b, a2 = counters(("graph", (2, 16))), counters(("eager", 7, 2)), counters(("graph", (2, 16)))
+    assert len(set(a)) == 3 and not set(a) & set(b)
+    assert a2 == a  # a scope reuses its buffers (a graph keeps the ones it was captured with)
+    bufs = ops._scopes[("graph", (2, 16))] + ops._scopes[("eager", 7, 2)]
+    assert [t.data_ptr() for t in bufs] == a + b
+    assert all(t.dtype == torch.int32 and t.numel() == 2 and not t.any() for t in bufs)
+    rec.launches.clear()
+    ops.stats(x, norm)  # outside any scope: the per-batch-size default
+    assert rec.launches[0][-1] not in set(a) | set(b)
+
+
 # ----- GPU -----------------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def _no_tf32():
@@ -97,13 +178,14 @@ def _no_tf32():
 
 
 @needs_gpu
-@pytest.mark.parametrize("vec_batch,chunking", [(4, "wave"), (2, "wave"), (4, "64k")])
+@pytest.mark.parametrize("vec_batch,chunking", [(4, (32 << 10, 256)), (2, (32 << 10, 256)), (4, (64 << 10, 256)),
+                                                (4, (1024, 4))])
 @pytest.mark.parametrize("shape", [(2, 16, 16, 64), (1, 8, 8, 32), (3, 5, 7, 96), (2, 4, 4, 512), (5, 33, 31, 64),
                                    (2, 64, 64, 128)])
 def test_kernel_ops_match_torch_ops(shape, vec_batch, chunking):
     from aim_rt.vq_fast import _CudaOps
 
-    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), vec_batch, chunking), _TorchOps()
+    k, t = _CudaOps(torch.bfloat16, torch.device("cuda"), vec_batch, *chunking), _TorchOps()
     g = torch.Generator(device="cuda").manual_seed(0)
     c = shape[-1]
     x = (torch.randn(*shape, device="cuda", generator=g) * 2 + 3).bfloat16()
@@ -191,6 +273,75 @@ def test_fast_decoder_eager_equals_graph():
     eager = FastVQDecoder(vq, torch.bfloat16, use_graphs=False, benchmark=False)(tokens)
     graph = FastVQDecoder(vq, torch.bfloat16, benchmark=False)(tokens)
     torch.testing.assert_close(eager, graph, rtol=0, atol=1e-2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", [(5, 16, 16, 64), (3, 33, 31, 64), (4, 64, 64, 128), (3, 16, 16, 512),
+                                   (2, 128, 128, 128)])
+def test_kernel_ops_batch_invariant(shape):
+    """Each kernel op gives an image the same bits alone as in a batch (statistics: same chunks, same order)."""
+    from aim_rt.vq_fast import _CudaOps, conv_out_weight
+
+    k = _CudaOps(torch.bfloat16, torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, hh, ww, c = shape
+    x = (torch.randn(*shape, device="cuda", generator=g) * 2 + 3).bfloat16()
+    r = torch.randn(*shape, device="cuda", generator=g).bfloat16()
+    y = torch.randn(b, hh + 1, ww + 1, 4 * c, device="cuda", generator=g).bfloat16()
+    bias = torch.randn(c, device="cuda", generator=g)
+    norm = 1 + 0.1 * torch.randn(c, device="cuda", generator=g), torch.randn(c, device="cuda", generator=g)
+    w = conv_out_weight(torch.randn(3, c, 3, 3, device="cuda", generator=g) / (3 * c ** 0.5), torch.bfloat16)
+
+    def run(sl):
+        o = torch.empty_like(x[sl])
+        a, s = k.stats(x[sl].contiguous(), norm, res=r[sl].contiguous(), bias=bias, out=o)
+        a2, s2 = k.stats(x[sl].contiguous(), norm, bias=bias)
+        h, (a3, s3) = k.subpixel_stats(y[sl].contiguous(), bias, norm)
+        outs = [o, a, s, a2, s2, h, a3, s3, k.apply(o, a, s, True)]
+        if k.conv_out_supported(c, 3):
+            outs.append(k.conv_out(o, a, s, w, bias[:3], 3))
+        return outs
+
+    full = run(slice(None))
+    for i in range(b):
+        alone = run(slice(i, i + 1))
+        for j, (got, ref) in enumerate(zip(alone, full)):
+            assert torch.equal(got, ref[i:i + 1]), (i, j)
+
+
+@needs_gpu
+@pytest.mark.xfail(reason="cuDNN picks its conv kernel per batch size and those round differently: on the H200 "
+                   "(2026-11-29, bench/results/vq4_h200_2026-11-29.*) every op was the same bits up to the first "
+                   "32x32x256 conv, then differed (up to 0.004); the aim-rt kernels alone are batch-invariant "
+                   "(test_kernel_ops_batch_invariant)", strict=False)
+@pytest.mark.parametrize("use_graphs", [True, False])
+def test_fast_decoder_one_image_alone_equals_its_batch_row(use_graphs):
+    """Decoding an image alone gives the bits of its row in a batch (the statistics are chunked by image shape;
+    cuDNN's and cuBLAS's choices per batch size must not change the bits either)."""
+    vq = _vq(device="cuda")
+    tokens = torch.randint(0, SMALL.n_embed, (5, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    dec = FastVQDecoder(vq, torch.bfloat16, use_graphs=use_graphs)
+    full = dec(tokens)
+    for i in (0, 3):
+        assert torch.equal(dec(tokens[i:i + 1]), full[i:i + 1]), i
+
+
+@needs_gpu
+def test_fast_decoder_streams_have_own_counters():
+    """Eager decodes on two streams at once (each stream's own arrival counters) match serial decodes."""
+    vq = _vq(device="cuda")
+    tokens = torch.randint(0, SMALL.n_embed, (3, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    dec = FastVQDecoder(vq, torch.bfloat16, use_graphs=False, benchmark=False)
+    ref = dec(tokens)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    outs = []
+    for _ in range(4):
+        for s in (s1, s2):
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                outs.append(dec(tokens))
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, ref) for o in outs)
 
 
 def _cubin_registers(cubin: bytes) -> dict[str, int]:
