@@ -3,6 +3,7 @@ and device time per step, then (optionally) the GPU tests, an ncu profile and co
 
     git show 3141345:plugins/aim_kernels.cu > old_aim_kernels.cu     # the kernel before this rewrite
     PYTHONPATH=. python scripts/sampler_bench.py --out results/ --old-source old_aim_kernels.cu --all
+    (a sampler of 0e5137b or later needs --old-smem 57344: the dynamic shared memory it was launched with)
 
 Timing: a CUDA graph of --reps back-to-back (cfg_sample, advance) pairs, as the decode step launches them (and
 cfg_sample alone), bf16 logits, vocabulary 16384, next input d 768; the median of 7 replays, per pair.
@@ -66,6 +67,7 @@ class OldSampler:
 
 
 EXTRA: dict = {}  # name -> (source, smem): earlier versions to compare (--extra)
+OLD_SMEM = [256 * 8]  # dynamic shared memory of --old-source (--old-smem)
 
 
 def variants(dtype: str, old_source: Path | None) -> dict:
@@ -75,7 +77,7 @@ def variants(dtype: str, old_source: Path | None) -> dict:
     for name, (source, smem) in EXTRA.items():
         out[name] = OldSampler(dtype, source, smem)
     if old_source is not None:
-        out["old"] = OldSampler(dtype, old_source)
+        out["old"] = OldSampler(dtype, old_source, OLD_SMEM[0])
     return out
 
 
@@ -202,6 +204,32 @@ def sanitize_launches() -> None:
         print(f"sanitize launch vocab {vocab} {kind} {settings.top_k}/{settings.top_p}: matches {ok}", flush=True)
 
 
+def _compile(job: tuple) -> str:
+    dtype, arch, defines, source = job
+    t = time.time()
+    kw = {"source_path": source} if source is not None else {}
+    compile_cubin(dtype, arch, defines=defines, **kw)
+    return f"{dtype} {source.name if source else 'new'} {defines or ''}: {time.time() - t:.0f} s"
+
+
+def precompile(old_source: Path | None) -> None:
+    """Every cubin this script (and the kernel tests) will load, compiled in parallel processes into the disk
+    cache (NVRTC compiles one at a time, ~15 s each)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    jobs = [(dt, arch, {}, None) for dt in ("bfloat16", "float16", "float32")]
+    jobs += [("bfloat16", arch, {"SAMPLE_THREADS": 512}, None)]
+    jobs += [(dt, arch, {}, old_source) for dt in ("bfloat16", "float16", "float32") if old_source is not None]
+    jobs += [(dt, arch, {}, src) for dt in ("bfloat16", "float16", "float32") for src, _ in EXTRA.values()]
+    t = time.time()
+    with ProcessPoolExecutor(len(jobs)) as ex:
+        for line in ex.map(_compile, jobs):
+            log("precompiled", line)
+    log(f"precompile: {len(jobs)} cubins in {time.time() - t:.0f} s")
+
+
 def tool(cmd: list[str], out: Path, budget: float) -> None:
     left = budget - (time.time() - T0)
     if left < 10:
@@ -222,13 +250,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--old-source", type=Path, default=None)
+    ap.add_argument("--old-smem", type=int, default=256 * 8,
+                    help="dynamic shared memory bytes of --old-source (57344 for the sampler of 0e5137b)")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--extra", action="append", default=[], help="NAME=SOURCE:SMEM, another version to compare")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds for the whole run (later parts skip)")
     ap.add_argument("--all", action="store_true", help="also pytest, ncu and compute-sanitizer (subprocesses)")
     ap.add_argument("--ncu-target", action="store_true")
     ap.add_argument("--sanitize-target", action="store_true")
+    ap.add_argument("--precompile", action="store_true", help="first compile every cubin in parallel processes")
     a = ap.parse_args()
+    OLD_SMEM[0] = a.old_smem
     for spec in a.extra:
         name, rest = spec.split("=", 1)
         source, smem = rest.rsplit(":", 1)
@@ -246,6 +278,8 @@ def main() -> None:
         (a.out / "sampler_bench.json").write_text(json.dumps(report, indent=2))
         (a.out / "sampler_bench.txt").write_text("\n".join(LOG) + "\n")
 
+    if a.precompile:
+        precompile(a.old_source)
     for part in (lambda: timing(a.old_source, a.reps, report), lambda: agreement(a.old_source, report)):
         try:
             part()
@@ -257,6 +291,7 @@ def main() -> None:
     if a.all:
         py = sys.executable
         me = [py, str(Path(__file__).resolve())] + (["--old-source", str(a.old_source)] if a.old_source else [])
+        me += [f"--old-smem={a.old_smem}"]
         me += [f"--extra={e}" for e in a.extra]
         ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
         tool([ncu, "--set", "full", "--kernel-name", "aim_cfg_sample", *me, "--ncu-target"], a.out / "ncu.txt",
