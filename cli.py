@@ -253,6 +253,10 @@ def generate(
                                    "instead of resuming."),
 ) -> None:
     """Sample images to PNGs, tokens.npz, samples.npz and grid.png; rerun the same command to resume."""
+    if backend == "cuda":  # first: NVRTC compiles the model-independent kernels while torch loads
+        from aim_rt.plugins.kernels import precompile_early
+
+        precompile_early(dtype)
     from aim_rt.checkpoint import open_checkpoint
     from aim_rt.distributed import from_environment
     from aim_rt.generate import open_backend
@@ -349,6 +353,10 @@ def bench(
     """Time sampling (ms/step, autoregressive, VQ, end to end, images/s, peak memory, ratio to the floor)."""
     import json
 
+    if kernels or "cuda" in backends:  # first: NVRTC compiles the model-independent kernels while torch loads
+        from aim_rt.plugins.kernels import precompile_early
+
+        precompile_early(dtype)
     import torch
 
     from aim_rt.bench import run_bench

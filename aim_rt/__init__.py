@@ -10,15 +10,29 @@ _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isdir(_os.path.join(_root, "exporters")):
     __path__.append(_root)  # type: ignore[name-defined]  # noqa: F821
 
-from .config import PRESETS, AiMConfig, VQConfig, preset  # noqa: E402
-from .errors import AiMError, CheckpointError, ConfigError, SamplingError  # noqa: E402
-from .loading import load_model, load_vq, random_model  # noqa: E402
-from .decoding import decode, sample_tokens, sampler_logits  # noqa: E402
-from .sampling import SamplingSettings  # noqa: E402
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AiMConfig", "VQConfig", "PRESETS", "preset", "load_model", "load_vq", "random_model",
-    "SamplingSettings", "sample_tokens", "sampler_logits", "decode", "AiMError", "CheckpointError", "ConfigError", "SamplingError",
-]
+# The public names, imported on first use (PEP 562): `import aim_rt` loads no torch, so the CLI can start
+# compiling kernels (NVRTC, in a thread) while torch is still being imported.
+_EXPORTS = {
+    "AiMConfig": "config", "VQConfig": "config", "PRESETS": "config", "preset": "config",
+    "AiMError": "errors", "CheckpointError": "errors", "ConfigError": "errors", "SamplingError": "errors",
+    "load_model": "loading", "load_vq": "loading", "random_model": "loading",
+    "decode": "decoding", "sample_tokens": "decoding", "sampler_logits": "decoding",
+    "SamplingSettings": "sampling",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(_importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'aim_rt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

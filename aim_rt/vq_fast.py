@@ -39,7 +39,7 @@ from .vq import VQModel
 def _source() -> Path:
     from .plugins import kernels  # plugins/ is a subpackage of aim_rt (checkout and wheel alike)
 
-    return Path(kernels.__file__).with_name("vq_kernels.cu")
+    return kernels.VQ_SOURCE
 
 
 ELEM_KINDS = {"float16": 1, "bfloat16": 2}
@@ -83,7 +83,7 @@ def compile_vq_async(dtype: str, arch: str, vec_batch: int = 4):
     from .plugins.kernels import compile_async
 
     _check_dtype(dtype)
-    return compile_async(dtype, arch, {"VEC_BATCH": int(vec_batch)}, _source())
+    return compile_async(dtype, arch, {"VEC_BATCH": int(vec_batch)}, _source())  # as precompile_early's
 
 
 def _check_dtype(dtype: str) -> None:

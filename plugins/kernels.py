@@ -103,6 +103,44 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
     return [{**step, "AIM_PARTS": 1}, {**(defines or {}), "AIM_PARTS": 2, "GEMV_INSTANCES": "/* none */"}]
 
 
+VQ_SOURCE = SOURCE.with_name("vq_kernels.cu")
+VQ_DEFINES = {"VEC_BATCH": 4}  # the VQ decoder's default build (aim_rt/vq_fast.py)
+
+
+def device_arch(index: int = 0) -> str | None:
+    """'sm_90' for CUDA device `index`, through the driver API (torch is not needed, nor imported), or None
+    where there is no usable GPU or no cuda-python."""
+    try:
+        from cuda.bindings import driver
+
+        if int(driver.cuInit(0)[0]) != 0:
+            return None
+    except Exception:  # no cuda-python, or no driver library on this machine
+        return None
+    err, dev = driver.cuDeviceGet(index)
+    if int(err) != 0:
+        return None
+    attr = driver.CUdevice_attribute
+    major = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
+    minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
+    if int(major[0]) != 0 or int(minor[0]) != 0:
+        return None
+    return f"sm_{major[1]}{minor[1]}"
+
+
+def precompile_early(dtype: str, device_index: int = 0) -> None:
+    """Start compiling the programs that depend on nothing but the element type and the GPU: the sampler, and
+    the VQ decoder's kernels for 16-bit types. The CLI calls this first thing for --backend cuda, so NVRTC works
+    while torch is imported and the checkpoint read (the step's program, which depends on the model's shapes,
+    starts once the config is known: aim_rt.cuda_backend.precompile). Errors surface later, at the use."""
+    arch = device_arch(device_index) if dtype in ELEM_KINDS else None
+    if arch is None:
+        return
+    compile_async(dtype, arch, step_builds(dtype)[1])
+    if dtype != "float32":
+        compile_async(dtype, arch, VQ_DEFINES, VQ_SOURCE)
+
+
 def _gemv_pairs() -> list[tuple[int, int]]:
     return list(dict.fromkeys([(c, 1) for c in GEMV_CHUNKS] + list(GEMV_WIDE.items())))
 
@@ -286,7 +324,7 @@ GEMV_FAST_ROWS = int(os.environ.get("AIM_RT_GEMV_ROWS", "32"))
 # aim_gemv_norm_k<CH>: the residual norm folded into in_proj, up to GEMV_NORM_ROWS rows (batch 2; as in
 # aim_kernels.cu). AIM_RT_FOLD_ROWS lowers the limit (0: never fold, to measure what it gains).
 GEMV_NORM_ROWS = 4
-FOLD_ROWS = min(GEMV_NORM_ROWS, int(os.environ.get("AIM_RT_FOLD_ROWS", str(GEMV_NORM_ROWS))))
+FOLD_ROWS = min(GEMV_NORM_ROWS, int(os.environ.get("AIM_RT_FOLD_ROWS", "0")))  # off: measured slower
 NORM_CHUNKS = tuple(c for c in GEMV_CHUNKS if 256 * c <= NORM_THREADS * NORM_PER)
 
 

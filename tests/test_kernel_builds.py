@@ -1,0 +1,82 @@
+"""How the kernels are built at a cold start: two NVRTC programs (step, sampler) plus the VQ decoder's, compiled
+in background threads once per process, and started before torch is imported where the CLI can."""
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_aim_rt_and_the_cli_load_no_torch():
+    """The CLI starts the model-independent compiles before torch loads: importing aim_rt, its kernel module
+    and the CLI must not import torch (the public names still resolve, on first use)."""
+    code = ("import sys, aim_rt, aim_rt.plugins.kernels, aim_rt.cli\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "assert aim_rt.SamplingSettings().top_k == 600 and 'torch' in sys.modules\n"
+            "assert callable(aim_rt.load_model) and aim_rt.preset('AiM-B').d_model == 768\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import aim_rt
+
+        aim_rt.nope  # noqa: B018
+
+
+def test_step_builds_split_the_step_from_the_sampler():
+    from aim_rt.plugins.kernels import step_builds
+
+    step, sampler = step_builds("bfloat16", {"SSU_STAGES": 3}, gemv_depths=(768, 1536))
+    assert step["AIM_PARTS"] == 1 and sampler["AIM_PARTS"] == 2 and sampler["GEMV_INSTANCES"] == "/* none */"
+    assert step["SSU_STAGES"] == sampler["SSU_STAGES"] == 3
+    # only the instances of the two depths (k = 256 * CH): CH 3 and 6, each narrow and wide
+    assert step["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)"]
+    every, _ = step_builds("bfloat16")  # no depths given: the source's default list, every instance
+    assert "GEMV_INSTANCES" not in every
+
+
+def test_compile_async_builds_each_program_once(monkeypatch):
+    """Concurrent requests for one build share one compile; another build compiles separately; a failed
+    build is tried again on the next request."""
+    from aim_rt.plugins import kernels
+
+    calls, gate = [], threading.Event()
+
+    def fake_compile(dtype, arch, use_cache, check_layout, defines, source_path):
+        calls.append((dtype, arch, tuple(sorted(defines.items()))))
+        gate.wait(5)
+        if defines.get("FAIL"):
+            raise kernels.KernelError("boom")
+        return b"cubin:" + repr(defines).encode()
+
+    monkeypatch.setattr(kernels, "compile_cubin", fake_compile)
+    monkeypatch.setattr(kernels, "_BUILDS", {})
+    a = kernels.compile_async("bfloat16", "sm_90", {"AIM_PARTS": 1})
+    b = kernels.compile_async("bfloat16", "sm_90", {"AIM_PARTS": "1"})  # the same -D text
+    c = kernels.compile_async("bfloat16", "sm_90", {"AIM_PARTS": 2})
+    gate.set()
+    assert a is b and a.result() == b.result() and c.result() != a.result()
+    assert len(calls) == 2
+    bad = kernels.compile_async("bfloat16", "sm_80", {"FAIL": 1})
+    with pytest.raises(kernels.KernelError):
+        bad.result()
+    again = kernels.compile_async("bfloat16", "sm_80", {"FAIL": 1})
+    assert again is not bad
+    with pytest.raises(kernels.KernelError):
+        again.result()
+    assert len(calls) == 4
+
+
+def test_device_arch_without_a_gpu_or_with_one():
+    import torch
+
+    from aim_rt.plugins.kernels import device_arch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        assert device_arch(0) == f"sm_{major}{minor}"
+    else:
+        assert device_arch(0) is None
