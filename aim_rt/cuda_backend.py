@@ -2,8 +2,7 @@
 decode loop replayed from a CUDA graph, with sampling on the device (no host round trip per token).
 
 Per step and layer: residual+RMSNorm+modulate (1 kernel) → in_proj product → fused selective-state update (1
-kernel, state streamed once, updated in place) → out_proj product. Up to 4 rows (batch 2) the residual norm runs
-inside the in_proj kernel (aim_gemv_norm: each block norms the few rows itself), one kernel less per layer. The products are aim_gemv (tensor-core,
+kernel, state streamed once, updated in place) → out_proj product. The products are aim_gemv (tensor-core,
 weights read once) for 16-bit models up to GEMV_FAST_ROWS rows (batch 16), cuBLAS otherwise. On Hopper every
 kernel of ours is launched with programmatic dependent launch: it starts while its predecessor runs and reads
 what does not depend on it (weights, its layer's state) before waiting for it (PDL_WAIT in aim_kernels.cu).
@@ -37,19 +36,16 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _fold_rows(use_gemv: bool | None, fold_rows: int | None) -> tuple[bool, int]:
-    from aim_rt.plugins.kernels import FOLD_ROWS
-
-    # use_gemv False (or AIM_RT_GEMV=0): cuBLAS for every product, to measure what aim_gemv gains
-    gemv = os.environ.get("AIM_RT_GEMV", "1") != "0" if use_gemv is None else use_gemv
-    return gemv, ((FOLD_ROWS if fold_rows is None else fold_rows) if gemv else 0)
+def _use_gemv(use_gemv: bool | None) -> bool:
+    # False (or AIM_RT_GEMV=0): cuBLAS for every product, to measure what aim_gemv gains
+    return os.environ.get("AIM_RT_GEMV", "1") != "0" if use_gemv is None else use_gemv
 
 
-def _kernel_depths(cfg, fold_rows: int) -> dict:
-    return dict(gemv_depths=(cfg.d_model, cfg.d_inner), norm_depths=(cfg.d_model,) if fold_rows else ())
+def _gemv_depths(cfg) -> tuple[int, ...]:
+    return (cfg.d_model, cfg.d_inner)  # in_proj and lm_head; out_proj
 
 
-def precompile(config, dtype: str, device, use_gemv: bool | None = None, fold_rows: int | None = None) -> None:
+def precompile(config, dtype: str, device) -> None:
     """Start compiling every kernel the cuda backend will need for a model of `config` (NVRTC, in background
     threads; the disk cache makes it a no-op the second time). Called before the model is built or loaded (by
     `aim-rt generate` and `bench`), a cold start overlaps the compiles with that; CudaBackend and the VQ
@@ -63,7 +59,7 @@ def precompile(config, dtype: str, device, use_gemv: bool | None = None, fold_ro
         return
     major, minor = torch.cuda.get_device_capability(dev)
     arch = f"sm_{major}{minor}"
-    for defines in step_builds(dtype, None, **_kernel_depths(config, _fold_rows(use_gemv, fold_rows)[1])):
+    for defines in step_builds(dtype, None, _gemv_depths(config)):
         compile_async(dtype, arch, defines)
     if dtype in ELEM_KINDS:  # the 16-bit models' VQ decoder
         compile_vq_async(dtype, arch)
@@ -74,7 +70,7 @@ class _Buffers:
     """Static device buffers of one batch size (addresses baked into the captured graph)."""
 
     hidden: Tensor      # (R, d) the step's input embeddings
-    residual: Tensor    # (2, R, d) float32: ping-pong where the norm is folded into in_proj, else [0] only
+    residual: Tensor    # (R, d) float32
     normed: Tensor      # (R, d)
     zxbcdt: Tensor      # (R, d_in_proj) in_proj output: z | x B C | dt
     out: Tensor         # (R, d) out_proj output
@@ -95,10 +91,8 @@ class _Buffers:
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, model: AiM, use_graphs: bool = True, use_gemv: bool | None = None,
-                 fold_rows: int | None = None):
-        """`use_gemv`: our skinny products (None: unless AIM_RT_GEMV=0). `fold_rows`: fold the residual norm
-        into in_proj up to this many rows (None: FOLD_ROWS, i.e. batch 2 unless AIM_RT_FOLD_ROWS says less)."""
+    def __init__(self, model: AiM, use_graphs: bool = True, use_gemv: bool | None = None):
+        """`use_gemv`: our skinny products (None: unless AIM_RT_GEMV=0)."""
         from aim_rt.plugins.kernels import Kernels, check_shapes
 
         if model.device.type != "cuda":
@@ -108,11 +102,10 @@ class CudaBackend:
         self.model, self.config = model, cfg
         self.dtype = model.dtype
         self.use_graphs = use_graphs
-        self.use_gemv, self.fold_rows = _fold_rows(use_gemv, fold_rows)
+        self.use_gemv = _use_gemv(use_gemv)
         if model.vq is not None:  # the VQ decoder's kernels compile meanwhile (no-op if precompile started them)
-            precompile(cfg, dtype_name(self.dtype), model.device, self.use_gemv, self.fold_rows)
-        self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0,
-                               **_kernel_depths(cfg, self.fold_rows))
+            precompile(cfg, dtype_name(self.dtype), model.device)
+        self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0, gemv_depths=_gemv_depths(cfg))
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._vq = None  # the fast VQ decoder, built on first use
@@ -139,7 +132,7 @@ class CudaBackend:
         rows = 2 * batch
         buf = _Buffers(
             hidden=torch.zeros(rows, cfg.d_model, device=dev, dtype=dt),
-            residual=torch.zeros(2, rows, cfg.d_model, device=dev),
+            residual=torch.zeros(rows, cfg.d_model, device=dev),
             normed=torch.zeros(rows, cfg.d_model, device=dev, dtype=dt),
             zxbcdt=torch.zeros(rows, cfg.d_in_proj, device=dev, dtype=dt),
             out=torch.zeros(rows, cfg.d_model, device=dev, dtype=dt),
@@ -177,41 +170,32 @@ class CudaBackend:
     def _ops(self, buf: _Buffers, settings: SamplingSettings) -> list[tuple[str, Callable[[], None]]]:
         """One decode step as (kind, launch) pairs in order: from the input embedding to the next token.
         `_step` runs them all (that is what the graph captures); `op_timings` times each kind alone."""
-        from aim_rt.plugins.kernels import (ConvShift, GemvNormParams, NormParams, conv_shift_params,
-                                            gemv_norm_supported, gemv_params, ssu_params)
+        from aim_rt.plugins.kernels import ConvShift, NormParams, conv_shift_params, ssu_params
 
         cfg, k, bb = self.config, self.kernels, self.model.backbone
         rows = buf.hidden.shape[0]
         fold_norm = cfg.ngroups == 1  # the gated norm's 1/rms is applied by the next residual norm
-        # the residual norm inside in_proj (aim_gemv_norm): its blocks all read the residual while block 0
-        # stores the new one, so layer i reads residual[i % 2] and writes residual[(i + 1) % 2]
-        fold_in = (rows <= self.fold_rows and k.gemv_norms
-                   and gemv_norm_supported(dtype_name(self.dtype), rows, cfg.d_model))
-        res = lambda i: buf.residual[i % 2] if fold_in else buf.residual[0]  # noqa: E731
         d_in, d_x = cfg.d_inner, cfg.d_inner + cfg.conv_dim
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
 
-        def norm_params(i, inp, gate, norm_w, norm2_w, mods, prev, res_in, res_out):
-            # `prev`: the previous layer's state update, whose norm scale and B/C shift this norm finishes
-            return NormParams(
+        def residual_norm(i, inp, gate, norm_w, norm2_w, mods, prev):
+            # `prev`: the previous layer's state update, whose norm scale and B/C shift this kernel finishes
+            p = NormParams(
                 input=_ptr(inp), input_stride=inp.stride(0), gate=_ptr(gate),
                 gate_stride=gate.stride(0) if gate is not None else 0,
                 sumsq=_ptr(buf.sumsq) if fold_norm and i > 0 else None, sumsq_heads=cfg.nheads,
                 sumsq_count=cfg.d_inner, bc=conv_shift_params(prev) if fold_norm and i > 0 else ConvShift(),
-                residual=_ptr(res_in), residual_out=_ptr(res_out), norm_w=_ptr(norm_w), norm2_w=_ptr(norm2_w),
+                residual=_ptr(buf.residual), norm_w=_ptr(norm_w), norm2_w=_ptr(norm2_w),
                 shift=_ptr(mods[:, 0]), scale=_ptr(mods[:, 1]), mod_stride=mods.stride(0), out=_ptr(buf.normed),
                 out_stride=cfg.d_model, rows=rows, d=cfg.d_model, first=int(i == 0), eps=cfg.norm_eps)
+            return lambda: k.residual_norm(p, stream())
 
         ops, p = [], None
         for i, w in enumerate(self._params):
-            q = norm_params(i, buf.hidden if i == 0 else buf.out, buf.mods[i - 1][:, 2] if i else None, w["norm"],
-                            None, buf.mods[i], p, res(i), res(i + 1))
-            if fold_in:
-                gq = GemvNormParams(g=gemv_params(buf.normed, w["in_proj"], buf.zxbcdt), n=q)
-                ops.append(("norm_in_proj", lambda gq=gq: k.gemv_norm(gq, stream())))
-            else:
-                ops.append(("residual_norm", lambda q=q: k.residual_norm(q, stream())))
-                ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
+            ops.append(("residual_norm", residual_norm(i, buf.hidden if i == 0 else buf.out,
+                                                       buf.mods[i - 1][:, 2] if i else None, w["norm"], None,
+                                                       buf.mods[i], p)))
+            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             p = ssu_params(
                 xbc=buf.zxbcdt[:, d_in:d_x], z=buf.zxbcdt[:, :d_in], dt=buf.zxbcdt[:, d_x:],
                 conv_state_in=buf.conv[i], conv_state_out=buf.conv[i], ssm_state_in=buf.ssm[i],
@@ -220,10 +204,8 @@ class CudaBackend:
             ops.append(("selective_state_update",
                         lambda p=p: k.selective_state_update(p, stream(), finish=not fold_norm)))
             ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
-        n = len(self._params)
-        q = norm_params(n, buf.out, buf.mods[-1][:, 2], bb.norm_f.weight, bb.final_layer.norm_final.weight,
-                        buf.final_mods, p, res(n), res(n))
-        ops.append(("final_norm", lambda q=q: k.residual_norm(q, stream())))
+        ops.append(("final_norm", residual_norm(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
+                                                bb.final_layer.norm_final.weight, buf.final_mods, p)))
         ops.append(("lm_head", self._matmul(buf.normed, self.model.lm_head.weight, buf.logits)))
         ops.append(("sample", lambda: self._sample(buf, settings, stream())))
         return ops

@@ -579,9 +579,7 @@ struct NormParams {
   const float* sumsq;   // (rows, sumsq_heads) or null: input *= 1/rms of the previous gated norm (ngroups == 1)
   int sumsq_heads, sumsq_count;                   // heads to add; elements they cover (d_inner)
   ConvShift bc;                                   // the previous mixer's B/C conv windows, when it left them
-  const float* residual;                          // (rows, d) float32 in
-  float* residual_out;                            // (rows, d) float32 out: residual itself, or (folded into
-                                                  // in_proj, where other blocks still read it) a second buffer
+  float* residual;                                // (rows, d) float32, in/out
   const elem_t* norm_w;                           // (d)
   const elem_t* norm2_w;                          // (d) second RMSNorm (final layer), or null
   const elem_t* shift;  const elem_t* scale;  long long mod_stride;  // out = x * (1 + scale) + shift
@@ -590,46 +588,39 @@ struct NormParams {
   float eps;
 };
 
+// grid (rows); block NORM_THREADS; d <= NORM_THREADS * NORM_PER. The row lives in registers. The weights and
+// modulations (constant through a sample) are read before PDL_WAIT, so after it only the previous kernels'
+// outputs are fetched: one round trip to L2, then the reductions.
 #define NORM_THREADS 256
 #define NORM_PER 8
-
-// The constants of row r's norm: weights and modulations (fixed through a sample). Element i = tid + j * 256.
-template <int PER>
-struct NormConsts { float w1[PER], w2[PER], sh[PER], sc[PER]; };
-
-template <int PER>
-__device__ __forceinline__ void norm_consts(const NormParams& p, int r, NormConsts<PER>& c) {
+#if AIM_PARTS & 1
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
+  __shared__ float s_red[32];
+  __shared__ float s_scale;
+  const int r = blockIdx.x, tid = threadIdx.x;
+  float w1[NORM_PER], w2[NORM_PER], sh[NORM_PER], sc[NORM_PER];
 #pragma unroll
-  for (int j = 0; j < PER; ++j) {
-    const int i = threadIdx.x + j * NORM_THREADS;
-    c.w1[j] = c.w2[j] = c.sh[j] = c.sc[j] = 0.0f;  // lanes past d stay 0 (no garbage, e.g. NaN, in the sums)
+  for (int j = 0; j < NORM_PER; ++j) {
+    const int i = tid + j * NORM_THREADS;
+    w1[j] = w2[j] = sh[j] = sc[j] = 0.0f;  // lanes past d stay 0 (no garbage, e.g. NaN, in the sums)
     if (i >= p.d) continue;
-    c.w1[j] = ld(p.norm_w[i]);
-    c.w2[j] = p.norm2_w ? ld(p.norm2_w[i]) : 0.0f;
-    c.sh[j] = ld(p.shift[(long long)r * p.mod_stride + i]);
-    c.sc[j] = ld(p.scale[(long long)r * p.mod_stride + i]);
+    w1[j] = ld(p.norm_w[i]);
+    w2[j] = p.norm2_w ? ld(p.norm2_w[i]) : 0.0f;
+    sh[j] = ld(p.shift[(long long)r * p.mod_stride + i]);
+    sc[j] = ld(p.scale[(long long)r * p.mod_stride + i]);
   }
-}
-
-// Row r of the residual norm, by a block of NORM_THREADS threads (after PDL_WAIT): residual += the previous
-// mixer's output (scaled by its gated norm's 1/rms, gated), then RMSNorm and modulation into `out` (global or
-// shared memory). The arithmetic and its order are the same wherever it runs (standalone, or folded into
-// in_proj), so both give the same bits. The block stores the new residual if `store`, shifts the previous
-// mixer's B/C windows of row r if `shift`.
-template <int PER>
-__device__ __forceinline__ void norm_row(const NormParams& p, int r, const NormConsts<PER>& c, elem_t* out,
-                                         bool store, bool shift, float* s_red, float* s_scale) {
-  const int tid = threadIdx.x;
+  PDL_WAIT();
   if (tid < 32) {  // the previous gated norm's 1/rms: its heads' sums of squares, added as a fixed tree
     float t = 0.0f;
     if (p.sumsq)
       for (int i = tid; i < p.sumsq_heads; i += 32) t += p.sumsq[(long long)r * p.sumsq_heads + i];
     t = warp_sum(t);
-    if (tid == 0) *s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
+    if (tid == 0) s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
   }
-  float x[PER], gate[PER], res[PER], in[PER];
+  float x[NORM_PER];
+  float gate[NORM_PER], res[NORM_PER], in[NORM_PER];
 #pragma unroll
-  for (int j = 0; j < PER; ++j) {  // issue every load before using any
+  for (int j = 0; j < NORM_PER; ++j) {  // issue every load before using any
     const int i = tid + j * NORM_THREADS;
     in[j] = gate[j] = res[j] = 0.0f;
     if (i >= p.d) continue;
@@ -637,19 +628,19 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int r, const NormC
     gate[j] = p.gate ? ld(p.gate[(long long)r * p.gate_stride + i]) : 0.0f;
     res[j] = p.first ? 0.0f : p.residual[(long long)r * p.d + i];
   }
-  if (shift) conv_shift(p.bc, r);  // while those loads are in flight
+  conv_shift(p.bc, r);  // while those loads are in flight
   __syncthreads();
-  const float scale = *s_scale;
+  const float scale = s_scale;
   float sq = 0.0f;
 #pragma unroll
-  for (int j = 0; j < PER; ++j) {
+  for (int j = 0; j < NORM_PER; ++j) {
     const int i = tid + j * NORM_THREADS;
     x[j] = 0.0f;
     if (i >= p.d) continue;
     float v = in[j] * scale;
     if (p.gate) v = ld(st(v * gate[j]));  // the reference rounds gate*out
     const float rv = p.first ? v : res[j] + v;
-    if (store) p.residual_out[(long long)r * p.d + i] = rv;
+    p.residual[(long long)r * p.d + i] = rv;
     x[j] = rv;
     sq += rv * rv;
   }
@@ -657,33 +648,19 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int r, const NormC
   if (p.norm2_w) {  // final layer: norm_f (rounded to the model type), then norm_final
     float sq2 = 0.0f;
 #pragma unroll
-    for (int j = 0; j < PER; ++j) {
-      x[j] = ld(st(x[j] * inv * c.w1[j]));
+    for (int j = 0; j < NORM_PER; ++j) {
+      x[j] = ld(st(x[j] * inv * w1[j]));
       sq2 += x[j] * x[j];
     }
     inv = rsqrtf(block_sum(sq2, s_red) / p.d + p.eps);
   }
 #pragma unroll
-  for (int j = 0; j < PER; ++j) {
+  for (int j = 0; j < NORM_PER; ++j) {
     const int i = tid + j * NORM_THREADS;
     if (i >= p.d) continue;
-    const float v = ld(st(x[j] * inv * (p.norm2_w ? c.w2[j] : c.w1[j])));
-    out[i] = st(v * (1.0f + c.sc[j]) + c.sh[j]);
+    const float v = ld(st(x[j] * inv * (p.norm2_w ? w2[j] : w1[j])));
+    p.out[(long long)r * p.out_stride + i] = st(v * (1.0f + sc[j]) + sh[j]);
   }
-}
-
-// grid (rows); block NORM_THREADS; d <= NORM_THREADS * NORM_PER. The row lives in registers. The weights and
-// modulations (constant through a sample) are read before PDL_WAIT, so after it only the previous kernels'
-// outputs are fetched: one round trip to L2, then the reductions.
-#if AIM_PARTS & 1
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
-  __shared__ float s_red[32];
-  __shared__ float s_scale;
-  const int r = blockIdx.x;
-  NormConsts<NORM_PER> c;
-  norm_consts(p, r, c);
-  PDL_WAIT();
-  norm_row(p, r, c, p.out + (long long)r * p.out_stride, true, true, s_red, &s_scale);
 }
 #endif
 
@@ -1242,7 +1219,6 @@ struct GemvParams {
   elem_t* y;  long long y_stride;        // (rows, n)
   int rows, n, k;
 };
-struct GemvNormParams { GemvParams g; NormParams n; };  // aim_gemv_norm_k*: the product and the norm folded in
 
 #ifndef GEMV_MAX_MT
 #define GEMV_MAX_MT 4
@@ -1264,22 +1240,12 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 #endif
 }
 
-// Folding the residual norm into in_proj (aim_gemv_norm_k*): for a few rows every block computes the normed
-// rows itself (aim_residual_norm's arithmetic, so the same bits) into shared memory, which saves a kernel and its
-// hand-over per layer; the extra reads (the rows, from L2) grow with rows * blocks, hence the limit.
-#define GEMV_NORM_ROWS 4
-
-__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
-
 // CH: chunks of 32 per warp, k = 8 warps * 32 * CH. NT: 8-column tiles per block; a warp multiplies the x
 // fragments it loads by NT weight tiles (more rows re-read x: NT > 1 cuts that L2 traffic by NT).
-// NORM: x is not read but computed from q (rows <= GEMV_NORM_ROWS, q.d == k, so each thread's norm elements
-// tid + 256 j, j < CH, are all in range).
-template <int CH, int NT, bool NORM>
-__device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams& q) {
-  constexpr int MT = NORM ? 1 : 8 / NT < GEMV_MAX_MT ? 8 / NT : GEMV_MAX_MT;  // m-tiles of 16 rows
+template <int CH, int NT>
+__device__ __forceinline__ void gemv_body(const GemvParams& p) {
+  constexpr int MT = 8 / NT < GEMV_MAX_MT ? 8 / NT : GEMV_MAX_MT;  // m-tiles of 16 rows (8 * 16 partials per warp)
   __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
-  __shared__ __align__(16) elem_t xs[NORM ? GEMV_NORM_ROWS : 1][NORM ? 256 * CH : 8];  // the normed rows
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int k0 = warp * (32 * CH) + 8 * t;
   uint4 wreg[NT][CH];
@@ -1291,31 +1257,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams&
       wreg[j][c] = n < p.n ? *reinterpret_cast<const uint4*>(p.w + (long long)n * p.k + k0 + 32 * c)
                            : make_uint4(0, 0, 0, 0);
   }
-  if constexpr (NORM) {  // the modulations and weights to L2 meanwhile: one 128-byte line per thread
-    const int lines = 2 * q.d / 128;  // of a row
-    for (int i = threadIdx.x; i < (3 * q.rows + 1) * lines; i += blockDim.x) {
-      const int v = i / lines - 1, r = v / 3, at = (i % lines) * 64;
-      const elem_t* row = v < 0 ? q.norm_w : v % 3 == 0 ? q.shift + (long long)r * q.mod_stride
-                        : v % 3 == 1 ? q.scale + (long long)r * q.mod_stride
-                        : q.gate ? q.gate + (long long)r * q.gate_stride : nullptr;
-      if (row) prefetch_l2(row + at);
-    }
-  }
   PDL_WAIT();
-  const elem_t* x = p.x;
-  long long x_stride = p.x_stride;
-  if constexpr (NORM) {
-    __shared__ float s_red[32];
-    __shared__ float s_scale;
-    for (int r = 0; r < q.rows; ++r) {
-      NormConsts<CH> c;
-      norm_consts(q, r, c);
-      norm_row(q, r, c, &xs[r][0], blockIdx.x == 0, blockIdx.x == (r + 1) % gridDim.x, s_red, &s_scale);
-    }
-    __syncthreads();
-    x = &xs[0][0];
-    x_stride = 256 * CH;
-  }
   const int mt = (p.rows + 15) >> 4;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
@@ -1324,8 +1266,8 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams&
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     const int r0 = 16 * m + g, r1 = r0 + 8;
-    const elem_t* x0 = x + (long long)r0 * x_stride + k0;
-    const elem_t* x1 = x + (long long)r1 * x_stride + k0;
+    const elem_t* x0 = p.x + (long long)r0 * p.x_stride + k0;
+    const elem_t* x1 = p.x + (long long)r1 * p.x_stride + k0;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
       const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
@@ -1353,25 +1295,16 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams&
   }
 }
 
-#define GEMV_ENTRY(CH, NT)                                                                      \
-  extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH##_n##NT(GemvParams p) {            \
-    gemv_body<CH, NT, false>(p, *static_cast<const NormParams*>(nullptr)); /* q: never read */        \
-  }
-#define GEMV_NORM_ENTRY(CH)                                                                              \
-  extern "C" __global__ void __launch_bounds__(256, 4) aim_gemv_norm_k##CH(GemvNormParams p) {        \
-    gemv_body<CH, 1, true>(p.g, p.n);                                                                  \
-  }
-// The host may compile only the instances a model needs (-DGEMV_INSTANCES="X(3,1) X(6,2) XN(3)": X(CH, NT) a
-// product, XN(CH) one with the norm folded in; each costs NVRTC time at a cold start); by default all of them.
+#define GEMV_ENTRY(CH, NT) \
+  extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH##_n##NT(GemvParams p) { gemv_body<CH, NT>(p); }
+// The host may compile only the (CH, NT) pairs a model needs (-DGEMV_INSTANCES="X(3,1) X(6,2)": each entry
+// costs NVRTC time at a cold start); by default every pair plugins/kernels.py knows.
 #define X(CH, NT) GEMV_ENTRY(CH, NT)
-#define XN(CH) GEMV_NORM_ENTRY(CH)
 #if !(AIM_PARTS & 1)
 #elif defined(GEMV_INSTANCES)
 GEMV_INSTANCES
 #else
 X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(6, 1) X(8, 1) X(12, 1) X(1, 4) X(2, 4) X(3, 4) X(4, 2) X(6, 2)
-XN(1) XN(2) XN(3) XN(4) XN(6) XN(8)
 #endif
-#undef XN
 #undef X
 #endif

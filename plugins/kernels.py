@@ -90,16 +90,13 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
     return fut
 
 
-def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None,
-                norm_depths: tuple[int, ...] | None = None) -> list[dict]:
+def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None) -> list[dict]:
     """The -D sets of the programs a Kernels compiles: the step's kernels with only the aim_gemv instances the
     depths need (all of them for gemv_depths None), and the sampler (AIM_PARTS in aim_kernels.cu)."""
     step = dict(defines or {})
     if gemv_depths is not None:
-        chunks, norm_chunks = {k // 256 for k in gemv_depths}, {k // 256 for k in norm_depths or ()}
-        entries = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
-        entries += [f"XN({c})" for c in NORM_CHUNKS if c in norm_chunks]
-        step["GEMV_INSTANCES"] = " ".join(entries) or "/* none */"
+        chunks = {k // 256 for k in gemv_depths}
+        step["GEMV_INSTANCES"] = " ".join(f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks) or "/* none */"
     return [{**step, "AIM_PARTS": 1}, {**(defines or {}), "AIM_PARTS": 2, "GEMV_INSTANCES": "/* none */"}]
 
 
@@ -174,7 +171,7 @@ class NormParams(ctypes.Structure):
     _fields_ = [
         ("input", P), ("input_stride", LL), ("gate", P), ("gate_stride", LL),
         ("sumsq", P), ("sumsq_heads", I), ("sumsq_count", I), ("bc", ConvShift), ("residual", P),
-        ("residual_out", P), ("norm_w", P), ("norm2_w", P), ("shift", P), ("scale", P), ("mod_stride", LL),
+        ("norm_w", P), ("norm2_w", P), ("shift", P), ("scale", P), ("mod_stride", LL),
         ("out", P), ("out_stride", LL), ("rows", I), ("d", I), ("first", I), ("eps", F),
     ]
 
@@ -193,11 +190,7 @@ class GemvParams(ctypes.Structure):
     _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
 
 
-class GemvNormParams(ctypes.Structure):
-    _fields_ = [("g", GemvParams), ("n", NormParams)]
-
-
-STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemvNormParams)
+STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams)
 
 
 def layout_asserts() -> str:
@@ -321,11 +314,6 @@ GEMV_NARROW_ROWS = 16
 # rows one 8-column tile per block re-read x from L2 so often that cuBLAS won (AiM-XL in_proj 14.0 vs 8.9 µs),
 # hence the wider tiles there. AIM_RT_GEMV_ROWS overrides the limit (to measure).
 GEMV_FAST_ROWS = int(os.environ.get("AIM_RT_GEMV_ROWS", "32"))
-# aim_gemv_norm_k<CH>: the residual norm folded into in_proj, up to GEMV_NORM_ROWS rows (batch 2; as in
-# aim_kernels.cu). AIM_RT_FOLD_ROWS lowers the limit (0: never fold, to measure what it gains).
-GEMV_NORM_ROWS = 4
-FOLD_ROWS = min(GEMV_NORM_ROWS, int(os.environ.get("AIM_RT_FOLD_ROWS", "0")))  # off: measured slower
-NORM_CHUNKS = tuple(c for c in GEMV_CHUNKS if 256 * c <= NORM_THREADS * NORM_PER)
 
 
 def gemv_tiles(rows: int, k: int) -> int:
@@ -338,11 +326,6 @@ def gemv_supported(dtype: str, rows: int, k: int) -> bool:
     if dtype == "float32" or rows <= 0 or k % 256 or k // 256 not in GEMV_CHUNKS:
         return False
     return rows <= 16 * min(4, 8 // gemv_tiles(rows, k))
-
-
-def gemv_norm_supported(dtype: str, rows: int, d: int) -> bool:
-    """Whether aim_gemv_norm folds a residual norm of `rows` rows of width d into a product of depth d."""
-    return dtype != "float32" and 0 < rows <= FOLD_ROWS and d % 256 == 0 and d // 256 in NORM_CHUNKS
 
 
 def gemv_params(x, w, y) -> GemvParams:
@@ -376,12 +359,10 @@ class Kernels:
     """The compiled module for one element type on the current CUDA device; launches on a given stream."""
 
     def __init__(self, dtype: str, device_index: int = 0, defines: dict | None = None,
-                 gemv_depths: tuple[int, ...] | None = None, norm_depths: tuple[int, ...] | None = None,
-                 source_path: Path = SOURCE):
+                 gemv_depths: tuple[int, ...] | None = None, source_path: Path = SOURCE):
         """`defines`: extra -D macros (benchmarks of kernel variants, e.g. SSU_THREADS, SSU_STAGES).
         `gemv_depths`: the k of every product the caller will run through `gemv` (compiles only those
-        instances; a cold start pays for each); None: all of them. `norm_depths`: likewise for `gemv_norm`
-        (the d_model of in_proj); used only with gemv_depths.
+        instances; a cold start pays for each); None: all of them.
         `source_path`: another version of aim_kernels.cu (benchmarks against an older kernel)."""
         import torch
         from cuda.bindings import driver
@@ -400,20 +381,15 @@ class Kernels:
         self.num_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
         self.sample_threads = int(self.defines.get("SAMPLE_THREADS", SAMPLE_THREADS))
         builds = [compile_async(dtype, self.arch, d, source_path)
-                  for d in step_builds(dtype, self.defines, gemv_depths, norm_depths)]
+                  for d in step_builds(dtype, self.defines, gemv_depths)]
         self.modules = [_check(driver.cuModuleLoadData(b.result()), "cuModuleLoadData") for b in builds]
         self.fn = {name: self._function(name) for name in KERNEL_NAMES}
-        self.gemvs, self.gemv_norms = set(), set()
+        self.gemvs = set()
         for c, t in _gemv_pairs() if dtype != "float32" else ():
             fn = self._function(f"aim_gemv_k{c}_n{t}", required=False)
             if fn is not None:  # only the instances asked for (or an older source_path has none)
                 self.fn[f"aim_gemv_k{c}_n{t}"] = fn
                 self.gemvs.add((c, t))
-        for c in NORM_CHUNKS if dtype != "float32" else ():
-            fn = self._function(f"aim_gemv_norm_k{c}", required=False)
-            if fn is not None:
-                self.fn[f"aim_gemv_norm_k{c}"] = fn
-                self.gemv_norms.add(c)
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
@@ -481,19 +457,6 @@ class Kernels:
         if (p.k // 256, nt) not in self.gemvs:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
         self._launch(f"aim_gemv_k{p.k // 256}_n{nt}", ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
-
-    def gemv_norm(self, p: GemvNormParams, stream: int) -> None:
-        """y = norm(x) @ w.T: the residual norm p.n (into no global `out`) folded into the product p.g, whose x
-        is unused; the caller checked gemv_norm_supported. p.n.residual_out must not alias p.n.residual (other
-        blocks still read the old residual while block 0 stores the new)."""
-        g, n = p.g, p.n
-        if g.k // 256 not in self.gemv_norms:
-            raise KernelError(f"aim_gemv_norm for k={g.k} was not compiled (norm_depths)")
-        if n.d != g.k or n.rows != g.rows or g.rows > GEMV_NORM_ROWS or n.norm2_w:
-            raise KernelError(f"aim_gemv_norm: norm of {n.rows} x {n.d} into a product of {g.rows} x {g.k}")
-        if n.residual_out == n.residual and not n.first:
-            raise KernelError("aim_gemv_norm needs a residual_out apart from the residual it reads")
-        self._launch(f"aim_gemv_norm_k{g.k // 256}", ((g.n + 7) // 8, 1, 1), 256, 0, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         if p.d > NORM_THREADS * NORM_PER:

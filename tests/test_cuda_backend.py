@@ -45,9 +45,6 @@ def test_only_the_requested_gemv_instances_are_compiled():
     cubin = compile_cubin("bfloat16", "sm_90", use_cache=False, defines={"GEMV_INSTANCES": "X(3,1) X(6,2)"})
     assert b"aim_gemv_k3_n1" in cubin and b"aim_gemv_k6_n2" in cubin
     assert b"aim_gemv_k6_n1" not in cubin and b"aim_gemv_k12_n1" not in cubin
-    assert b"aim_gemv_norm" not in cubin
-    cubin = compile_cubin("bfloat16", "sm_80", use_cache=False, defines={"GEMV_INSTANCES": "X(3,1) XN(3)"})
-    assert b"aim_gemv_norm_k3" in cubin and b"aim_gemv_norm_k6" not in cubin
 
 
 @pytest.fixture(autouse=True)
@@ -312,29 +309,6 @@ def test_bf16_image_does_not_depend_on_batch_composition():
     assert torch.equal(crowd[1], alone[0])
     big = backend.sample(list(range(100, 112)) + [207], list(range(12)) + [11], settings)  # 26 rows: wide tiles
     assert torch.equal(big[12], alone[0])
-
-
-@needs_gpu
-@pytest.mark.parametrize("preset", ["tiny", "AiM-B"])
-def test_norm_folded_into_in_proj_gives_the_same_bits(preset):
-    """aim_gemv_norm (the residual norm computed inside in_proj, batch <= 2) against the separate norm kernel:
-    the same arithmetic, so the same logits and tokens bit for bit, and the kernel really is used."""
-    from aim_rt.cuda_backend import CudaBackend
-
-    cfg = preset if preset != "tiny" else aim_rt.AiMConfig(d_model=256, n_layer=3, vocab_size=1024, num_classes=10,
-                                                             num_tokens=36)
-    model = aim_rt.random_model(cfg, seed=4, device="cuda", dtype="bfloat16")
-    folded, apart = CudaBackend(model, fold_rows=4), CudaBackend(model, fold_rows=0)
-    kinds = [kind for kind, _ in folded._ops(folded._alloc(2), SamplingSettings())]
-    assert "norm_in_proj" in kinds and "residual_norm" not in kinds
-    assert "norm_in_proj" not in [kind for kind, _ in apart._ops(apart._alloc(2), SamplingSettings())]
-    settings = SamplingSettings()
-    for classes, seeds in (([3], [7]), ([1, 9], [0, 5])):
-        teacher = apart.sample(classes, seeds, settings)
-        a_tok, a_mixed = apart.sample(classes, seeds, settings, teacher=teacher, return_mixed=True)
-        f_tok, f_mixed = folded.sample(classes, seeds, settings, teacher=teacher, return_mixed=True)
-        assert torch.equal(f_mixed, a_mixed) and torch.equal(f_tok, a_tok)
-        assert torch.equal(folded.sample(classes, seeds, settings), teacher)
 
 
 def test_ssu_params_rejects_shapes_the_kernel_cannot_take():
