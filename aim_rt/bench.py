@@ -70,7 +70,6 @@ def op_bytes(cfg: AiMConfig, batch: int, elem: int) -> dict[str, int]:
     return {
         "residual_norm": norm,
         "in_proj": d * cfg.d_in_proj * e + R * (d + cfg.d_in_proj) * e,
-        "norm_in_proj": norm + d * cfg.d_in_proj * e + R * (d + cfg.d_in_proj) * e,  # the two, in one kernel
         "selective_state_update": R * (2 * state * e + (cfg.d_in_proj + cfg.d_inner) * e + cfg.nheads * 4)
                                   + (cfg.conv_dim * (cfg.d_conv + 1) + 3 * cfg.nheads + cfg.d_inner) * e,
         "out_proj": cfg.d_inner * d * e + R * (cfg.d_inner + d) * e,

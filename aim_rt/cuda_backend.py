@@ -84,7 +84,6 @@ class _Buffers:
     tokens: Tensor      # (B, num_tokens) int64
     seeds: Tensor       # (B,) int64
     step: Tensor        # (1,) int32: the token index the sampler draws next
-    counters: Tensor    # (3,) int32, zero between launches: the folded norm's tickets (aim_gemv_norm)
     teacher: Tensor | None = None
     mixed: Tensor | None = None
 
@@ -104,8 +103,6 @@ class CudaBackend:
         self.dtype = model.dtype
         self.use_graphs = use_graphs
         self.use_gemv = _use_gemv(use_gemv)
-        # the residual norm inside in_proj where that is our product (AIM_RT_FOLD=0: a kernel of its own)
-        self.fold_norm = self.use_gemv and os.environ.get("AIM_RT_FOLD", "1") != "0"
         if model.vq is not None:  # the VQ decoder's kernels compile meanwhile (no-op if precompile started them)
             precompile(cfg, dtype_name(self.dtype), model.device)
         self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0, gemv_depths=_gemv_depths(cfg))
@@ -149,7 +146,6 @@ class CudaBackend:
             tokens=torch.zeros(batch, cfg.num_tokens, device=dev, dtype=torch.long),
             seeds=torch.zeros(batch, device=dev, dtype=torch.long),
             step=torch.zeros(1, device=dev, dtype=torch.int32),
-            counters=torch.zeros(3, device=dev, dtype=torch.int32),
         )
         self._buffers[batch] = buf
         return buf
@@ -184,7 +180,7 @@ class CudaBackend:
 
         def residual_norm(i, inp, gate, norm_w, norm2_w, mods, prev):
             # `prev`: the previous layer's state update, whose norm scale and B/C shift this kernel finishes
-            return NormParams(
+            p = NormParams(
                 input=_ptr(inp), input_stride=inp.stride(0), gate=_ptr(gate),
                 gate_stride=gate.stride(0) if gate is not None else 0,
                 sumsq=_ptr(buf.sumsq) if fold_norm and i > 0 else None, sumsq_heads=cfg.nheads,
@@ -192,17 +188,14 @@ class CudaBackend:
                 residual=_ptr(buf.residual), norm_w=_ptr(norm_w), norm2_w=_ptr(norm2_w),
                 shift=_ptr(mods[:, 0]), scale=_ptr(mods[:, 1]), mod_stride=mods.stride(0), out=_ptr(buf.normed),
                 out_stride=cfg.d_model, rows=rows, d=cfg.d_model, first=int(i == 0), eps=cfg.norm_eps)
+            return lambda: k.residual_norm(p, stream())
 
         ops, p = [], None
         for i, w in enumerate(self._params):
-            norm = residual_norm(i, buf.hidden if i == 0 else buf.out, buf.mods[i - 1][:, 2] if i else None,
-                                 w["norm"], None, buf.mods[i], p)
-            fused = self._in_proj_with_norm(norm, buf, w["in_proj"])
-            if fused is not None:
-                ops.append(("norm_in_proj", fused))
-            else:
-                ops.append(("residual_norm", lambda q=norm: k.residual_norm(q, stream())))
-                ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
+            ops.append(("residual_norm", residual_norm(i, buf.hidden if i == 0 else buf.out,
+                                                       buf.mods[i - 1][:, 2] if i else None, w["norm"], None,
+                                                       buf.mods[i], p)))
+            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             p = ssu_params(
                 xbc=buf.zxbcdt[:, d_in:d_x], z=buf.zxbcdt[:, :d_in], dt=buf.zxbcdt[:, d_x:],
                 conv_state_in=buf.conv[i], conv_state_out=buf.conv[i], ssm_state_in=buf.ssm[i],
@@ -211,25 +204,11 @@ class CudaBackend:
             ops.append(("selective_state_update",
                         lambda p=p: k.selective_state_update(p, stream(), finish=not fold_norm)))
             ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
-        final = residual_norm(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
-                              bb.final_layer.norm_final.weight, buf.final_mods, p)
-        ops.append(("final_norm", lambda: k.residual_norm(final, stream())))
+        ops.append(("final_norm", residual_norm(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
+                                                bb.final_layer.norm_final.weight, buf.final_mods, p)))
         ops.append(("lm_head", self._matmul(buf.normed, self.model.lm_head.weight, buf.logits)))
         ops.append(("sample", lambda: self._sample(buf, settings, stream())))
         return ops
-
-    def _in_proj_with_norm(self, norm, buf: _Buffers, w: Tensor) -> Callable[[], None] | None:
-        """in_proj with the residual norm `norm` computed inside it (aim_gemv_norm), where in_proj is our
-        product; None where it is not (then the norm is a kernel of its own)."""
-        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, GemvNormParams, gemv_params, gemv_supported, gemv_tiles
-
-        x, rows = buf.normed, buf.normed.shape[0]
-        if not (self.fold_norm and rows <= GEMV_FAST_ROWS
-                and gemv_supported(dtype_name(self.dtype), rows, x.shape[1])
-                and (x.shape[1] // 256, gemv_tiles(rows, x.shape[1])) in self.kernels.gemv_norms):
-            return None
-        p = GemvNormParams(g=gemv_params(x, w, buf.zxbcdt), n=norm, counters=buf.counters.data_ptr())
-        return lambda: self.kernels.gemv_norm(p, torch.cuda.current_stream().cuda_stream)
 
     def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel

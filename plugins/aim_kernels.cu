@@ -588,45 +588,39 @@ struct NormParams {
   float eps;
 };
 
+// grid (rows); block NORM_THREADS; d <= NORM_THREADS * NORM_PER. The row lives in registers. The weights and
+// modulations (constant through a sample) are read before PDL_WAIT, so after it only the previous kernels'
+// outputs are fetched: one round trip to L2, then the reductions.
 #define NORM_THREADS 256
 #define NORM_PER 8
-
-// The constants of row r's norm: weights and modulations (fixed through a sample). Element i = tid + j * 256.
-template <int PER>
-struct NormConsts { float w1[PER], w2[PER], sh[PER], sc[PER]; };
-
-template <int PER>
-__device__ __forceinline__ void norm_consts(const NormParams& p, int r, NormConsts<PER>& c) {
+#if AIM_PARTS & 1
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
+  __shared__ float s_red[32];
+  __shared__ float s_scale;
+  const int r = blockIdx.x, tid = threadIdx.x;
+  float w1[NORM_PER], w2[NORM_PER], sh[NORM_PER], sc[NORM_PER];
 #pragma unroll
-  for (int j = 0; j < PER; ++j) {
-    const int i = threadIdx.x + j * NORM_THREADS;
-    c.w1[j] = c.w2[j] = c.sh[j] = c.sc[j] = 0.0f;  // lanes past d stay 0 (no garbage, e.g. NaN, in the sums)
+  for (int j = 0; j < NORM_PER; ++j) {
+    const int i = tid + j * NORM_THREADS;
+    w1[j] = w2[j] = sh[j] = sc[j] = 0.0f;  // lanes past d stay 0 (no garbage, e.g. NaN, in the sums)
     if (i >= p.d) continue;
-    c.w1[j] = ld(p.norm_w[i]);
-    c.w2[j] = p.norm2_w ? ld(p.norm2_w[i]) : 0.0f;
-    c.sh[j] = ld(p.shift[(long long)r * p.mod_stride + i]);
-    c.sc[j] = ld(p.scale[(long long)r * p.mod_stride + i]);
+    w1[j] = ld(p.norm_w[i]);
+    w2[j] = p.norm2_w ? ld(p.norm2_w[i]) : 0.0f;
+    sh[j] = ld(p.shift[(long long)r * p.mod_stride + i]);
+    sc[j] = ld(p.scale[(long long)r * p.mod_stride + i]);
   }
-}
-
-// Row r of the residual norm, by a block of NORM_THREADS threads (after PDL_WAIT): residual += the previous
-// mixer's output (scaled by its gated norm's 1/rms, gated), then RMSNorm and modulation into p.out; the
-// previous mixer's B/C windows of row r are shifted. The same code (and so the same bits) whether it runs as
-// its own kernel or inside in_proj (aim_gemv_norm_*).
-template <int PER>
-__device__ __forceinline__ void norm_row(const NormParams& p, int r, const NormConsts<PER>& c, float* s_red,
-                                         float* s_scale) {
-  const int tid = threadIdx.x;
+  PDL_WAIT();
   if (tid < 32) {  // the previous gated norm's 1/rms: its heads' sums of squares, added as a fixed tree
     float t = 0.0f;
     if (p.sumsq)
       for (int i = tid; i < p.sumsq_heads; i += 32) t += p.sumsq[(long long)r * p.sumsq_heads + i];
     t = warp_sum(t);
-    if (tid == 0) *s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
+    if (tid == 0) s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
   }
-  float x[PER], gate[PER], res[PER], in[PER];
+  float x[NORM_PER];
+  float gate[NORM_PER], res[NORM_PER], in[NORM_PER];
 #pragma unroll
-  for (int j = 0; j < PER; ++j) {  // issue every load before using any
+  for (int j = 0; j < NORM_PER; ++j) {  // issue every load before using any
     const int i = tid + j * NORM_THREADS;
     in[j] = gate[j] = res[j] = 0.0f;
     if (i >= p.d) continue;
@@ -636,10 +630,10 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int r, const NormC
   }
   conv_shift(p.bc, r);  // while those loads are in flight
   __syncthreads();
-  const float scale = *s_scale;
+  const float scale = s_scale;
   float sq = 0.0f;
 #pragma unroll
-  for (int j = 0; j < PER; ++j) {
+  for (int j = 0; j < NORM_PER; ++j) {
     const int i = tid + j * NORM_THREADS;
     x[j] = 0.0f;
     if (i >= p.d) continue;
@@ -654,36 +648,20 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int r, const NormC
   if (p.norm2_w) {  // final layer: norm_f (rounded to the model type), then norm_final
     float sq2 = 0.0f;
 #pragma unroll
-    for (int j = 0; j < PER; ++j) {
-      x[j] = ld(st(x[j] * inv * c.w1[j]));
+    for (int j = 0; j < NORM_PER; ++j) {
+      x[j] = ld(st(x[j] * inv * w1[j]));
       sq2 += x[j] * x[j];
     }
     inv = rsqrtf(block_sum(sq2, s_red) / p.d + p.eps);
   }
 #pragma unroll
-  for (int j = 0; j < PER; ++j) {
+  for (int j = 0; j < NORM_PER; ++j) {
     const int i = tid + j * NORM_THREADS;
     if (i >= p.d) continue;
-    const float v = ld(st(x[j] * inv * (p.norm2_w ? c.w2[j] : c.w1[j])));
-    p.out[(long long)r * p.out_stride + i] = st(v * (1.0f + c.sc[j]) + c.sh[j]);
+    const float v = ld(st(x[j] * inv * (p.norm2_w ? w2[j] : w1[j])));
+    p.out[(long long)r * p.out_stride + i] = st(v * (1.0f + sc[j]) + sh[j]);
   }
 }
-
-// grid (rows); block NORM_THREADS; d <= NORM_THREADS * NORM_PER. The row lives in registers. The weights and
-// modulations (constant through a sample) are read before PDL_WAIT, so after it only the previous kernels'
-// outputs are fetched: one round trip to L2, then the reductions.
-#if AIM_PARTS & 1
-#if AIM_PARTS & 1
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
-  __shared__ float s_red[32];
-  __shared__ float s_scale;
-  const int r = blockIdx.x;
-  NormConsts<NORM_PER> c;
-  norm_consts(p, r, c);
-  PDL_WAIT();
-  norm_row(p, r, c, s_red, &s_scale);
-}
-#endif
 #endif
 
 // ----------------------------------------------------------------------------------------------------------
@@ -1241,9 +1219,6 @@ struct GemvParams {
   elem_t* y;  long long y_stride;        // (rows, n)
   int rows, n, k;
 };
-// aim_gemv_norm_k*_n*: in_proj with the residual norm folded in (see gemv_body). `counters`: 3 zeroed words
-// the kernel leaves zeroed (tickets handed out, rows normed, blocks done).
-struct GemvNormParams { GemvParams g; NormParams n; unsigned* counters; };
 
 #ifndef GEMV_MAX_MT
 #define GEMV_MAX_MT 4
@@ -1265,68 +1240,24 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 #endif
 }
 
-// ld.global.cg: x written by other blocks of this kernel (the folded norm) is read from L2, never a stale L1 line
-__device__ __forceinline__ uint4 ld_cg(const elem_t* ptr) {
-  uint4 v;
-  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
-  return v;
-}
-
 // CH: chunks of 32 per warp, k = 8 warps * 32 * CH. NT: 8-column tiles per block; a warp multiplies the x
 // fragments it loads by NT weight tiles (more rows re-read x: NT > 1 cuts that L2 traffic by NT).
-// NORM (in_proj with the residual norm folded in, one kernel hand-over less per layer): x = q.out is computed in
-// this kernel. Blocks take tickets in the order they start; the blocks with tickets 0 .. rows-1 each norm that
-// row (norm_row: the separate kernel's code and bits), publish it and count it; every block waits until all rows
-// are counted, then multiplies. A block with a ticket is running, so the rows' producers always are: no
-// deadlock however many blocks fit at once. The ticket is taken before PDL_WAIT: these counters belong to in_proj
-// launches alone, and the previous one (a layer earlier) has finished and reset them.
-template <int CH, int NT, bool NORM>
-__device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams& q, unsigned* counters) {
+template <int CH, int NT>
+__device__ __forceinline__ void gemv_body(const GemvParams& p) {
   constexpr int MT = 8 / NT < GEMV_MAX_MT ? 8 / NT : GEMV_MAX_MT;  // m-tiles of 16 rows (8 * 16 partials per warp)
   __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int k0 = warp * (32 * CH) + 8 * t;
-  int tile = blockIdx.x;
-  if constexpr (NORM) {
-    __shared__ int s_ticket;
-    if (threadIdx.x == 0) s_ticket = (int)atomicAdd(&counters[0], 1u);
-    __syncthreads();
-    tile = s_ticket;
-  }
   uint4 wreg[NT][CH];
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-    const int n = (tile * NT + j) * 8 + g;
+    const int n = (blockIdx.x * NT + j) * 8 + g;
 #pragma unroll
     for (int c = 0; c < CH; ++c)
       wreg[j][c] = n < p.n ? *reinterpret_cast<const uint4*>(p.w + (long long)n * p.k + k0 + 32 * c)
                            : make_uint4(0, 0, 0, 0);
   }
   PDL_WAIT();
-  if constexpr (NORM) {
-    if (tile < q.rows) {  // this block norms row `tile`, then counts it
-      __shared__ float s_red[32];
-      __shared__ float s_scale;
-      NormConsts<CH> c;
-      norm_consts(q, tile, c);
-      norm_row(q, tile, c, s_red, &s_scale);
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(&counters[1], 1u);
-      }
-    }
-    if (threadIdx.x == 0) {  // wait for every row (bounded: a lost row traps instead of hanging the GPU)
-      unsigned ready, spins = 0;
-      while (true) {
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(ready) : "l"(&counters[1]) : "memory");
-        if ((int)ready >= q.rows) break;
-        if (++spins > (1u << 24)) __trap();
-        __nanosleep(32);
-      }
-    }
-    __syncthreads();
-  }
   const int mt = (p.rows + 15) >> 4;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
@@ -1339,9 +1270,8 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams&
     const elem_t* x1 = p.x + (long long)r1 * p.x_stride + k0;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-      const uint4 z = make_uint4(0, 0, 0, 0);
-      const uint4 xa = r0 < p.rows ? (NORM ? ld_cg(x0 + 32 * c) : *reinterpret_cast<const uint4*>(x0 + 32 * c)) : z;
-      const uint4 xb = r1 < p.rows ? (NORM ? ld_cg(x1 + 32 * c) : *reinterpret_cast<const uint4*>(x1 + 32 * c)) : z;
+      const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
+      const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         mma_16816(acc[j], xa.x, xb.x, xa.y, xb.y, wreg[j][c].x, wreg[j][c].y);
@@ -1356,36 +1286,19 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams&
   __syncthreads();
   // thread -> (tile, lane, q): add the 8 warps' partials in warp order and store one output element
   for (int i = threadIdx.x; i < mt * NT * 128; i += blockDim.x) {
-    const int pt = i >> 7, m = pt / NT, j = pt % NT, l = (i >> 2) & 31, q = i & 3;
+    const int tile = i >> 7, m = tile / NT, j = tile % NT, l = (i >> 2) & 31, q = i & 3;
     float s = 0.0f;
 #pragma unroll
-    for (int w = 0; w < 8; ++w) s += part[w][pt][l][q];
-    const int row = 16 * m + (l >> 2) + (q >= 2 ? 8 : 0), col = (tile * NT + j) * 8 + 2 * (l & 3) + (q & 1);
+    for (int w = 0; w < 8; ++w) s += part[w][tile][l][q];
+    const int row = 16 * m + (l >> 2) + (q >= 2 ? 8 : 0), col = (blockIdx.x * NT + j) * 8 + 2 * (l & 3) + (q & 1);
     if (row < p.rows && col < p.n) p.y[(long long)row * p.y_stride + col] = st(s);
-  }
-  if constexpr (NORM) {  // the last block to finish zeroes the counters for the next launch
-    if (threadIdx.x == 0 && atomicAdd(&counters[2], 1u) == gridDim.x - 1) {
-      counters[0] = counters[1] = counters[2] = 0u;
-      __threadfence();
-    }
   }
 }
 
-// The folded norm's registers would cut the blocks per SM below the plain product's (AiM-XL in_proj: 2 instead
-// of 4, so its 806 blocks would run in 4 waves); about the plain product's occupancy is asked for, and what
-// spills is the norm's, which only the first rows blocks run.
-#define GEMV_NORM_MIN_BLOCKS(W) ((W) <= 6 ? 4 : (W) <= 8 ? 3 : 2)
-#define GEMV_ENTRY(CH, NT)                                                                       \
-  extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH##_n##NT(GemvParams p) {             \
-    gemv_body<CH, NT, false>(p, *static_cast<const NormParams*>(nullptr), nullptr); /* q: never read */ \
-  }                                                                                                     \
-  extern "C" __global__ void __launch_bounds__(256, GEMV_NORM_MIN_BLOCKS(CH * NT))                        \
-  aim_gemv_norm_k##CH##_n##NT(GemvNormParams p) {                                                      \
-    gemv_body<CH, NT, true>(p.g, p.n, p.counters);                                                      \
-  }
+#define GEMV_ENTRY(CH, NT) \
+  extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH##_n##NT(GemvParams p) { gemv_body<CH, NT>(p); }
 // The host may compile only the (CH, NT) pairs a model needs (-DGEMV_INSTANCES="X(3,1) X(6,2)": each entry
-// costs NVRTC time at a cold start); by default every pair plugins/kernels.py knows. Each pair has the plain
-// product and the one with the residual norm folded in (in_proj).
+// costs NVRTC time at a cold start); by default every pair plugins/kernels.py knows.
 #define X(CH, NT) GEMV_ENTRY(CH, NT)
 #if !(AIM_PARTS & 1)
 #elif defined(GEMV_INSTANCES)

@@ -190,11 +190,7 @@ class GemvParams(ctypes.Structure):
     _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
 
 
-class GemvNormParams(ctypes.Structure):
-    _fields_ = [("g", GemvParams), ("n", NormParams), ("counters", P)]
-
-
-STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemvNormParams)
+STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams)
 
 
 def layout_asserts() -> str:
@@ -388,16 +384,12 @@ class Kernels:
                   for d in step_builds(dtype, self.defines, gemv_depths)]
         self.modules = [_check(driver.cuModuleLoadData(b.result()), "cuModuleLoadData") for b in builds]
         self.fn = {name: self._function(name) for name in KERNEL_NAMES}
-        self.gemvs, self.gemv_norms = set(), set()
+        self.gemvs = set()
         for c, t in _gemv_pairs() if dtype != "float32" else ():
             fn = self._function(f"aim_gemv_k{c}_n{t}", required=False)
             if fn is not None:  # only the instances asked for (or an older source_path has none)
                 self.fn[f"aim_gemv_k{c}_n{t}"] = fn
                 self.gemvs.add((c, t))
-            fn = self._function(f"aim_gemv_norm_k{c}_n{t}", required=False)
-            if fn is not None:
-                self.fn[f"aim_gemv_norm_k{c}_n{t}"] = fn
-                self.gemv_norms.add((c, t))
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
@@ -465,18 +457,6 @@ class Kernels:
         if (p.k // 256, nt) not in self.gemvs:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
         self._launch(f"aim_gemv_k{p.k // 256}_n{nt}", ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
-
-    def gemv_norm(self, p: GemvNormParams, stream: int) -> None:
-        """y = norm(x) @ w.T: the residual norm p.n, written to p.n.out = p.g.x, computed inside the product p.g
-        by its first rows blocks (see gemv_body); p.counters: 3 zeroed uint32 that the kernel leaves zeroed."""
-        g, n = p.g, p.n
-        nt = gemv_tiles(g.rows, g.k)
-        if (g.k // 256, nt) not in self.gemv_norms:
-            raise KernelError(f"aim_gemv_norm for k={g.k} was not compiled (gemv_depths)")
-        blocks = (g.n + 8 * nt - 1) // (8 * nt)
-        if n.d != g.k or n.rows != g.rows or n.out != g.x or n.norm2_w or blocks < g.rows or not p.counters:
-            raise KernelError(f"aim_gemv_norm: a norm of {n.rows} x {n.d} into x of a product of {g.rows} x {g.k}")
-        self._launch(f"aim_gemv_norm_k{g.k // 256}_n{nt}", (blocks, 1, 1), 256, 0, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         if p.d > NORM_THREADS * NORM_PER:

@@ -311,33 +311,6 @@ def test_bf16_image_does_not_depend_on_batch_composition():
     assert torch.equal(big[12], alone[0])
 
 
-@needs_gpu
-@pytest.mark.parametrize("preset", ["tiny", "AiM-B"])
-def test_norm_folded_into_in_proj_gives_the_same_bits(preset, monkeypatch):
-    """aim_gemv_norm (the residual norm computed by in_proj's first blocks, published through counters) against
-    the separate norm kernel: the same arithmetic, so the same logits and tokens bit for bit, at narrow (2-16
-    rows) and wide (18-32 rows) column tiles; and the counters are left at zero for the next launch."""
-    from aim_rt.cuda_backend import CudaBackend
-
-    cfg = preset if preset != "tiny" else aim_rt.AiMConfig(d_model=256, n_layer=3, vocab_size=1024, num_classes=10,
-                                                             num_tokens=36)
-    model = aim_rt.random_model(cfg, seed=4, device="cuda", dtype="bfloat16")
-    folded = CudaBackend(model)
-    monkeypatch.setenv("AIM_RT_FOLD", "0")
-    apart = CudaBackend(model)
-    assert "norm_in_proj" in [kind for kind, _ in folded._ops(folded._alloc(2), SamplingSettings())]
-    assert "norm_in_proj" not in [kind for kind, _ in apart._ops(apart._alloc(2), SamplingSettings())]
-    settings = SamplingSettings()
-    for batch in (1, 2, 9, 16):
-        classes, seeds = [(3 * i) % 10 for i in range(batch)], list(range(batch))
-        teacher = apart.sample(classes, seeds, settings)
-        a_tok, a_mixed = apart.sample(classes, seeds, settings, teacher=teacher, return_mixed=True)
-        f_tok, f_mixed = folded.sample(classes, seeds, settings, teacher=teacher, return_mixed=True)
-        assert torch.equal(f_mixed, a_mixed) and torch.equal(f_tok, a_tok), batch
-        assert torch.equal(folded.sample(classes, seeds, settings), teacher), batch
-        assert not folded._alloc(batch).counters.any()
-
-
 def test_ssu_params_rejects_shapes_the_kernel_cannot_take():
     """Every caller (the backend, the TensorRT plugin) goes through ssu_params: bad shapes fail there, by name,
     instead of indexing out of bounds on the device (CPU tensors: only the checks run)."""
