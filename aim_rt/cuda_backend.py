@@ -50,7 +50,7 @@ def precompile(config, dtype: str, device) -> None:
     threads; the disk cache makes it a no-op the second time). Called before the model is built or loaded (by
     `aim-rt generate` and `bench`), a cold start overlaps the compiles with that; CudaBackend and the VQ
     decoder then wait for the compiles instead of starting their own."""
-    from aim_rt.plugins.kernels import compile_async, step_builds
+    from aim_rt.plugins.kernels import kernel_builds
 
     from .vq_fast import ELEM_KINDS, compile_vq_async
 
@@ -59,8 +59,7 @@ def precompile(config, dtype: str, device) -> None:
         return
     major, minor = torch.cuda.get_device_capability(dev)
     arch = f"sm_{major}{minor}"
-    for defines in step_builds(dtype, None, _gemv_depths(config)):
-        compile_async(dtype, arch, defines)
+    kernel_builds(dtype, arch, gemv_depths=_gemv_depths(config))
     if dtype in ELEM_KINDS:  # the 16-bit models' VQ decoder
         compile_vq_async(dtype, arch)
 

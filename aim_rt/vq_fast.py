@@ -77,13 +77,14 @@ def compile_vq_cubin(dtype: str, arch: str, use_cache: bool = True, source: Path
                          source_path=_source() if source is None else Path(source))
 
 
-def compile_vq_async(dtype: str, arch: str, vec_batch: int = 4):
+def compile_vq_async(dtype: str, arch: str, vec_batch: int | None = None):
     """compile_vq_cubin (with the disk cache) in a background thread, once per process: a Future of the cubin
-    (see plugins/kernels.py compile_async). The cuda backend starts it early so a cold start overlaps it."""
-    from .plugins.kernels import compile_async
+    (see plugins/kernels.py compile_async). vec_batch None: the default build, the one the CLI starts before
+    torch loads (kernels.precompile_early)."""
+    from .plugins.kernels import VQ_DEFINES, compile_async
 
     _check_dtype(dtype)
-    return compile_async(dtype, arch, {"VEC_BATCH": int(vec_batch)}, _source())  # as precompile_early's
+    return compile_async(dtype, arch, VQ_DEFINES if vec_batch is None else {"VEC_BATCH": int(vec_batch)}, _source())
 
 
 def _check_dtype(dtype: str) -> None:

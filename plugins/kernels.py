@@ -100,6 +100,13 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
     return [{**step, "AIM_PARTS": 1}, {**(defines or {}), "AIM_PARTS": 2, "GEMV_INSTANCES": "/* none */"}]
 
 
+def kernel_builds(dtype: str, arch: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None,
+                  source_path: Path = SOURCE) -> list[Future]:
+    """The compiles a Kernels(dtype, defines=..., gemv_depths=..., source_path=...) loads, started (compile_async):
+    Kernels waits for these; callers that know what they will build start them early (precompile, benchmarks)."""
+    return [compile_async(dtype, arch, d, source_path) for d in step_builds(dtype, defines, gemv_depths)]
+
+
 VQ_SOURCE = SOURCE.with_name("vq_kernels.cu")
 VQ_DEFINES = {"VEC_BATCH": 4}  # the VQ decoder's default build (aim_rt/vq_fast.py)
 
@@ -380,9 +387,8 @@ class Kernels:
         self._ssu_occupancy: dict[int, int] = {}
         self.num_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
         self.sample_threads = int(self.defines.get("SAMPLE_THREADS", SAMPLE_THREADS))
-        builds = [compile_async(dtype, self.arch, d, source_path)
-                  for d in step_builds(dtype, self.defines, gemv_depths)]
-        self.modules = [_check(driver.cuModuleLoadData(b.result()), "cuModuleLoadData") for b in builds]
+        self.modules = [_check(driver.cuModuleLoadData(b.result()), "cuModuleLoadData")
+                        for b in kernel_builds(dtype, self.arch, self.defines, gemv_depths, source_path)]
         self.fn = {name: self._function(name) for name in KERNEL_NAMES}
         self.gemvs = set()
         for c, t in _gemv_pairs() if dtype != "float32" else ():

@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_sampling_kernel import KINDS, SETTINGS, fixed_point_draw, random_logits, run_sampler  # noqa: E402
 
 from aim_rt.bench import replay_us  # noqa: E402
-from aim_rt.plugins.kernels import Kernels, SampleParams, _check, compile_cubin, pdl_attributes  # noqa: E402
+from aim_rt.plugins.kernels import (Kernels, SampleParams, _check, compile_async, compile_cubin,  # noqa: E402
+                                    kernel_builds, pdl_attributes)
 from aim_rt.sampling import SamplingSettings, draw  # noqa: E402
 
 T0 = time.time()
@@ -204,30 +205,20 @@ def sanitize_launches() -> None:
         print(f"sanitize launch vocab {vocab} {kind} {settings.top_k}/{settings.top_p}: matches {ok}", flush=True)
 
 
-def _compile(job: tuple) -> str:
-    dtype, arch, defines, source = job
-    t = time.time()
-    kw = {"source_path": source} if source is not None else {}
-    compile_cubin(dtype, arch, defines=defines, **kw)
-    return f"{dtype} {source.name if source else 'new'} {defines or ''}: {time.time() - t:.0f} s"
-
-
 def precompile(old_source: Path | None) -> None:
-    """Every cubin this script (and the kernel tests) will load, compiled in parallel processes into the disk
-    cache (NVRTC compiles one at a time, ~15 s each)."""
-    from concurrent.futures import ProcessPoolExecutor
-
+    """Every cubin this script (and the kernel tests) will load, compiled at once into the disk cache: the
+    programs of each Kernels (kernel_builds) and the sources OldSampler compiles as they are."""
     major, minor = torch.cuda.get_device_capability()
     arch = f"sm_{major}{minor}"
-    jobs = [(dt, arch, {}, None) for dt in ("bfloat16", "float16", "float32")]
-    jobs += [("bfloat16", arch, {"SAMPLE_THREADS": 512}, None)]
-    jobs += [(dt, arch, {}, old_source) for dt in ("bfloat16", "float16", "float32") if old_source is not None]
-    jobs += [(dt, arch, {}, src) for dt in ("bfloat16", "float16", "float32") for src, _ in EXTRA.values()]
+    builds = [b for dt in ("bfloat16", "float16", "float32") for b in kernel_builds(dt, arch)]
+    builds += kernel_builds("bfloat16", arch, {"SAMPLE_THREADS": 512})
+    olds = [old_source] if old_source is not None else []
+    builds += [compile_async(dt, arch, {}, src) for dt in ("bfloat16", "float16", "float32")
+               for src in olds + [src for src, _ in EXTRA.values()]]
     t = time.time()
-    with ProcessPoolExecutor(len(jobs)) as ex:
-        for line in ex.map(_compile, jobs):
-            log("precompiled", line)
-    log(f"precompile: {len(jobs)} cubins in {time.time() - t:.0f} s")
+    for b in builds:
+        b.result()
+    log(f"precompile: {len(builds)} cubins in {time.time() - t:.0f} s")
 
 
 def tool(cmd: list[str], out: Path, budget: float) -> None:
@@ -258,7 +249,7 @@ def main() -> None:
     ap.add_argument("--all", action="store_true", help="also pytest, ncu and compute-sanitizer (subprocesses)")
     ap.add_argument("--ncu-target", action="store_true")
     ap.add_argument("--sanitize-target", action="store_true")
-    ap.add_argument("--precompile", action="store_true", help="first compile every cubin in parallel processes")
+    ap.add_argument("--precompile", action="store_true", help="first compile every cubin, all at once")
     a = ap.parse_args()
     OLD_SMEM[0] = a.old_smem
     for spec in a.extra:

@@ -17,14 +17,13 @@ import argparse
 import json
 import math
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 import aim_rt
 from aim_rt.bench import copy_bandwidth, op_bytes, replay_us
-from aim_rt.plugins.kernels import SOURCE, Kernels, compile_cubin, ssu_params
+from aim_rt.plugins.kernels import Kernels, kernel_builds, ssu_params
 
 # new-kernel compile-time variants (the first is the default build)
 VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was SSU_MIN_BLOCKS=4: "new" there is
@@ -49,24 +48,18 @@ class OldKernels(Kernels):
         assert not finish
 
 
-def _compile(job):
-    dtype, arch, defines, source = job
-    t = time.perf_counter()
-    compile_cubin(dtype, arch, defines=defines, source_path=Path(source))
-    return time.perf_counter() - t
-
-
 def build_kernels(old_source, names, old_per_slice=False):
     major, minor = torch.cuda.get_device_capability()
     arch = f"sm_{major}{minor}"
-    jobs = [("bfloat16", arch, VARIANTS[n], str(SOURCE)) for n in names if n in VARIANTS]
-    jobs.append(("float32", arch, {}, str(SOURCE)))  # not used here: cached for the tests that follow
-    if old_source:
-        jobs.append(("bfloat16", arch, {}, str(old_source)))
     t = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=min(8, len(jobs))) as pool:  # NVRTC is slow: all builds at once
-        list(pool.map(_compile, jobs))
-    print(f"compiled {len(jobs)} modules in {time.perf_counter() - t:.1f} s", flush=True)
+    # every build at once (NVRTC is slow and releases the GIL): the programs each Kernels below loads
+    builds = [b for n in names if n in VARIANTS for b in kernel_builds("bfloat16", arch, VARIANTS[n])]
+    builds += kernel_builds("float32", arch)  # not used here: cached for the tests that follow
+    if old_source:  # Kernels or OldKernels: the same builds
+        builds += kernel_builds("bfloat16", arch, source_path=Path(old_source))
+    for b in builds:
+        b.result()
+    print(f"compiled {len(builds)} modules in {time.perf_counter() - t:.1f} s", flush=True)
     kernels = {n: Kernels("bfloat16", defines=VARIANTS[n]) for n in names if n in VARIANTS}
     if old_source:
         kernels["old"] = (OldKernels if old_per_slice else Kernels)("bfloat16", source_path=Path(old_source))
