@@ -73,21 +73,19 @@ def _l2_prefetch_bytes() -> int:
 
 def _assign_prefetches(ops: list, limit: int) -> None:
     """Under programmatic dependent launch a kernel can fetch its weights only while the kernel right before it
-    runs. So each product's weights (up to `limit` bytes) are pulled into L2 by the aim_gemv product before it
-    (in_proj's by the previous layer's out_proj, out_proj's by its layer's in_proj, lm_head's by the last
-    out_proj): many blocks, each issuing a share. Kernels of few blocks (a residual norm has one per row) would
-    stall on their prefetches; cuBLAS products issue none."""
-    from aim_rt.plugins.kernels import GemvParams, L2Prefetch
+    runs. So each product's weights (up to `limit` bytes) are pulled into L2 by the kernel three places before it
+    (two if that one already prefetches, or has no parameter struct: cuBLAS): AiM's in_proj by the previous
+    layer's state update, out_proj by its layer's residual norm, lm_head by the last state update."""
+    from aim_rt.plugins.kernels import L2Prefetch
 
     for t, (_, _, _, weights) in enumerate(ops):
         if weights is None:
             continue
-        for back in range(1, 5):
+        for back in (3, 2):
             params = ops[t - back][2] if t >= back else None
-            if isinstance(params, GemvParams):
-                if not params.pf.ptr:
-                    params.pf = L2Prefetch(ptr=weights.data_ptr(),
-                                           bytes=min(weights.numel() * weights.element_size(), limit))
+            if params is not None and not params.pf.ptr:
+                params.pf = L2Prefetch(ptr=weights.data_ptr(),
+                                       bytes=min(weights.numel() * weights.element_size(), limit))
                 break
 
 

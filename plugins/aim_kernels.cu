@@ -58,30 +58,17 @@ struct __align__(16) Vec8 { elem_t v[VEC]; };  // aligned: one 16-byte access (t
 
 // Bytes a later kernel will read (a product's weights), pulled into L2 by an earlier one. Under PDL only the
 // next kernel can start early, so a product could begin fetching its weights only while the kernel right before
-// it ran (a residual norm of ~2 µs cannot hide AiM-XL's 20 MB in_proj). The host has the product before it (two
-// kernels earlier) issue these prefetches before its PDL_WAIT: the weights stream from DRAM while the kernels in
-// between run. Issued from many blocks only: per-line prefetches from a 2-block norm kernel stalled it (bench/
-// results). On Hopper one bulk prefetch per block (the copy engine walks it, the threads go on); before, one
-// prefetch per 128-byte line. Null ptr: nothing. Prefetches change no result.
+// it ran (a residual norm of ~2 µs cannot hide AiM-XL's 20 MB in_proj). The host has the kernel two or three
+// places ahead issue these prefetches before its PDL_WAIT: the weights stream from DRAM while the kernels in
+// between run, and the product reads them from L2. Null ptr: nothing. Prefetches change no result.
 struct L2Prefetch {
   const void* ptr;  long long bytes;
 };
 __device__ __forceinline__ void l2_prefetch(const L2Prefetch& f) {
   if (!f.ptr) return;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (threadIdx.x != 0) return;
-  const long long share = (f.bytes / gridDim.x + 15) & ~15ll;  // 16-byte multiples (the instruction's unit)
-  const long long begin = share * blockIdx.x, end = begin + share < f.bytes ? begin + share : f.bytes & ~15ll;
-  for (long long at = begin; at < end; at += 65536) {
-    const unsigned size = (unsigned)(end - at < 65536 ? end - at : 65536);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(static_cast<const char*>(f.ptr) + at), "r"(size)
-                 : "memory");
-  }
-#else
   const long long lines = (f.bytes + 127) >> 7, step = (long long)gridDim.x * blockDim.x;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < lines; i += step)
     asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(f.ptr) + (i << 7)));
-#endif
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
