@@ -64,31 +64,6 @@ def precompile(config, dtype: str, device) -> None:
         compile_vq_async(dtype, arch)
 
 
-def _l2_prefetch_bytes() -> int:
-    """The most bytes of a product's weights an earlier kernel pulls into L2 (_assign_prefetches); 0: none.
-    AIM_RT_L2_PREFETCH_MB sets it (0 turns prefetching off, to measure what it gains)."""
-    mb = float(os.environ.get("AIM_RT_L2_PREFETCH_MB", "16"))
-    return int(mb * (1 << 20))
-
-
-def _assign_prefetches(ops: list, limit: int) -> None:
-    """Under programmatic dependent launch a kernel can fetch its weights only while the kernel right before it
-    runs. So each product's weights (up to `limit` bytes) are pulled into L2 by the kernel three places before it
-    (two if that one already prefetches, or has no parameter struct: cuBLAS): AiM's in_proj by the previous
-    layer's state update, out_proj by its layer's residual norm, lm_head by the last state update."""
-    from aim_rt.plugins.kernels import L2Prefetch
-
-    for t, (_, _, _, weights) in enumerate(ops):
-        if weights is None:
-            continue
-        for back in (3, 2):
-            params = ops[t - back][2] if t >= back else None
-            if params is not None and not params.pf.ptr:
-                params.pf = L2Prefetch(ptr=weights.data_ptr(),
-                                       bytes=min(weights.numel() * weights.element_size(), limit))
-                break
-
-
 @dataclass
 class _Buffers:
     """Static device buffers of one batch size (addresses baked into the captured graph)."""
@@ -191,11 +166,9 @@ class CudaBackend:
         self.kernels.cfg_sample(self._sample_params(buf, settings), stream)
         self.kernels.advance(_ptr(buf.step), stream)
 
-    def _ops(self, buf: _Buffers, settings: SamplingSettings,
-             prefetch: bool = True) -> list[tuple[str, Callable[[], None]]]:
+    def _ops(self, buf: _Buffers, settings: SamplingSettings) -> list[tuple[str, Callable[[], None]]]:
         """One decode step as (kind, launch) pairs in order: from the input embedding to the next token.
-        `_step` runs them all (that is what the graph captures); `op_timings` times each kind alone (without
-        the L2 prefetches for other kinds' weights, `prefetch` False)."""
+        `_step` runs them all (that is what the graph captures); `op_timings` times each kind alone."""
         from aim_rt.plugins.kernels import ConvShift, NormParams, conv_shift_params, ssu_params
 
         cfg, k, bb = self.config, self.kernels, self.model.backbone
@@ -214,41 +187,38 @@ class CudaBackend:
                 residual=_ptr(buf.residual), norm_w=_ptr(norm_w), norm2_w=_ptr(norm2_w),
                 shift=_ptr(mods[:, 0]), scale=_ptr(mods[:, 1]), mod_stride=mods.stride(0), out=_ptr(buf.normed),
                 out_stride=cfg.d_model, rows=rows, d=cfg.d_model, first=int(i == 0), eps=cfg.norm_eps)
-            return (lambda: k.residual_norm(p, stream())), p, None
+            return lambda: k.residual_norm(p, stream())
 
-        ops, p = [], None  # (kind, launch, its parameter struct or None, the weights it reads or None)
+        ops, p = [], None
         for i, w in enumerate(self._params):
-            ops.append(("residual_norm", *residual_norm(i, buf.hidden if i == 0 else buf.out,
-                                                        buf.mods[i - 1][:, 2] if i else None, w["norm"], None,
-                                                        buf.mods[i], p)))
-            ops.append(("in_proj", *self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
+            ops.append(("residual_norm", residual_norm(i, buf.hidden if i == 0 else buf.out,
+                                                       buf.mods[i - 1][:, 2] if i else None, w["norm"], None,
+                                                       buf.mods[i], p)))
+            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             p = ssu_params(
                 xbc=buf.zxbcdt[:, d_in:d_x], z=buf.zxbcdt[:, :d_in], dt=buf.zxbcdt[:, d_x:],
                 conv_state_in=buf.conv[i], conv_state_out=buf.conv[i], ssm_state_in=buf.ssm[i],
                 ssm_state_out=buf.ssm[i], weights=w["ssu"], sumsq=buf.sumsq, y=buf.y,
                 headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
             ops.append(("selective_state_update",
-                        lambda p=p: k.selective_state_update(p, stream(), finish=not fold_norm), p, None))
-            ops.append(("out_proj", *self._matmul(buf.y, w["out_proj"], buf.out)))
-        ops.append(("final_norm", *residual_norm(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
-                                                 bb.final_layer.norm_final.weight, buf.final_mods, p)))
-        ops.append(("lm_head", *self._matmul(buf.normed, self.model.lm_head.weight, buf.logits)))
-        ops.append(("sample", lambda: self._sample(buf, settings, stream()), None, None))
-        if prefetch and _l2_prefetch_bytes():
-            _assign_prefetches(ops, _l2_prefetch_bytes())
-        return [(kind, launch) for kind, launch, _, _ in ops]
+                        lambda p=p: k.selective_state_update(p, stream(), finish=not fold_norm)))
+            ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
+        ops.append(("final_norm", residual_norm(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
+                                                bb.final_layer.norm_final.weight, buf.final_mods, p)))
+        ops.append(("lm_head", self._matmul(buf.normed, self.model.lm_head.weight, buf.logits)))
+        ops.append(("sample", lambda: self._sample(buf, settings, stream())))
+        return ops
 
-    def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> tuple[Callable[[], None], object, Tensor]:
+    def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel
-        ends) for 16-bit models up to GEMV_FAST_ROWS rows; cuBLAS otherwise. Returns (launch, the GemvParams or
-        None for cuBLAS, w)."""
+        ends) for 16-bit models up to GEMV_FAST_ROWS rows; cuBLAS otherwise."""
         from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemv_params, gemv_supported
 
         if (self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS
                 and gemv_supported(dtype_name(self.dtype), x.shape[0], x.shape[1])):
             p = gemv_params(x, w, y)
-            return (lambda: self.kernels.gemv(p, torch.cuda.current_stream().cuda_stream)), p, w
-        return (lambda: torch.mm(x, w.t(), out=y)), None, w
+            return lambda: self.kernels.gemv(p, torch.cuda.current_stream().cuda_stream)
+        return lambda: torch.mm(x, w.t(), out=y)
 
     def _step(self, buf: _Buffers, settings: SamplingSettings) -> None:
         for _, launch in self._ops(buf, settings):
@@ -268,7 +238,7 @@ class CudaBackend:
         classes = torch.arange(batch) % self.config.num_classes
         buf.seeds.copy_(torch.arange(batch))
         self._prefill(buf, classes, None, settings)
-        ops = self._ops(buf, settings, prefetch=False)  # each kind alone: no prefetches for the others
+        ops = self._ops(buf, settings)
         result = {}
         for kind in dict.fromkeys(kind for kind, _ in ops):
             launches = [fn for k, fn in ops if k == kind]

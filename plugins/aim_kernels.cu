@@ -56,21 +56,6 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 
 struct __align__(16) Vec8 { elem_t v[VEC]; };  // aligned: one 16-byte access (two for float32)
 
-// Bytes a later kernel will read (a product's weights), pulled into L2 by an earlier one. Under PDL only the
-// next kernel can start early, so a product could begin fetching its weights only while the kernel right before
-// it ran (a residual norm of ~2 µs cannot hide AiM-XL's 20 MB in_proj). The host has the kernel two or three
-// places ahead issue these prefetches before its PDL_WAIT: the weights stream from DRAM while the kernels in
-// between run, and the product reads them from L2. Null ptr: nothing. Prefetches change no result.
-struct L2Prefetch {
-  const void* ptr;  long long bytes;
-};
-__device__ __forceinline__ void l2_prefetch(const L2Prefetch& f) {
-  if (!f.ptr) return;
-  const long long lines = (f.bytes + 127) >> 7, step = (long long)gridDim.x * blockDim.x;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < lines; i += step)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(f.ptr) + (i << 7)));
-}
-
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
 
@@ -119,7 +104,6 @@ struct SsuParams {
   elem_t* y;  long long y_stride;  // out (rows, d_inner): g * norm_w, not yet divided by the group's RMS
   int rows, d_inner, conv_dim, nheads, headdim, d_state, ngroups, d_conv;
   float eps;
-  L2Prefetch pf;  // a later kernel's weights (zero: none)
 };
 
 #define MAX_W 4       // d_conv <= MAX_W
@@ -398,10 +382,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       A_log = ld(p.A_log[h]);
       sd[2] = ld(p.D[h]);
     }
-    if (i == 0) {
-      l2_prefetch(p.pf);
-      PDL_WAIT();
-    }
+    if (i == 0) PDL_WAIT();
 
     // ---- 2. in_proj's outputs for this slice (L2)
     const elem_t* xbc = p.xbc + (long long)r * p.xbc_stride;
@@ -605,7 +586,6 @@ struct NormParams {
   elem_t* out;  long long out_stride;
   int rows, d, first;
   float eps;
-  L2Prefetch pf;  // a later kernel's weights (zero: none)
 };
 
 // grid (rows); block NORM_THREADS; d <= NORM_THREADS * NORM_PER. The row lives in registers. The weights and
@@ -629,7 +609,6 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(Nor
     sh[j] = ld(p.shift[(long long)r * p.mod_stride + i]);
     sc[j] = ld(p.scale[(long long)r * p.mod_stride + i]);
   }
-  l2_prefetch(p.pf);
   PDL_WAIT();
   if (tid < 32) {  // the previous gated norm's 1/rms: its heads' sums of squares, added as a fixed tree
     float t = 0.0f;
@@ -1239,7 +1218,6 @@ struct GemvParams {
   const elem_t* w;                       // (n, k) contiguous
   elem_t* y;  long long y_stride;        // (rows, n)
   int rows, n, k;
-  L2Prefetch pf;  // a later kernel's weights (zero: none)
 };
 
 #ifndef GEMV_MAX_MT
@@ -1279,7 +1257,6 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
       wreg[j][c] = n < p.n ? *reinterpret_cast<const uint4*>(p.w + (long long)n * p.k + k0 + 32 * c)
                            : make_uint4(0, 0, 0, 0);
   }
-  l2_prefetch(p.pf);
   PDL_WAIT();
   const int mt = (p.rows + 15) >> 4;
 #pragma unroll

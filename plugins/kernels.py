@@ -153,10 +153,6 @@ def _gemv_pairs() -> list[tuple[int, int]]:
 P, LL, I, F = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
 
 
-class L2Prefetch(ctypes.Structure):  # a later kernel's weights, pulled into L2 before PDL_WAIT (zero: none)
-    _fields_ = [("ptr", P), ("bytes", LL)]
-
-
 class SsuParams(ctypes.Structure):
     _fields_ = [
         ("xbc", P), ("xbc_stride", LL), ("z", P), ("z_stride", LL), ("dt", P), ("dt_stride", LL),
@@ -164,7 +160,7 @@ class SsuParams(ctypes.Structure):
         ("conv_w", P), ("conv_b", P), ("dt_bias", P), ("A_log", P), ("D", P), ("norm_w", P),
         ("sumsq", P), ("y", P), ("y_stride", LL),
         ("rows", I), ("d_inner", I), ("conv_dim", I), ("nheads", I), ("headdim", I), ("d_state", I),
-        ("ngroups", I), ("d_conv", I), ("eps", F), ("pf", L2Prefetch),
+        ("ngroups", I), ("d_conv", I), ("eps", F),
     ]
 
 
@@ -183,7 +179,7 @@ class NormParams(ctypes.Structure):
         ("input", P), ("input_stride", LL), ("gate", P), ("gate_stride", LL),
         ("sumsq", P), ("sumsq_heads", I), ("sumsq_count", I), ("bc", ConvShift), ("residual", P),
         ("norm_w", P), ("norm2_w", P), ("shift", P), ("scale", P), ("mod_stride", LL),
-        ("out", P), ("out_stride", LL), ("rows", I), ("d", I), ("first", I), ("eps", F), ("pf", L2Prefetch),
+        ("out", P), ("out_stride", LL), ("rows", I), ("d", I), ("first", I), ("eps", F),
     ]
 
 
@@ -198,11 +194,10 @@ class SampleParams(ctypes.Structure):
 
 
 class GemvParams(ctypes.Structure):
-    _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I),
-                ("pf", L2Prefetch)]
+    _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
 
 
-STRUCTS = (L2Prefetch, SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams)
+STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams)
 
 
 def layout_asserts() -> str:
