@@ -36,13 +36,25 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 
 // Programmatic dependent launch (Hopper, sm_90+): a kernel launched with the PDL attribute may start while its
 // predecessor in the stream still runs. PDL_WAIT blocks until the predecessor has finished and its writes are
-// visible, then lets the successor launch. So at most one kernel runs ahead, and only its part before PDL_WAIT:
-// that part may read only what the kernel right before it does not write (weights, modulations, its own
-// layer's recurrent state) and must write nothing. Every kernel calls PDL_WAIT, so each kernel's completion
-// implies that of all earlier ones. On sm_80 it is a no-op and launches are plain (serialised) ones.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// visible. Every kernel calls PDL_WAIT, so each kernel's completion implies that of all earlier ones; what a
+// kernel does before it may read only what no earlier kernel of the step writes (weights, modulations, its own
+// layer's recurrent state, last written a step ago) and must write nothing. PDL_START, first thing in every
+// kernel, lets the next kernel launch at once (PDL_EARLY 1): its blocks take their place and fetch their
+// weights while this kernel still waits or runs, and the next one can do the same, as far as the SMs have
+// room (a grid launches only after all of its predecessor's blocks are resident, so the chain cannot
+// deadlock). With PDL_EARLY 0 the next kernel launches when this one passes PDL_WAIT: one kernel ahead at most
+// (measured against each other in bench/results). On sm_80 both are no-ops and launches are plain ones.
+#ifndef PDL_EARLY
+#define PDL_EARLY 1
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && PDL_EARLY
+#define PDL_START() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_START()
 #define PDL_WAIT() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
 #else
+#define PDL_START()
 #define PDL_WAIT()
 #endif
 
@@ -505,6 +517,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
 
 #if AIM_PARTS & 1
 extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
+  PDL_START();
   __shared__ float s_red[2][SSU_WARPS];
   __shared__ float s_dt[2][3];  // per slice parity: dt, dA = exp(-dt * exp(A_log)), D
 #if SSU_FAST
@@ -558,6 +571,7 @@ struct GatedNormParams {
 // return the normed y and the whole conv state, as the TensorRT plugin does).
 #if AIM_PARTS & 1
 extern "C" __global__ void aim_gated_norm_apply(GatedNormParams p) {
+  PDL_START();
   PDL_WAIT();
   __shared__ float s_inv[64];
   const int r = blockIdx.x, hpg = p.nheads / p.ngroups, group_size = p.d_inner / p.ngroups;
@@ -595,6 +609,7 @@ struct NormParams {
 #define NORM_PER 8
 #if AIM_PARTS & 1
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
+  PDL_START();
   __shared__ float s_red[32];
   __shared__ float s_scale;
   const int r = blockIdx.x, tid = threadIdx.x;
@@ -1050,6 +1065,7 @@ __device__ __forceinline__ void load_mixed(const elem_t* cond, const elem_t* unc
 // grid (batch); block SAMPLE_THREADS; dynamic shared memory NBINS * 8 + LCAP * 6 bytes.
 #if AIM_PARTS & 2
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(SampleParams p) {
+  PDL_START();
   PDL_WAIT();
   extern __shared__ __align__(16) unsigned long long sample_smem[];
   unsigned long long* hist64 = sample_smem;                      // top-p (and refine) histogram
@@ -1198,6 +1214,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
 
 #if AIM_PARTS & 2
 extern "C" __global__ void aim_advance(int* step) {
+  PDL_START();
   PDL_WAIT();
   *step += 1;
 }
@@ -1296,7 +1313,10 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
 }
 
 #define GEMV_ENTRY(CH, NT) \
-  extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH##_n##NT(GemvParams p) { gemv_body<CH, NT>(p); }
+  extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH##_n##NT(GemvParams p) { \
+    PDL_START();                                                                                      \
+    gemv_body<CH, NT>(p);                                                                             \
+  }
 // The host may compile only the (CH, NT) pairs a model needs (-DGEMV_INSTANCES="X(3,1) X(6,2)": each entry
 // costs NVRTC time at a cold start); by default every pair plugins/kernels.py knows.
 #define X(CH, NT) GEMV_ENTRY(CH, NT)

@@ -93,11 +93,14 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
 def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None) -> list[dict]:
     """The -D sets of the programs a Kernels compiles: the step's kernels with only the aim_gemv instances the
     depths need (all of them for gemv_depths None), and the sampler (AIM_PARTS in aim_kernels.cu)."""
-    step = dict(defines or {})
+    defines = dict(defines or {})
+    if "AIM_RT_PDL_EARLY" in os.environ:  # 0: the next kernel launches at PDL_WAIT, not at once (to measure)
+        defines.setdefault("PDL_EARLY", int(os.environ["AIM_RT_PDL_EARLY"]))
+    step = dict(defines)
     if gemv_depths is not None:
         chunks = {k // 256 for k in gemv_depths}
         step["GEMV_INSTANCES"] = " ".join(f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks) or "/* none */"
-    return [{**step, "AIM_PARTS": 1}, {**(defines or {}), "AIM_PARTS": 2, "GEMV_INSTANCES": "/* none */"}]
+    return [{**step, "AIM_PARTS": 1}, {**defines, "AIM_PARTS": 2, "GEMV_INSTANCES": "/* none */"}]
 
 
 def kernel_builds(dtype: str, arch: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None,

@@ -1,5 +1,6 @@
 """The decode step's kernel table for several build variants, each in its own process, in one device run:
-what programmatic dependent launch (AIM_RT_PDL) and the skinny tensor-core products (AIM_RT_GEMV, their column
+what programmatic dependent launch (AIM_RT_PDL; AIM_RT_PDL_EARLY=0: the next kernel launches at PDL_WAIT)
+and the skinny tensor-core products (AIM_RT_GEMV, their column
 tiles AIM_RT_GEMV_WIDE) gain.
 
     PYTHONPATH=. python scripts/step_variants.py --out results/ --models AiM-B,AiM-XL --batches 1,16,64
@@ -17,6 +18,7 @@ from pathlib import Path
 
 VARIANTS = {  # name: environment
     "pdl+gemv": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1"},
+    "pdl-late": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY": "0"},
     "pdl+gemv16": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_GEMV_ROWS": "16"},
     "wide2": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_GEMV_WIDE": "3:2,6:1"},
     "gemv": {"AIM_RT_PDL": "0", "AIM_RT_GEMV": "1"},
