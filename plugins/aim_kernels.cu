@@ -38,24 +38,27 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 // predecessor in the stream still runs. PDL_WAIT blocks until the predecessor has finished and its writes are
 // visible. Every kernel calls PDL_WAIT, so each kernel's completion implies that of all earlier ones; what a
 // kernel does before it may read only what no earlier kernel of the step writes (weights, modulations, its own
-// layer's recurrent state, last written a step ago) and must write nothing. PDL_START, first thing in every
-// kernel, lets the next kernel launch at once (PDL_EARLY 1): its blocks take their place and fetch their
-// weights while this kernel still waits or runs, and the next one can do the same, as far as the SMs have
-// room (a grid launches only after all of its predecessor's blocks are resident, so the chain cannot
-// deadlock). With PDL_EARLY 0 the next kernel launches when this one passes PDL_WAIT: one kernel ahead at most
-// (measured against each other in bench/results). On sm_80 both are no-ops and launches are plain ones.
-#ifndef PDL_EARLY
-#define PDL_EARLY 1
+// layer's recurrent state, last written a step ago) and must write nothing.
+// When the next kernel may launch: for up to PDL_EARLY_ROWS rows, at once (PDL_START, first thing in every
+// kernel): its blocks take their place and fetch their weights while this kernel still waits or runs, and the
+// one after it can do the same, as far as the SMs have room (a grid launches only once all of its
+// predecessor's blocks are resident, so the chain cannot deadlock). Above it, when this kernel passes
+// PDL_WAIT: one kernel ahead at most, which leaves the SMs to a streaming state update (measured against each
+// other in bench/results, step_variants pdl-late / pdl-early). On sm_80 both are no-ops: plain launches.
+#ifndef PDL_EARLY_ROWS
+#define PDL_EARLY_ROWS 32
 #endif
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && PDL_EARLY
-#define PDL_START() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_START()
-#define PDL_WAIT() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_LAUNCH_NEXT() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define PDL_START(rows) do { if ((rows) <= PDL_EARLY_ROWS) PDL_LAUNCH_NEXT(); } while (0)
+#define PDL_WAIT(rows)                                          \
+  do {                                                          \
+    asm volatile("griddepcontrol.wait;" ::: "memory");          \
+    if ((rows) > PDL_EARLY_ROWS) PDL_LAUNCH_NEXT();             \
+  } while (0)
 #else
-#define PDL_START()
-#define PDL_WAIT()
+#define PDL_START(rows) do { } while (0)
+#define PDL_WAIT(rows) do { } while (0)
 #endif
 
 // AIM_PARTS selects the entry points a build emits: 1 the step (state update, norms, products), 2 the sampler,
@@ -394,7 +397,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       A_log = ld(p.A_log[h]);
       sd[2] = ld(p.D[h]);
     }
-    if (i == 0) PDL_WAIT();
+    if (i == 0) PDL_WAIT(p.rows);
 
     // ---- 2. in_proj's outputs for this slice (L2)
     const elem_t* xbc = p.xbc + (long long)r * p.xbc_stride;
@@ -517,7 +520,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
 
 #if AIM_PARTS & 1
 extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
-  PDL_START();
+  PDL_START(p.rows);
   __shared__ float s_red[2][SSU_WARPS];
   __shared__ float s_dt[2][3];  // per slice parity: dt, dA = exp(-dt * exp(A_log)), D
 #if SSU_FAST
@@ -571,8 +574,8 @@ struct GatedNormParams {
 // return the normed y and the whole conv state, as the TensorRT plugin does).
 #if AIM_PARTS & 1
 extern "C" __global__ void aim_gated_norm_apply(GatedNormParams p) {
-  PDL_START();
-  PDL_WAIT();
+  PDL_START(p.rows);
+  PDL_WAIT(p.rows);
   __shared__ float s_inv[64];
   const int r = blockIdx.x, hpg = p.nheads / p.ngroups, group_size = p.d_inner / p.ngroups;
   conv_shift(p.bc, r);
@@ -609,7 +612,7 @@ struct NormParams {
 #define NORM_PER 8
 #if AIM_PARTS & 1
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
-  PDL_START();
+  PDL_START(p.rows);
   __shared__ float s_red[32];
   __shared__ float s_scale;
   const int r = blockIdx.x, tid = threadIdx.x;
@@ -624,14 +627,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(Nor
     sh[j] = ld(p.shift[(long long)r * p.mod_stride + i]);
     sc[j] = ld(p.scale[(long long)r * p.mod_stride + i]);
   }
-  PDL_WAIT();
-  if (tid < 32) {  // the previous gated norm's 1/rms: its heads' sums of squares, added as a fixed tree
-    float t = 0.0f;
-    if (p.sumsq)
-      for (int i = tid; i < p.sumsq_heads; i += 32) t += p.sumsq[(long long)r * p.sumsq_heads + i];
-    t = warp_sum(t);
-    if (tid == 0) s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
-  }
+  PDL_WAIT(p.rows);
   float x[NORM_PER];
   float gate[NORM_PER], res[NORM_PER], in[NORM_PER];
 #pragma unroll
@@ -642,6 +638,15 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(Nor
     in[j] = ld(p.input[(long long)r * p.input_stride + i]);
     gate[j] = p.gate ? ld(p.gate[(long long)r * p.gate_stride + i]) : 0.0f;
     res[j] = p.first ? 0.0f : p.residual[(long long)r * p.d + i];
+  }
+  // the previous gated norm's 1/rms: its heads' sums of squares, added as a fixed tree (warp 0's loads of it
+  // follow its row loads, so both round trips overlap)
+  if (tid < 32) {
+    float t = 0.0f;
+    if (p.sumsq)
+      for (int i = tid; i < p.sumsq_heads; i += 32) t += p.sumsq[(long long)r * p.sumsq_heads + i];
+    t = warp_sum(t);
+    if (tid == 0) s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
   }
   conv_shift(p.bc, r);  // while those loads are in flight
   __syncthreads();
@@ -1065,8 +1070,8 @@ __device__ __forceinline__ void load_mixed(const elem_t* cond, const elem_t* unc
 // grid (batch); block SAMPLE_THREADS; dynamic shared memory NBINS * 8 + LCAP * 6 bytes.
 #if AIM_PARTS & 2
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(SampleParams p) {
-  PDL_START();
-  PDL_WAIT();
+  PDL_START(2 * p.batch);
+  PDL_WAIT(2 * p.batch);
   extern __shared__ __align__(16) unsigned long long sample_smem[];
   unsigned long long* hist64 = sample_smem;                      // top-p (and refine) histogram
   unsigned* hist_max = reinterpret_cast<unsigned*>(sample_smem);  // top-k: histogram of the threads' maxima
@@ -1214,8 +1219,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
 
 #if AIM_PARTS & 2
 extern "C" __global__ void aim_advance(int* step) {
-  PDL_START();
-  PDL_WAIT();
+  PDL_START(0);  // one thread: never in the way
+  PDL_WAIT(0);
   *step += 1;
 }
 #endif
@@ -1274,7 +1279,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
       wreg[j][c] = n < p.n ? *reinterpret_cast<const uint4*>(p.w + (long long)n * p.k + k0 + 32 * c)
                            : make_uint4(0, 0, 0, 0);
   }
-  PDL_WAIT();
+  PDL_WAIT(p.rows);
   const int mt = (p.rows + 15) >> 4;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
@@ -1314,7 +1319,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
 
 #define GEMV_ENTRY(CH, NT) \
   extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH##_n##NT(GemvParams p) { \
-    PDL_START();                                                                                      \
+    PDL_START(p.rows);                                                                                \
     gemv_body<CH, NT>(p);                                                                             \
   }
 // The host may compile only the (CH, NT) pairs a model needs (-DGEMV_INSTANCES="X(3,1) X(6,2)": each entry

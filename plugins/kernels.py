@@ -94,8 +94,8 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
     """The -D sets of the programs a Kernels compiles: the step's kernels with only the aim_gemv instances the
     depths need (all of them for gemv_depths None), and the sampler (AIM_PARTS in aim_kernels.cu)."""
     defines = dict(defines or {})
-    if "AIM_RT_PDL_EARLY" in os.environ:  # 0: the next kernel launches at PDL_WAIT, not at once (to measure)
-        defines.setdefault("PDL_EARLY", int(os.environ["AIM_RT_PDL_EARLY"]))
+    if "AIM_RT_PDL_EARLY_ROWS" in os.environ:  # to measure: up to how many rows the next kernel launches at once
+        defines.setdefault("PDL_EARLY_ROWS", int(os.environ["AIM_RT_PDL_EARLY_ROWS"]))
     step = dict(defines)
     if gemv_depths is not None:
         chunks = {k // 256 for k in gemv_depths}

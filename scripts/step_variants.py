@@ -1,7 +1,7 @@
 """The decode step's kernel table for several build variants, each in its own process, in one device run:
-what programmatic dependent launch (AIM_RT_PDL; AIM_RT_PDL_EARLY=0: the next kernel launches at PDL_WAIT)
-and the skinny tensor-core products (AIM_RT_GEMV, their column
-tiles AIM_RT_GEMV_WIDE) gain.
+what programmatic dependent launch (AIM_RT_PDL; AIM_RT_PDL_EARLY_ROWS: up to how many rows the next kernel
+launches at once, not at PDL_WAIT; -late/-early: never/always, twice each to run them alternating) and the
+skinny tensor-core products (AIM_RT_GEMV, their column tiles AIM_RT_GEMV_WIDE) gain.
 
     PYTHONPATH=. python scripts/step_variants.py --out results/ --models AiM-B,AiM-XL --batches 1,16,64
 """
@@ -18,7 +18,10 @@ from pathlib import Path
 
 VARIANTS = {  # name: environment
     "pdl+gemv": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1"},
-    "pdl-late": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY": "0"},
+    "pdl-late": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY_ROWS": "0"},
+    "pdl-early": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY_ROWS": "1000000"},
+    "pdl-late2": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY_ROWS": "0"},
+    "pdl-early2": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY_ROWS": "1000000"},
     "pdl+gemv16": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_GEMV_ROWS": "16"},
     "wide2": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_GEMV_WIDE": "3:2,6:1"},
     "gemv": {"AIM_RT_PDL": "0", "AIM_RT_GEMV": "1"},
