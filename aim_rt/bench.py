@@ -73,8 +73,6 @@ def op_bytes(cfg: AiMConfig, batch: int, elem: int) -> dict[str, int]:
         "selective_state_update": R * (2 * state * e + (cfg.d_in_proj + cfg.d_inner) * e + cfg.nheads * 4)
                                   + (cfg.conv_dim * (cfg.d_conv + 1) + 3 * cfg.nheads + cfg.d_inner) * e,
         "out_proj": cfg.d_inner * d * e + R * (cfg.d_inner + d) * e,
-        # out_proj with the next residual norm in its tail (the last layer's: the final norms, d * e more)
-        "out_proj+norm": cfg.d_inner * d * e + R * (cfg.d_inner + d) * e + norm,
         "final_norm": norm + d * e,
         "lm_head": cfg.vocab_size * d * e + R * (d + cfg.vocab_size) * e,
         "sample": R * cfg.vocab_size * e + 2 * batch * d * e,

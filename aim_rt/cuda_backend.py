@@ -45,10 +45,6 @@ def _gemv_depths(cfg) -> tuple[int, ...]:
     return (cfg.d_model, cfg.d_inner)  # in_proj and lm_head; out_proj
 
 
-def _tail_depths(cfg) -> tuple[int, ...]:
-    return (cfg.d_inner,)  # out_proj with the next residual norm in its tail
-
-
 def precompile(config, dtype: str, device) -> None:
     """Start compiling every kernel the cuda backend will need for a model of `config` (NVRTC, in background
     threads; the disk cache makes it a no-op the second time). Called before the model is built or loaded (by
@@ -63,7 +59,7 @@ def precompile(config, dtype: str, device) -> None:
         return
     major, minor = torch.cuda.get_device_capability(dev)
     arch = f"sm_{major}{minor}"
-    kernel_builds(dtype, arch, gemv_depths=_gemv_depths(config), tail_depths=_tail_depths(config))
+    kernel_builds(dtype, arch, gemv_depths=_gemv_depths(config))
     if dtype in ELEM_KINDS:  # the 16-bit models' VQ decoder
         compile_vq_async(dtype, arch)
 
@@ -87,7 +83,6 @@ class _Buffers:
     tokens: Tensor      # (B, num_tokens) int64
     seeds: Tensor       # (B,) int64
     step: Tensor        # (1,) int32: the token index the sampler draws next
-    counters: Tensor    # (2,) int32, zero between launches: out_proj's tickets for the norm in its tail
     teacher: Tensor | None = None
     mixed: Tensor | None = None
 
@@ -107,12 +102,9 @@ class CudaBackend:
         self.dtype = model.dtype
         self.use_graphs = use_graphs
         self.use_gemv = _use_gemv(use_gemv)
-        # the residual norm in out_proj's tail where out_proj is ours (AIM_RT_TAIL_NORM=0: a kernel of its own)
-        self.tail_norm = self.use_gemv and os.environ.get("AIM_RT_TAIL_NORM", "1") != "0"
         if model.vq is not None:  # the VQ decoder's kernels compile meanwhile (no-op if precompile started them)
             precompile(cfg, dtype_name(self.dtype), model.device)
-        self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0, gemv_depths=_gemv_depths(cfg),
-                               tail_depths=_tail_depths(cfg))
+        self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0, gemv_depths=_gemv_depths(cfg))
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._vq = None  # the fast VQ decoder, built on first use
@@ -153,7 +145,6 @@ class CudaBackend:
             tokens=torch.zeros(batch, cfg.num_tokens, device=dev, dtype=torch.long),
             seeds=torch.zeros(batch, device=dev, dtype=torch.long),
             step=torch.zeros(1, device=dev, dtype=torch.int32),
-            counters=torch.zeros(2, device=dev, dtype=torch.int32),
         )
         self._buffers[batch] = buf
         return buf
@@ -187,8 +178,8 @@ class CudaBackend:
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
 
         def residual_norm(i, inp, gate, norm_w, norm2_w, mods, prev):
-            # `prev`: the previous layer's state update, whose norm scale and B/C shift this norm finishes
-            return NormParams(
+            # `prev`: the previous layer's state update, whose norm scale and B/C shift this kernel finishes
+            p = NormParams(
                 input=_ptr(inp), input_stride=inp.stride(0), gate=_ptr(gate),
                 gate_stride=gate.stride(0) if gate is not None else 0,
                 sumsq=_ptr(buf.sumsq) if fold_norm and i > 0 else None, sumsq_heads=cfg.nheads,
@@ -196,11 +187,13 @@ class CudaBackend:
                 residual=_ptr(buf.residual), norm_w=_ptr(norm_w), norm2_w=_ptr(norm2_w),
                 shift=_ptr(mods[:, 0]), scale=_ptr(mods[:, 1]), mod_stride=mods.stride(0), out=_ptr(buf.normed),
                 out_stride=cfg.d_model, rows=rows, d=cfg.d_model, first=int(i == 0), eps=cfg.norm_eps)
+            return lambda: k.residual_norm(p, stream())
 
-        n_layer = len(self._params)
-        norm = residual_norm(0, buf.hidden, None, self._params[0]["norm"], None, buf.mods[0], None)
-        ops, p = [("residual_norm", lambda q=norm: k.residual_norm(q, stream()))], None
+        ops, p = [], None
         for i, w in enumerate(self._params):
+            ops.append(("residual_norm", residual_norm(i, buf.hidden if i == 0 else buf.out,
+                                                       buf.mods[i - 1][:, 2] if i else None, w["norm"], None,
+                                                       buf.mods[i], p)))
             ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             p = ssu_params(
                 xbc=buf.zxbcdt[:, d_in:d_x], z=buf.zxbcdt[:, :d_in], dt=buf.zxbcdt[:, d_x:],
@@ -209,38 +202,12 @@ class CudaBackend:
                 headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
             ops.append(("selective_state_update",
                         lambda p=p: k.selective_state_update(p, stream(), finish=not fold_norm)))
-            # the next layer's residual norm, or the final norms after the last layer
-            last = i == n_layer - 1
-            norm = residual_norm(i + 1, buf.out, buf.mods[i][:, 2],
-                                 bb.norm_f.weight if last else self._params[i + 1]["norm"],
-                                 bb.final_layer.norm_final.weight if last else None,
-                                 buf.final_mods if last else buf.mods[i + 1], p)
-            tail = self._out_proj_with_norm(buf, w["out_proj"], norm) if fold_norm else None
-            if tail is not None:  # the norm in out_proj's tail: one kernel fewer
-                ops.append(("out_proj+norm", tail))
-            else:
-                ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
-                ops.append(("final_norm" if last else "residual_norm",
-                            lambda q=norm: k.residual_norm(q, stream())))
+            ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
+        ops.append(("final_norm", residual_norm(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
+                                                bb.final_layer.norm_final.weight, buf.final_mods, p)))
         ops.append(("lm_head", self._matmul(buf.normed, self.model.lm_head.weight, buf.logits)))
         ops.append(("sample", lambda: self._sample(buf, settings, stream())))
         return ops
-
-    def _out_proj_with_norm(self, buf: _Buffers, w: Tensor, norm) -> Callable[[], None] | None:
-        """out_proj (buf.y -> buf.out) with the residual norm `norm` of its output in its tail (aim_gemv_norm),
-        where out_proj is our product and all its blocks are resident at once; else None (and always without
-        self.tail_norm)."""
-        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, GemvNormParams, gemv_params, gemv_supported
-
-        x = buf.y
-        if (not self.tail_norm or x.shape[0] > GEMV_FAST_ROWS
-                or not gemv_supported(dtype_name(self.dtype), x.shape[0], x.shape[1])):
-            return None
-        g = gemv_params(x, w, buf.out)
-        if not self.kernels.gemv_norm_fits(g, norm):
-            return None
-        p = GemvNormParams(g=g, n=norm, counters=buf.counters.data_ptr())
-        return lambda: self.kernels.gemv_norm(p, torch.cuda.current_stream().cuda_stream)
 
     def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel

@@ -605,44 +605,29 @@ struct NormParams {
   float eps;
 };
 
+// grid (rows); block NORM_THREADS; d <= NORM_THREADS * NORM_PER. The row lives in registers. The weights and
+// modulations (constant through a sample) are read before PDL_WAIT, so after it only the previous kernels'
+// outputs are fetched: one round trip to L2, then the reductions.
 #define NORM_THREADS 256
 #define NORM_PER 8
-
-// The constants of row r's norm: weights and modulations (fixed through a sample); element i = tid + j * 256.
-struct NormConsts { float w1[NORM_PER], w2[NORM_PER], sh[NORM_PER], sc[NORM_PER]; };
-
-__device__ __forceinline__ void norm_consts(const NormParams& p, int r, NormConsts& c) {
+#if AIM_PARTS & 1
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
+  PDL_START(p.rows);
+  __shared__ float s_red[32];
+  __shared__ float s_scale;
+  const int r = blockIdx.x, tid = threadIdx.x;
+  float w1[NORM_PER], w2[NORM_PER], sh[NORM_PER], sc[NORM_PER];
 #pragma unroll
   for (int j = 0; j < NORM_PER; ++j) {
-    const int i = threadIdx.x + j * NORM_THREADS;
-    c.w1[j] = c.w2[j] = c.sh[j] = c.sc[j] = 0.0f;  // lanes past d stay 0 (no garbage, e.g. NaN, in the sums)
+    const int i = tid + j * NORM_THREADS;
+    w1[j] = w2[j] = sh[j] = sc[j] = 0.0f;  // lanes past d stay 0 (no garbage, e.g. NaN, in the sums)
     if (i >= p.d) continue;
-    c.w1[j] = ld(p.norm_w[i]);
-    c.w2[j] = p.norm2_w ? ld(p.norm2_w[i]) : 0.0f;
-    c.sh[j] = ld(p.shift[(long long)r * p.mod_stride + i]);
-    c.sc[j] = ld(p.scale[(long long)r * p.mod_stride + i]);
+    w1[j] = ld(p.norm_w[i]);
+    w2[j] = p.norm2_w ? ld(p.norm2_w[i]) : 0.0f;
+    sh[j] = ld(p.shift[(long long)r * p.mod_stride + i]);
+    sc[j] = ld(p.scale[(long long)r * p.mod_stride + i]);
   }
-}
-
-// A load from L2 (ld.global.cg), never from a stale L1 line: for what other blocks of the same kernel wrote.
-__device__ __forceinline__ elem_t ld_l2(const elem_t* ptr) {
-#if ELEM_KIND == 0
-  float v;
-  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(ptr) : "memory");
-#else
-  unsigned short v;
-  asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(ptr) : "memory");
-#endif
-  return v;
-}
-
-// Row r of the residual norm by a block of NORM_THREADS threads, once the previous mixer's output is written:
-// residual += that output (scaled by its gated norm's 1/rms, gated), RMSNorm (and norm_final for the last
-// layer), modulation into p.out; the previous mixer's B/C windows of row r are shifted. The same code, and so
-// the same bits, in its own kernel (aim_residual_norm) and in out_proj's tail (aim_gemv_norm_*).
-__device__ __forceinline__ void norm_row(const NormParams& p, int r, const NormConsts& c, float* s_red,
-                                         float* s_scale) {
-  const int tid = threadIdx.x;
+  PDL_WAIT(p.rows);
   float x[NORM_PER];
   float gate[NORM_PER], res[NORM_PER], in[NORM_PER];
 #pragma unroll
@@ -650,7 +635,7 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int r, const NormC
     const int i = tid + j * NORM_THREADS;
     in[j] = gate[j] = res[j] = 0.0f;
     if (i >= p.d) continue;
-    in[j] = ld(ld_l2(p.input + (long long)r * p.input_stride + i));
+    in[j] = ld(p.input[(long long)r * p.input_stride + i]);
     gate[j] = p.gate ? ld(p.gate[(long long)r * p.gate_stride + i]) : 0.0f;
     res[j] = p.first ? 0.0f : p.residual[(long long)r * p.d + i];
   }
@@ -661,11 +646,11 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int r, const NormC
     if (p.sumsq)
       for (int i = tid; i < p.sumsq_heads; i += 32) t += p.sumsq[(long long)r * p.sumsq_heads + i];
     t = warp_sum(t);
-    if (tid == 0) *s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
+    if (tid == 0) s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
   }
   conv_shift(p.bc, r);  // while those loads are in flight
   __syncthreads();
-  const float scale = *s_scale;
+  const float scale = s_scale;
   float sq = 0.0f;
 #pragma unroll
   for (int j = 0; j < NORM_PER; ++j) {
@@ -684,7 +669,7 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int r, const NormC
     float sq2 = 0.0f;
 #pragma unroll
     for (int j = 0; j < NORM_PER; ++j) {
-      x[j] = ld(st(x[j] * inv * c.w1[j]));
+      x[j] = ld(st(x[j] * inv * w1[j]));
       sq2 += x[j] * x[j];
     }
     inv = rsqrtf(block_sum(sq2, s_red) / p.d + p.eps);
@@ -693,23 +678,9 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int r, const NormC
   for (int j = 0; j < NORM_PER; ++j) {
     const int i = tid + j * NORM_THREADS;
     if (i >= p.d) continue;
-    const float v = ld(st(x[j] * inv * (p.norm2_w ? c.w2[j] : c.w1[j])));
-    p.out[(long long)r * p.out_stride + i] = st(v * (1.0f + c.sc[j]) + c.sh[j]);
+    const float v = ld(st(x[j] * inv * (p.norm2_w ? w2[j] : w1[j])));
+    p.out[(long long)r * p.out_stride + i] = st(v * (1.0f + sc[j]) + sh[j]);
   }
-}
-
-// grid (rows); block NORM_THREADS; d <= NORM_THREADS * NORM_PER. The row lives in registers. The weights and
-// modulations are read before PDL_WAIT, so after it only the previous kernels' outputs are fetched: one round
-// trip to L2, then the reductions.
-#if AIM_PARTS & 1
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
-  PDL_START(p.rows);
-  __shared__ float s_red[32];
-  __shared__ float s_scale;
-  NormConsts c;
-  norm_consts(p, blockIdx.x, c);
-  PDL_WAIT(p.rows);
-  norm_row(p, blockIdx.x, c, s_red, &s_scale);
 }
 #endif
 
@@ -1270,9 +1241,6 @@ struct GemvParams {
   elem_t* y;  long long y_stride;        // (rows, n)
   int rows, n, k;
 };
-// aim_gemv_norm_k*_n*: out_proj with the next layer's residual norm in its tail (see gemv_body). `counters`: 2
-// zeroed words that the kernel leaves zeroed (blocks done, rows normed).
-struct GemvNormParams { GemvParams g; NormParams n; unsigned* counters; };
 
 #ifndef GEMV_MAX_MT
 #define GEMV_MAX_MT 4
@@ -1296,13 +1264,8 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 
 // CH: chunks of 32 per warp, k = 8 warps * 32 * CH. NT: 8-column tiles per block; a warp multiplies the x
 // fragments it loads by NT weight tiles (more rows re-read x: NT > 1 cuts that L2 traffic by NT).
-// TAIL (out_proj followed by the next layer's residual norm q, one kernel hand-over less per layer): each block
-// counts itself once its outputs are stored; the last q.rows blocks to do so each take one row, wait until
-// every block has counted itself, and norm the row (norm_row: the separate kernel's code and bits). The host
-// launches it only when all blocks are resident at once, so the blocks waited for always run. Tickets are taken
-// after PDL_WAIT: the previous launch has finished and left the counters zeroed.
-template <int CH, int NT, bool TAIL>
-__device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams& q, unsigned* counters) {
+template <int CH, int NT>
+__device__ __forceinline__ void gemv_body(const GemvParams& p) {
   constexpr int MT = 8 / NT < GEMV_MAX_MT ? 8 / NT : GEMV_MAX_MT;  // m-tiles of 16 rows (8 * 16 partials per warp)
   __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -1352,61 +1315,21 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams&
     const int row = 16 * m + (l >> 2) + (q >= 2 ? 8 : 0), col = (blockIdx.x * NT + j) * 8 + 2 * (l & 3) + (q & 1);
     if (row < p.rows && col < p.n) p.y[(long long)row * p.y_stride + col] = st(s);
   }
-  if constexpr (TAIL) {
-    __shared__ int s_row;
-    __threadfence();  // this thread's outputs are visible GPU-wide before its block counts itself
-    __syncthreads();
-    if (threadIdx.x == 0) s_row = (int)atomicAdd(&counters[0], 1u) - (int)(gridDim.x - q.rows);
-    __syncthreads();
-    const int row = s_row;
-    if (row < 0) return;
-    NormConsts c;
-    norm_consts(q, row, c);
-    if (threadIdx.x == 0) {  // every block has counted itself (bounded: a lost block traps instead of hanging)
-      unsigned done, spins = 0;
-      do {
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(done) : "l"(counters) : "memory");
-        if (++spins > (1u << 24)) __trap();
-      } while (done < gridDim.x);
-    }
-    __syncthreads();
-    __shared__ float s_red[32];
-    __shared__ float s_scale;
-    norm_row(q, row, c, s_red, &s_scale);
-    // the last row done zeroes the counters: every norm block is past its wait, every block has its ticket
-    if (threadIdx.x == 0 && atomicAdd(&counters[1], 1u) == (unsigned)q.rows - 1) counters[0] = counters[1] = 0u;
-  }
 }
 
-#define GEMV_ENTRY(CH, NT)                                                                    \
-  extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH##_n##NT(GemvParams p) {          \
-    PDL_START(p.rows);                                                                            \
-    gemv_body<CH, NT, false>(p, NormParams{}, nullptr); /* no tail: q is never read */             \
-  }
-// (256, 2): two blocks per SM, so AiM-XL's 192 out_proj blocks are resident at once (the tail needs that)
-#define GEMV_NORM_ENTRY(CH, NT)                                                               \
-  extern "C" __global__ void __launch_bounds__(256, 2) aim_gemv_norm_k##CH##_n##NT(GemvNormParams p) { \
-    PDL_START(p.g.rows);                                                                      \
-    gemv_body<CH, NT, true>(p.g, p.n, p.counters);                                            \
+#define GEMV_ENTRY(CH, NT) \
+  extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH##_n##NT(GemvParams p) { \
+    PDL_START(p.rows);                                                                                \
+    gemv_body<CH, NT>(p);                                                                             \
   }
 // The host may compile only the (CH, NT) pairs a model needs (-DGEMV_INSTANCES="X(3,1) X(6,2)": each entry
-// costs NVRTC time at a cold start), and the tail products for out_proj's (-DGEMV_TAIL_INSTANCES="X(6,1)");
-// by default every pair plugins/kernels.py knows.
-#if !(AIM_PARTS & 1)
-#else
+// costs NVRTC time at a cold start); by default every pair plugins/kernels.py knows.
 #define X(CH, NT) GEMV_ENTRY(CH, NT)
-#if defined(GEMV_INSTANCES)
+#if !(AIM_PARTS & 1)
+#elif defined(GEMV_INSTANCES)
 GEMV_INSTANCES
 #else
 X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(6, 1) X(8, 1) X(12, 1) X(1, 4) X(2, 4) X(3, 4) X(4, 2) X(6, 2)
 #endif
 #undef X
-#define X(CH, NT) GEMV_NORM_ENTRY(CH, NT)
-#if defined(GEMV_TAIL_INSTANCES)
-GEMV_TAIL_INSTANCES
-#else
-X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(6, 1) X(8, 1) X(12, 1) X(1, 4) X(2, 4) X(3, 4) X(4, 2) X(6, 2)
-#endif
-#undef X
-#endif
 #endif

@@ -90,33 +90,24 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
     return fut
 
 
-def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None,
-                tail_depths: tuple[int, ...] | None = None) -> list[dict]:
+def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None) -> list[dict]:
     """The -D sets of the programs a Kernels compiles: the step's kernels with only the aim_gemv instances the
-    depths need (all of them for gemv_depths None) and the out_proj-with-norm instances (aim_gemv_norm) of
-    `tail_depths` (none when gemv_depths is given without them), and the sampler (AIM_PARTS in aim_kernels.cu)."""
+    depths need (all of them for gemv_depths None), and the sampler (AIM_PARTS in aim_kernels.cu)."""
     defines = dict(defines or {})
     if "AIM_RT_PDL_EARLY_ROWS" in os.environ:  # to measure: up to how many rows the next kernel launches at once
         defines.setdefault("PDL_EARLY_ROWS", int(os.environ["AIM_RT_PDL_EARLY_ROWS"]))
     step = dict(defines)
-
-    def instances(depths):
-        chunks = {k // 256 for k in depths}
-        return " ".join(f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks) or "/* none */"
-
     if gemv_depths is not None:
-        step["GEMV_INSTANCES"] = instances(gemv_depths)
-        step["GEMV_TAIL_INSTANCES"] = instances(tail_depths or ())
-    none = {"GEMV_INSTANCES": "/* none */", "GEMV_TAIL_INSTANCES": "/* none */"}
-    return [{**step, "AIM_PARTS": 1}, {**defines, "AIM_PARTS": 2, **none}]
+        chunks = {k // 256 for k in gemv_depths}
+        step["GEMV_INSTANCES"] = " ".join(f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks) or "/* none */"
+    return [{**step, "AIM_PARTS": 1}, {**defines, "AIM_PARTS": 2, "GEMV_INSTANCES": "/* none */"}]
 
 
 def kernel_builds(dtype: str, arch: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None,
-                  source_path: Path = SOURCE, tail_depths: tuple[int, ...] | None = None) -> list[Future]:
-    """The compiles a Kernels(dtype, defines=..., gemv_depths=..., source_path=..., tail_depths=...) loads,
-    started (compile_async): Kernels waits for these; callers that know what they will build start them early
-    (precompile, benchmarks)."""
-    return [compile_async(dtype, arch, d, source_path) for d in step_builds(dtype, defines, gemv_depths, tail_depths)]
+                  source_path: Path = SOURCE) -> list[Future]:
+    """The compiles a Kernels(dtype, defines=..., gemv_depths=..., source_path=...) loads, started (compile_async):
+    Kernels waits for these; callers that know what they will build start them early (precompile, benchmarks)."""
+    return [compile_async(dtype, arch, d, source_path) for d in step_builds(dtype, defines, gemv_depths)]
 
 
 VQ_SOURCE = SOURCE.with_name("vq_kernels.cu")
@@ -209,11 +200,7 @@ class GemvParams(ctypes.Structure):
     _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
 
 
-class GemvNormParams(ctypes.Structure):
-    _fields_ = [("g", GemvParams), ("n", NormParams), ("counters", P)]
-
-
-STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemvNormParams)
+STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams)
 
 
 def layout_asserts() -> str:
@@ -382,11 +369,10 @@ class Kernels:
     """The compiled module for one element type on the current CUDA device; launches on a given stream."""
 
     def __init__(self, dtype: str, device_index: int = 0, defines: dict | None = None,
-                 gemv_depths: tuple[int, ...] | None = None, source_path: Path = SOURCE,
-                 tail_depths: tuple[int, ...] | None = None):
+                 gemv_depths: tuple[int, ...] | None = None, source_path: Path = SOURCE):
         """`defines`: extra -D macros (benchmarks of kernel variants, e.g. SSU_THREADS, SSU_STAGES).
         `gemv_depths`: the k of every product the caller will run through `gemv` (compiles only those
-        instances; a cold start pays for each); None: all of them. `tail_depths`: likewise for `gemv_norm`.
+        instances; a cold start pays for each); None: all of them.
         `source_path`: another version of aim_kernels.cu (benchmarks against an older kernel)."""
         import torch
         from cuda.bindings import driver
@@ -405,17 +391,14 @@ class Kernels:
         self.num_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
         self.sample_threads = int(self.defines.get("SAMPLE_THREADS", SAMPLE_THREADS))
         self.modules = [_check(driver.cuModuleLoadData(b.result()), "cuModuleLoadData")
-                        for b in kernel_builds(dtype, self.arch, self.defines, gemv_depths, source_path,
-                                               tail_depths)]
+                        for b in kernel_builds(dtype, self.arch, self.defines, gemv_depths, source_path)]
         self.fn = {name: self._function(name) for name in KERNEL_NAMES}
-        self.gemvs, self.gemv_norms = set(), set()
+        self.gemvs = set()
         for c, t in _gemv_pairs() if dtype != "float32" else ():
-            for prefix, have in (("aim_gemv", self.gemvs), ("aim_gemv_norm", self.gemv_norms)):
-                fn = self._function(f"{prefix}_k{c}_n{t}", required=False)
-                if fn is not None:  # only the instances asked for (or an older source_path has none)
-                    self.fn[f"{prefix}_k{c}_n{t}"] = fn
-                    have.add((c, t))
-        self._tail_occupancy: dict[str, int] = {}
+            fn = self._function(f"aim_gemv_k{c}_n{t}", required=False)
+            if fn is not None:  # only the instances asked for (or an older source_path has none)
+                self.fn[f"aim_gemv_k{c}_n{t}"] = fn
+                self.gemvs.add((c, t))
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
@@ -483,30 +466,6 @@ class Kernels:
         if (p.k // 256, nt) not in self.gemvs:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
         self._launch(f"aim_gemv_k{p.k // 256}_n{nt}", ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
-
-    def gemv_norm_fits(self, g: GemvParams, n: NormParams) -> bool:
-        """Whether `gemv_norm` can run this pair: its instance is compiled, the norm's rows are the product's, and
-        every block of the product is resident at once (the norm's blocks wait for all the others)."""
-        nt = gemv_tiles(g.rows, g.k)
-        name = f"aim_gemv_norm_k{g.k // 256}_n{nt}"
-        if (g.k // 256, nt) not in self.gemv_norms or n.rows != g.rows or n.d > NORM_THREADS * NORM_PER:
-            return False
-        if name not in self._tail_occupancy:
-            self._tail_occupancy[name] = _check(self.driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                self.fn[name], 256, 0), "cuOccupancyMaxActiveBlocksPerMultiprocessor")
-        blocks = (g.n + 8 * nt - 1) // (8 * nt)
-        return g.rows <= blocks <= self._tail_occupancy[name] * self.num_sms
-
-    def gemv_norm(self, p: GemvNormParams, stream: int) -> None:
-        """y = x @ w.T, then the residual norm p.n of y's rows by the product's last blocks (see gemv_body in
-        aim_kernels.cu); p.counters: 2 zeroed int32 that the kernel leaves zeroed."""
-        g = p.g
-        if not p.counters or not self.gemv_norm_fits(g, p.n):
-            raise KernelError(f"aim_gemv_norm cannot run a product of {g.rows} x {g.k} x {g.n} with a norm of "
-                              f"{p.n.rows} x {p.n.d} (not compiled, or not resident at once)")
-        nt = gemv_tiles(g.rows, g.k)
-        self._launch(f"aim_gemv_norm_k{g.k // 256}_n{nt}", ((g.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream,
-                     p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         if p.d > NORM_THREADS * NORM_PER:

@@ -1,8 +1,7 @@
 """The decode step's kernel table for several build variants, each in its own process, in one device run:
 what programmatic dependent launch (AIM_RT_PDL; AIM_RT_PDL_EARLY_ROWS: up to how many rows the next kernel
-launches at once, not at PDL_WAIT; -late/-early: never/always, twice each to run them alternating), the
-residual norm in out_proj's tail (AIM_RT_TAIL_NORM=0: its own kernel) and the skinny tensor-core products
-(AIM_RT_GEMV, their column tiles AIM_RT_GEMV_WIDE) gain.
+launches at once, not at PDL_WAIT; -late/-early: never/always, twice each to run them alternating) and the
+skinny tensor-core products (AIM_RT_GEMV, their column tiles AIM_RT_GEMV_WIDE) gain.
 
     PYTHONPATH=. python scripts/step_variants.py --out results/ --models AiM-B,AiM-XL --batches 1,16,64
 """
@@ -19,8 +18,6 @@ from pathlib import Path
 
 VARIANTS = {  # name: environment
     "pdl+gemv": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1"},
-    "tail-off": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_TAIL_NORM": "0"},
-    "early8": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY_ROWS": "8"},
     "pdl-late": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY_ROWS": "0"},
     "pdl-early": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY_ROWS": "1000000"},
     "pdl-late2": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY_ROWS": "0"},

@@ -311,34 +311,6 @@ def test_bf16_image_does_not_depend_on_batch_composition():
     assert torch.equal(big[12], alone[0])
 
 
-@needs_gpu
-@pytest.mark.parametrize("preset", ["tiny", "AiM-B"])
-def test_norm_in_out_proj_tail_gives_the_same_bits(preset, monkeypatch):
-    """aim_gemv_norm (out_proj whose last blocks norm the next layer's input rows once every block is done)
-    against out_proj and the separate norm kernel: the same arithmetic, so the same mixed logits and tokens bit
-    for bit, at narrow (2-16 rows) and wide (18-32 rows) column tiles; the counters are left zeroed."""
-    from aim_rt.cuda_backend import CudaBackend
-
-    cfg = preset if preset != "tiny" else aim_rt.AiMConfig(d_model=256, n_layer=3, vocab_size=1024, num_classes=10,
-                                                             num_tokens=36)
-    model = aim_rt.random_model(cfg, seed=4, device="cuda", dtype="bfloat16")
-    tail = CudaBackend(model)
-    monkeypatch.setenv("AIM_RT_TAIL_NORM", "0")
-    apart = CudaBackend(model)
-    settings = SamplingSettings()
-    kinds = [kind for kind, _ in tail._ops(tail._alloc(2), settings)]
-    assert kinds.count("out_proj+norm") == model.config.n_layer and kinds.count("residual_norm") == 1
-    assert "out_proj+norm" not in [kind for kind, _ in apart._ops(apart._alloc(2), settings)]
-    for batch in (1, 2, 9, 16):
-        classes, seeds = [(3 * i) % 10 for i in range(batch)], list(range(batch))
-        teacher = apart.sample(classes, seeds, settings)
-        a_tok, a_mixed = apart.sample(classes, seeds, settings, teacher=teacher, return_mixed=True)
-        t_tok, t_mixed = tail.sample(classes, seeds, settings, teacher=teacher, return_mixed=True)
-        assert torch.equal(t_mixed, a_mixed) and torch.equal(t_tok, a_tok), batch
-        assert torch.equal(tail.sample(classes, seeds, settings), teacher), batch
-        assert not tail._alloc(batch).counters.any()
-
-
 def test_ssu_params_rejects_shapes_the_kernel_cannot_take():
     """Every caller (the backend, the TensorRT plugin) goes through ssu_params: bad shapes fail there, by name,
     instead of indexing out of bounds on the device (CPU tensors: only the checks run)."""
