@@ -43,10 +43,12 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 // kernel): its blocks take their place and fetch their weights while this kernel still waits or runs, and the
 // one after it can do the same, as far as the SMs have room (a grid launches only once all of its
 // predecessor's blocks are resident, so the chain cannot deadlock). Above it, when this kernel passes
-// PDL_WAIT: one kernel ahead at most, which leaves the SMs to a streaming state update (measured against each
-// other in bench/results, step_variants pdl-late / pdl-early). On sm_80 both are no-ops: plain launches.
+// PDL_WAIT: one kernel ahead at most. Measured on the H200 (bench/results/step_variants_*_v8_pdl.txt, each
+// twice): launching at once gains 14-16 % per step at AiM-B batch 1, 6 % at batch 4 and 3 % at batch 16, 6 % at
+// AiM-XL batch 1; it loses 0.7 % at AiM-XL batch 4 and 4 % at batch 16 (its early grids crowd the state update),
+// and is neutral at batch 64. Hence at once up to batch 4. On sm_80 both are no-ops: plain launches.
 #ifndef PDL_EARLY_ROWS
-#define PDL_EARLY_ROWS 32
+#define PDL_EARLY_ROWS 8
 #endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define PDL_LAUNCH_NEXT() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
