@@ -611,16 +611,20 @@ struct NormParams {
 // modulations (constant through a sample) are read before PDL_WAIT, so after it only the previous kernels'
 // outputs are fetched: one round trip to L2, then the reductions.
 #define NORM_THREADS 256
-#define NORM_PER 8
+#define NORM_PER 8  // d <= NORM_THREADS * NORM_PER
 #if AIM_PARTS & 1
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
-  PDL_START(p.rows);
+// PER: elements per thread, ceil(d / NORM_THREADS). ncu (bench/results/ncu_b1_*_v8.txt) showed the kernel
+// latency-bound on its own instruction chain (~6,800 cycles for one 768-wide row at 10 cycles per instruction,
+// 2 warps per scheduler), most of it the predicated-off iterations of a fixed 8: so PER is a constant per model
+// width. Elements past d are zeros in every sum (x + 0 is x), so each instance gives the same bits.
+template <int PER>
+__device__ __forceinline__ void residual_norm_body(const NormParams& p) {
   __shared__ float s_red[32];
   __shared__ float s_scale;
   const int r = blockIdx.x, tid = threadIdx.x;
-  float w1[NORM_PER], w2[NORM_PER], sh[NORM_PER], sc[NORM_PER];
+  float w1[PER], w2[PER], sh[PER], sc[PER];
 #pragma unroll
-  for (int j = 0; j < NORM_PER; ++j) {
+  for (int j = 0; j < PER; ++j) {
     const int i = tid + j * NORM_THREADS;
     w1[j] = w2[j] = sh[j] = sc[j] = 0.0f;  // lanes past d stay 0 (no garbage, e.g. NaN, in the sums)
     if (i >= p.d) continue;
@@ -630,10 +634,10 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(Nor
     sc[j] = ld(p.scale[(long long)r * p.mod_stride + i]);
   }
   PDL_WAIT(p.rows);
-  float x[NORM_PER];
-  float gate[NORM_PER], res[NORM_PER], in[NORM_PER];
+  float x[PER];
+  float gate[PER], res[PER], in[PER];
 #pragma unroll
-  for (int j = 0; j < NORM_PER; ++j) {  // issue every load before using any
+  for (int j = 0; j < PER; ++j) {  // issue every load before using any
     const int i = tid + j * NORM_THREADS;
     in[j] = gate[j] = res[j] = 0.0f;
     if (i >= p.d) continue;
@@ -655,7 +659,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(Nor
   const float scale = s_scale;
   float sq = 0.0f;
 #pragma unroll
-  for (int j = 0; j < NORM_PER; ++j) {
+  for (int j = 0; j < PER; ++j) {
     const int i = tid + j * NORM_THREADS;
     x[j] = 0.0f;
     if (i >= p.d) continue;
@@ -670,19 +674,28 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(Nor
   if (p.norm2_w) {  // final layer: norm_f (rounded to the model type), then norm_final
     float sq2 = 0.0f;
 #pragma unroll
-    for (int j = 0; j < NORM_PER; ++j) {
+    for (int j = 0; j < PER; ++j) {
       x[j] = ld(st(x[j] * inv * w1[j]));
       sq2 += x[j] * x[j];
     }
     inv = rsqrtf(block_sum(sq2, s_red) / p.d + p.eps);
   }
 #pragma unroll
-  for (int j = 0; j < NORM_PER; ++j) {
+  for (int j = 0; j < PER; ++j) {
     const int i = tid + j * NORM_THREADS;
     if (i >= p.d) continue;
     const float v = ld(st(x[j] * inv * (p.norm2_w ? w2[j] : w1[j])));
     p.out[(long long)r * p.out_stride + i] = st(v * (1.0f + sc[j]) + sh[j]);
   }
+}
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
+  PDL_START(p.rows);
+  const int per = (p.d + NORM_THREADS - 1) / NORM_THREADS;  // uniform: one instance runs
+  if (per <= 3) residual_norm_body<3>(p);        // AiM-B (768)
+  else if (per <= 4) residual_norm_body<4>(p);   // AiM-L (1024)
+  else if (per <= 6) residual_norm_body<6>(p);   // AiM-XL (1536)
+  else residual_norm_body<NORM_PER>(p);
 }
 #endif
 
