@@ -80,3 +80,13 @@ def test_device_arch_without_a_gpu_or_with_one():
         assert device_arch(0) == f"sm_{major}{minor}"
     else:
         assert device_arch(0) is None
+
+
+def test_pdl_early_rows_reaches_both_programs(monkeypatch):
+    """AIM_RT_PDL_EARLY_ROWS (to measure the launch order) becomes a -D of the step and the sampler programs, and
+    is absent otherwise (the source's default, and the default cache keys)."""
+    from aim_rt.plugins.kernels import step_builds
+
+    assert all("PDL_EARLY_ROWS" not in b for b in step_builds("bfloat16"))
+    monkeypatch.setenv("AIM_RT_PDL_EARLY_ROWS", "0")
+    assert [b["PDL_EARLY_ROWS"] for b in step_builds("bfloat16", gemv_depths=(768,))] == [0, 0]
