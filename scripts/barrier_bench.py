@@ -80,9 +80,8 @@ def main() -> None:
     coop.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
     coop.value.cooperative = 1
 
-    def launch(fn, grid, params, attrs):
-        ptrs = [ctypes.c_void_p(p) if isinstance(p, int) and p > 1 << 20 else ctypes.c_int(p) for p in params]
-        holder = (ctypes.c_void_p * len(ptrs))(*[ctypes.addressof(p) for p in ptrs])
+    def launch(fn, grid, params, attrs):  # params: ctypes values, in the kernel's argument order
+        holder = (ctypes.c_void_p * len(params))(*[ctypes.addressof(p) for p in params])
         cfg = driver.CUlaunchConfig()
         cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid, 1, 1
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = 256, 1, 1
@@ -108,7 +107,8 @@ def main() -> None:
 
             def run():
                 counter.zero_()
-                launch(chain, grid, [counter.data_ptr(), buf.data_ptr(), phases, mode], [coop])
+                launch(chain, grid, [ctypes.c_void_p(counter.data_ptr()), ctypes.c_void_p(buf.data_ptr()),
+                                      ctypes.c_int(phases), ctypes.c_int(mode)], [coop])
             us = timed(run) / phases
             result["barrier_us"][f"{grid} blocks, mode {mode}"] = us
             print(f"grid barrier, {grid} blocks, mode {mode}: {us:.3f} µs per phase", flush=True)
@@ -118,7 +118,7 @@ def main() -> None:
         attrs = pdl_attributes(major)
         with torch.cuda.graph(g):
             for ph in range(200):
-                launch(one, grid, [buf.data_ptr(), ph], attrs)
+                launch(one, grid, [ctypes.c_void_p(buf.data_ptr()), ctypes.c_int(ph)], attrs)
         us = timed(g.replay) / 200
         result["kernel_us"][f"{grid} blocks, pdl {bool(attrs)}"] = us
         print(f"kernel chain (graph, PDL {bool(attrs)}), {grid} blocks: {us:.3f} µs per kernel", flush=True)

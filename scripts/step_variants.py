@@ -1,7 +1,8 @@
 """The decode step's kernel table for several build variants, each in its own process, in one device run:
 what programmatic dependent launch (AIM_RT_PDL; AIM_RT_PDL_EARLY_ROWS: up to how many rows the next kernel
-launches at once, not at PDL_WAIT; -late/-early: never/always, twice each to run them alternating) and the
-skinny tensor-core products (AIM_RT_GEMV, their column tiles AIM_RT_GEMV_WIDE) gain.
+launches at once, not at PDL_WAIT; pdl-late / pdl-early: never / always) and the skinny tensor-core products
+(AIM_RT_GEMV, their column tiles AIM_RT_GEMV_WIDE) gain. A variant named twice runs twice (its second run is
+labelled name#2), e.g. alternating: --variants pdl-late,pdl-early,pdl-late,pdl-early.
 
     PYTHONPATH=. python scripts/step_variants.py --out results/ --models AiM-B,AiM-XL --batches 1,16,64
 """
@@ -20,8 +21,6 @@ VARIANTS = {  # name: environment
     "pdl+gemv": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1"},
     "pdl-late": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY_ROWS": "0"},
     "pdl-early": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY_ROWS": "1000000"},
-    "pdl-late2": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY_ROWS": "0"},
-    "pdl-early2": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_PDL_EARLY_ROWS": "1000000"},
     "pdl+gemv16": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_GEMV_ROWS": "16"},
     "wide2": {"AIM_RT_PDL": "1", "AIM_RT_GEMV": "1", "AIM_RT_GEMV_WIDE": "3:2,6:1"},
     "gemv": {"AIM_RT_PDL": "0", "AIM_RT_GEMV": "1"},
@@ -54,12 +53,16 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"date": time.strftime("%Y-%m-%d"), "variants": {}}
+    runs: list[tuple[str, str]] = []  # (label, variant): a repeated variant gets label name#2, name#3, ...
     for name in args.variants.split(","):
+        count = sum(v == name for _, v in runs) + 1
+        runs.append((name if count == 1 else f"{name}#{count}", name))
+    for name, variant in runs:
         t0 = time.time()
-        path = args.out / f"kernels_{name.replace('+', '_')}"
+        path = args.out / f"kernels_{name.replace('+', '_').replace('#', '_')}"
         r = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--models", args.models,
                             "--batches", args.batches, "--child", str(path)],
-                           env={**os.environ, **VARIANTS[name]}, capture_output=True, text=True)
+                           env={**os.environ, **VARIANTS[variant]}, capture_output=True, text=True)
         if r.returncode:
             print(f"{name}: failed\n{r.stderr[-3000:]}", flush=True)
             summary["variants"][name] = {"error": r.stderr[-3000:]}
