@@ -163,6 +163,9 @@ struct SsuParams {
 #ifndef SSU_STAGES
 #define SSU_STAGES 2
 #endif
+#ifndef SSU_RING_MIN_SLICES
+#define SSU_RING_MIN_SLICES SSU_STAGES  // the fast instance's x-channel ring for runs longer than this
+#endif
 #ifndef SSU_STORE_CS
 #define SSU_STORE_CS 0  // 1: the state is written with st.global.cs (evict first)
 #endif
@@ -297,10 +300,10 @@ __device__ __forceinline__ void ssu_fetch_x(const SsuParams& p, const SsuRing& g
 // Request slice s (at cursor c) into `stage`: this thread's state chunks, its x channel's window, and
 // (new_bc) its B/C channel's window; the same bytes it reads when it computes slice s. The fast instance also
 // requests the head's x-channel weights, and its inputs where `inputs` (after PDL_WAIT).
-template <int KP, int KN, int KW>
+template <int KP, int KN, int KW, bool RING_X>
 __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, elem_t* stage, int s,
                                           const SsuCursor& c, bool new_bc, bool inputs) {
-  if constexpr (KP != 0) ssu_fetch_x<KP, KW>(p, g, stage, c.r, c.h, true, inputs);
+  if constexpr (RING_X) ssu_fetch_x<KP, KW>(p, g, stage, c.r, c.h, true, inputs);
   const int tid = threadIdx.x, P = KP ? KP : p.headdim, N = KN ? KN : p.d_state, W = KW ? KW : p.d_conv;
   const elem_t* src = p.ssm_state_in + (long long)s * g.PN;
 #pragma unroll
@@ -328,7 +331,9 @@ __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, 
 // slice; it has no x channel when headdim <= SSU_THREADS - 32) and shared through shared memory, two windows
 // (parity) so that a window is written only once every thread has left the one before last. So the chain
 // dt load -> softplus -> exp is paid once per 32 slices, not on every slice's path.
-#define SSU_DT_WIN 32
+#ifndef SSU_DT_WIN
+#define SSU_DT_WIN 32  // 1..32 (1: each slice's own, by one thread: to measure)
+#endif
 
 // Row sums of the fast shape (16 lanes per state row, 4 chunks per thread): the same butterfly over the row's
 // lanes as the generic loop (pairs differing in lane bit 3, then 2, 1, 0; each sum a + b is b + a, so every
@@ -347,14 +352,14 @@ __device__ __forceinline__ float ssu_row_sums(const float (&a)[4], int lane) {
   return k;
 }
 
-template <int KP, int KN, int KW>
+template <int KP, int KN, int KW, bool RING_X>
 __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_WARPS],
                                          float (*s_dt)[SSU_DT_WIN][3]) {
   extern __shared__ __align__(16) unsigned char ssu_smem[];
   // the fast reduction: 16 lanes per row, 4 chunks per thread
   constexpr bool FAST = KN * KP == 4 * SSU_THREADS * VEC && KN == 16 * VEC;
-  constexpr bool RING_X = KP != 0;  // the x-channel data comes through the ring (ssu_fetch_x)
-  static_assert(KP % 32 == 0 && KP <= SSU_THREADS - 32, "ssu_fetch_x: whole warps of x channels, the last warp free");
+  // RING_X: the x-channel data comes through the ring (ssu_fetch_x; a constant shape only)
+  static_assert(!RING_X || (KP > 0 && KP % 32 == 0 && KP <= SSU_THREADS - 32), "ssu_fetch_x: whole warps");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = KP ? KP : p.headdim, N = KN ? KN : p.d_state, W = KW ? KW : p.d_conv;
   const int H = p.nheads, hpg = p.nheads / p.ngroups;
@@ -369,6 +374,9 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
   const int total = p.rows * H;
   const int s0 = (int)((long long)blockIdx.x * total / gridDim.x);
   const int n = (int)((long long)(blockIdx.x + 1) * total / gridDim.x) - s0;  // >= 1: gridDim.x <= total
+  // (s0 and n again at the end, from shared memory: registers kept across the loop for that were spilled)
+  __shared__ int s_run[2];
+  if (tid == 0) { s_run[0] = s0; s_run[1] = n; }
   elem_t* ring = reinterpret_cast<elem_t*>(ssu_smem);
   float* conv_buf = reinterpret_cast<float*>(ring + SSU_STAGES * g.len);  // 2 x {x, silu(z), norm_w, B, C}
   const int conv_len = 3 * P + 2 * N;
@@ -381,7 +389,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
   fc = cur;
 #pragma unroll
   for (int k = 0; k < SSU_STAGES; ++k) {
-    if (k < n) ssu_fetch<KP, KN, KW>(p, g, ring + k * g.len, s0 + k, fc, k == 0 || fc.hg == 0, false);
+    if (k < n) ssu_fetch<KP, KN, KW, RING_X>(p, g, ring + k * g.len, s0 + k, fc, k == 0 || fc.hg == 0, false);
     cp_async_commit();
     fc.advance(H, hpg);
   }
@@ -427,9 +435,19 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       blast[j] = ld(p.conv_w[bch[j] * W + W - 1]);
       bcb[j] = ld(p.conv_b[bch[j]]);
     }
+    // the dt window's lane: its slice s + lane (no division: lane < 32) and that head's weights
+    const bool dt_lane = i % SSU_DT_WIN == 0 && warp == SSU_WARPS - 1 && lane < SSU_DT_WIN && i + lane < n;
+    int dt_r = r, dt_h = h + lane;
+    float dt_bias = 0.0f, A_log = 0.0f, Dh_w = 0.0f;
+    if (dt_lane) {
+      while (dt_h >= H) { dt_h -= H; ++dt_r; }
+      dt_bias = ld(p.dt_bias[dt_h]);
+      A_log = ld(p.A_log[dt_h]);
+      Dh_w = ld(p.D[dt_h]);
+    }
     if (i == 0) {
       PDL_WAIT(p.rows);
-      if constexpr (RING_X) {  // the first stages' inputs, which could not be requested before the wait
+      if constexpr (RING_X) {  // the first stages' inputs: not requestable before the wait
         SsuCursor c = cur;
         for (int k = 0; k < SSU_STAGES && k < n; ++k, c.advance(H, hpg))
           ssu_fetch_x<KP, KW>(p, g, ring + k * g.len, c.r, c.h, false, true);
@@ -448,14 +466,12 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
     float bin[SSU_BC];
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) bin[j] = bch[j] >= 0 ? ld(xbc[bch[j]]) : 0.0f;
-    if (i % SSU_DT_WIN == 0 && warp == SSU_WARPS - 1 && i + lane < n) {
-      SsuCursor c;
-      c.init(s + lane, H, hpg);
-      const float dt = softplus(ld(p.dt[(long long)c.r * p.dt_stride + c.h]) + ld(p.dt_bias[c.h]));
+    if (dt_lane) {
+      const float dt = softplus(ld(p.dt[(long long)dt_r * p.dt_stride + dt_h]) + dt_bias);
       float* e = s_dt[(i / SSU_DT_WIN) & 1][lane];
       e[0] = dt;
-      e[1] = __expf(-dt * __expf(ld(p.A_log[c.h])));
-      e[2] = ld(p.D[c.h]);
+      e[1] = __expf(-dt * __expf(A_log));
+      e[2] = Dh_w;
     }
 
     // ---- 3. this thread's part of slice i has landed: conv + SiLU (window shifted left, new input last,
@@ -566,7 +582,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
     if (lane == 0) s_red[i & 1][warp] = wsq;
 
     // ---- 5. refill the stage just consumed (this thread's own bytes, read above) with slice i + SSU_STAGES
-    if (i + SSU_STAGES < n) ssu_fetch<KP, KN, KW>(p, g, stage, s + SSU_STAGES, fc, fc.hg == 0, true);
+    if (i + SSU_STAGES < n) ssu_fetch<KP, KN, KW, RING_X>(p, g, stage, s + SSU_STAGES, fc, fc.hg == 0, true);
     cp_async_commit();
     fc.advance(H, hpg);
     cur.advance(H, hpg);
@@ -574,8 +590,8 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
   }
   __syncthreads();
   if (warp == 0) {
-    const float v = warp_sum(lane < SSU_WARPS ? s_red[(n - 1) & 1][lane] : 0.0f);
-    if (lane == 0) p.sumsq[s0 + n - 1] = v;
+    const float v = warp_sum(lane < SSU_WARPS ? s_red[(s_run[1] - 1) & 1][lane] : 0.0f);
+    if (lane == 0) p.sumsq[s_run[0] + s_run[1] - 1] = v;
   }
 }
 
@@ -590,11 +606,17 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
       (unsigned long long)p.conv_b | (unsigned long long)p.norm_w | (unsigned long long)(p.xbc_stride * sizeof(elem_t)) |
       (unsigned long long)(p.z_stride * sizeof(elem_t));
   if (p.headdim == SSU_FAST_P && p.d_state == SSU_FAST_N && p.d_conv == SSU_FAST_W && (align & 15) == 0) {
-    ssu_body<SSU_FAST_P, SSU_FAST_N, SSU_FAST_W>(p, s_red, s_dt);
+    // the ring carries the x-channel data only for runs longer than the ring (batch 16 and up): with one or
+    // two slices per block the direct reads are as early, and the shorter code path wins there (H200, ssu6:
+    // the ring everywhere cost 7 % per step at AiM-B batch 1 and 11 % at batch 4)
+    const int total = p.rows * p.nheads;
+    const int n = (int)((long long)(blockIdx.x + 1) * total / gridDim.x) - (int)((long long)blockIdx.x * total / gridDim.x);
+    if (n > SSU_RING_MIN_SLICES) ssu_body<SSU_FAST_P, SSU_FAST_N, SSU_FAST_W, true>(p, s_red, s_dt);
+    else ssu_body<SSU_FAST_P, SSU_FAST_N, SSU_FAST_W, false>(p, s_red, s_dt);
     return;
   }
 #endif
-  ssu_body<0, 0, 0>(p, s_red, s_dt);
+  ssu_body<0, 0, 0, false>(p, s_red, s_dt);
 }
 #endif
 

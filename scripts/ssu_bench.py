@@ -33,6 +33,9 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "new_s3": {"SSU_STAGES": 3},
     "new_min4": {"SSU_MIN_BLOCKS": 4},
     "new_cs": {"SSU_STORE_CS": 1},
+    "new_ringall": {"SSU_RING_MIN_SLICES": 0},  # the x-channel ring at every run length (ssu6's "new")
+    "new_dt1": {"SSU_DT_WIN": 1},  # each slice's dt by one thread on its own path (as before the window)
+    "new_dt1_ring0": {"SSU_DT_WIN": 1, "SSU_RING_MIN_SLICES": 1000000},  # neither: the 1e5ce15 kernel's path
     "new_t512": {"SSU_THREADS": 512, "SSU_MIN_BLOCKS": 2},
 }
 CAPS = (2, 3)  # the default build with at most this many blocks per SM
@@ -164,8 +167,9 @@ def kernel_table(kernels, cases, bandwidth, log):
     return rows
 
 
-def step_table(kernels, specs, log, save):
-    """Whole decode steps of the cuda backend (graph replay) with the old and the new state update."""
+def step_table(kernels, specs, log, save, names=("old", "new"), repeats=1):
+    """Whole decode steps of the cuda backend (graph replay) with each named state update (`repeats` rounds,
+    alternating, in one process: the step's run-to-run spread is a few percent)."""
     from aim_rt.cuda_backend import CudaBackend
     from aim_rt.sampling import SamplingSettings
 
@@ -179,14 +183,20 @@ def step_table(kernels, specs, log, save):
         for batch in batches:
             classes, seeds = torch.arange(batch) % m.config.num_classes, torch.arange(batch)
             row, tokens = {"model": model, "batch": batch}, {}
-            for name in ("old", "new"):
-                backend.kernels = kernels[name]
-                backend._graphs.clear()
-                tokens[name] = backend.sample(classes, seeds, settings)
-                row[name + "_us_per_step"] = backend.phase_times(batch, settings)["replays_us_per_step"]
-            row["tokens_equal"] = bool(torch.equal(tokens["old"], tokens["new"]))
-            log(f"step {model} b{batch}: old {row['old_us_per_step']:.1f} us, new {row['new_us_per_step']:.1f} us "
-                f"per step; tokens equal {row['tokens_equal']}")
+            for _ in range(repeats):
+                for name in names:
+                    backend.kernels = kernels[name]
+                    backend._graphs.clear()
+                    tokens[name] = backend.sample(classes, seeds, settings)
+                    us = backend.phase_times(batch, settings)["replays_us_per_step"]
+                    row.setdefault(name + "_us_per_step_runs", []).append(us)
+            for name in names:
+                runs = row[name + "_us_per_step_runs"]
+                row[name + "_us_per_step"] = sorted(runs)[len(runs) // 2]
+            row["tokens_equal"] = all(bool(torch.equal(tokens[names[0]], tokens[n])) for n in names)
+            log(f"step {model} b{batch}: " + ", ".join(
+                f"{n} " + " / ".join(f"{u:.1f}" for u in row[n + "_us_per_step_runs"]) for n in names)
+                + f" us per step; tokens equal {row['tokens_equal']}")
             rows.append(row)
             save(rows)
         del backend, m
@@ -213,6 +223,8 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--cases", default=",".join(f"{m}:{b}" for m, b in CASES))
     ap.add_argument("--steps", default="", help="model:batch,... for whole-step timing (old vs new)")
+    ap.add_argument("--step-variants", default="old,new", help="kernels compared in --steps")
+    ap.add_argument("--step-repeats", type=int, default=1, help="rounds of --steps, alternating the kernels")
     ap.add_argument("--profile", help="model:batch:variant,... plain launches only (for ncu)")
     ap.add_argument("--tag", default="ssu3")
     args = ap.parse_args()
@@ -245,7 +257,8 @@ def main():
 
     save()
     if args.steps:
-        step_table(kernels, [(c.split(":")[0], int(c.split(":")[1])) for c in args.steps.split(",")], log, save)
+        step_table(kernels, [(c.split(":")[0], int(c.split(":")[1])) for c in args.steps.split(",")], log, save,
+                   args.step_variants.split(","), args.step_repeats)
 
 
 if __name__ == "__main__":
