@@ -163,9 +163,6 @@ struct SsuParams {
 #ifndef SSU_STAGES
 #define SSU_STAGES 2
 #endif
-#ifndef SSU_RING_MIN_SLICES
-#define SSU_RING_MIN_SLICES SSU_STAGES  // the fast instance's x-channel ring for runs longer than this
-#endif
 #ifndef SSU_STORE_CS
 #define SSU_STORE_CS 0  // 1: the state is written with st.global.cs (evict first)
 #endif
@@ -243,10 +240,8 @@ __device__ __forceinline__ void store8(elem_t* dst, const unsigned (&u)[WORDS8])
   }
 }
 
-struct SsuRing {  // the shape of one stage: state (P * N), x windows (P * W), B/C windows (2N * W), then the
-                  // head's x-channel data that the fast instance streams too: conv taps (P * W), conv bias,
-                  // norm_w, x, z (P each)
-  int PN, xwin, bcwin, xw, xb, len;  // element offsets and the stage length (rounded to 16 bytes)
+struct SsuRing {  // the shape of one stage: state (P * N), then x windows (P * W), then B/C windows (2N * W)
+  int PN, xwin, bcwin, len;  // element offsets and the stage length (rounded to 16 bytes)
 };
 // Where a slice s = row * nheads + head is: its row, head, group and head within the group. Divided out once
 // per block (init) and then advanced one slice at a time, so no division is left on a slice's path. Slice s
@@ -274,36 +269,11 @@ struct SsuCursor {
 #define SSU_FAST 1  // 0: the generic instance only (to measure what the constant shape gains)
 #endif
 
-// The fast instance's x-channel data of slice (row r, head h) into `stage`: each warp that has x channels
-// copies its own 32 channels' conv taps, bias and norm_w (`weights`) and/or x and z (`inputs`: in_proj's
-// outputs, so only after PDL_WAIT), in 16-byte pieces; after cp.async.wait_group a __syncwarp makes them
-// visible to the warp's other lanes. So these reads land with the slice's state instead of costing an L2
-// round trip on each slice's path (the generic instance still reads them directly).
-template <int KP, int KW>
-__device__ __forceinline__ void ssu_fetch_x(const SsuParams& p, const SsuRing& g, elem_t* stage, int r, int h,
-                                            bool weights, bool inputs) {
-  constexpr int E = 16 / (int)sizeof(elem_t), PW = 32 * KW / E, PB = 32 / E;  // 16-byte pieces per warp
-  const int lane = threadIdx.x & 31, c0 = threadIdx.x - lane, ch = h * KP + c0;
-  if (c0 >= KP) return;
-#pragma unroll
-  for (int q = lane; q < PW + 4 * PB; q += 32) {
-    if (q < PW + 2 * PB ? !weights : !inputs) continue;
-    const int k = q < PW ? 0 : 1 + (q - PW) / PB;  // 0 taps, 1 bias, 2 norm_w, 3 x, 4 z
-    const int o = q < PW ? q * E : (q - PW - (k - 1) * PB) * E;
-    const elem_t* base = k == 0 ? p.conv_w : k == 1 ? p.conv_b : k == 2 ? p.norm_w : k == 3 ? p.xbc : p.z;
-    const long long at = k == 0 ? (long long)ch * KW
-                       : k < 3 ? ch : (long long)r * (k == 3 ? p.xbc_stride : p.z_stride) + ch;
-    cp_async16(stage + (k == 0 ? g.xw + c0 * KW : g.xb + (k - 1) * KP + c0) + o, base + at + o);
-  }
-}
-
 // Request slice s (at cursor c) into `stage`: this thread's state chunks, its x channel's window, and
-// (new_bc) its B/C channel's window; the same bytes it reads when it computes slice s. The fast instance also
-// requests the head's x-channel weights, and its inputs where `inputs` (after PDL_WAIT).
-template <int KP, int KN, int KW, bool RING_X>
+// (new_bc) its B/C channel's window; the same bytes it reads when it computes slice s.
+template <int KP, int KN, int KW>
 __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, elem_t* stage, int s,
-                                          const SsuCursor& c, bool new_bc, bool inputs) {
-  if constexpr (RING_X) ssu_fetch_x<KP, KW>(p, g, stage, c.r, c.h, true, inputs);
+                                          const SsuCursor& c, bool new_bc) {
   const int tid = threadIdx.x, P = KP ? KP : p.headdim, N = KN ? KN : p.d_state, W = KW ? KW : p.d_conv;
   const elem_t* src = p.ssm_state_in + (long long)s * g.PN;
 #pragma unroll
@@ -327,13 +297,9 @@ __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, 
   }
 }
 
-// Each slice's dt, exp(dt * A) and D, computed ahead for a window of 32 slices by the last warp (one lane a
-// slice; it has no x channel when headdim <= SSU_THREADS - 32) and shared through shared memory, two windows
-// (parity) so that a window is written only once every thread has left the one before last. So the chain
-// dt load -> softplus -> exp is paid once per 32 slices, not on every slice's path.
-#ifndef SSU_DT_WIN
-#define SSU_DT_WIN 32  // 1..32 (1: each slice's own, by one thread: to measure)
-#endif
+// The thread that computes a slice's dt, exp(dt * A) and D (once per slice, shared through shared memory):
+// lane 0 of the last warp, which has no x channel when headdim <= SSU_THREADS - 32.
+#define SSU_DT_TID (SSU_THREADS - 32)
 
 // Row sums of the fast shape (16 lanes per state row, 4 chunks per thread): the same butterfly over the row's
 // lanes as the generic loop (pairs differing in lane bit 3, then 2, 1, 0; each sum a + b is b + a, so every
@@ -352,14 +318,11 @@ __device__ __forceinline__ float ssu_row_sums(const float (&a)[4], int lane) {
   return k;
 }
 
-template <int KP, int KN, int KW, bool RING_X>
-__device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_WARPS],
-                                         float (*s_dt)[SSU_DT_WIN][3]) {
+template <int KP, int KN, int KW>
+__device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_WARPS], float (*s_dt)[3]) {
   extern __shared__ __align__(16) unsigned char ssu_smem[];
   // the fast reduction: 16 lanes per row, 4 chunks per thread
   constexpr bool FAST = KN * KP == 4 * SSU_THREADS * VEC && KN == 16 * VEC;
-  // RING_X: the x-channel data comes through the ring (ssu_fetch_x; a constant shape only)
-  static_assert(!RING_X || (KP > 0 && KP % 32 == 0 && KP <= SSU_THREADS - 32), "ssu_fetch_x: whole warps");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = KP ? KP : p.headdim, N = KN ? KN : p.d_state, W = KW ? KW : p.d_conv;
   const int H = p.nheads, hpg = p.nheads / p.ngroups;
@@ -367,16 +330,10 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
   g.PN = P * N;  // a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
   g.xwin = g.PN;
   g.bcwin = g.xwin + P * W;
-  constexpr int E16 = 16 / (int)sizeof(elem_t);  // elements per 16 bytes
-  g.xw = (g.bcwin + 2 * N * W + E16 - 1) / E16 * E16;
-  g.xb = g.xw + P * W;
-  g.len = (g.xb + 4 * P + E16 - 1) / E16 * E16;  // (ssu_smem_bytes: the generic instance leaves this area unused)
+  g.len = (g.bcwin + 2 * N * W + 16 / (int)sizeof(elem_t) - 1) / (16 / (int)sizeof(elem_t)) * (16 / (int)sizeof(elem_t));
   const int total = p.rows * H;
   const int s0 = (int)((long long)blockIdx.x * total / gridDim.x);
   const int n = (int)((long long)(blockIdx.x + 1) * total / gridDim.x) - s0;  // >= 1: gridDim.x <= total
-  // (s0 and n again at the end, from shared memory: registers kept across the loop for that were spilled)
-  __shared__ int s_run[2];
-  if (tid == 0) { s_run[0] = s0; s_run[1] = n; }
   elem_t* ring = reinterpret_cast<elem_t*>(ssu_smem);
   float* conv_buf = reinterpret_cast<float*>(ring + SSU_STAGES * g.len);  // 2 x {x, silu(z), norm_w, B, C}
   const int conv_len = 3 * P + 2 * N;
@@ -389,7 +346,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
   fc = cur;
 #pragma unroll
   for (int k = 0; k < SSU_STAGES; ++k) {
-    if (k < n) ssu_fetch<KP, KN, KW, RING_X>(p, g, ring + k * g.len, s0 + k, fc, k == 0 || fc.hg == 0, false);
+    if (k < n) ssu_fetch<KP, KN, KW>(p, g, ring + k * g.len, s0 + k, fc, k == 0 || fc.hg == 0);
     cp_async_commit();
     fc.advance(H, hpg);
   }
@@ -411,11 +368,12 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
     float* ws = zs + P;                         // norm_w
     float* Bs = ws + P;                         // the group's B after the conv
     float* Cs = Bs + N;                         // the group's C
+    float* sd = s_dt[i & 1];
 
     // ---- 1. weights (for the first slice, before PDL_WAIT)
     const int xch = h * P + tid;  // this thread's x channel (tid < P)
     float xcw[MAX_W - 1], xlast = 0.0f, xcb = 0.0f, nw = 0.0f;  // taps on the kept window; the new input's tap
-    if (!RING_X && tid < P) {
+    if (tid < P) {
 #pragma unroll
       for (int w = 0; w < MAX_W - 1; ++w) xcw[w] = w < W - 1 ? ld(p.conv_w[xch * W + w]) : 0.0f;
       xlast = ld(p.conv_w[xch * W + W - 1]);
@@ -435,62 +393,30 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       blast[j] = ld(p.conv_w[bch[j] * W + W - 1]);
       bcb[j] = ld(p.conv_b[bch[j]]);
     }
-    // the dt window's lane: its slice s + lane (no division: lane < 32) and that head's weights
-    const bool dt_lane = i % SSU_DT_WIN == 0 && warp == SSU_WARPS - 1 && lane < SSU_DT_WIN && i + lane < n;
-    int dt_r = r, dt_h = h + lane;
-    float dt_bias = 0.0f, A_log = 0.0f, Dh_w = 0.0f;
-    if (dt_lane) {
-      while (dt_h >= H) { dt_h -= H; ++dt_r; }
-      dt_bias = ld(p.dt_bias[dt_h]);
-      A_log = ld(p.A_log[dt_h]);
-      Dh_w = ld(p.D[dt_h]);
+    float dt_bias = 0.0f, A_log = 0.0f;
+    if (tid == SSU_DT_TID) {
+      dt_bias = ld(p.dt_bias[h]);
+      A_log = ld(p.A_log[h]);
+      sd[2] = ld(p.D[h]);
     }
-    if (i == 0) {
-      PDL_WAIT(p.rows);
-      if constexpr (RING_X) {  // the first stages' inputs: not requestable before the wait
-        SsuCursor c = cur;
-        for (int k = 0; k < SSU_STAGES && k < n; ++k, c.advance(H, hpg))
-          ssu_fetch_x<KP, KW>(p, g, ring + k * g.len, c.r, c.h, false, true);
-        cp_async_commit();
-      }
-    }
+    if (i == 0) PDL_WAIT(p.rows);
 
-    // ---- 2. in_proj's outputs for this slice (L2); dt for the next window of slices
+    // ---- 2. in_proj's outputs for this slice (L2)
     const elem_t* xbc = p.xbc + (long long)r * p.xbc_stride;
-    elem_t xin = elem_t(0);
-    float zv = 0.0f;
-    if (!RING_X && tid < P) {
-      xin = xbc[xch];
-      zv = ld(p.z[(long long)r * p.z_stride + xch]);
-    }
+    const elem_t xin = tid < P ? xbc[xch] : elem_t(0);
+    const float zv = tid < P ? ld(p.z[(long long)r * p.z_stride + xch]) : 0.0f;
     float bin[SSU_BC];
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) bin[j] = bch[j] >= 0 ? ld(xbc[bch[j]]) : 0.0f;
-    if (dt_lane) {
-      const float dt = softplus(ld(p.dt[(long long)dt_r * p.dt_stride + dt_h]) + dt_bias);
-      float* e = s_dt[(i / SSU_DT_WIN) & 1][lane];
-      e[0] = dt;
-      e[1] = __expf(-dt * __expf(A_log));
-      e[2] = Dh_w;
+    if (tid == SSU_DT_TID) {
+      const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
+      sd[0] = dt;
+      sd[1] = __expf(-dt * __expf(A_log));
     }
 
     // ---- 3. this thread's part of slice i has landed: conv + SiLU (window shifted left, new input last,
     // summed in window order) into shared memory; this head's x windows written back
-    if (RING_X && i == 0) cp_async_wait<0>();  // (and the first stages' inputs, the last group)
-    else cp_async_wait<SSU_STAGES - 1>();
-    if constexpr (RING_X) {
-      __syncwarp();  // the x-channel data that other lanes of this warp copied
-      if (tid < P) {
-        const elem_t* xa = stage + g.xw + tid * W;
-#pragma unroll
-        for (int w = 0; w < MAX_W - 1; ++w) xcw[w] = w < W - 1 ? ld(xa[w]) : 0.0f;
-        xlast = ld(xa[W - 1]);
-        xcb = ld(stage[g.xb + tid]);
-        nw = ld(stage[g.xb + P + tid]);
-        xin = stage[g.xb + 2 * P + tid];
-        zv = ld(stage[g.xb + 3 * P + tid]);
-      }
-    }
+    cp_async_wait<SSU_STAGES - 1>();
     if (tid < P) {
       const elem_t* win = stage + g.xwin + tid * W;
       elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + xch) * W;
@@ -524,7 +450,6 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
 #pragma unroll
       for (int j = 0; j < VEC; ++j) { bq[j] = Bs[n0 + j]; cq[j] = Cs[n0 + j]; }
     }
-    const float* sd = s_dt[(i / SSU_DT_WIN) & 1][i % SSU_DT_WIN];
     const float dt = sd[0], dA = sd[1], Dh = sd[2];
 
     // ---- 4. the state: h = h * dA + dt * x * B, y = h . C
@@ -582,7 +507,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
     if (lane == 0) s_red[i & 1][warp] = wsq;
 
     // ---- 5. refill the stage just consumed (this thread's own bytes, read above) with slice i + SSU_STAGES
-    if (i + SSU_STAGES < n) ssu_fetch<KP, KN, KW, RING_X>(p, g, stage, s + SSU_STAGES, fc, fc.hg == 0, true);
+    if (i + SSU_STAGES < n) ssu_fetch<KP, KN, KW>(p, g, stage, s + SSU_STAGES, fc, fc.hg == 0);
     cp_async_commit();
     fc.advance(H, hpg);
     cur.advance(H, hpg);
@@ -590,8 +515,8 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
   }
   __syncthreads();
   if (warp == 0) {
-    const float v = warp_sum(lane < SSU_WARPS ? s_red[(s_run[1] - 1) & 1][lane] : 0.0f);
-    if (lane == 0) p.sumsq[s_run[0] + s_run[1] - 1] = v;
+    const float v = warp_sum(lane < SSU_WARPS ? s_red[(n - 1) & 1][lane] : 0.0f);
+    if (lane == 0) p.sumsq[s0 + n - 1] = v;
   }
 }
 
@@ -599,24 +524,14 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
 extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
   PDL_START(p.rows);
   __shared__ float s_red[2][SSU_WARPS];
-  __shared__ float s_dt[2][SSU_DT_WIN][3];  // per window parity and slice: dt, dA = exp(-dt * exp(A_log)), D
+  __shared__ float s_dt[2][3];  // per slice parity: dt, dA = exp(-dt * exp(A_log)), D
 #if SSU_FAST
-  // (the fast instance copies x-channel data in 16-byte pieces: its sources must be 16-byte aligned)
-  const unsigned long long align = (unsigned long long)p.xbc | (unsigned long long)p.z | (unsigned long long)p.conv_w |
-      (unsigned long long)p.conv_b | (unsigned long long)p.norm_w | (unsigned long long)(p.xbc_stride * sizeof(elem_t)) |
-      (unsigned long long)(p.z_stride * sizeof(elem_t));
-  if (p.headdim == SSU_FAST_P && p.d_state == SSU_FAST_N && p.d_conv == SSU_FAST_W && (align & 15) == 0) {
-    // the ring carries the x-channel data only for runs longer than the ring (batch 16 and up): with one or
-    // two slices per block the direct reads are as early, and the shorter code path wins there (H200, ssu6:
-    // the ring everywhere cost 7 % per step at AiM-B batch 1 and 11 % at batch 4)
-    const int total = p.rows * p.nheads;
-    const int n = (int)((long long)(blockIdx.x + 1) * total / gridDim.x) - (int)((long long)blockIdx.x * total / gridDim.x);
-    if (n > SSU_RING_MIN_SLICES) ssu_body<SSU_FAST_P, SSU_FAST_N, SSU_FAST_W, true>(p, s_red, s_dt);
-    else ssu_body<SSU_FAST_P, SSU_FAST_N, SSU_FAST_W, false>(p, s_red, s_dt);
+  if (p.headdim == SSU_FAST_P && p.d_state == SSU_FAST_N && p.d_conv == SSU_FAST_W) {
+    ssu_body<SSU_FAST_P, SSU_FAST_N, SSU_FAST_W>(p, s_red, s_dt);
     return;
   }
 #endif
-  ssu_body<0, 0, 0, false>(p, s_red, s_dt);
+  ssu_body<0, 0, 0>(p, s_red, s_dt);
 }
 #endif
 

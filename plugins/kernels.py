@@ -271,13 +271,10 @@ ELEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 def ssu_smem_bytes(p: SsuParams, elem_bytes: int, stages: int) -> int:
     """Dynamic shared memory of aim_selective_state_update (as SsuRing there): a ring of `stages` stages (a state
-    slice, its head's x conv windows, its group's B/C windows; then the head's x-channel taps, bias, norm_w, x
-    and z; 16-byte multiples), then two sets of the per-slice conv results (x, silu(z), norm_w of the head; B
-    and C of the group) as float32."""
-    up16 = lambda n: (n + 15) // 16 * 16  # noqa: E731
-    windows = (p.headdim * p.d_state + (p.headdim + 2 * p.d_state) * p.d_conv) * elem_bytes
-    stage = up16(up16(windows) + (p.headdim * p.d_conv + 4 * p.headdim) * elem_bytes)
-    return stages * stage + 2 * (3 * p.headdim + 2 * p.d_state) * 4
+    slice, its head's x conv windows, its group's B/C windows; 16-byte multiples), then two sets of the
+    per-slice conv results (x, silu(z), norm_w of the head; B and C of the group) as float32."""
+    stage = (p.headdim * p.d_state + (p.headdim + 2 * p.d_state) * p.d_conv) * elem_bytes
+    return stages * ((stage + 15) // 16 * 16) + 2 * (3 * p.headdim + 2 * p.d_state) * 4
 
 
 def conv_shift_params(p: SsuParams) -> ConvShift:

@@ -164,32 +164,6 @@ def test_ssu_kernel_independent_of_grid(dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ssu_kernel_unaligned_inputs_take_the_generic_instance_with_the_same_bits(dtype):
-    """The AiM shape runs an instance that streams each head's x-channel taps, bias, norm_w, x and z through its
-    ring in 16-byte pieces; inputs that are not 16-byte aligned go to the generic instance, which reads them
-    directly. Both give the same bits."""
-    from aim_rt.plugins.kernels import Kernels
-
-    cfg = aim_rt.preset("AiM-B")
-    kernels = Kernels("float32" if dtype == torch.float32 else "bfloat16")
-    kernels.ssu_max_blocks = 5  # runs of many slices: the ring's refills carry the x-channel data
-    x0 = _ssu_inputs(cfg, rows=4, dtype=dtype, g=torch.Generator().manual_seed(5))
-    outs = []
-    for shift in (0, 1):  # rows of a wider buffer (16-byte strides); 1: starting one element in
-        x = {k: v.clone() for k, v in x0.items()}
-        for name in ("xbc", "z"):
-            wide = torch.zeros(x[name].shape[0], x[name].shape[1] + 8, device="cuda", dtype=dtype)
-            x[name] = wide[:, shift:shift + x[name].shape[1]]
-            x[name].copy_(x0[name])
-        assert (x["xbc"].data_ptr() % 16 == 0) == (shift == 0)
-        (g_w, sumsq), conv, ssm = run_ssu_kernel(kernels, cfg, x, True, finish=False)
-        outs.append([g_w, sumsq, conv[:, :cfg.d_inner], ssm])
-    for name, a, b in zip(["y", "sumsq", "conv_state", "ssm_state"], *outs):
-        assert torch.equal(a, b), name
-
-
-@needs_gpu
 @pytest.mark.parametrize("d_conv", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ssu_kernel_other_conv_widths(d_conv, dtype):
