@@ -59,7 +59,7 @@ def precompile(config, dtype: str, device) -> None:
         return
     major, minor = torch.cuda.get_device_capability(dev)
     arch = f"sm_{major}{minor}"
-    kernel_builds(dtype, arch, gemv_depths=_gemv_depths(config))
+    kernel_builds(dtype, arch, gemv_depths=_gemv_depths(config), d_model=config.d_model)
     if dtype in ELEM_KINDS:  # the 16-bit models' VQ decoder
         compile_vq_async(dtype, arch)
 
@@ -104,7 +104,8 @@ class CudaBackend:
         self.use_gemv = _use_gemv(use_gemv)
         if model.vq is not None:  # the VQ decoder's kernels compile meanwhile (no-op if precompile started them)
             precompile(cfg, dtype_name(self.dtype), model.device)
-        self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0, gemv_depths=_gemv_depths(cfg))
+        self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0, gemv_depths=_gemv_depths(cfg),
+                               d_model=cfg.d_model)
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._vq = None  # the fast VQ decoder, built on first use

@@ -268,6 +268,9 @@ struct SsuCursor {
 #ifndef SSU_FAST
 #define SSU_FAST 1  // 0: the generic instance only (to measure what the constant shape gains)
 #endif
+#ifndef SSU_GENERIC
+#define SSU_GENERIC 1  // 0: no generic instance (a build for the AiM shape only). Measured, not used:
+#endif                 // AiM-B b1 -2.4 % but b64 +4 %, AiM-XL b64 +5 % per step (lean_h200_2026-11-29_*)
 
 // Request slice s (at cursor c) into `stage`: this thread's state chunks, its x channel's window, and
 // (new_bc) its B/C channel's window; the same bytes it reads when it computes slice s.
@@ -531,7 +534,11 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
     return;
   }
 #endif
+#if SSU_GENERIC
   ssu_body<0, 0, 0>(p, s_red, s_dt);
+#else
+  __trap();  // a build for the AiM shape only (the host passes SSU_GENERIC=0 only for it)
+#endif
 }
 #endif
 
@@ -612,6 +619,9 @@ struct NormParams {
 // outputs are fetched: one round trip to L2, then the reductions.
 #define NORM_THREADS 256
 #define NORM_PER 8  // d <= NORM_THREADS * NORM_PER
+#ifndef NORM_PER_ONLY
+#define NORM_PER_ONLY 0  // 3, 4, 6 or 8: only that instance (a build for one model's width)
+#endif
 #if AIM_PARTS & 1
 // PER: elements per thread, ceil(d / NORM_THREADS). ncu (bench/results/ncu_b1_*_v8.txt) showed the kernel
 // latency-bound on its own instruction chain (~6,800 cycles for one 768-wide row at 10 cycles per instruction,
@@ -691,11 +701,15 @@ __device__ __forceinline__ void residual_norm_body(const NormParams& p) {
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
   PDL_START(p.rows);
+#if NORM_PER_ONLY  // a build for one model: only its instance (d <= NORM_THREADS * NORM_PER_ONLY, host-checked)
+  residual_norm_body<NORM_PER_ONLY>(p);
+#else
   const int per = (p.d + NORM_THREADS - 1) / NORM_THREADS;  // uniform: one instance runs
   if (per <= 3) residual_norm_body<3>(p);        // AiM-B (768)
   else if (per <= 4) residual_norm_body<4>(p);   // AiM-L (1024)
   else if (per <= 6) residual_norm_body<6>(p);   // AiM-XL (1536)
   else residual_norm_body<NORM_PER>(p);
+#endif
 }
 #endif
 
@@ -1260,6 +1274,12 @@ struct GemvParams {
 #ifndef GEMV_MAX_MT
 #define GEMV_MAX_MT 4
 #endif
+#ifndef GEMV_NARROW_MT
+#define GEMV_NARROW_MT 0
+#endif
+#ifndef GEMV_NARROW_MT_CHS
+#define GEMV_NARROW_MT_CHS 0x5E  // bit CH: the depths with wide instances (1, 2, 3, 4, 6), whose one-tile
+#endif                           // instance serves <= 16 rows (plugins/kernels.py passes its own mask)
 
 #if ELEM_KIND != 0
 __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
@@ -1281,7 +1301,11 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 // fragments it loads by NT weight tiles (more rows re-read x: NT > 1 cuts that L2 traffic by NT).
 template <int CH, int NT>
 __device__ __forceinline__ void gemv_body(const GemvParams& p) {
-  constexpr int MT = 8 / NT < GEMV_MAX_MT ? 8 / NT : GEMV_MAX_MT;  // m-tiles of 16 rows (8 * 16 partials per warp)
+  // m-tiles of 16 rows (8 * 16 partials per warp). GEMV_NARROW_MT caps the one-tile instances of the depths in
+  // GEMV_NARROW_MT_CHS, which then take at most 16 * GEMV_NARROW_MT rows: less shared memory and fewer
+  // registers (plugins/kernels.py, model_defines: measured per model width)
+  constexpr bool CAP = NT == 1 && GEMV_NARROW_MT && ((GEMV_NARROW_MT_CHS >> CH) & 1);
+  constexpr int MT = CAP ? GEMV_NARROW_MT : 8 / NT < GEMV_MAX_MT ? 8 / NT : GEMV_MAX_MT;
   __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int k0 = warp * (32 * CH) + 8 * t;

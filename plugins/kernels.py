@@ -90,9 +90,52 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
     return fut
 
 
-def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None) -> list[dict]:
+def model_defines(d_model: int) -> dict:
+    """The step program's -D for a model of this width, as measured in whole decode steps on the H200
+    (bench/results/{lean,mt,mt2,mt3}_h200_2026-11-29_*, each variant twice, alternating, in one process):
+    - NORM_PER_ONLY: only the residual norm's instance for this width. The kernel holds the registers of its
+      widest instance (79 for all four; 46 / 48 / 63 for AiM-B / L / XL's alone). Per step: AiM-B -4 % at
+      batch 1, -0.6 % at 4, -1.8 % at 16, -1.3 % at 64; AiM-L -2.4 % at 1 and -2 % at 4; AiM-XL even.
+    - GEMV_NARROW_MT=1 from d_model 1024: the one-tile products (<= 16 rows) keep one m-tile of partials
+      (12 KB of shared memory and ~10 registers fewer). With it, AiM-L -7.7 % at batch 1 and -4.5 % at 4 (on
+      top of the norm's), AiM-XL -3 % at 1 and -2 % at 4, both within 1 % at 16; but AiM-B +5 % at 1 and +4 %
+      at 4, hence not below 1024. (Smaller kernels let more of the following kernels take their places early under
+      programmatic dependent launch; which way that goes depends on the model, so these are measured values.)"""
+    out = {"NORM_PER_ONLY": norm_instance(d_model)}
+    if d_model >= 1024:
+        out["GEMV_NARROW_MT"] = 1
+        out["GEMV_NARROW_MT_CHS"] = _narrow_only_mask()
+    return out
+
+
+def _narrow_only_mask() -> int:
+    """Bit CH set for every depth whose one-tile instance serves at most 16 rows (it has a wide one above)."""
+    return sum(1 << c for c, t in GEMV_WIDE.items() if t > 1)
+
+
+def gemv_rows_max(ch: int, nt: int, defines: dict) -> int:
+    """The rows aim_gemv_k<ch>_n<nt> of a build with these -D takes (as gemv_body's MT in aim_kernels.cu)."""
+    mt = min(8 // nt, int(defines.get("GEMV_MAX_MT", 4)))
+    narrow = int(defines.get("GEMV_NARROW_MT", 0))
+    if nt == 1 and narrow and (int(defines.get("GEMV_NARROW_MT_CHS", 0x5E)) >> ch) & 1:
+        mt = narrow
+    return 16 * mt
+
+
+def norm_instance(d: int) -> int:
+    """The residual norm's instance (elements per thread) for rows of width d."""
+    per = -(-d // NORM_THREADS)
+    for k in NORM_INSTANCES:
+        if per <= k:
+            return k
+    raise KernelError(f"aim_residual_norm handles d_model up to {NORM_THREADS * NORM_PER}, not {d}")
+
+
+def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None,
+                d_model: int | None = None) -> list[dict]:
     """The -D sets of the programs a Kernels compiles: the step's kernels with only the aim_gemv instances the
-    depths need (all of them for gemv_depths None), and the sampler (AIM_PARTS in aim_kernels.cu)."""
+    depths need (all of them for gemv_depths None) and, for a model's `d_model`, the build measured best for
+    that width (model_defines); then the sampler (AIM_PARTS in aim_kernels.cu)."""
     defines = dict(defines or {})
     if "AIM_RT_PDL_EARLY_ROWS" in os.environ:  # to measure: up to how many rows the next kernel launches at once
         defines.setdefault("PDL_EARLY_ROWS", int(os.environ["AIM_RT_PDL_EARLY_ROWS"]))
@@ -100,14 +143,17 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
     if gemv_depths is not None:
         chunks = {k // 256 for k in gemv_depths}
         step["GEMV_INSTANCES"] = " ".join(f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks) or "/* none */"
+    if d_model is not None:
+        step = {**model_defines(d_model), **step}  # explicit defines win
     return [{**step, "AIM_PARTS": 1}, {**defines, "AIM_PARTS": 2, "GEMV_INSTANCES": "/* none */"}]
 
 
 def kernel_builds(dtype: str, arch: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None,
-                  source_path: Path = SOURCE) -> list[Future]:
-    """The compiles a Kernels(dtype, defines=..., gemv_depths=..., source_path=...) loads, started (compile_async):
-    Kernels waits for these; callers that know what they will build start them early (precompile, benchmarks)."""
-    return [compile_async(dtype, arch, d, source_path) for d in step_builds(dtype, defines, gemv_depths)]
+                  source_path: Path = SOURCE, d_model: int | None = None) -> list[Future]:
+    """The compiles a Kernels(dtype, defines=..., gemv_depths=..., source_path=..., d_model=...) loads, started
+    (compile_async): Kernels waits for these; callers that know what they will build start them early
+    (precompile, benchmarks)."""
+    return [compile_async(dtype, arch, d, source_path) for d in step_builds(dtype, defines, gemv_depths, d_model)]
 
 
 VQ_SOURCE = SOURCE.with_name("vq_kernels.cu")
@@ -290,6 +336,7 @@ def gated_norm_params(p: SsuParams) -> GatedNormParams:
 
 
 SSU_THREADS, SSU_STAGES, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 2, 256, 8, 1024  # as in aim_kernels.cu
+NORM_INSTANCES = (3, 4, 6, NORM_PER)  # residual_norm_body's elements per thread (as in aim_kernels.cu)
 # aim_cfg_sample: vocabulary <= SAMPLE_VMAX; dynamic shared memory NBINS * 8 + LCAP * 6 (as in aim_kernels.cu)
 SAMPLE_VMAX, SAMPLE_SMEM = 16384, 4096 * 8 + 4096 * 6
 MAX_W, VEC, MAX_STATE = 4, 8, 8192  # as in aim_kernels.cu
@@ -369,11 +416,14 @@ class Kernels:
     """The compiled module for one element type on the current CUDA device; launches on a given stream."""
 
     def __init__(self, dtype: str, device_index: int = 0, defines: dict | None = None,
-                 gemv_depths: tuple[int, ...] | None = None, source_path: Path = SOURCE):
+                 gemv_depths: tuple[int, ...] | None = None, source_path: Path = SOURCE,
+                 d_model: int | None = None):
         """`defines`: extra -D macros (benchmarks of kernel variants, e.g. SSU_THREADS, SSU_STAGES).
         `gemv_depths`: the k of every product the caller will run through `gemv` (compiles only those
         instances; a cold start pays for each); None: all of them.
-        `source_path`: another version of aim_kernels.cu (benchmarks against an older kernel)."""
+        `source_path`: another version of aim_kernels.cu (benchmarks against an older kernel).
+        `d_model`: the model's width (model_defines: the build measured best for it; the residual norm then
+        takes rows of that width at most)."""
         import torch
         from cuda.bindings import driver
 
@@ -391,7 +441,10 @@ class Kernels:
         self.num_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
         self.sample_threads = int(self.defines.get("SAMPLE_THREADS", SAMPLE_THREADS))
         self.modules = [_check(driver.cuModuleLoadData(b.result()), "cuModuleLoadData")
-                        for b in kernel_builds(dtype, self.arch, self.defines, gemv_depths, source_path)]
+                        for b in kernel_builds(dtype, self.arch, self.defines, gemv_depths, source_path, d_model)]
+        self.step_defines = step_builds(dtype, self.defines, gemv_depths, d_model)[0]
+        # the widest row the residual norm was compiled for
+        self.norm_max_width = NORM_THREADS * int(self.step_defines.get("NORM_PER_ONLY") or NORM_PER)
         self.fn = {name: self._function(name) for name in KERNEL_NAMES}
         self.gemvs = set()
         for c, t in _gemv_pairs() if dtype != "float32" else ():
@@ -465,11 +518,14 @@ class Kernels:
         nt = gemv_tiles(p.rows, p.k)
         if (p.k // 256, nt) not in self.gemvs:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
+        if p.rows > gemv_rows_max(p.k // 256, nt, self.step_defines):
+            raise KernelError(f"aim_gemv_k{p.k // 256}_n{nt} of this build takes at most "
+                              f"{gemv_rows_max(p.k // 256, nt, self.step_defines)} rows, not {p.rows}")
         self._launch(f"aim_gemv_k{p.k // 256}_n{nt}", ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
-        if p.d > NORM_THREADS * NORM_PER:
-            raise KernelError(f"aim_residual_norm handles d_model up to {NORM_THREADS * NORM_PER}, not {p.d}")
+        if p.d > self.norm_max_width:
+            raise KernelError(f"aim_residual_norm was compiled for d_model up to {self.norm_max_width}, not {p.d}")
         self._launch("aim_residual_norm", (p.rows, 1, 1), NORM_THREADS, 0, stream, p)
 
     def cfg_sample(self, p: SampleParams, stream: int) -> None:

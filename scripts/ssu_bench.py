@@ -33,10 +33,21 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "new_s3": {"SSU_STAGES": 3},
     "new_min4": {"SSU_MIN_BLOCKS": 4},
     "new_cs": {"SSU_STORE_CS": 1},
-    "new_ringall": {"SSU_RING_MIN_SLICES": 0},  # the x-channel ring at every run length (ssu6's "new")
-    "new_dt1": {"SSU_DT_WIN": 1},  # each slice's dt by one thread on its own path (as before the window)
-    "new_dt1_ring0": {"SSU_DT_WIN": 1, "SSU_RING_MIN_SLICES": 1000000},  # neither: the 1e5ce15 kernel's path
-    "new_t512": {"SSU_THREADS": 512, "SSU_MIN_BLOCKS": 2},
+    # builds for one model's shapes (aim_kernels.cu: only the instances that model runs)
+    "lean": {"SSU_GENERIC": 0},
+    "lean3": {"SSU_GENERIC": 0, "NORM_PER_ONLY": 3},  # AiM-B's width only
+    "lean6": {"SSU_GENERIC": 0, "NORM_PER_ONLY": 6},  # AiM-XL's
+    "norm3": {"NORM_PER_ONLY": 3},
+    "norm6": {"NORM_PER_ONLY": 6},
+    "norm3_mt1": {"NORM_PER_ONLY": 3, "GEMV_NARROW_MT": 1, "GEMV_NARROW_MT_CHS": 0x1FFE},  # (<= 16 rows only)
+    "norm6_mt1": {"NORM_PER_ONLY": 6, "GEMV_NARROW_MT": 1, "GEMV_NARROW_MT_CHS": 0x1FFE},
+    "norm6_mt1w": {"NORM_PER_ONLY": 6, "GEMV_NARROW_MT": 1},  # only the depths with wide instances (k <= 1536)
+    "norm4": {"NORM_PER_ONLY": 4},
+    "norm4_mt1w": {"NORM_PER_ONLY": 4, "GEMV_NARROW_MT": 1},
+    # and at most 2 m-tiles (32 rows, the backend's aim_gemv limit) in every instance
+    "norm3_max2": {"NORM_PER_ONLY": 3, "GEMV_MAX_MT": 2},
+    "norm4_mt1w_max2": {"NORM_PER_ONLY": 4, "GEMV_NARROW_MT": 1, "GEMV_MAX_MT": 2},
+    "norm6_mt1w_max2": {"NORM_PER_ONLY": 6, "GEMV_NARROW_MT": 1, "GEMV_MAX_MT": 2},
 }
 CAPS = (2, 3)  # the default build with at most this many blocks per SM
 CASES = [("AiM-B", 1), ("AiM-B", 16), ("AiM-B", 64), ("AiM-XL", 1), ("AiM-XL", 16), ("AiM-XL", 64)]

@@ -270,30 +270,34 @@ def test_vq_decode_bf16_graph_against_fp32_reference():
 @pytest.mark.parametrize("k,n", [(768, 3352), (1536, 768), (3072, 1536), (1024, 2088), (256, 1000), (2048, 8)])
 def test_gemv_matches_matmul_and_rows_are_independent(dtype, k, n):
     """aim_gemv vs an fp32 product of the same 16-bit operands: at most one rounding of the output apart; a
-    row's result is bit-identical whatever the other rows are (batch composition does not change an image)."""
+    row's result is bit-identical whatever the other rows are (batch composition does not change an image), and
+    the same in the build for a 1536-wide model (one m-tile in the one-tile instances, model_defines)."""
     from aim_rt.plugins.kernels import Kernels, gemv_params, gemv_supported
 
-    kern = Kernels("bfloat16" if dtype == torch.bfloat16 else "float16")
+    name = "bfloat16" if dtype == torch.bfloat16 else "float16"
+    builds = {"default": Kernels(name), "d_model 1536": Kernels(name, d_model=1536)}
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(dtype)
     x_all = torch.randn(64, k, device="cuda", generator=gen).to(dtype)
     stream = torch.cuda.current_stream().cuda_stream
     results = {}
-    for rows in (1, 2, 3, 16, 17, 32, 64):  # 17+: wider column tiles (gemv_tiles) where k allows
-        if not gemv_supported(str(dtype).split(".")[1], rows, k):
-            assert rows == 64, f"{rows} rows of depth {k} should be supported"
-            continue
-        x = x_all[:rows].clone()
-        y = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
-        kern.gemv(gemv_params(x, w, y), stream)
-        torch.cuda.synchronize()
-        ref = x.float() @ w.float().t()
-        tol = 2 * ref.abs().clamp_min(1e-3) * (2 ** -8 if dtype == torch.bfloat16 else 2 ** -11) + 1e-5
-        assert ((y.float() - ref).abs() <= tol).all(), f"rows={rows}: max diff {(y.float() - ref).abs().max()}"
-        results[rows] = y
-    most = max(results)
-    for rows, y in results.items():
-        assert torch.equal(y, results[most][:rows]), f"row results depend on the batch ({rows} vs {most} rows)"
+    for build, kern in builds.items():
+        for rows in (1, 2, 3, 16, 17, 32, 64):  # 17+: wider column tiles (gemv_tiles) where k allows
+            if not gemv_supported(name, rows, k):
+                assert rows == 64, f"{rows} rows of depth {k} should be supported"
+                continue
+            x = x_all[:rows].clone()
+            y = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
+            kern.gemv(gemv_params(x, w, y), stream)
+            torch.cuda.synchronize()
+            ref = x.float() @ w.float().t()
+            tol = 2 * ref.abs().clamp_min(1e-3) * (2 ** -8 if dtype == torch.bfloat16 else 2 ** -11) + 1e-5
+            diff = (y.float() - ref).abs()
+            assert (diff <= tol).all(), f"{build} rows={rows}: max diff {diff.max()}"
+            results[build, rows] = y
+    most = max(rows for _, rows in results)
+    for (build, rows), y in results.items():
+        assert torch.equal(y, results["default", most][:rows]), f"{build}: rows {rows} vs {most} of the default"
 
 
 @needs_gpu
