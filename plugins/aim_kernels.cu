@@ -1274,12 +1274,6 @@ struct GemvParams {
 #ifndef GEMV_MAX_MT
 #define GEMV_MAX_MT 4
 #endif
-#ifndef GEMV_NARROW_MT
-#define GEMV_NARROW_MT 0
-#endif
-#ifndef GEMV_NARROW_MT_CHS
-#define GEMV_NARROW_MT_CHS 0x5E  // bit CH: the depths with wide instances (1, 2, 3, 4, 6), whose one-tile
-#endif                           // instance serves <= 16 rows (plugins/kernels.py passes its own mask)
 
 #if ELEM_KIND != 0
 __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
@@ -1299,13 +1293,9 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 
 // CH: chunks of 32 per warp, k = 8 warps * 32 * CH. NT: 8-column tiles per block; a warp multiplies the x
 // fragments it loads by NT weight tiles (more rows re-read x: NT > 1 cuts that L2 traffic by NT).
-template <int CH, int NT>
+// MT: m-tiles of 16 rows at most (8 * 16 partials per warp in shared memory): 16 * MT rows.
+template <int CH, int NT, int MT>
 __device__ __forceinline__ void gemv_body(const GemvParams& p) {
-  // m-tiles of 16 rows (8 * 16 partials per warp). GEMV_NARROW_MT caps the one-tile instances of the depths in
-  // GEMV_NARROW_MT_CHS, which then take at most 16 * GEMV_NARROW_MT rows: less shared memory and fewer
-  // registers (plugins/kernels.py, model_defines: measured per model width)
-  constexpr bool CAP = NT == 1 && GEMV_NARROW_MT && ((GEMV_NARROW_MT_CHS >> CH) & 1);
-  constexpr int MT = CAP ? GEMV_NARROW_MT : 8 / NT < GEMV_MAX_MT ? 8 / NT : GEMV_MAX_MT;
   __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int k0 = warp * (32 * CH) + 8 * t;
@@ -1356,14 +1346,17 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
   }
 }
 
-#define GEMV_ENTRY(CH, NT) \
-  extern "C" __global__ void __launch_bounds__(256) aim_gemv_k##CH##_n##NT(GemvParams p) { \
-    PDL_START(p.rows);                                                                                \
-    gemv_body<CH, NT>(p);                                                                             \
+#define GEMV_ENTRY(NAME, CH, NT, MT) \
+  extern "C" __global__ void __launch_bounds__(256) NAME(GemvParams p) { \
+    PDL_START(p.rows);                                                    \
+    gemv_body<CH, NT, MT>(p);                                             \
   }
-// The host may compile only the (CH, NT) pairs a model needs (-DGEMV_INSTANCES="X(3,1) X(6,2)": each entry
-// costs NVRTC time at a cold start); by default every pair plugins/kernels.py knows.
-#define X(CH, NT) GEMV_ENTRY(CH, NT)
+// X(CH, NT): aim_gemv_k<CH>_n<NT>, up to 16 * min(8 / NT, GEMV_MAX_MT) rows. Y(CH): aim_gemv_k<CH>_n1_m1, the
+// one-tile product for up to 16 rows with one m-tile of partials (12 KB less shared memory, ~10 registers
+// fewer; the same arithmetic, so the same bits). The host compiles what a model needs
+// (-DGEMV_INSTANCES="X(3,1) X(6,2) Y(12)": each entry costs NVRTC time at a cold start); by default every X.
+#define X(CH, NT) GEMV_ENTRY(aim_gemv_k##CH##_n##NT, CH, NT, (8 / NT < GEMV_MAX_MT ? 8 / NT : GEMV_MAX_MT))
+#define Y(CH) GEMV_ENTRY(aim_gemv_k##CH##_n1_m1, CH, 1, 1)
 #if !(AIM_PARTS & 1)
 #elif defined(GEMV_INSTANCES)
 GEMV_INSTANCES
@@ -1371,4 +1364,5 @@ GEMV_INSTANCES
 X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(6, 1) X(8, 1) X(12, 1) X(1, 4) X(2, 4) X(3, 4) X(4, 2) X(6, 2)
 #endif
 #undef X
+#undef Y
 #endif

@@ -92,34 +92,21 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
 
 def model_defines(d_model: int) -> dict:
     """The step program's -D for a model of this width, as measured in whole decode steps on the H200
-    (bench/results/{lean,mt,mt2,mt3}_h200_2026-11-29_*, each variant twice, alternating, in one process):
-    - NORM_PER_ONLY: only the residual norm's instance for this width. The kernel holds the registers of its
-      widest instance (79 for all four; 46 / 48 / 63 for AiM-B / L / XL's alone). Per step: AiM-B -4 % at
-      batch 1, -0.6 % at 4, -1.8 % at 16, -1.3 % at 64; AiM-L -2.4 % at 1 and -2 % at 4; AiM-XL even.
-    - GEMV_NARROW_MT=1 from d_model 1024: the one-tile products (<= 16 rows) keep one m-tile of partials
-      (12 KB of shared memory and ~10 registers fewer). With it, AiM-L -7.7 % at batch 1 and -4.5 % at 4 (on
-      top of the norm's), AiM-XL -3 % at 1 and -2 % at 4, both within 1 % at 16; but AiM-B +5 % at 1 and +4 %
-      at 4, hence not below 1024. (Smaller kernels let more of the following kernels take their places early under
-      programmatic dependent launch; which way that goes depends on the model, so these are measured values.)"""
-    out = {"NORM_PER_ONLY": norm_instance(d_model)}
-    if d_model >= 1024:
-        out["GEMV_NARROW_MT"] = 1
-        out["GEMV_NARROW_MT_CHS"] = _narrow_only_mask()
-    return out
+    (bench/results/{lean,mt,mt2,mt3,mt4,m1}_h200_2026-11-29_*, each variant twice, alternating, in one process):
+    NORM_PER_ONLY, only the residual norm's instance for this width. The kernel holds the registers of its
+    widest instance (79 for all four; 46 / 48 / 63 for AiM-B / L / XL's alone). Per step: AiM-B -4 % at batch
+    1, -0.6 % at 4, -1.8 % at 16, -1.3 % at 64; AiM-L -2.4 % at 1 and -2 % at 4; AiM-XL even."""
+    return {"NORM_PER_ONLY": norm_instance(d_model)}
 
 
-def _narrow_only_mask() -> int:
-    """Bit CH set for every depth whose one-tile instance serves at most 16 rows (it has a wide one above)."""
-    return sum(1 << c for c, t in GEMV_WIDE.items() if t > 1)
-
-
-def gemv_rows_max(ch: int, nt: int, defines: dict) -> int:
-    """The rows aim_gemv_k<ch>_n<nt> of a build with these -D takes (as gemv_body's MT in aim_kernels.cu)."""
-    mt = min(8 // nt, int(defines.get("GEMV_MAX_MT", 4)))
-    narrow = int(defines.get("GEMV_NARROW_MT", 0))
-    if nt == 1 and narrow and (int(defines.get("GEMV_NARROW_MT_CHS", 0x5E)) >> ch) & 1:
-        mt = narrow
-    return 16 * mt
+def uses_gemv_m1(d_model: int) -> bool:
+    """Whether a model of this width runs its products of up to 16 rows through the one-m-tile instances (Y in
+    aim_kernels.cu: 12 KB less shared memory, ~10 registers fewer). Measured as model_defines: AiM-XL -5 % per
+    step at batch 1 and -3.5 % at 4 (on top of the norm's), AiM-L -3 % at 1 and -10 % at 4 (the capped depths
+    with wide instances alone gave -7.7 % and -4.5 %); but AiM-B +5 % at 1 and +4 % at 4: not below 1024.
+    (Smaller kernels let more of the following kernels take their places early under programmatic dependent
+    launch; which way that goes depends on the model, so these are measured choices.)"""
+    return d_model >= 1024
 
 
 def norm_instance(d: int) -> int:
@@ -141,8 +128,11 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
         defines.setdefault("PDL_EARLY_ROWS", int(os.environ["AIM_RT_PDL_EARLY_ROWS"]))
     step = dict(defines)
     if gemv_depths is not None:
-        chunks = {k // 256 for k in gemv_depths}
-        step["GEMV_INSTANCES"] = " ".join(f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks) or "/* none */"
+        chunks = sorted({k // 256 for k in gemv_depths})
+        inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
+        if d_model is not None and uses_gemv_m1(d_model):
+            inst += [f"Y({c})" for c in chunks if c in GEMV_CHUNKS]
+        step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
     if d_model is not None:
         step = {**model_defines(d_model), **step}  # explicit defines win
     return [{**step, "AIM_PARTS": 1}, {**defines, "AIM_PARTS": 2, "GEMV_INSTANCES": "/* none */"}]
@@ -442,9 +432,9 @@ class Kernels:
         self.sample_threads = int(self.defines.get("SAMPLE_THREADS", SAMPLE_THREADS))
         self.modules = [_check(driver.cuModuleLoadData(b.result()), "cuModuleLoadData")
                         for b in kernel_builds(dtype, self.arch, self.defines, gemv_depths, source_path, d_model)]
-        self.step_defines = step_builds(dtype, self.defines, gemv_depths, d_model)[0]
         # the widest row the residual norm was compiled for
-        self.norm_max_width = NORM_THREADS * int(self.step_defines.get("NORM_PER_ONLY") or NORM_PER)
+        self.norm_max_width = NORM_THREADS * int(step_builds(dtype, self.defines, gemv_depths, d_model)[0]
+                                                 .get("NORM_PER_ONLY") or NORM_PER)
         self.fn = {name: self._function(name) for name in KERNEL_NAMES}
         self.gemvs = set()
         for c, t in _gemv_pairs() if dtype != "float32" else ():
@@ -452,6 +442,12 @@ class Kernels:
             if fn is not None:  # only the instances asked for (or an older source_path has none)
                 self.fn[f"aim_gemv_k{c}_n{t}"] = fn
                 self.gemvs.add((c, t))
+        self.gemv_m1 = set()  # depths (CH) with a one-m-tile instance in this build
+        for c in GEMV_CHUNKS if dtype != "float32" else ():
+            fn = self._function(f"aim_gemv_k{c}_n1_m1", required=False)
+            if fn is not None:
+                self.fn[f"aim_gemv_k{c}_n1_m1"] = fn
+                self.gemv_m1.add(c)
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
@@ -514,14 +510,13 @@ class Kernels:
         return self._ssu_occupancy[smem]
 
     def gemv(self, p: GemvParams, stream: int) -> None:
-        """y = x @ w.T (gemv_params); the caller checked gemv_supported."""
-        nt = gemv_tiles(p.rows, p.k)
-        if (p.k // 256, nt) not in self.gemvs:
+        """y = x @ w.T (gemv_params); the caller checked gemv_supported. Up to 16 rows through the one-m-tile
+        instance where this build has it (uses_gemv_m1)."""
+        c, nt = p.k // 256, gemv_tiles(p.rows, p.k)
+        if (c, nt) not in self.gemvs:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
-        if p.rows > gemv_rows_max(p.k // 256, nt, self.step_defines):
-            raise KernelError(f"aim_gemv_k{p.k // 256}_n{nt} of this build takes at most "
-                              f"{gemv_rows_max(p.k // 256, nt, self.step_defines)} rows, not {p.rows}")
-        self._launch(f"aim_gemv_k{p.k // 256}_n{nt}", ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
+        name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if nt == 1 and p.rows <= 16 and c in self.gemv_m1 else "")
+        self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         if p.d > self.norm_max_width:

@@ -33,21 +33,18 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "new_s3": {"SSU_STAGES": 3},
     "new_min4": {"SSU_MIN_BLOCKS": 4},
     "new_cs": {"SSU_STORE_CS": 1},
-    # builds for one model's shapes (aim_kernels.cu: only the instances that model runs)
+    # builds for one model's shapes (aim_kernels.cu: only the instances that model runs); measured at 7221f6d
+    # with its GEMV_NARROW_MT / GEMV_NARROW_MT_CHS (bench/results/{lean,mt,mt2,mt3,mt4}_*), since replaced by the
+    # Y instances: "norm6_mt1" there is what the cuda backend now builds for AiM-XL
     "lean": {"SSU_GENERIC": 0},
-    "lean3": {"SSU_GENERIC": 0, "NORM_PER_ONLY": 3},  # AiM-B's width only
-    "lean6": {"SSU_GENERIC": 0, "NORM_PER_ONLY": 6},  # AiM-XL's
     "norm3": {"NORM_PER_ONLY": 3},
-    "norm6": {"NORM_PER_ONLY": 6},
-    "norm3_mt1": {"NORM_PER_ONLY": 3, "GEMV_NARROW_MT": 1, "GEMV_NARROW_MT_CHS": 0x1FFE},  # (<= 16 rows only)
-    "norm6_mt1": {"NORM_PER_ONLY": 6, "GEMV_NARROW_MT": 1, "GEMV_NARROW_MT_CHS": 0x1FFE},
-    "norm6_mt1w": {"NORM_PER_ONLY": 6, "GEMV_NARROW_MT": 1},  # only the depths with wide instances (k <= 1536)
     "norm4": {"NORM_PER_ONLY": 4},
-    "norm4_mt1w": {"NORM_PER_ONLY": 4, "GEMV_NARROW_MT": 1},
-    # and at most 2 m-tiles (32 rows, the backend's aim_gemv limit) in every instance
-    "norm3_max2": {"NORM_PER_ONLY": 3, "GEMV_MAX_MT": 2},
-    "norm4_mt1w_max2": {"NORM_PER_ONLY": 4, "GEMV_NARROW_MT": 1, "GEMV_MAX_MT": 2},
-    "norm6_mt1w_max2": {"NORM_PER_ONLY": 6, "GEMV_NARROW_MT": 1, "GEMV_MAX_MT": 2},
+    "norm6": {"NORM_PER_ONLY": 6},
+    # the cuda backend's build for a preset (gemv_depths and d_model of that model: plugins/kernels.py's
+    # model_defines and uses_gemv_m1)
+    "build_b": {"_model": "AiM-B"},
+    "build_l": {"_model": "AiM-L"},
+    "build_xl": {"_model": "AiM-XL"},
 }
 CAPS = (2, 3)  # the default build with at most this many blocks per SM
 CASES = [("AiM-B", 1), ("AiM-B", 16), ("AiM-B", 64), ("AiM-XL", 1), ("AiM-XL", 16), ("AiM-XL", 64)]
@@ -62,19 +59,28 @@ class OldKernels(Kernels):
         assert not finish
 
 
+def build_args(name):
+    """Kernels(...) keywords of a variant: its defines, or a preset's build as the cuda backend makes it."""
+    v = VARIANTS[name]
+    if "_model" not in v:
+        return {"defines": v}
+    cfg = aim_rt.preset(v["_model"])
+    return {"gemv_depths": (cfg.d_model, cfg.d_inner), "d_model": cfg.d_model}
+
+
 def build_kernels(old_source, names, old_per_slice=False):
     major, minor = torch.cuda.get_device_capability()
     arch = f"sm_{major}{minor}"
     t = time.perf_counter()
     # every build at once (NVRTC is slow and releases the GIL): the programs each Kernels below loads
-    builds = [b for n in names if n in VARIANTS for b in kernel_builds("bfloat16", arch, VARIANTS[n])]
+    builds = [b for n in names if n in VARIANTS for b in kernel_builds("bfloat16", arch, **build_args(n))]
     builds += kernel_builds("float32", arch)  # not used here: cached for the tests that follow
     if old_source:  # Kernels or OldKernels: the same builds
         builds += kernel_builds("bfloat16", arch, source_path=Path(old_source))
     for b in builds:
         b.result()
     print(f"compiled {len(builds)} modules in {time.perf_counter() - t:.1f} s", flush=True)
-    kernels = {n: Kernels("bfloat16", defines=VARIANTS[n]) for n in names if n in VARIANTS}
+    kernels = {n: Kernels("bfloat16", **build_args(n)) for n in names if n in VARIANTS}
     if old_source:
         kernels["old"] = (OldKernels if old_per_slice else Kernels)("bfloat16", source_path=Path(old_source))
     return kernels

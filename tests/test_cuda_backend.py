@@ -271,11 +271,12 @@ def test_vq_decode_bf16_graph_against_fp32_reference():
 def test_gemv_matches_matmul_and_rows_are_independent(dtype, k, n):
     """aim_gemv vs an fp32 product of the same 16-bit operands: at most one rounding of the output apart; a
     row's result is bit-identical whatever the other rows are (batch composition does not change an image), and
-    the same in the build for a 1536-wide model (one m-tile in the one-tile instances, model_defines)."""
+    the same through the one-m-tile instances (up to 16 rows) of a build for a 1536-wide model."""
     from aim_rt.plugins.kernels import Kernels, gemv_params, gemv_supported
 
     name = "bfloat16" if dtype == torch.bfloat16 else "float16"
-    builds = {"default": Kernels(name), "d_model 1536": Kernels(name, d_model=1536)}
+    builds = {"default": Kernels(name), "d_model 1536": Kernels(name, gemv_depths=(k,), d_model=1536)}
+    assert not builds["default"].gemv_m1 and builds["d_model 1536"].gemv_m1 == {k // 256}
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(dtype)
     x_all = torch.randn(64, k, device="cuda", generator=gen).to(dtype)

@@ -93,43 +93,23 @@ def test_pdl_early_rows_reaches_both_programs(monkeypatch):
 
 
 def test_model_width_picks_the_measured_build():
-    """A model's step program holds only the residual norm's instance for its d_model (NORM_PER_ONLY), and from
-    d_model 1024 one m-tile in the one-tile products of the depths with wide instances (GEMV_NARROW_MT), whose
-    row limit gemv_rows_max mirrors; without a width, the source's defaults. A width past the widest norm is
-    refused."""
-    from aim_rt.plugins.kernels import KernelError, gemv_rows_max, norm_instance, step_builds
+    """A model's step program holds only the residual norm's instance for its d_model (NORM_PER_ONLY) and, from
+    d_model 1024, the one-m-tile products (Y) of its depths besides the others; without a width, the source's
+    defaults. A width past the widest norm is refused; explicit defines win."""
+    from aim_rt.plugins.kernels import KernelError, norm_instance, step_builds
 
     assert [norm_instance(d) for d in (64, 768, 1024, 1536, 2048)] == [3, 3, 4, 6, 8]
     with pytest.raises(KernelError, match="up to 2048"):
         norm_instance(2049)
     base, sampler = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)
-    assert base["NORM_PER_ONLY"] == 3 and "GEMV_NARROW_MT" not in base and "NORM_PER_ONLY" not in sampler
+    assert base["NORM_PER_ONLY"] == 3 and "NORM_PER_ONLY" not in sampler
+    assert base["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)"]
     xl = step_builds("bfloat16", gemv_depths=(1536, 3072), d_model=1536)[0]
-    assert xl["NORM_PER_ONLY"] == 6 and xl["GEMV_NARROW_MT"] == 1
-    default = step_builds("bfloat16", gemv_depths=(768, 1536))[0]
-    assert "NORM_PER_ONLY" not in default and "GEMV_NARROW_MT" not in default
-    # one-tile instances of depths with a wide instance (CH 6) serve 16 rows in the capped build; CH 12 (no wide
-    # instance: its one-tile instance serves 32 rows too) keeps its 4 m-tiles, as do the wide instances
-    assert gemv_rows_max(6, 1, xl) == 16 and gemv_rows_max(12, 1, xl) == 64 and gemv_rows_max(6, 2, xl) == 64
-    assert gemv_rows_max(6, 1, default) == 64 and gemv_rows_max(3, 4, default) == 32
-    assert step_builds("bfloat16", {"GEMV_NARROW_MT": 2}, d_model=1536)[0]["GEMV_NARROW_MT"] == 2  # explicit wins
-
-
-def test_a_depth_made_narrow_by_aim_rt_gemv_wide_is_not_capped(monkeypatch):
-    """AIM_RT_GEMV_WIDE=3:1 makes depth 768's one-tile instance serve 17-32 rows too: the capped build must then
-    leave it at full size (the mask comes from the wide table)."""
-    import importlib
-
-    import aim_rt.plugins.kernels as kernels
-
-    monkeypatch.setenv("AIM_RT_GEMV_WIDE", "3:1")
-    try:
-        k = importlib.reload(kernels)
-        xl = k.step_builds("bfloat16", gemv_depths=(768, 1536), d_model=1536)[0]
-        assert k.gemv_rows_max(3, 1, xl) == 64 and k.gemv_rows_max(6, 1, xl) == 16
-    finally:
-        monkeypatch.delenv("AIM_RT_GEMV_WIDE")
-        importlib.reload(kernels)
+    assert xl["NORM_PER_ONLY"] == 6
+    assert xl["GEMV_INSTANCES"].split() == ["X(6,1)", "X(12,1)", "X(6,2)", "Y(6)", "Y(12)"]
+    default = step_builds("bfloat16", gemv_depths=(1536, 3072))[0]
+    assert "NORM_PER_ONLY" not in default and "Y(" not in default["GEMV_INSTANCES"]
+    assert step_builds("bfloat16", {"NORM_PER_ONLY": 8}, d_model=768)[0]["NORM_PER_ONLY"] == 8
 
 
 def test_norm_width_build_has_one_norm_instance():
