@@ -99,14 +99,20 @@ def model_defines(d_model: int) -> dict:
     return {"NORM_PER_ONLY": norm_instance(d_model)}
 
 
-def uses_gemv_m1(d_model: int) -> bool:
-    """Whether a model of this width runs its products of up to 16 rows through the one-m-tile instances (Y in
-    aim_kernels.cu: 12 KB less shared memory, ~10 registers fewer). Measured as model_defines: AiM-XL -5 % per
-    step at batch 1 and -3.5 % at 4 (on top of the norm's), AiM-L -3 % at 1 and -10 % at 4 (the capped depths
-    with wide instances alone gave -7.7 % and -4.5 %); but AiM-B +5 % at 1 and +4 % at 4: not below 1024.
+def gemv_m1_chunks(d_model: int, chunks) -> list[int]:
+    """The depths (CH = k / 256) whose products of up to 16 rows a model of this width runs through the
+    one-m-tile instances (Y in aim_kernels.cu: 12 KB less shared memory, ~10 registers fewer than X(CH, 1)).
+    Measured choices (whole decode steps against 1e5ce15, alternating in one process, H200,
+    bench/results/mt4_h200_2026-11-29_*; at 7221f6d, whose GEMV_NARROW_MT builds ran the same kernels):
+    - AiM-B (768): none. One m-tile cost +5 % per step at batch 1 and +4 % at 4.
+    - AiM-L (1024): the depths with wide instances (in_proj, lm_head): -10.7 % at batch 1, -6.3 % at 4, even
+      at 16. Its out_proj (2048) too made batch 1 worse (716 against 673 us) and batch 4 better (810 / 844).
+    - AiM-XL (1536) and wider: every depth: -7.6 % at batch 1, -5.5 % at 4, even at 16.
     (Smaller kernels let more of the following kernels take their places early under programmatic dependent
-    launch; which way that goes depends on the model, so these are measured choices.)"""
-    return d_model >= 1024
+    launch; which way that goes depends on the model, hence per-width measured choices.)"""
+    if d_model < 1024:
+        return []
+    return [c for c in chunks if c in GEMV_CHUNKS and (d_model >= 1536 or c in GEMV_WIDE)]
 
 
 def norm_instance(d: int) -> int:
@@ -130,8 +136,8 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
     if gemv_depths is not None:
         chunks = sorted({k // 256 for k in gemv_depths})
         inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
-        if d_model is not None and uses_gemv_m1(d_model):
-            inst += [f"Y({c})" for c in chunks if c in GEMV_CHUNKS]
+        if d_model is not None:
+            inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
     if d_model is not None:
         step = {**model_defines(d_model), **step}  # explicit defines win
@@ -511,7 +517,7 @@ class Kernels:
 
     def gemv(self, p: GemvParams, stream: int) -> None:
         """y = x @ w.T (gemv_params); the caller checked gemv_supported. Up to 16 rows through the one-m-tile
-        instance where this build has it (uses_gemv_m1)."""
+        instance where this build has it (gemv_m1_chunks)."""
         c, nt = p.k // 256, gemv_tiles(p.rows, p.k)
         if (c, nt) not in self.gemvs:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")

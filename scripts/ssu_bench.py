@@ -41,7 +41,7 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "norm4": {"NORM_PER_ONLY": 4},
     "norm6": {"NORM_PER_ONLY": 6},
     # the cuda backend's build for a preset (gemv_depths and d_model of that model: plugins/kernels.py's
-    # model_defines and uses_gemv_m1)
+    # model_defines and gemv_m1_chunks)
     "build_b": {"_model": "AiM-B"},
     "build_l": {"_model": "AiM-L"},
     "build_xl": {"_model": "AiM-XL"},

@@ -94,7 +94,8 @@ def test_pdl_early_rows_reaches_both_programs(monkeypatch):
 
 def test_model_width_picks_the_measured_build():
     """A model's step program holds only the residual norm's instance for its d_model (NORM_PER_ONLY) and, from
-    d_model 1024, the one-m-tile products (Y) of its depths besides the others; without a width, the source's
+    d_model 1024, the one-m-tile products (Y) of some or all of its depths (gemv_m1_chunks) besides the
+    others; without a width, the source's
     defaults. A width past the widest norm is refused; explicit defines win."""
     from aim_rt.plugins.kernels import KernelError, norm_instance, step_builds
 
@@ -107,6 +108,8 @@ def test_model_width_picks_the_measured_build():
     xl = step_builds("bfloat16", gemv_depths=(1536, 3072), d_model=1536)[0]
     assert xl["NORM_PER_ONLY"] == 6
     assert xl["GEMV_INSTANCES"].split() == ["X(6,1)", "X(12,1)", "X(6,2)", "Y(6)", "Y(12)"]
+    large = step_builds("bfloat16", gemv_depths=(1024, 2048), d_model=1024)[0]  # only depths with wide instances
+    assert large["NORM_PER_ONLY"] == 4 and large["GEMV_INSTANCES"].split() == ["X(4,1)", "X(8,1)", "X(4,2)", "Y(4)"]
     default = step_builds("bfloat16", gemv_depths=(1536, 3072))[0]
     assert "NORM_PER_ONLY" not in default and "Y(" not in default["GEMV_INSTANCES"]
     assert step_builds("bfloat16", {"NORM_PER_ONLY": 8}, d_model=768)[0]["NORM_PER_ONLY"] == 8
