@@ -95,8 +95,8 @@ def test_pdl_early_rows_reaches_both_programs(monkeypatch):
 def test_model_width_picks_the_measured_build():
     """A model's step program holds only the residual norm's instance for its d_model (NORM_PER_ONLY) and, from
     d_model 1024, the one-m-tile products (Y) of some or all of its depths (gemv_m1_chunks) besides the
-    others; without a width, the source's
-    defaults. A width past the widest norm is refused; explicit defines win."""
+    others; without a width, the source's defaults. A width past the widest norm is refused; explicit defines
+    win."""
     from aim_rt.plugins.kernels import KernelError, norm_instance, step_builds
 
     assert [norm_instance(d) for d in (64, 768, 1024, 1536, 2048)] == [3, 3, 4, 6, 8]
