@@ -96,7 +96,7 @@ def kernel_table(models: list[str], batches: list[int], dtype: str = "bfloat16",
         for batch in batches:
             classes, seeds = torch.arange(batch) % model.config.num_classes, torch.arange(batch)
             backend.sample(classes, seeds, settings)
-            step_s, _ = _timed(lambda: backend.sample(classes, seeds, settings), dev, 3)
+            step_s, _ = _timed(lambda b=backend: b.sample(classes, seeds, settings), dev, 3)
             step_us = step_s / model.config.num_tokens * 1e6
             phases = backend.phase_times(batch, settings)
             timing = backend.op_timings(batch, settings)

@@ -358,7 +358,7 @@ def test_doctor_without_cuda_python(monkeypatch):
 
     def find_spec(name, *args):
         if name == "cuda" or name.startswith("cuda."):
-            raise ModuleNotFoundError(f"No module named 'cuda'")  # what find_spec does for a missing parent
+            raise ModuleNotFoundError("No module named 'cuda'")  # what find_spec does for a missing parent
         return real(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)

@@ -83,7 +83,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tiny_ckpt, tmp_path):
         run(InterruptingBackend(model, stop_at=3), plan, settings, out, **kw)
     assert len(list((out / "images").glob("*.png"))) == 6  # two batches finished, nothing half written
     assert not (out / "samples.npz").exists()
-    (out / "images" / f"stale.png.tmp-999").write_bytes(b"half")  # what a kill -9 mid-write leaves
+    (out / "images" / "stale.png.tmp-999").write_bytes(b"half")  # what a kill -9 mid-write leaves
     counting = InterruptingBackend(model, stop_at=-1)
     res = run(counting, plan, settings, out, **kw)
     assert res.skipped == 6 and res.made == 4 and counting.calls == 2
