@@ -92,7 +92,7 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
 
 def model_defines(d_model: int) -> dict:
     """The step program's -D for a model of this width, as measured in whole decode steps on the H200
-    (bench/results/{lean,mt,mt2,mt3,mt4,m1}_h200_2026-11-29_*, each variant twice, alternating, in one process):
+    (bench/results/{lean,mt,mt2,mt3,mt4}_h200_2026-11-29_*, each variant twice, alternating, in one process):
     NORM_PER_ONLY, only the residual norm's instance for this width. The kernel holds the registers of its
     widest instance (79 for all four; 46 / 48 / 63 for AiM-B / L / XL's alone). Per step: AiM-B -4 % at batch
     1, -0.6 % at 4, -1.8 % at 16, -1.3 % at 64; AiM-L -2.4 % at 1 and -2 % at 4; AiM-XL even."""
