@@ -436,11 +436,11 @@ class Kernels:
         self._ssu_occupancy: dict[int, int] = {}
         self.num_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
         self.sample_threads = int(self.defines.get("SAMPLE_THREADS", SAMPLE_THREADS))
-        self.modules = [_check(driver.cuModuleLoadData(b.result()), "cuModuleLoadData")
-                        for b in kernel_builds(dtype, self.arch, self.defines, gemv_depths, source_path, d_model)]
+        builds = step_builds(dtype, self.defines, gemv_depths, d_model)
+        self.modules = [_check(driver.cuModuleLoadData(compile_async(dtype, self.arch, d, source_path).result()),
+                               "cuModuleLoadData") for d in builds]
         # the widest row the residual norm was compiled for
-        self.norm_max_width = NORM_THREADS * int(step_builds(dtype, self.defines, gemv_depths, d_model)[0]
-                                                 .get("NORM_PER_ONLY") or NORM_PER)
+        self.norm_max_width = NORM_THREADS * int(builds[0].get("NORM_PER_ONLY") or NORM_PER)
         self.fn = {name: self._function(name) for name in KERNEL_NAMES}
         self.gemvs = set()
         for c, t in _gemv_pairs() if dtype != "float32" else ():
@@ -521,7 +521,8 @@ class Kernels:
         c, nt = p.k // 256, gemv_tiles(p.rows, p.k)
         if (c, nt) not in self.gemvs:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
-        name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if nt == 1 and p.rows <= 16 and c in self.gemv_m1 else "")
+        m1 = nt == 1 and p.rows <= GEMV_NARROW_ROWS and c in self.gemv_m1
+        name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
         self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:

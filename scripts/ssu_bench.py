@@ -33,6 +33,7 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "new_s3": {"SSU_STAGES": 3},
     "new_min4": {"SSU_MIN_BLOCKS": 4},
     "new_cs": {"SSU_STORE_CS": 1},
+    "new_t512": {"SSU_THREADS": 512, "SSU_MIN_BLOCKS": 2},
     # builds for one model's shapes (aim_kernels.cu: only the instances that model runs); measured at 7221f6d
     # with its GEMV_NARROW_MT / GEMV_NARROW_MT_CHS (bench/results/{lean,mt,mt2,mt3,mt4}_*), since replaced by the
     # Y instances: "norm6_mt1" there is what the cuda backend now builds for AiM-XL
