@@ -47,20 +47,35 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 // twice): launching at once gains 14-16 % per step at AiM-B batch 1, 6 % at batch 4 and 3 % at batch 16, 6 % at
 // AiM-XL batch 1; it loses 0.7 % at AiM-XL batch 4 and 4 % at batch 16 (its early grids crowd the state update),
 // and is neutral at batch 64. Hence at once up to batch 4. On sm_80 both are no-ops: plain launches.
+// Each kind of kernel has its own limit (PDL_EARLY_<KIND>, default PDL_EARLY_ROWS): the limit of kernel K decides
+// when K + 1 may launch, so e.g. the products can let the state update take its place and request its state
+// early at any batch while the state update keeps its successor out (to measure per kind).
 #ifndef PDL_EARLY_ROWS
 #define PDL_EARLY_ROWS 8
 #endif
+#ifndef PDL_EARLY_NORM
+#define PDL_EARLY_NORM PDL_EARLY_ROWS   // aim_residual_norm, aim_gated_norm_apply
+#endif
+#ifndef PDL_EARLY_GEMV
+#define PDL_EARLY_GEMV PDL_EARLY_ROWS   // aim_gemv_*
+#endif
+#ifndef PDL_EARLY_SSU
+#define PDL_EARLY_SSU PDL_EARLY_ROWS    // aim_selective_state_update
+#endif
+#ifndef PDL_EARLY_SAMPLE
+#define PDL_EARLY_SAMPLE PDL_EARLY_ROWS // aim_cfg_sample
+#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define PDL_LAUNCH_NEXT() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#define PDL_START(rows) do { if ((rows) <= PDL_EARLY_ROWS) PDL_LAUNCH_NEXT(); } while (0)
-#define PDL_WAIT(rows)                                          \
+#define PDL_START(rows, limit) do { if ((rows) <= (limit)) PDL_LAUNCH_NEXT(); } while (0)
+#define PDL_WAIT(rows, limit)                                   \
   do {                                                          \
     asm volatile("griddepcontrol.wait;" ::: "memory");          \
-    if ((rows) > PDL_EARLY_ROWS) PDL_LAUNCH_NEXT();             \
+    if ((rows) > (limit)) PDL_LAUNCH_NEXT();                    \
   } while (0)
 #else
-#define PDL_START(rows) do { } while (0)
-#define PDL_WAIT(rows) do { } while (0)
+#define PDL_START(rows, limit) do { } while (0)
+#define PDL_WAIT(rows, limit) do { } while (0)
 #endif
 
 // AIM_PARTS selects the entry points a build emits: 1 the step (state update, norms, products), 2 the sampler,
@@ -402,7 +417,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       A_log = ld(p.A_log[h]);
       sd[2] = ld(p.D[h]);
     }
-    if (i == 0) PDL_WAIT(p.rows);
+    if (i == 0) PDL_WAIT(p.rows, PDL_EARLY_SSU);
 
     // ---- 2. in_proj's outputs for this slice (L2)
     const elem_t* xbc = p.xbc + (long long)r * p.xbc_stride;
@@ -525,7 +540,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
 
 #if AIM_PARTS & 1
 extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
-  PDL_START(p.rows);
+  PDL_START(p.rows, PDL_EARLY_SSU);
   __shared__ float s_red[2][SSU_WARPS];
   __shared__ float s_dt[2][3];  // per slice parity: dt, dA = exp(-dt * exp(A_log)), D
 #if SSU_FAST
@@ -583,8 +598,8 @@ struct GatedNormParams {
 // return the normed y and the whole conv state, as the TensorRT plugin does).
 #if AIM_PARTS & 1
 extern "C" __global__ void aim_gated_norm_apply(GatedNormParams p) {
-  PDL_START(p.rows);
-  PDL_WAIT(p.rows);
+  PDL_START(p.rows, PDL_EARLY_NORM);
+  PDL_WAIT(p.rows, PDL_EARLY_NORM);
   __shared__ float s_inv[64];
   const int r = blockIdx.x, hpg = p.nheads / p.ngroups, group_size = p.d_inner / p.ngroups;
   conv_shift(p.bc, r);
@@ -643,7 +658,7 @@ __device__ __forceinline__ void residual_norm_body(const NormParams& p) {
     sh[j] = ld(p.shift[(long long)r * p.mod_stride + i]);
     sc[j] = ld(p.scale[(long long)r * p.mod_stride + i]);
   }
-  PDL_WAIT(p.rows);
+  PDL_WAIT(p.rows, PDL_EARLY_NORM);
   float x[PER];
   float gate[PER], res[PER], in[PER];
 #pragma unroll
@@ -700,7 +715,7 @@ __device__ __forceinline__ void residual_norm_body(const NormParams& p) {
 }
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) aim_residual_norm(NormParams p) {
-  PDL_START(p.rows);
+  PDL_START(p.rows, PDL_EARLY_NORM);
 #if NORM_PER_ONLY  // a build for one model: only its instance (d <= NORM_THREADS * NORM_PER_ONLY, host-checked)
   residual_norm_body<NORM_PER_ONLY>(p);
 #else
@@ -1099,8 +1114,8 @@ __device__ __forceinline__ void load_mixed(const elem_t* cond, const elem_t* unc
 // grid (batch); block SAMPLE_THREADS; dynamic shared memory NBINS * 8 + LCAP * 6 bytes.
 #if AIM_PARTS & 2
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(SampleParams p) {
-  PDL_START(2 * p.batch);
-  PDL_WAIT(2 * p.batch);
+  PDL_START(2 * p.batch, PDL_EARLY_SAMPLE);
+  PDL_WAIT(2 * p.batch, PDL_EARLY_SAMPLE);
   extern __shared__ __align__(16) unsigned long long sample_smem[];
   unsigned long long* hist64 = sample_smem;                      // top-p (and refine) histogram
   unsigned* hist_max = reinterpret_cast<unsigned*>(sample_smem);  // top-k: histogram of the threads' maxima
@@ -1248,8 +1263,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
 
 #if AIM_PARTS & 2
 extern "C" __global__ void aim_advance(int* step) {
-  PDL_START(0);  // one thread: never in the way
-  PDL_WAIT(0);
+  PDL_START(0, 0);  // one thread: never in the way
+  PDL_WAIT(0, 0);
   *step += 1;
 }
 #endif
@@ -1269,6 +1284,7 @@ struct GemvParams {
   const elem_t* w;                       // (n, k) contiguous
   elem_t* y;  long long y_stride;        // (rows, n)
   int rows, n, k;
+  int rows_per_block;                    // blockIdx.y takes rows [y * it, y * it + it): a multiple of 16, <= 16 * MT
 };
 
 #ifndef GEMV_MAX_MT
@@ -1294,6 +1310,9 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 // CH: chunks of 32 per warp, k = 8 warps * 32 * CH. NT: 8-column tiles per block; a warp multiplies the x
 // fragments it loads by NT weight tiles (more rows re-read x: NT > 1 cuts that L2 traffic by NT).
 // MT: m-tiles of 16 rows at most (8 * 16 partials per warp in shared memory): 16 * MT rows.
+// Row groups: more rows than one block's MT m-tiles go to blocks along y, each with all of k and the same column
+// tiles (its weights are read by each group's block, mostly from L2); a row's arithmetic is the same in any
+// group and at any position, so its bits do not depend on how many rows the product has.
 template <int CH, int NT, int MT>
 __device__ __forceinline__ void gemv_body(const GemvParams& p) {
   __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
@@ -1308,8 +1327,11 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
       wreg[j][c] = n < p.n ? *reinterpret_cast<const uint4*>(p.w + (long long)n * p.k + k0 + 32 * c)
                            : make_uint4(0, 0, 0, 0);
   }
-  PDL_WAIT(p.rows);
-  const int mt = (p.rows + 15) >> 4;
+  PDL_WAIT(p.rows, PDL_EARLY_GEMV);
+  const int row0 = blockIdx.y * p.rows_per_block, rows = min(p.rows - row0, p.rows_per_block);
+  const elem_t* xg = p.x + (long long)row0 * p.x_stride;
+  elem_t* yg = p.y + (long long)row0 * p.y_stride;
+  const int mt = (rows + 15) >> 4;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     if (m >= mt) break;
@@ -1317,12 +1339,12 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     const int r0 = 16 * m + g, r1 = r0 + 8;
-    const elem_t* x0 = p.x + (long long)r0 * p.x_stride + k0;
-    const elem_t* x1 = p.x + (long long)r1 * p.x_stride + k0;
+    const elem_t* x0 = xg + (long long)r0 * p.x_stride + k0;
+    const elem_t* x1 = xg + (long long)r1 * p.x_stride + k0;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-      const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
-      const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
+      const uint4 xa = r0 < rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
+      const uint4 xb = r1 < rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         mma_16816(acc[j], xa.x, xb.x, xa.y, xb.y, wreg[j][c].x, wreg[j][c].y);
@@ -1342,13 +1364,13 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
 #pragma unroll
     for (int w = 0; w < 8; ++w) s += part[w][tile][l][q];
     const int row = 16 * m + (l >> 2) + (q >= 2 ? 8 : 0), col = (blockIdx.x * NT + j) * 8 + 2 * (l & 3) + (q & 1);
-    if (row < p.rows && col < p.n) p.y[(long long)row * p.y_stride + col] = st(s);
+    if (row < rows && col < p.n) yg[(long long)row * p.y_stride + col] = st(s);
   }
 }
 
 #define GEMV_ENTRY(NAME, CH, NT, MT) \
   extern "C" __global__ void __launch_bounds__(256) NAME(GemvParams p) { \
-    PDL_START(p.rows);                                                    \
+    PDL_START(p.rows, PDL_EARLY_GEMV);                                    \
     gemv_body<CH, NT, MT>(p);                                             \
   }
 // X(CH, NT): aim_gemv_k<CH>_n<NT>, up to 16 * min(8 / NT, GEMV_MAX_MT) rows. Y(CH): aim_gemv_k<CH>_n1_m1, the

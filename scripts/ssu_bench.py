@@ -46,6 +46,12 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "build_b": {"_model": "AiM-B"},
     "build_l": {"_model": "AiM-L"},
     "build_xl": {"_model": "AiM-XL"},
+    # 2026-12-02, combined with a build as "build_b+early_gn": host-side choices ("_gemv_max_rows": cuBLAS above
+    # that many rows, as before row groups) and each kind of kernel's early-launch limit (PDL_EARLY_<KIND>)
+    "rows32": {"_gemv_max_rows": 32},
+    "early_gemv": {"PDL_EARLY_GEMV": 1 << 20},
+    "early_norm": {"PDL_EARLY_NORM": 1 << 20},
+    "early_gn": {"PDL_EARLY_GEMV": 1 << 20, "PDL_EARLY_NORM": 1 << 20},
 }
 CAPS = (2, 3)  # the default build with at most this many blocks per SM
 CASES = [("AiM-B", 1), ("AiM-B", 16), ("AiM-B", 64), ("AiM-XL", 1), ("AiM-XL", 16), ("AiM-XL", 64)]
@@ -60,30 +66,58 @@ class OldKernels(Kernels):
         assert not finish
 
 
+def known(name):
+    return all(part in VARIANTS for part in name.split("+"))
+
+
+def variant(name):
+    """A variant's settings: "a+b" merges VARIANTS a and b."""
+    merged = {}
+    for part in name.split("+"):
+        merged.update(VARIANTS[part])
+    return merged
+
+
 def build_args(name):
-    """Kernels(...) keywords of a variant: its defines, or a preset's build as the cuda backend makes it."""
-    v = VARIANTS[name]
+    """Kernels(...) keywords of a variant: its defines, and for a preset's build the gemv depths and d_model the
+    cuda backend passes for it."""
+    v = variant(name)
+    defines = {k: val for k, val in v.items() if not k.startswith("_")}
     if "_model" not in v:
-        return {"defines": v}
+        return {"defines": defines}
     cfg = aim_rt.preset(v["_model"])
-    return {"gemv_depths": (cfg.d_model, cfg.d_inner), "d_model": cfg.d_model}
+    return {"defines": defines, "gemv_depths": (cfg.d_model, cfg.d_inner), "d_model": cfg.d_model}
 
 
-def build_kernels(old_source, names, old_per_slice=False):
+def make_kernels(name):
+    kern = Kernels("bfloat16", **build_args(name))
+    if "_gemv_max_rows" in variant(name):
+        kern.gemv_max_rows = variant(name)["_gemv_max_rows"]
+    return kern
+
+
+def build_kernels(old_source, names, old_per_slice=False, old_builds=()):
     major, minor = torch.cuda.get_device_capability()
     arch = f"sm_{major}{minor}"
     t = time.perf_counter()
     # every build at once (NVRTC is slow and releases the GIL): the programs each Kernels below loads
-    builds = [b for n in names if n in VARIANTS for b in kernel_builds("bfloat16", arch, **build_args(n))]
+    builds = [b for n in names if known(n) for b in kernel_builds("bfloat16", arch, **build_args(n))]
     builds += kernel_builds("float32", arch)  # not used here: cached for the tests that follow
     if old_source:  # Kernels or OldKernels: the same builds
         builds += kernel_builds("bfloat16", arch, source_path=Path(old_source))
+        # "old+build_b": the old source as the cuda backend builds it for that preset
+        builds += [b for n in old_builds for b in kernel_builds("bfloat16", arch, source_path=Path(old_source),
+                                                               **build_args(n))]
     for b in builds:
         b.result()
     print(f"compiled {len(builds)} modules in {time.perf_counter() - t:.1f} s", flush=True)
-    kernels = {n: Kernels("bfloat16", **build_args(n)) for n in names if n in VARIANTS}
+    kernels = {n: make_kernels(n) for n in names if known(n)}
     if old_source:
         kernels["old"] = (OldKernels if old_per_slice else Kernels)("bfloat16", source_path=Path(old_source))
+        kernels["old"].gemv_max_rows = 32  # sources before row groups: cuBLAS above 32 rows
+        for n in old_builds:
+            kernels["old+" + n] = Kernels("bfloat16", source_path=Path(old_source), **build_args(n))
+            kernels["old+" + n].gemv_max_rows = 32  # sources before row groups: cuBLAS above 32 rows
     return kernels
 
 
@@ -185,7 +219,7 @@ def kernel_table(kernels, cases, bandwidth, log):
     return rows
 
 
-def step_table(kernels, specs, log, save, names=("old", "new"), repeats=1):
+def step_table(kernels, specs, log, save, names=("old", "new"), repeats=1, op_times=False):
     """Whole decode steps of the cuda backend (graph replay) with each named state update (`repeats` rounds,
     alternating, in one process: the step's run-to-run spread is a few percent)."""
     from aim_rt.cuda_backend import CudaBackend
@@ -195,7 +229,10 @@ def step_table(kernels, specs, log, save, names=("old", "new"), repeats=1):
     by_model = {}
     for model, batch in specs:
         by_model.setdefault(model, []).append(batch)
+    all_names = names
     for model, batches in by_model.items():
+        # a preset's build runs only on its own model; the others on every model
+        names = [n for n in all_names if n == "old" or variant(n.removeprefix("old+")).get("_model", model) == model]
         m = aim_rt.random_model(model, seed=0, device="cuda", dtype=torch.bfloat16)
         backend = CudaBackend(m)
         for batch in batches:
@@ -208,10 +245,17 @@ def step_table(kernels, specs, log, save, names=("old", "new"), repeats=1):
                     tokens[name] = backend.sample(classes, seeds, settings)
                     us = backend.phase_times(batch, settings)["replays_us_per_step"]
                     row.setdefault(name + "_us_per_step_runs", []).append(us)
+                    if op_times:  # each kind of op alone (CudaBackend.op_timings), µs per launch
+                        ops = backend.op_timings(batch, settings)["ops"]
+                        row.setdefault(name + "_ops", []).append({k: v["us_per_launch"] for k, v in ops.items()})
             for name in names:
                 runs = row[name + "_us_per_step_runs"]
                 row[name + "_us_per_step"] = sorted(runs)[len(runs) // 2]
             row["tokens_equal"] = all(bool(torch.equal(tokens[names[0]], tokens[n])) for n in names)
+            if op_times:
+                for name in names:
+                    last = row[name + "_ops"][-1]
+                    log(f"  ops {model} b{batch} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items()))
             log(f"step {model} b{batch}: " + ", ".join(
                 f"{n} " + " / ".join(f"{u:.1f}" for u in row[n + "_us_per_step_runs"]) for n in names)
                 + f" us per step; tokens equal {row['tokens_equal']}")
@@ -243,11 +287,13 @@ def main():
     ap.add_argument("--steps", default="", help="model:batch,... for whole-step timing (old vs new)")
     ap.add_argument("--step-variants", default="old,new", help="kernels compared in --steps")
     ap.add_argument("--step-repeats", type=int, default=1, help="rounds of --steps, alternating the kernels")
+    ap.add_argument("--op-times", action="store_true", help="with --steps: each kind of op timed alone too")
     ap.add_argument("--profile", help="model:batch:variant,... plain launches only (for ncu)")
     ap.add_argument("--tag", default="ssu3")
     args = ap.parse_args()
     names = args.variants.split(",")
-    kernels = build_kernels(args.old_source, names, args.old_per_slice)
+    old_builds = [n.removeprefix("old+") for n in args.step_variants.split(",") if n.startswith("old+")]
+    kernels = build_kernels(args.old_source, names, args.old_per_slice, old_builds)
     if args.profile:
         profile(kernels, args.profile)
         return
@@ -263,7 +309,7 @@ def main():
     date = time.strftime("%Y-%m-%d")
     log(f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, {date}, torch {torch.__version__}")
     result = {"device": torch.cuda.get_device_name(), "date": date, "copy_bandwidth_TBps": bandwidth / 1e12,
-              "variants": {n: VARIANTS[n] for n in names if n in VARIANTS}, "caps_blocks_per_sm": CAPS}
+              "variants": {n: variant(n) for n in names if known(n)}, "caps_blocks_per_sm": CAPS}
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",") if c]
     result["kernels"] = kernel_table(kernels, cases, bandwidth, log)
 
@@ -276,7 +322,7 @@ def main():
     save()
     if args.steps:
         step_table(kernels, [(c.split(":")[0], int(c.split(":")[1])) for c in args.steps.split(",")], log, save,
-                   args.step_variants.split(","), args.step_repeats)
+                   args.step_variants.split(","), args.step_repeats, args.op_times)
 
 
 if __name__ == "__main__":
