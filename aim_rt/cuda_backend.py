@@ -213,10 +213,9 @@ class CudaBackend:
     def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel
         ends) for 16-bit models up to GEMV_FAST_ROWS rows; cuBLAS otherwise."""
-        from aim_rt.plugins.kernels import gemv_params, gemv_supported
+        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemv_params, gemv_supported
 
-        limit = self.kernels.gemv_max_rows
-        if (self.use_gemv and (limit is None or x.shape[0] <= limit)
+        if (self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS
                 and gemv_supported(dtype_name(self.dtype), x.shape[0], x.shape[1])):
             p = gemv_params(x, w, y)
             return lambda: self.kernels.gemv(p, torch.cuda.current_stream().cuda_stream)

@@ -1284,7 +1284,6 @@ struct GemvParams {
   const elem_t* w;                       // (n, k) contiguous
   elem_t* y;  long long y_stride;        // (rows, n)
   int rows, n, k;
-  int rows_per_block;                    // blockIdx.y takes rows [y * it, y * it + it): a multiple of 16, <= 16 * MT
 };
 
 #ifndef GEMV_MAX_MT
@@ -1310,9 +1309,6 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 // CH: chunks of 32 per warp, k = 8 warps * 32 * CH. NT: 8-column tiles per block; a warp multiplies the x
 // fragments it loads by NT weight tiles (more rows re-read x: NT > 1 cuts that L2 traffic by NT).
 // MT: m-tiles of 16 rows at most (8 * 16 partials per warp in shared memory): 16 * MT rows.
-// Row groups: more rows than one block's MT m-tiles go to blocks along y, each with all of k and the same column
-// tiles (its weights are read by each group's block, mostly from L2); a row's arithmetic is the same in any
-// group and at any position, so its bits do not depend on how many rows the product has.
 template <int CH, int NT, int MT>
 __device__ __forceinline__ void gemv_body(const GemvParams& p) {
   __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
@@ -1328,10 +1324,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
                            : make_uint4(0, 0, 0, 0);
   }
   PDL_WAIT(p.rows, PDL_EARLY_GEMV);
-  const int row0 = blockIdx.y * p.rows_per_block, rows = min(p.rows - row0, p.rows_per_block);
-  const elem_t* xg = p.x + (long long)row0 * p.x_stride;
-  elem_t* yg = p.y + (long long)row0 * p.y_stride;
-  const int mt = (rows + 15) >> 4;
+  const int mt = (p.rows + 15) >> 4;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     if (m >= mt) break;
@@ -1339,12 +1332,12 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     const int r0 = 16 * m + g, r1 = r0 + 8;
-    const elem_t* x0 = xg + (long long)r0 * p.x_stride + k0;
-    const elem_t* x1 = xg + (long long)r1 * p.x_stride + k0;
+    const elem_t* x0 = p.x + (long long)r0 * p.x_stride + k0;
+    const elem_t* x1 = p.x + (long long)r1 * p.x_stride + k0;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-      const uint4 xa = r0 < rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
-      const uint4 xb = r1 < rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
+      const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
+      const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         mma_16816(acc[j], xa.x, xb.x, xa.y, xb.y, wreg[j][c].x, wreg[j][c].y);
@@ -1364,7 +1357,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
 #pragma unroll
     for (int w = 0; w < 8; ++w) s += part[w][tile][l][q];
     const int row = 16 * m + (l >> 2) + (q >= 2 ? 8 : 0), col = (blockIdx.x * NT + j) * 8 + 2 * (l & 3) + (q & 1);
-    if (row < rows && col < p.n) yg[(long long)row * p.y_stride + col] = st(s);
+    if (row < p.rows && col < p.n) p.y[(long long)row * p.y_stride + col] = st(s);
   }
 }
 

@@ -239,8 +239,7 @@ class SampleParams(ctypes.Structure):
 
 
 class GemvParams(ctypes.Structure):
-    _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I),
-                ("rows_per_block", I)]
+    _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
 
 
 STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams)
@@ -367,13 +366,7 @@ GEMV_NARROW_ROWS = 16
 # (bench/results/step_*): at 2 rows aim_gemv takes 2.3 µs for AiM-B's in_proj where cuBLAS takes 4.6 µs; at 32
 # rows one 8-column tile per block re-read x from L2 so often that cuBLAS won (AiM-XL in_proj 14.0 vs 8.9 µs),
 # hence the wider tiles there. AIM_RT_GEMV_ROWS overrides the limit (to measure).
-GEMV_FAST_ROWS = int(os.environ["AIM_RT_GEMV_ROWS"]) if os.environ.get("AIM_RT_GEMV_ROWS") else None
-GEMV_MAX_MT = 4  # as in aim_kernels.cu
-
-
-def gemv_block_rows(nt: int, m1: bool = False) -> int:
-    """Rows one block of the instance with NT column tiles takes (more go to row groups along the grid's y)."""
-    return 16 if m1 else 16 * min(GEMV_MAX_MT, 8 // nt)
+GEMV_FAST_ROWS = int(os.environ.get("AIM_RT_GEMV_ROWS", "32"))
 
 
 def gemv_tiles(rows: int, k: int) -> int:
@@ -385,7 +378,7 @@ def gemv_supported(dtype: str, rows: int, k: int) -> bool:
     """Whether aim_gemv computes this product (else the caller uses cuBLAS)."""
     if dtype == "float32" or rows <= 0 or k % 256 or k // 256 not in GEMV_CHUNKS:
         return False
-    return True  # any rows: row groups
+    return rows <= 16 * min(4, 8 // gemv_tiles(rows, k))
 
 
 def gemv_params(x, w, y) -> GemvParams:
@@ -461,7 +454,6 @@ class Kernels:
             if fn is not None:
                 self.fn[f"aim_gemv_k{c}_n1_m1"] = fn
                 self.gemv_m1.add(c)
-        self.gemv_max_rows = GEMV_FAST_ROWS  # the cuda backend's products above this many rows go to cuBLAS
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
@@ -531,9 +523,7 @@ class Kernels:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
         m1 = nt == 1 and p.rows <= GEMV_NARROW_ROWS and c in self.gemv_m1
         name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
-        p.rows_per_block = gemv_block_rows(nt, m1)
-        groups = (p.rows + p.rows_per_block - 1) // p.rows_per_block
-        self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), groups, 1), 256, 0, stream, p)
+        self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         if p.d > self.norm_max_width:

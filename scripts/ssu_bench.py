@@ -46,9 +46,7 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "build_b": {"_model": "AiM-B"},
     "build_l": {"_model": "AiM-L"},
     "build_xl": {"_model": "AiM-XL"},
-    # 2026-12-02, combined with a build as "build_b+early_gn": host-side choices ("_gemv_max_rows": cuBLAS above
-    # that many rows, as before row groups) and each kind of kernel's early-launch limit (PDL_EARLY_<KIND>)
-    "rows32": {"_gemv_max_rows": 32},
+    # 2026-12-02, combined with a build as "build_b+early_gn": each kind of kernel's early-launch limit
     "early_gemv": {"PDL_EARLY_GEMV": 1 << 20},
     "early_norm": {"PDL_EARLY_NORM": 1 << 20},
     "early_gn": {"PDL_EARLY_GEMV": 1 << 20, "PDL_EARLY_NORM": 1 << 20},
@@ -90,10 +88,7 @@ def build_args(name):
 
 
 def make_kernels(name):
-    kern = Kernels("bfloat16", **build_args(name))
-    if "_gemv_max_rows" in variant(name):
-        kern.gemv_max_rows = variant(name)["_gemv_max_rows"]
-    return kern
+    return Kernels("bfloat16", **build_args(name))
 
 
 def build_kernels(old_source, names, old_per_slice=False, old_builds=()):
@@ -114,10 +109,8 @@ def build_kernels(old_source, names, old_per_slice=False, old_builds=()):
     kernels = {n: make_kernels(n) for n in names if known(n)}
     if old_source:
         kernels["old"] = (OldKernels if old_per_slice else Kernels)("bfloat16", source_path=Path(old_source))
-        kernels["old"].gemv_max_rows = 32  # sources before row groups: cuBLAS above 32 rows
         for n in old_builds:
             kernels["old+" + n] = Kernels("bfloat16", source_path=Path(old_source), **build_args(n))
-            kernels["old+" + n].gemv_max_rows = 32  # sources before row groups: cuBLAS above 32 rows
     return kernels
 
 

