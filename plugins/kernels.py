@@ -90,13 +90,25 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
     return fut
 
 
+PDL_EARLY_ANY = 1 << 30  # a PDL_EARLY_<KIND> limit no row count reaches: that kind lets its successor launch at once
+
+
 def model_defines(d_model: int) -> dict:
-    """The step program's -D for a model of this width, as measured in whole decode steps on the H200
-    (bench/results/{lean,mt,mt2,mt3,mt4}_h200_2026-11-29_*, each variant twice, alternating, in one process):
-    NORM_PER_ONLY, only the residual norm's instance for this width. The kernel holds the registers of its
-    widest instance (79 for all four; 46 / 48 / 63 for AiM-B / L / XL's alone). Per step: AiM-B -4 % at batch
-    1, -0.6 % at 4, -1.8 % at 16, -1.3 % at 64; AiM-L -2.4 % at 1 and -2 % at 4; AiM-XL even."""
-    return {"NORM_PER_ONLY": norm_instance(d_model)}
+    """The step program's -D for a model of this width, as measured in whole decode steps on the H200 (each
+    variant twice, alternating, in one process):
+    - NORM_PER_ONLY, only the residual norm's instance for this width (bench/results/{lean,mt,mt2,mt3,mt4}_h200_
+      2026-11-29_*). The kernel holds the registers of its widest instance (79 for all four; 46 / 48 / 63 for
+      AiM-B / L / XL's alone). Per step: AiM-B -4 % at batch 1, -0.6 % at 4, -1.8 % at 16, -1.3 % at 64; AiM-L
+      -2.4 % at 1 and -2 % at 4; AiM-XL even.
+    - Below d_model 1024: the residual norms and the products let their successors launch at once at every batch
+      (PDL_EARLY_NORM / PDL_EARLY_GEMV; the state update keeps PDL_EARLY_ROWS), so in_proj fetches its weights
+      during the norm and the state update its first slices during in_proj (bench/results/early_steps_h200_
+      2026-12-02.*): AiM-B -3.7 % per step at batch 16, even at 1 and 64. Not for AiM-XL: +6 % at batch 16
+      (products alone early: even)."""
+    defines = {"NORM_PER_ONLY": norm_instance(d_model)}
+    if d_model < 1024:
+        defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY)
+    return defines
 
 
 def gemv_m1_chunks(d_model: int, chunks) -> list[int]:
@@ -140,7 +152,10 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
             inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
     if d_model is not None:
-        step = {**model_defines(d_model), **step}  # explicit defines win
+        per_model = model_defines(d_model)
+        if "PDL_EARLY_ROWS" in step:  # one launch order asked for (to measure): no per-kind limits over it
+            per_model = {k: v for k, v in per_model.items() if not k.startswith("PDL_EARLY_")}
+        step = {**per_model, **step}  # explicit defines win
     return [{**step, "AIM_PARTS": 1}, {**defines, "AIM_PARTS": 2, "GEMV_INSTANCES": "/* none */"}]
 
 

@@ -115,6 +115,22 @@ def test_model_width_picks_the_measured_build():
     assert step_builds("bfloat16", {"NORM_PER_ONLY": 8}, d_model=768)[0]["NORM_PER_ONLY"] == 8
 
 
+def test_narrow_models_launch_after_norms_and_products_at_once(monkeypatch):
+    """Below d_model 1024 the residual norms and products let their successors launch at once at every batch
+    (measured for AiM-B); wider models, the sampler's program and a build without a width keep the source's
+    PDL_EARLY_ROWS for every kind; an asked-for AIM_RT_PDL_EARLY_ROWS applies to every kind."""
+    from aim_rt.plugins.kernels import PDL_EARLY_ANY, step_builds
+
+    base, sampler = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)
+    assert base["PDL_EARLY_NORM"] == base["PDL_EARLY_GEMV"] == PDL_EARLY_ANY and "PDL_EARLY_SSU" not in base
+    assert not any(k.startswith("PDL_EARLY") for k in sampler)
+    for build in (step_builds("bfloat16", gemv_depths=(1536, 3072), d_model=1536)[0], step_builds("bfloat16")[0]):
+        assert not any(k.startswith("PDL_EARLY") for k in build)
+    monkeypatch.setenv("AIM_RT_PDL_EARLY_ROWS", "0")
+    base = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)[0]
+    assert base["PDL_EARLY_ROWS"] == 0 and "PDL_EARLY_NORM" not in base and "PDL_EARLY_GEMV" not in base
+
+
 def test_norm_width_build_has_one_norm_instance():
     """The one-width build compiles for sm_90 and holds less code than the all-widths build (one instance of
     the norm's body instead of four)."""
@@ -129,3 +145,20 @@ def test_norm_width_build_has_one_norm_instance():
     every = compile_cubin("bfloat16", "sm_90", use_cache=False, defines=common)
     one = compile_cubin("bfloat16", "sm_90", use_cache=False, defines={**common, "NORM_PER_ONLY": 3})
     assert b"aim_residual_norm" in one and len(one) < len(every)
+
+
+def test_per_kind_launch_limits_change_hopper_code_only():
+    """PDL_EARLY_NORM reaches the program on sm_90 (the norm's launch_dependents moves) and is a no-op on sm_80,
+    where there is no programmatic dependent launch."""
+    from test_cuda_backend import _nvrtc_usable
+
+    from aim_rt.plugins.kernels import PDL_EARLY_ANY, compile_cubin
+
+    if not _nvrtc_usable():
+        pytest.skip("cuda-python with an NVRTC library is not installed")
+
+    common = {"AIM_PARTS": 1, "GEMV_INSTANCES": "/* none */", "NORM_PER_ONLY": 3}
+    for arch, differs in (("sm_90", True), ("sm_80", False)):
+        plain = compile_cubin("bfloat16", arch, use_cache=False, defines=common)
+        early = compile_cubin("bfloat16", arch, use_cache=False, defines={**common, "PDL_EARLY_NORM": PDL_EARLY_ANY})
+        assert (plain != early) == differs, arch
