@@ -11,8 +11,10 @@ so the next residual-norm kernel applies it (and shifts the B/C conv windows the
 state update waits for no other block; otherwise a small kernel finishes the op before out_proj. Then the final
 norms, the lm_head product, and one sampling kernel that writes the token and the next step's input
 embedding. The modulations are computed once per sequence; the class token is the first replayed step, from
-the zero state (a prefix goes through the reference's chunked prefill). One graph per (batch, settings) holds
-a whole step; it is replayed for every token.
+the zero state (a prefix goes through the reference's chunked prefill). Per (batch, settings) one graph holds
+a whole step and, up to batch 16, another `steps_per_graph` steps back to back (the token index lives on the
+device), so within it the next step's first kernels take their places and fetch their weights while the
+sampler runs; the loop replays the long graph, then the one-step graph for the rest.
 """
 
 from __future__ import annotations
@@ -39,6 +41,19 @@ def _ptr(t: Tensor | None) -> int | None:
 def _use_gemv(use_gemv: bool | None) -> bool:
     # False (or AIM_RT_GEMV=0): cuBLAS for every product, to measure what aim_gemv gains
     return os.environ.get("AIM_RT_GEMV", "1") != "0" if use_gemv is None else use_gemv
+
+
+def _steps_per_graph(value: int | None) -> int:
+    # AIM_RT_STEPS_PER_GRAPH=1: one step per replay, as before (to measure what the longer graph gains)
+    return max(1, int(os.environ.get("AIM_RT_STEPS_PER_GRAPH", STEPS_PER_GRAPH) if value is None else value))
+
+
+# Measured on the H200 (bench/results/graph_steps_h200_2026-12-02.*, whole steps, alternating in one process):
+# 8 steps per graph against 1: AiM-B -0.6 % per step at batch 1, -0.9 % at 4, -0.8 % at 16, but +0.7 % at 64
+# (whose products are cuBLAS kernels, outside the early-launch chain); AiM-XL -0.8 % at 1, -0.2 % at 16. 32
+# steps: the same as 8. Hence 8, up to MULTI_STEP_MAX_ROWS rows.
+STEPS_PER_GRAPH = 8
+MULTI_STEP_MAX_ROWS = 32
 
 
 def _gemv_depths(cfg) -> tuple[int, ...]:
@@ -90,8 +105,10 @@ class _Buffers:
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, model: AiM, use_graphs: bool = True, use_gemv: bool | None = None):
-        """`use_gemv`: our skinny products (None: unless AIM_RT_GEMV=0)."""
+    def __init__(self, model: AiM, use_graphs: bool = True, use_gemv: bool | None = None,
+                 steps_per_graph: int | None = None):
+        """`use_gemv`: our skinny products (None: unless AIM_RT_GEMV=0). `steps_per_graph`: decode steps in the
+        long graph (None: STEPS_PER_GRAPH unless AIM_RT_STEPS_PER_GRAPH is set)."""
         from aim_rt.plugins.kernels import Kernels, check_shapes
 
         if model.device.type != "cuda":
@@ -102,12 +119,13 @@ class CudaBackend:
         self.dtype = model.dtype
         self.use_graphs = use_graphs
         self.use_gemv = _use_gemv(use_gemv)
+        self.steps_per_graph = _steps_per_graph(steps_per_graph)
         if model.vq is not None:  # the VQ decoder's kernels compile meanwhile (no-op if precompile started them)
             precompile(cfg, dtype_name(self.dtype), model.device)
         self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0, gemv_depths=_gemv_depths(cfg),
                                d_model=cfg.d_model)
         self._buffers: dict[int, _Buffers] = {}
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple, list[tuple[int, torch.cuda.CUDAGraph]]] = {}  # (steps, graph): 1 first
         self._vq = None  # the fast VQ decoder, built on first use
         self._params = self._layer_params()
         self._mode = (False, False)  # (teacher forcing, record mixed logits): which optional pointers are live
@@ -339,24 +357,33 @@ class CudaBackend:
                 self._step(buf, settings)
             return
         key = (buf.seeds.shape[0], *self._mode, *settings.to_dict().values())
-        graph = self._graphs.get(key)
-        if graph is None:
-            # Warm up on a side stream (cuBLAS picks its kernels), then capture one whole step. The warm-up
-            # changes the buffers; callers run the prefill after this.
-            # The token index may still be num_tokens from the last sample of this batch size: the warm-up step
-            # would read the teacher row and the position table past their ends (an index in range is kept).
+        if key not in self._graphs:
+            # Warm up on a side stream (cuBLAS picks its kernels), then capture one whole step, and
+            # steps_per_graph steps. The warm-up and the captures change the buffers; callers run the prefill
+            # after this. The token index may still be num_tokens from the last sample of this batch size: the
+            # warm-up step would read the teacher row and the position table past their ends (an index in range
+            # is kept).
             buf.step.remainder_(self.config.num_tokens)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self._step(buf, settings)
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(buf, settings)
-            self._graphs[key] = graph
-        for _ in range(count):
-            graph.replay()
+            graphs = []
+            multi = self.steps_per_graph if 2 * buf.seeds.shape[0] <= MULTI_STEP_MAX_ROWS else 1
+            for steps in dict.fromkeys((1, multi)):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(steps):
+                        self._step(buf, settings)
+                graphs.append((steps, graph))
+            self._graphs[key] = graphs
+        single = self._graphs[key][0][1]
+        steps, long_graph = self._graphs[key][-1]
+        for _ in range(count // steps):
+            long_graph.replay()
+        for _ in range(count % steps):
+            single.replay()
 
     @torch.no_grad()
     def sample(self, classes, seeds, settings: SamplingSettings, prefix=None, teacher=None, return_mixed=False):

@@ -50,6 +50,11 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "early_gemv": {"PDL_EARLY_GEMV": 1 << 20},
     "early_norm": {"PDL_EARLY_NORM": 1 << 20},
     "early_gn": {"PDL_EARLY_GEMV": 1 << 20, "PDL_EARLY_NORM": 1 << 20},
+    # decode steps per replayed graph (CudaBackend.steps_per_graph; host side)
+    "g1": {"_steps_per_graph": 1},
+    "g4": {"_steps_per_graph": 4},
+    "g8": {"_steps_per_graph": 8},
+    "g32": {"_steps_per_graph": 32},
 }
 CAPS = (2, 3)  # the default build with at most this many blocks per SM
 CASES = [("AiM-B", 1), ("AiM-B", 16), ("AiM-B", 64), ("AiM-XL", 1), ("AiM-XL", 16), ("AiM-XL", 64)]
@@ -234,6 +239,7 @@ def step_table(kernels, specs, log, save, names=("old", "new"), repeats=1, op_ti
             for _ in range(repeats):
                 for name in names:
                     backend.kernels = kernels[name]
+                    backend.steps_per_graph = variant(name.removeprefix("old+")).get("_steps_per_graph", 1)
                     backend._graphs.clear()
                     tokens[name] = backend.sample(classes, seeds, settings)
                     us = backend.phase_times(batch, settings)["replays_us_per_step"]

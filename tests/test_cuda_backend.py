@@ -248,6 +248,13 @@ def test_bf16_backend_against_reference_and_vq_decode():
     # graphs replayed with another batch size and settings still give the eager result
     eager = CudaBackend(model, use_graphs=False).sample([1, 2, 3], [4, 5, 6], settings)
     assert torch.equal(backend.sample([1, 2, 3], [4, 5, 6], settings), eager)
+    # several steps per graph (64 = 9 * 7 + 1: the long graph, then the one-step graph), and with a prefix
+    assert backend.steps_per_graph > 1
+    sevens = CudaBackend(model, steps_per_graph=7)
+    assert torch.equal(sevens.sample([1, 2, 3], [4, 5, 6], settings), eager)
+    prefix = eager[:, :5]
+    assert torch.equal(sevens.sample([1, 2, 3], [4, 5, 6], settings, prefix=prefix),
+                       CudaBackend(model, use_graphs=False).sample([1, 2, 3], [4, 5, 6], settings, prefix=prefix))
 
 
 @needs_gpu
