@@ -150,7 +150,7 @@ def _export_copy(model: AiM, dt: torch.dtype) -> AiM:
 def _export_all(model: AiM, out: Path, dt: torch.dtype, opset: int, prefix_len: int, vq_uint8: bool,
                 model_sha256: str | None, source: str | None) -> dict:
     cfg = model.config
-    batch, rows = 2, 4
+    batch = 2
     classes = torch.arange(batch) % cfg.num_classes
     scal = torch.tensor(5.0), torch.tensor(1.0)
     prefill_args = (classes, *scal)

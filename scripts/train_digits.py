@@ -23,14 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-import aim_rt
 from aim_rt.config import AiMConfig, VQConfig
 from aim_rt.loading import attach_vq, random_model, save_model
-from aim_rt.model import cfg_rows
 from aim_rt.vq import VQModel
 
 IMAGE = 32
