@@ -43,17 +43,17 @@ def _use_gemv(use_gemv: bool | None) -> bool:
     return os.environ.get("AIM_RT_GEMV", "1") != "0" if use_gemv is None else use_gemv
 
 
-def _steps_per_graph(value: int | None) -> int:
-    # AIM_RT_STEPS_PER_GRAPH=1: one step per replay, as before (to measure what the longer graph gains)
-    return max(1, int(os.environ.get("AIM_RT_STEPS_PER_GRAPH", STEPS_PER_GRAPH) if value is None else value))
-
-
 # Measured on the H200 (bench/results/graph_steps_h200_2026-12-02.*, whole steps, alternating in one process):
 # 8 steps per graph against 1: AiM-B -0.6 % per step at batch 1, -0.9 % at 4, -0.8 % at 16, but +0.7 % at 64
 # (whose products are cuBLAS kernels, outside the early-launch chain); AiM-XL -0.8 % at 1, -0.2 % at 16. 32
 # steps: the same as 8. Hence 8, up to MULTI_STEP_MAX_ROWS rows.
 STEPS_PER_GRAPH = 8
 MULTI_STEP_MAX_ROWS = 32
+
+
+def _steps_per_graph(value: int | None) -> int:
+    # AIM_RT_STEPS_PER_GRAPH=1: one step per replay, as before (to measure what the longer graph gains)
+    return max(1, int(os.environ.get("AIM_RT_STEPS_PER_GRAPH", STEPS_PER_GRAPH) if value is None else value))
 
 
 def _gemv_depths(cfg) -> tuple[int, ...]:
@@ -359,8 +359,8 @@ class CudaBackend:
         key = (buf.seeds.shape[0], *self._mode, *settings.to_dict().values())
         if key not in self._graphs:
             # Warm up on a side stream (cuBLAS picks its kernels), then capture one whole step, and
-            # steps_per_graph steps. The warm-up and the captures change the buffers; callers run the prefill
-            # after this. The token index may still be num_tokens from the last sample of this batch size: the
+            # steps_per_graph steps (up to MULTI_STEP_MAX_ROWS rows). The warm-up changes the buffers; callers
+            # run the prefill after this. The token index may still be num_tokens from the last sample of this batch size: the
             # warm-up step would read the teacher row and the position table past their ends (an index in range
             # is kept).
             buf.step.remainder_(self.config.num_tokens)

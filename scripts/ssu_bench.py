@@ -23,7 +23,7 @@ import torch
 
 import aim_rt
 from aim_rt.bench import copy_bandwidth, op_bytes, replay_us
-from aim_rt.plugins.kernels import Kernels, kernel_builds, ssu_params
+from aim_rt.plugins.kernels import PDL_EARLY_ANY, Kernels, kernel_builds, ssu_params
 
 # new-kernel compile-time variants (the first is the default build)
 VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was SSU_MIN_BLOCKS=4: "new" there is
@@ -47,9 +47,10 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "build_l": {"_model": "AiM-L"},
     "build_xl": {"_model": "AiM-XL"},
     # 2026-12-02, combined with a build as "build_b+early_gn": each kind of kernel's early-launch limit
-    "early_gemv": {"PDL_EARLY_GEMV": 1 << 20},
-    "early_norm": {"PDL_EARLY_NORM": 1 << 20},
-    "early_gn": {"PDL_EARLY_GEMV": 1 << 20, "PDL_EARLY_NORM": 1 << 20},
+    # (measured with 1 << 20, the same as PDL_EARLY_ANY: no row count reaches either)
+    "early_gemv": {"PDL_EARLY_GEMV": PDL_EARLY_ANY},
+    "early_norm": {"PDL_EARLY_NORM": PDL_EARLY_ANY},
+    "early_gn": {"PDL_EARLY_GEMV": PDL_EARLY_ANY, "PDL_EARLY_NORM": PDL_EARLY_ANY},
     # decode steps per replayed graph (CudaBackend.steps_per_graph; host side)
     "g1": {"_steps_per_graph": 1},
     "g4": {"_steps_per_graph": 4},
