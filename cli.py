@@ -15,8 +15,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from aim_rt import readahead
-
 try:  # typer >= 0.2x parses with its own copy of click; its usage errors are these classes, not click's
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - older typer
@@ -255,7 +253,6 @@ def generate(
                                    "instead of resuming."),
 ) -> None:
     """Sample images to PNGs, tokens.npz, samples.npz and grid.png; rerun the same command to resume."""
-    readahead.start()  # first of all: the libraries torch is about to load come in from disk meanwhile
     if backend == "cuda":  # first: NVRTC compiles the model-independent kernels while torch loads
         from aim_rt.plugins.kernels import precompile_early
 
@@ -356,7 +353,6 @@ def bench(
     """Time sampling (ms/step, autoregressive, VQ, end to end, images/s, peak memory, ratio to the floor)."""
     import json
 
-    readahead.start()
     if kernels or "cuda" in backends:  # first: NVRTC compiles the model-independent kernels while torch loads
         from aim_rt.plugins.kernels import precompile_early
 

@@ -5,20 +5,15 @@ model is built (precompile, inside bench._model); CudaBackend and the decoder wa
 
     AIM_RT_CACHE=$(mktemp -d) python scripts/cold_start.py     # empty kernel cache: NVRTC compiles
     python scripts/cold_start.py                               # second process: cached cubins
-    python scripts/cold_start.py --plain                       # no readahead, no early compiles: a library user's order
-    AIM_RT_READAHEAD=0 python scripts/cold_start.py            # early compiles without the library readahead
+    python scripts/cold_start.py --plain                       # no early compiles: a library user's order
 """
 
-import os
 import sys
 import time
 
 t0 = time.perf_counter()
 early = "--plain" not in sys.argv
 if early:
-    from aim_rt import readahead
-
-    readahead.start()  # AIM_RT_READAHEAD=0: without
     from aim_rt.plugins.kernels import precompile_early
 
     precompile_early("bfloat16")
@@ -39,6 +34,5 @@ t_tokens = time.perf_counter() - t0
 images = backend.decode(tokens)
 torch.cuda.synchronize()
 total = time.perf_counter() - t0
-mode = " (--plain)" if not early else " (no readahead)" if os.environ.get("AIM_RT_READAHEAD") == "0" else ""
-print(f"cold start{mode}: imports {t_import:.2f} s, random AiM-B built {t_model:.2f} s, "
+print(f"cold start{'' if early else ' (--plain)'}: imports {t_import:.2f} s, random AiM-B built {t_model:.2f} s, "
       f"step kernels ready {t_kernels:.2f} s, 16 images' tokens {t_tokens:.2f} s, and images: done at {total:.2f} s")

@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--launches", type=int, default=60)
     args = ap.parse_args()
 
+    torch.zeros(1, device="cuda")  # the context OldSampler loads its module into
     tmp = Path(tempfile.mkdtemp()) / "aim_kernels_stamped.cu"
     instrumented_source(tmp)
     k = OldSampler("bfloat16", tmp, 57344)
