@@ -1,0 +1,103 @@
+"""The decode step's products above 32 rows (cuBLAS today), by call form: which one cuBLAS runs fastest.
+
+    PYTHONPATH=. python scripts/product_bench.py [--out results/]
+
+For each (model, rows, product) a CUDA graph of one product per layer, each layer with its own weights (so they
+come from DRAM, as in the step), replayed; µs per product (median of 7 replays) and the share of copy bandwidth
+(weights + x + y). Forms: `mm_t` torch.mm(x, w.t()) (what the backend does), `mm_nn` torch.mm(x, w_t) with the
+weight stored transposed (k, n), `addmm` torch.addmm(zero bias, x, w.t()) (cuBLASLt's bias epilogue), `halves`
+two mm_t calls of half the rows, `gemv2` our aim_gemv on two halves of the rows (where an instance fits), `gemm` our aim_gemm (its plan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from aim_rt.bench import copy_bandwidth, replay_us
+from aim_rt.config import preset
+
+torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def forms(x, w, wt, bias, y, kernels):
+    rows = x.shape[0]
+    h = rows // 2
+    out = {
+        "mm_t": lambda: torch.mm(x, w.t(), out=y),
+        "mm_nn": lambda: torch.mm(x, wt, out=y),
+        "addmm": lambda: torch.addmm(bias, x, w.t(), out=y),
+        "halves": lambda: (torch.mm(x[:h], w.t(), out=y[:h]), torch.mm(x[h:], w.t(), out=y[h:])),
+    }
+    if kernels is not None:
+        from aim_rt.plugins.kernels import gemm_params, gemm_plan, gemv_params, gemv_supported
+
+        n, k = w.shape
+        plan = gemm_plan(n, k, kernels.num_sms, kernels.max_smem_optin)
+        if plan is not None and rows <= 128:  # aim_gemm with its plan, whatever the waves limit says
+            bn, ks = plan
+            ws = (torch.empty(max(1, (k // ks) * rows * n), device=x.device),
+                  torch.zeros(-(-n // bn), device=x.device, dtype=torch.int32))
+            pg = gemm_params(x, w, y, *ws, ks)
+            out["gemm"] = lambda: kernels.gemm(pg, bn, torch.cuda.current_stream().cuda_stream)
+
+        if gemv_supported("bfloat16", h, x.shape[1]):
+            p0, p1 = gemv_params(x[:h], w, y[:h]), gemv_params(x[h:], w, y[h:])
+            stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+            out["gemv2"] = lambda: (kernels.gemv(p0, stream()), kernels.gemv(p1, stream()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--models", default="AiM-B,AiM-XL")
+    ap.add_argument("--rows", default="64,128")
+    args = ap.parse_args()
+    from aim_rt.plugins.kernels import Kernels
+
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    report = {"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "cases": {}}
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    for name in args.models.split(","):
+        cfg = preset(name)
+        kernels = Kernels("bfloat16", gemv_depths=(cfg.d_model, cfg.d_inner), d_model=cfg.d_model)
+        for prod, (n, k) in {"in_proj": (cfg.d_in_proj, cfg.d_model), "out_proj": (cfg.d_model, cfg.d_inner)}.items():
+            layers = cfg.n_layer
+            ws = [torch.randn(n, k, device=dev).mul_(k ** -0.5).to(torch.bfloat16) for _ in range(layers)]
+            wts = [w.t().contiguous() for w in ws]
+            bias = torch.zeros(n, device=dev, dtype=torch.bfloat16)
+            for rows in map(int, args.rows.split(",")):
+                x = torch.randn(rows, k, device=dev).to(torch.bfloat16)
+                ys = [torch.empty(rows, n, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
+                calls = [forms(x, ws[i], wts[i], bias, ys[i], kernels) for i in range(layers)]
+                ref = (x.float() @ ws[0].float().t())
+                row = {}
+                for form in calls[0]:
+                    for _ in range(2):
+                        for c in calls:
+                            c[form]()
+                    torch.cuda.synchronize()
+                    err = ((ys[0].float() - ref).abs().max() / ref.abs().max()).item()
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        for c in calls:
+                            c[form]()
+                    us = replay_us(g, layers, replays=7)
+                    moved = (n * k + rows * (k + n)) * 2
+                    row[form] = {"us": us, "of_copy": moved / (us * 1e-6) / bw, "rel_err": err}
+                key = f"{name} {prod} rows {rows} ({n}x{k})"
+                report["cases"][key] = row
+                print(f"{key}: " + ", ".join(f"{f} {r['us']:.2f} µs ({r['of_copy']:.0%}, err {r['rel_err']:.1e})"
+                                             for f, r in row.items()), flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "product_bench.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
