@@ -1469,19 +1469,33 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
   __syncthreads();
   if (!last) return;
   __threadfence();
+  // each thread a fixed set of column pairs; per split all their loads are in flight at once (one L2 round
+  // trip per split, not per pair), added in split order: deterministic
+  constexpr int PER = GEMM_ROWS * BN / 2 / 256;
   const int cols = min(BN, p.n - col0);
-  for (int i = tid; i < rows * (BN / 2); i += blockDim.x) {
-    const int r = i / (BN / 2), c = 2 * (i - r * (BN / 2));
-    if (c >= cols) continue;
-    float2 s = make_float2(0.0f, 0.0f);
-    for (int z = 0; z < (int)gridDim.y; ++z) {  // split order: deterministic
-      const float2 v = __ldcg(reinterpret_cast<const float2*>(p.partial + ((long long)z * rows + r) * p.n + col0 + c));
-      s.x += v.x;
-      s.y += v.y;
+  float2 s[PER];
+#pragma unroll
+  for (int u = 0; u < PER; ++u) s[u] = make_float2(0.0f, 0.0f);
+  for (int z = 0; z < (int)gridDim.y; ++z) {
+    const float* part = p.partial + (long long)z * rows * p.n + col0;
+#pragma unroll
+    for (int u = 0; u < PER; ++u) {
+      const int i = tid + 256 * u, r = i / (BN / 2), c = 2 * (i % (BN / 2));
+      if (r < rows && c < cols) {
+        const float2 v = __ldcg(reinterpret_cast<const float2*>(part + (long long)r * p.n + c));
+        s[u].x += v.x;
+        s[u].y += v.y;
+      }
     }
-    elem_t* out = p.y + (long long)r * p.y_stride + col0 + c;
-    out[0] = st(s.x);
-    out[1] = st(s.y);
+  }
+#pragma unroll
+  for (int u = 0; u < PER; ++u) {
+    const int i = tid + 256 * u, r = i / (BN / 2), c = 2 * (i % (BN / 2));
+    if (r < rows && c < cols) {
+      elem_t* out = p.y + (long long)r * p.y_stride + col0 + c;
+      out[0] = st(s[u].x);
+      out[1] = st(s[u].y);
+    }
   }
   if (tid == 0) p.counters[blockIdx.x] = 0u;
 }
