@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -100,7 +100,6 @@ class _Buffers:
     step: Tensor        # (1,) int32: the token index the sampler draws next
     teacher: Tensor | None = None
     mixed: Tensor | None = None
-    gemm: dict = field(default_factory=dict)  # (n, k, BN, ks) -> (partial, counters): aim_gemm's workspace
 
 
 class CudaBackend:
@@ -214,7 +213,7 @@ class CudaBackend:
             ops.append(("residual_norm", residual_norm(i, buf.hidden if i == 0 else buf.out,
                                                        buf.mods[i - 1][:, 2] if i else None, w["norm"], None,
                                                        buf.mods[i], p)))
-            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt, buf)))
+            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             p = ssu_params(
                 xbc=buf.zxbcdt[:, d_in:d_x], z=buf.zxbcdt[:, :d_in], dt=buf.zxbcdt[:, d_x:],
                 conv_state_in=buf.conv[i], conv_state_out=buf.conv[i], ssm_state_in=buf.ssm[i],
@@ -222,33 +221,22 @@ class CudaBackend:
                 headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
             ops.append(("selective_state_update",
                         lambda p=p: k.selective_state_update(p, stream(), finish=not fold_norm)))
-            ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out, buf)))
+            ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
         ops.append(("final_norm", residual_norm(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
                                                 bb.final_layer.norm_final.weight, buf.final_mods, p)))
-        ops.append(("lm_head", self._matmul(buf.normed, self.model.lm_head.weight, buf.logits, buf)))
+        ops.append(("lm_head", self._matmul(buf.normed, self.model.lm_head.weight, buf.logits)))
         ops.append(("sample", lambda: self._sample(buf, settings, stream())))
         return ops
 
-    def _matmul(self, x: Tensor, w: Tensor, y: Tensor, buf: _Buffers) -> Callable[[], None]:
-        """y = x @ w.T: for 16-bit models our tensor-core products (weights streamed before the previous kernel
-        ends): aim_gemv up to GEMV_FAST_ROWS rows, aim_gemm above where its workspace was planned (_alloc);
-        cuBLAS otherwise."""
-        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemm_params, gemv_params, gemv_supported
+    def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
+        """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel
+        ends) for 16-bit models up to GEMV_FAST_ROWS rows; cuBLAS otherwise."""
+        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemv_params, gemv_supported
 
-        stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
         if (self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS
                 and gemv_supported(dtype_name(self.dtype), x.shape[0], x.shape[1])):
             p = gemv_params(x, w, y)
-            return lambda: self.kernels.gemv(p, stream())
-        rows, (n, k) = x.shape[0], w.shape
-        plan = self.kernels.gemm_plan(rows, n, k) if self.use_gemv and self.dtype != torch.float32 else None
-        if plan is not None:
-            bn, ks = plan
-            if (n, k, bn, ks) not in buf.gemm:  # (a warm-up step always runs before a capture: not allocated there)
-                buf.gemm[(n, k, bn, ks)] = (torch.empty((k // ks) * rows * n if k > ks else 0, device=x.device),
-                                         torch.zeros(-(-n // bn), device=x.device, dtype=torch.int32))
-            p = gemm_params(x, w, y, *buf.gemm[(n, k, bn, ks)], ks)
-            return lambda: self.kernels.gemm(p, bn, stream())
+            return lambda: self.kernels.gemv(p, torch.cuda.current_stream().cuda_stream)
         return lambda: torch.mm(x, w.t(), out=y)
 
     def _step(self, buf: _Buffers, settings: SamplingSettings) -> None:

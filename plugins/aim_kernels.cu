@@ -1286,16 +1286,6 @@ struct GemvParams {
   int rows, n, k;
 };
 
-struct GemmParams {
-  const elem_t* x;  long long x_stride;  // (rows, k), rows 16-byte aligned
-  const elem_t* w;                       // (n, k) contiguous
-  elem_t* y;  long long y_stride;        // (rows, n)
-  float* partial;                        // (splits, rows, n) float32, splits > 1
-  unsigned* counters;                    // (n tiles) zero before the first launch; left zero
-  int rows, n, k, ks;                    // ks: depth per block (k / gridDim.y), a multiple of 64
-};
-#define GEMM_ROWS 128
-
 #ifndef GEMV_MAX_MT
 #define GEMV_MAX_MT 4
 #endif
@@ -1371,135 +1361,6 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
   }
 }
 
-// ----------------------------------------------------------------------------------------------------------
-// Products of 33 to GEMM_ROWS rows (batch 17-64 with CFG), where one aim_gemv block per few columns would re-read
-// all of x from L2 too often: a GEMM tile per block, every row x BN columns x ks of the depth (split-K over
-// blockIdx.y, so that ~100 blocks run even for AiM-B's narrow products). The weight tile is requested (cp.async)
-// before PDL_WAIT, then x in two halves of ks, the first multiplied while the second lands. 8 warps: 4 along
-// the rows (32 each, two m-tiles) x 2 along the columns (BN / 2 each); the same k order trick as aim_gemv (thread
-// t holds k = 8t..8t+7 of a 32-deep chunk, 16-byte shared loads). Shared rows are (ks + 32) elements apart: 64
-// bytes past a multiple of 128, so the 8 rows of a quarter-warp's 16-byte loads fall in distinct banks.
-// With split-K each block writes its float32 partial tile; the last block of a column tile to arrive (counter)
-// adds the partials in split order and writes y, then re-arms the counter. A row's result depends only on its
-// own x row, k, n and the plan (BN, ks): not on the other rows, nor on their number.
-
-template <int BN>
-__device__ __forceinline__ void gemm_body(const GemmParams& p) {
-  extern __shared__ __align__(16) unsigned char gemm_smem[];
-  __shared__ unsigned last;
-  constexpr int NTW = BN / 16;  // 8-column tiles per warp
-  const int ld = p.ks + 32, vpr = p.ks >> 3, half = vpr >> 1;  // pitch (elements); 16-byte vectors per row
-  elem_t* ws = reinterpret_cast<elem_t*>(gemm_smem);
-  elem_t* xs = ws + BN * ld;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int col0 = blockIdx.x * BN, kb = blockIdx.y * p.ks, rows = p.rows;
-  for (int i = tid; i < BN * vpr; i += blockDim.x) {
-    const int r = i / vpr, c = i - r * vpr;
-    elem_t* dst = ws + r * ld + 8 * c;
-    if (col0 + r < p.n) cp_async16(dst, p.w + (long long)(col0 + r) * p.k + kb + 8 * c);
-    else *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-  }
-  cp_async_commit();
-  PDL_WAIT(p.rows, PDL_EARLY_GEMV);
-  for (int h = 0; h < 2; ++h) {  // rows past p.rows are never loaded: their (garbage) results are not stored
-    for (int i = tid; i < rows * half; i += blockDim.x) {
-      const int r = i / half, c = h * half + (i - r * half);
-      cp_async16(xs + r * ld + 8 * c, p.x + (long long)r * p.x_stride + kb + 8 * c);
-    }
-    cp_async_commit();
-  }
-  const int wm = warp & 3, wn = warp >> 2;
-  const int mts = min(2, max(0, (rows - 32 * wm + 15) >> 4));  // this warp's m-tiles that hold rows
-  const elem_t* xw = xs + (32 * wm + g) * ld + 8 * t;
-  const elem_t* ww = ws + ((BN / 2) * wn + g) * ld + 8 * t;
-  float acc[2][NTW][4];
-#pragma unroll
-  for (int m = 0; m < 2; ++m)
-#pragma unroll
-    for (int j = 0; j < NTW; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
-  const int chunks = p.ks >> 6;  // 32-deep chunks per half
-#pragma unroll 1
-  for (int h = 0; h < 2; ++h) {
-    if (h == 0) cp_async_wait<1>(); else cp_async_wait<0>();
-    __syncthreads();
-    if (mts == 0) continue;
-#pragma unroll 2
-    for (int c = h * chunks; c < (h + 1) * chunks; ++c) {
-      uint4 a[2][2], b[NTW];
-#pragma unroll
-      for (int j = 0; j < NTW; ++j) b[j] = *reinterpret_cast<const uint4*>(ww + 8 * j * ld + 32 * c);
-#pragma unroll
-      for (int m = 0; m < 2; ++m) {
-        if (m >= mts) break;
-        a[m][0] = *reinterpret_cast<const uint4*>(xw + 16 * m * ld + 32 * c);
-        a[m][1] = *reinterpret_cast<const uint4*>(xw + (16 * m + 8) * ld + 32 * c);
-#pragma unroll
-        for (int j = 0; j < NTW; ++j) {
-          mma_16816(acc[m][j], a[m][0].x, a[m][1].x, a[m][0].y, a[m][1].y, b[j].x, b[j].y);
-          mma_16816(acc[m][j], a[m][0].z, a[m][1].z, a[m][0].w, a[m][1].w, b[j].z, b[j].w);
-        }
-      }
-    }
-  }
-  const bool split = gridDim.y > 1;
-#pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    if (m >= mts) break;
-#pragma unroll
-    for (int j = 0; j < NTW; ++j)
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {  // rows g and g + 8 of the m-tile; columns 2t, 2t + 1 (n is even)
-        const int row = 32 * wm + 16 * m + g + 8 * q, col = col0 + (BN / 2) * wn + 8 * j + 2 * t;
-        if (row >= rows || col >= p.n) continue;
-        const float v0 = acc[m][j][2 * q], v1 = acc[m][j][2 * q + 1];
-        if (split) {
-          *reinterpret_cast<float2*>(p.partial + ((long long)blockIdx.y * rows + row) * p.n + col) =
-              make_float2(v0, v1);
-        } else {
-          elem_t* out = p.y + (long long)row * p.y_stride + col;
-          out[0] = st(v0);
-          out[1] = st(v1);
-        }
-      }
-  }
-  if (!split) return;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) last = atomicAdd(p.counters + blockIdx.x, 1u) == gridDim.y - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  // each thread a fixed set of column pairs; per split all their loads are in flight at once (one L2 round
-  // trip per split, not per pair), added in split order: deterministic
-  constexpr int PER = GEMM_ROWS * BN / 2 / 256;
-  const int cols = min(BN, p.n - col0);
-  float2 s[PER];
-#pragma unroll
-  for (int u = 0; u < PER; ++u) s[u] = make_float2(0.0f, 0.0f);
-  for (int z = 0; z < (int)gridDim.y; ++z) {
-    const float* part = p.partial + (long long)z * rows * p.n + col0;
-#pragma unroll
-    for (int u = 0; u < PER; ++u) {
-      const int i = tid + 256 * u, r = i / (BN / 2), c = 2 * (i % (BN / 2));
-      if (r < rows && c < cols) {
-        const float2 v = __ldcg(reinterpret_cast<const float2*>(part + (long long)r * p.n + c));
-        s[u].x += v.x;
-        s[u].y += v.y;
-      }
-    }
-  }
-#pragma unroll
-  for (int u = 0; u < PER; ++u) {
-    const int i = tid + 256 * u, r = i / (BN / 2), c = 2 * (i % (BN / 2));
-    if (r < rows && c < cols) {
-      elem_t* out = p.y + (long long)r * p.y_stride + col0 + c;
-      out[0] = st(s[u].x);
-      out[1] = st(s[u].y);
-    }
-  }
-  if (tid == 0) p.counters[blockIdx.x] = 0u;
-}
-
 #define GEMV_ENTRY(NAME, CH, NT, MT) \
   extern "C" __global__ void __launch_bounds__(256) NAME(GemvParams p) { \
     PDL_START(p.rows, PDL_EARLY_GEMV);                                    \
@@ -1519,13 +1380,4 @@ X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(6, 1) X(8, 1) X(12, 1) X(1, 4) X(2, 4) X(3, 4)
 #endif
 #undef X
 #undef Y
-#if AIM_PARTS & 1
-#define GEMM_ENTRY(BN)                                                                            \
-  extern "C" __global__ void __launch_bounds__(256) aim_gemm_n##BN(GemmParams p) {               \
-    PDL_START(p.rows, PDL_EARLY_GEMV);                                                           \
-    gemm_body<BN>(p);                                                                            \
-  }
-GEMM_ENTRY(32) GEMM_ENTRY(64)
-#undef GEMM_ENTRY
-#endif
 #endif

@@ -257,12 +257,7 @@ class GemvParams(ctypes.Structure):
     _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
 
 
-class GemmParams(ctypes.Structure):
-    _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("partial", P), ("counters", P),
-                ("rows", I), ("n", I), ("k", I), ("ks", I)]
-
-
-STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemmParams)
+STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams)
 
 
 def layout_asserts() -> str:
@@ -401,54 +396,6 @@ def gemv_supported(dtype: str, rows: int, k: int) -> bool:
     return rows <= 16 * min(4, 8 // gemv_tiles(rows, k))
 
 
-# aim_gemm_n<BN> (16-bit types): products of GEMV_FAST_ROWS + 1 to GEMM_ROWS rows, a tile of every row x BN
-# columns x ks of the depth per block (split-K). AIM_RT_GEMM=0: cuBLAS there instead (to measure).
-GEMM_ROWS, GEMM_BNS = 128, (32, 64)
-GEMM_MAX_WAVES = int(os.environ.get("AIM_RT_GEMM_MAX_WAVES", "2"))  # blocks per SM above which cuBLAS takes it
-
-
-def gemm_smem_bytes(bn: int, ks: int, rows: int = GEMM_ROWS) -> int:
-    """Dynamic shared memory of aim_gemm_n<bn>: the weight tile and x (rows rounded up to 16), rows ks + 32
-    elements apart."""
-    return (bn + -(-rows // 16) * 16) * (ks + 32) * 2
-
-
-def gemm_plan(n: int, k: int, num_sms: int, max_smem: int) -> tuple[int, int] | None:
-    """(BN, ks) for a product of depth k into n columns: 64-column tiles where there are at least 40 of them,
-    else 32; the fewest splits of k (ks a multiple of 64, fitting max_smem at GEMM_ROWS rows) that give about
-    0.7 blocks per SM. The plan depends on n, k and the GPU only, never on the rows. None: not supported."""
-    if k % 64 or n % 2:
-        return None
-    bn = 64 if n >= 64 * 40 else 32
-    tiles, best = -(-n // bn), None
-    for splits in range(1, k // 64 + 1):
-        ks = k // splits
-        if k % splits or ks % 64 or gemm_smem_bytes(bn, ks) > max_smem:
-            continue
-        best = (bn, ks)
-        if tiles * splits >= 0.7 * num_sms:
-            break
-    return best
-
-
-def gemm_params(x, w, y, partial, counters, ks: int) -> GemmParams:
-    """y = x @ w.T through aim_gemm: x (rows, k), w (n, k) contiguous, y (rows, n); partial: float32 of at least
-    (k / ks) * rows * n elements where k > ks; counters: int32 zeros, one per column tile."""
-    rows, k = x.shape
-    n = w.shape[0]
-    if w.shape[1] != k or tuple(y.shape) != (rows, n) or k % ks or ks % 64 or not 0 < rows <= GEMM_ROWS:
-        raise KernelError(f"gemm shapes: x {tuple(x.shape)}, w {tuple(w.shape)}, y {tuple(y.shape)}, ks {ks}")
-    es = x.element_size()
-    if (x.stride(1) != 1 or y.stride(1) != 1 or not w.is_contiguous() or (x.stride(0) * es) % 16
-            or x.data_ptr() % 16 or w.data_ptr() % 16 or (y.stride(0) * es) % 4 or y.data_ptr() % 4):
-        raise KernelError("gemm needs contiguous, 16-byte-aligned rows of x, a contiguous w and 4-byte-aligned y rows")
-    if k > ks and (partial is None or partial.numel() < (k // ks) * rows * n or partial.dtype.itemsize != 4):
-        raise KernelError(f"gemm needs a float32 workspace of {(k // ks) * rows * n} elements")
-    return GemmParams(x=x.data_ptr(), x_stride=x.stride(0), w=w.data_ptr(), y=y.data_ptr(), y_stride=y.stride(0),
-                      partial=partial.data_ptr() if k > ks else None, counters=counters.data_ptr(), rows=rows, n=n,
-                      k=k, ks=ks)
-
-
 def gemv_params(x, w, y) -> GemvParams:
     """y = x @ w.T for torch tensors: x (rows, k) with 16-byte-aligned rows, w (n, k) contiguous, y (rows, n)."""
     rows, k = x.shape
@@ -522,11 +469,6 @@ class Kernels:
             if fn is not None:
                 self.fn[f"aim_gemv_k{c}_n1_m1"] = fn
                 self.gemv_m1.add(c)
-        self.gemm_bns = {bn for bn in GEMM_BNS if dtype != "float32"
-                         and self._gemm_fn(bn) is not None}  # an older source_path has none
-        self._gemm_smem = {bn: 0 for bn in GEMM_BNS}
-        attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
-        self.max_smem_optin = _check(driver.cuDeviceGetAttribute(attr, device_index), "cuDeviceGetAttribute")
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
@@ -597,31 +539,6 @@ class Kernels:
         m1 = nt == 1 and p.rows <= GEMV_NARROW_ROWS and c in self.gemv_m1
         name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
         self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
-
-    def _gemm_fn(self, bn: int):
-        fn = self._function(f"aim_gemm_n{bn}", required=False)
-        if fn is not None:
-            self.fn[f"aim_gemm_n{bn}"] = fn
-        return fn
-
-    def gemm_plan(self, rows: int, n: int, k: int) -> tuple[int, int] | None:
-        """(BN, ks) of aim_gemm for this product, or None where it does not take it (the caller uses cuBLAS)."""
-        if not GEMV_FAST_ROWS < rows <= GEMM_ROWS or os.environ.get("AIM_RT_GEMM", "1") == "0":
-            return None
-        plan = gemm_plan(n, k, self.num_sms, self.max_smem_optin)
-        if plan is None or plan[0] not in self.gemm_bns:
-            return None
-        blocks = -(-n // plan[0]) * (k // plan[1])
-        return plan if blocks <= GEMM_MAX_WAVES * self.num_sms else None  # bigger: cuBLAS fills the GPU
-
-    def gemm(self, p: GemmParams, bn: int, stream: int) -> None:
-        """y = x @ w.T (gemm_params) with the plan (bn, p.ks) from gemm_plan."""
-        smem = gemm_smem_bytes(bn, p.ks, p.rows)
-        if smem > self._gemm_smem[bn]:  # above the 48 KiB default: opt in (the limit only grows)
-            attr = self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            _check(self.driver.cuFuncSetAttribute(self.fn[f"aim_gemm_n{bn}"], attr, smem), "cuFuncSetAttribute")
-            self._gemm_smem[bn] = smem
-        self._launch(f"aim_gemm_n{bn}", ((p.n + bn - 1) // bn, p.k // p.ks, 1), 256, smem, stream, p)
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         if p.d > self.norm_max_width:

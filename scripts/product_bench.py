@@ -6,7 +6,8 @@ For each (model, rows, product) a CUDA graph of one product per layer, each laye
 come from DRAM, as in the step), replayed; µs per product (median of 7 replays) and the share of copy bandwidth
 (weights + x + y). Forms: `mm_t` torch.mm(x, w.t()) (what the backend does), `mm_nn` torch.mm(x, w_t) with the
 weight stored transposed (k, n), `addmm` torch.addmm(zero bias, x, w.t()) (cuBLASLt's bias epilogue), `halves`
-two mm_t calls of half the rows, `gemv2` our aim_gemv on two halves of the rows (where an instance fits), `gemm` our aim_gemm (its plan).
+two mm_t calls of half the rows, `gemv2` our aim_gemv on two halves of the rows (where an instance fits).
+(62488e8 and 8c83616 also had `gemm`, the reverted aim_gemm: see bench/results/README.md.)
 """
 
 from __future__ import annotations
@@ -33,16 +34,7 @@ def forms(x, w, wt, bias, y, kernels):
         "halves": lambda: (torch.mm(x[:h], w.t(), out=y[:h]), torch.mm(x[h:], w.t(), out=y[h:])),
     }
     if kernels is not None:
-        from aim_rt.plugins.kernels import gemm_params, gemm_plan, gemv_params, gemv_supported
-
-        n, k = w.shape
-        plan = gemm_plan(n, k, kernels.num_sms, kernels.max_smem_optin)
-        if plan is not None and rows <= 128:  # aim_gemm with its plan, whatever the waves limit says
-            bn, ks = plan
-            ws = (torch.empty(max(1, (k // ks) * rows * n), device=x.device),
-                  torch.zeros(-(-n // bn), device=x.device, dtype=torch.int32))
-            pg = gemm_params(x, w, y, *ws, ks)
-            out["gemm"] = lambda: kernels.gemm(pg, bn, torch.cuda.current_stream().cuda_stream)
+        from aim_rt.plugins.kernels import gemv_params, gemv_supported
 
         if gemv_supported("bfloat16", h, x.shape[1]):
             p0, p1 = gemv_params(x[:h], w, y[:h]), gemv_params(x[h:], w, y[h:])

@@ -16,7 +16,6 @@ Bytes are those the op must move (aim_rt.bench.op_bytes).
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -57,8 +56,6 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "g4": {"_steps_per_graph": 4},
     "g8": {"_steps_per_graph": 8},
     "g32": {"_steps_per_graph": 32},
-    # products of 33-128 rows through cuBLAS instead of aim_gemm (AIM_RT_GEMM=0 while the variant runs)
-    "nogemm": {"_gemm": False},
 }
 CAPS = (2, 3)  # the default build with at most this many blocks per SM
 CASES = [("AiM-B", 1), ("AiM-B", 16), ("AiM-B", 64), ("AiM-XL", 1), ("AiM-XL", 16), ("AiM-XL", 64)]
@@ -244,7 +241,6 @@ def step_table(kernels, specs, log, save, names=("old", "new"), repeats=1, op_ti
                 for name in names:
                     backend.kernels = kernels[name]
                     backend.steps_per_graph = variant(name.removeprefix("old+")).get("_steps_per_graph", 1)
-                    os.environ["AIM_RT_GEMM"] = "1" if variant(name.removeprefix("old+")).get("_gemm", True) else "0"
                     backend._graphs.clear()
                     tokens[name] = backend.sample(classes, seeds, settings)
                     us = backend.phase_times(batch, settings)["replays_us_per_step"]
