@@ -255,22 +255,6 @@ __device__ __forceinline__ void store8(elem_t* dst, const unsigned (&u)[WORDS8])
   }
 }
 
-// A conv window (W <= MAX_W taps) from shared memory into registers: AiM's 4 taps of a 16-bit type in one 8-byte
-// load, since one load per tap of 8-byte-strided windows puts two lanes on each bank (ncu, AiM-B b256: a third
-// of the state update's shared wavefronts were excess); else one load per tap.
-template <int KW>
-__device__ __forceinline__ void window_regs(const elem_t* win, int W, elem_t (&v)[MAX_W]) {
-#if ELEM_KIND != 0
-  if (KW == 4 && MAX_W == 4) {
-    const uint2 u = *reinterpret_cast<const uint2*>(win);
-    v[0] = (elem_t)(u.x & 0xFFFFu); v[1] = (elem_t)(u.x >> 16); v[2] = (elem_t)(u.y & 0xFFFFu); v[3] = (elem_t)(u.y >> 16);
-    return;
-  }
-#endif
-#pragma unroll
-  for (int w = 0; w < MAX_W; ++w) v[w] = w < W ? win[w] : elem_t(0);
-}
-
 struct SsuRing {  // the shape of one stage: state (P * N), then x windows (P * W), then B/C windows (2N * W)
   int PN, xwin, bcwin, len;  // element offsets and the stage length (rounded to 16 bytes)
 };
@@ -452,25 +436,14 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
     // summed in window order) into shared memory; this head's x windows written back
     cp_async_wait<SSU_STAGES - 1>();
     if (tid < P) {
-      elem_t win[MAX_W];
-      window_regs<KW>(stage + g.xwin + tid * W, W, win);
+      const elem_t* win = stage + g.xwin + tid * W;
       elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + xch) * W;
       float acc = xcb;
 #pragma unroll
       for (int w = 0; w < MAX_W - 1; ++w)
-        if (w < W - 1) acc += ld(win[w + 1]) * xcw[w];
+        if (w < W - 1) { const elem_t v = win[w + 1]; acc += ld(v) * xcw[w]; sout[w] = v; }
       acc += ld(xin) * xlast;
-#if ELEM_KIND != 0
-      if (KW == 4 && MAX_W == 4) {  // the shifted window in one 8-byte store
-        *reinterpret_cast<uint2*>(sout) = make_uint2(win[1] | ((unsigned)win[2] << 16), win[3] | ((unsigned)xin << 16));
-      } else
-#endif
-      {
-#pragma unroll
-        for (int w = 0; w < MAX_W - 1; ++w)
-          if (w < W - 1) sout[w] = win[w + 1];
-        sout[W - 1] = xin;
-      }
+      sout[W - 1] = xin;
       xs[tid] = silu(acc);
       zs[tid] = silu(zv);
       ws[tid] = nw;
@@ -479,8 +452,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
     for (int j = 0; j < SSU_BC; ++j) {
       if (bch[j] < 0) continue;
       const int c = tid + j * SSU_THREADS;
-      elem_t win[MAX_W];
-      window_regs<KW>(stage + g.bcwin + c * W, W, win);
+      const elem_t* win = stage + g.bcwin + c * W;
       float acc = bcb[j];
 #pragma unroll
       for (int w = 0; w < MAX_W - 1; ++w) if (w < W - 1) acc += ld(win[w + 1]) * bcw[j][w];

@@ -306,8 +306,8 @@ def ssu_params(*, xbc, z, dt, conv_state_in, conv_state_out, ssm_state_in, ssm_s
         if t.stride(1) != 1:
             raise KernelError(f"{name} rows must be contiguous")
     for name, t in (("ssm_state_in", ssm_state_in), ("ssm_state_out", ssm_state_out),
-                    ("conv_state_in", conv_state_in), ("conv_state_out", conv_state_out)):
-        if t.data_ptr() % 16:  # the kernel moves states and conv windows in aligned chunks (cp.async, 8-byte stores)
+                    ("conv_state_in", conv_state_in)):
+        if t.data_ptr() % 16:  # the kernel copies states and conv windows in aligned chunks (cp.async)
             raise KernelError(f"{name} must be 16-byte aligned")
     w = dict(weights)
     for name, t in w.items():
