@@ -34,7 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .plugins.kernels import VQ_DEFINES
 from .vq import VQModel
+
+VEC_BATCH = VQ_DEFINES["VEC_BATCH"]  # the default build's vectors per thread before computing (VEC_BATCH)
 
 def _source() -> Path:
     from .plugins import kernels  # plugins/ is a subpackage of aim_rt (checkout and wheel alike)
@@ -67,7 +70,7 @@ def stats_chunking(hw: int, c: int, chunk_bytes: int = CHUNK_BYTES, max_chunks: 
 
 # ----- NVRTC: the same build and on-disk cache as the decode-step kernels (plugins/kernels.py) ---------------
 def compile_vq_cubin(dtype: str, arch: str, use_cache: bool = True, source: Path | None = None,
-                     vec_batch: int = 4) -> bytes:
+                     vec_batch: int = VEC_BATCH) -> bytes:
     """NVRTC-compile vq_kernels.cu for one element type ('bfloat16'/'float16') and arch ('sm_90'), cached on disk
     by (source, options, NVRTC version). `vec_batch`: vectors each thread loads before it computes (VEC_BATCH)."""
     from .plugins.kernels import compile_cubin
@@ -209,7 +212,7 @@ class _TorchOps:
 class _CudaOps:
     """The same operations on plugins/vq_kernels.cu (16-bit activations, NHWC, C % 8 == 0)."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, vec_batch: int = 4, chunk_bytes: int = CHUNK_BYTES,
+    def __init__(self, dtype: torch.dtype, device: torch.device, vec_batch: int = VEC_BATCH, chunk_bytes: int = CHUNK_BYTES,
                  max_chunks: int = MAX_CHUNKS):
         from cuda.bindings import driver
 
@@ -376,7 +379,7 @@ class FastVQDecoder:
 
     def __init__(self, vq: VQModel, dtype: torch.dtype = torch.bfloat16, use_graphs: bool | None = None,
                  kernels: bool | None = None, benchmark: bool = True, subpixel: bool = True, out_pad: int = 8,
-                 fuse_out: bool = True, vec_batch: int = 4, chunk_bytes: int = CHUNK_BYTES,
+                 fuse_out: bool = True, vec_batch: int = VEC_BATCH, chunk_bytes: int = CHUNK_BYTES,
                  max_chunks: int = MAX_CHUNKS):
         dev = vq.device
         cuda = dev.type == "cuda"

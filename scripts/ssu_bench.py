@@ -251,14 +251,17 @@ def step_table(kernels, specs, log, save, names=("old", "new"), repeats=1, op_ti
             for name in names:
                 runs = row[name + "_us_per_step_runs"]
                 row[name + "_us_per_step"] = sorted(runs)[len(runs) // 2]
-            row["tokens_equal"] = all(bool(torch.equal(tokens[names[0]], tokens[n])) for n in names)
+            # each variant's tokens against the first variant's (one differing build no longer hides the others)
+            row["tokens_equal_first"] = {n: bool(torch.equal(tokens[names[0]], tokens[n])) for n in names[1:]}
+            row["tokens_equal"] = all(row["tokens_equal_first"].values())
             if op_times:
                 for name in names:
                     last = row[name + "_ops"][-1]
                     log(f"  ops {model} b{batch} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items()))
             log(f"step {model} b{batch}: " + ", ".join(
                 f"{n} " + " / ".join(f"{u:.1f}" for u in row[n + "_us_per_step_runs"]) for n in names)
-                + f" us per step; tokens equal {row['tokens_equal']}")
+                + f" us per step; tokens equal to {names[0]}'s: "
+                + ", ".join(f"{n} {same}" for n, same in row["tokens_equal_first"].items()))
             rows.append(row)
             save(rows)
         del backend, m
