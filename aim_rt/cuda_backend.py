@@ -360,9 +360,9 @@ class CudaBackend:
         if key not in self._graphs:
             # Warm up on a side stream (cuBLAS picks its kernels), then capture one whole step, and
             # steps_per_graph steps (up to MULTI_STEP_MAX_ROWS rows). The warm-up changes the buffers; callers
-            # run the prefill after this. The token index may still be num_tokens from the last sample of this batch size: the
-            # warm-up step would read the teacher row and the position table past their ends (an index in range
-            # is kept).
+            # run the prefill after this. The token index may still be num_tokens from the last sample of this
+            # batch size: the warm-up step would read the teacher row and the position table past their ends
+            # (an index in range is kept).
             buf.step.remainder_(self.config.num_tokens)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

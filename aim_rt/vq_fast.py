@@ -39,6 +39,7 @@ from .vq import VQModel
 
 VEC_BATCH = VQ_DEFINES["VEC_BATCH"]  # the default build's vectors per thread before computing (VEC_BATCH)
 
+
 def _source() -> Path:
     from .plugins import kernels  # plugins/ is a subpackage of aim_rt (checkout and wheel alike)
 
@@ -84,7 +85,7 @@ def compile_vq_async(dtype: str, arch: str, vec_batch: int | None = None):
     """compile_vq_cubin (with the disk cache) in a background thread, once per process: a Future of the cubin
     (see plugins/kernels.py compile_async). vec_batch None: the default build, the one the CLI starts before
     torch loads (kernels.precompile_early)."""
-    from .plugins.kernels import VQ_DEFINES, compile_async
+    from .plugins.kernels import compile_async
 
     _check_dtype(dtype)
     return compile_async(dtype, arch, VQ_DEFINES if vec_batch is None else {"VEC_BATCH": int(vec_batch)}, _source())
@@ -212,8 +213,8 @@ class _TorchOps:
 class _CudaOps:
     """The same operations on plugins/vq_kernels.cu (16-bit activations, NHWC, C % 8 == 0)."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, vec_batch: int = VEC_BATCH, chunk_bytes: int = CHUNK_BYTES,
-                 max_chunks: int = MAX_CHUNKS):
+    def __init__(self, dtype: torch.dtype, device: torch.device, vec_batch: int = VEC_BATCH,
+                 chunk_bytes: int = CHUNK_BYTES, max_chunks: int = MAX_CHUNKS):
         from cuda.bindings import driver
 
         from .plugins.kernels import _check
