@@ -178,9 +178,6 @@ struct SsuParams {
 #ifndef SSU_STAGES
 #define SSU_STAGES 2
 #endif
-#ifndef SSU_HEADS
-#define SSU_HEADS 1  // heads per unit: a block's iteration updates SSU_HEADS consecutive heads of one row and group
-#endif
 #ifndef SSU_STORE_CS
 #define SSU_STORE_CS 0  // 1: the state is written with st.global.cs (evict first)
 #endif
@@ -269,8 +266,8 @@ struct SsuCursor {
   __device__ __forceinline__ void init(int s, int H, int hpg) {
     r = s / H; h = s - r * H; grp = h / hpg; hg = h - grp * hpg;
   }
-  __device__ __forceinline__ void advance(int H, int hpg, int by) {  // by heads: divides hpg (host-checked)
-    h += by; hg += by;
+  __device__ __forceinline__ void advance(int H, int hpg) {
+    ++h; ++hg;
     if (hg == hpg) { hg = 0; ++grp; }
     if (h == H) { h = 0; grp = 0; ++r; }
   }
@@ -292,13 +289,13 @@ struct SsuCursor {
 
 // Request slice s (at cursor c) into `stage`: this thread's state chunks, its x channel's window, and
 // (new_bc) its B/C channel's window; the same bytes it reads when it computes slice s.
-template <int KP, int KN, int KW, int HS>
+template <int KP, int KN, int KW>
 __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, elem_t* stage, int s,
                                           const SsuCursor& c, bool new_bc) {
   const int tid = threadIdx.x, P = KP ? KP : p.headdim, N = KN ? KN : p.d_state, W = KW ? KW : p.d_conv;
   const elem_t* src = p.ssm_state_in + (long long)s * g.PN;
 #pragma unroll
-  for (int it = 0; it < HS * MAX_ITERS; ++it) {
+  for (int it = 0; it < MAX_ITERS; ++it) {
     const int e = (it * SSU_THREADS + tid) * VEC;
     if (e < g.PN)
 #pragma unroll
@@ -306,7 +303,7 @@ __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, 
         cp_async16(stage + e + q * 16 / sizeof(elem_t), src + e + q * 16 / sizeof(elem_t));
   }
   const elem_t* conv = p.conv_state_in + (long long)c.r * p.conv_dim * W;
-  if (tid < HS * P) copy_window(stage + g.xwin + tid * W, conv + (c.h * P + tid) * W, W);
+  if (tid < P) copy_window(stage + g.xwin + tid * W, conv + (c.h * P + tid) * W, W);
   if (new_bc) {
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) {
@@ -320,7 +317,7 @@ __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, 
 
 // The thread that computes a slice's dt, exp(dt * A) and D (once per slice, shared through shared memory):
 // lane 0 of the last warp, which has no x channel when headdim <= SSU_THREADS - 32.
-#define SSU_DT_TID (SSU_THREADS - 32)  // (lanes 0 .. SSU_HEADS - 1 of that warp: one per head of a unit)
+#define SSU_DT_TID (SSU_THREADS - 32)
 
 // Row sums of the fast shape (16 lanes per state row, 4 chunks per thread): the same butterfly over the row's
 // lanes as the generic loop (pairs differing in lane bit 3, then 2, 1, 0; each sum a + b is b + a, so every
@@ -339,41 +336,40 @@ __device__ __forceinline__ float ssu_row_sums(const float (&a)[4], int lane) {
   return k;
 }
 
-template <int KP, int KN, int KW, int HS>
-__device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[HS][SSU_WARPS], float (*s_dt)[HS][3]) {
+template <int KP, int KN, int KW>
+__device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_WARPS], float (*s_dt)[3]) {
   extern __shared__ __align__(16) unsigned char ssu_smem[];
   // the fast reduction: 16 lanes per row, 4 chunks per thread
   constexpr bool FAST = KN * KP == 4 * SSU_THREADS * VEC && KN == 16 * VEC;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int P = KP ? KP : p.headdim, N = KN ? KN : p.d_state, W = KW ? KW : p.d_conv;
   const int H = p.nheads, hpg = p.nheads / p.ngroups;
-  const int PN1 = P * N;  // one head's state
   SsuRing g;
-  g.PN = HS * PN1;  // a unit's state: a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
+  g.PN = P * N;  // a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
   g.xwin = g.PN;
-  g.bcwin = g.xwin + HS * P * W;
+  g.bcwin = g.xwin + P * W;
   g.len = (g.bcwin + 2 * N * W + 16 / (int)sizeof(elem_t) - 1) / (16 / (int)sizeof(elem_t)) * (16 / (int)sizeof(elem_t));
-  const int total = p.rows * H / HS;  // units: HS consecutive heads of one row and group (host-checked)
+  const int total = p.rows * H;
   const int s0 = (int)((long long)blockIdx.x * total / gridDim.x);
   const int n = (int)((long long)(blockIdx.x + 1) * total / gridDim.x) - s0;  // >= 1: gridDim.x <= total
   elem_t* ring = reinterpret_cast<elem_t*>(ssu_smem);
   float* conv_buf = reinterpret_cast<float*>(ring + SSU_STAGES * g.len);  // 2 x {x, silu(z), norm_w, B, C}
-  const int conv_len = 3 * HS * P + 2 * N;
+  const int conv_len = 3 * P + 2 * N;
 
-  // ---- the first SSU_STAGES units: this layer's own state, last written by this kernel one step ago, so
-  // requested before PDL_WAIT. One commit group per unit (empty past the run) keeps the count uniform.
-  // `fc` is the cursor of the next unit to request, `cur` that of the unit computed.
+  // ---- the first SSU_STAGES slices: this layer's own state, last written by this kernel one step ago, so
+  // requested before PDL_WAIT. One commit group per slice (empty past the run) keeps the count uniform.
+  // `fc` is the cursor of the next slice to request, `cur` that of the slice computed.
   SsuCursor cur, fc;
-  cur.init(s0 * HS, H, hpg);
+  cur.init(s0, H, hpg);
   fc = cur;
 #pragma unroll
   for (int k = 0; k < SSU_STAGES; ++k) {
-    if (k < n) ssu_fetch<KP, KN, KW, HS>(p, g, ring + k * g.len, s0 + k, fc, k == 0 || fc.hg == 0);
+    if (k < n) ssu_fetch<KP, KN, KW>(p, g, ring + k * g.len, s0 + k, fc, k == 0 || fc.hg == 0);
     cp_async_commit();
-    fc.advance(H, hpg, HS);
+    fc.advance(H, hpg);
   }
 
-  // Thread layout of a head's state ((P, N) row-major): VEC contiguous elements per chunk, N / VEC lanes per row
+  // Thread layout of a state slice ((P, N) row-major): VEC contiguous elements per chunk, N / VEC lanes per row
   // p; chunk `it` of thread tid starts at (it * SSU_THREADS + tid) * VEC, in row row0 + it * rows_per_it. Its
   // columns n0..n0+VEC-1 are the same in every chunk (SSU_THREADS * VEC is a multiple of N, as N divides 256),
   // so its B and C live in registers, reloaded only when the (row, group) changes.
@@ -382,21 +378,20 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[HS][
   float bq[VEC], cq[VEC];
   int slot = 0;  // i % SSU_STAGES
   for (int i = 0; i < n; ++i) {
-    const int s = s0 + i, r = cur.r, h = cur.h, grp = cur.grp;  // unit s: heads h .. h + HS - 1 of row r
+    const int s = s0 + i, r = cur.r, h = cur.h, grp = cur.grp;
     const bool new_bc = i == 0 || cur.hg == 0;  // uniform across the block
     elem_t* stage = ring + slot * g.len;
-    float* xs = conv_buf + (i & 1) * conv_len;  // the unit's x after the conv
-    float* zs = xs + HS * P;                    // silu(z)
-    float* ws = zs + HS * P;                    // norm_w
-    float* Bs = ws + HS * P;                    // the group's B after the conv
+    float* xs = conv_buf + (i & 1) * conv_len;  // this head's x after the conv
+    float* zs = xs + P;                         // silu(z)
+    float* ws = zs + P;                         // norm_w
+    float* Bs = ws + P;                         // the group's B after the conv
     float* Cs = Bs + N;                         // the group's C
-    float (*sd)[3] = s_dt[i & 1];
-    const int dj = tid - SSU_DT_TID;  // 0 .. HS - 1: this thread computes head h + dj's dt
+    float* sd = s_dt[i & 1];
 
-    // ---- 1. weights (for the first unit, before PDL_WAIT)
-    const int xch = h * P + tid;  // this thread's x channel (tid < HS * P)
+    // ---- 1. weights (for the first slice, before PDL_WAIT)
+    const int xch = h * P + tid;  // this thread's x channel (tid < P)
     float xcw[MAX_W - 1], xlast = 0.0f, xcb = 0.0f, nw = 0.0f;  // taps on the kept window; the new input's tap
-    if (tid < HS * P) {
+    if (tid < P) {
 #pragma unroll
       for (int w = 0; w < MAX_W - 1; ++w) xcw[w] = w < W - 1 ? ld(p.conv_w[xch * W + w]) : 0.0f;
       xlast = ld(p.conv_w[xch * W + W - 1]);
@@ -417,30 +412,30 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[HS][
       bcb[j] = ld(p.conv_b[bch[j]]);
     }
     float dt_bias = 0.0f, A_log = 0.0f;
-    if (dj >= 0 && dj < HS) {
-      dt_bias = ld(p.dt_bias[h + dj]);
-      A_log = ld(p.A_log[h + dj]);
-      sd[dj][2] = ld(p.D[h + dj]);
+    if (tid == SSU_DT_TID) {
+      dt_bias = ld(p.dt_bias[h]);
+      A_log = ld(p.A_log[h]);
+      sd[2] = ld(p.D[h]);
     }
     if (i == 0) PDL_WAIT(p.rows, PDL_EARLY_SSU);
 
-    // ---- 2. in_proj's outputs for this unit (L2)
+    // ---- 2. in_proj's outputs for this slice (L2)
     const elem_t* xbc = p.xbc + (long long)r * p.xbc_stride;
-    const elem_t xin = tid < HS * P ? xbc[xch] : elem_t(0);
-    const float zv = tid < HS * P ? ld(p.z[(long long)r * p.z_stride + xch]) : 0.0f;
+    const elem_t xin = tid < P ? xbc[xch] : elem_t(0);
+    const float zv = tid < P ? ld(p.z[(long long)r * p.z_stride + xch]) : 0.0f;
     float bin[SSU_BC];
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) bin[j] = bch[j] >= 0 ? ld(xbc[bch[j]]) : 0.0f;
-    if (dj >= 0 && dj < HS) {
-      const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h + dj]) + dt_bias);
-      sd[dj][0] = dt;
-      sd[dj][1] = __expf(-dt * __expf(A_log));
+    if (tid == SSU_DT_TID) {
+      const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
+      sd[0] = dt;
+      sd[1] = __expf(-dt * __expf(A_log));
     }
 
-    // ---- 3. this thread's part of unit i has landed: conv + SiLU (window shifted left, new input last,
-    // summed in window order) into shared memory; the unit's x windows written back
+    // ---- 3. this thread's part of slice i has landed: conv + SiLU (window shifted left, new input last,
+    // summed in window order) into shared memory; this head's x windows written back
     cp_async_wait<SSU_STAGES - 1>();
-    if (tid < HS * P) {
+    if (tid < P) {
       const elem_t* win = stage + g.xwin + tid * W;
       elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + xch) * W;
       float acc = xcb;
@@ -465,104 +460,97 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[HS][
       Bs[c] = silu(acc);  // c >= N lands in Cs[c - N]
     }
     __syncthreads();
-    if (i > 0 && warp < HS) {  // the previous unit's sums of squares, warp j for head j (fixed order: deterministic)
-      const float v = warp_sum(lane < SSU_WARPS ? s_red[(i - 1) & 1][warp][lane] : 0.0f);
-      if (lane == 0) p.sumsq[(s - 1) * HS + warp] = v;
+    if (i > 0 && warp == 0) {  // the previous slice's sum of squares (fixed order: deterministic)
+      const float v = warp_sum(lane < SSU_WARPS ? s_red[(i - 1) & 1][lane] : 0.0f);
+      if (lane == 0) p.sumsq[s - 1] = v;
     }
     if (new_bc) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) { bq[j] = Bs[n0 + j]; cq[j] = Cs[n0 + j]; }
     }
+    const float dt = sd[0], dA = sd[1], Dh = sd[2];
 
-    // ---- 4. the state, head by head: h = h * dA + dt * x * B, y = h . C
-#pragma unroll 1  // (unrolled, the heads' loads were hoisted together: 56 bytes spilled at 80 registers)
-    for (int hj = 0; hj < HS; ++hj) {
-      const float dt = sd[hj][0], dA = sd[hj][1], Dh = sd[hj][2];
-      const elem_t* hin = stage + hj * PN1;
-      elem_t* out = p.ssm_state_out + (long long)s * g.PN + hj * PN1;
-      elem_t* yrow = p.y + (long long)r * p.y_stride + (h + hj) * P;
-      const float* xh = xs + hj * P;
-      const float* zh = zs + hj * P;
-      const float* wh = ws + hj * P;
-      float local_sq = 0.0f;
-      float rs[MAX_ITERS];  // the fast shape: each chunk's partial row sum, reduced after the loop
+    // ---- 4. the state: h = h * dA + dt * x * B, y = h . C
+    elem_t* out = p.ssm_state_out + (long long)s * g.PN;
+    elem_t* yrow = p.y + (long long)r * p.y_stride + h * P;
+    float local_sq = 0.0f;
+    float rs[MAX_ITERS];  // the fast shape: each chunk's partial row sum, reduced after the loop
 #pragma unroll
-      for (int it = 0; it < MAX_ITERS; ++it) {
-        const int e = (it * SSU_THREADS + tid) * VEC;
-        if (e >= PN1) break;
-        const int row = row0 + it * rows_per_it;
-        unsigned raw[WORDS8];
-        float hv[VEC];
-        load8(hin + e, raw);
-        unpack8(raw, hv);
-        const float xv = xh[row], dtx = dt * xv;
-        float acc = 0.0f;
+    for (int it = 0; it < MAX_ITERS; ++it) {
+      const int e = (it * SSU_THREADS + tid) * VEC;
+      if (e >= g.PN) break;
+      const int row = row0 + it * rows_per_it;
+      unsigned raw[WORDS8];
+      float hv[VEC];
+      load8(stage + e, raw);
+      unpack8(raw, hv);
+      const float xv = xs[row], dtx = dt * xv;
+      float acc = 0.0f;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {  // contractions spelled out: the same rounding in every build
-          hv[j] = __fmaf_rn(dtx, bq[j], __fmul_rn(hv[j], dA));
-          acc = __fmaf_rn(hv[j], cq[j], acc);
-        }
-        pack8(hv, raw);
-        store8(out + e, raw);
-        if (FAST) {
-          rs[it] = acc;
-          continue;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1)  // the row's lanes: a butterfly over N / VEC lanes (uniform condition)
-          if (o < lanes_per_row) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (n0 == 0) {
-          const float gv = (acc + Dh * xv) * zh[row];
-          yrow[row] = st(gv * wh[row]);
-          local_sq += gv * gv;
-        }
+      for (int j = 0; j < VEC; ++j) {  // contractions spelled out: the same rounding in every build
+        hv[j] = __fmaf_rn(dtx, bq[j], __fmul_rn(hv[j], dA));
+        acc = __fmaf_rn(hv[j], cq[j], acc);
       }
-      if (FAST) {  // lane holds chunk 2 * bit3 + bit2 of its row; lanes 0 and 16 sum the squares in chunk order
-        const float acc = ssu_row_sums(reinterpret_cast<const float (&)[4]>(rs), lane);
-        const int row = row0 + (((lane >> 3) & 1) * 2 + ((lane >> 2) & 1)) * rows_per_it;
-        const float xv = xh[row];
-        const float gv = (acc + Dh * xv) * zh[row];
-        if ((lane & 3) == 0) yrow[row] = st(gv * wh[row]);
-        const float g1 = __shfl_down_sync(0xffffffffu, gv, 4), g2 = __shfl_down_sync(0xffffffffu, gv, 8),
-                    g3 = __shfl_down_sync(0xffffffffu, gv, 12);
-        if ((lane & 15) == 0) {
-          local_sq += gv * gv;
-          local_sq += g1 * g1;
-          local_sq += g2 * g2;
-          local_sq += g3 * g3;
-        }
+      pack8(hv, raw);
+      store8(out + e, raw);
+      if (FAST) {
+        rs[it] = acc;
+        continue;
       }
-      const float wsq = warp_sum(local_sq);
-      if (lane == 0) s_red[i & 1][hj][warp] = wsq;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1)  // the row's lanes: a butterfly over N / VEC lanes (uniform condition)
+        if (o < lanes_per_row) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (n0 == 0) {
+        const float gv = (acc + Dh * xv) * zs[row];
+        yrow[row] = st(gv * ws[row]);
+        local_sq += gv * gv;
+      }
     }
+    if (FAST) {  // lane holds chunk 2 * bit3 + bit2 of its row; lanes 0 and 16 sum the squares in chunk order
+      const float acc = ssu_row_sums(reinterpret_cast<const float (&)[4]>(rs), lane);
+      const int row = row0 + (((lane >> 3) & 1) * 2 + ((lane >> 2) & 1)) * rows_per_it;
+      const float xv = xs[row];
+      const float gv = (acc + Dh * xv) * zs[row];
+      if ((lane & 3) == 0) yrow[row] = st(gv * ws[row]);
+      const float g1 = __shfl_down_sync(0xffffffffu, gv, 4), g2 = __shfl_down_sync(0xffffffffu, gv, 8),
+                  g3 = __shfl_down_sync(0xffffffffu, gv, 12);
+      if ((lane & 15) == 0) {
+        local_sq += gv * gv;
+        local_sq += g1 * g1;
+        local_sq += g2 * g2;
+        local_sq += g3 * g3;
+      }
+    }
+    const float wsq = warp_sum(local_sq);
+    if (lane == 0) s_red[i & 1][warp] = wsq;
 
-    // ---- 5. refill the stage just consumed (this thread's own bytes, read above) with unit i + SSU_STAGES
-    if (i + SSU_STAGES < n) ssu_fetch<KP, KN, KW, HS>(p, g, stage, s + SSU_STAGES, fc, fc.hg == 0);
+    // ---- 5. refill the stage just consumed (this thread's own bytes, read above) with slice i + SSU_STAGES
+    if (i + SSU_STAGES < n) ssu_fetch<KP, KN, KW>(p, g, stage, s + SSU_STAGES, fc, fc.hg == 0);
     cp_async_commit();
-    fc.advance(H, hpg, HS);
-    cur.advance(H, hpg, HS);
+    fc.advance(H, hpg);
+    cur.advance(H, hpg);
     if (++slot == SSU_STAGES) slot = 0;
   }
   __syncthreads();
-  if (warp < HS) {
-    const float v = warp_sum(lane < SSU_WARPS ? s_red[(n - 1) & 1][warp][lane] : 0.0f);
-    if (lane == 0) p.sumsq[(s0 + n - 1) * HS + warp] = v;
+  if (warp == 0) {
+    const float v = warp_sum(lane < SSU_WARPS ? s_red[(n - 1) & 1][lane] : 0.0f);
+    if (lane == 0) p.sumsq[s0 + n - 1] = v;
   }
 }
 
 #if AIM_PARTS & 1
 extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
   PDL_START(p.rows, PDL_EARLY_SSU);
-  __shared__ float s_red[2][SSU_HEADS][SSU_WARPS];
-  __shared__ float s_dt[2][SSU_HEADS][3];  // per unit parity and head: dt, dA = exp(-dt * exp(A_log)), D
+  __shared__ float s_red[2][SSU_WARPS];
+  __shared__ float s_dt[2][3];  // per slice parity: dt, dA = exp(-dt * exp(A_log)), D
 #if SSU_FAST
   if (p.headdim == SSU_FAST_P && p.d_state == SSU_FAST_N && p.d_conv == SSU_FAST_W) {
-    ssu_body<SSU_FAST_P, SSU_FAST_N, SSU_FAST_W, SSU_HEADS>(p, s_red, s_dt);
+    ssu_body<SSU_FAST_P, SSU_FAST_N, SSU_FAST_W>(p, s_red, s_dt);
     return;
   }
 #endif
 #if SSU_GENERIC
-  ssu_body<0, 0, 0, SSU_HEADS>(p, s_red, s_dt);
+  ssu_body<0, 0, 0>(p, s_red, s_dt);
 #else
   __trap();  // a build for the AiM shape only (the host passes SSU_GENERIC=0 only for it)
 #endif

@@ -326,22 +326,12 @@ def ssu_params(*, xbc, z, dt, conv_state_in, conv_state_out, ssm_state_in, ssm_s
 ELEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def ssu_smem_bytes(p: SsuParams, elem_bytes: int, stages: int, heads: int = 1) -> int:
-    """Dynamic shared memory of aim_selective_state_update (as SsuRing there): a ring of `stages` stages (the
-    state of a unit of `heads` heads, their x conv windows, the group's B/C windows; 16-byte multiples), then two
-    sets of the per-unit conv results (x, silu(z), norm_w of the heads; B and C of the group) as float32."""
-    hp = heads * p.headdim
-    stage = (hp * p.d_state + (hp + 2 * p.d_state) * p.d_conv) * elem_bytes
-    return stages * ((stage + 15) // 16 * 16) + 2 * (3 * hp + 2 * p.d_state) * 4
-
-
-def ssu_units(p: SsuParams, heads: int, threads: int = 256) -> int:
-    """The state update's units of work (`heads` consecutive heads of one row and group each), checked."""
-    if (p.nheads // p.ngroups) % heads or heads * p.headdim > threads - 32:
-        raise KernelError(f"a state-update build with {heads} heads per unit needs heads per group divisible by it "
-                          f"and {heads} * headdim <= {threads - 32}; got {p.nheads // p.ngroups} heads per group, "
-                          f"headdim {p.headdim}")
-    return p.rows * p.nheads // heads
+def ssu_smem_bytes(p: SsuParams, elem_bytes: int, stages: int) -> int:
+    """Dynamic shared memory of aim_selective_state_update (as SsuRing there): a ring of `stages` stages (a state
+    slice, its head's x conv windows, its group's B/C windows; 16-byte multiples), then two sets of the
+    per-slice conv results (x, silu(z), norm_w of the head; B and C of the group) as float32."""
+    stage = (p.headdim * p.d_state + (p.headdim + 2 * p.d_state) * p.d_conv) * elem_bytes
+    return stages * ((stage + 15) // 16 * 16) + 2 * (3 * p.headdim + 2 * p.d_state) * 4
 
 
 def conv_shift_params(p: SsuParams) -> ConvShift:
@@ -457,7 +447,6 @@ class Kernels:
         self.defines = dict(defines or {})
         self.ssu_threads = int(self.defines.get("SSU_THREADS", SSU_THREADS))
         self.ssu_stages = int(self.defines.get("SSU_STAGES", SSU_STAGES))
-        self.ssu_heads = int(self.defines.get("SSU_HEADS", 1))
         self.ssu_max_blocks = None  # None: as many blocks as are resident at once; a number caps the grid (tests)
         self._ssu_occupancy: dict[int, int] = {}
         self.num_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -515,9 +504,8 @@ class Kernels:
         """The whole op: y gated-normed, conv and SSM states updated. With finish=False two things are left to
         the next kernel (aim_residual_norm does both, when ngroups == 1): y stays g * norm_w, to be scaled by its
         row's 1/rms from p.sumsq, and the group B/C conv windows are not yet shifted (conv_shift_params(p))."""
-        smem = ssu_smem_bytes(p, ELEM_BYTES[self.dtype], self.ssu_stages, self.ssu_heads)
-        grid = min(ssu_units(p, self.ssu_heads, self.ssu_threads), self._ssu_blocks_per_sm(smem) * self.num_sms,
-                   self.ssu_max_blocks or 1 << 30)
+        smem = ssu_smem_bytes(p, ELEM_BYTES[self.dtype], self.ssu_stages)
+        grid = min(p.rows * p.nheads, self._ssu_blocks_per_sm(smem) * self.num_sms, self.ssu_max_blocks or 1 << 30)
         # (each block a run of consecutive (row, head) slices; all resident at once: no tail wave)
         self._launch("aim_selective_state_update", (grid, 1, 1), self.ssu_threads, smem, stream, p)
         if finish:

@@ -31,8 +31,6 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "new": {},
     "new_generic": {"SSU_FAST": 0},  # no constant-shape instance: the run-time shape path for every shape
     "new_s3": {"SSU_STAGES": 3},
-    "new_h2": {"SSU_HEADS": 2},  # two heads per unit: one barrier and one round of in_proj reads per two heads
-    "new_h2s1": {"SSU_HEADS": 2, "SSU_STAGES": 1},
     "new_min4": {"SSU_MIN_BLOCKS": 4},
     "new_cs": {"SSU_STORE_CS": 1},
     "new_t512": {"SSU_THREADS": 512, "SSU_MIN_BLOCKS": 2},
@@ -178,11 +176,10 @@ class Case:
 def grid_of(k, case):
     if isinstance(k, OldKernels):
         return case.rows * case.cfg.nheads, None
-    from aim_rt.plugins.kernels import ssu_smem_bytes, ssu_units
-    p = case.params(case.conv[0], case.ssm[0])
-    smem = ssu_smem_bytes(p, 2, k.ssu_stages, k.ssu_heads)
+    from aim_rt.plugins.kernels import ssu_smem_bytes
+    smem = ssu_smem_bytes(case.params(case.conv[0], case.ssm[0]), 2, k.ssu_stages)
     per_sm = k._ssu_blocks_per_sm(smem)
-    return min(ssu_units(p, k.ssu_heads), per_sm * k.num_sms, k.ssu_max_blocks or 1 << 30), per_sm  # grid, fit
+    return min(case.rows * case.cfg.nheads, per_sm * k.num_sms, k.ssu_max_blocks or 1 << 30), per_sm  # grid, fit
 
 
 def kernel_table(kernels, cases, bandwidth, log):

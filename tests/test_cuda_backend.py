@@ -164,32 +164,6 @@ def test_ssu_kernel_independent_of_grid(dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", ["AiM-B", "groups2"])
-def test_ssu_kernel_heads_per_unit(shape, dtype):
-    """A build whose blocks update two heads per unit (SSU_HEADS=2) gives the default build's bits, whatever the
-    grid: the AiM shape (constant-shape instance) and a small one with two groups (run-time shape instance,
-    units crossing groups and rows)."""
-    from aim_rt.plugins.kernels import Kernels
-
-    cfg = (aim_rt.preset("AiM-B") if shape == "AiM-B"
-           else aim_rt.AiMConfig(d_model=256, n_layer=1, ngroups=2, d_state=64, headdim=32))
-    name = "float32" if dtype == torch.float32 else "bfloat16"
-    one, two = Kernels(name), Kernels(name, defines={"SSU_HEADS": 2})
-    x0 = _ssu_inputs(cfg, rows=5, dtype=dtype, g=torch.Generator().manual_seed(4))
-    want = run_ssu_kernel(one, cfg, {k: v.clone() for k, v in x0.items()}, True, finish=False)
-    for max_blocks in (None, 1, 3, 7):
-        two.ssu_max_blocks = max_blocks
-        for in_place in (True, False):
-            (g_w, sumsq), conv, ssm = run_ssu_kernel(two, cfg, {k: v.clone() for k, v in x0.items()}, in_place,
-                                                     finish=False)
-            (w_g, w_sq), w_conv, w_ssm = want
-            for what, a, b in (("y", g_w, w_g), ("sumsq", sumsq, w_sq), ("ssm_state", ssm, w_ssm),
-                               ("conv_state", conv[:, :cfg.d_inner], w_conv[:, :cfg.d_inner])):
-                assert torch.equal(a, b), (what, max_blocks, in_place)
-
-
-@needs_gpu
 @pytest.mark.parametrize("d_conv", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ssu_kernel_other_conv_widths(d_conv, dtype):
