@@ -181,9 +181,6 @@ struct SsuParams {
 #ifndef SSU_STORE_CS
 #define SSU_STORE_CS 0  // 1: the state is written with st.global.cs (evict first)
 #endif
-// The thread that computes a slice's dt, exp(dt * A) and D (once per slice, shared through shared memory):
-// lane 0 of the last warp, which has no x channel (headdim / 2 <= SSU_THREADS - 32).
-#define SSU_DT_TID (SSU_THREADS - 32)
 #define MAX_ITERS (1024 / SSU_THREADS)  // state chunks per thread per slice: headdim * d_state <= 8192
 #define SSU_BC ((256 + SSU_THREADS - 1) / SSU_THREADS)  // B/C channels per thread: 2 * d_state <= 256
 #define SSU_WARPS (SSU_THREADS / 32)
@@ -258,26 +255,8 @@ __device__ __forceinline__ void store8(elem_t* dst, const unsigned (&u)[WORDS8])
   }
 }
 
-// The shape of one stage (element offsets; each part starts 16-byte aligned where its size allows): the state
-// (P * N), the head's x conv windows (P * W), the group's B/C windows (2N * W), the head's x conv taps (P * W),
-// conv bias (P) and norm weight (P), the pairs of dt_bias, A_log and D that hold the head (2 each, padded to 8),
-// then in_proj's x (P), z (P) and dt pair (2) for the slice's row.
-struct SsuRing {
-  int PN, xwin, bcwin, xw, xb, nw, hd, xin, zin, dtin, len;  // len: the stage length (rounded to 16 bytes)
-  __device__ __forceinline__ void init(int P, int N, int W) {
-    constexpr int A = 16 / (int)sizeof(elem_t);  // elements per 16 bytes
-    PN = P * N;
-    xwin = PN;
-    bcwin = xwin + P * W;
-    xw = (bcwin + 2 * N * W + A - 1) / A * A;
-    xb = (xw + P * W + A - 1) / A * A;
-    nw = (xb + P + A - 1) / A * A;
-    hd = (nw + P + A - 1) / A * A;
-    xin = (hd + 8 + A - 1) / A * A;
-    zin = (xin + P + A - 1) / A * A;
-    dtin = (zin + P + A - 1) / A * A;
-    len = (dtin + 2 + A - 1) / A * A;
-  }
+struct SsuRing {  // the shape of one stage: state (P * N), then x windows (P * W), then B/C windows (2N * W)
+  int PN, xwin, bcwin, len;  // element offsets and the stage length (rounded to 16 bytes)
 };
 // Where a slice s = row * nheads + head is: its row, head, group and head within the group. Divided out once
 // per block (init) and then advanced one slice at a time, so no division is left on a slice's path. Slice s
@@ -308,47 +287,12 @@ struct SsuCursor {
 #define SSU_GENERIC 1  // 0: no generic instance (a build for the AiM shape only). Measured, not used:
 #endif                 // AiM-B b1 -2.4 % but b64 +4 %, AiM-XL b64 +5 % per step (lean_h200_2026-11-29_*)
 
-// `count` elements into shared memory by cp.async, in chunks of the largest of 16, 8 or 4 bytes that divides
-// their size (a multiple of 4 bytes; both addresses aligned to the chunk: host-checked). Only the calling
-// thread may rely on the bytes (after its cp.async.wait_group).
-__device__ __forceinline__ void copy_own(elem_t* dst, const elem_t* src, int count) {
-  const int bytes = count * (int)sizeof(elem_t);
-  const unsigned d = smem_addr(dst);
-  const char* s = reinterpret_cast<const char*>(src);
-  if (!(bytes & 15)) {
-    for (int o = 0; o < bytes; o += 16)
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" :: "r"(d + o), "l"(s + o) : "memory");
-  } else if (!(bytes & 7)) {
-    for (int o = 0; o < bytes; o += 8)
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(d + o), "l"(s + o) : "memory");
-  } else {
-    for (int o = 0; o < bytes; o += 4)
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(d + o), "l"(s + o) : "memory");
-  }
-}
-// The pair of elements v[2k], v[2k + 1] that holds v[h] (nheads is even: host-checked).
-__device__ __forceinline__ void copy_pair(elem_t* dst, const elem_t* v, int h) { copy_own(dst, v + (h & ~1), 2); }
-
-#define SSU_PART_STATE 1  // the state, its conv windows and the head's weights: readable before PDL_WAIT
-#define SSU_PART_INPUT 2  // in_proj's outputs for the slice: after PDL_WAIT only
-// Request `parts` of slice s (at cursor c) into `stage`: this thread's state chunks; for the x threads (two
-// channels each) their channels' windows, conv taps, bias, norm weight and in_proj x, z; for the dt thread the
-// head's dt_bias, A_log, D and dt pairs; and (new_bc) each thread's B/C channel's window. Every thread copies
-// exactly the bytes it later reads, so its own cp.async.wait_group makes them visible (no barrier).
+// Request slice s (at cursor c) into `stage`: this thread's state chunks, its x channel's window, and
+// (new_bc) its B/C channel's window; the same bytes it reads when it computes slice s.
 template <int KP, int KN, int KW>
 __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, elem_t* stage, int s,
-                                          const SsuCursor& c, bool new_bc, int parts) {
+                                          const SsuCursor& c, bool new_bc) {
   const int tid = threadIdx.x, P = KP ? KP : p.headdim, N = KN ? KN : p.d_state, W = KW ? KW : p.d_conv;
-  const int ch = 2 * tid;  // an x thread's first channel in the head (tid < P / 2)
-  if (parts & SSU_PART_INPUT) {
-    if (tid < P / 2) {
-      const elem_t* xbc = p.xbc + (long long)c.r * p.xbc_stride + c.h * P + ch;
-      copy_own(stage + g.xin + ch, xbc, 2);
-      copy_own(stage + g.zin + ch, p.z + (long long)c.r * p.z_stride + c.h * P + ch, 2);
-    }
-    if (tid == SSU_DT_TID) copy_pair(stage + g.dtin, p.dt + (long long)c.r * p.dt_stride, c.h);
-  }
-  if (!(parts & SSU_PART_STATE)) return;
   const elem_t* src = p.ssm_state_in + (long long)s * g.PN;
 #pragma unroll
   for (int it = 0; it < MAX_ITERS; ++it) {
@@ -359,18 +303,7 @@ __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, 
         cp_async16(stage + e + q * 16 / sizeof(elem_t), src + e + q * 16 / sizeof(elem_t));
   }
   const elem_t* conv = p.conv_state_in + (long long)c.r * p.conv_dim * W;
-  if (tid < P / 2) {
-    const int xc = c.h * P + ch;  // the channel in the conv's channels
-    copy_own(stage + g.xwin + ch * W, conv + xc * W, 2 * W);
-    copy_own(stage + g.xw + ch * W, p.conv_w + xc * W, 2 * W);
-    copy_own(stage + g.xb + ch, p.conv_b + xc, 2);
-    copy_own(stage + g.nw + ch, p.norm_w + xc, 2);
-  }
-  if (tid == SSU_DT_TID) {
-    copy_pair(stage + g.hd, p.dt_bias, c.h);
-    copy_pair(stage + g.hd + 2, p.A_log, c.h);
-    copy_pair(stage + g.hd + 4, p.D, c.h);
-  }
+  if (tid < P) copy_window(stage + g.xwin + tid * W, conv + (c.h * P + tid) * W, W);
   if (new_bc) {
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) {
@@ -382,6 +315,9 @@ __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, 
   }
 }
 
+// The thread that computes a slice's dt, exp(dt * A) and D (once per slice, shared through shared memory):
+// lane 0 of the last warp, which has no x channel when headdim <= SSU_THREADS - 32.
+#define SSU_DT_TID (SSU_THREADS - 32)
 
 // Row sums of the fast shape (16 lanes per state row, 4 chunks per thread): the same butterfly over the row's
 // lanes as the generic loop (pairs differing in lane bit 3, then 2, 1, 0; each sum a + b is b + a, so every
@@ -409,7 +345,10 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
   const int P = KP ? KP : p.headdim, N = KN ? KN : p.d_state, W = KW ? KW : p.d_conv;
   const int H = p.nheads, hpg = p.nheads / p.ngroups;
   SsuRing g;
-  g.init(P, N, W);  // g.PN: a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
+  g.PN = P * N;  // a multiple of 32 * VEC (host-checked): a warp's lanes are all in or all out
+  g.xwin = g.PN;
+  g.bcwin = g.xwin + P * W;
+  g.len = (g.bcwin + 2 * N * W + 16 / (int)sizeof(elem_t) - 1) / (16 / (int)sizeof(elem_t)) * (16 / (int)sizeof(elem_t));
   const int total = p.rows * H;
   const int s0 = (int)((long long)blockIdx.x * total / gridDim.x);
   const int n = (int)((long long)(blockIdx.x + 1) * total / gridDim.x) - s0;  // >= 1: gridDim.x <= total
@@ -417,28 +356,17 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
   float* conv_buf = reinterpret_cast<float*>(ring + SSU_STAGES * g.len);  // 2 x {x, silu(z), norm_w, B, C}
   const int conv_len = 3 * P + 2 * N;
 
-  // ---- the first SSU_STAGES slices: this layer's own state and the weights, the state last written by this
-  // kernel one step ago, so requested before PDL_WAIT; one commit group per slice (empty past the run) keeps the
-  // count uniform. Then, after PDL_WAIT, in_proj's outputs for the same slices in one more group. Every later
-  // slice is requested whole. `fc` is the cursor of the next slice to request, `cur` that of the slice computed.
+  // ---- the first SSU_STAGES slices: this layer's own state, last written by this kernel one step ago, so
+  // requested before PDL_WAIT. One commit group per slice (empty past the run) keeps the count uniform.
+  // `fc` is the cursor of the next slice to request, `cur` that of the slice computed.
   SsuCursor cur, fc;
   cur.init(s0, H, hpg);
   fc = cur;
 #pragma unroll
   for (int k = 0; k < SSU_STAGES; ++k) {
-    if (k < n) ssu_fetch<KP, KN, KW>(p, g, ring + k * g.len, s0 + k, fc, k == 0 || fc.hg == 0, SSU_PART_STATE);
+    if (k < n) ssu_fetch<KP, KN, KW>(p, g, ring + k * g.len, s0 + k, fc, k == 0 || fc.hg == 0);
     cp_async_commit();
     fc.advance(H, hpg);
-  }
-  PDL_WAIT(p.rows, PDL_EARLY_SSU);
-  {
-    SsuCursor ic = cur;
-#pragma unroll
-    for (int k = 0; k < SSU_STAGES; ++k) {
-      if (k < n) ssu_fetch<KP, KN, KW>(p, g, ring + k * g.len, s0 + k, ic, false, SSU_PART_INPUT);
-      ic.advance(H, hpg);
-    }
-    cp_async_commit();
   }
 
   // Thread layout of a state slice ((P, N) row-major): VEC contiguous elements per chunk, N / VEC lanes per row
@@ -460,7 +388,16 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
     float* Cs = Bs + N;                         // the group's C
     float* sd = s_dt[i & 1];
 
-    // ---- 1. the group's B/C conv weights when the (row, group) changes (L1/L2)
+    // ---- 1. weights (for the first slice, before PDL_WAIT)
+    const int xch = h * P + tid;  // this thread's x channel (tid < P)
+    float xcw[MAX_W - 1], xlast = 0.0f, xcb = 0.0f, nw = 0.0f;  // taps on the kept window; the new input's tap
+    if (tid < P) {
+#pragma unroll
+      for (int w = 0; w < MAX_W - 1; ++w) xcw[w] = w < W - 1 ? ld(p.conv_w[xch * W + w]) : 0.0f;
+      xlast = ld(p.conv_w[xch * W + W - 1]);
+      xcb = ld(p.conv_b[xch]);
+      nw = ld(p.norm_w[xch]);
+    }
     float bcw[SSU_BC][MAX_W - 1], blast[SSU_BC], bcb[SSU_BC];
     int bch[SSU_BC];
 #pragma unroll
@@ -474,43 +411,42 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       blast[j] = ld(p.conv_w[bch[j] * W + W - 1]);
       bcb[j] = ld(p.conv_b[bch[j]]);
     }
+    float dt_bias = 0.0f, A_log = 0.0f;
+    if (tid == SSU_DT_TID) {
+      dt_bias = ld(p.dt_bias[h]);
+      A_log = ld(p.A_log[h]);
+      sd[2] = ld(p.D[h]);
+    }
+    if (i == 0) PDL_WAIT(p.rows, PDL_EARLY_SSU);
 
-    // ---- 2. in_proj's B/C for a new (row, group) (L2)
+    // ---- 2. in_proj's outputs for this slice (L2)
     const elem_t* xbc = p.xbc + (long long)r * p.xbc_stride;
+    const elem_t xin = tid < P ? xbc[xch] : elem_t(0);
+    const float zv = tid < P ? ld(p.z[(long long)r * p.z_stride + xch]) : 0.0f;
     float bin[SSU_BC];
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) bin[j] = bch[j] >= 0 ? ld(xbc[bch[j]]) : 0.0f;
-
-    // ---- 3. this thread's part of slice i has landed (the slices of the first round: the input group, too):
-    // dt; conv + SiLU of two x channels per thread (window shifted left, new input last, summed in window
-    // order) into shared memory; the head's x windows written back
-    if (i < SSU_STAGES - 1) cp_async_wait<0>();
-    else cp_async_wait<SSU_STAGES - 1>();
     if (tid == SSU_DT_TID) {
-      const int o = h & 1;  // the head's element in each pair
-      const float dt = softplus(ld(stage[g.dtin + o]) + ld(stage[g.hd + o]));
+      const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
       sd[0] = dt;
-      sd[1] = __expf(-dt * __expf(ld(stage[g.hd + 2 + o])));
-      sd[2] = ld(stage[g.hd + 4 + o]);
+      sd[1] = __expf(-dt * __expf(A_log));
     }
-    if (tid < P / 2) {
+
+    // ---- 3. this thread's part of slice i has landed: conv + SiLU (window shifted left, new input last,
+    // summed in window order) into shared memory; this head's x windows written back
+    cp_async_wait<SSU_STAGES - 1>();
+    if (tid < P) {
+      const elem_t* win = stage + g.xwin + tid * W;
+      elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + xch) * W;
+      float acc = xcb;
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const int c = 2 * tid + k;
-        const elem_t* win = stage + g.xwin + c * W;
-        const elem_t* tap = stage + g.xw + c * W;
-        elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + h * P + c) * W;
-        float acc = ld(stage[g.xb + c]);
-#pragma unroll
-        for (int w = 0; w < MAX_W - 1; ++w)
-          if (w < W - 1) { const elem_t v = win[w + 1]; acc += ld(v) * ld(tap[w]); sout[w] = v; }
-        const elem_t xin = stage[g.xin + c];
-        acc += ld(xin) * ld(tap[W - 1]);
-        sout[W - 1] = xin;
-        xs[c] = silu(acc);
-        zs[c] = silu(ld(stage[g.zin + c]));
-        ws[c] = ld(stage[g.nw + c]);
-      }
+      for (int w = 0; w < MAX_W - 1; ++w)
+        if (w < W - 1) { const elem_t v = win[w + 1]; acc += ld(v) * xcw[w]; sout[w] = v; }
+      acc += ld(xin) * xlast;
+      sout[W - 1] = xin;
+      xs[tid] = silu(acc);
+      zs[tid] = silu(zv);
+      ws[tid] = nw;
     }
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) {
@@ -589,8 +525,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
     if (lane == 0) s_red[i & 1][warp] = wsq;
 
     // ---- 5. refill the stage just consumed (this thread's own bytes, read above) with slice i + SSU_STAGES
-    if (i + SSU_STAGES < n)
-      ssu_fetch<KP, KN, KW>(p, g, stage, s + SSU_STAGES, fc, fc.hg == 0, SSU_PART_STATE | SSU_PART_INPUT);
+    if (i + SSU_STAGES < n) ssu_fetch<KP, KN, KW>(p, g, stage, s + SSU_STAGES, fc, fc.hg == 0);
     cp_async_commit();
     fc.advance(H, hpg);
     cur.advance(H, hpg);

@@ -309,19 +309,10 @@ def ssu_params(*, xbc, z, dt, conv_state_in, conv_state_out, ssm_state_in, ssm_s
                     ("conv_state_in", conv_state_in)):
         if t.data_ptr() % 16:  # the kernel copies states and conv windows in aligned chunks (cp.async)
             raise KernelError(f"{name} must be 16-byte aligned")
-    # The kernel copies each x thread's two channels of in_proj's x and z, and the head's pair of dt, dt_bias,
-    # A_log and D, as 2-element chunks (cp.async), and the weights in chunks of up to 16 bytes.
-    if nheads % 2:
-        raise KernelError(f"the state update needs an even number of heads, got {nheads}")
-    for name, t in (("xbc", xbc), ("z", z), ("dt", dt)):
-        if t.data_ptr() % (2 * t.element_size()) or t.stride(0) % 2:
-            raise KernelError(f"{name} rows must start on 2-element boundaries (even row stride, aligned start)")
     w = dict(weights)
     for name, t in w.items():
         if not t.is_contiguous():  # a contiguous copy made here would be freed before the launch
             raise KernelError(f"weight {name} must be contiguous")
-        if t.data_ptr() % 16:
-            raise KernelError(f"weight {name} must be 16-byte aligned")
     return SsuParams(
         xbc=_ptr(xbc), xbc_stride=xbc.stride(0), z=_ptr(z), z_stride=z.stride(0), dt=_ptr(dt), dt_stride=dt.stride(0),
         conv_state_in=_ptr(conv_state_in), conv_state_out=_ptr(conv_state_out), ssm_state_in=_ptr(ssm_state_in),
@@ -335,27 +326,12 @@ def ssu_params(*, xbc, z, dt, conv_state_in, conv_state_out, ssm_state_in, ssm_s
 ELEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def ssu_stage_elements(headdim: int, d_state: int, d_conv: int, elem_bytes: int) -> int:
-    """Elements in one stage of the state update's ring (SsuRing::init in aim_kernels.cu): the state slice, the
-    head's x and the group's B/C conv windows, the head's x conv taps, bias and norm weight, its dt_bias / A_log
-    / D pairs (8), in_proj's x, z and dt pair; every part after the windows starts on 16 bytes."""
-    a = 16 // elem_bytes
-
-    def up(n):
-        return -(-n // a) * a
-
-    p, n, w = headdim, d_state, d_conv
-    end = p * n + p * w + 2 * n * w  # state, x windows, B/C windows
-    for size in (p * w, p, p, 8, p, p, 2):  # x taps, conv bias, norm weight, head pairs, x, z, dt pair
-        end = up(end) + size
-    return up(end)
-
-
 def ssu_smem_bytes(p: SsuParams, elem_bytes: int, stages: int) -> int:
-    """Dynamic shared memory of aim_selective_state_update: a ring of `stages` stages (ssu_stage_elements), then
-    two sets of the per-slice conv results (x, silu(z), norm_w of the head; B and C of the group) as float32."""
-    stage = ssu_stage_elements(p.headdim, p.d_state, p.d_conv, elem_bytes) * elem_bytes
-    return stages * stage + 2 * (3 * p.headdim + 2 * p.d_state) * 4
+    """Dynamic shared memory of aim_selective_state_update (as SsuRing there): a ring of `stages` stages (a state
+    slice, its head's x conv windows, its group's B/C windows; 16-byte multiples), then two sets of the
+    per-slice conv results (x, silu(z), norm_w of the head; B and C of the group) as float32."""
+    stage = (p.headdim * p.d_state + (p.headdim + 2 * p.d_state) * p.d_conv) * elem_bytes
+    return stages * ((stage + 15) // 16 * 16) + 2 * (3 * p.headdim + 2 * p.d_state) * 4
 
 
 def conv_shift_params(p: SsuParams) -> ConvShift:
@@ -386,8 +362,6 @@ def check_shapes(headdim: int, d_state: int, d_conv: int, ngroups: int = 1) -> N
                           f"got {headdim} * {d_state}")
     if headdim + 2 * d_state > 512 or headdim > 128:
         raise KernelError(f"headdim + 2 * d_state must be at most 512 (headdim <= 128), got {headdim} + 2 * {d_state}")
-    if headdim % 2:
-        raise KernelError(f"headdim must be even (the state update's x threads take two channels), got {headdim}")
     if d_conv > MAX_W:
         raise KernelError(f"d_conv must be <= {MAX_W}, got {d_conv}")
     if ngroups > 64:
