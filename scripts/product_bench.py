@@ -6,7 +6,9 @@ For each (model, rows, product) a CUDA graph of one product per layer, each laye
 come from DRAM, as in the step), replayed; µs per product (median of 7 replays) and the share of copy bandwidth
 (weights + x + y). Forms: `mm_t` torch.mm(x, w.t()) (what the backend does), `mm_nn` torch.mm(x, w_t) with the
 weight stored transposed (k, n), `addmm` torch.addmm(zero bias, x, w.t()) (cuBLASLt's bias epilogue), `halves`
-two mm_t calls of half the rows, `gemv2` our aim_gemv on two halves of the rows (where an instance fits).
+two mm_t calls of half the rows, `gemv2` our aim_gemv on two halves of the rows (where an instance fits), `lt` and
+`lt_tuned` cuBLASLt through nvmath-python (the heuristic's first algorithm, or the fastest of 16 by its autotune;
+only where nvmath-python is installed).
 (62488e8 and 8c83616 also had `gemm`, the reverted aim_gemm: see bench/results/README.md.)
 """
 
@@ -24,6 +26,32 @@ from aim_rt.config import preset
 torch.backends.cuda.matmul.allow_tf32 = False
 
 
+LT_CHOICES: dict = {}  # (rows, n, k, tuned) -> the algorithm nvmath chose (tile, split-k, ...)
+
+
+def lt_product(x, w, y, tune):
+    """y = x @ w.T by cuBLASLt through nvmath-python (in place into y), its algorithm the heuristic's first or,
+    with `tune`, the fastest of up to 16 (nvmath's autotune); None where nvmath is missing or fails."""
+    try:
+        from nvmath.linalg.advanced import Matmul, MatmulOptions, MatmulPlanPreferences
+    except ImportError:
+        return None
+    stream = torch.cuda.current_stream()
+    try:
+        mm = Matmul(x, w.t(), c=y, beta=0.0, options=MatmulOptions(inplace=True), stream=stream)
+        mm.plan(preferences=MatmulPlanPreferences(limit=16), stream=stream)
+        if tune:
+            mm.autotune(iterations=5, stream=stream)
+        alg = mm.algorithms[0]
+        LT_CHOICES[(x.shape[0], w.shape[0], w.shape[1], tune)] = {
+            "tile": str(alg.tile), "split_k": int(alg.split_k), "stages": str(alg.stages),
+            "reduction": str(alg.reduction_scheme), "algorithm_id": int(alg.algorithm_id)}
+    except Exception as e:  # noqa: BLE001 - reported, the other forms still run
+        LT_CHOICES[(x.shape[0], w.shape[0], w.shape[1], tune)] = {"error": repr(e)[:300]}
+        return None
+    return lambda: mm.execute(stream=torch.cuda.current_stream())
+
+
 def forms(x, w, wt, bias, y, kernels):
     rows = x.shape[0]
     h = rows // 2
@@ -33,6 +61,10 @@ def forms(x, w, wt, bias, y, kernels):
         "addmm": lambda: torch.addmm(bias, x, w.t(), out=y),
         "halves": lambda: (torch.mm(x[:h], w.t(), out=y[:h]), torch.mm(x[h:], w.t(), out=y[h:])),
     }
+    for name, tune in (("lt", False), ("lt_tuned", True)):  # cuBLASLt through nvmath-python (if installed)
+        mm = lt_product(x, w, y, tune)
+        if mm is not None:
+            out[name] = mm
     if kernels is not None:
         from aim_rt.plugins.kernels import gemv_params, gemv_supported
 
@@ -76,9 +108,14 @@ def main() -> None:
                     torch.cuda.synchronize()
                     err = ((ys[0].float() - ref).abs().max() / ref.abs().max()).item()
                     g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g):
-                        for c in calls:
-                            c[form]()
+                    try:
+                        with torch.cuda.graph(g):
+                            for c in calls:
+                                c[form]()
+                    except Exception as e:  # noqa: BLE001 - a form that cannot be captured is reported
+                        print(f"  {form}: not captured: {e!r}"[:300], flush=True)
+                        torch.cuda.synchronize()
+                        continue
                     us = replay_us(g, layers, replays=7)
                     moved = (n * k + rows * (k + n)) * 2
                     row[form] = {"us": us, "of_copy": moved / (us * 1e-6) / bw, "rel_err": err}
@@ -86,6 +123,9 @@ def main() -> None:
                 report["cases"][key] = row
                 print(f"{key}: " + ", ".join(f"{f} {r['us']:.2f} µs ({r['of_copy']:.0%}, err {r['rel_err']:.1e})"
                                              for f, r in row.items()), flush=True)
+    report["lt_choices"] = {f"rows {r} {n}x{k} {'tuned' if t else 'heuristic'}": v for (r, n, k, t), v in LT_CHOICES.items()}
+    for key, v in report["lt_choices"].items():
+        print(f"  cuBLASLt {key}: {v}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "product_bench.json").write_text(json.dumps(report, indent=1))
