@@ -230,13 +230,18 @@ class CudaBackend:
 
     def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel
-        ends) for 16-bit models up to GEMV_FAST_ROWS rows; cuBLAS otherwise."""
-        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemv_params, gemv_supported
+        ends) for 16-bit models up to GEMV_FAST_ROWS rows; above it, on Hopper, our split-k cluster GEMM up to
+        128 rows (aim_gemm); cuBLAS otherwise."""
+        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemm_params, gemm_splits, gemv_params, gemv_supported
 
+        stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
         if (self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS
                 and gemv_supported(dtype_name(self.dtype), x.shape[0], x.shape[1])):
             p = gemv_params(x, w, y)
-            return lambda: self.kernels.gemv(p, torch.cuda.current_stream().cuda_stream)
+            return lambda: self.kernels.gemv(p, stream())
+        if self.use_gemv and self.kernels.gemm_supported(x.shape[0], x.shape[1]):
+            p = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.num_sms))
+            return lambda: self.kernels.gemm(p, stream())
         return lambda: torch.mm(x, w.t(), out=y)
 
     def _step(self, buf: _Buffers, settings: SamplingSettings) -> None:

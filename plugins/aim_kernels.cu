@@ -1381,3 +1381,170 @@ X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(6, 1) X(8, 1) X(12, 1) X(1, 4) X(2, 4) X(3, 4)
 #undef X
 #undef Y
 #endif
+
+// ----------------------------------------------------------------------------------------------------------
+// Matrix product for 33 to 128 rows (Hopper, 16-bit types): y (rows, n) = x (rows, k) · w (n, k)^T. At these
+// sizes a library GEMM picks tiles that leave most SMs idle (cuBLAS: ~5 µs for AiM-B's products whatever their
+// size, bench/results/product_bench_*). Here each output tile (all rows, GEMM_BN columns) is split over k
+// between the CTAs of a thread-block cluster (p.splits <= 8, the cluster size), so that ~1-2 blocks per SM
+// stream the weights; each CTA runs a GEMM_STAGES-deep cp.async pipeline of (x, w) k-chunks through shared
+// memory (XOR-swizzled 16-byte chunks, ldmatrix, mma.sync m16n8k16), requesting its first weight chunks before
+// PDL_WAIT. The split partials are added through distributed shared memory in cluster-rank order: deterministic,
+// and a row's result does not depend on the other rows (nor on how many there are, for one (n, k)).
+// Grid: (n / GEMM_BN rounded up) * p.splits CTAs, clusters of p.splits; block 256 (8 warps: 4 over the rows,
+// 2 over the columns); dynamic shared memory gemm_smem_bytes in kernels.py.
+struct GemmParams {
+  const elem_t* x;  long long x_stride;  // (rows, k), rows 16-byte aligned
+  const elem_t* w;                       // (n, k) contiguous, 16-byte aligned
+  elem_t* y;  long long y_stride;        // (rows, n)
+  int rows, n, k, splits;                // k: a multiple of GEMM_BK * splits
+};
+
+#define GEMM_BN 64
+#define GEMM_BK 64
+#ifndef GEMM_STAGES
+#define GEMM_STAGES 4
+#endif
+
+#ifndef AIM_GEMM
+#define AIM_GEMM 1  // 0: no aim_gemm entries (the host then runs cuBLAS above 32 rows; to measure)
+#endif
+#if (AIM_PARTS & 1) && AIM_GEMM && ELEM_KIND != 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+// Element offset of 16-byte chunk c of row r in a [rows][GEMM_BK] tile: chunks XOR-swizzled by the row, so the
+// 8 rows an ldmatrix phase reads fall on 8 different bank groups.
+__device__ __forceinline__ int gemm_swz(int r, int c) { return r * GEMM_BK + ((c ^ (r & 7)) << 3); }
+
+template <int MT>  // rows <= 16 * MT; MT 4 or 8 (each of the 4 row-warps takes MT / 4 m-tiles)
+__device__ __forceinline__ void gemm_body(const GemmParams& p) {
+  constexpr int BM = 16 * MT, MW = MT / 4, A_TILE = BM * GEMM_BK, B_TILE = GEMM_BN * GEMM_BK;
+  extern __shared__ __align__(128) unsigned char gemm_smem[];
+  elem_t* As = reinterpret_cast<elem_t*>(gemm_smem);          // GEMM_STAGES x [BM][GEMM_BK]
+  elem_t* Bs = As + GEMM_STAGES * A_TILE;                      // GEMM_STAGES x [GEMM_BN][GEMM_BK]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp & 3, wn = warp >> 2;
+  unsigned rank;
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  const int S = p.splits, tile = blockIdx.x / S, n0 = tile * GEMM_BN;
+  const int chunks = p.k / GEMM_BK / S, kc0 = (int)rank * chunks;
+  const unsigned as0 = smem_addr(As), bs0 = smem_addr(Bs);
+
+  auto load_b = [&](int stage, int c) {  // 64 rows x 8 chunks: 2 per thread; rows past n zero-filled
+    const int k0 = (kc0 + c) * GEMM_BK;
+#pragma unroll
+    for (int i = 0; i < GEMM_BN * 8 / 256; ++i) {
+      const int e = tid + i * 256, r = e >> 3, ch = e & 7, n = n0 + r;
+      const elem_t* src = p.w + (long long)(n < p.n ? n : 0) * p.k + k0 + ch * 8;
+      cp_async16_zfill(bs0 + (stage * B_TILE + gemm_swz(r, ch)) * 2, src, n < p.n);
+    }
+  };
+  auto load_a = [&](int stage, int c) {  // BM rows x 8 chunks; rows past p.rows zero-filled
+    const int k0 = (kc0 + c) * GEMM_BK;
+#pragma unroll
+    for (int i = 0; i < BM * 8 / 256; ++i) {
+      const int e = tid + i * 256, r = e >> 3, ch = e & 7;
+      const elem_t* src = p.x + (long long)(r < p.rows ? r : 0) * p.x_stride + k0 + ch * 8;
+      cp_async16_zfill(as0 + (stage * A_TILE + gemm_swz(r, ch)) * 2, src, r < p.rows);
+    }
+  };
+
+  // the weights of the first stages before PDL_WAIT (they do not depend on the previous kernel), x after;
+  // commit group s holds chunk s's x (group 0 also every early weight chunk)
+#pragma unroll
+  for (int s = 0; s < GEMM_STAGES - 1; ++s) if (s < chunks) load_b(s, s);
+  PDL_WAIT(p.rows, PDL_EARLY_GEMV);
+#pragma unroll
+  for (int s = 0; s < GEMM_STAGES - 1; ++s) {
+    if (s < chunks) load_a(s, s);
+    cp_async_commit();
+  }
+
+  float acc[MW][4][4];
+#pragma unroll
+  for (int i = 0; i < MW; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+
+  for (int c = 0; c < chunks; ++c) {
+    cp_async_wait<GEMM_STAGES - 2>();
+    __syncthreads();  // chunk c is in for every thread; the stage refilled below was consumed by all
+    const int nxt = c + GEMM_STAGES - 1;
+    if (nxt < chunks) { load_a(nxt % GEMM_STAGES, nxt); load_b(nxt % GEMM_STAGES, nxt); }
+    cp_async_commit();
+    const int st = c % GEMM_STAGES;
+    const unsigned a_st = as0 + st * A_TILE * 2, b_st = bs0 + st * B_TILE * 2;
+#pragma unroll
+    for (int kk = 0; kk < GEMM_BK / 16; ++kk) {
+      unsigned a[MW][4], b[4][2];
+#pragma unroll
+      for (int i = 0; i < MW; ++i) {
+        const int r = (wm * MW + i) * 16 + (lane & 15);
+        ldmatrix_x4(a_st + gemm_swz(r, kk * 2 + (lane >> 4)) * 2, a[i][0], a[i][1], a[i][2], a[i][3]);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int r = wn * 32 + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+        ldmatrix_x4(b_st + gemm_swz(r, kk * 2 + ((lane >> 3) & 1)) * 2, b[2 * j][0], b[2 * j][1], b[2 * j + 1][0],
+                    b[2 * j + 1][1]);
+      }
+#pragma unroll
+      for (int i = 0; i < MW; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline's shared memory is reused for the partial tile
+
+  // this CTA's partial tile, [BM][GEMM_BN] float32 in shared memory; rank order sums them through the cluster
+  float* red = reinterpret_cast<float*>(gemm_smem);
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < MW; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = (wm * MW + i) * 16 + g, col = wn * 32 + j * 8 + 2 * t;
+      *reinterpret_cast<float2*>(red + r * GEMM_BN + col) = make_float2(acc[i][j][0], acc[i][j][1]);
+      *reinterpret_cast<float2*>(red + (r + 8) * GEMM_BN + col) = make_float2(acc[i][j][2], acc[i][j][3]);
+    }
+  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+  const unsigned red0 = smem_addr(red);
+  const int rows = min(p.rows, BM);
+  for (int e = ((int)rank * 256 + tid) * 4; e < rows * GEMM_BN; e += S * 256 * 4) {
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int q = 0; q < S; ++q) {  // rank order: the same sum whichever CTA adds it
+      unsigned remote;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(red0 + e * 4), "r"(q));
+      float4 v;
+      asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];"
+                   : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(remote) : "memory");
+      sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+    }
+    const int r = e / GEMM_BN, col = n0 + e % GEMM_BN;
+    elem_t* dst = p.y + (long long)r * p.y_stride + col;
+    if (col + 3 < p.n) {
+      dst[0] = st(sum.x); dst[1] = st(sum.y); dst[2] = st(sum.z); dst[3] = st(sum.w);
+    } else {
+      if (col < p.n) dst[0] = st(sum.x);
+      if (col + 1 < p.n) dst[1] = st(sum.y);
+      if (col + 2 < p.n) dst[2] = st(sum.z);
+    }
+  }
+  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");  // reads done
+}
+
+extern "C" __global__ void __launch_bounds__(256) aim_gemm_m4(GemmParams p) {
+  PDL_START(p.rows, PDL_EARLY_GEMV);
+  gemm_body<4>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) aim_gemm_m8(GemmParams p) {
+  PDL_START(p.rows, PDL_EARLY_GEMV);
+  gemm_body<8>(p);
+}
+#endif

@@ -257,7 +257,12 @@ class GemvParams(ctypes.Structure):
     _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
 
 
-STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams)
+class GemmParams(ctypes.Structure):
+    _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I),
+                ("splits", I)]
+
+
+STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemmParams)
 
 
 def layout_asserts() -> str:
@@ -410,6 +415,49 @@ def gemv_params(x, w, y) -> GemvParams:
                       rows=rows, n=n, k=k)
 
 
+GEMM_BN, GEMM_BK, GEMM_STAGES = 64, 64, 4  # as in aim_kernels.cu
+GEMM_ROWS = (33, 128)  # aim_gemm's row range (below it aim_gemv; above it cuBLAS)
+
+
+def gemm_mt(rows: int) -> int:
+    """aim_gemm's instance (m-tiles of 16 rows) for `rows` rows."""
+    return 4 if rows <= 64 else 8
+
+
+def gemm_smem_bytes(mt: int) -> int:
+    """aim_gemm_m<mt>'s dynamic shared memory: GEMM_STAGES stages of an x chunk (16 * mt rows) and a weight chunk
+    (GEMM_BN rows), GEMM_BK 16-bit elements each (the partial tile reuses it)."""
+    return GEMM_STAGES * (16 * mt + GEMM_BN) * GEMM_BK * 2
+
+
+def gemm_splits(n: int, k: int, num_sms: int) -> int:
+    """Cluster size (the k split) of an aim_gemm of n columns and depth k: the smallest divisor of k's chunks
+    (<= 8, a portable cluster) that gives every SM a CTA, else the largest."""
+    tiles, chunks = -(-n // GEMM_BN), k // GEMM_BK
+    divisors = [d for d in range(1, 9) if chunks % d == 0]
+    for d in divisors:
+        if tiles * d >= num_sms:
+            return d
+    return divisors[-1]
+
+
+def gemm_params(x, w, y, splits: int) -> GemmParams:
+    """y = x @ w.T through aim_gemm: x (rows, k) with 16-byte-aligned rows, w (n, k) contiguous and aligned."""
+    rows, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k or tuple(y.shape) != (rows, n):
+        raise KernelError(f"gemm shapes: x {tuple(x.shape)}, w {tuple(w.shape)}, y {tuple(y.shape)}")
+    if k % (GEMM_BK * splits) or not GEMM_ROWS[0] <= rows <= GEMM_ROWS[1]:
+        raise KernelError(f"aim_gemm takes {GEMM_ROWS[0]}-{GEMM_ROWS[1]} rows and k a multiple of "
+                          f"{GEMM_BK * splits}; got {rows} rows, k {k}")
+    es = x.element_size()
+    if (x.stride(1) != 1 or y.stride(1) != 1 or not w.is_contiguous() or (x.stride(0) * es) % 16
+            or x.data_ptr() % 16 or w.data_ptr() % 16):
+        raise KernelError("gemm needs contiguous, 16-byte-aligned rows of x and a contiguous, aligned w")
+    return GemmParams(x=x.data_ptr(), x_stride=x.stride(0), w=w.data_ptr(), y=y.data_ptr(), y_stride=y.stride(0),
+                      rows=rows, n=n, k=k, splits=splits)
+
+
 def pdl_attributes(major: int) -> list:
     """The launch attribute list that enables programmatic dependent launch on this compute capability (empty
     before Hopper, or with AIM_RT_PDL=0)."""
@@ -469,6 +517,9 @@ class Kernels:
             if fn is not None:
                 self.fn[f"aim_gemv_k{c}_n1_m1"] = fn
                 self.gemv_m1.add(c)
+        self.gemms = {mt: fn for mt in (4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
+                      if (fn := self._function(f"aim_gemm_m{mt}", required=False)) is not None}
+        self._gemm_smem_set: set[int] = set()
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
@@ -539,6 +590,32 @@ class Kernels:
         m1 = nt == 1 and p.rows <= GEMV_NARROW_ROWS and c in self.gemv_m1
         name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
         self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
+
+    def gemm_supported(self, rows: int, k: int) -> bool:
+        """Whether aim_gemm computes a product of `rows` rows and depth k in this build (else cuBLAS)."""
+        return (bool(self.gemms) and GEMM_ROWS[0] <= rows <= GEMM_ROWS[1] and k % GEMM_BK == 0)
+
+    def gemm(self, p: GemmParams, stream: int) -> None:
+        """y = x @ w.T (gemm_params; the caller checked gemm_supported): clusters of p.splits CTAs."""
+        mt = gemm_mt(p.rows)
+        fn, smem = self.gemms[mt], gemm_smem_bytes(mt)
+        d = self.driver
+        if mt not in self._gemm_smem_set:
+            _check(d.cuFuncSetAttribute(fn, d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                        smem), "cuFuncSetAttribute")
+            self._gemm_smem_set.add(mt)
+        cluster = d.CUlaunchAttribute()
+        cluster.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        cluster.value.clusterDim.x, cluster.value.clusterDim.y, cluster.value.clusterDim.z = p.splits, 1, 1
+        holder = (ctypes.c_void_p * 1)(ctypes.addressof(p))
+        config = d.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = -(-p.n // GEMM_BN) * p.splits, 1, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = 256, 1, 1
+        config.sharedMemBytes = smem
+        config.hStream = d.CUstream(stream)
+        config.attrs = [cluster] + self._pdl_attrs
+        config.numAttrs = len(config.attrs)
+        _check(d.cuLaunchKernelEx(config, fn, ctypes.addressof(holder), 0), f"aim_gemm_m{mt}")
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         if p.d > self.norm_max_width:

@@ -8,7 +8,7 @@ come from DRAM, as in the step), replayed; µs per product (median of 7 replays)
 weight stored transposed (k, n), `addmm` torch.addmm(zero bias, x, w.t()) (cuBLASLt's bias epilogue), `halves`
 two mm_t calls of half the rows, `gemv2` our aim_gemv on two halves of the rows (where an instance fits), `lt` and
 `lt_tuned` cuBLASLt through nvmath-python (the heuristic's first algorithm, or the fastest of 16 by its autotune;
-only where nvmath-python is installed).
+only where nvmath-python is installed), `gemm` our aim_gemm (33-128 rows, Hopper).
 (62488e8 and 8c83616 also had `gemm`, the reverted aim_gemm: see bench/results/README.md.)
 """
 
@@ -68,6 +68,11 @@ def forms(x, w, wt, bias, y, kernels):
     if kernels is not None:
         from aim_rt.plugins.kernels import gemv_params, gemv_supported
 
+        if kernels.gemm_supported(rows, x.shape[1]):
+            from aim_rt.plugins.kernels import gemm_params, gemm_splits
+
+            pg = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], kernels.num_sms))
+            out["gemm"] = lambda: kernels.gemm(pg, torch.cuda.current_stream().cuda_stream)
         if gemv_supported("bfloat16", h, x.shape[1]):
             p0, p1 = gemv_params(x[:h], w, y[:h]), gemv_params(x[h:], w, y[h:])
             stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
