@@ -1385,13 +1385,13 @@ X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(6, 1) X(8, 1) X(12, 1) X(1, 4) X(2, 4) X(3, 4)
 // ----------------------------------------------------------------------------------------------------------
 // Matrix product for 33 to 128 rows (Hopper, 16-bit types): y (rows, n) = x (rows, k) · w (n, k)^T. At these
 // sizes a library GEMM picks tiles that leave most SMs idle (cuBLAS: ~5 µs for AiM-B's products whatever their
-// size, bench/results/product_bench_*). Here each output tile (all rows, BN columns) is split over k
+// size, bench/results/product_bench_*). Here each output tile (all rows, GEMM_BN columns) is split over k
 // between the CTAs of a thread-block cluster (p.splits <= 8, the cluster size), so that ~1-2 blocks per SM
-// stream the weights; each CTA runs a 3-4 stage cp.async pipeline of (x, w) k-chunks through shared
+// stream the weights; each CTA runs a GEMM_STAGES-deep cp.async pipeline of (x, w) k-chunks through shared
 // memory (XOR-swizzled 16-byte chunks, ldmatrix, mma.sync m16n8k16), requesting its first weight chunks before
 // PDL_WAIT. The split partials are added through distributed shared memory in cluster-rank order: deterministic,
 // and a row's result does not depend on the other rows (nor on how many there are, for one (n, k)).
-// Grid: (n / BN rounded up) * p.splits CTAs, clusters of p.splits; block 256 (8 warps: 4 over the rows,
+// Grid: (n / GEMM_BN rounded up) * p.splits CTAs, clusters of p.splits; block 256 (8 warps: 4 over the rows,
 // 2 over the columns); dynamic shared memory gemm_smem_bytes in kernels.py.
 struct GemmParams {
   const elem_t* x;  long long x_stride;  // (rows, k), rows 16-byte aligned
@@ -1400,9 +1400,10 @@ struct GemmParams {
   int rows, n, k, splits;                // k: a multiple of GEMM_BK * splits
 };
 
+#define GEMM_BN 64
 #define GEMM_BK 64
-#ifndef GEMM_WIDE
-#define GEMM_WIDE 0  // 1: also the 128-column instances (aim_gemm_m<MT>_n128; to measure)
+#ifndef GEMM_STAGES
+#define GEMM_STAGES 4
 #endif
 
 #ifndef AIM_GEMM
@@ -1421,26 +1422,23 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned addr, unsigned& r0, unsigne
 // 8 rows an ldmatrix phase reads fall on 8 different bank groups.
 __device__ __forceinline__ int gemm_swz(int r, int c) { return r * GEMM_BK + ((c ^ (r & 7)) << 3); }
 
-// MT: rows <= 16 * MT, 4 or 8 (each of the 4 row-warps takes MT / 4 m-tiles); BN: columns per tile, 64 or 128
-// (each of the 2 column-warps takes BN / 16 n-tiles); STAGES: the pipeline's depth.
-template <int MT, int BN, int STAGES>
+template <int MT>  // rows <= 16 * MT; MT 4 or 8 (each of the 4 row-warps takes MT / 4 m-tiles)
 __device__ __forceinline__ void gemm_body(const GemmParams& p) {
-  constexpr int NW = BN / 16;
-  constexpr int BM = 16 * MT, MW = MT / 4, A_TILE = BM * GEMM_BK, B_TILE = BN * GEMM_BK;
+  constexpr int BM = 16 * MT, MW = MT / 4, A_TILE = BM * GEMM_BK, B_TILE = GEMM_BN * GEMM_BK;
   extern __shared__ __align__(128) unsigned char gemm_smem[];
-  elem_t* As = reinterpret_cast<elem_t*>(gemm_smem);          // STAGES x [BM][GEMM_BK]
-  elem_t* Bs = As + STAGES * A_TILE;                          // STAGES x [BN][GEMM_BK]
+  elem_t* As = reinterpret_cast<elem_t*>(gemm_smem);          // GEMM_STAGES x [BM][GEMM_BK]
+  elem_t* Bs = As + GEMM_STAGES * A_TILE;                      // GEMM_STAGES x [GEMM_BN][GEMM_BK]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp & 3, wn = warp >> 2;
   unsigned rank;
   asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  const int S = p.splits, tile = blockIdx.x / S, n0 = tile * BN;
+  const int S = p.splits, tile = blockIdx.x / S, n0 = tile * GEMM_BN;
   const int chunks = p.k / GEMM_BK / S, kc0 = (int)rank * chunks;
   const unsigned as0 = smem_addr(As), bs0 = smem_addr(Bs);
 
-  auto load_b = [&](int stage, int c) {  // BN rows x 8 chunks; rows past n zero-filled
+  auto load_b = [&](int stage, int c) {  // 64 rows x 8 chunks: 2 per thread; rows past n zero-filled
     const int k0 = (kc0 + c) * GEMM_BK;
 #pragma unroll
-    for (int i = 0; i < BN * 8 / 256; ++i) {
+    for (int i = 0; i < GEMM_BN * 8 / 256; ++i) {
       const int e = tid + i * 256, r = e >> 3, ch = e & 7, n = n0 + r;
       const elem_t* src = p.w + (long long)(n < p.n ? n : 0) * p.k + k0 + ch * 8;
       cp_async16_zfill(bs0 + (stage * B_TILE + gemm_swz(r, ch)) * 2, src, n < p.n);
@@ -1459,66 +1457,66 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
   // the weights of the first stages before PDL_WAIT (they do not depend on the previous kernel), x after;
   // commit group s holds chunk s's x (group 0 also every early weight chunk)
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) if (s < chunks) load_b(s, s);
+  for (int s = 0; s < GEMM_STAGES - 1; ++s) if (s < chunks) load_b(s, s);
   PDL_WAIT(p.rows, PDL_EARLY_GEMV);
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
+  for (int s = 0; s < GEMM_STAGES - 1; ++s) {
     if (s < chunks) load_a(s, s);
     cp_async_commit();
   }
 
-  float acc[MW][NW][4];
+  float acc[MW][4][4];
 #pragma unroll
   for (int i = 0; i < MW; ++i)
 #pragma unroll
-    for (int j = 0; j < NW; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+    for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
 
   for (int c = 0; c < chunks; ++c) {
-    cp_async_wait<STAGES - 2>();
+    cp_async_wait<GEMM_STAGES - 2>();
     __syncthreads();  // chunk c is in for every thread; the stage refilled below was consumed by all
-    const int nxt = c + STAGES - 1;
-    if (nxt < chunks) { load_a(nxt % STAGES, nxt); load_b(nxt % STAGES, nxt); }
+    const int nxt = c + GEMM_STAGES - 1;
+    if (nxt < chunks) { load_a(nxt % GEMM_STAGES, nxt); load_b(nxt % GEMM_STAGES, nxt); }
     cp_async_commit();
-    const int st = c % STAGES;
+    const int st = c % GEMM_STAGES;
     const unsigned a_st = as0 + st * A_TILE * 2, b_st = bs0 + st * B_TILE * 2;
 #pragma unroll
     for (int kk = 0; kk < GEMM_BK / 16; ++kk) {
-      unsigned a[MW][4], b[NW][2];
+      unsigned a[MW][4], b[4][2];
 #pragma unroll
       for (int i = 0; i < MW; ++i) {
         const int r = (wm * MW + i) * 16 + (lane & 15);
         ldmatrix_x4(a_st + gemm_swz(r, kk * 2 + (lane >> 4)) * 2, a[i][0], a[i][1], a[i][2], a[i][3]);
       }
 #pragma unroll
-      for (int j = 0; j < NW / 2; ++j) {
-        const int r = wn * (BN / 2) + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+      for (int j = 0; j < 2; ++j) {
+        const int r = wn * 32 + j * 16 + (lane & 7) + ((lane >> 4) << 3);
         ldmatrix_x4(b_st + gemm_swz(r, kk * 2 + ((lane >> 3) & 1)) * 2, b[2 * j][0], b[2 * j][1], b[2 * j + 1][0],
                     b[2 * j + 1][1]);
       }
 #pragma unroll
       for (int i = 0; i < MW; ++i)
 #pragma unroll
-        for (int j = 0; j < NW; ++j) mma_16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
+        for (int j = 0; j < 4; ++j) mma_16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
     }
   }
   cp_async_wait<0>();
   __syncthreads();  // the pipeline's shared memory is reused for the partial tile
 
-  // this CTA's partial tile, [BM][BN] float32 in shared memory; rank order sums them through the cluster
+  // this CTA's partial tile, [BM][GEMM_BN] float32 in shared memory; rank order sums them through the cluster
   float* red = reinterpret_cast<float*>(gemm_smem);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int i = 0; i < MW; ++i)
 #pragma unroll
-    for (int j = 0; j < NW; ++j) {
-      const int r = (wm * MW + i) * 16 + g, col = wn * (BN / 2) + j * 8 + 2 * t;
-      *reinterpret_cast<float2*>(red + r * BN + col) = make_float2(acc[i][j][0], acc[i][j][1]);
-      *reinterpret_cast<float2*>(red + (r + 8) * BN + col) = make_float2(acc[i][j][2], acc[i][j][3]);
+    for (int j = 0; j < 4; ++j) {
+      const int r = (wm * MW + i) * 16 + g, col = wn * 32 + j * 8 + 2 * t;
+      *reinterpret_cast<float2*>(red + r * GEMM_BN + col) = make_float2(acc[i][j][0], acc[i][j][1]);
+      *reinterpret_cast<float2*>(red + (r + 8) * GEMM_BN + col) = make_float2(acc[i][j][2], acc[i][j][3]);
     }
   asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
   const unsigned red0 = smem_addr(red);
   const int rows = min(p.rows, BM);
-  for (int e = ((int)rank * 256 + tid) * 4; e < rows * BN; e += S * 256 * 4) {
+  for (int e = ((int)rank * 256 + tid) * 4; e < rows * GEMM_BN; e += S * 256 * 4) {
     float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     for (int q = 0; q < S; ++q) {  // rank order: the same sum whichever CTA adds it
       unsigned remote;
@@ -1528,7 +1526,7 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
                    : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(remote) : "memory");
       sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
     }
-    const int r = e / BN, col = n0 + e % BN;
+    const int r = e / GEMM_BN, col = n0 + e % GEMM_BN;
     elem_t* dst = p.y + (long long)r * p.y_stride + col;
     if (col + 3 < p.n) {
       dst[0] = st(sum.x); dst[1] = st(sum.y); dst[2] = st(sum.z); dst[3] = st(sum.w);
@@ -1541,16 +1539,12 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
   asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");  // reads done
 }
 
-#define GEMM_ENTRY(NAME, MT, BN, STAGES)                                    \
-  extern "C" __global__ void __launch_bounds__(256) NAME(GemmParams p) { \
-    PDL_START(p.rows, PDL_EARLY_GEMV);                                    \
-    gemm_body<MT, BN, STAGES>(p);                                         \
-  }
-// (MT, BN, stages) as gemm_instance in kernels.py: 96 KB of shared memory or less, two CTAs per SM
-GEMM_ENTRY(aim_gemm_m4, 4, 64, 4)
-GEMM_ENTRY(aim_gemm_m8, 8, 64, 4)
-#if GEMM_WIDE
-GEMM_ENTRY(aim_gemm_m4_n128, 4, 128, 4)
-GEMM_ENTRY(aim_gemm_m8_n128, 8, 128, 3)
-#endif
+extern "C" __global__ void __launch_bounds__(256) aim_gemm_m4(GemmParams p) {
+  PDL_START(p.rows, PDL_EARLY_GEMV);
+  gemm_body<4>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) aim_gemm_m8(GemmParams p) {
+  PDL_START(p.rows, PDL_EARLY_GEMV);
+  gemm_body<8>(p);
+}
 #endif

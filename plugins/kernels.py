@@ -415,34 +415,26 @@ def gemv_params(x, w, y) -> GemvParams:
                       rows=rows, n=n, k=k)
 
 
-GEMM_BK = 64  # as in aim_kernels.cu
-GEMM_ROWS = (33, 128)  # aim_gemm's row range in the backend (below it aim_gemv; above it cuBLAS)
-GEMM_MAX_ROWS = 128  # what the kernel can take (16 * its largest MT); GEMM_MIN_ROWS builds move the lower end
+GEMM_BN, GEMM_BK, GEMM_STAGES = 64, 64, 4  # as in aim_kernels.cu
+GEMM_MAX_ROWS = 128  # what the kernel takes (16 * its largest MT)
+GEMM_ROWS = (33, GEMM_MAX_ROWS)  # where the backend uses it by default (below: aim_gemv; above: cuBLAS)
 
 
-def gemm_instance(rows: int, wide: bool = False) -> tuple[int, int, int]:
-    """aim_gemm's instance for `rows` rows: (MT m-tiles of 16 rows, BN columns per tile, pipeline stages), as
-    the GEMM_ENTRY lines of aim_kernels.cu (`wide`: the 128-column ones of GEMM_WIDE builds)."""
-    mt = 4 if rows <= 64 else 8
-    if not wide:
-        return mt, 64, 4
-    return mt, 128, 4 if mt == 4 else 3
+def gemm_mt(rows: int) -> int:
+    """aim_gemm's instance (m-tiles of 16 rows) for `rows` rows."""
+    return 4 if rows <= 64 else 8
 
 
-def gemm_name(mt: int, bn: int) -> str:
-    return f"aim_gemm_m{mt}" + ("_n128" if bn == 128 else "")
+def gemm_smem_bytes(mt: int) -> int:
+    """aim_gemm_m<mt>'s dynamic shared memory: GEMM_STAGES stages of an x chunk (16 * mt rows) and a weight chunk
+    (GEMM_BN rows), GEMM_BK 16-bit elements each (the partial tile reuses it)."""
+    return GEMM_STAGES * (16 * mt + GEMM_BN) * GEMM_BK * 2
 
 
-def gemm_smem_bytes(mt: int, bn: int, stages: int) -> int:
-    """aim_gemm's dynamic shared memory: `stages` stages of an x chunk (16 * mt rows) and a weight chunk (bn
-    rows), GEMM_BK 16-bit elements each (the float32 partial tile reuses it)."""
-    return stages * (16 * mt + bn) * GEMM_BK * 2
-
-
-def gemm_splits(n: int, k: int, num_sms: int, bn: int = 64) -> int:
+def gemm_splits(n: int, k: int, num_sms: int) -> int:
     """Cluster size (the k split) of an aim_gemm of n columns and depth k: the smallest divisor of k's chunks
     (<= 8, a portable cluster) that gives every SM a CTA, else the largest."""
-    tiles, chunks = -(-n // bn), k // GEMM_BK
+    tiles, chunks = -(-n // GEMM_BN), k // GEMM_BK
     divisors = [d for d in range(1, 9) if chunks % d == 0]
     for d in divisors:
         if tiles * d >= num_sms:
@@ -526,13 +518,13 @@ class Kernels:
             if fn is not None:
                 self.fn[f"aim_gemv_k{c}_n1_m1"] = fn
                 self.gemv_m1.add(c)
-        # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds), by (MT, BN)
-        self.gemm_wide = bool(int(self.defines.get("GEMM_WIDE", 0)))
-        # the backend's aim_gemm rows: GEMM_MIN_ROWS (a define only read here) lowers the start (to measure)
-        self.gemm_rows = (int(self.defines.get("GEMM_MIN_ROWS", GEMM_ROWS[0])), GEMM_ROWS[1])
-        self.gemms = {(mt, bn): fn for mt in (4, 8) for bn in (64, 128)
-                      if (fn := self._function(gemm_name(mt, bn), required=False)) is not None}
-        self._gemm_smem_set: set[tuple[int, int]] = set()
+        self.gemms = {mt: fn for mt in (4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
+                      if (fn := self._function(f"aim_gemm_m{mt}", required=False)) is not None}
+        # the row counts the backend gives aim_gemm: GEMM_MIN_ROWS / GEMM_MAX_ROWS (model_defines; defines that
+        # only this reads) move them
+        self.gemm_rows = (int(builds[0].get("GEMM_MIN_ROWS", GEMM_ROWS[0])),
+                          min(int(builds[0].get("GEMM_MAX_ROWS", GEMM_ROWS[1])), GEMM_MAX_ROWS))
+        self._gemm_smem_set: set[int] = set()
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
@@ -608,26 +600,21 @@ class Kernels:
         """Whether the backend's product of `rows` rows and depth k is aim_gemm's in this build."""
         return bool(self.gemms) and self.gemm_rows[0] <= rows <= self.gemm_rows[1] and k % GEMM_BK == 0
 
-    def gemm_tile_columns(self, rows: int) -> int:
-        """BN of the instance this build runs for `rows` rows (the caller's gemm_splits needs it)."""
-        return gemm_instance(rows, self.gemm_wide)[1]
-
     def gemm(self, p: GemmParams, stream: int) -> None:
-        """y = x @ w.T (gemm_params, its splits from gemm_splits(..., gemm_tile_columns(rows)); the caller
-        checked gemm_supported): clusters of p.splits CTAs."""
-        mt, bn, stages = gemm_instance(p.rows, self.gemm_wide)
-        fn, smem = self.gemms[(mt, bn)], gemm_smem_bytes(mt, bn, stages)
+        """y = x @ w.T (gemm_params; the caller checked gemm_supported): clusters of p.splits CTAs."""
+        mt = gemm_mt(p.rows)
+        fn, smem = self.gemms[mt], gemm_smem_bytes(mt)
         d = self.driver
-        if (mt, bn) not in self._gemm_smem_set:
+        if mt not in self._gemm_smem_set:
             _check(d.cuFuncSetAttribute(fn, d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                         smem), "cuFuncSetAttribute")
-            self._gemm_smem_set.add((mt, bn))
+            self._gemm_smem_set.add(mt)
         cluster = d.CUlaunchAttribute()
         cluster.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
         cluster.value.clusterDim.x, cluster.value.clusterDim.y, cluster.value.clusterDim.z = p.splits, 1, 1
         holder = (ctypes.c_void_p * 1)(ctypes.addressof(p))
         config = d.CUlaunchConfig()
-        config.gridDimX, config.gridDimY, config.gridDimZ = -(-p.n // bn) * p.splits, 1, 1
+        config.gridDimX, config.gridDimY, config.gridDimZ = -(-p.n // GEMM_BN) * p.splits, 1, 1
         config.blockDimX, config.blockDimY, config.blockDimZ = 256, 1, 1
         config.sharedMemBytes = smem
         config.hStream = d.CUstream(stream)
