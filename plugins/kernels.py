@@ -104,10 +104,19 @@ def model_defines(d_model: int) -> dict:
       (PDL_EARLY_NORM / PDL_EARLY_GEMV; the state update keeps PDL_EARLY_ROWS), so in_proj fetches its weights
       during the norm and the state update its first slices during in_proj (bench/results/early_steps_h200_
       2026-12-02.*): AiM-B -3.7 % per step at batch 16, even at 1 and 64. Not for AiM-XL: +6 % at batch 16
-      (products alone early: even)."""
+      (products alone early: even).
+    - aim_gemm's rows on Hopper (GEMM_MIN_ROWS / GEMM_MAX_ROWS; bench/results/gemm_*_h200_2026-12-03.*, against
+      aim_gemv below 33 rows and cuBLAS above): AiM-B 33-128 (-14 % per step at batch 17, -16 % at 24, -12 % at
+      32, -3 % at 48, -2 % at 64; from 9 rows +10 to +38 % at batch 6-16); AiM-L 33-64 (-10 % at 24, -7 % at 32;
+      +2 % at 16, -0.9 % at 48, +1.2 % at 64); AiM-XL 32-64 (-5 % at batch 16, even at 12, +2 % at 10; -1 % at
+      24; +2 to +3 % at 40-64)."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY)
+    else:
+        defines.update(GEMM_MAX_ROWS=64)
+        if d_model >= 1536:
+            defines.update(GEMM_MIN_ROWS=32)
     return defines
 
 

@@ -164,6 +164,21 @@ def test_ssu_kernel_independent_of_grid(dtype):
 
 
 @needs_gpu
+def test_gemm_rows_follow_the_model_build():
+    """The backend's products run through aim_gemm exactly for the rows measured best for the model's width
+    (model_defines), through aim_gemv below and cuBLAS above."""
+    from aim_rt.plugins.kernels import Kernels
+
+    xl = Kernels("bfloat16", gemv_depths=(1536, 3072), d_model=1536)
+    if not xl.gemms:
+        pytest.skip("aim_gemm needs a Hopper GPU (sm_90+): clusters and distributed shared memory")
+    b = Kernels("bfloat16", gemv_depths=(768, 1536), d_model=768)
+    assert [r for r in range(1, 200) if xl.gemm_supported(r, 1536)] == list(range(32, 65))
+    assert [r for r in range(1, 200) if b.gemm_supported(r, 768)] == list(range(33, 129))
+    assert not b.gemm_supported(64, 96)  # k not a multiple of the 64-deep chunk
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(3352, 768), (768, 1536), (6448, 1536), (1536, 3072), (16384, 768), (200, 128)])
 def test_gemm_matches_reference(shape, dtype):
