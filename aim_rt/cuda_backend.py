@@ -235,7 +235,7 @@ class CudaBackend:
         from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemm_params, gemm_splits, gemv_params, gemv_supported
 
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
-        if self.use_gemv and self.kernels.gemm_supported(x.shape[0], x.shape[1], w.shape[0]):
+        if self.use_gemv and self.kernels.gemm_supported(x.shape[0], x.shape[1]):
             p = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.num_sms))
             return lambda: self.kernels.gemm(p, stream())
         if (self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS

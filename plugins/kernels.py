@@ -533,7 +533,6 @@ class Kernels:
         # only this reads) move them
         self.gemm_rows = (int(builds[0].get("GEMM_MIN_ROWS", GEMM_ROWS[0])),
                           min(int(builds[0].get("GEMM_MAX_ROWS", GEMM_ROWS[1])), GEMM_MAX_ROWS))
-        self.gemm_max_n = int(builds[0].get("GEMM_MAX_N", 1 << 30))  # wider products: cuBLAS (to measure)
         self._gemm_smem_set: set[int] = set()
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
@@ -606,10 +605,9 @@ class Kernels:
         name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
         self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 
-    def gemm_supported(self, rows: int, k: int, n: int = 0) -> bool:
-        """Whether the backend's product of `rows` rows, depth k and n columns is aim_gemm's in this build."""
-        return (bool(self.gemms) and self.gemm_rows[0] <= rows <= self.gemm_rows[1] and k % GEMM_BK == 0
-                and n <= self.gemm_max_n)
+    def gemm_supported(self, rows: int, k: int) -> bool:
+        """Whether the backend's product of `rows` rows and depth k is aim_gemm's in this build."""
+        return bool(self.gemms) and self.gemm_rows[0] <= rows <= self.gemm_rows[1] and k % GEMM_BK == 0
 
     def gemm(self, p: GemmParams, stream: int) -> None:
         """y = x @ w.T (gemm_params; the caller checked gemm_supported): clusters of p.splits CTAs."""
