@@ -410,16 +410,22 @@ def gemv_supported(dtype: str, rows: int, k: int) -> bool:
     return rows <= 16 * min(4, 8 // gemv_tiles(rows, k))
 
 
-def gemv_params(x, w, y) -> GemvParams:
-    """y = x @ w.T for torch tensors: x (rows, k) with 16-byte-aligned rows, w (n, k) contiguous, y (rows, n)."""
+def _check_product(kind: str, x, w, y) -> tuple[int, int, int]:
+    """(rows, k, n) of y = x @ w.T for our product kernels (`kind` names them in errors): matching shapes,
+    contiguous 16-byte-aligned rows of x and y's unit column stride, w contiguous and 16-byte aligned."""
     rows, k = x.shape
     n = w.shape[0]
     if w.shape[1] != k or tuple(y.shape) != (rows, n):
-        raise KernelError(f"gemv shapes: x {tuple(x.shape)}, w {tuple(w.shape)}, y {tuple(y.shape)}")
-    es = x.element_size()
-    if (x.stride(1) != 1 or y.stride(1) != 1 or not w.is_contiguous() or (x.stride(0) * es) % 16
+        raise KernelError(f"{kind} shapes: x {tuple(x.shape)}, w {tuple(w.shape)}, y {tuple(y.shape)}")
+    if (x.stride(1) != 1 or y.stride(1) != 1 or not w.is_contiguous() or (x.stride(0) * x.element_size()) % 16
             or x.data_ptr() % 16 or w.data_ptr() % 16):
-        raise KernelError("gemv needs contiguous, 16-byte-aligned rows of x and a contiguous w")
+        raise KernelError(f"{kind} needs contiguous, 16-byte-aligned rows of x and a contiguous, aligned w")
+    return rows, k, n
+
+
+def gemv_params(x, w, y) -> GemvParams:
+    """y = x @ w.T for torch tensors: x (rows, k) with 16-byte-aligned rows, w (n, k) contiguous, y (rows, n)."""
+    rows, k, n = _check_product("gemv", x, w, y)
     return GemvParams(x=x.data_ptr(), x_stride=x.stride(0), w=w.data_ptr(), y=y.data_ptr(), y_stride=y.stride(0),
                       rows=rows, n=n, k=k)
 
@@ -453,17 +459,10 @@ def gemm_splits(n: int, k: int, num_sms: int) -> int:
 
 def gemm_params(x, w, y, splits: int) -> GemmParams:
     """y = x @ w.T through aim_gemm: x (rows, k) with 16-byte-aligned rows, w (n, k) contiguous and aligned."""
-    rows, k = x.shape
-    n = w.shape[0]
-    if w.shape[1] != k or tuple(y.shape) != (rows, n):
-        raise KernelError(f"gemm shapes: x {tuple(x.shape)}, w {tuple(w.shape)}, y {tuple(y.shape)}")
+    rows, k, n = _check_product("gemm", x, w, y)
     if k % (GEMM_BK * splits) or not 1 <= rows <= GEMM_MAX_ROWS:
         raise KernelError(f"aim_gemm takes 1-{GEMM_MAX_ROWS} rows and k a multiple of {GEMM_BK * splits}; "
                           f"got {rows} rows, k {k}")
-    es = x.element_size()
-    if (x.stride(1) != 1 or y.stride(1) != 1 or not w.is_contiguous() or (x.stride(0) * es) % 16
-            or x.data_ptr() % 16 or w.data_ptr() % 16):
-        raise KernelError("gemm needs contiguous, 16-byte-aligned rows of x and a contiguous, aligned w")
     return GemmParams(x=x.data_ptr(), x_stride=x.stride(0), w=w.data_ptr(), y=y.data_ptr(), y_stride=y.stride(0),
                       rows=rows, n=n, k=k, splits=splits)
 
