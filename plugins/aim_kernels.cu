@@ -151,15 +151,10 @@ struct SsuParams {
 // stage is refilled, SSU_STAGES slices ahead, as soon as it is consumed, so no DRAM round trip is left on a
 // slice's path: after the first one, only in_proj's outputs (L2) and the weights (L1/L2) are read directly.
 // Each thread copies exactly the bytes it later reads, so its own cp.async.wait_group makes them visible: no
-// barrier guards the ring. Nor does one separate the slices: each warp computes the conv of its own x rows
-// (ssu_xrow: the rows its state chunks touch) and every thread the head's dt and exp(dt * A), so a warp hands
-// over only to itself (__syncwarp). Block-wide barriers are left where a result spans the warps: the group's
-// B/C conv on a (row, group) change (once per run of heads) and the per-head sums of squares, added every
-// SSU_RED slices. (A barrier per slice, the version before, kept warps waiting on the slowest one's data:
-// 31.6 % of warp stall samples at AiM-B b256, bench/results/ncu_ssu_details_b256_*.)
+// barrier guards the ring. One __syncthreads per slice (the conv results, double-buffered by slice parity).
 // Instructions per state element are kept few (ncu showed the first version of this loop issue-bound): bf16
 // pairs unpacked with one integer op each and packed by one cvt per pair, no division in the loops (the slice
-// cursor is advanced, not divided), and the AiM
+// cursor is advanced, not divided), dt and exp(dt * A) computed once per slice by one thread, and the AiM
 // shape compiled with constants (SSU_FAST): 4.6k warp-instructions per slice at AiM-XL b64 against 7.7k before
 // (ncu, bench/results/ncu_ssu4_h200_2026-11-29.txt).
 // Consecutive slices of one (row, group) share B and C, which stay in registers.
@@ -292,21 +287,11 @@ struct SsuCursor {
 #define SSU_GENERIC 1  // 0: no generic instance (a build for the AiM shape only). Measured, not used:
 #endif                 // AiM-B b1 -2.4 % but b64 +4 %, AiM-XL b64 +5 % per step (lean_h200_2026-11-29_*)
 
-// The x rows (channels of the head) that lane `lane` of warp `warp` owns in a slice: the warp's state chunks
-// cover rows it * rows_per_it + warp * rpw + [0, rpw) for each chunk index it (rpw = 32 * VEC / N rows per warp
-// and chunk), at most 32 in all for every shape check_shapes allows; lane j takes the j-th of them. It fetches
-// that row's conv window, computes its conv and writes x, silu(z) and norm_w for the warp's other lanes.
-__device__ __forceinline__ int ssu_xrow(int lane, int warp, int P, int N) {
-  const int rpw = 32 * VEC / N, it = lane / rpw;
-  const int row = it * (SSU_THREADS * VEC / N) + warp * rpw + (lane - it * rpw);
-  return it < MAX_ITERS && row < P ? row : -1;
-}
-
-// Request slice s (at cursor c) into `stage`: this thread's state chunks, the window of its x row (ssu_xrow),
-// and (new_bc) its B/C channel's window: exactly the bytes it reads back when it computes slice s.
+// Request slice s (at cursor c) into `stage`: this thread's state chunks, its x channel's window, and
+// (new_bc) its B/C channel's window; the same bytes it reads when it computes slice s.
 template <int KP, int KN, int KW>
 __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, elem_t* stage, int s,
-                                          const SsuCursor& c, bool new_bc, int xrow) {
+                                          const SsuCursor& c, bool new_bc) {
   const int tid = threadIdx.x, P = KP ? KP : p.headdim, N = KN ? KN : p.d_state, W = KW ? KW : p.d_conv;
   const elem_t* src = p.ssm_state_in + (long long)s * g.PN;
 #pragma unroll
@@ -318,7 +303,7 @@ __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, 
         cp_async16(stage + e + q * 16 / sizeof(elem_t), src + e + q * 16 / sizeof(elem_t));
   }
   const elem_t* conv = p.conv_state_in + (long long)c.r * p.conv_dim * W;
-  if (xrow >= 0) copy_window(stage + g.xwin + xrow * W, conv + (c.h * P + xrow) * W, W);
+  if (tid < P) copy_window(stage + g.xwin + tid * W, conv + (c.h * P + tid) * W, W);
   if (new_bc) {
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) {
@@ -329,6 +314,10 @@ __device__ __forceinline__ void ssu_fetch(const SsuParams& p, const SsuRing& g, 
     }
   }
 }
+
+// The thread that computes a slice's dt, exp(dt * A) and D (once per slice, shared through shared memory):
+// lane 0 of the last warp, which has no x channel when headdim <= SSU_THREADS - 32.
+#define SSU_DT_TID (SSU_THREADS - 32)
 
 // Row sums of the fast shape (16 lanes per state row, 4 chunks per thread): the same butterfly over the row's
 // lanes as the generic loop (pairs differing in lane bit 3, then 2, 1, 0; each sum a + b is b + a, so every
@@ -347,11 +336,8 @@ __device__ __forceinline__ float ssu_row_sums(const float (&a)[4], int lane) {
   return k;
 }
 
-// Slices whose per-warp sums of squares wait in shared memory before a block-wide pass adds them (s_red)
-#define SSU_RED 32
-
 template <int KP, int KN, int KW>
-__device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_WARPS]) {
+__device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_WARPS], float (*s_dt)[3]) {
   extern __shared__ __align__(16) unsigned char ssu_smem[];
   // the fast reduction: 16 lanes per row, 4 chunks per thread
   constexpr bool FAST = KN * KP == 4 * SSU_THREADS * VEC && KN == 16 * VEC;
@@ -367,11 +353,8 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
   const int s0 = (int)((long long)blockIdx.x * total / gridDim.x);
   const int n = (int)((long long)(blockIdx.x + 1) * total / gridDim.x) - s0;  // >= 1: gridDim.x <= total
   elem_t* ring = reinterpret_cast<elem_t*>(ssu_smem);
-  float* xs = reinterpret_cast<float*>(ring + SSU_STAGES * g.len);  // per x row: x after the conv,
-  float* zs = xs + P;                                               // silu(z)
-  float* ws = zs + P;                                               // and norm_w (written by its warp)
-  float* bcs = ws + P;  // 2 x {B, C} of the group after the conv, by parity of the (row, group) change
-  const int xrow = ssu_xrow(lane, warp, P, N);
+  float* conv_buf = reinterpret_cast<float*>(ring + SSU_STAGES * g.len);  // 2 x {x, silu(z), norm_w, B, C}
+  const int conv_len = 3 * P + 2 * N;
 
   // ---- the first SSU_STAGES slices: this layer's own state, last written by this kernel one step ago, so
   // requested before PDL_WAIT. One commit group per slice (empty past the run) keeps the count uniform.
@@ -381,7 +364,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
   fc = cur;
 #pragma unroll
   for (int k = 0; k < SSU_STAGES; ++k) {
-    if (k < n) ssu_fetch<KP, KN, KW>(p, g, ring + k * g.len, s0 + k, fc, k == 0 || fc.hg == 0, xrow);
+    if (k < n) ssu_fetch<KP, KN, KW>(p, g, ring + k * g.len, s0 + k, fc, k == 0 || fc.hg == 0);
     cp_async_commit();
     fc.advance(H, hpg);
   }
@@ -393,17 +376,22 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
   const int n0 = (tid * VEC) % N, row0 = tid * VEC / N, rows_per_it = SSU_THREADS * VEC / N;
   const int lanes_per_row = N / VEC;
   float bq[VEC], cq[VEC];
-  int slot = 0, red = 0, bpar = 0;  // i % SSU_STAGES, i % SSU_RED, (row, group) changes % 2
+  int slot = 0;  // i % SSU_STAGES
   for (int i = 0; i < n; ++i) {
     const int s = s0 + i, r = cur.r, h = cur.h, grp = cur.grp;
     const bool new_bc = i == 0 || cur.hg == 0;  // uniform across the block
     elem_t* stage = ring + slot * g.len;
+    float* xs = conv_buf + (i & 1) * conv_len;  // this head's x after the conv
+    float* zs = xs + P;                         // silu(z)
+    float* ws = zs + P;                         // norm_w
+    float* Bs = ws + P;                         // the group's B after the conv
+    float* Cs = Bs + N;                         // the group's C
+    float* sd = s_dt[i & 1];
 
-    // ---- 1. weights (for the first slice, before PDL_WAIT): this lane's x row; the B/C channel of this thread
-    // on a (row, group) change; the head's scalars (every thread: no barrier hands them over)
-    const int xch = h * P + xrow;  // valid when xrow >= 0
+    // ---- 1. weights (for the first slice, before PDL_WAIT)
+    const int xch = h * P + tid;  // this thread's x channel (tid < P)
     float xcw[MAX_W - 1], xlast = 0.0f, xcb = 0.0f, nw = 0.0f;  // taps on the kept window; the new input's tap
-    if (xrow >= 0) {
+    if (tid < P) {
 #pragma unroll
       for (int w = 0; w < MAX_W - 1; ++w) xcw[w] = w < W - 1 ? ld(p.conv_w[xch * W + w]) : 0.0f;
       xlast = ld(p.conv_w[xch * W + W - 1]);
@@ -423,25 +411,32 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       blast[j] = ld(p.conv_w[bch[j] * W + W - 1]);
       bcb[j] = ld(p.conv_b[bch[j]]);
     }
-    const float dt_bias = ld(p.dt_bias[h]), A_log = ld(p.A_log[h]);
+    float dt_bias = 0.0f, A_log = 0.0f;
+    if (tid == SSU_DT_TID) {
+      dt_bias = ld(p.dt_bias[h]);
+      A_log = ld(p.A_log[h]);
+      sd[2] = ld(p.D[h]);
+    }
     if (i == 0) PDL_WAIT(p.rows, PDL_EARLY_SSU);
 
     // ---- 2. in_proj's outputs for this slice (L2)
     const elem_t* xbc = p.xbc + (long long)r * p.xbc_stride;
-    const elem_t xin = xrow >= 0 ? xbc[xch] : elem_t(0);
-    const float zv = xrow >= 0 ? ld(p.z[(long long)r * p.z_stride + xch]) : 0.0f;
+    const elem_t xin = tid < P ? xbc[xch] : elem_t(0);
+    const float zv = tid < P ? ld(p.z[(long long)r * p.z_stride + xch]) : 0.0f;
     float bin[SSU_BC];
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) bin[j] = bch[j] >= 0 ? ld(xbc[bch[j]]) : 0.0f;
-    const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
-    const float dA = __expf(-dt * __expf(A_log));
+    if (tid == SSU_DT_TID) {
+      const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
+      sd[0] = dt;
+      sd[1] = __expf(-dt * __expf(A_log));
+    }
 
-    // ---- 3. this thread's part of slice i has landed: conv + SiLU of its x row (window shifted left, new input
-    // last, summed in window order) for its warp, that row's window written back; on a (row, group) change the
-    // group's B/C conv, handed over through shared memory (the one block-wide barrier of a run of heads)
+    // ---- 3. this thread's part of slice i has landed: conv + SiLU (window shifted left, new input last,
+    // summed in window order) into shared memory; this head's x windows written back
     cp_async_wait<SSU_STAGES - 1>();
-    if (xrow >= 0) {
-      const elem_t* win = stage + g.xwin + xrow * W;
+    if (tid < P) {
+      const elem_t* win = stage + g.xwin + tid * W;
       elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + xch) * W;
       float acc = xcb;
 #pragma unroll
@@ -449,30 +444,31 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
         if (w < W - 1) { const elem_t v = win[w + 1]; acc += ld(v) * xcw[w]; sout[w] = v; }
       acc += ld(xin) * xlast;
       sout[W - 1] = xin;
-      xs[xrow] = silu(acc);
-      zs[xrow] = silu(zv);
-      ws[xrow] = nw;
+      xs[tid] = silu(acc);
+      zs[tid] = silu(zv);
+      ws[tid] = nw;
+    }
+#pragma unroll
+    for (int j = 0; j < SSU_BC; ++j) {
+      if (bch[j] < 0) continue;
+      const int c = tid + j * SSU_THREADS;
+      const elem_t* win = stage + g.bcwin + c * W;
+      float acc = bcb[j];
+#pragma unroll
+      for (int w = 0; w < MAX_W - 1; ++w) if (w < W - 1) acc += ld(win[w + 1]) * bcw[j][w];
+      acc += bin[j] * blast[j];
+      Bs[c] = silu(acc);  // c >= N lands in Cs[c - N]
+    }
+    __syncthreads();
+    if (i > 0 && warp == 0) {  // the previous slice's sum of squares (fixed order: deterministic)
+      const float v = warp_sum(lane < SSU_WARPS ? s_red[(i - 1) & 1][lane] : 0.0f);
+      if (lane == 0) p.sumsq[s - 1] = v;
     }
     if (new_bc) {
-      float* Bs = bcs + bpar * 2 * N;
-      float* Cs = Bs + N;
-#pragma unroll
-      for (int j = 0; j < SSU_BC; ++j) {
-        if (bch[j] < 0) continue;
-        const int c = tid + j * SSU_THREADS;
-        const elem_t* win = stage + g.bcwin + c * W;
-        float acc = bcb[j];
-#pragma unroll
-        for (int w = 0; w < MAX_W - 1; ++w) if (w < W - 1) acc += ld(win[w + 1]) * bcw[j][w];
-        acc += bin[j] * blast[j];
-        Bs[c] = silu(acc);  // c >= N lands in Cs[c - N]
-      }
-      __syncthreads();
 #pragma unroll
       for (int j = 0; j < VEC; ++j) { bq[j] = Bs[n0 + j]; cq[j] = Cs[n0 + j]; }
-      bpar ^= 1;
     }
-    __syncwarp();  // the warp's x rows are in xs / zs / ws
+    const float dt = sd[0], dA = sd[1], Dh = sd[2];
 
     // ---- 4. the state: h = h * dA + dt * x * B, y = h . C
     elem_t* out = p.ssm_state_out + (long long)s * g.PN;
@@ -505,13 +501,12 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       for (int o = 16; o > 0; o >>= 1)  // the row's lanes: a butterfly over N / VEC lanes (uniform condition)
         if (o < lanes_per_row) acc += __shfl_xor_sync(0xffffffffu, acc, o);
       if (n0 == 0) {
-        const float gv = (acc + ld(p.D[h]) * xv) * zs[row];
+        const float gv = (acc + Dh * xv) * zs[row];
         yrow[row] = st(gv * ws[row]);
         local_sq += gv * gv;
       }
     }
     if (FAST) {  // lane holds chunk 2 * bit3 + bit2 of its row; lanes 0 and 16 sum the squares in chunk order
-      const float Dh = ld(p.D[h]);
       const float acc = ssu_row_sums(reinterpret_cast<const float (&)[4]>(rs), lane);
       const int row = row0 + (((lane >> 3) & 1) * 2 + ((lane >> 2) & 1)) * rows_per_it;
       const float xv = xs[row];
@@ -527,44 +522,35 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       }
     }
     const float wsq = warp_sum(local_sq);
-    if (lane == 0) s_red[red][warp] = wsq;
-    // every SSU_RED slices and at the end of the run: each slice's head sum of its warps' sums (fixed order:
-    // deterministic), the only other block-wide barriers
-    if (red == SSU_RED - 1 || i == n - 1) {
-      __syncthreads();
-      for (int q = warp; q <= red; q += SSU_WARPS) {
-        const float v = warp_sum(lane < SSU_WARPS ? s_red[q][lane] : 0.0f);
-        if (lane == 0) p.sumsq[s - red + q] = v;
-      }
-      __syncthreads();
-      red = 0;
-    } else {
-      ++red;
-    }
+    if (lane == 0) s_red[i & 1][warp] = wsq;
 
-    // ---- 5. refill the stage just consumed (this thread's own bytes, read above; the x windows once the warp
-    // has read them) with slice i + SSU_STAGES
-    __syncwarp();
-    if (i + SSU_STAGES < n) ssu_fetch<KP, KN, KW>(p, g, stage, s + SSU_STAGES, fc, fc.hg == 0, xrow);
+    // ---- 5. refill the stage just consumed (this thread's own bytes, read above) with slice i + SSU_STAGES
+    if (i + SSU_STAGES < n) ssu_fetch<KP, KN, KW>(p, g, stage, s + SSU_STAGES, fc, fc.hg == 0);
     cp_async_commit();
     fc.advance(H, hpg);
     cur.advance(H, hpg);
     if (++slot == SSU_STAGES) slot = 0;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const float v = warp_sum(lane < SSU_WARPS ? s_red[(n - 1) & 1][lane] : 0.0f);
+    if (lane == 0) p.sumsq[s0 + n - 1] = v;
   }
 }
 
 #if AIM_PARTS & 1
 extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_selective_state_update(SsuParams p) {
   PDL_START(p.rows, PDL_EARLY_SSU);
-  __shared__ float s_red[SSU_RED][SSU_WARPS];  // per slice of the run (mod SSU_RED): each warp's sum of squares
+  __shared__ float s_red[2][SSU_WARPS];
+  __shared__ float s_dt[2][3];  // per slice parity: dt, dA = exp(-dt * exp(A_log)), D
 #if SSU_FAST
   if (p.headdim == SSU_FAST_P && p.d_state == SSU_FAST_N && p.d_conv == SSU_FAST_W) {
-    ssu_body<SSU_FAST_P, SSU_FAST_N, SSU_FAST_W>(p, s_red);
+    ssu_body<SSU_FAST_P, SSU_FAST_N, SSU_FAST_W>(p, s_red, s_dt);
     return;
   }
 #endif
 #if SSU_GENERIC
-  ssu_body<0, 0, 0>(p, s_red);
+  ssu_body<0, 0, 0>(p, s_red, s_dt);
 #else
   __trap();  // a build for the AiM shape only (the host passes SSU_GENERIC=0 only for it)
 #endif

@@ -342,10 +342,10 @@ ELEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 def ssu_smem_bytes(p: SsuParams, elem_bytes: int, stages: int) -> int:
     """Dynamic shared memory of aim_selective_state_update (as SsuRing there): a ring of `stages` stages (a state
-    slice, its head's x conv windows, its group's B/C windows; 16-byte multiples), then the per-slice conv
-    results as float32: x, silu(z) and norm_w of the head's rows, and two sets of the group's B and C."""
+    slice, its head's x conv windows, its group's B/C windows; 16-byte multiples), then two sets of the
+    per-slice conv results (x, silu(z), norm_w of the head; B and C of the group) as float32."""
     stage = (p.headdim * p.d_state + (p.headdim + 2 * p.d_state) * p.d_conv) * elem_bytes
-    return stages * ((stage + 15) // 16 * 16) + (3 * p.headdim + 4 * p.d_state) * 4
+    return stages * ((stage + 15) // 16 * 16) + 2 * (3 * p.headdim + 2 * p.d_state) * 4
 
 
 def conv_shift_params(p: SsuParams) -> ConvShift:
@@ -568,16 +568,12 @@ class Kernels:
         """The whole op: y gated-normed, conv and SSM states updated. With finish=False two things are left to
         the next kernel (aim_residual_norm does both, when ngroups == 1): y stays g * norm_w, to be scaled by its
         row's 1/rms from p.sumsq, and the group B/C conv windows are not yet shifted (conv_shift_params(p))."""
-        smem = self.ssu_smem(p)
+        smem = ssu_smem_bytes(p, ELEM_BYTES[self.dtype], self.ssu_stages)
         grid = min(p.rows * p.nheads, self._ssu_blocks_per_sm(smem) * self.num_sms, self.ssu_max_blocks or 1 << 30)
         # (each block a run of consecutive (row, head) slices; all resident at once: no tail wave)
         self._launch("aim_selective_state_update", (grid, 1, 1), self.ssu_threads, smem, stream, p)
         if finish:
             self._launch("aim_gated_norm_apply", (p.rows, 1, 1), NORM_THREADS, 0, stream, gated_norm_params(p))
-
-    def ssu_smem(self, p: SsuParams) -> int:
-        """Dynamic shared memory of one state-update block (a method: benchmarks of older sources override it)."""
-        return ssu_smem_bytes(p, ELEM_BYTES[self.dtype], self.ssu_stages)
 
     def _ssu_blocks_per_sm(self, smem: int) -> int:
         """Resident state-update blocks per SM for `smem` bytes of dynamic shared memory (set up once per size)."""

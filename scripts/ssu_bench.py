@@ -73,15 +73,6 @@ class OldKernels(Kernels):
         assert not finish
 
 
-class OldRingKernels(Kernels):
-    """An earlier aim_kernels.cu whose state update is the ring kernel of ssu3 to aa4f28d: after the ring it kept
-    two sets of per-slice conv results, 2 * (3 * headdim + 2 * d_state) floats (today's layout needs fewer)."""
-
-    def ssu_smem(self, p):
-        ring = super().ssu_smem(p) - (3 * p.headdim + 4 * p.d_state) * 4
-        return ring + 2 * (3 * p.headdim + 2 * p.d_state) * 4
-
-
 def known(name):
     return all(part in VARIANTS for part in name.split("+"))
 
@@ -126,9 +117,9 @@ def build_kernels(old_source, names, old_per_slice=False, old_builds=()):
     print(f"compiled {len(builds)} modules in {time.perf_counter() - t:.1f} s", flush=True)
     kernels = {n: make_kernels(n) for n in names if known(n)}
     if old_source:
-        kernels["old"] = (OldKernels if old_per_slice else OldRingKernels)("bfloat16", source_path=Path(old_source))
+        kernels["old"] = (OldKernels if old_per_slice else Kernels)("bfloat16", source_path=Path(old_source))
         for n in old_builds:
-            kernels["old+" + n] = OldRingKernels("bfloat16", source_path=Path(old_source), **build_args(n))
+            kernels["old+" + n] = Kernels("bfloat16", source_path=Path(old_source), **build_args(n))
     return kernels
 
 
@@ -188,7 +179,8 @@ class Case:
 def grid_of(k, case):
     if isinstance(k, OldKernels):
         return case.rows * case.cfg.nheads, None
-    smem = k.ssu_smem(case.params(case.conv[0], case.ssm[0]))
+    from aim_rt.plugins.kernels import ssu_smem_bytes
+    smem = ssu_smem_bytes(case.params(case.conv[0], case.ssm[0]), 2, k.ssu_stages)
     per_sm = k._ssu_blocks_per_sm(smem)
     return min(case.rows * case.cfg.nheads, per_sm * k.num_sms, k.ssu_max_blocks or 1 << 30), per_sm  # grid, fit
 
