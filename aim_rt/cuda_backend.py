@@ -20,6 +20,7 @@ sampler runs; the loop replays the long graph, then the one-step graph for the r
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,9 +63,9 @@ def _gemv_depths(cfg) -> tuple[int, ...]:
 
 def precompile(config, dtype: str, device) -> None:
     """Start compiling every kernel the cuda backend will need for a model of `config` (NVRTC, in background
-    threads; the disk cache makes it a no-op the second time). Called before the model is built or loaded (by
-    `aim-rt generate` and `bench`), a cold start overlaps the compiles with that; CudaBackend and the VQ
-    decoder then wait for the compiles instead of starting their own."""
+    threads; the disk cache makes it a no-op the second time), and start loading cuDNN (warm_cudnn). Called
+    before the model is built or loaded (by `aim-rt generate` and `bench`), a cold start overlaps both with that;
+    CudaBackend and the VQ decoder then wait for them instead of starting their own."""
     from aim_rt.plugins.kernels import kernel_builds
 
     from .vq_fast import ELEM_KINDS, compile_vq_async
@@ -77,6 +78,44 @@ def precompile(config, dtype: str, device) -> None:
     kernel_builds(dtype, arch, gemv_depths=_gemv_depths(config), d_model=config.d_model)
     if dtype in ELEM_KINDS:  # the 16-bit models' VQ decoder
         compile_vq_async(dtype, arch)
+    warm_cudnn(dev, dtype)
+
+
+# The VQ decoder's convolutions are cuDNN's. Its first use in a process loads cuDNN's libraries (about a
+# gigabyte, read from disk on a fresh machine) and creates a handle: seconds of a cold start that otherwise fall
+# on the first decode, after the tokens. warm_cudnn does that in a background thread while the model is built;
+# CudaBackend joins it before it captures any graph (a capture must not overlap another thread's CUDA calls).
+CUDNN_WARMUP = True  # False: no warm-up (scripts/cold_start.py --no-cudnn-warmup, to measure what it gains)
+_CUDNN_THREADS: dict[int, threading.Thread] = {}
+
+
+def warm_cudnn(device: torch.device, dtype: str) -> None:
+    """Start loading cuDNN for `device` in a background thread (once per device; errors are left to the
+    decoder's own first convolution)."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if not CUDNN_WARMUP or index in _CUDNN_THREADS:
+        return
+
+    def run():
+        try:
+            with torch.cuda.device(index):
+                dt = getattr(torch, dtype)
+                x = torch.zeros(1, 8, 8, 8, device="cuda", dtype=dt).to(memory_format=torch.channels_last)
+                w = torch.zeros(8, 8, 3, 3, device="cuda", dtype=dt).to(memory_format=torch.channels_last)
+                torch.nn.functional.conv2d(x, w, padding=1)
+                torch.cuda.current_stream().synchronize()
+        except Exception:  # noqa: BLE001 - best effort: the decoder's first convolution reports any real error
+            pass
+
+    thread = threading.Thread(target=run, name="aim-rt-cudnn-warmup", daemon=True)
+    _CUDNN_THREADS[index] = thread
+    thread.start()
+
+
+def join_cudnn_warmup(device: torch.device) -> None:
+    thread = _CUDNN_THREADS.get(torch.cuda.current_device() if device.index is None else device.index)
+    if thread is not None:
+        thread.join()
 
 
 @dataclass
@@ -122,6 +161,7 @@ class CudaBackend:
         self.steps_per_graph = _steps_per_graph(steps_per_graph)
         if model.vq is not None:  # the VQ decoder's kernels compile meanwhile (no-op if precompile started them)
             precompile(cfg, dtype_name(self.dtype), model.device)
+        join_cudnn_warmup(model.device)  # before any graph capture
         self.kernels = Kernels(dtype_name(self.dtype), model.device.index or 0, gemv_depths=_gemv_depths(cfg),
                                d_model=cfg.d_model)
         self._buffers: dict[int, _Buffers] = {}

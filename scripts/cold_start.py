@@ -1,11 +1,12 @@
 """Cold start: a new process to its first AiM-B batch (tokens and images), random weights, cuda backend, taking
 the steps `aim-rt generate --backend cuda` takes: the model-independent kernels (sampler, VQ decoder) start
-compiling first, while torch loads (precompile_early); the step's kernels once the config is known, while the
-model is built (precompile, inside bench._model); CudaBackend and the decoder wait for those compiles.
+compiling first, while torch loads (precompile_early); the step's kernels once the config is known, and cuDNN's
+loading, while the model is built (precompile, inside bench._model); CudaBackend and the decoder wait for them.
 
     AIM_RT_CACHE=$(mktemp -d) python scripts/cold_start.py     # empty kernel cache: NVRTC compiles
     python scripts/cold_start.py                               # second process: cached cubins
     python scripts/cold_start.py --plain                       # no early compiles: a library user's order
+    python scripts/cold_start.py --no-cudnn-warmup             # cuDNN loaded at the first decode, not meanwhile
 """
 
 import sys
@@ -24,6 +25,10 @@ from aim_rt.bench import _model  # noqa: E402
 from aim_rt.cuda_backend import CudaBackend  # noqa: E402
 
 t_import = time.perf_counter() - t0
+if "--no-cudnn-warmup" in sys.argv:
+    import aim_rt.cuda_backend
+
+    aim_rt.cuda_backend.CUDNN_WARMUP = False
 model, _ = _model("AiM-B", torch.device("cuda"), "bfloat16", precompile=early)
 t_model = time.perf_counter() - t0
 backend = CudaBackend(model)

@@ -3,7 +3,8 @@ machine's first process sees, repeatable within one call (needs root for /proc/s
 
     sudo PYTHONPATH=. python scripts/cold_start_ab.py --rounds 3 --out results/
 
-Variants: `early` (scripts/cold_start.py: the order `aim-rt generate` takes), `plain` (--plain). (b5b6cab
+Variants: `early` (scripts/cold_start.py: the order `aim-rt generate` takes), `plain` (--plain), `no-warmup`
+(--no-cudnn-warmup: cuDNN loaded at the first decode). (b5b6cab
 also had a library readahead, measured here and dropped: see bench/results/README.md.) Before each run: sync, drop the page cache (and dentries, inodes), remove the
 driver's compute cache (~/.nv) and give the run a new AIM_RT_CACHE. Writes cold_start_ab.json and .txt.
 """
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"early": ({}, []), "plain": ({}, ["--plain"])}
+VARIANTS = {"early": ({}, []), "plain": ({}, ["--plain"]), "no-warmup": ({}, ["--no-cudnn-warmup"])}
 FIELDS = ("imports", "random AiM-B built", "step kernels ready", "16 images' tokens", "done at")
 
 

@@ -281,6 +281,27 @@ def test_teacher_forced_logits_over_all_steps_and_token_agreement():
 
 
 @needs_gpu
+def test_cudnn_warmup_runs_beside_the_model_build_and_is_joined_before_capture():
+    """precompile starts loading cuDNN in a background thread (once per device); CudaBackend waits for it before
+    it captures a graph, and the decoder's convolutions then work."""
+    from aim_rt import cuda_backend
+    from aim_rt.cuda_backend import CudaBackend, precompile
+
+    cfg = aim_rt.AiMConfig(d_model=64, n_layer=1, vocab_size=64, num_classes=5, num_tokens=16, d_state=16, headdim=16)
+    precompile(cfg, "bfloat16", "cuda")
+    thread = cuda_backend._CUDNN_THREADS[torch.cuda.current_device()]
+    precompile(cfg, "bfloat16", "cuda")
+    assert cuda_backend._CUDNN_THREADS[torch.cuda.current_device()] is thread  # started once
+    backend = CudaBackend(aim_rt.random_model(cfg, seed=0, device="cuda", dtype="bfloat16"))
+    assert not thread.is_alive()
+    x = torch.randn(1, 8, 8, 8, device="cuda").to(torch.bfloat16, memory_format=torch.channels_last)
+    w = torch.randn(8, 8, 3, 3, device="cuda").to(torch.bfloat16, memory_format=torch.channels_last)
+    got = torch.nn.functional.conv2d(x, w, padding=1).float()
+    assert rel_err(got, torch.nn.functional.conv2d(x.float(), w.float(), padding=1)) <= 1e-2
+    assert backend.sample([1], [2], SamplingSettings()).shape == (1, 16)
+
+
+@needs_gpu
 def test_bf16_backend_against_reference_and_vq_decode():
     from aim_rt.cuda_backend import CudaBackend
 
