@@ -1289,9 +1289,6 @@ struct GemvParams {
 #ifndef GEMV_MAX_MT
 #define GEMV_MAX_MT 4
 #endif
-#ifndef GEMV_MT_FUSED
-#define GEMV_MT_FUSED 1  // 0: one m-tile after the other (to measure)
-#endif
 
 #if ELEM_KIND != 0
 __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
@@ -1328,41 +1325,6 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
   }
   PDL_WAIT(p.rows, PDL_EARLY_GEMV);
   const int mt = (p.rows + 15) >> 4;
-#if GEMV_MT_FUSED
-  // every m-tile in one pass over the chunks: no partial-tile store stands between one m-tile's x loads and
-  // the next one's (the compiler cannot move a load of p.x above a store to shared memory it might alias), so
-  // all of a chunk's x loads are in flight together. The same mma sequence per accumulator: the same bits.
-  float acc[MT][NT][4];
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
-#pragma unroll
-  for (int c = 0; c < CH; ++c) {
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m >= mt) break;
-      const int r0 = 16 * m + g, r1 = r0 + 8;
-      const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(p.x + (long long)r0 * p.x_stride + k0 + 32 * c)
-                                   : make_uint4(0, 0, 0, 0);
-      const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(p.x + (long long)r1 * p.x_stride + k0 + 32 * c)
-                                   : make_uint4(0, 0, 0, 0);
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        mma_16816(acc[m][j], xa.x, xb.x, xa.y, xb.y, wreg[j][c].x, wreg[j][c].y);
-        mma_16816(acc[m][j], xa.z, xb.z, xa.w, xb.w, wreg[j][c].z, wreg[j][c].w);
-      }
-    }
-  }
-#pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    if (m >= mt) break;
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) part[warp][m * NT + j][lane][q] = acc[m][j][q];
-  }
-#else
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     if (m >= mt) break;
@@ -1387,7 +1349,6 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) part[warp][m * NT + j][lane][q] = acc[j][q];
   }
-#endif
   __syncthreads();
   // thread -> (tile, lane, q): add the 8 warps' partials in warp order and store one output element
   for (int i = threadIdx.x; i < mt * NT * 128; i += blockDim.x) {
