@@ -379,7 +379,7 @@ class FastVQDecoder:
     """
 
     def __init__(self, vq: VQModel, dtype: torch.dtype = torch.bfloat16, use_graphs: bool | None = None,
-                 kernels: bool | None = None, benchmark: bool = True, subpixel: bool = True, out_pad: int = 8,
+                 kernels: bool | None = None, benchmark: bool = False, subpixel: bool = True, out_pad: int = 8,
                  fuse_out: bool = True, vec_batch: int = VEC_BATCH, chunk_bytes: int = CHUNK_BYTES,
                  max_chunks: int = MAX_CHUNKS):
         dev = vq.device
