@@ -19,8 +19,10 @@ What it does differently from `VQModel.decode_tokens` (same maths, float32 stati
 - one CUDA graph per batch size, captured on first use.
 
 The kernels are NVRTC-compiled once per (source, options, NVRTC version, arch) and cached on disk (the same
-cache folder as plugins/kernels.py). cuDNN algorithm selection uses cudnn.benchmark during warm-up (per process,
-a few hundred milliseconds) unless `benchmark=False`. Without CUDA (or for float32) the same decoder runs on
+cache folder as plugins/kernels.py). cuDNN chooses its convolution algorithms by its heuristics: timing them
+(`benchmark=True`, cudnn.benchmark during the warm-up) cost a new process 2.2 s on its first decode for the same
+choices on the H200 (identical images and times at batch 1 / 16 / 64, bench/results/decode_first_call_*). Without
+CUDA (or for float32) the same decoder runs on
 pure torch ops (`_TorchOps`), which is what the CPU tests check against the reference.
 """
 
@@ -365,7 +367,8 @@ class FastVQDecoder:
     `dtype`: activation/weight type (bfloat16 default; float16 also runs the kernels; float32 runs torch ops).
     `use_graphs`: capture one CUDA graph per batch size on first use (the tokens are copied into it).
     `kernels`: use plugins/vq_kernels.cu (default: on CUDA for 16-bit types); False = pure torch ops.
-    `benchmark`: let cuDNN time its algorithms during the first call of each batch size (per process).
+    `benchmark`: let cuDNN time its algorithms during the first call of each batch size (per process; seconds
+    on a new process's first call) instead of choosing them by its heuristics.
     `subpixel`: fold each nearest 2x upsample into its conv (a 2x2 conv with 4x the outputs at low resolution,
     5/9 fewer FLOPs; the phase interleave happens in the next statistics pass) instead of upsampling then a 3x3
     conv.
