@@ -1406,6 +1406,9 @@ struct GemmParams {
 #define GEMM_STAGES 4
 #endif
 
+#ifndef GEMM_M2
+#define GEMM_M2 1  // 0: no 32-row instance (up to 64 rows run aim_gemm_m4; to measure)
+#endif
 #ifndef AIM_GEMM
 #define AIM_GEMM 1  // 0: no aim_gemm entries (the host then runs cuBLAS above 32 rows; to measure)
 #endif
@@ -1422,13 +1425,16 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned addr, unsigned& r0, unsigne
 // 8 rows an ldmatrix phase reads fall on 8 different bank groups.
 __device__ __forceinline__ int gemm_swz(int r, int c) { return r * GEMM_BK + ((c ^ (r & 7)) << 3); }
 
-template <int MT>  // rows <= 16 * MT; MT 4 or 8 (each of the 4 row-warps takes MT / 4 m-tiles)
+// rows <= 16 * MT. The 8 warps: RW over the rows (each MT / RW m-tiles), 8 / RW over the columns (each
+// GEMM_BN / (8 / RW) of them, NJ n-tiles of 8): MT 8 and 4 with RW 4, MT 2 (up to 32 rows) with RW 2, so that no
+// warp multiplies an m-tile of rows past the 32nd.
+template <int MT, int RW>
 __device__ __forceinline__ void gemm_body(const GemmParams& p) {
-  constexpr int BM = 16 * MT, MW = MT / 4, A_TILE = BM * GEMM_BK, B_TILE = GEMM_BN * GEMM_BK;
+  constexpr int BM = 16 * MT, MW = MT / RW, NJ = GEMM_BN / 8 / (8 / RW), A_TILE = BM * GEMM_BK, B_TILE = GEMM_BN * GEMM_BK;
   extern __shared__ __align__(128) unsigned char gemm_smem[];
   elem_t* As = reinterpret_cast<elem_t*>(gemm_smem);          // GEMM_STAGES x [BM][GEMM_BK]
   elem_t* Bs = As + GEMM_STAGES * A_TILE;                      // GEMM_STAGES x [GEMM_BN][GEMM_BK]
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp & 3, wn = warp >> 2;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp % RW, wn = warp / RW;
   unsigned rank;
   asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
   const int S = p.splits, tile = blockIdx.x / S, n0 = tile * GEMM_BN;
@@ -1465,11 +1471,11 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
     cp_async_commit();
   }
 
-  float acc[MW][4][4];
+  float acc[MW][NJ][4];
 #pragma unroll
   for (int i = 0; i < MW; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+    for (int j = 0; j < NJ; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
 
   for (int c = 0; c < chunks; ++c) {
     cp_async_wait<GEMM_STAGES - 2>();
@@ -1481,22 +1487,22 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
     const unsigned a_st = as0 + st * A_TILE * 2, b_st = bs0 + st * B_TILE * 2;
 #pragma unroll
     for (int kk = 0; kk < GEMM_BK / 16; ++kk) {
-      unsigned a[MW][4], b[4][2];
+      unsigned a[MW][4], b[NJ][2];
 #pragma unroll
       for (int i = 0; i < MW; ++i) {
         const int r = (wm * MW + i) * 16 + (lane & 15);
         ldmatrix_x4(a_st + gemm_swz(r, kk * 2 + (lane >> 4)) * 2, a[i][0], a[i][1], a[i][2], a[i][3]);
       }
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int r = wn * 32 + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+      for (int j = 0; j < NJ / 2; ++j) {
+        const int r = wn * (8 * NJ) + j * 16 + (lane & 7) + ((lane >> 4) << 3);
         ldmatrix_x4(b_st + gemm_swz(r, kk * 2 + ((lane >> 3) & 1)) * 2, b[2 * j][0], b[2 * j][1], b[2 * j + 1][0],
                     b[2 * j + 1][1]);
       }
 #pragma unroll
       for (int i = 0; i < MW; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) mma_16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
+        for (int j = 0; j < NJ; ++j) mma_16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
     }
   }
   cp_async_wait<0>();
@@ -1508,8 +1514,8 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
 #pragma unroll
   for (int i = 0; i < MW; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int r = (wm * MW + i) * 16 + g, col = wn * 32 + j * 8 + 2 * t;
+    for (int j = 0; j < NJ; ++j) {
+      const int r = (wm * MW + i) * 16 + g, col = wn * (8 * NJ) + j * 8 + 2 * t;
       *reinterpret_cast<float2*>(red + r * GEMM_BN + col) = make_float2(acc[i][j][0], acc[i][j][1]);
       *reinterpret_cast<float2*>(red + (r + 8) * GEMM_BN + col) = make_float2(acc[i][j][2], acc[i][j][3]);
     }
@@ -1539,12 +1545,18 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
   asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");  // reads done
 }
 
+#if GEMM_M2
+extern "C" __global__ void __launch_bounds__(256) aim_gemm_m2(GemmParams p) {
+  PDL_START(p.rows, PDL_EARLY_GEMV);
+  gemm_body<2, 2>(p);
+}
+#endif
 extern "C" __global__ void __launch_bounds__(256) aim_gemm_m4(GemmParams p) {
   PDL_START(p.rows, PDL_EARLY_GEMV);
-  gemm_body<4>(p);
+  gemm_body<4, 4>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) aim_gemm_m8(GemmParams p) {
   PDL_START(p.rows, PDL_EARLY_GEMV);
-  gemm_body<8>(p);
+  gemm_body<8, 4>(p);
 }
 #endif

@@ -435,9 +435,9 @@ GEMM_MAX_ROWS = 128  # what the kernel takes (16 * its largest MT)
 GEMM_ROWS = (33, GEMM_MAX_ROWS)  # where the backend uses it by default (below: aim_gemv; above: cuBLAS)
 
 
-def gemm_mt(rows: int) -> int:
-    """aim_gemm's instance (m-tiles of 16 rows) for `rows` rows."""
-    return 4 if rows <= 64 else 8
+def gemm_mt(rows: int, available=(2, 4, 8)) -> int:
+    """aim_gemm's instance (m-tiles of 16 rows) for `rows` rows: the smallest of those `available` that holds them."""
+    return min(mt for mt in available if 16 * mt >= rows)
 
 
 def gemm_smem_bytes(mt: int) -> int:
@@ -526,7 +526,7 @@ class Kernels:
             if fn is not None:
                 self.fn[f"aim_gemv_k{c}_n1_m1"] = fn
                 self.gemv_m1.add(c)
-        self.gemms = {mt: fn for mt in (4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
+        self.gemms = {mt: fn for mt in (2, 4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
                       if (fn := self._function(f"aim_gemm_m{mt}", required=False)) is not None}
         # the row counts the backend gives aim_gemm: GEMM_MIN_ROWS / GEMM_MAX_ROWS (model_defines; defines that
         # only this reads) move them
@@ -610,7 +610,7 @@ class Kernels:
 
     def gemm(self, p: GemmParams, stream: int) -> None:
         """y = x @ w.T (gemm_params; the caller checked gemm_supported): clusters of p.splits CTAs."""
-        mt = gemm_mt(p.rows)
+        mt = gemm_mt(p.rows, self.gemms)
         fn, smem = self.gemms[mt], gemm_smem_bytes(mt)
         d = self.driver
         if mt not in self._gemm_smem_set:

@@ -166,3 +166,11 @@ def test_per_kind_launch_limits_change_hopper_code_only():
         plain = compile_cubin("bfloat16", arch, use_cache=False, defines=common)
         early = compile_cubin("bfloat16", arch, use_cache=False, defines={**common, "PDL_EARLY_NORM": PDL_EARLY_ANY})
         assert (plain != early) == differs, arch
+
+
+def test_gemm_instance_is_the_smallest_that_holds_the_rows():
+    """aim_gemm_m2 up to 32 rows, m4 up to 64, m8 up to 128; a build without m2 (GEMM_M2=0) runs m4 from 1 row."""
+    from aim_rt.plugins.kernels import gemm_mt
+
+    assert [gemm_mt(r) for r in (1, 32, 33, 64, 65, 128)] == [2, 2, 4, 4, 8, 8]
+    assert [gemm_mt(r, (4, 8)) for r in (1, 32, 33, 65)] == [4, 4, 4, 8]
