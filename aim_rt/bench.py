@@ -161,6 +161,10 @@ def _model(spec: str, device, dtype, precompile: bool = False):
     model = random_model(cfg, seed=0, device=device, dtype=dtype)
     torch.manual_seed(0)
     model.vq = VQModel(VQConfig()).to(device, resolve_dtype(dtype)).eval()
+    if precompile:  # cuDNN's loading (warm_cudnn) done before any backend captures a graph
+        from .cuda_backend import join_cudnn_warmup
+
+        join_cudnn_warmup(torch.device(device))
     return model, f"{spec} (random weights)"
 
 
