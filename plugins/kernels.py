@@ -109,15 +109,15 @@ def model_defines(d_model: int) -> dict:
       aim_gemv below 33 rows and cuBLAS above): AiM-B 33-128 (-14 % per step at batch 17, -16 % at 24, -12 % at
       32, -3 % at 48, -2 % at 64; from 9 rows +10 to +38 % at batch 6-16); AiM-L 33-64 (-10 % at 24, -7 % at 32;
       +2 % at 16, -0.9 % at 48, +1.2 % at 64); AiM-XL 32-64 (-5 % at batch 16, even at 12, +2 % at 10; -1 % at
-      24; +2 to +3 % at 40-64). With aim_gemm_m2 for up to 32 rows (2026-12-03, gemm_m2_h200_2026-12-03.*), from
-      17 rows for d_model >= 1024: AiM-L -3.8 % at batch 16 against aim_gemv (m4 there: +1.1 %), AiM-XL -6.7 % at
-      batch 12 (m4: -2.1 %) and -4.0 % at 16 against m4; AiM-B stays on aim_gemv below 33 rows (m2 +8 % at batch
-      12, +2 % at 16)."""
+      24; +2 to +3 % at 40-64). With aim_gemm_m2 for up to 32 rows (2026-12-03, gemm_m2_h200_2026-12-03.* and
+      gemm_min17_h200_2026-12-03.*, against aim_gemv): AiM-XL from 17 rows (-5 / -3.5 / -6.7 % at batch 9 / 10 / 12,
+      and -4.0 % at 16 against m4), AiM-L from 24 (-1.0 / -3.8 % at batch 12 / 16; +4.8 % at 9); AiM-B stays on
+      aim_gemv below 33 rows (m2 +8 % at batch 12, +2 % at 16)."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY)
     else:
-        defines.update(GEMM_MIN_ROWS=17, GEMM_MAX_ROWS=64)
+        defines.update(GEMM_MIN_ROWS=17 if d_model >= 1536 else 24, GEMM_MAX_ROWS=64)
     return defines
 
 

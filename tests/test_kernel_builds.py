@@ -113,9 +113,9 @@ def test_model_width_picks_the_measured_build():
     default = step_builds("bfloat16", gemv_depths=(1536, 3072))[0]
     assert "NORM_PER_ONLY" not in default and "Y(" not in default["GEMV_INSTANCES"]
     assert step_builds("bfloat16", {"NORM_PER_ONLY": 8}, d_model=768)[0]["NORM_PER_ONLY"] == 8
-    # aim_gemm's rows as measured per width: AiM-B the kernel's default (33-128), AiM-L and AiM-XL 17-64
+    # aim_gemm's rows as measured per width: AiM-B the kernel's default (33-128), AiM-L 24-64, AiM-XL 17-64
     gemm_rows = lambda b: (b.get("GEMM_MIN_ROWS"), b.get("GEMM_MAX_ROWS"))  # noqa: E731
-    assert [gemm_rows(b) for b in (base, large, xl, default)] == [(None, None), (17, 64), (17, 64), (None, None)]
+    assert [gemm_rows(b) for b in (base, large, xl, default)] == [(None, None), (24, 64), (17, 64), (None, None)]
     assert gemm_rows(step_builds("bfloat16", {"GEMM_MAX_ROWS": 128}, d_model=1536)[0]) == (17, 128)
 
 
