@@ -81,9 +81,9 @@ def precompile(config, dtype: str, device) -> None:
     warm_cudnn(dev, dtype)
 
 
-# The VQ decoder's convolutions are cuDNN's. Its first use in a process loads cuDNN's libraries (about a
-# gigabyte, read from disk on a fresh machine) and creates a handle: seconds of a cold start that otherwise fall
-# on the first decode, after the tokens. warm_cudnn does that in a background thread while the model is built;
+# The VQ decoder's convolutions are cuDNN's. Its first use in a process loads cuDNN's libraries and creates a
+# handle, which otherwise falls on the first decode, after the tokens. warm_cudnn does that in a background
+# thread while the model is built (H200: 0.35 s off a cold start's images, bench/results/cold_start_ab_*_2026-12-03);
 # CudaBackend joins it before it captures any graph (a capture must not overlap another thread's CUDA calls).
 CUDNN_WARMUP = True  # False: no warm-up (scripts/cold_start.py --no-cudnn-warmup, to measure what it gains)
 _CUDNN_THREADS: dict[int, threading.Thread] = {}
