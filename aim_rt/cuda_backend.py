@@ -2,8 +2,9 @@
 decode loop replayed from a CUDA graph, with sampling on the device (no host round trip per token).
 
 Per step and layer: residual+RMSNorm+modulate (1 kernel) → in_proj product → fused selective-state update (1
-kernel, state streamed once, updated in place) → out_proj product. The products are aim_gemv (tensor-core,
-weights read once) for 16-bit models up to GEMV_FAST_ROWS rows (batch 16), cuBLAS otherwise. On Hopper every
+kernel, state streamed once, updated in place) → out_proj product. The products of 16-bit models are aim_gemv
+(tensor-core, weights read once) for few rows, on Hopper aim_gemm (split-k cluster GEMM) above them, and cuBLAS
+beyond; where each starts is measured per model width (plugins/kernels.py, model_defines). On Hopper every
 kernel of ours is launched with programmatic dependent launch: it starts while its predecessor runs and reads
 what does not depend on it (weights, its layer's state) before waiting for it (PDL_WAIT in aim_kernels.cu).
 With one group (every AiM model) the gated RMSNorm's 1/rms is a per-row scalar that factors out of out_proj,
