@@ -90,10 +90,14 @@ CUDNN_WARMUP = True  # False: no warm-up (scripts/cold_start.py --no-cudnn-warmu
 _CUDNN_THREADS: dict[int, threading.Thread] = {}
 
 
+def _cuda_index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 def warm_cudnn(device: torch.device, dtype: str) -> None:
     """Start loading cuDNN for `device` in a background thread (once per device; errors are left to the
     decoder's own first convolution)."""
-    index = torch.cuda.current_device() if device.index is None else device.index
+    index = _cuda_index(device)
     if not CUDNN_WARMUP or index in _CUDNN_THREADS:
         return
 
@@ -114,7 +118,7 @@ def warm_cudnn(device: torch.device, dtype: str) -> None:
 
 
 def join_cudnn_warmup(device: torch.device) -> None:
-    thread = _CUDNN_THREADS.get(torch.cuda.current_device() if device.index is None else device.index)
+    thread = _CUDNN_THREADS.get(_cuda_index(device))
     if thread is not None:
         thread.join()
 

@@ -34,9 +34,9 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "cublas": {"AIM_GEMM": 0},  # no aim_gemm: cuBLAS for 33-128 rows (as before 2026-12-02's third session)
     "gemm_lo": {"GEMM_MIN_ROWS": 9},  # aim_gemm from 9 rows (batch 5 with guidance), aim_gemv below
     "gemm_all": {"GEMM_MIN_ROWS": 17, "GEMM_MAX_ROWS": 128},  # aim_gemm from batch 9 to 64 whatever the model
-    "nom2": {"GEMM_M2": 0},
+    "nom2": {"GEMM_M2": 0},  # aim_gemm without its 32-row instance (m4 from 1 to 64 rows, as before)
     "gemm_min32": {"GEMM_MIN_ROWS": 32},  # AiM-XL's aim_gemm rows before aim_gemm_m2
-    "gemm_min33": {"GEMM_MIN_ROWS": 33},  # AiM-L's  # aim_gemm without its 32-row instance (m4 from 1 to 64 rows, as before)
+    "gemm_min33": {"GEMM_MIN_ROWS": 33},  # AiM-L's
     "new_min4": {"SSU_MIN_BLOCKS": 4},
     "new_cs": {"SSU_STORE_CS": 1},
     "new_t512": {"SSU_THREADS": 512, "SSU_MIN_BLOCKS": 2},
