@@ -766,13 +766,8 @@ __device__ __forceinline__ float key_value(unsigned k) {  // order_key's inverse
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
 }
 
-// One block of SAMPLE_THREADS per image; the row (vocab <= SAMPLE_VMAX) is read once into registers and stays
-// there. Every select works on histograms over coarse bins: a histogram of the threads' maxima bounds the bin of
-// the k-th largest entry (blimit); one pass over the entries up to that bound counts them and sums their
-// fixed-point probabilities per bin; one scan of both finds the top-k bin and, per bin, the mass of the bins
-// above it, so that warp 0 finds the top-p bin by searching those prefixes. Only the entries of a boundary bin
-// are gathered (sh.cand) and resolved by counting. Measured (bench/results/sampler_stages_*): the stages are
-// issue- and barrier-bound, so each pass over the entries and each block barrier that goes saves time.
+// One block of SAMPLE_THREADS per image. The row (vocab <= SAMPLE_VMAX) is read once into registers; after the
+// top-k select only its survivors (~top_k entries) are handled, from a list in shared memory.
 #ifndef SAMPLE_THREADS
 #define SAMPLE_THREADS 1024
 #endif
@@ -781,10 +776,11 @@ __device__ __forceinline__ float key_value(unsigned k) {  // order_key's inverse
 #define MAX_PER (SAMPLE_VMAX / SAMPLE_THREADS)  // vocabulary entries per thread
 #define NBINS 4096                              // histogram bins of a select
 #define BINS_PER (NBINS / SAMPLE_THREADS)
+#define LCAP 4096     // survivor list capacity; beyond it every thread keeps its own vocabulary slice as its list
+#define LPER (LCAP / SAMPLE_THREADS)  // list entries per thread
 #define NCAND 32      // boundary-bin entries that one warp resolves by counting (more: finer histograms)
 #define FIXED_ONE 1099511627776.0  // 2^40: probabilities in fixed point, so every sum is exact and order-free
-// Dynamic shared memory: NBINS * 16 (probability mass per bin, u64; counts of the threads' maxima and of the
-// entries, u32) + SAMPLE_VMAX * 2 (each entry's bin); Kernels.cfg_sample sizes it.
+// Dynamic shared memory: NBINS * 8 (histograms) + LCAP * 6 (list keys and indices); Kernels.cfg_sample sizes it.
 
 // CFG mix and temperature. x / 1 == x exactly (a NaN here comes from arithmetic, so it is canonical already):
 // skipping the division at temperature 1 changes no bit.
@@ -795,20 +791,6 @@ __device__ __forceinline__ float cfg_mix(float c, float u, float cfg_scale, floa
 }
 __device__ __forceinline__ unsigned long long fixed_weight(unsigned key, float mx) {
   return (unsigned long long)(expf(key_value(key) - mx) * FIXED_ONE);
-}
-
-// A 64-bit sum in shared memory from two 32-bit atomics: a 64-bit atomicAdd there is a compare-and-swap loop,
-// slow where many threads hit one bin. Exact: each wrap of the low word carries one into the high word. Read
-// the sum only after a barrier.
-__device__ __forceinline__ void atomic_add_u64_shared(unsigned long long* a, unsigned long long w) {
-  unsigned* h = reinterpret_cast<unsigned*>(a);
-  const unsigned lo = (unsigned)w;
-  unsigned hi = (unsigned)(w >> 32);
-  if (lo) {
-    const unsigned old = atomicAdd(h, lo);
-    hi += old + lo < old ? 1u : 0u;
-  }
-  if (hi) atomicAdd(h + 1, hi);
 }
 
 // Histogram bin of a value: monotone (a larger value never gets a larger bin; bin 0 holds the maximum), so the
@@ -836,51 +818,30 @@ struct SampleShared {
   unsigned long long part64[32];
   unsigned cand[NCAND];
   SelectOut sel;
-  int nc, nc2, token, bp, k;
-  unsigned long long seed;
-  unsigned kth, cut;        // the k-th largest key; the smallest kept key
-  bool resolved;            // warp 0 found the cut without a second gathering pass
-  unsigned long long need;  // top-p: mass still to reach within bin bp
+  int nc, token, teacher_tok;
+  unsigned key;
   float u;
 };
 
-template <typename T>
-__device__ __forceinline__ T warp_incl_scan(T v) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const T t = __shfl_up_sync(0xffffffffu, v, o);
-    if (lane >= o) v += t;
-  }
-  return v;
-}
-
-// Exclusive prefix sums over the block in thread order of two values at once, with their totals. One
-// __syncthreads: the caller syncs before `pa` / `pb` are written again.
-template <typename A, typename B>
-__device__ __forceinline__ void block_excl_scan2(A a, B b, A* pa, B* pb, A& ea, B& eb, A& ta, B& tb) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const A ia = warp_incl_scan<A>(a);
-  const B ib = warp_incl_scan<B>(b);
-  if (lane == 31) { pa[warp] = ia; pb[warp] = ib; }
-  __syncthreads();
-  const A wa = warp_incl_scan<A>(lane < SAMPLE_WARPS ? pa[lane] : A(0));
-  const B wb = warp_incl_scan<B>(lane < SAMPLE_WARPS ? pb[lane] : B(0));
-  ta = __shfl_sync(0xffffffffu, wa, 31);
-  tb = __shfl_sync(0xffffffffu, wb, 31);
-  const A prev_a = __shfl_sync(0xffffffffu, wa, (warp + 31) & 31);
-  const B prev_b = __shfl_sync(0xffffffffu, wb, (warp + 31) & 31);
-  ea = (warp ? prev_a : A(0)) + ia - a;
-  eb = (warp ? prev_b : B(0)) + ib - b;
-}
-// The same for one value; `total` gets the sum.
+// Exclusive prefix sum over the block in thread order; `total` gets the sum. One __syncthreads: the caller
+// syncs before `part` is written again.
 template <typename T>
 __device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const T incl = warp_incl_scan<T>(local);
+  T incl = local;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T t = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += t;
+  }
   if (lane == 31) part[warp] = incl;
   __syncthreads();
-  const T w = warp_incl_scan<T>(lane < SAMPLE_WARPS ? part[lane] : T(0));
+  T w = lane < SAMPLE_WARPS ? part[lane] : T(0);
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T t = __shfl_up_sync(0xffffffffu, w, o);
+    if (lane >= o) w += t;
+  }
   total = __shfl_sync(0xffffffffu, w, 31);
   const T prev = __shfl_sync(0xffffffffu, w, (warp + 31) & 31);
   return (warp ? prev : T(0)) + incl - local;
@@ -915,35 +876,20 @@ __device__ __forceinline__ T find_bin(const T* hist, F target_of, T* part, Selec
   return total;
 }
 
-// Warp: the largest bin b <= last with e[b] < target, for e non-decreasing with e[0] < target (32-way search).
-__device__ __forceinline__ int last_below(const unsigned long long* e, int last, unsigned long long target) {
-  const int lane = threadIdx.x & 31;
-  int base = 0;
-#pragma unroll
-  for (int width = NBINS; width > 1; width = width > 32 ? width / 32 : 1) {
-    const int step = width > 32 ? width / 32 : 1;
-    const int b = base + lane * step;
-    const bool below = lane * step < width && b <= last && e[b] < target;
-    base += (__popc(__ballot_sync(0xffffffffu, below)) - 1) * step;  // `below` holds for a prefix of lanes
-  }
-  return base;
-}
-
-// One warp: among n <= 32 candidates (keys; weight 1, or their fixed-point probability; those below `floor`
-// count nothing), the key where the descending cumulative mass first reaches `need` (1 <= need <= their
-// total). Exact integer sums: the result does not depend on the candidates' order.
+// One warp: among n <= 32 candidates (keys; weight 1, or their fixed-point probability), the key where the
+// descending cumulative mass first reaches `need` (1 <= need <= their total). Exact integer sums: the result
+// does not depend on the candidates' order.
 template <bool WEIGHTED>
-__device__ __forceinline__ unsigned resolve_warp(const unsigned* cand, int n, unsigned long long need, float mx,
-                                                 unsigned floor = 0u) {
+__device__ __forceinline__ unsigned resolve_warp(const unsigned* cand, int n, unsigned long long need, float mx) {
   const int lane = threadIdx.x & 31;
-  const unsigned key = lane < n ? cand[lane] : 0u;
-  const bool in = lane < n && key >= floor;
+  const bool in = lane < n;
+  const unsigned key = in ? cand[lane] : 0u;
   const unsigned long long w = in ? (WEIGHTED ? fixed_weight(key, mx) : 1ull) : 0ull;
   unsigned long long gt = 0, ge = 0;
 #pragma unroll 4
   for (int m = 0; m < n; ++m) {
     const unsigned km = __shfl_sync(0xffffffffu, key, m);
-    const unsigned long long wm = __shfl_sync(0xffffffffu, w, m);
+    const unsigned long long wm = WEIGHTED ? __shfl_sync(0xffffffffu, w, m) : 1ull;
     if (km > key) gt += wm;
     if (km >= key) ge += wm;
   }
@@ -989,7 +935,7 @@ __device__ unsigned refine(KeyOf key_of, int cnt, int bsel, const BinMap& map, u
       const unsigned key = key_of(j);
       if (key < lo || key > hi || key < floor_key) continue;
       const unsigned long long w = WEIGHTED ? fixed_weight(key, map.mx) : 1ull;
-      if (w) atomic_add_u64_shared(hist + ((hi - key) >> s), w);
+      if (w) atomicAdd(hist + ((hi - key) >> s), w);
     }
     __syncthreads();
     find_bin<unsigned long long>(hist, [need](unsigned long long) { return need; }, sh.part64, &sh.sel);
@@ -1002,13 +948,129 @@ __device__ unsigned refine(KeyOf key_of, int cnt, int bsel, const BinMap& map, u
   return lo;
 }
 
-// Bins of this thread's entries into bins[j][tid] (shared memory: registers are short; 0xFFFF past the row's
-// end) and, for the entries in bins <= blimit (the k-th largest lies there), the histograms: counts (top-k) and
-// probabilities (top-p).
+struct RowSelect {  // what the top-k stage hands on
+  bool topk, topp, direct;
+  int bstar, nc;              // top-k boundary bin and its entry count (in sh.cand up to NCAND)
+  unsigned long long need;    // top-k rank within that bin
+};
+
+// Stages 3-5 over each thread's `cnt` entries key[] (its chunk of the survivor list, or its vocabulary slice):
+// top-k cut resolved, top-p, the draw. Returns the drawn list position (in the thread that owns it) via sh.token.
+template <int NPER, typename KeyOf>
+__device__ __forceinline__ void finish(const unsigned (&key)[NPER], KeyOf key_of, int cnt, int first,
+                                       const unsigned short* lidx, const RowSelect& rs, const BinMap& map,
+                                       float top_p, unsigned long long* hist64, SampleShared& sh) {
+  constexpr bool CACHE = NPER <= LPER;  // few entries: keep their weights in registers
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float mx = map.mx;
+
+  // top-k: the k-th largest key, within the boundary bin
+  unsigned kth = 0;
+  if (rs.topk) {
+    if (rs.nc <= NCAND) {
+      if (warp == 0) {
+        kth = resolve_warp<false>(sh.cand, rs.nc, rs.need, mx);
+        if (lane == 0) sh.key = kth;
+      }
+    } else {
+      kth = refine<false>(key_of, cnt, rs.bstar, map, 0u, rs.need, hist64, sh);
+      if (tid == 0) sh.key = kth;
+    }
+  }
+  if (rs.topp) {
+#pragma unroll
+    for (int q = 0; q < BINS_PER; ++q) hist64[tid * BINS_PER + q] = 0ull;
+  }
+  __syncthreads();
+  if (rs.topk) kth = sh.key;
+
+  unsigned long long w[CACHE ? NPER : 1];
+  auto weight = [&](int j) -> unsigned long long {  // the probability of entry j if it survived top-k, else 0
+    if constexpr (CACHE) return w[j];
+    return key[j] >= kth ? fixed_weight(key[j], mx) : 0ull;
+  };
+  if constexpr (CACHE) {
+#pragma unroll
+    for (int j = 0; j < NPER; ++j) w[j] = j < cnt && key[j] >= kth ? fixed_weight(key[j], mx) : 0ull;
+  }
+
+  // top-p over the survivors: the same select, weighted by the fixed-point probabilities. In descending order
+  // the cut is the key where the mass first reaches z - limit (= the smallest key whose ascending cumulative
+  // mass exceeds limit).
+  unsigned cut = kth;
+  if (rs.topp) {
+#pragma unroll
+    for (int j = 0; j < NPER; ++j) {
+      if (j >= cnt) continue;
+      const unsigned long long wj = weight(j);
+      if (wj) atomicAdd(hist64 + coarse_bin(key_value(key[j]), map), wj);
+    }
+    __syncthreads();
+    const unsigned long long z = find_bin<unsigned long long>(hist64, [top_p](unsigned long long total) {
+      const unsigned long long limit = (unsigned long long)((double)total * (1.0 - (double)top_p));
+      return limit < total ? total - limit : 0ull;
+    }, sh.part64, &sh.sel);
+    const unsigned long long limit = (unsigned long long)((double)z * (1.0 - (double)top_p));
+    if (limit >= z) {
+      cut = 0xFFFFFFFFu;  // nothing exceeds the limit: nothing is kept (as an exact ascending walk finds)
+    } else {
+      const int bp = sh.sel.bin;
+      const unsigned long long need = z - limit - sh.sel.above;
+#pragma unroll
+      for (int j = 0; j < NPER; ++j) {  // the boundary bin's entries into sh.cand (any order)
+        const bool c = j < cnt && weight(j) != 0ull && coarse_bin(key_value(key[j]), map) == bp;
+        const unsigned hits = __ballot_sync(0xffffffffu, c);
+        if (!hits) continue;
+        const int leader = __ffs(hits) - 1;
+        int slot = 0;
+        if (lane == leader) slot = atomicAdd(&sh.nc, __popc(hits));
+        slot = __shfl_sync(0xffffffffu, slot, leader) + __popc(hits & ((1u << lane) - 1u));
+        if (c && slot < NCAND) sh.cand[slot] = key[j];
+      }
+      __syncthreads();
+      const int nc = sh.nc;
+      if (nc <= NCAND) {
+        if (warp == 0) {
+          const unsigned c = resolve_warp<true>(sh.cand, nc, need, mx);
+          if (lane == 0) sh.key = c;
+        }
+        __syncthreads();
+        cut = sh.key;
+      } else {
+        cut = refine<true>(key_of, cnt, bp, map, kth, need, hist64, sh);
+      }
+    }
+  }
+
+  // inverse CDF in vocabulary order: the first kept token whose cumulative mass exceeds u * total
+  unsigned long long local = 0;
+#pragma unroll
+  for (int j = 0; j < NPER; ++j)
+    if (j < cnt && key[j] >= cut) local += weight(j);
+  unsigned long long total;
+  const unsigned long long before = block_excl_scan<unsigned long long>(local, sh.part64, total);
+  const unsigned long long target = (unsigned long long)((double)total * (double)sh.u);
+  if (before <= target && target < before + local) {
+    unsigned long long run = before;
+#pragma unroll
+    for (int j = 0; j < NPER; ++j) {
+      if (j >= cnt || key[j] < cut) continue;
+      const unsigned long long wj = weight(j);
+      run += wj;
+      if (wj && run > target) {
+        sh.token = lidx ? lidx[first + j] : first + j;
+        break;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// Bins of this thread's entries (two per register) and the top-k histogram: only entries in bins <= blimit
+// (the k-th largest lies there) are counted.
 template <bool FLOAT_BINS>
 __device__ __forceinline__ void bin_pass(const float (&x)[MAX_PER], int nvalid, const BinMap& map, int blimit,
-                                         bool count, bool mass, unsigned* hist, unsigned long long* hmass,
-                                         unsigned short* bins) {
+                                         unsigned* hist, unsigned (&pk)[MAX_PER / 2]) {
 #pragma unroll
   for (int j = 0; j < MAX_PER; ++j) {
     unsigned bin = 0xFFFFu;
@@ -1019,29 +1081,9 @@ __device__ __forceinline__ void bin_pass(const float (&x)[MAX_PER], int nvalid, 
       } else {
         bin = (unsigned)coarse_bin(x[j], map);
       }
-      if ((int)bin <= blimit) {
-        if (count) atomicAdd(hist + bin, 1u);
-        if (mass) atomic_add_u64_shared(hmass + bin, fixed_weight(order_key(x[j]), map.mx));
-      }
+      if ((int)bin <= blimit) atomicAdd(hist + bin, 1u);
     }
-    bins[j * SAMPLE_THREADS + threadIdx.x] = (unsigned short)bin;
-  }
-}
-
-// This thread's entries of bin `bc` with key >= floor into cand (any order; up to NCAND), their number into *n.
-__device__ __forceinline__ void gather(const unsigned (&key)[MAX_PER], const unsigned short* bins, unsigned bc,
-                                       unsigned floor, int* n, unsigned* cand) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int j = 0; j < MAX_PER; ++j) {
-    const bool c = bins[j * SAMPLE_THREADS + threadIdx.x] == bc && key[j] >= floor;
-    const unsigned hits = __ballot_sync(0xffffffffu, c);
-    if (!hits) continue;
-    const int leader = __ffs(hits) - 1;
-    int slot = 0;
-    if (lane == leader) slot = atomicAdd(n, __popc(hits));
-    slot = __shfl_sync(0xffffffffu, slot, leader) + __popc(hits & ((1u << lane) - 1u));
-    if (c && slot < NCAND) cand[slot] = key[j];
+    pk[j / 2] = (j & 1) ? (pk[j / 2] | (bin << 16)) : bin;
   }
 }
 
@@ -1069,50 +1111,45 @@ __device__ __forceinline__ void load_mixed(const elem_t* cond, const elem_t* unc
 // cumulative probability is <= 1 - top_p; the top token stays), inverse-CDF draw in vocabulary order, with the
 // probabilities in 2^40 fixed point: every sum is an exact integer, so the token is the same in any thread
 // order and batch (and the same as aim_rt.sampling.draw up to float rounding at the cut points).
-// grid (batch); block SAMPLE_THREADS; dynamic shared memory NBINS * 16 + SAMPLE_VMAX * 2 bytes.
+// grid (batch); block SAMPLE_THREADS; dynamic shared memory NBINS * 8 + LCAP * 6 bytes.
 #if AIM_PARTS & 2
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(SampleParams p) {
   PDL_START(2 * p.batch, PDL_EARLY_SAMPLE);
   PDL_WAIT(2 * p.batch, PDL_EARLY_SAMPLE);
   extern __shared__ __align__(16) unsigned long long sample_smem[];
-  unsigned long long* hmass = sample_smem;  // probability mass per bin, then its exclusive prefix (e[b])
-  unsigned* hist_max = reinterpret_cast<unsigned*>(sample_smem + NBINS);  // counts of the threads' maxima
-  unsigned* hist_cnt = hist_max + NBINS;                                  // and of the entries
-  unsigned long long* scratch = sample_smem + NBINS;  // refine's histogram: the counts' memory, once read
-  unsigned short* bins = reinterpret_cast<unsigned short*>(hist_cnt + NBINS);  // [MAX_PER][SAMPLE_THREADS]
+  unsigned long long* hist64 = sample_smem;                      // top-p (and refine) histogram
+  unsigned* hist_max = reinterpret_cast<unsigned*>(sample_smem);  // top-k: histogram of the threads' maxima
+  unsigned* hist_all = hist_max + NBINS;                          //        and of the entries; same memory
+  unsigned* lkey = reinterpret_cast<unsigned*>(sample_smem + NBINS);  // survivor list, vocabulary order: keys
+  unsigned short* lidx = reinterpret_cast<unsigned short*>(lkey + LCAP);  //                 and token ids
   __shared__ SampleShared sh;
-  const int b = blockIdx.x, V = p.vocab;
+  const int b = blockIdx.x, V = p.vocab, k = *p.step;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int per = (V + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
   const int lo = tid * per;  // this thread's contiguous slice of the vocabulary
   const int nvalid = max(0, min(per, V - lo));
   const elem_t* cond = p.logits + (long long)b * p.logits_stride;
   const elem_t* uncond = p.logits + (long long)(b + p.uncond_rows) * p.logits_stride;
-  const bool topk = p.top_k > 0 && p.top_k < V, topp = p.top_p < 1.0f;
+  RowSelect rs;
+  rs.topk = p.top_k > 0 && p.top_k < V;
+  rs.topp = p.top_p < 1.0f;
+  // read early, used late (kept in shared memory from stage 2 on, out of the registers): the seed, the
+  // teacher's token, this thread's first element of the position embedding
+  const unsigned long long seed = (unsigned long long)p.seeds[b];
+  const int teacher_tok = p.teacher && k < p.num_tokens ? (int)p.teacher[(long long)b * p.num_tokens + k] : 0;
+  const int pos = k + p.position_offset;
+  const float pos_e = p.next_input && tid < p.d ? ld(p.pos_emb[(long long)pos * p.d + tid]) : 0.0f;
 
-  // 1. mixed logits in registers. The step index and the seed go through shared memory, loaded before the row
-  // and stored after it: the compiler moved any use of k in registers up to its load, where every warp waited
-  // for it (before the row's loads: one more round trip to memory).
-  int k_load = 0;
-  unsigned long long seed_load = 0;
-  if (tid == 0) { k_load = *p.step; seed_load = (unsigned long long)p.seeds[b]; }
+  if (tid == 0) { sh.nc = 0; sh.token = V; }
+  if (rs.topk) {
+#pragma unroll
+    for (int q = 0; q < 2 * BINS_PER; ++q) hist_max[tid * 2 * BINS_PER + q] = 0u;
+  }
+
+  // 1. mixed logits in registers; the row's max (the weights' reference) and min (for the bins)
   float x[MAX_PER];
   if (p.temperature == 1.0f) load_mixed<true>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
   else load_mixed<false>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
-
-  if (tid == 0) { sh.nc = 0; sh.nc2 = 0; sh.token = V; sh.k = k_load; sh.seed = seed_load; }
-  if (topk) {  // hist_max and hist_cnt
-    uint4* h = reinterpret_cast<uint4*>(hist_max) + tid * (2 * BINS_PER / 4);
-#pragma unroll
-    for (int q = 0; q < 2 * BINS_PER / 4; ++q) h[q] = make_uint4(0u, 0u, 0u, 0u);
-  }
-  if (topp) {
-    uint4* h = reinterpret_cast<uint4*>(hmass) + tid * (BINS_PER / 2);
-#pragma unroll
-    for (int q = 0; q < BINS_PER / 2; ++q) h[q] = make_uint4(0u, 0u, 0u, 0u);
-  }
-
-  // the row's max (the weights' reference) and min (for the bins)
   float tmx = -3.402823466e38f, mn = 3.402823466e38f;
 #pragma unroll
   for (int j = 0; j < MAX_PER; ++j) {
@@ -1134,182 +1171,84 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   const float range = mx - mn;
   map.inv = 1.0f / range;
   if (!(range > 0.0f && range <= 3.402823466e38f && map.inv <= 3.402823466e38f)) map.inv = 0.0f;
+  if (tid == 0) { sh.u = uniform(seed, k); sh.teacher_tok = teacher_tok; }  // read after later __syncthreads
 
-  const int k = sh.k;
-
-  // 2. a bound on the top-k bin: each thread's maximum is an entry, so the bin where the threads' maxima reach
-  // top_k bounds it (blimit), and the histograms count only the entries up to there (~top_k, not the row)
-  int blimit = NBINS - 1;
-  if (topk && p.top_k <= (V + per - 1) / per) {  // at most one maximum per thread with entries
-    if (nvalid > 0) atomicAdd(hist_max + coarse_bin(tmx, map), 1u);
-    __syncthreads();
-    find_bin<unsigned>(hist_max, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
-    blimit = sh.sel.bin;
-  }
-
-  // 3. every entry's bin; counts and probabilities of those up to the bound
-  if (map.inv > 0.0f) bin_pass<true>(x, nvalid, map, blimit, topk, topp, hist_cnt, hmass, bins);
-  else bin_pass<false>(x, nvalid, map, blimit, topk, topp, hist_cnt, hmass, bins);
-  unsigned key[MAX_PER];  // from here on the entries are keys (x == key_value(key), bit for bit)
-#pragma unroll
-  for (int j = 0; j < MAX_PER; ++j) key[j] = order_key(x[j]);
-  __syncthreads();
-  // read now, used late: the teacher's token, this thread's first element of the position embedding
-  const int teacher_tok = p.teacher && k < p.num_tokens ? (int)p.teacher[(long long)b * p.num_tokens + k] : 0;
-  const int pos = k + p.position_offset;
-  const float pos_e = p.next_input && tid < p.d ? ld(p.pos_emb[(long long)pos * p.d + tid]) : 0.0f;
-  if (tid == 0) sh.u = uniform(sh.seed, k);  // read after the draw's scan
-
-  // 4. one scan of both histograms: the top-k bin (bstar) and the rank within it; each bin's mass prefix
-  // e[b] (the mass of the bins above it) into hmass, and the total
-  int bstar = NBINS - 1;
-  unsigned long long need = 0, ztotal = 0;
-  if (topk || topp) {
-    unsigned cv[BINS_PER], lc = 0;
-    unsigned long long mv[BINS_PER], lm = 0;
-#pragma unroll
-    for (int q = 0; q < BINS_PER; ++q) {
-      cv[q] = topk ? hist_cnt[tid * BINS_PER + q] : 0u;
-      mv[q] = topp ? hmass[tid * BINS_PER + q] : 0ull;
-      lc += cv[q];
-      lm += mv[q];
-    }
-    unsigned cbefore, ctotal;
-    unsigned long long mbefore;
-    block_excl_scan2<unsigned, unsigned long long>(lc, lm, sh.part32, sh.part64, cbefore, mbefore, ctotal, ztotal);
-    const unsigned target = (unsigned)p.top_k;
-    if (topk && cbefore < target && target <= cbefore + lc) {
-      unsigned run = cbefore;
-#pragma unroll
-      for (int q = 0; q < BINS_PER; ++q) {
-        if (run + cv[q] >= target) {
-          sh.sel.bin = tid * BINS_PER + q;
-          sh.sel.above = run;
-          break;
-        }
-        run += cv[q];
-      }
-    }
-    if (topp) {
-#pragma unroll
-      for (int q = 0; q < BINS_PER; ++q) {
-        hmass[tid * BINS_PER + q] = mbefore;
-        mbefore += mv[q];
-      }
-    }
-    __syncthreads();
-    if (topk) {
-      bstar = sh.sel.bin;
-      need = (unsigned long long)p.top_k - sh.sel.above;
-    }
-  }
-
-  // 5. top-k: the k-th largest key, within bin bstar; with top-p, warp 0 goes on to the top-p bin
-  auto key_of = [&](int j) {  // refine's keys, as x[j] was computed
-    const float c = ld(cond[lo + j]), v = ld(uncond[lo + j]);
-    return order_key(p.temperature == 1.0f ? cfg_mix<true>(c, v, p.cfg_scale, p.temperature)
-                                           : cfg_mix<false>(c, v, p.cfg_scale, p.temperature));
-  };
-  unsigned kth = 0;
-  unsigned long long bmass = ztotal - (topp ? hmass[NBINS - 1] : 0ull);  // survivors' mass in bin bstar
-  bool in_warp0 = false;  // kth and bmass are known in warp 0 only
-  if (topk) {
-    gather(key, bins, (unsigned)bstar, 0u, &sh.nc, sh.cand);
-    __syncthreads();
-    const int nc = sh.nc;
-    if (nc <= NCAND) {
-      in_warp0 = true;
-      if (warp == 0) {
-        kth = resolve_warp<false>(sh.cand, nc, need, mx);
-        if (topp) {
-          const unsigned c = lane < nc ? sh.cand[lane] : 0u;
-          unsigned long long w = lane < nc && c >= kth ? fixed_weight(c, mx) : 0ull;
-          for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
-          bmass = w;
-        }
-      }
-    } else {
-      kth = refine<false>(key_of, nvalid, bstar, map, 0u, need, scratch, sh);
-      if (topp) {
-        unsigned long long w = 0;
-#pragma unroll
-        for (int j = 0; j < MAX_PER; ++j)
-          if (bins[j * SAMPLE_THREADS + tid] == bstar && key[j] >= kth) w += fixed_weight(key[j], mx);
-        block_excl_scan<unsigned long long>(w, sh.part64, bmass);
-      }
-    }
-  }
-  if (warp == 0 || !in_warp0) {  // warp 0 publishes (every thread has the same values when !in_warp0)
-    unsigned cut = kth;
-    bool resolved = true;
-    if (topp) {
-      // In descending order the cut is the key where the mass first reaches z - limit (= the smallest key whose
-      // ascending cumulative mass exceeds limit); in bins: the last bin whose mass prefix is below z - limit.
-      const unsigned long long z = hmass[bstar] + bmass;
-      const unsigned long long limit = (unsigned long long)((double)z * (1.0 - (double)p.top_p));
-      if (limit >= z) {
-        cut = 0xFFFFFFFFu;  // nothing exceeds the limit: nothing is kept (as an exact ascending walk finds)
-      } else {
-        const unsigned long long tgt = z - limit;
-        const int bp = last_below(hmass, bstar, tgt);
-        const unsigned long long needp = tgt - hmass[bp];
-        if (in_warp0 && topk && bp == bstar) {
-          cut = resolve_warp<true>(sh.cand, sh.nc, needp, mx, kth);  // bin bstar's survivors are in sh.cand
-        } else {
-          resolved = false;
-          if (tid == 0) { sh.bp = bp; sh.need = needp; }
-        }
-      }
-    }
-    if (tid == 0) { sh.kth = kth; sh.cut = cut; sh.resolved = resolved; }
-  }
-  __syncthreads();
-  kth = sh.kth;
-  unsigned cut = sh.cut;
-  if (!sh.resolved) {  // top-p: the cut within bin bp, among its survivors
-    const int bp = sh.bp;
-    const unsigned long long needp = sh.need;
-    gather(key, bins, (unsigned)bp, kth, &sh.nc2, sh.cand);
-    __syncthreads();
-    const int nc = sh.nc2;
-    if (nc <= NCAND) {
-      if (warp == 0) {
-        const unsigned c = resolve_warp<true>(sh.cand, nc, needp, mx, kth);
-        if (lane == 0) sh.cut = c;
-      }
+  // 2. top-k: the bin of the k-th largest key. Each thread's maximum is an entry, so the bin where the threads'
+  // maxima reach top_k bounds it (blimit): the full histogram counts only the entries up to there (~top_k
+  // of them, not the whole row). The entries of the bins up to the k-th's go to the list (vocabulary order),
+  // that bin's to sh.cand.
+  rs.direct = true;  // no list: every thread keeps its vocabulary slice (no top-k, or too many survivors)
+  rs.bstar = 0;
+  rs.nc = 0;
+  rs.need = 0;
+  int n = V;
+  if (rs.topk) {
+    const int threads_with_entries = (V + per - 1) / per;
+    int blimit = NBINS - 1;
+    if (p.top_k <= threads_with_entries) {
+      if (nvalid > 0) atomicAdd(hist_max + coarse_bin(tmx, map), 1u);
       __syncthreads();
-      cut = sh.cut;
-    } else {
-      cut = refine<true>(key_of, nvalid, bp, map, kth, needp, scratch, sh);
+      find_bin<unsigned>(hist_max, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
+      blimit = sh.sel.bin;
     }
-  }
-
-  // 6. inverse CDF in vocabulary order: the first kept token whose cumulative mass exceeds u * total
-  unsigned long long local = 0;
-#pragma unroll
-  for (int j = 0; j < MAX_PER; ++j)
-    if (j < nvalid && key[j] >= cut) local += fixed_weight(key[j], mx);
-  unsigned long long total;
-  const unsigned long long before = block_excl_scan<unsigned long long>(local, sh.part64, total);
-  const unsigned long long target = (unsigned long long)((double)total * (double)sh.u);
-  if (before <= target && target < before + local) {
-    unsigned long long run = before;
+    unsigned pk[MAX_PER / 2];  // bins, two per register
+    if (map.inv > 0.0f) bin_pass<true>(x, nvalid, map, blimit, hist_all, pk);
+    else bin_pass<false>(x, nvalid, map, blimit, hist_all, pk);
+    __syncthreads();
+    find_bin<unsigned>(hist_all, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
+    const unsigned bstar = sh.sel.bin;
+    rs.bstar = (int)bstar;
+    rs.need = (unsigned long long)p.top_k - sh.sel.above;
+    unsigned cnt = 0;  // list entries | boundary-bin entries << 16 (each <= SAMPLE_VMAX)
 #pragma unroll
     for (int j = 0; j < MAX_PER; ++j) {
-      if (j >= nvalid || key[j] < cut) continue;
-      const unsigned long long wj = fixed_weight(key[j], mx);
-      run += wj;
-      if (wj && run > target) {
-        sh.token = lo + j;
-        break;
+      const unsigned bin = (pk[j / 2] >> (16 * (j & 1))) & 0xFFFFu;
+      cnt += (bin <= bstar ? 1u : 0u) + (bin == bstar ? 0x10000u : 0u);
+    }
+    unsigned tot;
+    const unsigned off = block_excl_scan<unsigned>(cnt, sh.part32, tot);
+    n = tot & 0xFFFFu;
+    rs.nc = tot >> 16;
+    rs.direct = n > LCAP;
+    unsigned lpos = off & 0xFFFFu, cpos = off >> 16;
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) {
+      const unsigned bin = (pk[j / 2] >> (16 * (j & 1))) & 0xFFFFu;
+      if (bin > bstar) continue;
+      const unsigned key = order_key(x[j]);
+      if (!rs.direct) { lkey[lpos] = key; lidx[lpos] = (unsigned short)(lo + j); }
+      ++lpos;
+      if (bin == bstar) {
+        if (cpos < NCAND) sh.cand[cpos] = key;
+        ++cpos;
       }
     }
+    __syncthreads();
   }
-  __syncthreads();
+
+  // 3-5. resolve top-k, top-p, draw: over a chunk of the list, or over the thread's own slice
+  if (!rs.direct) {
+    const int chunk = (n + SAMPLE_THREADS - 1) / SAMPLE_THREADS;  // <= LPER
+    const int first = tid * chunk, cnt = max(0, min(chunk, n - first));
+    unsigned key[LPER];
+#pragma unroll
+    for (int j = 0; j < LPER; ++j) key[j] = j < cnt ? lkey[first + j] : 0u;
+    finish<LPER>(key, [&](int j) { return lkey[first + j]; }, cnt, first, lidx, rs, map, p.top_p, hist64, sh);
+  } else {
+    unsigned key[MAX_PER];
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) key[j] = order_key(x[j]);
+    auto key_of = [&](int j) {  // as x[j] was computed
+      const float c = ld(cond[lo + j]), v = ld(uncond[lo + j]);
+      return order_key(p.temperature == 1.0f ? cfg_mix<true>(c, v, p.cfg_scale, p.temperature)
+                                             : cfg_mix<false>(c, v, p.cfg_scale, p.temperature));
+    };
+    finish<MAX_PER>(key, key_of, nvalid, lo, nullptr, rs, map, p.top_p, hist64, sh);
+  }
 
   // `tokens` records the draw; with teacher forcing the teacher's token is fed on instead
   const int drawn = sh.token;
-  const int tok = p.teacher ? teacher_tok : drawn;
+  const int tok = p.teacher ? sh.teacher_tok : drawn;
   if (tid == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = drawn;
   if (tid == 0 && p.next_token) p.next_token[b] = tok;
   if (!p.next_input) return;
