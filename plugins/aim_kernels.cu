@@ -780,8 +780,7 @@ __device__ __forceinline__ float key_value(unsigned k) {  // order_key's inverse
 #define LPER (LCAP / SAMPLE_THREADS)  // list entries per thread
 #define NCAND 32      // boundary-bin entries that one warp resolves by counting (more: finer histograms)
 #define FIXED_ONE 1099511627776.0  // 2^40: probabilities in fixed point, so every sum is exact and order-free
-// Dynamic shared memory: NBINS * 16 (histograms: counts, probability mass) + LCAP * 6 (list keys and indices);
-// Kernels.cfg_sample sizes it.
+// Dynamic shared memory: NBINS * 8 (histograms) + LCAP * 6 (list keys and indices); Kernels.cfg_sample sizes it.
 
 // CFG mix and temperature. x / 1 == x exactly (a NaN here comes from arithmetic, so it is canonical already):
 // skipping the division at temperature 1 changes no bit.
@@ -792,20 +791,6 @@ __device__ __forceinline__ float cfg_mix(float c, float u, float cfg_scale, floa
 }
 __device__ __forceinline__ unsigned long long fixed_weight(unsigned key, float mx) {
   return (unsigned long long)(expf(key_value(key) - mx) * FIXED_ONE);
-}
-
-// A 64-bit sum in shared memory from two 32-bit atomics: a 64-bit atomicAdd there is a compare-and-swap loop,
-// slow where many threads hit one bin. Exact: each wrap of the low word carries one into the high word. Read
-// the sum only after a barrier.
-__device__ __forceinline__ void atomic_add_u64_shared(unsigned long long* a, unsigned long long w) {
-  unsigned* h = reinterpret_cast<unsigned*>(a);
-  const unsigned lo = (unsigned)w;
-  unsigned hi = (unsigned)(w >> 32);
-  if (lo) {
-    const unsigned old = atomicAdd(h, lo);
-    hi += old + lo < old ? 1u : 0u;
-  }
-  if (hi) atomicAdd(h + 1, hi);
 }
 
 // Histogram bin of a value: monotone (a larger value never gets a larger bin; bin 0 holds the maximum), so the
@@ -833,55 +818,33 @@ struct SampleShared {
   unsigned long long part64[32];
   unsigned cand[NCAND];
   SelectOut sel;
-  int nc, nc2, token, k, bp;
-  unsigned long long seed;
-  unsigned key, kth;        // the cut (smallest kept key); the k-th largest key
-  bool resolved;            // warp 0 found the cut without a second gathering pass
-  unsigned long long need;  // top-p: mass still to reach within bin bp
-  unsigned long long ztotal;  // top-p: the mass of the entries up to the bound (without top-k: of all)
+  int nc, token, teacher_tok;
+  unsigned key;
   float u;
 };
-
-template <typename T>
-__device__ __forceinline__ T warp_incl_scan(T v) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const T t = __shfl_up_sync(0xffffffffu, v, o);
-    if (lane >= o) v += t;
-  }
-  return v;
-}
 
 // Exclusive prefix sum over the block in thread order; `total` gets the sum. One __syncthreads: the caller
 // syncs before `part` is written again.
 template <typename T>
 __device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const T incl = warp_incl_scan<T>(local);
+  T incl = local;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T t = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += t;
+  }
   if (lane == 31) part[warp] = incl;
   __syncthreads();
-  const T w = warp_incl_scan<T>(lane < SAMPLE_WARPS ? part[lane] : T(0));
+  T w = lane < SAMPLE_WARPS ? part[lane] : T(0);
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T t = __shfl_up_sync(0xffffffffu, w, o);
+    if (lane >= o) w += t;
+  }
   total = __shfl_sync(0xffffffffu, w, 31);
   const T prev = __shfl_sync(0xffffffffu, w, (warp + 31) & 31);
   return (warp ? prev : T(0)) + incl - local;
-}
-// The same for two values at once (one __syncthreads), with their totals.
-template <typename A, typename B>
-__device__ __forceinline__ void block_excl_scan2(A a, B b, A* pa, B* pb, A& ea, B& eb, A& ta, B& tb) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const A ia = warp_incl_scan<A>(a);
-  const B ib = warp_incl_scan<B>(b);
-  if (lane == 31) { pa[warp] = ia; pb[warp] = ib; }
-  __syncthreads();
-  const A wa = warp_incl_scan<A>(lane < SAMPLE_WARPS ? pa[lane] : A(0));
-  const B wb = warp_incl_scan<B>(lane < SAMPLE_WARPS ? pb[lane] : B(0));
-  ta = __shfl_sync(0xffffffffu, wa, 31);
-  tb = __shfl_sync(0xffffffffu, wb, 31);
-  const A prev_a = __shfl_sync(0xffffffffu, wa, (warp + 31) & 31);
-  const B prev_b = __shfl_sync(0xffffffffu, wb, (warp + 31) & 31);
-  ea = (warp ? prev_a : A(0)) + ia - a;
-  eb = (warp ? prev_b : B(0)) + ib - b;
 }
 
 // Walks the bins from bin 0 (largest values) and stores the bin where the cumulative count/mass first reaches
@@ -913,35 +876,20 @@ __device__ __forceinline__ T find_bin(const T* hist, F target_of, T* part, Selec
   return total;
 }
 
-// Warp: the largest bin b <= last with e[b] < target, for e non-decreasing with e[0] < target (32-way search).
-__device__ __forceinline__ int last_below(const unsigned long long* e, int last, unsigned long long target) {
-  const int lane = threadIdx.x & 31;
-  int base = 0;
-#pragma unroll
-  for (int width = NBINS; width > 1; width = width > 32 ? width / 32 : 1) {
-    const int step = width > 32 ? width / 32 : 1;
-    const int b = base + lane * step;
-    const bool below = lane * step < width && b <= last && e[b] < target;
-    base += (__popc(__ballot_sync(0xffffffffu, below)) - 1) * step;  // `below` holds for a prefix of lanes
-  }
-  return base;
-}
-
-// One warp: among n <= 32 candidates (keys; weight 1, or their fixed-point probability; those below `floor`
-// count nothing), the key where the descending cumulative mass first reaches `need` (1 <= need <= their
-// total). Exact integer sums: the result does not depend on the candidates' order.
+// One warp: among n <= 32 candidates (keys; weight 1, or their fixed-point probability), the key where the
+// descending cumulative mass first reaches `need` (1 <= need <= their total). Exact integer sums: the result
+// does not depend on the candidates' order.
 template <bool WEIGHTED>
-__device__ __forceinline__ unsigned resolve_warp(const unsigned* cand, int n, unsigned long long need, float mx,
-                                                 unsigned floor = 0u) {
+__device__ __forceinline__ unsigned resolve_warp(const unsigned* cand, int n, unsigned long long need, float mx) {
   const int lane = threadIdx.x & 31;
-  const unsigned key = lane < n ? cand[lane] : 0u;
-  const bool in = lane < n && key >= floor;
+  const bool in = lane < n;
+  const unsigned key = in ? cand[lane] : 0u;
   const unsigned long long w = in ? (WEIGHTED ? fixed_weight(key, mx) : 1ull) : 0ull;
   unsigned long long gt = 0, ge = 0;
 #pragma unroll 4
   for (int m = 0; m < n; ++m) {
     const unsigned km = __shfl_sync(0xffffffffu, key, m);
-    const unsigned long long wm = __shfl_sync(0xffffffffu, w, m);
+    const unsigned long long wm = WEIGHTED ? __shfl_sync(0xffffffffu, w, m) : 1ull;
     if (km > key) gt += wm;
     if (km >= key) ge += wm;
   }
@@ -1007,70 +955,34 @@ struct RowSelect {  // what the top-k stage hands on
 };
 
 // Stages 3-5 over each thread's `cnt` entries key[] (its chunk of the survivor list, or its vocabulary slice):
-// top-k cut resolved, top-p, the draw. hmass holds each bin's mass prefix (the mass of the bins above it) when
-// top-p is on. Returns the drawn list position (in the thread that owns it) via sh.token.
+// top-k cut resolved, top-p, the draw. Returns the drawn list position (in the thread that owns it) via sh.token.
 template <int NPER, typename KeyOf>
 __device__ __forceinline__ void finish(const unsigned (&key)[NPER], KeyOf key_of, int cnt, int first,
                                        const unsigned short* lidx, const RowSelect& rs, const BinMap& map,
-                                       float top_p, const unsigned long long* hmass, unsigned long long* scratch,
-                                       SampleShared& sh) {
+                                       float top_p, unsigned long long* hist64, SampleShared& sh) {
   constexpr bool CACHE = NPER <= LPER;  // few entries: keep their weights in registers
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float mx = map.mx;
 
-  // top-k: the k-th largest key, within the boundary bin; warp 0 resolves it when the bin's entries are in
-  // sh.cand and goes on to the top-p bin, with no barrier in between
+  // top-k: the k-th largest key, within the boundary bin
   unsigned kth = 0;
-  const bool in_warp0 = rs.topk && rs.nc <= NCAND;  // then kth is known in warp 0 only, until the barrier
-  if (in_warp0) {
-    if (warp == 0) kth = resolve_warp<false>(sh.cand, rs.nc, rs.need, mx);
-  } else if (rs.topk) {
-    kth = refine<false>(key_of, cnt, rs.bstar, map, 0u, rs.need, scratch, sh);
-  }
-  // top-p: the total mass z of the survivors: the bins above the top-k bin in full, and that bin's entries from
-  // the k-th largest up (without top-k: every entry)
-  unsigned long long bmass = 0;
-  if (rs.topp && rs.topk && !in_warp0) {
-    unsigned long long w = 0;
-#pragma unroll
-    for (int j = 0; j < NPER; ++j)
-      if (j < cnt && key[j] >= kth && coarse_bin(key_value(key[j]), map) == rs.bstar) w += fixed_weight(key[j], mx);
-    block_excl_scan<unsigned long long>(w, sh.part64, bmass);
-  }
-  if (warp == 0 || !in_warp0) {  // warp 0 publishes (every thread has the same values when !in_warp0)
-    unsigned cut = kth;
-    bool resolved = true;
-    if (rs.topp) {
-      if (in_warp0) {
-        const unsigned c = lane < rs.nc ? sh.cand[lane] : 0u;
-        unsigned long long w = lane < rs.nc && c >= kth ? fixed_weight(c, mx) : 0ull;
-        for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
-        bmass = w;
+  if (rs.topk) {
+    if (rs.nc <= NCAND) {
+      if (warp == 0) {
+        kth = resolve_warp<false>(sh.cand, rs.nc, rs.need, mx);
+        if (lane == 0) sh.key = kth;
       }
-      const int last = rs.topk ? rs.bstar : NBINS - 1;
-      const unsigned long long z = rs.topk ? hmass[last] + bmass : sh.ztotal;
-      // In descending order the cut is the key where the mass first reaches z - limit (= the smallest key whose
-      // ascending cumulative mass exceeds limit); in bins: the last bin whose mass prefix is below z - limit.
-      const unsigned long long limit = (unsigned long long)((double)z * (1.0 - (double)top_p));
-      if (limit >= z) {
-        cut = 0xFFFFFFFFu;  // nothing exceeds the limit: nothing is kept (as an exact ascending walk finds)
-      } else {
-        const unsigned long long tgt = z - limit;
-        const int bp = last_below(hmass, last, tgt);
-        const unsigned long long need = tgt - hmass[bp];
-        if (in_warp0 && bp == rs.bstar) {
-          cut = resolve_warp<true>(sh.cand, rs.nc, need, mx, kth);  // that bin's survivors are in sh.cand
-        } else {
-          resolved = false;
-          if (tid == 0) { sh.bp = bp; sh.need = need; }
-        }
-      }
+    } else {
+      kth = refine<false>(key_of, cnt, rs.bstar, map, 0u, rs.need, hist64, sh);
+      if (tid == 0) sh.key = kth;
     }
-    if (tid == 0) { sh.kth = kth; sh.key = cut; sh.resolved = resolved; }
+  }
+  if (rs.topp) {
+#pragma unroll
+    for (int q = 0; q < BINS_PER; ++q) hist64[tid * BINS_PER + q] = 0ull;
   }
   __syncthreads();
-  kth = sh.kth;
-  unsigned cut = sh.key;
+  if (rs.topk) kth = sh.key;
 
   unsigned long long w[CACHE ? NPER : 1];
   auto weight = [&](int j) -> unsigned long long {  // the probability of entry j if it survived top-k, else 0
@@ -1082,31 +994,51 @@ __device__ __forceinline__ void finish(const unsigned (&key)[NPER], KeyOf key_of
     for (int j = 0; j < NPER; ++j) w[j] = j < cnt && key[j] >= kth ? fixed_weight(key[j], mx) : 0ull;
   }
 
-  if (!sh.resolved) {  // top-p: the cut among the survivors of bin bp
-    const int bp = sh.bp;
-    const unsigned long long need = sh.need;
+  // top-p over the survivors: the same select, weighted by the fixed-point probabilities. In descending order
+  // the cut is the key where the mass first reaches z - limit (= the smallest key whose ascending cumulative
+  // mass exceeds limit).
+  unsigned cut = kth;
+  if (rs.topp) {
 #pragma unroll
-    for (int j = 0; j < NPER; ++j) {  // the bin's entries into sh.cand (any order)
-      const bool c = j < cnt && weight(j) != 0ull && coarse_bin(key_value(key[j]), map) == bp;
-      const unsigned hits = __ballot_sync(0xffffffffu, c);
-      if (!hits) continue;
-      const int leader = __ffs(hits) - 1;
-      int slot = 0;
-      if (lane == leader) slot = atomicAdd(&sh.nc2, __popc(hits));
-      slot = __shfl_sync(0xffffffffu, slot, leader) + __popc(hits & ((1u << lane) - 1u));
-      if (c && slot < NCAND) sh.cand[slot] = key[j];
+    for (int j = 0; j < NPER; ++j) {
+      if (j >= cnt) continue;
+      const unsigned long long wj = weight(j);
+      if (wj) atomicAdd(hist64 + coarse_bin(key_value(key[j]), map), wj);
     }
     __syncthreads();
-    const int nc = sh.nc2;
-    if (nc <= NCAND) {
-      if (warp == 0) {
-        const unsigned c = resolve_warp<true>(sh.cand, nc, need, mx);
-        if (lane == 0) sh.key = c;
+    const unsigned long long z = find_bin<unsigned long long>(hist64, [top_p](unsigned long long total) {
+      const unsigned long long limit = (unsigned long long)((double)total * (1.0 - (double)top_p));
+      return limit < total ? total - limit : 0ull;
+    }, sh.part64, &sh.sel);
+    const unsigned long long limit = (unsigned long long)((double)z * (1.0 - (double)top_p));
+    if (limit >= z) {
+      cut = 0xFFFFFFFFu;  // nothing exceeds the limit: nothing is kept (as an exact ascending walk finds)
+    } else {
+      const int bp = sh.sel.bin;
+      const unsigned long long need = z - limit - sh.sel.above;
+#pragma unroll
+      for (int j = 0; j < NPER; ++j) {  // the boundary bin's entries into sh.cand (any order)
+        const bool c = j < cnt && weight(j) != 0ull && coarse_bin(key_value(key[j]), map) == bp;
+        const unsigned hits = __ballot_sync(0xffffffffu, c);
+        if (!hits) continue;
+        const int leader = __ffs(hits) - 1;
+        int slot = 0;
+        if (lane == leader) slot = atomicAdd(&sh.nc, __popc(hits));
+        slot = __shfl_sync(0xffffffffu, slot, leader) + __popc(hits & ((1u << lane) - 1u));
+        if (c && slot < NCAND) sh.cand[slot] = key[j];
       }
       __syncthreads();
-      cut = sh.key;
-    } else {
-      cut = refine<true>(key_of, cnt, bp, map, kth, need, scratch, sh);
+      const int nc = sh.nc;
+      if (nc <= NCAND) {
+        if (warp == 0) {
+          const unsigned c = resolve_warp<true>(sh.cand, nc, need, mx);
+          if (lane == 0) sh.key = c;
+        }
+        __syncthreads();
+        cut = sh.key;
+      } else {
+        cut = refine<true>(key_of, cnt, bp, map, kth, need, hist64, sh);
+      }
     }
   }
 
@@ -1134,12 +1066,11 @@ __device__ __forceinline__ void finish(const unsigned (&key)[NPER], KeyOf key_of
   __syncthreads();
 }
 
-// Bins of this thread's entries (two per register) and, of the entries in bins <= blimit (the k-th largest lies
-// there), the histograms: counts (top-k) and fixed-point probabilities (top-p).
+// Bins of this thread's entries (two per register) and the top-k histogram: only entries in bins <= blimit
+// (the k-th largest lies there) are counted.
 template <bool FLOAT_BINS>
 __device__ __forceinline__ void bin_pass(const float (&x)[MAX_PER], int nvalid, const BinMap& map, int blimit,
-                                         bool count, bool mass, unsigned* hist, unsigned long long* hmass,
-                                         unsigned (&pk)[MAX_PER / 2]) {
+                                         unsigned* hist, unsigned (&pk)[MAX_PER / 2]) {
 #pragma unroll
   for (int j = 0; j < MAX_PER; ++j) {
     unsigned bin = 0xFFFFu;
@@ -1150,10 +1081,7 @@ __device__ __forceinline__ void bin_pass(const float (&x)[MAX_PER], int nvalid, 
       } else {
         bin = (unsigned)coarse_bin(x[j], map);
       }
-      if ((int)bin <= blimit) {
-        if (count) atomicAdd(hist + bin, 1u);
-        if (mass) atomic_add_u64_shared(hmass + bin, fixed_weight(order_key(x[j]), map.mx));
-      }
+      if ((int)bin <= blimit) atomicAdd(hist + bin, 1u);
     }
     pk[j / 2] = (j & 1) ? (pk[j / 2] | (bin << 16)) : bin;
   }
@@ -1183,20 +1111,19 @@ __device__ __forceinline__ void load_mixed(const elem_t* cond, const elem_t* unc
 // cumulative probability is <= 1 - top_p; the top token stays), inverse-CDF draw in vocabulary order, with the
 // probabilities in 2^40 fixed point: every sum is an exact integer, so the token is the same in any thread
 // order and batch (and the same as aim_rt.sampling.draw up to float rounding at the cut points).
-// grid (batch); block SAMPLE_THREADS; dynamic shared memory NBINS * 16 + LCAP * 6 bytes.
+// grid (batch); block SAMPLE_THREADS; dynamic shared memory NBINS * 8 + LCAP * 6 bytes.
 #if AIM_PARTS & 2
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(SampleParams p) {
   PDL_START(2 * p.batch, PDL_EARLY_SAMPLE);
   PDL_WAIT(2 * p.batch, PDL_EARLY_SAMPLE);
   extern __shared__ __align__(16) unsigned long long sample_smem[];
-  unsigned long long* scratch = sample_smem;                      // refine's histogram, same memory as
+  unsigned long long* hist64 = sample_smem;                      // top-p (and refine) histogram
   unsigned* hist_max = reinterpret_cast<unsigned*>(sample_smem);  // top-k: histogram of the threads' maxima
-  unsigned* hist_all = hist_max + NBINS;                          //        and of the entries
-  unsigned long long* hmass = sample_smem + NBINS;  // top-p: mass per bin, then each bin's exclusive prefix
-  unsigned* lkey = reinterpret_cast<unsigned*>(sample_smem + 2 * NBINS);  // survivor list, vocabulary order:
-  unsigned short* lidx = reinterpret_cast<unsigned short*>(lkey + LCAP);  //                 keys and token ids
+  unsigned* hist_all = hist_max + NBINS;                          //        and of the entries; same memory
+  unsigned* lkey = reinterpret_cast<unsigned*>(sample_smem + NBINS);  // survivor list, vocabulary order: keys
+  unsigned short* lidx = reinterpret_cast<unsigned short*>(lkey + LCAP);  //                 and token ids
   __shared__ SampleShared sh;
-  const int b = blockIdx.x, V = p.vocab;
+  const int b = blockIdx.x, V = p.vocab, k = *p.step;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int per = (V + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
   const int lo = tid * per;  // this thread's contiguous slice of the vocabulary
@@ -1206,26 +1133,23 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   RowSelect rs;
   rs.topk = p.top_k > 0 && p.top_k < V;
   rs.topp = p.top_p < 1.0f;
-  // The step index k and the seed go through shared memory, loaded before the row and stored after it: the
-  // compiler moves any use of k in registers up to its load, and every warp then waited for k before it
-  // requested the row (one more round trip to memory).
-  int k_load = 0;
-  unsigned long long seed_load = 0;
-  if (tid == 0) { k_load = *p.step; seed_load = (unsigned long long)p.seeds[b]; }
+  // read early, used late (kept in shared memory from stage 2 on, out of the registers): the seed, the
+  // teacher's token, this thread's first element of the position embedding
+  const unsigned long long seed = (unsigned long long)p.seeds[b];
+  const int teacher_tok = p.teacher && k < p.num_tokens ? (int)p.teacher[(long long)b * p.num_tokens + k] : 0;
+  const int pos = k + p.position_offset;
+  const float pos_e = p.next_input && tid < p.d ? ld(p.pos_emb[(long long)pos * p.d + tid]) : 0.0f;
+
+  if (tid == 0) { sh.nc = 0; sh.token = V; }
   if (rs.topk) {
 #pragma unroll
     for (int q = 0; q < 2 * BINS_PER; ++q) hist_max[tid * 2 * BINS_PER + q] = 0u;
-  }
-  if (rs.topp) {
-#pragma unroll
-    for (int q = 0; q < BINS_PER; ++q) hmass[tid * BINS_PER + q] = 0ull;
   }
 
   // 1. mixed logits in registers; the row's max (the weights' reference) and min (for the bins)
   float x[MAX_PER];
   if (p.temperature == 1.0f) load_mixed<true>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
   else load_mixed<false>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
-  if (tid == 0) { sh.nc = 0; sh.nc2 = 0; sh.token = V; sh.k = k_load; sh.seed = seed_load; }
   float tmx = -3.402823466e38f, mn = 3.402823466e38f;
 #pragma unroll
   for (int j = 0; j < MAX_PER; ++j) {
@@ -1247,11 +1171,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   const float range = mx - mn;
   map.inv = 1.0f / range;
   if (!(range > 0.0f && range <= 3.402823466e38f && map.inv <= 3.402823466e38f)) map.inv = 0.0f;
-  const int k = sh.k;
-  if (tid == 0) sh.u = uniform(sh.seed, k);  // read after later __syncthreads
-  // read now, used late: this thread's first element of the position embedding
-  const int pos = k + p.position_offset;
-  const float pos_e = p.next_input && tid < p.d ? ld(p.pos_emb[(long long)pos * p.d + tid]) : 0.0f;
+  if (tid == 0) { sh.u = uniform(seed, k); sh.teacher_tok = teacher_tok; }  // read after later __syncthreads
 
   // 2. top-k: the bin of the k-th largest key. Each thread's maximum is an entry, so the bin where the threads'
   // maxima reach top_k bounds it (blimit): the full histogram counts only the entries up to there (~top_k
@@ -1262,54 +1182,20 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   rs.nc = 0;
   rs.need = 0;
   int n = V;
-  int blimit = NBINS - 1;
-  if (rs.topk && p.top_k <= (V + per - 1) / per) {  // at most one maximum per thread with entries
-    if (nvalid > 0) atomicAdd(hist_max + coarse_bin(tmx, map), 1u);
-    __syncthreads();
-    find_bin<unsigned>(hist_max, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
-    blimit = sh.sel.bin;
-  }
-  unsigned pk[MAX_PER / 2];  // bins, two per register
-  if (rs.topk || rs.topp) {
-    // the histograms of the entries up to the bound: counts (top-k) and probabilities (top-p, so that warp 0
-    // finds the top-p bin from the mass prefixes once the k-th largest key is known: no second histogram)
-    if (map.inv > 0.0f) bin_pass<true>(x, nvalid, map, blimit, rs.topk, rs.topp, hist_all, hmass, pk);
-    else bin_pass<false>(x, nvalid, map, blimit, rs.topk, rs.topp, hist_all, hmass, pk);
-    __syncthreads();
-    // one scan of both: the top-k bin and the rank within it; each bin's mass prefix into hmass
-    unsigned cv[BINS_PER], lc = 0, cbefore, ctotal;
-    unsigned long long mv[BINS_PER], lm = 0, mbefore, mtotal;
-#pragma unroll
-    for (int q = 0; q < BINS_PER; ++q) {
-      cv[q] = rs.topk ? hist_all[tid * BINS_PER + q] : 0u;
-      mv[q] = rs.topp ? hmass[tid * BINS_PER + q] : 0ull;
-      lc += cv[q];
-      lm += mv[q];
-    }
-    block_excl_scan2<unsigned, unsigned long long>(lc, lm, sh.part32, sh.part64, cbefore, mbefore, ctotal, mtotal);
-    if (tid == 0) sh.ztotal = mtotal;
-    const unsigned target = (unsigned)p.top_k;
-    if (rs.topk && cbefore < target && target <= cbefore + lc) {
-#pragma unroll
-      for (int q = 0; q < BINS_PER; ++q) {
-        if (cbefore + cv[q] >= target) {
-          sh.sel.bin = tid * BINS_PER + q;
-          sh.sel.above = cbefore;
-          break;
-        }
-        cbefore += cv[q];
-      }
-    }
-    if (rs.topp) {
-#pragma unroll
-      for (int q = 0; q < BINS_PER; ++q) {
-        hmass[tid * BINS_PER + q] = mbefore;
-        mbefore += mv[q];
-      }
-    }
-    __syncthreads();
-  }
   if (rs.topk) {
+    const int threads_with_entries = (V + per - 1) / per;
+    int blimit = NBINS - 1;
+    if (p.top_k <= threads_with_entries) {
+      if (nvalid > 0) atomicAdd(hist_max + coarse_bin(tmx, map), 1u);
+      __syncthreads();
+      find_bin<unsigned>(hist_max, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
+      blimit = sh.sel.bin;
+    }
+    unsigned pk[MAX_PER / 2];  // bins, two per register
+    if (map.inv > 0.0f) bin_pass<true>(x, nvalid, map, blimit, hist_all, pk);
+    else bin_pass<false>(x, nvalid, map, blimit, hist_all, pk);
+    __syncthreads();
+    find_bin<unsigned>(hist_all, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
     const unsigned bstar = sh.sel.bin;
     rs.bstar = (int)bstar;
     rs.need = (unsigned long long)p.top_k - sh.sel.above;
@@ -1347,8 +1233,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
     unsigned key[LPER];
 #pragma unroll
     for (int j = 0; j < LPER; ++j) key[j] = j < cnt ? lkey[first + j] : 0u;
-    finish<LPER>(key, [&](int j) { return lkey[first + j]; }, cnt, first, lidx, rs, map, p.top_p, hmass, scratch,
-                 sh);
+    finish<LPER>(key, [&](int j) { return lkey[first + j]; }, cnt, first, lidx, rs, map, p.top_p, hist64, sh);
   } else {
     unsigned key[MAX_PER];
 #pragma unroll
@@ -1358,12 +1243,12 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
       return order_key(p.temperature == 1.0f ? cfg_mix<true>(c, v, p.cfg_scale, p.temperature)
                                              : cfg_mix<false>(c, v, p.cfg_scale, p.temperature));
     };
-    finish<MAX_PER>(key, key_of, nvalid, lo, nullptr, rs, map, p.top_p, hmass, scratch, sh);
+    finish<MAX_PER>(key, key_of, nvalid, lo, nullptr, rs, map, p.top_p, hist64, sh);
   }
 
   // `tokens` records the draw; with teacher forcing the teacher's token is fed on instead
   const int drawn = sh.token;
-  const int tok = !p.teacher ? drawn : k < p.num_tokens ? (int)p.teacher[(long long)b * p.num_tokens + k] : 0;
+  const int tok = p.teacher ? sh.teacher_tok : drawn;
   if (tid == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = drawn;
   if (tid == 0 && p.next_token) p.next_token[b] = tok;
   if (!p.next_input) return;

@@ -363,8 +363,8 @@ def gated_norm_params(p: SsuParams) -> GatedNormParams:
 
 SSU_THREADS, SSU_STAGES, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 2, 256, 8, 1024  # as in aim_kernels.cu
 NORM_INSTANCES = (3, 4, 6, NORM_PER)  # residual_norm_body's elements per thread (as in aim_kernels.cu)
-# aim_cfg_sample: vocabulary <= SAMPLE_VMAX; dynamic shared memory NBINS * 16 + LCAP * 6 (as in aim_kernels.cu)
-SAMPLE_VMAX, SAMPLE_SMEM = 16384, 4096 * 16 + 4096 * 6
+# aim_cfg_sample: vocabulary <= SAMPLE_VMAX; dynamic shared memory NBINS * 8 + LCAP * 6 (as in aim_kernels.cu)
+SAMPLE_VMAX, SAMPLE_SMEM = 16384, 4096 * 8 + 4096 * 6
 MAX_W, VEC, MAX_STATE = 4, 8, 8192  # as in aim_kernels.cu
 
 
