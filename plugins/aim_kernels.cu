@@ -818,7 +818,8 @@ struct SampleShared {
   unsigned long long part64[32];
   unsigned cand[NCAND];
   SelectOut sel;
-  int nc, token, teacher_tok;
+  int nc, token, k;
+  unsigned long long seed;
   unsigned key;
   float u;
 };
@@ -1123,7 +1124,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   unsigned* lkey = reinterpret_cast<unsigned*>(sample_smem + NBINS);  // survivor list, vocabulary order: keys
   unsigned short* lidx = reinterpret_cast<unsigned short*>(lkey + LCAP);  //                 and token ids
   __shared__ SampleShared sh;
-  const int b = blockIdx.x, V = p.vocab, k = *p.step;
+  const int b = blockIdx.x, V = p.vocab;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int per = (V + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
   const int lo = tid * per;  // this thread's contiguous slice of the vocabulary
@@ -1133,14 +1134,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   RowSelect rs;
   rs.topk = p.top_k > 0 && p.top_k < V;
   rs.topp = p.top_p < 1.0f;
-  // read early, used late (kept in shared memory from stage 2 on, out of the registers): the seed, the
-  // teacher's token, this thread's first element of the position embedding
-  const unsigned long long seed = (unsigned long long)p.seeds[b];
-  const int teacher_tok = p.teacher && k < p.num_tokens ? (int)p.teacher[(long long)b * p.num_tokens + k] : 0;
-  const int pos = k + p.position_offset;
-  const float pos_e = p.next_input && tid < p.d ? ld(p.pos_emb[(long long)pos * p.d + tid]) : 0.0f;
-
-  if (tid == 0) { sh.nc = 0; sh.token = V; }
+  // The step index k and the seed go through shared memory, loaded before the row and stored after it: the
+  // compiler moves any use of k in registers up to its load, and every warp then waited for k before it
+  // requested the row (one more round trip to memory: 0.1-0.2 µs per launch, variant A in
+  // bench/results/sampler_hybrid_h200_2026-12-03.txt).
+  int k_load = 0;
+  unsigned long long seed_load = 0;
+  if (tid == 0) { k_load = *p.step; seed_load = (unsigned long long)p.seeds[b]; }
   if (rs.topk) {
 #pragma unroll
     for (int q = 0; q < 2 * BINS_PER; ++q) hist_max[tid * 2 * BINS_PER + q] = 0u;
@@ -1150,6 +1150,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   float x[MAX_PER];
   if (p.temperature == 1.0f) load_mixed<true>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
   else load_mixed<false>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
+  if (tid == 0) { sh.nc = 0; sh.token = V; sh.k = k_load; sh.seed = seed_load; }
   float tmx = -3.402823466e38f, mn = 3.402823466e38f;
 #pragma unroll
   for (int j = 0; j < MAX_PER; ++j) {
@@ -1171,7 +1172,11 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   const float range = mx - mn;
   map.inv = 1.0f / range;
   if (!(range > 0.0f && range <= 3.402823466e38f && map.inv <= 3.402823466e38f)) map.inv = 0.0f;
-  if (tid == 0) { sh.u = uniform(seed, k); sh.teacher_tok = teacher_tok; }  // read after later __syncthreads
+  const int k = sh.k;
+  if (tid == 0) sh.u = uniform(sh.seed, k);  // read after later __syncthreads
+  // read now, used late: this thread's first element of the position embedding
+  const int pos = k + p.position_offset;
+  const float pos_e = p.next_input && tid < p.d ? ld(p.pos_emb[(long long)pos * p.d + tid]) : 0.0f;
 
   // 2. top-k: the bin of the k-th largest key. Each thread's maximum is an entry, so the bin where the threads'
   // maxima reach top_k bounds it (blimit): the full histogram counts only the entries up to there (~top_k
@@ -1246,9 +1251,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
     finish<MAX_PER>(key, key_of, nvalid, lo, nullptr, rs, map, p.top_p, hist64, sh);
   }
 
-  // `tokens` records the draw; with teacher forcing the teacher's token is fed on instead
+  // `tokens` records the draw; with teacher forcing (parity runs) the teacher's token is fed on instead
   const int drawn = sh.token;
-  const int tok = p.teacher ? sh.teacher_tok : drawn;
+  const int tok = !p.teacher ? drawn : k < p.num_tokens ? (int)p.teacher[(long long)b * p.num_tokens + k] : 0;
   if (tid == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = drawn;
   if (tid == 0 && p.next_token) p.next_token[b] = tok;
   if (!p.next_input) return;
