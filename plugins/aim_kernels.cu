@@ -837,15 +837,23 @@ __device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
   }
   if (lane == 31) part[warp] = incl;
   __syncthreads();
-  T w = lane < SAMPLE_WARPS ? part[lane] : T(0);
+  const T w = lane < SAMPLE_WARPS ? part[lane] : T(0);
+  // 32 bits: the warps' partials summed in one instruction each (redux.sync, sm_80+) instead of a chain of five
+  // dependent shuffles: 0.9 µs less per sampler launch (bench/results/sampler_redux_h200_2026-12-03.txt)
+  if constexpr (sizeof(T) == 4) {
+    total = __reduce_add_sync(0xffffffffu, w);
+    return __reduce_add_sync(0xffffffffu, lane < warp ? w : T(0)) + incl - local;
+  } else {
+    T wi = w;
 #pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const T t = __shfl_up_sync(0xffffffffu, w, o);
-    if (lane >= o) w += t;
+    for (int o = 1; o < 32; o <<= 1) {
+      const T t = __shfl_up_sync(0xffffffffu, wi, o);
+      if (lane >= o) wi += t;
+    }
+    total = __shfl_sync(0xffffffffu, wi, 31);
+    const T prev = __shfl_sync(0xffffffffu, wi, (warp + 31) & 31);
+    return (warp ? prev : T(0)) + incl - local;
   }
-  total = __shfl_sync(0xffffffffu, w, 31);
-  const T prev = __shfl_sync(0xffffffffu, w, (warp + 31) & 31);
-  return (warp ? prev : T(0)) + incl - local;
 }
 
 // Walks the bins from bin 0 (largest values) and stores the bin where the cumulative count/mass first reaches
