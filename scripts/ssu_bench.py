@@ -301,6 +301,9 @@ def main():
     ap.add_argument("--tag", default="ssu3")
     args = ap.parse_args()
     names = args.variants.split(",")
+    missing = [n for n in args.step_variants.split(",") if args.steps and not n.startswith("old") and n not in names]
+    if missing:  # the step table runs the kernels that --variants built
+        raise SystemExit(f"--step-variants {','.join(missing)} must be in --variants too")
     old_builds = [n.removeprefix("old+") for n in args.step_variants.split(",") if n.startswith("old+")]
     kernels = build_kernels(args.old_source, names, args.old_per_slice, old_builds)
     if args.profile:
