@@ -300,11 +300,11 @@ def main():
     ap.add_argument("--profile", help="model:batch:variant,... plain launches only (for ncu)")
     ap.add_argument("--tag", default="ssu3")
     args = ap.parse_args()
-    names = args.variants.split(",")
-    missing = [n for n in args.step_variants.split(",") if args.steps and not n.startswith("old") and n not in names]
+    names, step_names = args.variants.split(","), args.step_variants.split(",")
+    missing = [n for n in step_names if args.steps and not n.startswith("old") and n not in names]
     if missing:  # the step table runs the kernels that --variants built
         raise SystemExit(f"--step-variants {','.join(missing)} must be in --variants too")
-    old_builds = [n.removeprefix("old+") for n in args.step_variants.split(",") if n.startswith("old+")]
+    old_builds = [n.removeprefix("old+") for n in step_names if n.startswith("old+")]
     kernels = build_kernels(args.old_source, names, args.old_per_slice, old_builds)
     if args.profile:
         profile(kernels, args.profile)
@@ -334,7 +334,7 @@ def main():
     save()
     if args.steps:
         step_table(kernels, [(c.split(":")[0], int(c.split(":")[1])) for c in args.steps.split(",")], log, save,
-                   args.step_variants.split(","), args.step_repeats, args.op_times)
+                   step_names, args.step_repeats, args.op_times)
 
 
 if __name__ == "__main__":
