@@ -844,15 +844,13 @@ __device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
     total = __reduce_add_sync(0xffffffffu, w);
     return __reduce_add_sync(0xffffffffu, lane < warp ? w : T(0)) + incl - local;
   } else {
-    T wi = w;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const T t = __shfl_up_sync(0xffffffffu, wi, o);
-      if (lane >= o) wi += t;
-    }
-    total = __shfl_sync(0xffffffffu, wi, 31);
-    const T prev = __shfl_sync(0xffffffffu, wi, (warp + 31) & 31);
-    return (warp ? prev : T(0)) + incl - local;
+    // 64 bits (sums of 2^40 fixed-point weights, so a block's total is at most SAMPLE_VMAX * 2^40 = 2^54): the
+    // same in two halves, bits 0-26 and 27 up; 32 of either sum below 2^32, so redux.sync adds them exactly
+    static_assert(SAMPLE_VMAX <= (1 << 19), "a block's fixed-point total must stay below 2^59");
+    const unsigned wl = (unsigned)w & 0x7FFFFFFu, wh = (unsigned)(w >> 27);
+    const unsigned pl = lane < warp ? wl : 0u, ph = lane < warp ? wh : 0u;
+    total = ((T)__reduce_add_sync(0xffffffffu, wh) << 27) + __reduce_add_sync(0xffffffffu, wl);
+    return ((T)__reduce_add_sync(0xffffffffu, ph) << 27) + __reduce_add_sync(0xffffffffu, pl) + incl - local;
   }
 }
 
