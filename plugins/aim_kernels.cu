@@ -1413,6 +1413,7 @@ struct GemmParams {
 
 #define GEMM_BN 64
 #define GEMM_BK 64
+#define GEMM_RED_LD (GEMM_BN + 8)  // row pitch (floats) of the partial tile in shared memory
 #ifndef GEMM_STAGES
 #define GEMM_STAGES 4
 #endif
@@ -1442,6 +1443,7 @@ __device__ __forceinline__ int gemm_swz(int r, int c) { return r * GEMM_BK + ((c
 template <int MT, int RW>
 __device__ __forceinline__ void gemm_body(const GemmParams& p) {
   constexpr int BM = 16 * MT, MW = MT / RW, NJ = GEMM_BN / 8 / (8 / RW), A_TILE = BM * GEMM_BK, B_TILE = GEMM_BN * GEMM_BK;
+  static_assert(BM * GEMM_RED_LD * 4 <= GEMM_STAGES * (A_TILE + B_TILE) * 2, "the partial tile reuses that memory");
   extern __shared__ __align__(128) unsigned char gemm_smem[];
   elem_t* As = reinterpret_cast<elem_t*>(gemm_smem);          // GEMM_STAGES x [BM][GEMM_BK]
   elem_t* Bs = As + GEMM_STAGES * A_TILE;                      // GEMM_STAGES x [GEMM_BN][GEMM_BK]
@@ -1519,7 +1521,8 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
   cp_async_wait<0>();
   __syncthreads();  // the pipeline's shared memory is reused for the partial tile
 
-  // this CTA's partial tile, [BM][GEMM_BN] float32 in shared memory; rank order sums them through the cluster
+  // this CTA's partial tile, [BM][GEMM_BN] float32 in shared memory (rows GEMM_RED_LD apart: a warp's stores
+  // of 8 rows hit the banks twice, not 8 times); rank order sums them through the cluster
   float* red = reinterpret_cast<float*>(gemm_smem);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -1527,25 +1530,37 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
       const int r = (wm * MW + i) * 16 + g, col = wn * (8 * NJ) + j * 8 + 2 * t;
-      *reinterpret_cast<float2*>(red + r * GEMM_BN + col) = make_float2(acc[i][j][0], acc[i][j][1]);
-      *reinterpret_cast<float2*>(red + (r + 8) * GEMM_BN + col) = make_float2(acc[i][j][2], acc[i][j][3]);
+      *reinterpret_cast<float2*>(red + r * GEMM_RED_LD + col) = make_float2(acc[i][j][0], acc[i][j][1]);
+      *reinterpret_cast<float2*>(red + (r + 8) * GEMM_RED_LD + col) = make_float2(acc[i][j][2], acc[i][j][3]);
     }
   asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
   const unsigned red0 = smem_addr(red);
   const int rows = min(p.rows, BM);
   for (int e = ((int)rank * 256 + tid) * 4; e < rows * GEMM_BN; e += S * 256 * 4) {
-    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int q = 0; q < S; ++q) {  // rank order: the same sum whichever CTA adds it
+    const int r = e / GEMM_BN, c = e % GEMM_BN, col = n0 + c;
+    float4 v[8];  // every rank's four values requested before the first is added (one round trip, not S)
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      if (q >= S) break;
       unsigned remote;
-      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(red0 + e * 4), "r"(q));
-      float4 v;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+                   : "=r"(remote) : "r"(red0 + (r * GEMM_RED_LD + c) * 4), "r"(q));
       asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];"
-                   : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(remote) : "memory");
-      sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+                   : "=f"(v[q].x), "=f"(v[q].y), "=f"(v[q].z), "=f"(v[q].w) : "r"(remote) : "memory");
     }
-    const int r = e / GEMM_BN, col = n0 + e % GEMM_BN;
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {  // rank order: the same sum whichever CTA adds it
+      if (q >= S) break;
+      sum.x += v[q].x; sum.y += v[q].y; sum.z += v[q].z; sum.w += v[q].w;
+    }
     elem_t* dst = p.y + (long long)r * p.y_stride + col;
-    if (col + 3 < p.n) {
+    if (col + 3 < p.n && ((unsigned long long)dst & 7) == 0) {  // four results in one 8-byte store
+      uint2 u;
+      asm("mov.b32 %0, {%1, %2};" : "=r"(u.x) : "h"(st(sum.x)), "h"(st(sum.y)));
+      asm("mov.b32 %0, {%1, %2};" : "=r"(u.y) : "h"(st(sum.z)), "h"(st(sum.w)));
+      *reinterpret_cast<uint2*>(dst) = u;
+    } else if (col + 3 < p.n) {
       dst[0] = st(sum.x); dst[1] = st(sum.y); dst[2] = st(sum.z); dst[3] = st(sum.w);
     } else {
       if (col < p.n) dst[0] = st(sum.x);
