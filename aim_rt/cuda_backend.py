@@ -281,8 +281,7 @@ class CudaBackend:
 
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
         if self.use_gemv and self.kernels.gemm_supported(x.shape[0], x.shape[1]):
-            p = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.num_sms,
-                                                       self.kernels.gemm_balanced))
+            p = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.num_sms))
             return lambda: self.kernels.gemm(p, stream())
         if (self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS
                 and gemv_supported(dtype_name(self.dtype), x.shape[0], x.shape[1])):

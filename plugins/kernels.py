@@ -447,16 +447,11 @@ def gemm_smem_bytes(mt: int) -> int:
     return GEMM_STAGES * (16 * mt + GEMM_BN) * GEMM_BK * 2
 
 
-def gemm_splits(n: int, k: int, num_sms: int, balanced: bool = False) -> int:
-    """Cluster size (the k split) of an aim_gemm of n columns and depth k, a divisor of k's chunks (<= 8, a
-    portable cluster): the smallest that gives every SM a CTA, else the largest. `balanced`: the one whose
-    busiest SM has the least to do, counted in chunks: ceil(tiles * d / num_sms) CTAs (those beyond one per SM
-    share SMs), each chunks / d plus 2 for its fixed costs (pipeline fill, the partial tiles' sum); the
-    smaller on a tie."""
+def gemm_splits(n: int, k: int, num_sms: int) -> int:
+    """Cluster size (the k split) of an aim_gemm of n columns and depth k: the smallest divisor of k's chunks
+    (<= 8, a portable cluster) that gives every SM a CTA, else the largest."""
     tiles, chunks = -(-n // GEMM_BN), k // GEMM_BK
     divisors = [d for d in range(1, 9) if chunks % d == 0]
-    if balanced:
-        return min(divisors, key=lambda d: ((chunks // d + 2) * -(-tiles * d // num_sms), d))
     for d in divisors:
         if tiles * d >= num_sms:
             return d
@@ -538,8 +533,6 @@ class Kernels:
         # only this reads) move them
         self.gemm_rows = (int(builds[0].get("GEMM_MIN_ROWS", GEMM_ROWS[0])),
                           min(int(builds[0].get("GEMM_MAX_ROWS", GEMM_ROWS[1])), GEMM_MAX_ROWS))
-        # GEMM_BALANCE=1 (read only here): aim_gemm's k split by gemm_splits' balanced rule (to measure)
-        self.gemm_balanced = bool(int(builds[0].get("GEMM_BALANCE", 0)))
         self._gemm_smem_set: set[int] = set()
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns

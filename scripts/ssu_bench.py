@@ -37,7 +37,6 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "nom2": {"GEMM_M2": 0},  # aim_gemm without its 32-row instance (m4 from 1 to 64 rows, as before)
     "gemm_min32": {"GEMM_MIN_ROWS": 32},  # AiM-XL's aim_gemm rows before aim_gemm_m2
     "gemm_min33": {"GEMM_MIN_ROWS": 33},  # AiM-L's
-    "gemm_bal": {"GEMM_BALANCE": 1},  # aim_gemm's k split: gemm_splits(balanced=True)
     "new_min4": {"SSU_MIN_BLOCKS": 4},
     "new_cs": {"SSU_STORE_CS": 1},
     "new_t512": {"SSU_THREADS": 512, "SSU_MIN_BLOCKS": 2},

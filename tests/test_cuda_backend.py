@@ -180,14 +180,13 @@ def test_gemm_rows_follow_the_model_build():
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("balanced", [False, True])
 @pytest.mark.parametrize("shape", [(3352, 768), (768, 1536), (6448, 1536), (1536, 3072), (16384, 768), (200, 128),
                                    (203, 128)])
-def test_gemm_matches_reference(shape, dtype, balanced):
-    """aim_gemm (1-128 rows, Hopper), with either rule's k split: each k-split cluster's product matches float32
-    to the output's rounding; repeated runs give the same bits; a row's bits do not depend on the other rows or
-    their number (the m-tile count does not change the order of the sums). 203 columns: output rows that are
-    not 8-byte aligned (the scalar stores) and a partial last tile."""
+def test_gemm_matches_reference(shape, dtype):
+    """aim_gemm (1-128 rows, Hopper): each k-split cluster's product matches float32 to the output's rounding;
+    repeated runs give the same bits; a row's bits do not depend on the other rows or their number (the m-tile
+    count does not change the order of the sums). 203 columns: output rows that are not 8-byte aligned (the
+    scalar stores) and a partial last tile."""
     from aim_rt.plugins.kernels import Kernels, gemm_params, gemm_splits
 
     kernels = Kernels("bfloat16" if dtype == torch.bfloat16 else "float16")
@@ -198,7 +197,7 @@ def test_gemm_matches_reference(shape, dtype, balanced):
     w = (torch.randn(n, k, generator=g) * k ** -0.5).to("cuda", dtype)
     x_all = torch.randn(128, k, generator=g).to("cuda", dtype)
     stream = torch.cuda.current_stream().cuda_stream
-    splits, first = gemm_splits(n, k, kernels.num_sms, balanced), None
+    splits, first = gemm_splits(n, k, kernels.num_sms), None
     for rows in (128, 100, 65, 64, 33, 32, 17, 1):  # most rows first: the others' bits are compared with them
         x = x_all[:rows]
         y = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
