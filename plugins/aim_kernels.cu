@@ -813,7 +813,7 @@ __device__ __forceinline__ int coarse_bin(float x, const BinMap& m) {
 
 struct SelectOut { int bin; unsigned long long above; };
 struct SampleShared {
-  unsigned kmxw[32], kmnw[32], kbdw[32];
+  unsigned kmxw[32], kmnw[32];
   unsigned part32[32], klo[32], khi[32];
   unsigned long long part64[32];
   unsigned cand[NCAND];
@@ -1073,11 +1073,10 @@ __device__ __forceinline__ void finish(const unsigned (&key)[NPER], KeyOf key_of
   __syncthreads();
 }
 
-// Bins of this thread's entries (two per register) and the top-k histogram: only entries in bins <= blimit
-// (the k-th largest lies there) are counted.
+// Bins of this thread's entries (two per register) and the top-k histogram of all of them.
 template <bool FLOAT_BINS>
-__device__ __forceinline__ void bin_pass(const float (&x)[MAX_PER], int nvalid, const BinMap& map, int blimit,
-                                         unsigned* hist, unsigned (&pk)[MAX_PER / 2]) {
+__device__ __forceinline__ void bin_pass(const float (&x)[MAX_PER], int nvalid, const BinMap& map, unsigned* hist,
+                                         unsigned (&pk)[MAX_PER / 2]) {
 #pragma unroll
   for (int j = 0; j < MAX_PER; ++j) {
     unsigned bin = 0xFFFFu;
@@ -1088,7 +1087,7 @@ __device__ __forceinline__ void bin_pass(const float (&x)[MAX_PER], int nvalid, 
       } else {
         bin = (unsigned)coarse_bin(x[j], map);
       }
-      if ((int)bin <= blimit) atomicAdd(hist + bin, 1u);
+      atomicAdd(hist + bin, 1u);
     }
     pk[j / 2] = (j & 1) ? (pk[j / 2] | (bin << 16)) : bin;
   }
@@ -1164,15 +1163,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
     tmx = fmaxf(tmx, x[j]);
     mn = fminf(mn, x[j]);
   }
-  // the max, the min and the least of the threads' maxima (the top-k bound below) as order keys (tmx and mn are
-  // never NaN: fmaxf/fminf skip NaNs), one redux.sync each per level instead of chains of five shuffles
+  // the max and the min as order keys (tmx and mn are never NaN: fmaxf/fminf skip NaNs), one redux.sync each per
+  // level instead of chains of five shuffles
   unsigned kmx = __reduce_max_sync(0xffffffffu, order_key(tmx)), kmn = __reduce_min_sync(0xffffffffu, order_key(mn));
-  unsigned kbd = __reduce_min_sync(0xffffffffu, nvalid > 0 ? order_key(tmx) : 0xFFFFFFFFu);
-  if (lane == 0) { sh.kmxw[warp] = kmx; sh.kmnw[warp] = kmn; sh.kbdw[warp] = kbd; }
+  if (lane == 0) { sh.kmxw[warp] = kmx; sh.kmnw[warp] = kmn; }
   __syncthreads();
   kmx = __reduce_max_sync(0xffffffffu, lane < SAMPLE_WARPS ? sh.kmxw[lane] : 0u);
   kmn = __reduce_min_sync(0xffffffffu, lane < SAMPLE_WARPS ? sh.kmnw[lane] : 0xFFFFFFFFu);
-  kbd = __reduce_min_sync(0xffffffffu, lane < SAMPLE_WARPS ? sh.kbdw[lane] : 0xFFFFFFFFu);
   const float mx = key_value(kmx);
   mn = key_value(kmn);
   BinMap map;
@@ -1188,24 +1185,20 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   const int pos = k + p.position_offset;
   const float pos_e = p.next_input && tid < p.d ? ld(p.pos_emb[(long long)pos * p.d + tid]) : 0.0f;
 
-  // 2. top-k: the bin of the k-th largest key. Each thread's maximum is an entry, so when top_k is at most the
-  // number of threads with entries, the least of the maxima lies at or below the k-th largest and its bin
-  // bounds the k-th's (blimit): the histogram counts only the entries up to there (about a third of a row of
-  // normal logits). Looser than the bin where the maxima reach top_k, which took a histogram of its own, but
-  // 1 µs faster (bench/results/sampler_bound_h200_2026-12-03.txt). The entries of the bins up to the k-th's go
-  // to the list (vocabulary order), that bin's to sh.cand.
+  // 2. top-k: the bin of the k-th largest key, from a histogram of the whole row. A bound on that bin first, so
+  // that only the entries above it are counted, cost more than it saved (official settings, batch 16: 11.5 µs
+  // per launch without, 12.1 with the least of the threads' maxima as the bound, 13.1 with a select over a
+  // histogram of those maxima; bench/results/sampler_nobound_h200_2026-12-03.txt). The entries of the bins up
+  // to the k-th's go to the list (vocabulary order), that bin's to sh.cand.
   rs.direct = true;  // no list: every thread keeps its vocabulary slice (no top-k, or too many survivors)
   rs.bstar = 0;
   rs.nc = 0;
   rs.need = 0;
   int n = V;
   if (rs.topk) {
-    const int threads_with_entries = (V + per - 1) / per;
-    int blimit = NBINS - 1;
-    if (p.top_k <= threads_with_entries) blimit = coarse_bin(key_value(kbd), map);
     unsigned pk[MAX_PER / 2];  // bins, two per register
-    if (map.inv > 0.0f) bin_pass<true>(x, nvalid, map, blimit, hist_all, pk);
-    else bin_pass<false>(x, nvalid, map, blimit, hist_all, pk);
+    if (map.inv > 0.0f) bin_pass<true>(x, nvalid, map, hist_all, pk);
+    else bin_pass<false>(x, nvalid, map, hist_all, pk);
     __syncthreads();
     find_bin<unsigned>(hist_all, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
     const unsigned bstar = sh.sel.bin;
