@@ -111,8 +111,9 @@ def model_defines(d_model: int) -> dict:
       +2 % at 16, -0.9 % at 48, +1.2 % at 64); AiM-XL 32-64 (-5 % at batch 16, even at 12, +2 % at 10; -1 % at
       24; +2 to +3 % at 40-64). With aim_gemm_m2 for up to 32 rows (2026-12-03, gemm_m2_h200_2026-12-03.* and
       gemm_min17_h200_2026-12-03.*, against aim_gemv): AiM-XL from 17 rows (-5 / -3.5 / -6.7 % at batch 9 / 10 / 12,
-      and -4.0 % at 16 against m4), AiM-L from 24 (-1.0 / -3.8 % at batch 12 / 16; +4.8 % at 9); AiM-B stays on
-      aim_gemv below 33 rows (m2 +8 % at batch 12, +2 % at 16)."""
+      and -4.0 % at 16 against m4), AiM-L from 24 (-1.0 / -3.8 % at batch 12 / 16; +4.8 / +1.2 / +1.6 % at 9 / 10 /
+      11, gemm_l_boundary_h200_2026-12-03.*); AiM-B stays on aim_gemv below 33 rows (m2 +8 % at batch 12, +2 %
+      at 16)."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY)
