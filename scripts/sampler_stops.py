@@ -3,10 +3,11 @@ with an early return that writes the stage's result, so the compiler keeps its w
 sampler_bench times the kernel (a graph of 200 launches, bf16, vocabulary 16384, official settings, no advance).
 The differences between consecutive cuts are the stages' costs in the setting the decode step runs them.
 
-    git show e5bacd0:plugins/aim_kernels.cu > old.cu
-    PYTHONPATH=. python scripts/sampler_stops.py --source old.cu --out results/
+    PYTHONPATH=. python scripts/sampler_stops.py --source plugins/aim_kernels.cu --out results/
+    git show e5bacd0:plugins/aim_kernels.cu > old.cu; ... --source old.cu    (that kernel's cuts)
 
-The cuts are inserted at fixed anchors of that source (e5bacd0's kernel); a missing anchor stops the script.
+The cuts are inserted at fixed anchors of the source: e5bacd0's kernel, or the kernel since 289164d (no top-k
+bound stage); a missing anchor stops the script.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ STAGES = {0: "launch and wait", 1: "load, mix, max/min", 2: "top-k bound from th
           99: "next input (the whole kernel)"}
 
 
+def is_e5bacd0(src: str) -> bool:
+    """e5bacd0's kernel (its teacher token went through shared memory) rather than the one since 289164d."""
+    return "sh.teacher_tok = teacher_tok" in src
+
+
+def stages(src: str) -> dict:
+    return STAGES if is_e5bacd0(src) else {n: name for n, name in STAGES.items() if n != 2}
+
+
 def insert(s: str, anchor: str, add: str, before: bool = False) -> str:
     if s.count(anchor) != 1:
         raise SystemExit(f"anchor not found exactly once: {anchor!r}")
@@ -43,10 +53,16 @@ def cut_source(src: str, n: int) -> str:
         return (f"\nif (SAMPLE_STOP == {m}) {{ if (tid == 0) p.tokens[(long long)b * p.num_tokens] = "
                 f"(long long)({value}); return; }}\n")
 
-    s = insert(src, "  if (tid == 0) { sh.nc = 0; sh.token = V; }", stop(0, "k"), before=True)
-    s = insert(s, "  if (tid == 0) { sh.u = uniform(seed, k); sh.teacher_tok = teacher_tok; }  // read after later "
-                  "__syncthreads\n", stop(1, "__float_as_int(map.mx) ^ map.kmn"))
-    s = insert(s, "    unsigned pk[MAX_PER / 2];  // bins, two per register\n", stop(2, "blimit"), before=True)
+    if is_e5bacd0(src):
+        s = insert(src, "  if (tid == 0) { sh.nc = 0; sh.token = V; }", stop(0, "k"), before=True)
+        s = insert(s, "  if (tid == 0) { sh.u = uniform(seed, k); sh.teacher_tok = teacher_tok; }  // read after "
+                      "later __syncthreads\n", stop(1, "__float_as_int(map.mx) ^ map.kmn"))
+        s = insert(s, "    unsigned pk[MAX_PER / 2];  // bins, two per register\n", stop(2, "blimit"), before=True)
+    else:
+        s = insert(src, "  if (tid == 0) { sh.nc = 0; sh.token = V; sh.k = k_load; sh.seed = seed_load; }",
+                   stop(0, "k_load"), before=True)
+        s = insert(s, "  if (tid == 0) sh.u = uniform(sh.seed, k);  // read after later __syncthreads\n",
+                   stop(1, "__float_as_int(map.mx) ^ map.kmn"))
     s = insert(s, "    rs.need = (unsigned long long)p.top_k - sh.sel.above;\n", stop(3, "bstar + rs.need"))
     s = insert(s, "  // 3-5. resolve top-k, top-p, draw", stop(4, "n + (int)lkey[0]"), before=True)
     s = insert(s, "  if (rs.topk) kth = sh.key;\n", "  if (SAMPLE_STOP == 5) { if (tid == 0) sh.token = kth; return; }\n")
@@ -59,7 +75,7 @@ def cut_source(src: str, n: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--source", type=Path, required=True, help="e5bacd0's plugins/aim_kernels.cu")
+    ap.add_argument("--source", type=Path, required=True, help="an aim_kernels.cu (e5bacd0's, or 289164d's on)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smem", type=int, default=4096 * 8 + 4096 * 6, help="that kernel's dynamic shared memory")
     ap.add_argument("--rounds", type=int, default=2)
@@ -69,11 +85,11 @@ def main() -> None:
     torch.zeros(1, device="cuda")  # a context for the module loads
     advance = Kernels("bfloat16")
     cuts = {}
-    for n in STAGES:
+    for n in stages(src):
         path = a.out / f"sampler_stop{n}.cu"
         path.write_text(cut_source(src, n))
         cuts[n] = OldSampler("bfloat16", path, a.smem)
-    report = {"device": torch.cuda.get_device_name(), "stages": STAGES, "us": {}}
+    report = {"device": torch.cuda.get_device_name(), "stages": stages(src), "us": {}}
     lines = [report["device"]]
     for batch in (1, 16):
         for kind in ("normal", "gumbel"):
