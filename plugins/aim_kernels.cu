@@ -816,7 +816,7 @@ struct SampleShared {
   unsigned kmxw[32], kmnw[32];
   unsigned part32[32], klo[32], khi[32];
   unsigned long long part64[32];
-  unsigned cand[NCAND];
+  __align__(16) unsigned cand[NCAND];
   SelectOut sel;
   int nc, token, k;
   unsigned long long seed;
@@ -824,10 +824,41 @@ struct SampleShared {
   float u;
 };
 
+// Measured variants (scratch toggles, removed before landing)
+#ifndef SAMPLE_ALLWARPS
+#define SAMPLE_ALLWARPS 0  // every warp resolves the k-th key itself (no barrier); hist64 zeroed after the top-k select
+#endif
+#ifndef SAMPLE_BYBIN
+#define SAMPLE_BYBIN 1     // the draw's scan counts the top-p boundary bin's entries: one, and it is the cut
+#endif
+#ifndef SAMPLE_PREWAIT
+#define SAMPLE_PREWAIT 1   // shared-memory zeroing and the seed's load before griddepcontrol.wait
+#endif
+#ifndef SAMPLE_LDSRESOLVE
+#define SAMPLE_LDSRESOLVE 1  // the unweighted warp resolve reads the candidates from shared memory (no shuffles)
+#endif
+#ifndef SAMPLE_ATOM32
+#define SAMPLE_ATOM32 1    // 64-bit histogram adds as two 32-bit shared atomics (carry from the low word's old value)
+#endif
+
+// hist[i] += w, exactly, for any number of concurrent adds: 64-bit shared atomics are compare-and-swap loops
+// (ATOMS.CAST.SPIN.64); two native 32-bit adds, the carry of the low word found from its old value
+__device__ __forceinline__ void add64(unsigned long long* hist, int i, unsigned long long w) {
+#if SAMPLE_ATOM32
+  unsigned* h = reinterpret_cast<unsigned*>(hist + i);  // little-endian: low word first
+  const unsigned lo = (unsigned)w, old = atomicAdd(h, lo);
+  const unsigned hi = (unsigned)(w >> 32) + (old + lo < old ? 1u : 0u);
+  if (hi) atomicAdd(h + 1, hi);
+#else
+  atomicAdd(hist + i, w);
+#endif
+}
+
 // Exclusive prefix sum over the block in thread order; `total` gets the sum. One __syncthreads: the caller
 // syncs before `part` is written again.
-template <typename T>
-__device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
+// COUNT: `count` (per thread) is replaced by its sum over the block too, through `cpart` (32 entries).
+template <typename T, bool COUNT = false>
+__device__ __forceinline__ T block_excl_scan(T local, T* part, T& total, unsigned& count, unsigned* cpart) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   T incl = local;
 #pragma unroll
@@ -836,7 +867,12 @@ __device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
     if (lane >= o) incl += t;
   }
   if (lane == 31) part[warp] = incl;
+  if constexpr (COUNT) {
+    const unsigned c = __reduce_add_sync(0xffffffffu, count);
+    if (lane == 0) cpart[warp] = c;
+  }
   __syncthreads();
+  if constexpr (COUNT) count = __reduce_add_sync(0xffffffffu, lane < SAMPLE_WARPS ? cpart[lane] : 0u);
   const T w = lane < SAMPLE_WARPS ? part[lane] : T(0);
   // 32 bits: the warps' partials summed in one instruction each (redux.sync, sm_80+) instead of a chain of five
   // dependent shuffles: 0.9 µs less per sampler launch (bench/results/sampler_redux_h200_2026-12-03.txt)
@@ -852,6 +888,12 @@ __device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
     total = ((T)__reduce_add_sync(0xffffffffu, wh) << 27) + __reduce_add_sync(0xffffffffu, wl);
     return ((T)__reduce_add_sync(0xffffffffu, ph) << 27) + __reduce_add_sync(0xffffffffu, pl) + incl - local;
   }
+}
+
+template <typename T>
+__device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
+  unsigned none = 0;
+  return block_excl_scan<T, false>(local, part, total, none, nullptr);
 }
 
 // Walks the bins from bin 0 (largest values) and stores the bin where the cumulative count/mass first reaches
@@ -891,6 +933,25 @@ __device__ __forceinline__ unsigned resolve_warp(const unsigned* cand, int n, un
   const int lane = threadIdx.x & 31;
   const bool in = lane < n;
   const unsigned key = in ? cand[lane] : 0u;
+#if SAMPLE_LDSRESOLVE
+  if constexpr (!WEIGHTED) {  // counts: every lane reads all n keys from shared memory, four per load
+    unsigned gt = 0, ge = 0;
+#pragma unroll
+    for (int m = 0; m < NCAND; m += 4) {
+      if (m >= n) break;
+      const uint4 q = *reinterpret_cast<const uint4*>(cand + m);
+      const unsigned km[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const bool v = m + i < n;
+        gt += v && km[i] > key ? 1u : 0u;
+        ge += v && km[i] >= key ? 1u : 0u;
+      }
+    }
+    const unsigned hit = __ballot_sync(0xffffffffu, in && gt < need && need <= ge);
+    return __shfl_sync(0xffffffffu, key, (__ffs(hit) - 1) & 31);
+  }
+#endif
   const unsigned long long w = in ? (WEIGHTED ? fixed_weight(key, mx) : 1ull) : 0ull;
   unsigned long long gt = 0, ge = 0;
 #pragma unroll 4
@@ -942,7 +1003,7 @@ __device__ unsigned refine(KeyOf key_of, int cnt, int bsel, const BinMap& map, u
       const unsigned key = key_of(j);
       if (key < lo || key > hi || key < floor_key) continue;
       const unsigned long long w = WEIGHTED ? fixed_weight(key, map.mx) : 1ull;
-      if (w) atomicAdd(hist + ((hi - key) >> s), w);
+      if (w) add64(hist, (int)((hi - key) >> s), w);
     }
     __syncthreads();
     find_bin<unsigned long long>(hist, [need](unsigned long long) { return need; }, sh.part64, &sh.sel);
@@ -962,11 +1023,12 @@ struct RowSelect {  // what the top-k stage hands on
 };
 
 // Stages 3-5 over each thread's `cnt` entries key[] (its chunk of the survivor list, or its vocabulary slice):
-// top-k cut resolved, top-p, the draw. Returns the drawn list position (in the thread that owns it) via sh.token.
+// top-k cut resolved, top-p, the draw. Returns the token this thread drew (-1 in every other thread; in all of
+// them when nothing is kept). hist64 must be zero on entry when rs.topp.
 template <int NPER, typename KeyOf>
-__device__ __forceinline__ void finish(const unsigned (&key)[NPER], KeyOf key_of, int cnt, int first,
-                                       const unsigned short* lidx, const RowSelect& rs, const BinMap& map,
-                                       float top_p, unsigned long long* hist64, SampleShared& sh) {
+__device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of, int cnt, int first,
+                                      const unsigned short* lidx, const RowSelect& rs, const BinMap& map,
+                                      float top_p, unsigned long long* hist64, SampleShared& sh) {
   constexpr bool CACHE = NPER <= LPER;  // few entries: keep their weights in registers
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float mx = map.mx;
@@ -975,21 +1037,25 @@ __device__ __forceinline__ void finish(const unsigned (&key)[NPER], KeyOf key_of
   unsigned kth = 0;
   if (rs.topk) {
     if (rs.nc <= NCAND) {
+#if SAMPLE_ALLWARPS
+      kth = resolve_warp<false>(sh.cand, rs.nc, rs.need, mx);
+#else
       if (warp == 0) {
         kth = resolve_warp<false>(sh.cand, rs.nc, rs.need, mx);
         if (lane == 0) sh.key = kth;
       }
+      __syncthreads();
+      kth = sh.key;
+#endif
     } else {
       kth = refine<false>(key_of, cnt, rs.bstar, map, 0u, rs.need, hist64, sh);
-      if (tid == 0) sh.key = kth;
+      if (rs.topp) {  // refine used the histogram
+#pragma unroll
+        for (int q = 0; q < BINS_PER; ++q) hist64[tid * BINS_PER + q] = 0ull;
+        __syncthreads();
+      }
     }
   }
-  if (rs.topp) {
-#pragma unroll
-    for (int q = 0; q < BINS_PER; ++q) hist64[tid * BINS_PER + q] = 0ull;
-  }
-  __syncthreads();
-  if (rs.topk) kth = sh.key;
 
   unsigned long long w[CACHE ? NPER : 1];
   auto weight = [&](int j) -> unsigned long long {  // the probability of entry j if it survived top-k, else 0
@@ -1000,17 +1066,21 @@ __device__ __forceinline__ void finish(const unsigned (&key)[NPER], KeyOf key_of
 #pragma unroll
     for (int j = 0; j < NPER; ++j) w[j] = j < cnt && key[j] >= kth ? fixed_weight(key[j], mx) : 0ull;
   }
+  auto bin_of = [&](int j) { return coarse_bin(key_value(key[j]), map); };
 
   // top-p over the survivors: the same select, weighted by the fixed-point probabilities. In descending order
   // the cut is the key where the mass first reaches z - limit (= the smallest key whose ascending cumulative
   // mass exceeds limit).
   unsigned cut = kth;
+  bool by_bin = false;  // kept: the entries of positive weight in bins <= bp (valid if bin bp holds one of them)
+  int bp = 0;
+  unsigned long long need = 0;
   if (rs.topp) {
 #pragma unroll
     for (int j = 0; j < NPER; ++j) {
       if (j >= cnt) continue;
       const unsigned long long wj = weight(j);
-      if (wj) atomicAdd(hist64 + coarse_bin(key_value(key[j]), map), wj);
+      if (wj) add64(hist64, bin_of(j), wj);
     }
     __syncthreads();
     const unsigned long long z = find_bin<unsigned long long>(hist64, [top_p](unsigned long long total) {
@@ -1021,70 +1091,98 @@ __device__ __forceinline__ void finish(const unsigned (&key)[NPER], KeyOf key_of
     if (limit >= z) {
       cut = 0xFFFFFFFFu;  // nothing exceeds the limit: nothing is kept (as an exact ascending walk finds)
     } else {
-      const int bp = sh.sel.bin;
-      const unsigned long long need = z - limit - sh.sel.above;
-#pragma unroll
-      for (int j = 0; j < NPER; ++j) {  // the boundary bin's entries into sh.cand (any order)
-        const bool c = j < cnt && weight(j) != 0ull && coarse_bin(key_value(key[j]), map) == bp;
-        const unsigned hits = __ballot_sync(0xffffffffu, c);
-        if (!hits) continue;
-        const int leader = __ffs(hits) - 1;
-        int slot = 0;
-        if (lane == leader) slot = atomicAdd(&sh.nc, __popc(hits));
-        slot = __shfl_sync(0xffffffffu, slot, leader) + __popc(hits & ((1u << lane) - 1u));
-        if (c && slot < NCAND) sh.cand[slot] = key[j];
-      }
-      __syncthreads();
-      const int nc = sh.nc;
-      if (nc == 1) {
-        // the bin's only entry of positive weight is the cut whatever `need` (1 <= need <= its weight): no warp's
-        // resolve and no barrier for it (-0.34 µs, bench/results/sampler_onecand_h200_2026-12-03.txt)
-        cut = sh.cand[0];
-      } else if (nc <= NCAND) {
-        if (warp == 0) {
-          const unsigned c = resolve_warp<true>(sh.cand, nc, need, mx);
-          if (lane == 0) sh.key = c;
-        }
-        __syncthreads();
-        cut = sh.key;
-      } else {
-        cut = refine<true>(key_of, cnt, bp, map, kth, need, hist64, sh);
-      }
+      bp = sh.sel.bin;
+      need = z - limit - sh.sel.above;
+      by_bin = true;
     }
   }
-
-  // inverse CDF in vocabulary order: the first kept token whose cumulative mass exceeds u * total
-  unsigned long long local = 0;
+  // The draw: inverse CDF in vocabulary order, the first kept token whose cumulative mass exceeds u * total.
+  // The usual top-p boundary bin holds one entry of positive weight: that entry is the cut whatever `need`
+  // (1 <= need <= its weight), so the entries kept are those of positive weight in bins <= bp, and the draw's
+  // scan (which counts the bin's entries) goes ahead without finding the cut. Otherwise the cut is resolved
+  // and the scan repeated.
+  unsigned long long local = 0, total = 0, before = 0;
+  unsigned nb = 2;
+  if (SAMPLE_BYBIN || !by_bin) {
+    nb = 0;
 #pragma unroll
-  for (int j = 0; j < NPER; ++j)
-    if (j < cnt && key[j] >= cut) local += weight(j);
-  unsigned long long total;
-  const unsigned long long before = block_excl_scan<unsigned long long>(local, sh.part64, total);
+    for (int j = 0; j < NPER; ++j) {
+      if (j >= cnt) continue;
+      const unsigned long long wj = weight(j);
+      if (by_bin) {
+        if (wj) {
+          const int bj = bin_of(j);
+          local += bj <= bp ? wj : 0ull;
+          nb += bj == bp ? 1u : 0u;
+        }
+      } else if (key[j] >= cut) {
+        local += wj;
+      }
+    }
+    before = block_excl_scan<unsigned long long, true>(local, sh.part64, total, nb, sh.part32);
+  }
+  if (by_bin && nb != 1) {
+    by_bin = false;
+#pragma unroll
+    for (int j = 0; j < NPER; ++j) {  // the boundary bin's entries into sh.cand (any order)
+      const bool c = j < cnt && weight(j) != 0ull && bin_of(j) == bp;
+      const unsigned hits = __ballot_sync(0xffffffffu, c);
+      if (!hits) continue;
+      const int leader = __ffs(hits) - 1;
+      int slot = 0;
+      if (lane == leader) slot = atomicAdd(&sh.nc, __popc(hits));
+      slot = __shfl_sync(0xffffffffu, slot, leader) + __popc(hits & ((1u << lane) - 1u));
+      if (c && slot < NCAND) sh.cand[slot] = key[j];
+    }
+    __syncthreads();
+    const int nc = sh.nc;
+    if (nc == 1) {
+      cut = sh.cand[0];
+    } else if (nc <= NCAND) {
+      if (warp == 0) {
+        const unsigned c = resolve_warp<true>(sh.cand, nc, need, mx);
+        if (lane == 0) sh.key = c;
+      }
+      __syncthreads();
+      cut = sh.key;
+    } else {
+      cut = refine<true>(key_of, cnt, bp, map, kth, need, hist64, sh);
+    }
+    local = 0;
+#pragma unroll
+    for (int j = 0; j < NPER; ++j)
+      if (j < cnt && key[j] >= cut) local += weight(j);
+    before = block_excl_scan<unsigned long long>(local, sh.part64, total);
+  }
   const unsigned long long target = (unsigned long long)((double)total * (double)sh.u);
+  int mine = -1;
   if (before <= target && target < before + local) {
     unsigned long long run = before;
 #pragma unroll
     for (int j = 0; j < NPER; ++j) {
-      if (j >= cnt || key[j] < cut) continue;
+      if (j >= cnt) continue;
       const unsigned long long wj = weight(j);
+      if (!wj || (by_bin ? bin_of(j) > bp : key[j] < cut)) continue;
       run += wj;
-      if (wj && run > target) {
-        sh.token = lidx ? lidx[first + j] : first + j;
+      if (run > target) {
+        mine = lidx ? lidx[first + j] : first + j;
         break;
       }
     }
   }
-  __syncthreads();
+  return mine;
 }
 
-// Bins of this thread's entries (two per register) and the top-k histogram of all of them.
-template <bool FLOAT_BINS>
+// Bins of this thread's entries (two per register) and the top-k histogram of all of them. FULL: all MAX_PER
+// entries are valid (the vocabulary fills the block: AiM's 16384), so no entry is checked (a check per entry
+// made each a branch, ~5 instructions of ~13).
+template <bool FLOAT_BINS, bool FULL>
 __device__ __forceinline__ void bin_pass(const float (&x)[MAX_PER], int nvalid, const BinMap& map, unsigned* hist,
                                          unsigned (&pk)[MAX_PER / 2]) {
 #pragma unroll
   for (int j = 0; j < MAX_PER; ++j) {
     unsigned bin = 0xFFFFu;
-    if (j < nvalid) {
+    if (FULL || j < nvalid) {
       if (FLOAT_BINS) {
         const float r = fmaf(fmaxf(map.mx - x[j], 0.0f), map.inv, 1.52587890625e-05f);  // as coarse_bin
         bin = (unsigned)min((int)(__float_as_uint(r) >> 15) - ((127 - 16) << 8), NBINS - 1);
@@ -1101,15 +1199,20 @@ template <bool UNIT_TEMPERATURE>
 __device__ __forceinline__ void load_mixed(const elem_t* cond, const elem_t* uncond, int nvalid, float cfg_scale,
                                            float temperature, float (&x)[MAX_PER]) {
   if (nvalid == MAX_PER && (((unsigned long long)cond | (unsigned long long)uncond) & 15) == 0) {
-    Vec8 cv[MAX_PER / VEC], uv[MAX_PER / VEC];
+    unsigned cu[MAX_PER / VEC][WORDS8], uu[MAX_PER / VEC][WORDS8];
 #pragma unroll
     for (int q = 0; q < MAX_PER / VEC; ++q) {
-      cv[q] = reinterpret_cast<const Vec8*>(cond)[q];
-      uv[q] = reinterpret_cast<const Vec8*>(uncond)[q];
+      load8(cond + q * VEC, cu[q]);
+      load8(uncond + q * VEC, uu[q]);
     }
 #pragma unroll
-    for (int j = 0; j < MAX_PER; ++j)
-      x[j] = cfg_mix<UNIT_TEMPERATURE>(ld(cv[j / VEC].v[j % VEC]), ld(uv[j / VEC].v[j % VEC]), cfg_scale, temperature);
+    for (int q = 0; q < MAX_PER / VEC; ++q) {
+      float c[VEC], u[VEC];
+      unpack8(cu[q], c);  // bf16: one instruction per element (a shift or a mask)
+      unpack8(uu[q], u);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) x[q * VEC + i] = cfg_mix<UNIT_TEMPERATURE>(c[i], u[i], cfg_scale, temperature);
+    }
   } else {
 #pragma unroll
     for (int j = 0; j < MAX_PER; ++j)
@@ -1125,7 +1228,9 @@ __device__ __forceinline__ void load_mixed(const elem_t* cond, const elem_t* unc
 #if AIM_PARTS & 2
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(SampleParams p) {
   PDL_START(2 * p.batch, PDL_EARLY_SAMPLE);
+#if !SAMPLE_PREWAIT
   PDL_WAIT(2 * p.batch, PDL_EARLY_SAMPLE);
+#endif
   extern __shared__ __align__(16) unsigned long long sample_smem[];
   unsigned long long* hist64 = sample_smem;                      // top-p (and refine) histogram
   unsigned* hist_all = reinterpret_cast<unsigned*>(sample_smem);  // top-k histogram; same memory
@@ -1148,24 +1253,47 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   // bench/results/sampler_hybrid_h200_2026-12-03.txt).
   int k_load = 0;
   unsigned long long seed_load = 0;
+#if SAMPLE_PREWAIT
+  if (tid == 0) seed_load = (unsigned long long)p.seeds[b];
+#else
   if (tid == 0) { k_load = *p.step; seed_load = (unsigned long long)p.seeds[b]; }
+#endif
   if (rs.topk) {
 #pragma unroll
     for (int q = 0; q < BINS_PER; ++q) hist_all[tid * BINS_PER + q] = 0u;
+  } else if (rs.topp) {
+#pragma unroll
+    for (int q = 0; q < BINS_PER; ++q) hist64[tid * BINS_PER + q] = 0ull;
   }
+#if SAMPLE_PREWAIT
+  PDL_WAIT(2 * p.batch, PDL_EARLY_SAMPLE);
+  if (tid == 0) k_load = *p.step;
+#endif
 
   // 1. mixed logits in registers; the row's max (the weights' reference) and min (for the bins)
   float x[MAX_PER];
   if (p.temperature == 1.0f) load_mixed<true>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
   else load_mixed<false>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
   if (tid == 0) { sh.nc = 0; sh.token = V; sh.k = k_load; sh.seed = seed_load; }
-  float tmx = -3.402823466e38f, mn = 3.402823466e38f;
+  if (p.mixed_out) {
 #pragma unroll
-  for (int j = 0; j < MAX_PER; ++j) {
-    if (j >= nvalid) continue;
-    if (p.mixed_out) p.mixed_out[(long long)b * V + lo + j] = x[j];
-    tmx = fmaxf(tmx, x[j]);
-    mn = fminf(mn, x[j]);
+    for (int j = 0; j < MAX_PER; ++j)
+      if (j < nvalid) p.mixed_out[(long long)b * V + lo + j] = x[j];
+  }
+  float tmx = -3.402823466e38f, mn = 3.402823466e38f;
+  if (nvalid == MAX_PER) {  // no check per entry (as bin_pass<FULL>)
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) {
+      tmx = fmaxf(tmx, x[j]);
+      mn = fminf(mn, x[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < MAX_PER; ++j) {
+      if (j >= nvalid) continue;
+      tmx = fmaxf(tmx, x[j]);
+      mn = fminf(mn, x[j]);
+    }
   }
   // the max and the min as order keys (tmx and mn are never NaN: fmaxf/fminf skip NaNs), one redux.sync each per
   // level instead of chains of five shuffles
@@ -1201,10 +1329,15 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   int n = V;
   if (rs.topk) {
     unsigned pk[MAX_PER / 2];  // bins, two per register
-    if (map.inv > 0.0f) bin_pass<true>(x, nvalid, map, hist_all, pk);
-    else bin_pass<false>(x, nvalid, map, hist_all, pk);
+    if (map.inv > 0.0f && nvalid == MAX_PER) bin_pass<true, true>(x, nvalid, map, hist_all, pk);
+    else if (map.inv > 0.0f) bin_pass<true, false>(x, nvalid, map, hist_all, pk);
+    else bin_pass<false, false>(x, nvalid, map, hist_all, pk);
     __syncthreads();
     find_bin<unsigned>(hist_all, [&](unsigned) { return (unsigned)p.top_k; }, sh.part32, &sh.sel);
+    if (rs.topp) {  // the top-p histogram (the same memory) is zeroed under the list's barriers
+#pragma unroll
+      for (int q = 0; q < BINS_PER; ++q) hist64[tid * BINS_PER + q] = 0ull;
+    }
     const unsigned bstar = sh.sel.bin;
     rs.bstar = (int)bstar;
     rs.need = (unsigned long long)p.top_k - sh.sel.above;
@@ -1236,13 +1369,15 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   }
 
   // 3-5. resolve top-k, top-p, draw: over a chunk of the list, or over the thread's own slice
+  int mine;
   if (!rs.direct) {
     const int chunk = (n + SAMPLE_THREADS - 1) / SAMPLE_THREADS;  // <= LPER
     const int first = tid * chunk, cnt = max(0, min(chunk, n - first));
     unsigned key[LPER];
 #pragma unroll
     for (int j = 0; j < LPER; ++j) key[j] = j < cnt ? lkey[first + j] : 0u;
-    finish<LPER>(key, [&](int j) { return lkey[first + j]; }, cnt, first, lidx, rs, map, p.top_p, hist64, sh);
+    mine = finish<LPER>(key, [&](int j) { return lkey[first + j]; }, cnt, first, lidx, rs, map, p.top_p, hist64,
+                        sh);
   } else {
     unsigned key[MAX_PER];
 #pragma unroll
@@ -1252,10 +1387,12 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
       return order_key(p.temperature == 1.0f ? cfg_mix<true>(c, v, p.cfg_scale, p.temperature)
                                              : cfg_mix<false>(c, v, p.cfg_scale, p.temperature));
     };
-    finish<MAX_PER>(key, key_of, nvalid, lo, nullptr, rs, map, p.top_p, hist64, sh);
+    mine = finish<MAX_PER>(key, key_of, nvalid, lo, nullptr, rs, map, p.top_p, hist64, sh);
   }
 
   // `tokens` records the draw; with teacher forcing (parity runs) the teacher's token is fed on instead
+  if (mine >= 0) sh.token = mine;
+  __syncthreads();
   const int drawn = sh.token;
   const int tok = !p.teacher ? drawn : k < p.num_tokens ? (int)p.teacher[(long long)b * p.num_tokens + k] : 0;
   if (tid == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = drawn;
