@@ -816,42 +816,22 @@ struct SampleShared {
   unsigned kmxw[32], kmnw[32];
   unsigned part32[32], klo[32], khi[32];
   unsigned long long part64[32];
-  __align__(16) unsigned cand[NCAND];
+  unsigned cand[NCAND];
   SelectOut sel;
   int nc, token, k;
+  unsigned nk;  // top-k boundary-bin candidates gathered
   unsigned long long seed;
   unsigned key;
   float u;
 };
 
-// Measured variants (scratch toggles, removed before landing)
-#ifndef SAMPLE_ALLWARPS
-#define SAMPLE_ALLWARPS 0  // every warp resolves the k-th key itself (no barrier); hist64 zeroed after the top-k select
-#endif
-#ifndef SAMPLE_BYBIN
-#define SAMPLE_BYBIN 1     // the draw's scan counts the top-p boundary bin's entries: one, and it is the cut
-#endif
-#ifndef SAMPLE_PREWAIT
-#define SAMPLE_PREWAIT 1   // shared-memory zeroing and the seed's load before griddepcontrol.wait
-#endif
-#ifndef SAMPLE_LDSRESOLVE
-#define SAMPLE_LDSRESOLVE 1  // the unweighted warp resolve reads the candidates from shared memory (no shuffles)
-#endif
-#ifndef SAMPLE_ATOM32
-#define SAMPLE_ATOM32 1    // 64-bit histogram adds as two 32-bit shared atomics (carry from the low word's old value)
-#endif
-
 // hist[i] += w, exactly, for any number of concurrent adds: 64-bit shared atomics are compare-and-swap loops
 // (ATOMS.CAST.SPIN.64); two native 32-bit adds, the carry of the low word found from its old value
 __device__ __forceinline__ void add64(unsigned long long* hist, int i, unsigned long long w) {
-#if SAMPLE_ATOM32
   unsigned* h = reinterpret_cast<unsigned*>(hist + i);  // little-endian: low word first
   const unsigned lo = (unsigned)w, old = atomicAdd(h, lo);
   const unsigned hi = (unsigned)(w >> 32) + (old + lo < old ? 1u : 0u);
   if (hi) atomicAdd(h + 1, hi);
-#else
-  atomicAdd(hist + i, w);
-#endif
 }
 
 // Exclusive prefix sum over the block in thread order; `total` gets the sum. One __syncthreads: the caller
@@ -933,25 +913,6 @@ __device__ __forceinline__ unsigned resolve_warp(const unsigned* cand, int n, un
   const int lane = threadIdx.x & 31;
   const bool in = lane < n;
   const unsigned key = in ? cand[lane] : 0u;
-#if SAMPLE_LDSRESOLVE
-  if constexpr (!WEIGHTED) {  // counts: every lane reads all n keys from shared memory, four per load
-    unsigned gt = 0, ge = 0;
-#pragma unroll
-    for (int m = 0; m < NCAND; m += 4) {
-      if (m >= n) break;
-      const uint4 q = *reinterpret_cast<const uint4*>(cand + m);
-      const unsigned km[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const bool v = m + i < n;
-        gt += v && km[i] > key ? 1u : 0u;
-        ge += v && km[i] >= key ? 1u : 0u;
-      }
-    }
-    const unsigned hit = __ballot_sync(0xffffffffu, in && gt < need && need <= ge);
-    return __shfl_sync(0xffffffffu, key, (__ffs(hit) - 1) & 31);
-  }
-#endif
   const unsigned long long w = in ? (WEIGHTED ? fixed_weight(key, mx) : 1ull) : 0ull;
   unsigned long long gt = 0, ge = 0;
 #pragma unroll 4
@@ -1037,16 +998,12 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
   unsigned kth = 0;
   if (rs.topk) {
     if (rs.nc <= NCAND) {
-#if SAMPLE_ALLWARPS
-      kth = resolve_warp<false>(sh.cand, rs.nc, rs.need, mx);
-#else
       if (warp == 0) {
         kth = resolve_warp<false>(sh.cand, rs.nc, rs.need, mx);
         if (lane == 0) sh.key = kth;
       }
       __syncthreads();
       kth = sh.key;
-#endif
     } else {
       kth = refine<false>(key_of, cnt, rs.bstar, map, 0u, rs.need, hist64, sh);
       if (rs.topp) {  // refine used the histogram
@@ -1101,26 +1058,23 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
   // (1 <= need <= its weight), so the entries kept are those of positive weight in bins <= bp, and the draw's
   // scan (which counts the bin's entries) goes ahead without finding the cut. Otherwise the cut is resolved
   // and the scan repeated.
-  unsigned long long local = 0, total = 0, before = 0;
-  unsigned nb = 2;
-  if (SAMPLE_BYBIN || !by_bin) {
-    nb = 0;
+  unsigned long long local = 0, total;
+  unsigned nb = 0;  // entries of positive weight in bin bp
 #pragma unroll
-    for (int j = 0; j < NPER; ++j) {
-      if (j >= cnt) continue;
-      const unsigned long long wj = weight(j);
-      if (by_bin) {
-        if (wj) {
-          const int bj = bin_of(j);
-          local += bj <= bp ? wj : 0ull;
-          nb += bj == bp ? 1u : 0u;
-        }
-      } else if (key[j] >= cut) {
-        local += wj;
+  for (int j = 0; j < NPER; ++j) {
+    if (j >= cnt) continue;
+    const unsigned long long wj = weight(j);
+    if (by_bin) {
+      if (wj) {
+        const int bj = bin_of(j);
+        local += bj <= bp ? wj : 0ull;
+        nb += bj == bp ? 1u : 0u;
       }
+    } else if (key[j] >= cut) {
+      local += wj;
     }
-    before = block_excl_scan<unsigned long long, true>(local, sh.part64, total, nb, sh.part32);
   }
+  unsigned long long before = block_excl_scan<unsigned long long, true>(local, sh.part64, total, nb, sh.part32);
   if (by_bin && nb != 1) {
     by_bin = false;
 #pragma unroll
@@ -1228,9 +1182,6 @@ __device__ __forceinline__ void load_mixed(const elem_t* cond, const elem_t* unc
 #if AIM_PARTS & 2
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(SampleParams p) {
   PDL_START(2 * p.batch, PDL_EARLY_SAMPLE);
-#if !SAMPLE_PREWAIT
-  PDL_WAIT(2 * p.batch, PDL_EARLY_SAMPLE);
-#endif
   extern __shared__ __align__(16) unsigned long long sample_smem[];
   unsigned long long* hist64 = sample_smem;                      // top-p (and refine) histogram
   unsigned* hist_all = reinterpret_cast<unsigned*>(sample_smem);  // top-k histogram; same memory
@@ -1253,11 +1204,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   // bench/results/sampler_hybrid_h200_2026-12-03.txt).
   int k_load = 0;
   unsigned long long seed_load = 0;
-#if SAMPLE_PREWAIT
-  if (tid == 0) seed_load = (unsigned long long)p.seeds[b];
-#else
-  if (tid == 0) { k_load = *p.step; seed_load = (unsigned long long)p.seeds[b]; }
-#endif
+  if (tid == 0) seed_load = (unsigned long long)p.seeds[b];  // an input of the step: read before the wait
   if (rs.topk) {
 #pragma unroll
     for (int q = 0; q < BINS_PER; ++q) hist_all[tid * BINS_PER + q] = 0u;
@@ -1265,16 +1212,16 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
 #pragma unroll
     for (int q = 0; q < BINS_PER; ++q) hist64[tid * BINS_PER + q] = 0ull;
   }
-#if SAMPLE_PREWAIT
+  // shared memory zeroed and the seed requested while the previous kernel finishes; the step index k is the
+  // previous step's last write
   PDL_WAIT(2 * p.batch, PDL_EARLY_SAMPLE);
   if (tid == 0) k_load = *p.step;
-#endif
 
   // 1. mixed logits in registers; the row's max (the weights' reference) and min (for the bins)
   float x[MAX_PER];
   if (p.temperature == 1.0f) load_mixed<true>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
   else load_mixed<false>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
-  if (tid == 0) { sh.nc = 0; sh.token = V; sh.k = k_load; sh.seed = seed_load; }
+  if (tid == 0) { sh.nc = 0; sh.nk = 0; sh.token = V; sh.k = k_load; sh.seed = seed_load; }
   if (p.mixed_out) {
 #pragma unroll
     for (int j = 0; j < MAX_PER; ++j)
@@ -1341,29 +1288,39 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
     const unsigned bstar = sh.sel.bin;
     rs.bstar = (int)bstar;
     rs.need = (unsigned long long)p.top_k - sh.sel.above;
-    unsigned cnt = 0;  // list entries | boundary-bin entries << 16 (each <= SAMPLE_VMAX)
+    // list entries: bins <= bstar, two per word. In (bin | 0x8000) - (bstar + 1) per 16-bit half (no borrow
+    // crosses the halves: each is >= 0x8000 > bstar + 1) bit 15 is clear iff bin <= bstar; an invalid entry's
+    // 0xFFFF never is. Two entries in five instructions, where a compare per entry took six each.
+    const unsigned t1 = (bstar + 1u) * 0x10001u;
+    unsigned cnt = 0;
 #pragma unroll
-    for (int j = 0; j < MAX_PER; ++j) {
-      const unsigned bin = (pk[j / 2] >> (16 * (j & 1))) & 0xFFFFu;
-      cnt += (bin <= bstar ? 1u : 0u) + (bin == bstar ? 0x10000u : 0u);
-    }
+    for (int q = 0; q < MAX_PER / 2; ++q) cnt += __popc(~((pk[q] | 0x80008000u) - t1) & 0x80008000u);
     unsigned tot;
     const unsigned off = block_excl_scan<unsigned>(cnt, sh.part32, tot);
-    n = tot & 0xFFFFu;
-    rs.nc = tot >> 16;
+    n = (int)tot;
+    rs.nc = (int)(tot - (unsigned)sh.sel.above);  // the boundary bin's entries
     rs.direct = n > LCAP;
-    unsigned lpos = off & 0xFFFFu, cpos = off >> 16;
+    // the boundary bin's entries (~10) into sh.cand in any order, by a shared counter
+    auto candidate = [&](unsigned key) {
+      const unsigned slot = atomicAdd(&sh.nk, 1u);
+      if (slot < NCAND) sh.cand[slot] = key;
+    };
+    unsigned lpos = off;
+    if (!rs.direct) {
 #pragma unroll
-    for (int j = 0; j < MAX_PER; ++j) {
-      const unsigned bin = (pk[j / 2] >> (16 * (j & 1))) & 0xFFFFu;
-      if (bin > bstar) continue;
-      const unsigned key = order_key(x[j]);
-      if (!rs.direct) { lkey[lpos] = key; lidx[lpos] = (unsigned short)(lo + j); }
-      ++lpos;
-      if (bin == bstar) {
-        if (cpos < NCAND) sh.cand[cpos] = key;
-        ++cpos;
+      for (int j = 0; j < MAX_PER; ++j) {
+        const unsigned bin = (pk[j / 2] >> (16 * (j & 1))) & 0xFFFFu;
+        if (bin > bstar) continue;
+        const unsigned key = order_key(x[j]);
+        lkey[lpos] = key;
+        lidx[lpos] = (unsigned short)(lo + j);
+        ++lpos;
+        if (bin == bstar) candidate(key);
       }
+    } else {
+#pragma unroll
+      for (int j = 0; j < MAX_PER; ++j)
+        if (((pk[j / 2] >> (16 * (j & 1))) & 0xFFFFu) == bstar) candidate(order_key(x[j]));
     }
     __syncthreads();
   }
