@@ -819,8 +819,7 @@ struct SampleShared {
   unsigned cand[NCAND];
   SelectOut sel;
   int nc, token, k;
-  unsigned nk;            // top-k boundary-bin candidates gathered
-  unsigned kbmin, kbmax;  // the least and the largest key in the top-k boundary bin
+  unsigned nk;  // top-k boundary-bin candidates gathered
   unsigned long long seed;
   unsigned key;
   float u;
@@ -837,11 +836,9 @@ __device__ __forceinline__ void add64(unsigned long long* hist, int i, unsigned 
 
 // Exclusive prefix sum over the block in thread order; `total` gets the sum. One __syncthreads: the caller
 // syncs before `part` is written again.
-// RANGE: `lo` and `hi` (per thread) are replaced by their min and max over the block too, through `plo` and
-// `phi` (32 entries each).
-template <typename T, bool RANGE = false>
-__device__ __forceinline__ T block_excl_scan(T local, T* part, T& total, unsigned& lo, unsigned& hi, unsigned* plo,
-                                             unsigned* phi) {
+// COUNT: `count` (per thread) is replaced by its sum over the block too, through `cpart` (32 entries).
+template <typename T, bool COUNT = false>
+__device__ __forceinline__ T block_excl_scan(T local, T* part, T& total, unsigned& count, unsigned* cpart) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   T incl = local;
 #pragma unroll
@@ -850,15 +847,12 @@ __device__ __forceinline__ T block_excl_scan(T local, T* part, T& total, unsigne
     if (lane >= o) incl += t;
   }
   if (lane == 31) part[warp] = incl;
-  if constexpr (RANGE) {
-    const unsigned l = __reduce_min_sync(0xffffffffu, lo), h = __reduce_max_sync(0xffffffffu, hi);
-    if (lane == 0) { plo[warp] = l; phi[warp] = h; }
+  if constexpr (COUNT) {
+    const unsigned c = __reduce_add_sync(0xffffffffu, count);
+    if (lane == 0) cpart[warp] = c;
   }
   __syncthreads();
-  if constexpr (RANGE) {
-    lo = __reduce_min_sync(0xffffffffu, lane < SAMPLE_WARPS ? plo[lane] : 0xFFFFFFFFu);
-    hi = __reduce_max_sync(0xffffffffu, lane < SAMPLE_WARPS ? phi[lane] : 0u);
-  }
+  if constexpr (COUNT) count = __reduce_add_sync(0xffffffffu, lane < SAMPLE_WARPS ? cpart[lane] : 0u);
   const T w = lane < SAMPLE_WARPS ? part[lane] : T(0);
   // 32 bits: the warps' partials summed in one instruction each (redux.sync, sm_80+) instead of a chain of five
   // dependent shuffles: 0.9 µs less per sampler launch (bench/results/sampler_redux_h200_2026-12-03.txt)
@@ -879,7 +873,7 @@ __device__ __forceinline__ T block_excl_scan(T local, T* part, T& total, unsigne
 template <typename T>
 __device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
   unsigned none = 0;
-  return block_excl_scan<T, false>(local, part, total, none, none, nullptr, nullptr);
+  return block_excl_scan<T, false>(local, part, total, none, nullptr);
 }
 
 // Walks the bins from bin 0 (largest values) and stores the bin where the cumulative count/mass first reaches
@@ -1003,9 +997,7 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
   // top-k: the k-th largest key, within the boundary bin
   unsigned kth = 0;
   if (rs.topk) {
-    if (sh.kbmin == sh.kbmax) {
-      kth = sh.kbmin;  // the bin holds one key (one entry, or ties): it is the k-th, no resolve and no barrier
-    } else if (rs.nc <= NCAND) {
+    if (rs.nc <= NCAND) {
       if (warp == 0) {
         kth = resolve_warp<false>(sh.cand, rs.nc, rs.need, mx);
         if (lane == 0) sh.key = kth;
@@ -1062,12 +1054,12 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
     }
   }
   // The draw: inverse CDF in vocabulary order, the first kept token whose cumulative mass exceeds u * total.
-  // The usual top-p boundary bin holds one key among its entries of positive weight (one entry, or ties): that
-  // key is the cut whatever `need` (1 <= need <= their weight), so the entries kept are those of positive
-  // weight in bins <= bp, and the draw's scan (which finds the bin's key range) goes ahead without finding the
-  // cut. Otherwise the cut is resolved and the scan repeated.
+  // The usual top-p boundary bin holds one entry of positive weight: that entry is the cut whatever `need`
+  // (1 <= need <= its weight), so the entries kept are those of positive weight in bins <= bp, and the draw's
+  // scan (which counts the bin's entries) goes ahead without finding the cut. Otherwise the cut is resolved
+  // and the scan repeated.
   unsigned long long local = 0, total;
-  unsigned blo = 0xFFFFFFFFu, bhi = 0u;  // key range of the entries of positive weight in bin bp
+  unsigned nb = 0;  // entries of positive weight in bin bp
 #pragma unroll
   for (int j = 0; j < NPER; ++j) {
     if (j >= cnt) continue;
@@ -1076,15 +1068,14 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
       if (wj) {
         const int bj = bin_of(j);
         local += bj <= bp ? wj : 0ull;
-        if (bj == bp) { blo = min(blo, key[j]); bhi = max(bhi, key[j]); }
+        nb += bj == bp ? 1u : 0u;
       }
     } else if (key[j] >= cut) {
       local += wj;
     }
   }
-  unsigned long long before =
-      block_excl_scan<unsigned long long, true>(local, sh.part64, total, blo, bhi, sh.klo, sh.khi);
-  if (by_bin && blo != bhi) {
+  unsigned long long before = block_excl_scan<unsigned long long, true>(local, sh.part64, total, nb, sh.part32);
+  if (by_bin && nb != 1) {
     by_bin = false;
 #pragma unroll
     for (int j = 0; j < NPER; ++j) {  // the boundary bin's entries into sh.cand (any order)
@@ -1099,7 +1090,9 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
     }
     __syncthreads();
     const int nc = sh.nc;
-    if (nc <= NCAND) {
+    if (nc == 1) {
+      cut = sh.cand[0];
+    } else if (nc <= NCAND) {
       if (warp == 0) {
         const unsigned c = resolve_warp<true>(sh.cand, nc, need, mx);
         if (lane == 0) sh.key = c;
@@ -1228,7 +1221,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   float x[MAX_PER];
   if (p.temperature == 1.0f) load_mixed<true>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
   else load_mixed<false>(cond + lo, uncond + lo, nvalid, p.cfg_scale, p.temperature, x);
-  if (tid == 0) { sh.nc = 0; sh.nk = 0; sh.kbmin = 0xFFFFFFFFu; sh.kbmax = 0u; sh.token = V; sh.k = k_load; sh.seed = seed_load; }
+  if (tid == 0) { sh.nc = 0; sh.nk = 0; sh.token = V; sh.k = k_load; sh.seed = seed_load; }
   if (p.mixed_out) {
 #pragma unroll
     for (int j = 0; j < MAX_PER; ++j)
@@ -1307,12 +1300,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
     n = (int)tot;
     rs.nc = (int)(tot - (unsigned)sh.sel.above);  // the boundary bin's entries
     rs.direct = n > LCAP;
-    // the boundary bin's entries (~10) into sh.cand in any order, by a shared counter, and their key range
+    // the boundary bin's entries (~10) into sh.cand in any order, by a shared counter
     auto candidate = [&](unsigned key) {
       const unsigned slot = atomicAdd(&sh.nk, 1u);
       if (slot < NCAND) sh.cand[slot] = key;
-      atomicMin(&sh.kbmin, key);
-      atomicMax(&sh.kbmax, key);
     };
     unsigned lpos = off;
     if (!rs.direct) {
