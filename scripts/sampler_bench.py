@@ -125,10 +125,10 @@ def agreement(old_source: Path | None, report: dict) -> None:
 
 
 def time_graph(kern, advance_kern, batch: int, settings: SamplingSettings, kind: str, reps: int,
-               with_advance: bool = True) -> float:
+               with_advance: bool = True, scale: float = 1.0) -> float:
     vocab, d = 16384, 768
     g = torch.Generator(device="cuda").manual_seed(batch)
-    logits = random_logits(kind, 2 * batch, vocab, g).to(torch.bfloat16)
+    logits = (scale * random_logits(kind, 2 * batch, vocab, g)).to(torch.bfloat16)
     seeds = torch.arange(batch, device="cuda")
     step = torch.zeros(1, device="cuda", dtype=torch.int32)
     tokens = torch.zeros(batch, reps + 1, device="cuda", dtype=torch.long)
@@ -162,15 +162,18 @@ def timing(old_source: Path | None, reps: int, report: dict) -> None:
     kern = variants("bfloat16", old_source)
     res = report.setdefault("timing_us", {})
     official = SamplingSettings()
-    cases = [("official", official, kind, batch) for kind in ("normal", "gumbel") for batch in (1, 16, 64)]
-    cases += [("top_k 0 / top_p 0.9", SamplingSettings(top_k=0, top_p=0.9), "normal", 16),
-              ("top_k 50 / top_p 1", SamplingSettings(top_k=50, top_p=1.0), "normal", 16),
-              ("official, ties", official, "ties", 16),
-              ("official, temperature 0.8", SamplingSettings(temperature=0.8), "normal", 16)]
-    for label, settings, kind, batch in cases:
+    cases = [("official", official, kind, batch, 1.0) for kind in ("normal", "gumbel") for batch in (1, 16, 64)]
+    # flat rows: normal logits x 0.2 (mixed logits' spread ~4, as a random-weight AiM's): the top-p cut falls
+    # among many entries of similar weight
+    cases += [("official, flat", official, "normal", batch, 0.2) for batch in (1, 16, 64)]
+    cases += [("top_k 0 / top_p 0.9", SamplingSettings(top_k=0, top_p=0.9), "normal", 16, 1.0),
+              ("top_k 50 / top_p 1", SamplingSettings(top_k=50, top_p=1.0), "normal", 16, 1.0),
+              ("official, ties", official, "ties", 16, 1.0),
+              ("official, temperature 0.8", SamplingSettings(temperature=0.8), "normal", 16, 1.0)]
+    for label, settings, kind, batch, scale in cases:
         row = {}
         for name, k in kern.items():
-            row[name] = round(time_graph(k, kern["new"], batch, settings, kind, reps), 2)
+            row[name] = round(time_graph(k, kern["new"], batch, settings, kind, reps, scale=scale), 2)
             if label == "official" and kind == "normal":
                 row[name + " (no advance)"] = round(time_graph(k, kern["new"], batch, settings, kind, reps, False), 2)
         key = f"{label}, {kind} logits, batch {batch}"

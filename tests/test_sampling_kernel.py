@@ -86,6 +86,8 @@ def random_logits(kind: str, rows: int, vocab: int, g: torch.Generator) -> torch
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
     if kind == "normal":
         return 3 * r(rows, vocab)
+    if kind == "mild":  # a flat softmax after CFG (as a random-weight AiM's): the top-p cut among many entries
+        return 0.6 * r(rows, vocab)
     if kind == "gumbel":  # heavy upper tail, a few dominant tokens
         u = torch.rand(rows, vocab, device="cuda", generator=g).clamp(1e-12, 1 - 1e-7)
         return -4 * torch.log(-torch.log(u))
@@ -114,7 +116,7 @@ SETTINGS = [
     SamplingSettings(top_k=16383, top_p=1e-6),
     SamplingSettings(top_k=20000, top_p=0.5, cfg_scale=3.0),
 ]
-KINDS = ["normal", "gumbel", "ties", "flat", "extreme", "spike"]
+KINDS = ["normal", "mild", "gumbel", "ties", "flat", "extreme", "spike"]
 
 
 @needs_gpu
