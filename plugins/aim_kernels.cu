@@ -811,15 +811,6 @@ __device__ __forceinline__ int coarse_bin(float x, const BinMap& m) {
   return (int)((m.kmx - key) >> 20);
 }
 
-// An upper bound on the fixed-point weight of any value in bin `bin` (from the bin's least distance to the
-// maximum, with a margin for rounding); 0 for the key-bit bins of odd rows (inv == 0).
-__device__ __forceinline__ unsigned long long single_bound(int bin, const BinMap& m) {
-  if (!(m.inv > 0.0f)) return 0ull;
-  const float rlo = __uint_as_float((unsigned)(bin + ((127 - 16) << 8)) << 15);  // the least r of the bin
-  const float dlo = fmaxf(rlo - 1.52587890625e-05f, 0.0f) / m.inv;
-  return (unsigned long long)(expf(-dlo) * 1.001f * (float)FIXED_ONE) + 1ull;
-}
-
 struct SelectOut { int bin; unsigned long long above; };
 struct SampleShared {
   unsigned kmxw[32], kmnw[32];
@@ -1041,10 +1032,53 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
   bool by_bin = false;  // kept: the entries of positive weight in bins <= bp (valid if bin bp holds one of them)
   int bp = 0;
   unsigned long long need = 0;
-  // the top-p cut within bin bp: its entries of positive weight into sh.cand (any order), then resolved
-  auto resolve_cut = [&]() {
+  if (rs.topp) {
 #pragma unroll
     for (int j = 0; j < NPER; ++j) {
+      if (j >= cnt) continue;
+      const unsigned long long wj = weight(j);
+      if (wj) add64(hist64, bin_of(j), wj);
+    }
+    __syncthreads();
+    const unsigned long long z = find_bin<unsigned long long>(hist64, [top_p](unsigned long long total) {
+      const unsigned long long limit = (unsigned long long)((double)total * (1.0 - (double)top_p));
+      return limit < total ? total - limit : 0ull;
+    }, sh.part64, &sh.sel);
+    const unsigned long long limit = (unsigned long long)((double)z * (1.0 - (double)top_p));
+    if (limit >= z) {
+      cut = 0xFFFFFFFFu;  // nothing exceeds the limit: nothing is kept (as an exact ascending walk finds)
+    } else {
+      bp = sh.sel.bin;
+      need = z - limit - sh.sel.above;
+      by_bin = true;
+    }
+  }
+  // The draw: inverse CDF in vocabulary order, the first kept token whose cumulative mass exceeds u * total.
+  // The usual top-p boundary bin holds one entry of positive weight: that entry is the cut whatever `need`
+  // (1 <= need <= its weight), so the entries kept are those of positive weight in bins <= bp, and the draw's
+  // scan (which counts the bin's entries) goes ahead without finding the cut. Otherwise the cut is resolved
+  // and the scan repeated.
+  unsigned long long local = 0, total;
+  unsigned nb = 0;  // entries of positive weight in bin bp
+#pragma unroll
+  for (int j = 0; j < NPER; ++j) {
+    if (j >= cnt) continue;
+    const unsigned long long wj = weight(j);
+    if (by_bin) {
+      if (wj) {
+        const int bj = bin_of(j);
+        local += bj <= bp ? wj : 0ull;
+        nb += bj == bp ? 1u : 0u;
+      }
+    } else if (key[j] >= cut) {
+      local += wj;
+    }
+  }
+  unsigned long long before = block_excl_scan<unsigned long long, true>(local, sh.part64, total, nb, sh.part32);
+  if (by_bin && nb != 1) {
+    by_bin = false;
+#pragma unroll
+    for (int j = 0; j < NPER; ++j) {  // the boundary bin's entries into sh.cand (any order)
       const bool c = j < cnt && weight(j) != 0ull && bin_of(j) == bp;
       const unsigned hits = __ballot_sync(0xffffffffu, c);
       if (!hits) continue;
@@ -1068,58 +1102,6 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
     } else {
       cut = refine<true>(key_of, cnt, bp, map, kth, need, hist64, sh);
     }
-  };
-  if (rs.topp) {
-#pragma unroll
-    for (int j = 0; j < NPER; ++j) {
-      if (j >= cnt) continue;
-      const unsigned long long wj = weight(j);
-      if (wj) add64(hist64, bin_of(j), wj);
-    }
-    __syncthreads();
-    const unsigned long long z = find_bin<unsigned long long>(hist64, [top_p](unsigned long long total) {
-      const unsigned long long limit = (unsigned long long)((double)total * (1.0 - (double)top_p));
-      return limit < total ? total - limit : 0ull;
-    }, sh.part64, &sh.sel);
-    const unsigned long long limit = (unsigned long long)((double)z * (1.0 - (double)top_p));
-    if (limit >= z) {
-      cut = 0xFFFFFFFFu;  // nothing exceeds the limit: nothing is kept (as an exact ascending walk finds)
-    } else {
-      bp = sh.sel.bin;
-      need = z - limit - sh.sel.above;
-      // One entry of positive weight in bin bp (peaked rows: the cut lies among the few top entries) is
-      // possible only if the bin's mass is at most the largest weight one of its entries can have; flatter rows
-      // put several entries there, and their cut is resolved first. A guess either way (the scan below checks
-      // it), which saves the wasted scan of a wrong one.
-      by_bin = hist64[bp] <= single_bound(bp, map);
-      if (!by_bin) resolve_cut();
-    }
-  }
-  // The draw: inverse CDF in vocabulary order, the first kept token whose cumulative mass exceeds u * total.
-  // When bin bp holds one entry of positive weight, that entry is the cut whatever `need` (1 <= need <= its
-  // weight), so the entries kept are those of positive weight in bins <= bp, and the draw's scan (which counts
-  // the bin's entries) goes ahead without finding the cut; if the bin held more, the cut is resolved and the
-  // scan repeated.
-  unsigned long long local = 0, total;
-  unsigned nb = 0;  // entries of positive weight in bin bp
-#pragma unroll
-  for (int j = 0; j < NPER; ++j) {
-    if (j >= cnt) continue;
-    const unsigned long long wj = weight(j);
-    if (by_bin) {
-      if (wj) {
-        const int bj = bin_of(j);
-        local += bj <= bp ? wj : 0ull;
-        nb += bj == bp ? 1u : 0u;
-      }
-    } else if (key[j] >= cut) {
-      local += wj;
-    }
-  }
-  unsigned long long before = block_excl_scan<unsigned long long, true>(local, sh.part64, total, nb, sh.part32);
-  if (by_bin && nb != 1) {
-    by_bin = false;
-    resolve_cut();
     local = 0;
 #pragma unroll
     for (int j = 0; j < NPER; ++j)
