@@ -836,9 +836,8 @@ __device__ __forceinline__ void add64(unsigned long long* hist, int i, unsigned 
 
 // Exclusive prefix sum over the block in thread order; `total` gets the sum. One __syncthreads: the caller
 // syncs before `part` is written again.
-// COUNT: `count` (per thread) is replaced by its sum over the block too, through `cpart` (32 entries).
-template <typename T, bool COUNT = false>
-__device__ __forceinline__ T block_excl_scan(T local, T* part, T& total, unsigned& count, unsigned* cpart) {
+template <typename T>
+__device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   T incl = local;
 #pragma unroll
@@ -847,12 +846,7 @@ __device__ __forceinline__ T block_excl_scan(T local, T* part, T& total, unsigne
     if (lane >= o) incl += t;
   }
   if (lane == 31) part[warp] = incl;
-  if constexpr (COUNT) {
-    const unsigned c = __reduce_add_sync(0xffffffffu, count);
-    if (lane == 0) cpart[warp] = c;
-  }
   __syncthreads();
-  if constexpr (COUNT) count = __reduce_add_sync(0xffffffffu, lane < SAMPLE_WARPS ? cpart[lane] : 0u);
   const T w = lane < SAMPLE_WARPS ? part[lane] : T(0);
   // 32 bits: the warps' partials summed in one instruction each (redux.sync, sm_80+) instead of a chain of five
   // dependent shuffles: 0.9 µs less per sampler launch (bench/results/sampler_redux_h200_2026-12-03.txt)
@@ -868,12 +862,6 @@ __device__ __forceinline__ T block_excl_scan(T local, T* part, T& total, unsigne
     total = ((T)__reduce_add_sync(0xffffffffu, wh) << 27) + __reduce_add_sync(0xffffffffu, wl);
     return ((T)__reduce_add_sync(0xffffffffu, ph) << 27) + __reduce_add_sync(0xffffffffu, pl) + incl - local;
   }
-}
-
-template <typename T>
-__device__ __forceinline__ T block_excl_scan(T local, T* part, T& total) {
-  unsigned none = 0;
-  return block_excl_scan<T, false>(local, part, total, none, nullptr);
 }
 
 // Walks the bins from bin 0 (largest values) and stores the bin where the cumulative count/mass first reaches
@@ -1056,10 +1044,9 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
   // The draw: inverse CDF in vocabulary order, the first kept token whose cumulative mass exceeds u * total.
   // The usual top-p boundary bin holds one entry of positive weight: that entry is the cut whatever `need`
   // (1 <= need <= its weight), so the entries kept are those of positive weight in bins <= bp, and the draw's
-  // scan (which counts the bin's entries) goes ahead without finding the cut. Otherwise the cut is resolved
-  // and the scan repeated.
+  // scan goes ahead without finding the cut. The bin's entries go to sh.cand on the way (their count and keys
+  // published by the scan's barrier); with more than one, the cut is resolved from them and the scan repeated.
   unsigned long long local = 0, total;
-  unsigned nb = 0;  // entries of positive weight in bin bp
 #pragma unroll
   for (int j = 0; j < NPER; ++j) {
     if (j >= cnt) continue;
@@ -1068,31 +1055,20 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
       if (wj) {
         const int bj = bin_of(j);
         local += bj <= bp ? wj : 0ull;
-        nb += bj == bp ? 1u : 0u;
+        if (bj == bp) {
+          const int slot = atomicAdd(&sh.nc, 1);
+          if (slot < NCAND) sh.cand[slot] = key[j];
+        }
       }
     } else if (key[j] >= cut) {
       local += wj;
     }
   }
-  unsigned long long before = block_excl_scan<unsigned long long, true>(local, sh.part64, total, nb, sh.part32);
-  if (by_bin && nb != 1) {
+  unsigned long long before = block_excl_scan<unsigned long long>(local, sh.part64, total);
+  if (by_bin && sh.nc != 1) {
     by_bin = false;
-#pragma unroll
-    for (int j = 0; j < NPER; ++j) {  // the boundary bin's entries into sh.cand (any order)
-      const bool c = j < cnt && weight(j) != 0ull && bin_of(j) == bp;
-      const unsigned hits = __ballot_sync(0xffffffffu, c);
-      if (!hits) continue;
-      const int leader = __ffs(hits) - 1;
-      int slot = 0;
-      if (lane == leader) slot = atomicAdd(&sh.nc, __popc(hits));
-      slot = __shfl_sync(0xffffffffu, slot, leader) + __popc(hits & ((1u << lane) - 1u));
-      if (c && slot < NCAND) sh.cand[slot] = key[j];
-    }
-    __syncthreads();
     const int nc = sh.nc;
-    if (nc == 1) {
-      cut = sh.cand[0];
-    } else if (nc <= NCAND) {
+    if (nc <= NCAND) {
       if (warp == 0) {
         const unsigned c = resolve_warp<true>(sh.cand, nc, need, mx);
         if (lane == 0) sh.key = c;
