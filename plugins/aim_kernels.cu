@@ -818,8 +818,9 @@ struct SampleShared {
   unsigned long long part64[32];
   unsigned cand[NCAND];
   SelectOut sel;
-  int nc, token, k;
-  unsigned nk;  // top-k boundary-bin candidates gathered
+  int nc;       // top-p boundary-bin entries gathered into cand
+  int token, k;
+  unsigned nk;  // top-k boundary-bin entries gathered into cand
   unsigned long long seed;
   unsigned key;
   float u;
