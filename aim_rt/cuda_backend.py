@@ -294,10 +294,12 @@ class CudaBackend:
             launch()
 
     @torch.no_grad()
-    def op_timings(self, batch: int, settings: SamplingSettings, reps: int = 20) -> dict:
+    def op_timings(self, batch: int, settings: SamplingSettings, reps: int = 20, min_launches: int = 200) -> dict:
         """Per kind of op in a step: launches per step and device time per launch (µs), each kind timed alone
-        as a CUDA graph of `reps` passes over all its launches (every layer's weights: no L2-resident replay),
-        and the kernels one step launches (= nodes of the step graph), counted by the profiler."""
+        as a CUDA graph of at least `reps` passes over all its launches (every layer's weights: no L2-resident
+        replay) and at least `min_launches` launches (so that a graph launch's fixed cost, ~5 µs, adds little to
+        a kind launched once per step, such as the sampler), and the kernels one step launches (= nodes of the
+        step graph), counted by the profiler."""
         from torch.profiler import ProfilerActivity, profile
 
         from .bench import replay_us
@@ -314,12 +316,14 @@ class CudaBackend:
             graph = torch.cuda.CUDAGraph()
             for fn in launches:  # warm-up outside the capture (cuBLAS picks its kernels)
                 fn()
+            passes = max(reps, -(-min_launches // len(launches)))
+            if kind == "sample":  # each pass advances the token index: stay inside the position table
+                passes = min(passes, self.config.num_tokens - 1)
             with torch.cuda.graph(graph):
-                for _ in range(reps):
+                for _ in range(passes):
                     for fn in launches:
                         fn()
-            # the sampler advances the token index: keep it inside the position table
-            us = replay_us(graph, reps * len(launches), before=buf.step.zero_)
+            us = replay_us(graph, passes * len(launches), before=buf.step.zero_)
             result[kind] = {"launches_per_step": len(launches), "us_per_launch": us}
         buf.step.zero_()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
