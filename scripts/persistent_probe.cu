@@ -1,0 +1,359 @@
+// A persistent decode step (bf16): every layer of AiM's backbone in one kernel of one block per SM, the phases
+// handed over by counters instead of kernel launches. A probe, not a product path: it measures what such a
+// kernel would cost per layer (scripts/persistent_probe.py checks its arithmetic against torch first). Its sums
+// are not in the order of aim_kernels.cu's kernels, so its bits differ from theirs.
+//
+// Per layer, three phases, each ended by a counter every block adds 1 to:
+//   A  every block: residual += gate * out / rms(previous gated norm), RMSNorm, adaLN modulate, for all rows
+//      (redundantly: no phase of its own); then its slice of in_proj's columns, weights from shared memory.
+//   B  its share of the (row, head, 16-channel) units of the state update: conv + SiLU of its x channels and of
+//      the row's B/C, dt, h = h * exp(dt * A) + dt * x * B, y = h.C + D * x, g = y * silu(z); writes
+//      g * norm_w and the unit's sum of g^2. The state is loaded into registers before the wait.
+//   C  its slice of out_proj's columns, weights from shared memory; the B/C conv windows of one row shifted.
+// Each block streams its in_proj and out_proj slices of the next layer into shared memory (cp.async) as soon as
+// it has used this layer's: the weight traffic runs under the hand-overs.
+
+typedef unsigned short bf16;
+__device__ __forceinline__ float ldb(bf16 v) { return __uint_as_float(((unsigned)v) << 16); }
+__device__ __forceinline__ bf16 stb(float f) { bf16 v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
+__device__ __forceinline__ float rnd(float f) { return ldb(stb(f)); }
+__device__ __forceinline__ void unpack(const uint4& u, float (&f)[8]) {
+  const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) { f[2 * q] = __uint_as_float(w[q] << 16); f[2 * q + 1] = __uint_as_float(w[q] & 0xFFFF0000u); }
+}
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  unsigned u; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u) : "f"(hi), "f"(lo)); return u;
+}
+__device__ __forceinline__ uint4 pack(const float (&f)[8]) {
+  return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
+}
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v; asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); return v;
+}
+// A phase's end: every thread's writes, then one release-add per block. Its start: one acquire poll per block.
+__device__ __forceinline__ void arrive(unsigned* c) {
+  __syncthreads();
+  if (threadIdx.x == 0) { __threadfence(); atomicAdd(c, 1u); }
+}
+__device__ __forceinline__ void wait_for(const unsigned* c, unsigned target) {
+  if (threadIdx.x == 0) while (ld_acquire(c) < target) {}
+  __syncthreads();
+}
+
+#define THREADS 256
+#define MAXR 8   // rows (2 * batch)
+#define MAXU 12  // state units per block (each 16 x 128 elements: one 16-byte chunk per thread)
+
+struct ProbeParams {
+  const bf16* w_in;    // (L, n_in, d)
+  const bf16* w_out;   // (L, d, d_inner)
+  const bf16* conv_w;  // (L, conv_dim, 4)
+  const bf16* conv_b;  // (L, conv_dim)
+  const bf16* dt_bias; const bf16* A_log; const bf16* Dh;  // (L, H)
+  const bf16* norm_w;  // (L, d)
+  const bf16* gnorm_w; // (L, d_inner)
+  const bf16* mods;    // (L, R, 3, d): shift, scale, gate
+  bf16* conv_state;    // (L, R, conv_dim, 4)
+  bf16* ssm;           // (L, R, H, 64, 128)
+  const bf16* input;   // (R, d)
+  float* residual;     // (2, R, d): layer l reads [l & 1], block 0 writes [(l + 1) & 1]
+  bf16* zxbcdt;        // (R, n_in)
+  bf16* y;             // (R, d_inner)
+  float* sumsq;        // (R, 4 * H): one sum per unit
+  bf16* out;           // (R, d)
+  unsigned* ctr;       // (3 * L + 1), zero on entry and on exit
+  int L, R, cin_max, cout_max;
+  float eps;
+};
+
+template <int QV>  // d = 256 * QV
+__device__ __forceinline__ void step(const ProbeParams& p) {
+  extern __shared__ uint4 smem_u4[];
+  constexpr int D = 256 * QV, DI = 2 * D, H = DI / 64, NIN = 2 * DI + 256 + H, CONV = DI + 256, U4 = 4 * H;
+  const int G = gridDim.x, cta = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, R = p.R;
+  const int cin0 = (int)((long long)cta * NIN / G), ncin = (int)((long long)(cta + 1) * NIN / G) - cin0;
+  const int co0 = cta * D / G, ncout = (cta + 1) * D / G - co0;
+  const int U = R * U4, u0 = cta * U / G, nu = (cta + 1) * U / G - u0;
+  bf16* win = reinterpret_cast<bf16*>(smem_u4);
+  bf16* wout = win + p.cin_max * D;
+  bf16* act = wout + p.cout_max * DI;  // normed rows (R, D) in phase A, y (R, DI) in phase C
+  float* BCs = reinterpret_cast<float*>(act + MAXR * DI);  // 256: the row's B and C after the conv
+  float* xsil = BCs + 256;  // 16
+  float* zsil = xsil + 16;  // 16
+  float* gsq = zsil + 16;   // 16
+  float* sd = gsq + 16;     // dt, dA, D
+
+  auto fetch_in = [&](int l) {
+    if (l < p.L) {
+      const bf16* src = p.w_in + ((long long)l * NIN + cin0) * D;
+      for (int i = tid; i < ncin * D / 8; i += THREADS) cp_async16(win + 8 * i, src + 8 * i);
+    }
+    cp_commit();
+  };
+  auto fetch_out = [&](int l) {
+    if (l < p.L) {
+      const bf16* src = p.w_out + ((long long)l * D + co0) * DI;
+      for (int i = tid; i < ncout * DI / 8; i += THREADS) cp_async16(wout + 8 * i, src + 8 * i);
+    }
+    cp_commit();
+  };
+  fetch_in(0);
+  fetch_out(0);
+
+  for (int l = 0; l < p.L; ++l) {
+    unsigned* ctr = p.ctr + 3 * l;
+    // ---------------- A: residual + norm (all rows, warp r = row r), then in_proj
+    {
+      uint4 nwv[QV], shv[QV], scv[QV], gtv[QV];
+      const int r = warp;
+      if (r < R) {
+#pragma unroll
+        for (int m = 0; m < QV; ++m) {
+          const int q = lane + 32 * m;
+          nwv[m] = reinterpret_cast<const uint4*>(p.norm_w + (long long)l * D)[q];
+          shv[m] = reinterpret_cast<const uint4*>(p.mods + (((long long)l * R + r) * 3 + 0) * D)[q];
+          scv[m] = reinterpret_cast<const uint4*>(p.mods + (((long long)l * R + r) * 3 + 1) * D)[q];
+          gtv[m] = l ? reinterpret_cast<const uint4*>(p.mods + (((long long)(l - 1) * R + r) * 3 + 2) * D)[q]
+                     : make_uint4(0, 0, 0, 0);
+        }
+      }
+      if (l) wait_for(ctr - 1, G);  // the previous layer's phase C
+      if (r < R) {
+        uint4 ov[QV];
+        float4 rv[2 * QV];
+#pragma unroll
+        for (int m = 0; m < QV; ++m) {
+          const int q = lane + 32 * m;
+          ov[m] = l ? __ldcg(reinterpret_cast<const uint4*>(p.out + (long long)r * D) + q)
+                    : reinterpret_cast<const uint4*>(p.input + (long long)r * D)[q];
+          const float4* rp = reinterpret_cast<const float4*>(p.residual + ((long long)(l & 1) * R + r) * D) + 2 * q;
+          rv[2 * m] = l ? __ldcg(rp) : make_float4(0, 0, 0, 0);
+          rv[2 * m + 1] = l ? __ldcg(rp + 1) : make_float4(0, 0, 0, 0);
+        }
+        float ss = 0.0f;
+        if (l) for (int i = lane; i < U4; i += 32) ss += __ldcg(p.sumsq + (long long)r * U4 + i);
+        ss = warp_sum(ss);
+        const float scale = l ? rsqrtf(ss / DI + p.eps) : 1.0f;
+        float res[QV][8], sq = 0.0f;
+#pragma unroll
+        for (int m = 0; m < QV; ++m) {
+          float o[8], g[8];
+          unpack(ov[m], o);
+          unpack(gtv[m], g);
+          const float rp[8] = {rv[2 * m].x, rv[2 * m].y, rv[2 * m].z, rv[2 * m].w,
+                               rv[2 * m + 1].x, rv[2 * m + 1].y, rv[2 * m + 1].z, rv[2 * m + 1].w};
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const float v = l ? rnd(o[j] * scale * g[j]) : o[j];
+            res[m][j] = l ? rp[j] + v : v;
+            sq += res[m][j] * res[m][j];
+          }
+        }
+        const float inv = rsqrtf(warp_sum(sq) / D + p.eps);
+#pragma unroll
+        for (int m = 0; m < QV; ++m) {
+          const int q = lane + 32 * m;
+          float w[8], sh[8], sc[8], x[8];
+          unpack(nwv[m], w);
+          unpack(shv[m], sh);
+          unpack(scv[m], sc);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) x[j] = rnd(res[m][j] * inv * w[j]) * (1.0f + sc[j]) + sh[j];
+          reinterpret_cast<uint4*>(act + r * D)[q] = pack(x);
+          if (cta == 0) {
+            float4* rp = reinterpret_cast<float4*>(p.residual + ((long long)((l + 1) & 1) * R + r) * D) + 2 * q;
+            rp[0] = make_float4(res[m][0], res[m][1], res[m][2], res[m][3]);
+            rp[1] = make_float4(res[m][4], res[m][5], res[m][6], res[m][7]);
+          }
+        }
+      }
+      cp_wait1();  // this layer's in_proj slice (the newest group is its out_proj slice)
+      __syncthreads();
+      for (int j = warp; j < ncin; j += THREADS / 32) {
+        float acc[MAXR];
+#pragma unroll
+        for (int rr = 0; rr < MAXR; ++rr) acc[rr] = 0.0f;
+#pragma unroll
+        for (int m = 0; m < QV; ++m) {
+          const int q = lane + 32 * m;
+          float w[8];
+          unpack(reinterpret_cast<const uint4*>(win + j * D)[q], w);
+#pragma unroll
+          for (int rr = 0; rr < MAXR; ++rr) {
+            if (rr >= R) break;
+            float x[8];
+            unpack(reinterpret_cast<const uint4*>(act + rr * D)[q], x);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[rr] = fmaf(w[e], x[e], acc[rr]);
+          }
+        }
+#pragma unroll
+        for (int rr = 0; rr < MAXR; ++rr) {
+          if (rr >= R) break;
+          const float s = warp_sum(acc[rr]);
+          if (lane == 0) p.zxbcdt[(long long)rr * NIN + cin0 + j] = stb(s);
+        }
+      }
+      __syncthreads();  // win free
+      fetch_in(l + 1);
+      arrive(ctr + 0);
+    }
+    // ---------------- B: the state update
+    {
+      uint4 st[MAXU];
+      const int pl = tid >> 4, n0 = (tid & 15) * 8;
+#pragma unroll
+      for (int k = 0; k < MAXU; ++k) {
+        if (k >= nu) break;
+        const int u = u0 + k, r = u / U4, h = (u % U4) >> 2, pc = u & 3;
+        st[k] = __ldcs(reinterpret_cast<const uint4*>(
+            p.ssm + ((((long long)l * R + r) * H + h) * 64 + pc * 16) * 128) + tid);
+      }
+      wait_for(ctr + 0, G);
+      int prev_r = -1;
+#pragma unroll
+      for (int k = 0; k < MAXU; ++k) {
+        if (k >= nu) break;
+        const int u = u0 + k, r = u / U4, h = (u % U4) >> 2, pc = u & 3;
+        const bf16* zr = p.zxbcdt + (long long)r * NIN;
+        const bf16* cs = p.conv_state + ((long long)l * R + r) * CONV * 4;
+        const bf16* cw = p.conv_w + (long long)l * CONV * 4;
+        const bf16* cb = p.conv_b + (long long)l * CONV;
+        if (r != prev_r) {  // the row's B and C (their windows are shifted in phase C)
+          const int c = DI + tid;
+          const uint2 wv = *reinterpret_cast<const uint2*>(cs + c * 4);
+          const uint2 ww = *reinterpret_cast<const uint2*>(cw + c * 4);
+          const float w1 = __uint_as_float(wv.x & 0xFFFF0000u), w2 = __uint_as_float(wv.y << 16),
+                      w3 = __uint_as_float(wv.y & 0xFFFF0000u);
+          float acc = ldb(cb[c]);
+          acc += w1 * __uint_as_float(ww.x << 16);
+          acc += w2 * __uint_as_float(ww.x & 0xFFFF0000u);
+          acc += w3 * __uint_as_float(ww.y << 16);
+          acc += ldb(__ldcg(zr + DI + c)) * __uint_as_float(ww.y & 0xFFFF0000u);
+          BCs[tid] = silu(acc);
+          prev_r = r;
+        }
+        const int ch = h * 64 + pc * 16;
+        if (tid < 16) {
+          const int c = ch + tid;
+          bf16* wp = p.conv_state + (((long long)l * R + r) * CONV + c) * 4;
+          const uint2 wv = *reinterpret_cast<const uint2*>(wp);
+          const uint2 ww = *reinterpret_cast<const uint2*>(cw + c * 4);
+          const unsigned short xin = __ldcg(zr + DI + c);
+          const float w1 = __uint_as_float(wv.x & 0xFFFF0000u), w2 = __uint_as_float(wv.y << 16),
+                      w3 = __uint_as_float(wv.y & 0xFFFF0000u);
+          float acc = ldb(cb[c]);
+          acc += w1 * __uint_as_float(ww.x << 16);
+          acc += w2 * __uint_as_float(ww.x & 0xFFFF0000u);
+          acc += w3 * __uint_as_float(ww.y << 16);
+          acc += ldb(xin) * __uint_as_float(ww.y & 0xFFFF0000u);
+          xsil[tid] = silu(acc);
+          zsil[tid] = silu(ldb(__ldcg(zr + c)));
+          *reinterpret_cast<uint2*>(wp) = make_uint2((wv.x >> 16) | (wv.y << 16), (wv.y >> 16) | ((unsigned)xin << 16));
+        } else if (tid == 32) {
+          const float dt = softplus(ldb(__ldcg(zr + DI + CONV + h)) + ldb(p.dt_bias[l * H + h]));
+          sd[0] = dt;
+          sd[1] = __expf(-dt * __expf(ldb(p.A_log[l * H + h])));
+          sd[2] = ldb(p.Dh[l * H + h]);
+        }
+        __syncthreads();
+        const float dt = sd[0], dA = sd[1], Dv = sd[2], xv = xsil[pl], dtx = dt * xv;
+        float hv[8], acc = 0.0f;
+        unpack(st[k], hv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          hv[j] = fmaf(dtx, BCs[n0 + j], hv[j] * dA);
+          acc = fmaf(hv[j], BCs[128 + n0 + j], acc);
+        }
+        reinterpret_cast<uint4*>(p.ssm + ((((long long)l * R + r) * H + h) * 64 + pc * 16) * 128)[tid] = pack(hv);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 8);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        if ((tid & 15) == 0) {
+          const float g = (acc + Dv * xv) * zsil[pl];
+          p.y[(long long)r * DI + ch + pl] = stb(g * ldb(p.gnorm_w[(long long)l * DI + ch + pl]));
+          gsq[pl] = g * g;
+        }
+        __syncthreads();
+        if (tid == 0) {
+          float s = 0.0f;
+          for (int i = 0; i < 16; ++i) s += gsq[i];
+          p.sumsq[(long long)r * U4 + (u % U4)] = s;
+        }
+      }
+      arrive(ctr + 1);
+    }
+    // ---------------- C: out_proj, B/C windows
+    {
+      wait_for(ctr + 1, G);
+      for (int i = tid; i < R * DI / 8; i += THREADS)
+        reinterpret_cast<uint4*>(act)[i] = __ldcg(reinterpret_cast<const uint4*>(p.y) + i);
+      cp_wait1();  // this layer's out_proj slice (the newest group is the next in_proj slice)
+      __syncthreads();
+      for (int j = warp; j < ncout; j += THREADS / 32) {
+        float acc[MAXR];
+#pragma unroll
+        for (int rr = 0; rr < MAXR; ++rr) acc[rr] = 0.0f;
+#pragma unroll
+        for (int m = 0; m < 2 * QV; ++m) {
+          const int q = lane + 32 * m;
+          float w[8];
+          unpack(reinterpret_cast<const uint4*>(wout + j * DI)[q], w);
+#pragma unroll
+          for (int rr = 0; rr < MAXR; ++rr) {
+            if (rr >= R) break;
+            float x[8];
+            unpack(reinterpret_cast<const uint4*>(act + rr * DI)[q], x);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[rr] = fmaf(w[e], x[e], acc[rr]);
+          }
+        }
+#pragma unroll
+        for (int rr = 0; rr < MAXR; ++rr) {
+          if (rr >= R) break;
+          const float s = warp_sum(acc[rr]);
+          if (lane == 0) p.out[(long long)rr * D + co0 + j] = stb(s);
+        }
+      }
+      for (int r = G - 1 - cta; r < R; r += G) {  // row r's B/C windows: (window[1:], new input)
+        const int c = DI + tid;
+        bf16* wp = p.conv_state + (((long long)l * R + r) * CONV + c) * 4;
+        const uint2 wv = *reinterpret_cast<const uint2*>(wp);
+        const unsigned xin = __ldcg(p.zxbcdt + (long long)r * NIN + DI + c);
+        *reinterpret_cast<uint2*>(wp) = make_uint2((wv.x >> 16) | (wv.y << 16), (wv.y >> 16) | (xin << 16));
+      }
+      __syncthreads();  // wout free
+      fetch_out(l + 1);
+      arrive(ctr + 2);
+    }
+  }
+  // the last block out resets the counters for the next launch
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    if (atomicAdd(p.ctr + 3 * p.L, 1u) == (unsigned)G - 1) {
+      for (int i = 0; i <= 3 * p.L; ++i) atomicExch(p.ctr + i, 0u);
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) probe_step_3(ProbeParams p) { step<3>(p); }
+extern "C" __global__ void __launch_bounds__(THREADS, 1) probe_step_4(ProbeParams p) { step<4>(p); }
