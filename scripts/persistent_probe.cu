@@ -59,7 +59,7 @@ __device__ __forceinline__ void wait_for(const unsigned* c, unsigned target) {
 
 #define THREADS 256
 #define MAXR 8   // rows (2 * batch)
-#define MAXU 12  // state units per block (each 16 x 128 elements: one 16-byte chunk per thread)
+#define MAXU 8   // state units per block (each 16 x 128 elements: one 16-byte chunk per thread)
 
 struct ProbeParams {
   const bf16* w_in;    // (L, n_in, d)
@@ -79,7 +79,9 @@ struct ProbeParams {
   float* sumsq;        // (R, 4 * H): one sum per unit
   bf16* out;           // (R, d)
   unsigned* ctr;       // (3 * L + 1), zero on entry and on exit
+  long long* stamps;   // (L, G, 8) clock64 per block at the phases' edges, or null
   int L, R, cin_max, cout_max;
+  int sync_only;       // 1: no arithmetic, only the hand-overs (what the structure costs by itself)
   float eps;
 };
 
@@ -98,7 +100,17 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
   float* xsil = BCs + 256;  // 16
   float* zsil = xsil + 16;  // 16
   float* gsq = zsil + 16;   // 16
-  float* sd = gsq + 16;     // dt, dA, D
+  float* sd = gsq + 16;     // dt, dA, D (4)
+  // phase B's operands fetched before its wait (plain loads stored to shared memory: a thread stalls on its
+  // store, and the wait that follows covers it)
+  uint2* s_bcwin = reinterpret_cast<uint2*>(sd + 4);  // (2, 256): B/C windows of the block's first and last row
+  uint2* s_bcw = s_bcwin + 512;                        // (256) their conv weights
+  uint2* s_xwin = s_bcw + 256;                         // (MAXU, 16) x windows
+  uint2* s_xw = s_xwin + MAXU * 16;                    // (MAXU, 16) their conv weights
+  float* s_bcb = reinterpret_cast<float*>(s_xw + MAXU * 16);  // (256)
+  float* s_xb = s_bcb + 256;                           // (MAXU, 16)
+  float* s_gnw = s_xb + MAXU * 16;                     // (MAXU, 16) gated-norm weights
+  float* s_kc = s_gnw + MAXU * 16;                     // (MAXU, 4) dt_bias, A_log, D
 
   auto fetch_in = [&](int l) {
     if (l < p.L) {
@@ -116,6 +128,9 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
   };
   fetch_in(0);
   fetch_out(0);
+  const bool work = !p.sync_only;
+  long long* stamp = p.stamps ? p.stamps + (long long)cta * 8 : nullptr;
+#define STAMP(i) do { if (stamp && tid == 0) stamp[(long long)l * G * 8 + (i)] = clock64(); } while (0)
 
   for (int l = 0; l < p.L; ++l) {
     unsigned* ctr = p.ctr + 3 * l;
@@ -134,8 +149,10 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
                      : make_uint4(0, 0, 0, 0);
         }
       }
+      STAMP(0);
       if (l) wait_for(ctr - 1, G);  // the previous layer's phase C
-      if (r < R) {
+      STAMP(1);
+      if (r < R && work) {
         uint4 ov[QV];
         float4 rv[2 * QV];
 #pragma unroll
@@ -186,7 +203,8 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
       }
       cp_wait1();  // this layer's in_proj slice (the newest group is its out_proj slice)
       __syncthreads();
-      for (int j = warp; j < ncin; j += THREADS / 32) {
+      STAMP(2);
+      for (int j = warp; j < (work ? ncin : 0); j += THREADS / 32) {
         float acc[MAXR];
 #pragma unroll
         for (int rr = 0; rr < MAXR; ++rr) acc[rr] = 0.0f;
@@ -212,6 +230,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
         }
       }
       __syncthreads();  // win free
+      STAMP(3);
       fetch_in(l + 1);
       arrive(ctr + 0);
     }
@@ -226,23 +245,41 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
         st[k] = __ldcs(reinterpret_cast<const uint4*>(
             p.ssm + ((((long long)l * R + r) * H + h) * 64 + pc * 16) * 128) + tid);
       }
+      // conv windows, conv weights and per-head constants: none written by this step's earlier phases
+      const bf16* cw = p.conv_w + (long long)l * CONV * 4;
+      const bf16* cb = p.conv_b + (long long)l * CONV;
+      const int ra = u0 / U4, rb = (u0 + nu - 1) / U4;  // nu < U4: at most two rows per block
+      s_bcw[tid] = *reinterpret_cast<const uint2*>(cw + (DI + tid) * 4);
+      s_bcb[tid] = ldb(cb[DI + tid]);
+      s_bcwin[tid] = *reinterpret_cast<const uint2*>(p.conv_state + (((long long)l * R + ra) * CONV + DI + tid) * 4);
+      s_bcwin[256 + tid] = *reinterpret_cast<const uint2*>(p.conv_state + (((long long)l * R + rb) * CONV + DI + tid) * 4);
+      if (tid < MAXU * 16 && tid / 16 < nu) {
+        const int k = tid >> 4, u = u0 + k, r = u / U4, h = (u % U4) >> 2, pc = u & 3, c = h * 64 + pc * 16 + (tid & 15);
+        s_xwin[tid] = *reinterpret_cast<const uint2*>(p.conv_state + (((long long)l * R + r) * CONV + c) * 4);
+        s_xw[tid] = *reinterpret_cast<const uint2*>(cw + c * 4);
+        s_xb[tid] = ldb(cb[c]);
+        s_gnw[tid] = ldb(p.gnorm_w[(long long)l * DI + c]);
+        if ((tid & 15) == 0) {
+          s_kc[4 * k] = ldb(p.dt_bias[l * H + h]);
+          s_kc[4 * k + 1] = ldb(p.A_log[l * H + h]);
+          s_kc[4 * k + 2] = ldb(p.Dh[l * H + h]);
+        }
+      }
       wait_for(ctr + 0, G);
+      STAMP(4);
       int prev_r = -1;
 #pragma unroll
       for (int k = 0; k < MAXU; ++k) {
-        if (k >= nu) break;
+        if (k >= nu || !work) break;
         const int u = u0 + k, r = u / U4, h = (u % U4) >> 2, pc = u & 3;
         const bf16* zr = p.zxbcdt + (long long)r * NIN;
-        const bf16* cs = p.conv_state + ((long long)l * R + r) * CONV * 4;
-        const bf16* cw = p.conv_w + (long long)l * CONV * 4;
-        const bf16* cb = p.conv_b + (long long)l * CONV;
         if (r != prev_r) {  // the row's B and C (their windows are shifted in phase C)
           const int c = DI + tid;
-          const uint2 wv = *reinterpret_cast<const uint2*>(cs + c * 4);
-          const uint2 ww = *reinterpret_cast<const uint2*>(cw + c * 4);
+          const uint2 wv = s_bcwin[(r == ra ? 0 : 256) + tid];
+          const uint2 ww = s_bcw[tid];
           const float w1 = __uint_as_float(wv.x & 0xFFFF0000u), w2 = __uint_as_float(wv.y << 16),
                       w3 = __uint_as_float(wv.y & 0xFFFF0000u);
-          float acc = ldb(cb[c]);
+          float acc = s_bcb[tid];
           acc += w1 * __uint_as_float(ww.x << 16);
           acc += w2 * __uint_as_float(ww.x & 0xFFFF0000u);
           acc += w3 * __uint_as_float(ww.y << 16);
@@ -254,12 +291,12 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
         if (tid < 16) {
           const int c = ch + tid;
           bf16* wp = p.conv_state + (((long long)l * R + r) * CONV + c) * 4;
-          const uint2 wv = *reinterpret_cast<const uint2*>(wp);
-          const uint2 ww = *reinterpret_cast<const uint2*>(cw + c * 4);
+          const uint2 wv = s_xwin[16 * k + tid];
+          const uint2 ww = s_xw[16 * k + tid];
           const unsigned short xin = __ldcg(zr + DI + c);
           const float w1 = __uint_as_float(wv.x & 0xFFFF0000u), w2 = __uint_as_float(wv.y << 16),
                       w3 = __uint_as_float(wv.y & 0xFFFF0000u);
-          float acc = ldb(cb[c]);
+          float acc = s_xb[16 * k + tid];
           acc += w1 * __uint_as_float(ww.x << 16);
           acc += w2 * __uint_as_float(ww.x & 0xFFFF0000u);
           acc += w3 * __uint_as_float(ww.y << 16);
@@ -268,10 +305,10 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
           zsil[tid] = silu(ldb(__ldcg(zr + c)));
           *reinterpret_cast<uint2*>(wp) = make_uint2((wv.x >> 16) | (wv.y << 16), (wv.y >> 16) | ((unsigned)xin << 16));
         } else if (tid == 32) {
-          const float dt = softplus(ldb(__ldcg(zr + DI + CONV + h)) + ldb(p.dt_bias[l * H + h]));
+          const float dt = softplus(ldb(__ldcg(zr + DI + CONV + h)) + s_kc[4 * k]);
           sd[0] = dt;
-          sd[1] = __expf(-dt * __expf(ldb(p.A_log[l * H + h])));
-          sd[2] = ldb(p.Dh[l * H + h]);
+          sd[1] = __expf(-dt * __expf(s_kc[4 * k + 1]));
+          sd[2] = s_kc[4 * k + 2];
         }
         __syncthreads();
         const float dt = sd[0], dA = sd[1], Dv = sd[2], xv = xsil[pl], dtx = dt * xv;
@@ -289,7 +326,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
         acc += __shfl_xor_sync(0xffffffffu, acc, 1);
         if ((tid & 15) == 0) {
           const float g = (acc + Dv * xv) * zsil[pl];
-          p.y[(long long)r * DI + ch + pl] = stb(g * ldb(p.gnorm_w[(long long)l * DI + ch + pl]));
+          p.y[(long long)r * DI + ch + pl] = stb(g * s_gnw[16 * k + pl]);
           gsq[pl] = g * g;
         }
         __syncthreads();
@@ -299,16 +336,18 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
           p.sumsq[(long long)r * U4 + (u % U4)] = s;
         }
       }
+      STAMP(5);
       arrive(ctr + 1);
     }
     // ---------------- C: out_proj, B/C windows
     {
       wait_for(ctr + 1, G);
-      for (int i = tid; i < R * DI / 8; i += THREADS)
+      STAMP(6);
+      for (int i = tid; i < (work ? R * DI / 8 : 0); i += THREADS)
         reinterpret_cast<uint4*>(act)[i] = __ldcg(reinterpret_cast<const uint4*>(p.y) + i);
       cp_wait1();  // this layer's out_proj slice (the newest group is the next in_proj slice)
       __syncthreads();
-      for (int j = warp; j < ncout; j += THREADS / 32) {
+      for (int j = warp; j < (work ? ncout : 0); j += THREADS / 32) {
         float acc[MAXR];
 #pragma unroll
         for (int rr = 0; rr < MAXR; ++rr) acc[rr] = 0.0f;
@@ -333,7 +372,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
           if (lane == 0) p.out[(long long)rr * D + co0 + j] = stb(s);
         }
       }
-      for (int r = G - 1 - cta; r < R; r += G) {  // row r's B/C windows: (window[1:], new input)
+      for (int r = G - 1 - cta; r < (work ? R : 0); r += G) {  // row r's B/C windows: (window[1:], new input)
         const int c = DI + tid;
         bf16* wp = p.conv_state + (((long long)l * R + r) * CONV + c) * 4;
         const uint2 wv = *reinterpret_cast<const uint2*>(wp);
@@ -341,6 +380,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
         *reinterpret_cast<uint2*>(wp) = make_uint2((wv.x >> 16) | (wv.y << 16), (wv.y >> 16) | (xin << 16));
       }
       __syncthreads();  // wout free
+      STAMP(7);
       fetch_out(l + 1);
       arrive(ctr + 2);
     }

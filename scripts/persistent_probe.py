@@ -27,9 +27,10 @@ MAXR, THREADS = 8, 256
 class ProbeParams(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in (
         "w_in", "w_out", "conv_w", "conv_b", "dt_bias", "A_log", "Dh", "norm_w", "gnorm_w", "mods", "conv_state",
-        "ssm", "input", "residual", "zxbcdt", "y", "sumsq", "out", "ctr")] + [
+        "ssm", "input", "residual", "zxbcdt", "y", "sumsq", "out", "ctr", "stamps")] + [
         ("L", ctypes.c_int), ("R", ctypes.c_int), ("cin_max", ctypes.c_int), ("cout_max", ctypes.c_int),
-        ("eps", ctypes.c_float)]
+        ("sync_only", ctypes.c_int), ("eps", ctypes.c_float)]
+STAMPS = ["A wait", "A norm", "A in_proj", "B wait", "B state update", "C wait", "C out_proj", "to next layer"]
 
 
 def make_tensors(d: int, L: int, R: int, seed: int = 0) -> dict:
@@ -111,6 +112,8 @@ def main() -> None:
     torch.empty(1, device="cuda")
     major, minor = torch.cuda.get_device_capability()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    clock_ghz = _check(driver.cuDeviceGetAttribute(
+        driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_CLOCK_RATE, torch.cuda.current_device()), "clock") / 1e6
     cubin = compile_cubin("bfloat16", f"sm_{major}{minor}", use_cache=False, source_path=SOURCE)
     mod = _check(driver.cuModuleLoadData(cubin), "load")
     coop = driver.CUlaunchAttribute()
@@ -125,15 +128,15 @@ def main() -> None:
         di, H = 2 * d, 2 * d // 64
         nin = 2 * di + 256 + H
         cin_max, cout_max = -(-nin // sms), -(-d // sms)
-        smem = (cin_max * d + cout_max * di + MAXR * di) * 2 + (256 + 48 + 4) * 4
+        smem = (cin_max * d + cout_max * di + MAXR * di) * 2 + 12288
         _check(driver.cuFuncSetAttribute(
             fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem), "smem")
         for batch in batches:
             R = 2 * batch
             t = make_tensors(d, L, R)
             keep = {}
-            p = ProbeParams(**{k: v.data_ptr() for k, v in t.items()}, L=L, R=R, cin_max=cin_max,
-                            cout_max=cout_max, eps=1e-5)
+            p = ProbeParams(**{k: v.data_ptr() for k, v in t.items()}, stamps=None, L=L, R=R, cin_max=cin_max,
+                            cout_max=cout_max, sync_only=0, eps=1e-5)
 
             def launch():
                 holder = (ctypes.c_void_p * 1)(ctypes.addressof(p))
@@ -155,27 +158,48 @@ def main() -> None:
             errs = {k: rel(got[k], ref[k]) for k in ref}
             assert int(t["ctr"].abs().sum()) == 0, "counters not reset"
             # timing: a CUDA graph of 20 launches (the states evolve; every launch is a full step of the layers)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(20):
-                    launch()
-            g.replay()
+            def timed() -> float:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _ in range(20):
+                        launch()
+                g.replay()
+                torch.cuda.synchronize()
+                times = []
+                for _ in range(7):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record(); g.replay(); b.record(); b.synchronize()
+                    times.append(a.elapsed_time(b) * 1e3 / 20)
+                return sorted(times)[len(times) // 2]
+
+            us = timed()
+            p.sync_only = 1
+            sync_us = timed()
+            p.sync_only = 0
+            # where a layer's time goes: clock64 at the phases' edges, per block (layers 1 .. L-2)
+            stamps = torch.zeros(L, sms, 8, dtype=torch.int64, device="cuda")
+            p.stamps = stamps.data_ptr()
+            launch()
             torch.cuda.synchronize()
-            times = []
-            for _ in range(7):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record(); g.replay(); b.record(); b.synchronize()
-                times.append(a.elapsed_time(b) * 1e3 / 20)
-            us = sorted(times)[len(times) // 2]
+            p.stamps = None
+            st = stamps.double()
+            nxt = torch.cat([st[1:, :, :1], st[-1:, :, :1]], 0)  # the next layer's phase A start
+            edges = torch.cat([st, nxt], 2)
+            parts = (edges[1:-1, :, 1:] - edges[1:-1, :, :-1]).mean((0, 1)) / clock_ghz / 1e3
+            breakdown = {k: float(v) for k, v in zip(STAMPS, parts)}
             wbytes = L * (nin * d + d * di) * 2
             sbytes = 2 * L * R * (H * 64 * 128 + (di + 256) * 4) * 2
             row = {"model": name, "batch": batch, "rows": R, "layers": L, "probe_us": us, "us_per_layer": us / L,
                    "weight_MB": wbytes / 1e6, "state_MB": sbytes / 1e6,
-                   "GBps": (wbytes + sbytes) / (us * 1e-6) / 1e9, "rel_err": errs}
+                   "GBps": (wbytes + sbytes) / (us * 1e-6) / 1e9, "rel_err": errs, "sync_only_us": sync_us,
+                   "breakdown_us_per_layer": breakdown}
             print(f"{name} b{batch}: probe {us:.1f} µs per step of {L} layers ({us / L:.2f} µs/layer), "
-                  f"{row['GBps']:.0f} GB/s; rel err " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+                  f"{row['GBps']:.0f} GB/s; hand-overs alone {sync_us:.1f} µs ({sync_us / L:.2f}/layer); rel err "
+                  + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+            print("   per layer (µs, mean over blocks): " + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items()),
+                  flush=True)
             result["rows"].append(row)
-            del t, g
+            del t
             torch.cuda.empty_cache()
     if not args.no_backend:
         from aim_rt.bench import kernel_table
