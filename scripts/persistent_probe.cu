@@ -57,9 +57,61 @@ __device__ __forceinline__ void wait_for(const unsigned* c, unsigned target) {
   __syncthreads();
 }
 
+__device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
+  // rows 8..15 of A are zero (at most 8 rows): a1 = a3 = 0
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
 #define THREADS 256
+#define MAXT 5   // 8-column tiles of one block's slice of a product
 #define MAXR 8   // rows (2 * batch)
 #define MAXU 8   // state units per block (each 16 x 128 elements: one 16-byte chunk per thread)
+
+// y[r, col0 + c] = x[r, :] . w[c, :] for the block's ncols columns and R <= 8 rows, on the tensor cores: warp w
+// takes the w-th eighth of K in chunks of 32 (thread t holds k = 8t..8t+7 of both operands: the same order
+// for both, so one 16-byte load each), the eight partial tiles added through shared memory. x and w live in
+// shared memory with rows of K + 32 elements (64 bytes of padding: the 8 lanes of a 16-byte access phase fall
+// in different banks).
+template <int K>
+__device__ __forceinline__ void project(const bf16* w_s, int ncols, const bf16* x_s, int R, float* part, bf16* out,
+                                        long long out_stride, int col0) {
+  constexpr int KS = K + 32, KCH = K / 256;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int ntiles = (ncols + 7) >> 3;
+  float acc[MAXT][4];
+#pragma unroll
+  for (int j = 0; j < MAXT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+  for (int c = 0; c < KCH; ++c) {
+    const int k = warp * 32 * KCH + 32 * c + 8 * t;
+    const uint4 xa = g < R ? *reinterpret_cast<const uint4*>(x_s + g * KS + k) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int j = 0; j < MAXT; ++j) {
+      if (j >= ntiles) break;
+      const int col = 8 * j + g;
+      const uint4 w = col < ncols ? *reinterpret_cast<const uint4*>(w_s + col * KS + k) : make_uint4(0, 0, 0, 0);
+      mma_16816(acc[j], xa.x, xa.y, w.x, w.y);
+      mma_16816(acc[j], xa.z, xa.w, w.z, w.w);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < MAXT; ++j) {
+    if (j >= ntiles) break;
+    reinterpret_cast<float2*>(part)[(warp * MAXT + j) * 32 + lane] = make_float2(acc[j][0], acc[j][1]);
+  }
+  __syncthreads();
+  for (int i = tid; i < ntiles * 64; i += THREADS) {  // (tile, lane, q): row lane / 4, column 8 tile + 2 (lane % 4) + q
+    const int j = i >> 6, l = (i >> 1) & 31, q = i & 1, row = l >> 2, col = 8 * j + 2 * (l & 3) + q;
+    if (row >= R || col >= ncols) continue;
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) s += part[((w * MAXT + j) * 32 + l) * 2 + q];
+    out[(long long)row * out_stride + col0 + col] = stb(s);
+  }
+}
 
 struct ProbeParams {
   const bf16* w_in;    // (L, n_in, d)
@@ -82,6 +134,7 @@ struct ProbeParams {
   long long* stamps;   // (L, G, 8) clock64 per block at the phases' edges, or null
   int L, R, cin_max, cout_max;
   int sync_only;       // 1: no arithmetic, only the hand-overs (what the structure costs by itself)
+  int tensor;          // 1: the products on the tensor cores (project), 0: FMA dot products per warp
   float eps;
 };
 
@@ -93,10 +146,12 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
   const int cin0 = (int)((long long)cta * NIN / G), ncin = (int)((long long)(cta + 1) * NIN / G) - cin0;
   const int co0 = cta * D / G, ncout = (cta + 1) * D / G - co0;
   const int U = R * U4, u0 = cta * U / G, nu = (cta + 1) * U / G - u0;
+  constexpr int DS = D + 32, DIS = DI + 32;  // shared-memory row strides (see project)
   bf16* win = reinterpret_cast<bf16*>(smem_u4);
-  bf16* wout = win + p.cin_max * D;
-  bf16* act = wout + p.cout_max * DI;  // normed rows (R, D) in phase A, y (R, DI) in phase C
-  float* BCs = reinterpret_cast<float*>(act + MAXR * DI);  // 256: the row's B and C after the conv
+  bf16* wout = win + p.cin_max * DS;
+  bf16* act = wout + p.cout_max * DIS;  // normed rows (R, DS) in phase A, y (R, DIS) in phase C
+  float* part = reinterpret_cast<float*>(act + MAXR * DIS);  // (8, MAXT, 32, 2) project's partial tiles
+  float* BCs = part + 8 * MAXT * 64;  // 256: the row's B and C after the conv
   float* xsil = BCs + 256;  // 16
   float* zsil = xsil + 16;  // 16
   float* gsq = zsil + 16;   // 16
@@ -115,14 +170,14 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
   auto fetch_in = [&](int l) {
     if (l < p.L) {
       const bf16* src = p.w_in + ((long long)l * NIN + cin0) * D;
-      for (int i = tid; i < ncin * D / 8; i += THREADS) cp_async16(win + 8 * i, src + 8 * i);
+      for (int i = tid; i < ncin * D / 8; i += THREADS) cp_async16(win + (i / (D / 8)) * DS + 8 * (i % (D / 8)), src + 8 * i);
     }
     cp_commit();
   };
   auto fetch_out = [&](int l) {
     if (l < p.L) {
       const bf16* src = p.w_out + ((long long)l * D + co0) * DI;
-      for (int i = tid; i < ncout * DI / 8; i += THREADS) cp_async16(wout + 8 * i, src + 8 * i);
+      for (int i = tid; i < ncout * DI / 8; i += THREADS) cp_async16(wout + (i / (DI / 8)) * DIS + 8 * (i % (DI / 8)), src + 8 * i);
     }
     cp_commit();
   };
@@ -193,7 +248,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
           unpack(scv[m], sc);
 #pragma unroll
           for (int j = 0; j < 8; ++j) x[j] = rnd(res[m][j] * inv * w[j]) * (1.0f + sc[j]) + sh[j];
-          reinterpret_cast<uint4*>(act + r * D)[q] = pack(x);
+          reinterpret_cast<uint4*>(act + r * DS)[q] = pack(x);
           if (cta == 0) {
             float4* rp = reinterpret_cast<float4*>(p.residual + ((long long)((l + 1) & 1) * R + r) * D) + 2 * q;
             rp[0] = make_float4(res[m][0], res[m][1], res[m][2], res[m][3]);
@@ -204,7 +259,8 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
       cp_wait1();  // this layer's in_proj slice (the newest group is its out_proj slice)
       __syncthreads();
       STAMP(2);
-      for (int j = warp; j < (work ? ncin : 0); j += THREADS / 32) {
+      if (work && p.tensor) project<D>(win, ncin, act, R, part, p.zxbcdt, NIN, cin0);
+      for (int j = warp; j < (work && !p.tensor ? ncin : 0); j += THREADS / 32) {
         float acc[MAXR];
 #pragma unroll
         for (int rr = 0; rr < MAXR; ++rr) acc[rr] = 0.0f;
@@ -212,12 +268,12 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
         for (int m = 0; m < QV; ++m) {
           const int q = lane + 32 * m;
           float w[8];
-          unpack(reinterpret_cast<const uint4*>(win + j * D)[q], w);
+          unpack(reinterpret_cast<const uint4*>(win + j * DS)[q], w);
 #pragma unroll
           for (int rr = 0; rr < MAXR; ++rr) {
             if (rr >= R) break;
             float x[8];
-            unpack(reinterpret_cast<const uint4*>(act + rr * D)[q], x);
+            unpack(reinterpret_cast<const uint4*>(act + rr * DS)[q], x);
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[rr] = fmaf(w[e], x[e], acc[rr]);
           }
@@ -344,10 +400,11 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
       wait_for(ctr + 1, G);
       STAMP(6);
       for (int i = tid; i < (work ? R * DI / 8 : 0); i += THREADS)
-        reinterpret_cast<uint4*>(act)[i] = __ldcg(reinterpret_cast<const uint4*>(p.y) + i);
+        reinterpret_cast<uint4*>(act + (i / (DI / 8)) * DIS)[i % (DI / 8)] = __ldcg(reinterpret_cast<const uint4*>(p.y) + i);
       cp_wait1();  // this layer's out_proj slice (the newest group is the next in_proj slice)
       __syncthreads();
-      for (int j = warp; j < (work ? ncout : 0); j += THREADS / 32) {
+      if (work && p.tensor) project<DI>(wout, ncout, act, R, part, p.out, D, co0);
+      for (int j = warp; j < (work && !p.tensor ? ncout : 0); j += THREADS / 32) {
         float acc[MAXR];
 #pragma unroll
         for (int rr = 0; rr < MAXR; ++rr) acc[rr] = 0.0f;
@@ -355,12 +412,12 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
         for (int m = 0; m < 2 * QV; ++m) {
           const int q = lane + 32 * m;
           float w[8];
-          unpack(reinterpret_cast<const uint4*>(wout + j * DI)[q], w);
+          unpack(reinterpret_cast<const uint4*>(wout + j * DIS)[q], w);
 #pragma unroll
           for (int rr = 0; rr < MAXR; ++rr) {
             if (rr >= R) break;
             float x[8];
-            unpack(reinterpret_cast<const uint4*>(act + rr * DI)[q], x);
+            unpack(reinterpret_cast<const uint4*>(act + rr * DIS)[q], x);
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[rr] = fmaf(w[e], x[e], acc[rr]);
           }
