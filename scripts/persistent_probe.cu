@@ -43,14 +43,34 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
+}
+// Bulk copies (Hopper's TMA): one instruction moves a whole weight row into shared memory without the block's
+// load pipeline; completion is counted in bytes on an mbarrier.
+__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
+  asm volatile("mbarrier.init.shared.b64 [%0], 1;" :: "r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+  asm volatile("{\n\t.reg .pred p;\n\tWAIT_%=:\n\t"
+               "mbarrier.try_wait.parity.shared.b64 p, [%0], %1;\n\t@!p bra WAIT_%=;\n\t}"
+               :: "r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+}
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
   unsigned v; asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); return v;
 }
 // A phase's end: every thread's writes, then one release-add per block. Its start: one acquire poll per block.
 __device__ __forceinline__ void arrive(unsigned* c) {
   __syncthreads();
-  if (threadIdx.x == 0) { __threadfence(); atomicAdd(c, 1u); }
+  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(c) : "memory");
 }
 __device__ __forceinline__ void wait_for(const unsigned* c, unsigned target) {
   if (threadIdx.x == 0) while (ld_acquire(c) < target) {}
@@ -134,7 +154,6 @@ struct ProbeParams {
   long long* stamps;   // (L, G, 8) clock64 per block at the phases' edges, or null
   int L, R, cin_max, cout_max;
   int sync_only;       // 1: no arithmetic, only the hand-overs (what the structure costs by itself)
-  int tensor;          // 1: the products on the tensor cores (project), 0: FMA dot products per warp
   float eps;
 };
 
@@ -166,21 +185,28 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
   float* s_xb = s_bcb + 256;                           // (MAXU, 16)
   float* s_gnw = s_xb + MAXU * 16;                     // (MAXU, 16) gated-norm weights
   float* s_kc = s_gnw + MAXU * 16;                     // (MAXU, 4) dt_bias, A_log, D
+  unsigned long long* bars = reinterpret_cast<unsigned long long*>(s_kc + MAXU * 4);  // in_proj, out_proj slices
 
+  // one warp requests a slice: lane 0 announces its bytes, each lane copies rows
+  auto fetch = [&](const bf16* src, int rows, int K, int KS, bf16* dst, unsigned long long* bar) {
+    if (warp != 0) return;
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the block's reads of dst come first
+    if (lane == 0) mbar_expect(bar, rows * K * 2);
+    __syncwarp();
+    for (int j = lane; j < rows; j += 32) bulk_copy(dst + j * KS, src + (long long)j * K, K * 2, bar);
+  };
   auto fetch_in = [&](int l) {
-    if (l < p.L) {
-      const bf16* src = p.w_in + ((long long)l * NIN + cin0) * D;
-      for (int i = tid; i < ncin * D / 8; i += THREADS) cp_async16(win + (i / (D / 8)) * DS + 8 * (i % (D / 8)), src + 8 * i);
-    }
-    cp_commit();
+    if (l < p.L) fetch(p.w_in + ((long long)l * NIN + cin0) * D, ncin, D, DS, win, bars);
   };
   auto fetch_out = [&](int l) {
-    if (l < p.L) {
-      const bf16* src = p.w_out + ((long long)l * D + co0) * DI;
-      for (int i = tid; i < ncout * DI / 8; i += THREADS) cp_async16(wout + (i / (DI / 8)) * DIS + 8 * (i % (DI / 8)), src + 8 * i);
-    }
-    cp_commit();
+    if (l < p.L) fetch(p.w_out + ((long long)l * D + co0) * DI, ncout, DI, DIS, wout, bars + 1);
   };
+  if (tid == 0) {
+    mbar_init(bars);
+    mbar_init(bars + 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
   fetch_in(0);
   fetch_out(0);
   const bool work = !p.sync_only;
@@ -256,35 +282,10 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
           }
         }
       }
-      cp_wait1();  // this layer's in_proj slice (the newest group is its out_proj slice)
+      mbar_wait(bars, l & 1);  // this layer's in_proj slice
       __syncthreads();
       STAMP(2);
-      if (work && p.tensor) project<D>(win, ncin, act, R, part, p.zxbcdt, NIN, cin0);
-      for (int j = warp; j < (work && !p.tensor ? ncin : 0); j += THREADS / 32) {
-        float acc[MAXR];
-#pragma unroll
-        for (int rr = 0; rr < MAXR; ++rr) acc[rr] = 0.0f;
-#pragma unroll
-        for (int m = 0; m < QV; ++m) {
-          const int q = lane + 32 * m;
-          float w[8];
-          unpack(reinterpret_cast<const uint4*>(win + j * DS)[q], w);
-#pragma unroll
-          for (int rr = 0; rr < MAXR; ++rr) {
-            if (rr >= R) break;
-            float x[8];
-            unpack(reinterpret_cast<const uint4*>(act + rr * DS)[q], x);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[rr] = fmaf(w[e], x[e], acc[rr]);
-          }
-        }
-#pragma unroll
-        for (int rr = 0; rr < MAXR; ++rr) {
-          if (rr >= R) break;
-          const float s = warp_sum(acc[rr]);
-          if (lane == 0) p.zxbcdt[(long long)rr * NIN + cin0 + j] = stb(s);
-        }
-      }
+      if (work) project<D>(win, ncin, act, R, part, p.zxbcdt, NIN, cin0);
       __syncthreads();  // win free
       STAMP(3);
       fetch_in(l + 1);
@@ -305,23 +306,32 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
       const bf16* cw = p.conv_w + (long long)l * CONV * 4;
       const bf16* cb = p.conv_b + (long long)l * CONV;
       const int ra = u0 / U4, rb = (u0 + nu - 1) / U4;  // nu < U4: at most two rows per block
-      s_bcw[tid] = *reinterpret_cast<const uint2*>(cw + (DI + tid) * 4);
-      s_bcb[tid] = ldb(cb[DI + tid]);
-      s_bcwin[tid] = *reinterpret_cast<const uint2*>(p.conv_state + (((long long)l * R + ra) * CONV + DI + tid) * 4);
-      s_bcwin[256 + tid] = *reinterpret_cast<const uint2*>(p.conv_state + (((long long)l * R + rb) * CONV + DI + tid) * 4);
-      if (tid < MAXU * 16 && tid / 16 < nu) {
+      cp_async8(s_bcw + tid, cw + (DI + tid) * 4);
+      cp_async8(s_bcwin + tid, p.conv_state + (((long long)l * R + ra) * CONV + DI + tid) * 4);
+      cp_async8(s_bcwin + 256 + tid, p.conv_state + (((long long)l * R + rb) * CONV + DI + tid) * 4);
+      const float bcb = ldb(cb[DI + tid]);
+      float xb = 0.0f, gw = 0.0f, k0 = 0.0f, k1 = 0.0f, k2 = 0.0f;
+      const bool mine = tid < MAXU * 16 && tid / 16 < nu;
+      if (mine) {
         const int k = tid >> 4, u = u0 + k, r = u / U4, h = (u % U4) >> 2, pc = u & 3, c = h * 64 + pc * 16 + (tid & 15);
-        s_xwin[tid] = *reinterpret_cast<const uint2*>(p.conv_state + (((long long)l * R + r) * CONV + c) * 4);
-        s_xw[tid] = *reinterpret_cast<const uint2*>(cw + c * 4);
-        s_xb[tid] = ldb(cb[c]);
-        s_gnw[tid] = ldb(p.gnorm_w[(long long)l * DI + c]);
-        if ((tid & 15) == 0) {
-          s_kc[4 * k] = ldb(p.dt_bias[l * H + h]);
-          s_kc[4 * k + 1] = ldb(p.A_log[l * H + h]);
-          s_kc[4 * k + 2] = ldb(p.Dh[l * H + h]);
-        }
+        cp_async8(s_xwin + tid, p.conv_state + (((long long)l * R + r) * CONV + c) * 4);
+        cp_async8(s_xw + tid, cw + c * 4);
+        xb = ldb(cb[c]);
+        gw = ldb(p.gnorm_w[(long long)l * DI + c]);
+        k0 = ldb(p.dt_bias[l * H + h]);
+        k1 = ldb(p.A_log[l * H + h]);
+        k2 = ldb(p.Dh[l * H + h]);
       }
+      cp_commit();
       wait_for(ctr + 0, G);
+      s_bcb[tid] = bcb;
+      if (mine) {
+        s_xb[tid] = xb;
+        s_gnw[tid] = gw;
+        if ((tid & 15) == 0) { s_kc[4 * (tid >> 4)] = k0; s_kc[4 * (tid >> 4) + 1] = k1; s_kc[4 * (tid >> 4) + 2] = k2; }
+      }
+      cp_wait_all();
+      __syncthreads();
       STAMP(4);
       int prev_r = -1;
 #pragma unroll
@@ -401,34 +411,9 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
       STAMP(6);
       for (int i = tid; i < (work ? R * DI / 8 : 0); i += THREADS)
         reinterpret_cast<uint4*>(act + (i / (DI / 8)) * DIS)[i % (DI / 8)] = __ldcg(reinterpret_cast<const uint4*>(p.y) + i);
-      cp_wait1();  // this layer's out_proj slice (the newest group is the next in_proj slice)
+      mbar_wait(bars + 1, l & 1);  // this layer's out_proj slice
       __syncthreads();
-      if (work && p.tensor) project<DI>(wout, ncout, act, R, part, p.out, D, co0);
-      for (int j = warp; j < (work && !p.tensor ? ncout : 0); j += THREADS / 32) {
-        float acc[MAXR];
-#pragma unroll
-        for (int rr = 0; rr < MAXR; ++rr) acc[rr] = 0.0f;
-#pragma unroll
-        for (int m = 0; m < 2 * QV; ++m) {
-          const int q = lane + 32 * m;
-          float w[8];
-          unpack(reinterpret_cast<const uint4*>(wout + j * DIS)[q], w);
-#pragma unroll
-          for (int rr = 0; rr < MAXR; ++rr) {
-            if (rr >= R) break;
-            float x[8];
-            unpack(reinterpret_cast<const uint4*>(act + rr * DIS)[q], x);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[rr] = fmaf(w[e], x[e], acc[rr]);
-          }
-        }
-#pragma unroll
-        for (int rr = 0; rr < MAXR; ++rr) {
-          if (rr >= R) break;
-          const float s = warp_sum(acc[rr]);
-          if (lane == 0) p.out[(long long)rr * D + co0 + j] = stb(s);
-        }
-      }
+      if (work) project<DI>(wout, ncout, act, R, part, p.out, D, co0);
       for (int r = G - 1 - cta; r < (work ? R : 0); r += G) {  // row r's B/C windows: (window[1:], new input)
         const int c = DI + tid;
         bf16* wp = p.conv_state + (((long long)l * R + r) * CONV + c) * 4;
