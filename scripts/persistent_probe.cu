@@ -186,6 +186,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
   float* s_gnw = s_xb + MAXU * 16;                     // (MAXU, 16) gated-norm weights
   float* s_kc = s_gnw + MAXU * 16;                     // (MAXU, 4) dt_bias, A_log, D
   unsigned long long* bars = reinterpret_cast<unsigned long long*>(s_kc + MAXU * 4);  // in_proj, out_proj slices
+  bf16* s_state = reinterpret_cast<bf16*>(bars + 2);  // (MAXU, 16 * 128) the block's state units
 
   // one warp requests a slice: lane 0 announces its bytes, each lane copies rows
   auto fetch = [&](const bf16* src, int rows, int K, int KS, bf16* dst, unsigned long long* bar) {
@@ -215,6 +216,33 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
 
   for (int l = 0; l < p.L; ++l) {
     unsigned* ctr = p.ctr + 3 * l;
+    // phase B's operands, requested before phase A's wait (none is written by this step's earlier phases: the
+    // state and the windows were last written one step ago), so their DRAM latency hides under two hand-overs
+    for (int k = 0; k < nu; ++k) {
+      const int u = u0 + k, r = u / U4, h = (u % U4) >> 2, pc = u & 3;
+      cp_async16(s_state + k * 2048 + tid * 8, p.ssm + ((((long long)l * R + r) * H + h) * 64 + pc * 16) * 128 + tid * 8);
+    }
+    // conv windows, conv weights and per-head constants: none written by this step's earlier phases
+    const bf16* cw = p.conv_w + (long long)l * CONV * 4;
+    const bf16* cb = p.conv_b + (long long)l * CONV;
+    const int ra = u0 / U4, rb = (u0 + nu - 1) / U4;  // nu < U4: at most two rows per block
+    cp_async8(s_bcw + tid, cw + (DI + tid) * 4);
+    cp_async8(s_bcwin + tid, p.conv_state + (((long long)l * R + ra) * CONV + DI + tid) * 4);
+    cp_async8(s_bcwin + 256 + tid, p.conv_state + (((long long)l * R + rb) * CONV + DI + tid) * 4);
+    const float bcb = ldb(cb[DI + tid]);
+    float xb = 0.0f, gw = 0.0f, k0 = 0.0f, k1 = 0.0f, k2 = 0.0f;
+    const bool mine = tid < MAXU * 16 && tid / 16 < nu;
+    if (mine) {
+      const int k = tid >> 4, u = u0 + k, r = u / U4, h = (u % U4) >> 2, pc = u & 3, c = h * 64 + pc * 16 + (tid & 15);
+      cp_async8(s_xwin + tid, p.conv_state + (((long long)l * R + r) * CONV + c) * 4);
+      cp_async8(s_xw + tid, cw + c * 4);
+      xb = ldb(cb[c]);
+      gw = ldb(p.gnorm_w[(long long)l * DI + c]);
+      k0 = ldb(p.dt_bias[l * H + h]);
+      k1 = ldb(p.A_log[l * H + h]);
+      k2 = ldb(p.Dh[l * H + h]);
+    }
+    cp_commit();
     // ---------------- A: residual + norm (all rows, warp r = row r), then in_proj
     {
       uint4 nwv[QV], shv[QV], scv[QV], gtv[QV];
@@ -293,36 +321,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
     }
     // ---------------- B: the state update
     {
-      uint4 st[MAXU];
       const int pl = tid >> 4, n0 = (tid & 15) * 8;
-#pragma unroll
-      for (int k = 0; k < MAXU; ++k) {
-        if (k >= nu) break;
-        const int u = u0 + k, r = u / U4, h = (u % U4) >> 2, pc = u & 3;
-        st[k] = __ldcs(reinterpret_cast<const uint4*>(
-            p.ssm + ((((long long)l * R + r) * H + h) * 64 + pc * 16) * 128) + tid);
-      }
-      // conv windows, conv weights and per-head constants: none written by this step's earlier phases
-      const bf16* cw = p.conv_w + (long long)l * CONV * 4;
-      const bf16* cb = p.conv_b + (long long)l * CONV;
-      const int ra = u0 / U4, rb = (u0 + nu - 1) / U4;  // nu < U4: at most two rows per block
-      cp_async8(s_bcw + tid, cw + (DI + tid) * 4);
-      cp_async8(s_bcwin + tid, p.conv_state + (((long long)l * R + ra) * CONV + DI + tid) * 4);
-      cp_async8(s_bcwin + 256 + tid, p.conv_state + (((long long)l * R + rb) * CONV + DI + tid) * 4);
-      const float bcb = ldb(cb[DI + tid]);
-      float xb = 0.0f, gw = 0.0f, k0 = 0.0f, k1 = 0.0f, k2 = 0.0f;
-      const bool mine = tid < MAXU * 16 && tid / 16 < nu;
-      if (mine) {
-        const int k = tid >> 4, u = u0 + k, r = u / U4, h = (u % U4) >> 2, pc = u & 3, c = h * 64 + pc * 16 + (tid & 15);
-        cp_async8(s_xwin + tid, p.conv_state + (((long long)l * R + r) * CONV + c) * 4);
-        cp_async8(s_xw + tid, cw + c * 4);
-        xb = ldb(cb[c]);
-        gw = ldb(p.gnorm_w[(long long)l * DI + c]);
-        k0 = ldb(p.dt_bias[l * H + h]);
-        k1 = ldb(p.A_log[l * H + h]);
-        k2 = ldb(p.Dh[l * H + h]);
-      }
-      cp_commit();
       wait_for(ctr + 0, G);
       s_bcb[tid] = bcb;
       if (mine) {
@@ -379,7 +378,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
         __syncthreads();
         const float dt = sd[0], dA = sd[1], Dv = sd[2], xv = xsil[pl], dtx = dt * xv;
         float hv[8], acc = 0.0f;
-        unpack(st[k], hv);
+        unpack(reinterpret_cast<const uint4*>(s_state + k * 2048)[tid], hv);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           hv[j] = fmaf(dtx, BCs[n0 + j], hv[j] * dA);

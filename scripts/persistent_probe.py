@@ -128,7 +128,7 @@ def main() -> None:
         di, H = 2 * d, 2 * d // 64
         nin = 2 * di + 256 + H
         cin_max, cout_max = -(-nin // sms), -(-d // sms)
-        smem = (cin_max * (d + 32) + cout_max * (di + 32) + MAXR * (di + 32)) * 2 + 8 * MAXT * 64 * 4 + 12288 + 16
+        smem = (cin_max * (d + 32) + cout_max * (di + 32) + MAXR * (di + 32)) * 2 + 8 * MAXT * 64 * 4 + 12288 + 16 + 8 * 4096
         _check(driver.cuFuncSetAttribute(
             fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem), "smem")
         for batch in batches:
