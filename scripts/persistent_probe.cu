@@ -153,7 +153,7 @@ struct ProbeParams {
   unsigned* ctr;       // (3 * L + 1), zero on entry and on exit
   long long* stamps;   // (L, G, 8) clock64 per block at the phases' edges, or null
   int L, R, cin_max, cout_max;
-  int sync_only;       // 1: no arithmetic, only the hand-overs (what the structure costs by itself)
+  int sync_only;       // 1: no arithmetic, only the hand-overs and the data fetched ahead; 2: the hand-overs alone
   float eps;
 };
 
@@ -196,11 +196,12 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
     __syncwarp();
     for (int j = lane; j < rows; j += 32) bulk_copy(dst + j * KS, src + (long long)j * K, K * 2, bar);
   };
+  const bool moves = p.sync_only < 2;
   auto fetch_in = [&](int l) {
-    if (l < p.L) fetch(p.w_in + ((long long)l * NIN + cin0) * D, ncin, D, DS, win, bars);
+    if (l < p.L && moves) fetch(p.w_in + ((long long)l * NIN + cin0) * D, ncin, D, DS, win, bars);
   };
   auto fetch_out = [&](int l) {
-    if (l < p.L) fetch(p.w_out + ((long long)l * D + co0) * DI, ncout, DI, DIS, wout, bars + 1);
+    if (l < p.L && moves) fetch(p.w_out + ((long long)l * D + co0) * DI, ncout, DI, DIS, wout, bars + 1);
   };
   if (tid == 0) {
     mbar_init(bars);
@@ -218,7 +219,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
     unsigned* ctr = p.ctr + 3 * l;
     // phase B's operands, requested before phase A's wait (none is written by this step's earlier phases: the
     // state and the windows were last written one step ago), so their DRAM latency hides under two hand-overs
-    for (int k = 0; k < nu; ++k) {
+    for (int k = 0; k < (moves ? nu : 0); ++k) {
       const int u = u0 + k, r = u / U4, h = (u % U4) >> 2, pc = u & 3;
       cp_async16(s_state + k * 2048 + tid * 8, p.ssm + ((((long long)l * R + r) * H + h) * 64 + pc * 16) * 128 + tid * 8);
     }
@@ -226,12 +227,14 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
     const bf16* cw = p.conv_w + (long long)l * CONV * 4;
     const bf16* cb = p.conv_b + (long long)l * CONV;
     const int ra = u0 / U4, rb = (u0 + nu - 1) / U4;  // nu < U4: at most two rows per block
-    cp_async8(s_bcw + tid, cw + (DI + tid) * 4);
-    cp_async8(s_bcwin + tid, p.conv_state + (((long long)l * R + ra) * CONV + DI + tid) * 4);
-    cp_async8(s_bcwin + 256 + tid, p.conv_state + (((long long)l * R + rb) * CONV + DI + tid) * 4);
-    const float bcb = ldb(cb[DI + tid]);
+    if (moves) {
+      cp_async8(s_bcw + tid, cw + (DI + tid) * 4);
+      cp_async8(s_bcwin + tid, p.conv_state + (((long long)l * R + ra) * CONV + DI + tid) * 4);
+      cp_async8(s_bcwin + 256 + tid, p.conv_state + (((long long)l * R + rb) * CONV + DI + tid) * 4);
+    }
+    const float bcb = moves ? ldb(cb[DI + tid]) : 0.0f;
     float xb = 0.0f, gw = 0.0f, k0 = 0.0f, k1 = 0.0f, k2 = 0.0f;
-    const bool mine = tid < MAXU * 16 && tid / 16 < nu;
+    const bool mine = tid < MAXU * 16 && tid / 16 < nu && moves;
     if (mine) {
       const int k = tid >> 4, u = u0 + k, r = u / U4, h = (u % U4) >> 2, pc = u & 3, c = h * 64 + pc * 16 + (tid & 15);
       cp_async8(s_xwin + tid, p.conv_state + (((long long)l * R + r) * CONV + c) * 4);
@@ -310,7 +313,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
           }
         }
       }
-      mbar_wait(bars, l & 1);  // this layer's in_proj slice
+      if (moves) mbar_wait(bars, l & 1);  // this layer's in_proj slice
       __syncthreads();
       STAMP(2);
       if (work) project<D>(win, ncin, act, R, part, p.zxbcdt, NIN, cin0);
@@ -410,7 +413,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
       STAMP(6);
       for (int i = tid; i < (work ? R * DI / 8 : 0); i += THREADS)
         reinterpret_cast<uint4*>(act + (i / (DI / 8)) * DIS)[i % (DI / 8)] = __ldcg(reinterpret_cast<const uint4*>(p.y) + i);
-      mbar_wait(bars + 1, l & 1);  // this layer's out_proj slice
+      if (moves) mbar_wait(bars + 1, l & 1);  // this layer's out_proj slice
       __syncthreads();
       if (work) project<DI>(wout, ncout, act, R, part, p.out, D, co0);
       for (int r = G - 1 - cta; r < (work ? R : 0); r += G) {  // row r's B/C windows: (window[1:], new input)

@@ -175,6 +175,8 @@ def main() -> None:
             us = timed()
             p.sync_only = 1
             sync_us = timed()
+            p.sync_only = 2
+            bare_us = timed()
             p.sync_only = 0
             # where a layer's time goes: clock64 at the phases' edges, per block (layers 1 .. L-2)
             stamps = torch.zeros(L, sms, 8, dtype=torch.int64, device="cuda")
@@ -191,10 +193,11 @@ def main() -> None:
             sbytes = 2 * L * R * (H * 64 * 128 + (di + 256) * 4) * 2
             row = {"model": name, "batch": batch, "rows": R, "layers": L, "probe_us": us, "us_per_layer": us / L,
                    "weight_MB": wbytes / 1e6, "state_MB": sbytes / 1e6,
-                   "GBps": (wbytes + sbytes) / (us * 1e-6) / 1e9, "rel_err": errs, "sync_only_us": sync_us,
+                   "GBps": (wbytes + sbytes) / (us * 1e-6) / 1e9, "rel_err": errs, "sync_only_us": sync_us, "handovers_only_us": bare_us,
                    "breakdown_us_per_layer": breakdown}
             print(f"{name} b{batch}: probe {us:.1f} µs per step of {L} layers ({us / L:.2f} µs/layer), "
-                  f"{row['GBps']:.0f} GB/s; hand-overs alone {sync_us:.1f} µs ({sync_us / L:.2f}/layer); rel err "
+                  f"{row['GBps']:.0f} GB/s; no arithmetic {sync_us:.1f} µs ({sync_us / L:.2f}/layer), "
+                  f"hand-overs alone {bare_us:.1f} µs ({bare_us / L:.2f}/layer); rel err "
                   + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
             print("   per layer (µs, mean over blocks): " + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items()),
                   flush=True)
