@@ -817,9 +817,6 @@ struct SampleShared {
   unsigned part32[32], klo[32], khi[32];
   unsigned long long part64[32];
   unsigned cand[NCAND];
-  unsigned short cown[NCAND];          // the thread that holds each top-p boundary-bin candidate
-  unsigned long long cex[NCAND];       // its weight if the top-p cut excludes it, else 0
-  unsigned long long ex;               // their sum
   SelectOut sel;
   int nc;       // top-p boundary-bin entries gathered into cand
   int token, k;
@@ -1049,8 +1046,7 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
   // The usual top-p boundary bin holds one entry of positive weight: that entry is the cut whatever `need`
   // (1 <= need <= its weight), so the entries kept are those of positive weight in bins <= bp, and the draw's
   // scan goes ahead without finding the cut. The bin's entries go to sh.cand on the way (their count and keys
-  // published by the scan's barrier); with more than one, the cut is resolved from them and the prefixes
-  // corrected where the draw can fall (with more than NCAND, refined and the scan repeated).
+  // published by the scan's barrier); with more than one, the cut is resolved from them and the scan repeated.
   unsigned long long local = 0, total;
 #pragma unroll
   for (int j = 0; j < NPER; ++j) {
@@ -1062,7 +1058,7 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
         local += bj <= bp ? wj : 0ull;
         if (bj == bp) {
           const int slot = atomicAdd(&sh.nc, 1);
-          if (slot < NCAND) { sh.cand[slot] = key[j]; sh.cown[slot] = (unsigned short)tid; }
+          if (slot < NCAND) sh.cand[slot] = key[j];
         }
       }
     } else if (key[j] >= cut) {
@@ -1070,52 +1066,26 @@ __device__ __forceinline__ int finish(const unsigned (&key)[NPER], KeyOf key_of,
     }
   }
   unsigned long long before = block_excl_scan<unsigned long long>(local, sh.part64, total);
-  unsigned long long target;
   if (by_bin && sh.nc != 1) {
     by_bin = false;
     const int nc = sh.nc;
     if (nc <= NCAND) {
-      // The cut among the bin's candidates, and what it drops: their weights (and whose they are). The mass
-      // kept is the scan's less the dropped, and a thread's kept prefix is its scanned one less what threads
-      // before it dropped; that prefix is needed only where the draw can fall, so no second scan is made.
       if (warp == 0) {
         const unsigned c = resolve_warp<true>(sh.cand, nc, need, mx);
-        const unsigned kl = lane < nc ? sh.cand[lane] : 0u;
-        unsigned long long ex = lane < nc && kl < c ? fixed_weight(kl, mx) : 0ull;
-        if (lane < nc) sh.cex[lane] = ex;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ex += __shfl_xor_sync(0xffffffffu, ex, o);
-        if (lane == 0) { sh.key = c; sh.ex = ex; }
+        if (lane == 0) sh.key = c;
       }
       __syncthreads();
       cut = sh.key;
-      const unsigned long long dropped = sh.ex;
-      total -= dropped;
-      target = (unsigned long long)((double)total * (double)sh.u);
-      // this thread's kept interval lies within [before - dropped, before + local): test it exactly only if
-      // that can hold the target
-      if (before <= target + dropped && target < before + local) {
-        unsigned long long earlier = 0, own = 0;
-        for (int i = 0; i < nc; ++i) {
-          const int o = sh.cown[i];
-          if (o < tid) earlier += sh.cex[i];
-          else if (o == tid) own += sh.cex[i];
-        }
-        before -= earlier;
-        local -= own;
-      }
     } else {
       cut = refine<true>(key_of, cnt, bp, map, kth, need, hist64, sh);
-      local = 0;
-#pragma unroll
-      for (int j = 0; j < NPER; ++j)
-        if (j < cnt && key[j] >= cut) local += weight(j);
-      before = block_excl_scan<unsigned long long>(local, sh.part64, total);
-      target = (unsigned long long)((double)total * (double)sh.u);
     }
-  } else {
-    target = (unsigned long long)((double)total * (double)sh.u);
+    local = 0;
+#pragma unroll
+    for (int j = 0; j < NPER; ++j)
+      if (j < cnt && key[j] >= cut) local += weight(j);
+    before = block_excl_scan<unsigned long long>(local, sh.part64, total);
   }
+  const unsigned long long target = (unsigned long long)((double)total * (double)sh.u);
   int mine = -1;
   if (before <= target && target < before + local) {
     unsigned long long run = before;
