@@ -231,15 +231,26 @@ __device__ __forceinline__ void unpack8(const unsigned (&u)[WORDS8], float (&f)[
 #endif
   }
 }
+#if ELEM_KIND != 0
+// Two values rounded to the 16-bit type in one 32-bit word, `lo` first in memory: one cvt rounds both, as two
+// cvt.rn.{f16,bf16}.f32 would.
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  unsigned u;
+#if ELEM_KIND == 1
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(u) : "f"(hi), "f"(lo));
+#else
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u) : "f"(hi), "f"(lo));
+#endif
+  return u;
+}
+#endif
 __device__ __forceinline__ void pack8(const float (&f)[VEC], unsigned (&u)[WORDS8]) {
 #pragma unroll
   for (int q = 0; q < WORDS8; ++q) {
 #if ELEM_KIND == 0
     u[q] = __float_as_uint(f[q]);
-#elif ELEM_KIND == 1  // one cvt rounds two values, as two cvt.rn.f16.f32 would
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(u[q]) : "f"(f[2 * q + 1]), "f"(f[2 * q]));
 #else
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u[q]) : "f"(f[2 * q + 1]), "f"(f[2 * q]));
+    u[q] = pack2(f[2 * q], f[2 * q + 1]);
 #endif
   }
 }
@@ -1625,10 +1636,7 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p) {
     }
     elem_t* dst = p.y + (long long)r * p.y_stride + col;
     if (col + 3 < p.n && ((unsigned long long)dst & 7) == 0) {  // four results in one 8-byte store
-      uint2 u;
-      asm("mov.b32 %0, {%1, %2};" : "=r"(u.x) : "h"(st(sum.x)), "h"(st(sum.y)));
-      asm("mov.b32 %0, {%1, %2};" : "=r"(u.y) : "h"(st(sum.z)), "h"(st(sum.w)));
-      *reinterpret_cast<uint2*>(dst) = u;
+      *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(sum.x, sum.y), pack2(sum.z, sum.w));
     } else if (col + 3 < p.n) {
       dst[0] = st(sum.x); dst[1] = st(sum.y); dst[2] = st(sum.z); dst[3] = st(sum.w);
     } else {
