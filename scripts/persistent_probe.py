@@ -3,8 +3,10 @@
 Random bf16 weights at AiM-B / AiM-L shapes. The probe kernel runs every layer of the backbone in one launch (one
 256-thread block per SM, phases handed over by counters, next layer's weights streamed into shared memory under
 the hand-overs). First its outputs are checked against the same arithmetic in torch (float32 on the GPU, TF32
-off); then it is timed in a CUDA graph, and, in the same process, `aim-rt bench --kernels`' numbers for the
-cuda backend's step (its layers = the step less final norm, lm_head and sampler). Prints a table, writes JSON.
+off); then it is timed in a CUDA graph (also without arithmetic, and with the hand-overs alone: no data moved),
+its phases stamped with clock64 per block, and, in the same process, `aim-rt bench --kernels`' numbers for the
+cuda backend's step (its layers = the step less final norm, lm_head and sampler). Prints lines, writes JSON.
+Needs a Hopper GPU (bulk copies).
 
 Usage: python scripts/persistent_probe.py [--models AiM-B,AiM-L] [--batches 1,4] [--out FILE] [--no-backend]
 """
