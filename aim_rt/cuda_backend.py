@@ -90,6 +90,16 @@ CUDNN_WARMUP = True  # False: no warm-up (scripts/cold_start.py --no-cudnn-warmu
 _CUDNN_THREADS: dict[int, threading.Thread] = {}
 
 
+def timing_passes(kind: str, launches: int, reps: int, min_launches: int, num_tokens: int) -> int:
+    """How many passes over a kind's `launches` per step `op_timings` captures in one graph: at least `reps`, and
+    at least `min_launches` launches in all; the sampler's passes each advance the token index, so they stay
+    inside the position table (num_tokens - 1)."""
+    passes = max(reps, -(-min_launches // launches))
+    if kind == "sample":
+        passes = min(passes, num_tokens - 1)
+    return passes
+
+
 def _cuda_index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
@@ -316,9 +326,7 @@ class CudaBackend:
             graph = torch.cuda.CUDAGraph()
             for fn in launches:  # warm-up outside the capture (cuBLAS picks its kernels)
                 fn()
-            passes = max(reps, -(-min_launches // len(launches)))
-            if kind == "sample":  # each pass advances the token index: stay inside the position table
-                passes = min(passes, self.config.num_tokens - 1)
+            passes = timing_passes(kind, len(launches), reps, min_launches, self.config.num_tokens)
             with torch.cuda.graph(graph):
                 for _ in range(passes):
                     for fn in launches:

@@ -26,3 +26,20 @@ def test_bench_without_gpu_is_a_clear_error():
         pytest.skip("a GPU is present")
     res = CliRunner().invoke(app, ["bench"])
     assert res.exit_code == 2 and "no CUDA GPU" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("kind, launches, num_tokens, expected", [
+    ("in_proj", 24, 256, 20),     # 480 launches already: the 20 passes over every layer stand
+    ("in_proj", 48, 256, 20),
+    ("lm_head", 1, 256, 200),     # once per step: 200 launches, not 20 (a graph launch's cost would weigh)
+    ("final_norm", 1, 256, 200),
+    ("residual_norm", 3, 256, 67),  # ceil(200 / 3)
+    ("sample", 1, 256, 200),
+    ("sample", 1, 64, 63),        # each pass advances the token index: within the position table
+])
+def test_kernel_table_times_enough_launches(kind, launches, num_tokens, expected):
+    from aim_rt.cuda_backend import timing_passes
+
+    passes = timing_passes(kind, launches, reps=20, min_launches=200, num_tokens=num_tokens)
+    assert passes == expected
+    assert passes * launches >= (200 if kind != "sample" or num_tokens > 200 else num_tokens - 1)
