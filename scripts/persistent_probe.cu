@@ -16,39 +16,19 @@
 // bench/results/persistent_probe_v*): slower than the chain of kernels it would replace (AiM-B batch 1: 12.2 µs
 // per layer against 11.4); its hand-overs alone cost 1.1 µs each.
 
-typedef unsigned short bf16;
-__device__ __forceinline__ float ldb(bf16 v) { return __uint_as_float(((unsigned)v) << 16); }
-__device__ __forceinline__ bf16 stb(float f) { bf16 v; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
-__device__ __forceinline__ float rnd(float f) { return ldb(stb(f)); }
+// Compiled after plugins/aim_kernels.cu built with AIM_PARTS=0 and ELEM_KIND=2 (bf16), whose helpers it uses:
+// ld / st (bf16 <-> float), unpack8 / pack8, silu, softplus, warp_sum, smem_addr, cp_async16, copy_window,
+// cp_async_commit / cp_async_wait, mma_16816 (scripts/persistent_probe.py joins the two sources).
+typedef elem_t bf16;
+__device__ __forceinline__ float rnd(float f) { return ld(st(f)); }
 __device__ __forceinline__ void unpack(const uint4& u, float (&f)[8]) {
   const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int q = 0; q < 4; ++q) { f[2 * q] = __uint_as_float(w[q] << 16); f[2 * q + 1] = __uint_as_float(w[q] & 0xFFFF0000u); }
-}
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-  unsigned u; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u) : "f"(hi), "f"(lo)); return u;
+  unpack8(w, f);
 }
 __device__ __forceinline__ uint4 pack(const float (&f)[8]) {
-  return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
-}
-__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
-__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
+  unsigned w[4];
+  pack8(f, w);
+  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 // Bulk copies (Hopper's TMA): one instruction moves a whole weight row into shared memory without the block's
 // load pipeline; completion is counted in bytes on an mbarrier.
@@ -80,14 +60,6 @@ __device__ __forceinline__ void wait_for(const unsigned* c, unsigned target) {
   __syncthreads();
 }
 
-__device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
-  // rows 8..15 of A are zero (at most 8 rows): a1 = a3 = 0
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-}
-
 #define THREADS 256
 #define MAXT 5   // 8-column tiles of one block's slice of a product
 #define MAXR 8   // rows (2 * batch)
@@ -116,8 +88,8 @@ __device__ __forceinline__ void project(const bf16* w_s, int ncols, const bf16* 
       if (j >= ntiles) break;
       const int col = 8 * j + g;
       const uint4 w = col < ncols ? *reinterpret_cast<const uint4*>(w_s + col * KS + k) : make_uint4(0, 0, 0, 0);
-      mma_16816(acc[j], xa.x, xa.y, w.x, w.y);
-      mma_16816(acc[j], xa.z, xa.w, w.z, w.w);
+      mma_16816(acc[j], xa.x, 0u, xa.y, 0u, w.x, w.y);  // rows 8..15 of x are zero
+      mma_16816(acc[j], xa.z, 0u, xa.w, 0u, w.z, w.w);
     }
   }
 #pragma unroll
@@ -132,7 +104,7 @@ __device__ __forceinline__ void project(const bf16* w_s, int ncols, const bf16* 
     float s = 0.0f;
 #pragma unroll
     for (int w = 0; w < 8; ++w) s += part[((w * MAXT + j) * 32 + l) * 2 + q];
-    out[(long long)row * out_stride + col0 + col] = stb(s);
+    out[(long long)row * out_stride + col0 + col] = st(s);
   }
 }
 
@@ -231,24 +203,24 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
     const bf16* cb = p.conv_b + (long long)l * CONV;
     const int ra = u0 / U4, rb = (u0 + nu - 1) / U4;  // nu < U4: at most two rows per block
     if (moves) {
-      cp_async8(s_bcw + tid, cw + (DI + tid) * 4);
-      cp_async8(s_bcwin + tid, p.conv_state + (((long long)l * R + ra) * CONV + DI + tid) * 4);
-      cp_async8(s_bcwin + 256 + tid, p.conv_state + (((long long)l * R + rb) * CONV + DI + tid) * 4);
+      copy_window((bf16*)(s_bcw + tid), cw + (DI + tid) * 4, 4);
+      copy_window((bf16*)(s_bcwin + tid), p.conv_state + (((long long)l * R + ra) * CONV + DI + tid) * 4, 4);
+      copy_window((bf16*)(s_bcwin + 256 + tid), p.conv_state + (((long long)l * R + rb) * CONV + DI + tid) * 4, 4);
     }
-    const float bcb = moves ? ldb(cb[DI + tid]) : 0.0f;
+    const float bcb = moves ? ld(cb[DI + tid]) : 0.0f;
     float xb = 0.0f, gw = 0.0f, k0 = 0.0f, k1 = 0.0f, k2 = 0.0f;
     const bool mine = tid < MAXU * 16 && tid / 16 < nu && moves;
     if (mine) {
       const int k = tid >> 4, u = u0 + k, r = u / U4, h = (u % U4) >> 2, pc = u & 3, c = h * 64 + pc * 16 + (tid & 15);
-      cp_async8(s_xwin + tid, p.conv_state + (((long long)l * R + r) * CONV + c) * 4);
-      cp_async8(s_xw + tid, cw + c * 4);
-      xb = ldb(cb[c]);
-      gw = ldb(p.gnorm_w[(long long)l * DI + c]);
-      k0 = ldb(p.dt_bias[l * H + h]);
-      k1 = ldb(p.A_log[l * H + h]);
-      k2 = ldb(p.Dh[l * H + h]);
+      copy_window((bf16*)(s_xwin + tid), p.conv_state + (((long long)l * R + r) * CONV + c) * 4, 4);
+      copy_window((bf16*)(s_xw + tid), cw + c * 4, 4);
+      xb = ld(cb[c]);
+      gw = ld(p.gnorm_w[(long long)l * DI + c]);
+      k0 = ld(p.dt_bias[l * H + h]);
+      k1 = ld(p.A_log[l * H + h]);
+      k2 = ld(p.Dh[l * H + h]);
     }
-    cp_commit();
+    cp_async_commit();
     // ---------------- A: residual + norm (all rows, warp r = row r), then in_proj
     {
       uint4 nwv[QV], shv[QV], scv[QV], gtv[QV];
@@ -335,7 +307,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
         s_gnw[tid] = gw;
         if ((tid & 15) == 0) { s_kc[4 * (tid >> 4)] = k0; s_kc[4 * (tid >> 4) + 1] = k1; s_kc[4 * (tid >> 4) + 2] = k2; }
       }
-      cp_wait_all();
+      cp_async_wait<0>();
       __syncthreads();
       STAMP(4);
       int prev_r = -1;
@@ -354,7 +326,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
           acc += w1 * __uint_as_float(ww.x << 16);
           acc += w2 * __uint_as_float(ww.x & 0xFFFF0000u);
           acc += w3 * __uint_as_float(ww.y << 16);
-          acc += ldb(__ldcg(zr + DI + c)) * __uint_as_float(ww.y & 0xFFFF0000u);
+          acc += ld(__ldcg(zr + DI + c)) * __uint_as_float(ww.y & 0xFFFF0000u);
           BCs[tid] = silu(acc);
           prev_r = r;
         }
@@ -371,12 +343,12 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
           acc += w1 * __uint_as_float(ww.x << 16);
           acc += w2 * __uint_as_float(ww.x & 0xFFFF0000u);
           acc += w3 * __uint_as_float(ww.y << 16);
-          acc += ldb(xin) * __uint_as_float(ww.y & 0xFFFF0000u);
+          acc += ld(xin) * __uint_as_float(ww.y & 0xFFFF0000u);
           xsil[tid] = silu(acc);
-          zsil[tid] = silu(ldb(__ldcg(zr + c)));
+          zsil[tid] = silu(ld(__ldcg(zr + c)));
           *reinterpret_cast<uint2*>(wp) = make_uint2((wv.x >> 16) | (wv.y << 16), (wv.y >> 16) | ((unsigned)xin << 16));
         } else if (tid == 32) {
-          const float dt = softplus(ldb(__ldcg(zr + DI + CONV + h)) + s_kc[4 * k]);
+          const float dt = softplus(ld(__ldcg(zr + DI + CONV + h)) + s_kc[4 * k]);
           sd[0] = dt;
           sd[1] = __expf(-dt * __expf(s_kc[4 * k + 1]));
           sd[2] = s_kc[4 * k + 2];
@@ -397,7 +369,7 @@ __device__ __forceinline__ void step(const ProbeParams& p) {
         acc += __shfl_xor_sync(0xffffffffu, acc, 1);
         if ((tid & 15) == 0) {
           const float g = (acc + Dv * xv) * zsil[pl];
-          p.y[(long long)r * DI + ch + pl] = stb(g * s_gnw[16 * k + pl]);
+          p.y[(long long)r * DI + ch + pl] = st(g * s_gnw[16 * k + pl]);
           gsq[pl] = g * g;
         }
         __syncthreads();

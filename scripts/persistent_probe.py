@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("persistent_probe.cu")
+KERNELS = Path(__file__).resolve().parents[1] / "plugins" / "aim_kernels.cu"
 SHAPES = {"AiM-B": (768, 24), "AiM-L": (1024, 48)}  # d_model, layers (d_state 128, headdim 64, d_conv 4)
 MAXR, MAXT, THREADS = 8, 5, 256
 
@@ -116,7 +118,11 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     clock_ghz = _check(driver.cuDeviceGetAttribute(
         driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_CLOCK_RATE, torch.cuda.current_device()), "clock") / 1e6
-    cubin = compile_cubin("bfloat16", f"sm_{major}{minor}", use_cache=False, source_path=SOURCE)
+    with tempfile.TemporaryDirectory() as tmp:  # the probe after aim_kernels.cu's helpers (no entry points)
+        joined = Path(tmp) / "persistent_probe_joined.cu"
+        joined.write_text(KERNELS.read_text() + "\n" + SOURCE.read_text())
+        cubin = compile_cubin("bfloat16", f"sm_{major}{minor}", use_cache=False, defines={"AIM_PARTS": 0},
+                              source_path=joined)
     mod = _check(driver.cuModuleLoadData(cubin), "load")
     coop = driver.CUlaunchAttribute()
     coop.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
