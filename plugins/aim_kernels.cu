@@ -1492,30 +1492,29 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
 // after its wait. Measured (scripts/weights_l2_bound.py, H200, 2026-12-03): with every layer's products
 // reading one layer's weights from L2, an AiM-XL batch-1 step takes 835 µs instead of 1065; AiM-B's 261 vs 278.
 // Here one block per SM owns a contiguous run of 8-column tiles (8 weight rows: contiguous in w) and requests
-// all of them at launch, as far as `slots` tiles of shared memory hold them; a slot is refilled once read.
-// Arithmetic: that of aim_gemv_k<CH>_n1 (same bits): a tile's product is the 8 k-eighths of aim_gemv's 8
-// warps, each accumulated by mma.sync over its CH chunks in the same order, then added in warp order. Here
-// one warp does all 8 eighths of a tile (8 accumulators), so no partial tile crosses warps: no block barrier
-// after the start. A slot belongs to warp slot % 8, which waits for its tiles in order (an mbarrier's parity
-// tells apart only adjacent phases) and refills it.
-// Shared memory: slots x [8][K + GEMV_PRE_PAD] elements, then slots mbarriers. The 64-byte pad puts the 8 rows a
-// quarter-warp reads (2 rows x 4 16-byte pieces) on 8 different 16-byte bank groups.
+// all of them at launch, as far as `slots` (<= GEMV_PRE_MAX_SLOTS) tiles of shared memory hold them; the rest
+// follow in rounds of `slots` tiles.
+// Arithmetic: that of aim_gemv_k<CH>_n1 (same bits): warp e multiplies the e-th eighth of k for every tile of
+// the round (independent mma chains, interleaved), the 8 partial tiles go through shared memory and are added
+// in warp order.
+// Shared memory: slots x [8][K + GEMV_PRE_PAD] weight elements, slots x [8 warps][32 lanes][2] float partials
+// (rows <= 8: only the first half of an m-tile's fragment), then slots mbarriers. The 64-byte pad puts the 8
+// rows a quarter-warp reads (2 rows x 4 16-byte pieces) on 8 different 16-byte bank groups.
 #define GEMV_PRE_ROWS 8
 #define GEMV_PRE_PAD 32
-#ifndef GEMV_PRE_CHAINS
-#define GEMV_PRE_CHAINS 4  // k-eighths multiplied at a time (8: 128 registers with 2 blocks per SM's bound)
-#endif
+#define GEMV_PRE_MAX_SLOTS 8
 #ifndef GEMV_PRE_MIN_BLOCKS
-#define GEMV_PRE_MIN_BLOCKS 3  // the register bound (__launch_bounds__): room for the next kernel's blocks
+#define GEMV_PRE_MIN_BLOCKS 3  // the register bound (__launch_bounds__): room for the next kernels' blocks
 #endif
 #if (AIM_PARTS & 1) && ELEM_KIND != 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 template <int CH>
 __device__ __forceinline__ void gemv_pre_body(const GemvPreParams& p) {
   constexpr int K = 256 * CH, PITCH = K + GEMV_PRE_PAD, TILE = 8 * PITCH;
   extern __shared__ __align__(128) unsigned char pre_smem[];
-  elem_t* W = reinterpret_cast<elem_t*>(pre_smem);
   const int slots = p.slots;
-  unsigned long long* bars = reinterpret_cast<unsigned long long*>(W + slots * TILE);
+  elem_t* W = reinterpret_cast<elem_t*>(pre_smem);
+  float2* part = reinterpret_cast<float2*>(W + slots * TILE);  // [slot][warp][lane]
+  unsigned long long* bars = reinterpret_cast<unsigned long long*>(part + slots * 256);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int T = (p.n + 7) >> 3, G = gridDim.x;
   const int t0 = (int)((long long)blockIdx.x * T / G), nt = (int)((long long)(blockIdx.x + 1) * T / G) - t0;
@@ -1524,52 +1523,56 @@ __device__ __forceinline__ void gemv_pre_body(const GemvPreParams& p) {
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  auto fetch = [&](int i) {  // tile t0 + i into slot i % slots, by that slot's warp: one row per lane
+  auto fetch = [&](int i) {  // tile t0 + i into slot i % slots, by warp i % 8: one weight row per lane
     const int s = i % slots, c0 = (t0 + i) * 8, cols = min(8, p.n - c0);
     if (lane == 0) mbar_expect(bars + s, cols * K * (int)sizeof(elem_t));
     __syncwarp();
     if (lane < cols)
       bulk_copy(W + s * TILE + lane * PITCH, p.w + (long long)(c0 + lane) * K, K * (int)sizeof(elem_t), bars + s);
   };
-  for (int s = warp; s < slots && s < nt; s += 8) fetch(s);
+  for (int i = warp; i < slots && i < nt; i += 8) fetch(i);
   PDL_WAIT(p.rows, PDL_EARLY_GEMV);
   const bool has_row = g < p.rows;
-  const elem_t* xr = p.x + (long long)(has_row ? g : 0) * p.x_stride + 8 * t;
-  for (int s = warp; s < slots && s < nt; s += 8) {
-    for (int i = s; i < nt; i += slots) {
-      mbar_wait(bars + s, (unsigned)(i / slots) & 1u);
-      const elem_t* wt = W + s * TILE + g * PITCH + 8 * t;
-      float s0 = 0.0f, s1 = 0.0f;  // row g, columns 2t and 2t + 1: the 8 eighths added in warp order
-#pragma unroll 1
-      for (int e0 = 0; e0 < 8; e0 += GEMV_PRE_CHAINS) {  // GEMV_PRE_CHAINS independent mma chains at a time
-        float acc[GEMV_PRE_CHAINS][4];
+  const elem_t* xr = p.x + (long long)(has_row ? g : 0) * p.x_stride + warp * 32 * CH + 8 * t;
+  const elem_t* wl = W + g * PITCH + warp * 32 * CH + 8 * t;
+  for (int r0 = 0, round = 0; r0 < nt; r0 += slots, ++round) {
+    const int rt = min(slots, nt - r0);  // tiles this round, in slots 0..rt-1
+    for (int j = 0; j < rt; ++j) mbar_wait(bars + j, (unsigned)round & 1u);
+    float acc[GEMV_PRE_MAX_SLOTS][4];
 #pragma unroll
-        for (int e = 0; e < GEMV_PRE_CHAINS; ++e) acc[e][0] = acc[e][1] = acc[e][2] = acc[e][3] = 0.0f;
+    for (int j = 0; j < GEMV_PRE_MAX_SLOTS; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 #pragma unroll
-        for (int e = 0; e < GEMV_PRE_CHAINS; ++e)  // aim_gemv's warp e0 + e: k = (e0 + e) * 32 * CH + 32 * c + 8t
+    for (int c = 0; c < CH; ++c) {
+      const uint4 xa = has_row ? *reinterpret_cast<const uint4*>(xr + 32 * c) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-          for (int c = 0; c < CH; ++c) {
-            const int k = (e0 + e) * 32 * CH + 32 * c;
-            const uint4 xa = has_row ? *reinterpret_cast<const uint4*>(xr + k) : make_uint4(0, 0, 0, 0);
-            const uint4 wv = *reinterpret_cast<const uint4*>(wt + k);
-            mma_16816(acc[e], xa.x, 0u, xa.y, 0u, wv.x, wv.y);  // rows 8-15 of the m-tile: zero
-            mma_16816(acc[e], xa.z, 0u, xa.w, 0u, wv.z, wv.w);
-          }
-#pragma unroll
-        for (int e = 0; e < GEMV_PRE_CHAINS; ++e) { s0 += acc[e][0]; s1 += acc[e][1]; }
-      }
-      const int col = (t0 + i) * 8 + 2 * t;
-      if (has_row) {
-        elem_t* yr = p.y + (long long)g * p.y_stride;
-        if (col < p.n) yr[col] = st(s0);
-        if (col + 1 < p.n) yr[col + 1] = st(s1);
-      }
-      if (i + slots < nt) {  // the slot's reads are done (their values fed the mma): refill it
-        __syncwarp();
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        fetch(i + slots);
+      for (int j = 0; j < GEMV_PRE_MAX_SLOTS; ++j) {
+        if (j >= rt) break;
+        const uint4 wv = *reinterpret_cast<const uint4*>(wl + j * TILE + 32 * c);
+        mma_16816(acc[j], xa.x, 0u, xa.y, 0u, wv.x, wv.y);  // rows 8-15 of the m-tile: zero
+        mma_16816(acc[j], xa.z, 0u, xa.w, 0u, wv.z, wv.w);
       }
     }
+#pragma unroll
+    for (int j = 0; j < GEMV_PRE_MAX_SLOTS; ++j)
+      if (j < rt) part[(j * 8 + warp) * 32 + lane] = make_float2(acc[j][0], acc[j][1]);
+    __syncthreads();  // every warp's partials are in, every slot of the round read
+    if (r0 + slots < nt) {  // the next round's tiles into the slots just read
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      for (int i = r0 + slots + warp; i < r0 + 2 * slots && i < nt; i += 8) fetch(i);
+    }
+    // (tile j, lane l, column q of the lane's pair): the 8 warps' partials added in warp order
+    for (int e = threadIdx.x; e < rt * 64; e += 256) {
+      const int j = e >> 6, l = (e >> 1) & 31, q = e & 1;
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) {
+        const float2 v = part[(j * 8 + w) * 32 + l];
+        sum += q ? v.y : v.x;
+      }
+      const int row = l >> 2, col = (t0 + r0 + j) * 8 + 2 * (l & 3) + q;
+      if (row < p.rows && col < p.n) p.y[(long long)row * p.y_stride + col] = st(sum);
+    }
+    if (r0 + slots < nt) __syncthreads();  // the partials are read before the next round writes them
   }
 }
 #define GEMV_PRE_ENTRY(CH)                                                                   \

@@ -447,18 +447,20 @@ def gemv_params(x, w, y) -> GemvParams:
 # aim_gemv_pre_k<CH> (Hopper, 16-bit types): up to GEMV_PRE_ROWS rows, weights bulk-copied into shared memory
 # before the kernel's wait; one block per SM, each holding up to GEMV_PRE_SMEM bytes of 8-column weight tiles
 # (AIM_RT_GEMV_PRE_KB overrides it, to measure; a block with more tiles refills its slots as it goes).
-GEMV_PRE_ROWS, GEMV_PRE_PAD = 8, 32  # as in aim_kernels.cu
-GEMV_PRE_SMEM = int(os.environ.get("AIM_RT_GEMV_PRE_KB", "160")) * 1024
+GEMV_PRE_ROWS, GEMV_PRE_PAD, GEMV_PRE_MAX_SLOTS = 8, 32, 8  # as in aim_kernels.cu
+GEMV_PRE_SMEM = int(os.environ.get("AIM_RT_GEMV_PRE_KB", "200")) * 1024
 
 
 def gemv_pre_layout(n: int, k: int, elem: int, num_sms: int, cap: int = GEMV_PRE_SMEM) -> tuple[int, int, int]:
     """(grid, slots, dynamic shared memory bytes) of aim_gemv_pre for n columns of depth k: one block per SM
-    (at most one per 8-column tile), each with as many tiles' slots as its run of tiles needs and `cap` holds."""
+    (at most one per 8-column tile), each with as many tile slots as its run of tiles needs, within `cap` bytes
+    and GEMV_PRE_MAX_SLOTS, at least one. A slot: the tile's 8 weight rows (padded), the 8 warps' partials of
+    it, its mbarrier."""
     tiles = -(-n // 8)
     grid = min(num_sms, tiles)
-    tile_bytes = 8 * (k + GEMV_PRE_PAD) * elem
-    slots = max(1, min(-(-tiles // grid), cap // (tile_bytes + 8)))
-    return grid, slots, slots * (tile_bytes + 8)
+    slot_bytes = 8 * (k + GEMV_PRE_PAD) * elem + 8 * 32 * 8 + 8
+    slots = max(1, min(-(-tiles // grid), cap // slot_bytes, GEMV_PRE_MAX_SLOTS))
+    return grid, slots, slots * slot_bytes
 
 
 def gemv_pre_params(x, w, y) -> GemvPreParams:

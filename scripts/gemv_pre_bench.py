@@ -21,9 +21,7 @@ VARIANTS = {  # name: (products through aim_gemv_pre, shared-memory cap per bloc
     "pre": (("in_proj", "out_proj"), None, None),
     "pre_in": (("in_proj",), None, None),
     "pre_out": (("out_proj",), None, None),
-    "pre_96k": (("in_proj", "out_proj"), 96, None),
-    "pre_200k": (("in_proj", "out_proj"), 200, None),
-    "pre_c8": (("in_proj", "out_proj"), None, {"GEMV_PRE_CHAINS": 8, "GEMV_PRE_MIN_BLOCKS": 2}),
+    "pre_128k": (("in_proj", "out_proj"), 128, None),
 }
 
 

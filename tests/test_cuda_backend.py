@@ -385,10 +385,11 @@ def test_gemv_pre_layout_and_params():
     not a multiple of 256 is refused by name (CPU tensors: only the checks run)."""
     from aim_rt.plugins.kernels import GEMV_PRE_PAD, KernelError, gemv_pre_layout, gemv_pre_params
 
-    tile = 8 * (1536 + GEMV_PRE_PAD) * 2
-    assert gemv_pre_layout(6448, 1536, 2, 132, cap=1 << 20) == (132, 7, 7 * (tile + 8))  # 806 tiles: 6-7 each
-    assert gemv_pre_layout(6448, 1536, 2, 132, cap=3 * (tile + 8)) == (132, 3, 3 * (tile + 8))
-    assert gemv_pre_layout(6448, 1536, 2, 132, cap=100) == (132, 1, tile + 8)  # never fewer than one slot
+    slot = 8 * (1536 + GEMV_PRE_PAD) * 2 + 2048 + 8  # weights, partials, mbarrier
+    assert gemv_pre_layout(6448, 1536, 2, 132, cap=1 << 20) == (132, 7, 7 * slot)  # 806 tiles: 6-7 each
+    assert gemv_pre_layout(6448, 1536, 2, 132, cap=3 * slot) == (132, 3, 3 * slot)
+    assert gemv_pre_layout(6448, 1536, 2, 132, cap=100) == (132, 1, slot)  # never fewer than one slot
+    assert gemv_pre_layout(16384, 256, 2, 132, cap=1 << 20)[1] == 8  # 16 tiles each: at most 8 slots
     assert gemv_pre_layout(20, 256, 2, 132)[:2] == (3, 1)  # 3 tiles, the last partial
     w = torch.zeros(64, 512, dtype=torch.bfloat16)
     assert gemv_pre_params(torch.zeros(8, 512, dtype=torch.bfloat16), w, torch.zeros(8, 64, dtype=torch.bfloat16)).rows == 8
@@ -403,8 +404,8 @@ def test_gemv_pre_layout_and_params():
 @pytest.mark.parametrize("k,n", [(768, 3352), (1536, 768), (3072, 1536), (1536, 6448), (256, 1003), (2048, 8)])
 def test_gemv_pre_equals_gemv(dtype, k, n):
     """aim_gemv_pre (Hopper: weights bulk-copied into shared memory before the wait) gives aim_gemv's bits for
-    1-8 rows, with every tile of a block in shared memory at once and with fewer slots than tiles (refilled as
-    they are read: 1 slot, and 3, which warps 0-2 own); 1003 columns end in a partial tile."""
+    1-8 rows, with every tile of a block in shared memory at once and with fewer slots than tiles (rounds of 1
+    and of 3 tiles, the slots refilled between them); 1003 columns end in a partial tile."""
     from aim_rt.plugins.kernels import GEMV_PRE_PAD, Kernels, gemv_params, gemv_pre_params
 
     name = "bfloat16" if dtype == torch.bfloat16 else "float16"
@@ -415,12 +416,12 @@ def test_gemv_pre_equals_gemv(dtype, k, n):
     w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(dtype)
     x_all = torch.randn(8, k, device="cuda", generator=gen).to(dtype)
     stream = torch.cuda.current_stream().cuda_stream
-    tile = 8 * (k + GEMV_PRE_PAD) * 2 + 8
+    slot = 8 * (k + GEMV_PRE_PAD) * 2 + 2048 + 8
     for rows in (1, 2, 5, 8):
         x = x_all[:rows].clone()
         want = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
         kern.gemv(gemv_params(x, w, want), stream)
-        for cap in (None, tile, 3 * tile):
+        for cap in (None, slot, 3 * slot):
             y = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
             kern.gemv_pre(gemv_pre_params(x, w, y), stream, cap=cap)
             torch.cuda.synchronize()
