@@ -649,6 +649,15 @@ class Kernels:
         name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
         self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 
+    def set_carveout(self, percent: int) -> None:
+        """Every step kernel's preferred shared-memory carveout (percent of the SM's L1/shared storage; to
+        measure: an SM switches carveouts only when idle, so kernels that prefer different ones cannot overlap)."""
+        fns = [*self.fn.values(), *self.gemv_pre_fns.values(), *self.gemms.values()]
+        for fn in fns:
+            _check(self.driver.cuFuncSetAttribute(
+                fn, self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent),
+                "cuFuncSetAttribute (carveout)")
+
     def gemv_pre_supported(self, rows: int, k: int) -> bool:
         """Whether this build has aim_gemv_pre for a product of `rows` rows and depth k."""
         return 0 < rows <= GEMV_PRE_ROWS and k % 256 == 0 and k // 256 in self.gemv_pre_fns

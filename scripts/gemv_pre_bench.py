@@ -16,26 +16,22 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = {  # name: (products through aim_gemv_pre, shared-memory cap per block in KB or None, extra defines)
+VARIANTS = {  # name: (products through aim_gemv_pre, shared-memory cap per block in KB or None, carveout %)
     "gemv": ((), None, None),
-    "pre": (("in_proj", "out_proj"), None, None),
+    "gemv_c100": ((), None, 100),
     "pre_in": (("in_proj",), None, None),
-    "pre_out": (("out_proj",), None, None),
-    "pre_128k": (("in_proj", "out_proj"), 128, None),
+    "pre_in_c100": (("in_proj",), None, 100),
+    "pre_c100": (("in_proj", "out_proj"), None, 100),
 }
 
 
 def build(model, name: str):
-    from aim_rt.cuda_backend import CudaBackend, _gemv_depths
-    from aim_rt.loading import dtype_name
-    from aim_rt.plugins.kernels import Kernels
+    from aim_rt.cuda_backend import CudaBackend
 
-    kinds, cap_kb, defines = VARIANTS[name]
+    kinds, cap_kb, carveout = VARIANTS[name]
     b = CudaBackend(model)
-    if defines:
-        cfg = model.config
-        b.kernels = Kernels(dtype_name(model.dtype), model.device.index or 0, defines=defines,
-                            gemv_depths=_gemv_depths(cfg), d_model=cfg.d_model)
+    if carveout is not None:  # every kernel of the step asks for the same split of L1 and shared memory
+        b.kernels.set_carveout(carveout)
     b.gemv_pre_kinds = frozenset(kinds)
     if cap_kb is not None:
         b.kernels.gemv_pre = functools.partial(b.kernels.gemv_pre, cap=cap_kb * 1024)
