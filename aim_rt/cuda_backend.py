@@ -53,11 +53,6 @@ STEPS_PER_GRAPH = 8
 MULTI_STEP_MAX_ROWS = 32
 
 
-def _gemv_pre_kinds() -> frozenset[str]:
-    value = os.environ.get("AIM_RT_GEMV_PRE", "in_proj,out_proj")
-    return frozenset(k for k in value.split(",") if k and k != "0")
-
-
 def _steps_per_graph(value: int | None) -> int:
     # AIM_RT_STEPS_PER_GRAPH=1: one step per replay, as before (to measure what the longer graph gains)
     return max(1, int(os.environ.get("AIM_RT_STEPS_PER_GRAPH", STEPS_PER_GRAPH) if value is None else value))
@@ -188,9 +183,6 @@ class CudaBackend:
         self._graphs: dict[tuple, list[tuple[int, torch.cuda.CUDAGraph]]] = {}  # (steps, graph): 1 first
         self._vq = None  # the fast VQ decoder, built on first use
         self._params = self._layer_params()
-        # the products that run aim_gemv_pre where it applies (AIM_RT_GEMV_PRE: a comma list of in_proj, out_proj,
-        # lm_head, or 0; to measure)
-        self.gemv_pre_kinds = _gemv_pre_kinds()
         self._mode = (False, False)  # (teacher forcing, record mixed logits): which optional pointers are live
 
     # ----- one step, as kernel launches -------------------------------------------------------------
@@ -276,7 +268,7 @@ class CudaBackend:
             ops.append(("residual_norm", residual_norm(i, buf.hidden if i == 0 else buf.out,
                                                        buf.mods[i - 1][:, 2] if i else None, w["norm"], None,
                                                        buf.mods[i], p)))
-            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt, "in_proj")))
+            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             p = ssu_params(
                 xbc=buf.zxbcdt[:, d_in:d_x], z=buf.zxbcdt[:, :d_in], dt=buf.zxbcdt[:, d_x:],
                 conv_state_in=buf.conv[i], conv_state_out=buf.conv[i], ssm_state_in=buf.ssm[i],
@@ -284,25 +276,20 @@ class CudaBackend:
                 headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
             ops.append(("selective_state_update",
                         lambda p=p: k.selective_state_update(p, stream(), finish=not fold_norm)))
-            ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out, "out_proj")))
+            ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
         ops.append(("final_norm", residual_norm(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
                                                 bb.final_layer.norm_final.weight, buf.final_mods, p)))
-        ops.append(("lm_head", self._matmul(buf.normed, self.model.lm_head.weight, buf.logits, "lm_head")))
+        ops.append(("lm_head", self._matmul(buf.normed, self.model.lm_head.weight, buf.logits)))
         ops.append(("sample", lambda: self._sample(buf, settings, stream())))
         return ops
 
-    def _matmul(self, x: Tensor, w: Tensor, y: Tensor, kind: str) -> Callable[[], None]:
+    def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel
-        ends) for 16-bit models up to GEMV_FAST_ROWS rows, with its weights bulk-copied into shared memory
-        (aim_gemv_pre) up to GEMV_PRE_ROWS rows for the kinds in self.gemv_pre_kinds; above it, on Hopper, our
-        split-k cluster GEMM up to 128 rows (aim_gemm); cuBLAS otherwise."""
-        from aim_rt.plugins.kernels import (GEMV_FAST_ROWS, gemm_params, gemm_splits, gemv_params, gemv_pre_params,
-                                            gemv_supported)
+        ends) for 16-bit models up to GEMV_FAST_ROWS rows; above it, on Hopper, our split-k cluster GEMM up to
+        128 rows (aim_gemm); cuBLAS otherwise."""
+        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemm_params, gemm_splits, gemv_params, gemv_supported
 
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
-        if self.use_gemv and kind in self.gemv_pre_kinds and self.kernels.gemv_pre_supported(*x.shape):
-            pp = gemv_pre_params(x, w, y)
-            return lambda: self.kernels.gemv_pre(pp, stream())
         if self.use_gemv and self.kernels.gemm_supported(x.shape[0], x.shape[1]):
             p = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.num_sms))
             return lambda: self.kernels.gemm(p, stream())

@@ -200,26 +200,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// Bulk copies (Hopper's TMA): one instruction moves a contiguous run of bytes into shared memory without the
-// block's load pipeline; completion is counted in bytes on an mbarrier (one arrival: the thread that announces
-// the bytes).
-__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
-  asm volatile("mbarrier.init.shared.b64 [%0], 1;" :: "r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
-  asm volatile("{\n\t.reg .pred p;\n\tWAIT_%=:\n\t"
-               "mbarrier.try_wait.parity.shared.b64 p, [%0], %1;\n\t@!p bra WAIT_%=;\n\t}"
-               :: "r"(smem_addr(bar)), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-}
-#endif
 // One conv window (W elements) into shared memory: one cp.async where its size allows, else plain copies
 // (then it is complete at once). Callers keep src and dst aligned to the window's size (host-checked).
 __device__ __forceinline__ void copy_window(elem_t* dst, const elem_t* src, int W) {
@@ -1396,14 +1376,6 @@ struct GemvParams {
   elem_t* y;  long long y_stride;        // (rows, n)
   int rows, n, k;
 };
-// aim_gemv_pre_k<CH>'s: GemvParams' fields, then its tiles of shared memory per block
-struct GemvPreParams {
-  const elem_t* x;  long long x_stride;  // (rows, k), rows 16-byte aligned
-  const elem_t* w;                       // (n, k) contiguous, 16-byte aligned
-  elem_t* y;  long long y_stride;        // (rows, n)
-  int rows, n, k;                        // rows <= GEMV_PRE_ROWS (8)
-  int slots;                             // tiles of shared memory per block (its dynamic shared memory)
-};
 
 #ifndef GEMV_MAX_MT
 #define GEMV_MAX_MT 4
@@ -1485,107 +1457,6 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p) {
     PDL_START(p.rows, PDL_EARLY_GEMV);                                    \
     gemv_body<CH, NT, MT>(p);                                             \
   }
-// ----------------------------------------------------------------------------------------------------------
-// The skinny product for up to 8 rows with its weights fetched into shared memory (Hopper: bulk copies) before
-// PDL_WAIT: aim_gemv_pre_k<CH>. aim_gemv prefetches into registers, but only the blocks that are resident while
-// the previous kernels still run get to; AiM-XL's in_proj (19.8 MB, 6 columns of blocks per SM) mostly loads
-// after its wait. Measured (scripts/weights_l2_bound.py, H200, 2026-12-03): with every layer's products
-// reading one layer's weights from L2, an AiM-XL batch-1 step takes 835 µs instead of 1065; AiM-B's 261 vs 278.
-// Here one block per SM owns a contiguous run of 8-column tiles (8 weight rows: contiguous in w) and requests
-// all of them at launch, as far as `slots` (<= GEMV_PRE_MAX_SLOTS) tiles of shared memory hold them; the rest
-// follow in rounds of `slots` tiles.
-// Arithmetic: that of aim_gemv_k<CH>_n1 (same bits): warp e multiplies the e-th eighth of k for every tile of
-// the round (independent mma chains, interleaved), the 8 partial tiles go through shared memory and are added
-// in warp order.
-// Shared memory: slots x [8][K + GEMV_PRE_PAD] weight elements, slots x [8 warps][32 lanes][2] float partials
-// (rows <= 8: only the first half of an m-tile's fragment), then slots mbarriers. The 64-byte pad puts the 8
-// rows a quarter-warp reads (2 rows x 4 16-byte pieces) on 8 different 16-byte bank groups.
-#define GEMV_PRE_ROWS 8
-#define GEMV_PRE_PAD 32
-#define GEMV_PRE_MAX_SLOTS 8
-#ifndef GEMV_PRE_MIN_BLOCKS
-#define GEMV_PRE_MIN_BLOCKS 3  // the register bound (__launch_bounds__): room for the next kernels' blocks
-#endif
-#if (AIM_PARTS & 1) && ELEM_KIND != 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-template <int CH>
-__device__ __forceinline__ void gemv_pre_body(const GemvPreParams& p) {
-  constexpr int K = 256 * CH, PITCH = K + GEMV_PRE_PAD, TILE = 8 * PITCH;
-  extern __shared__ __align__(128) unsigned char pre_smem[];
-  const int slots = p.slots;
-  elem_t* W = reinterpret_cast<elem_t*>(pre_smem);
-  float2* part = reinterpret_cast<float2*>(W + slots * TILE);  // [slot][warp][lane]
-  unsigned long long* bars = reinterpret_cast<unsigned long long*>(part + slots * 256);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int T = (p.n + 7) >> 3, G = gridDim.x;
-  const int t0 = (int)((long long)blockIdx.x * T / G), nt = (int)((long long)(blockIdx.x + 1) * T / G) - t0;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < slots; ++s) mbar_init(bars + s);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
-  auto fetch = [&](int i) {  // tile t0 + i into slot i % slots, by warp i % 8: one weight row per lane
-    const int s = i % slots, c0 = (t0 + i) * 8, cols = min(8, p.n - c0);
-    if (lane == 0) mbar_expect(bars + s, cols * K * (int)sizeof(elem_t));
-    __syncwarp();
-    if (lane < cols)
-      bulk_copy(W + s * TILE + lane * PITCH, p.w + (long long)(c0 + lane) * K, K * (int)sizeof(elem_t), bars + s);
-  };
-  for (int i = warp; i < slots && i < nt; i += 8) fetch(i);
-  PDL_WAIT(p.rows, PDL_EARLY_GEMV);
-  const bool has_row = g < p.rows;
-  const elem_t* xr = p.x + (long long)(has_row ? g : 0) * p.x_stride + warp * 32 * CH + 8 * t;
-  const elem_t* wl = W + g * PITCH + warp * 32 * CH + 8 * t;
-  for (int r0 = 0, round = 0; r0 < nt; r0 += slots, ++round) {
-    const int rt = min(slots, nt - r0);  // tiles this round, in slots 0..rt-1
-    for (int j = 0; j < rt; ++j) mbar_wait(bars + j, (unsigned)round & 1u);
-    float acc[GEMV_PRE_MAX_SLOTS][4];
-#pragma unroll
-    for (int j = 0; j < GEMV_PRE_MAX_SLOTS; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-#pragma unroll
-    for (int c = 0; c < CH; ++c) {
-      const uint4 xa = has_row ? *reinterpret_cast<const uint4*>(xr + 32 * c) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-      for (int j = 0; j < GEMV_PRE_MAX_SLOTS; ++j) {
-        if (j >= rt) break;
-        const uint4 wv = *reinterpret_cast<const uint4*>(wl + j * TILE + 32 * c);
-        mma_16816(acc[j], xa.x, 0u, xa.y, 0u, wv.x, wv.y);  // rows 8-15 of the m-tile: zero
-        mma_16816(acc[j], xa.z, 0u, xa.w, 0u, wv.z, wv.w);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < GEMV_PRE_MAX_SLOTS; ++j)
-      if (j < rt) part[(j * 8 + warp) * 32 + lane] = make_float2(acc[j][0], acc[j][1]);
-    __syncthreads();  // every warp's partials are in, every slot of the round read
-    if (r0 + slots < nt) {  // the next round's tiles into the slots just read
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      for (int i = r0 + slots + warp; i < r0 + 2 * slots && i < nt; i += 8) fetch(i);
-    }
-    // (tile j, lane l, column q of the lane's pair): the 8 warps' partials added in warp order
-    for (int e = threadIdx.x; e < rt * 64; e += 256) {
-      const int j = e >> 6, l = (e >> 1) & 31, q = e & 1;
-      float sum = 0.0f;
-#pragma unroll
-      for (int w = 0; w < 8; ++w) {
-        const float2 v = part[(j * 8 + w) * 32 + l];
-        sum += q ? v.y : v.x;
-      }
-      const int row = l >> 2, col = (t0 + r0 + j) * 8 + 2 * (l & 3) + q;
-      if (row < p.rows && col < p.n) p.y[(long long)row * p.y_stride + col] = st(sum);
-    }
-    if (r0 + slots < nt) __syncthreads();  // the partials are read before the next round writes them
-  }
-}
-#define GEMV_PRE_ENTRY(CH)                                                                   \
-  extern "C" __global__ void __launch_bounds__(256, GEMV_PRE_MIN_BLOCKS) aim_gemv_pre_k##CH(GemvPreParams p) { \
-    PDL_START(p.rows, PDL_EARLY_GEMV);                                                       \
-    gemv_pre_body<CH>(p);                                                                    \
-  }
-// Z(CH): aim_gemv_pre_k<CH>, listed in GEMV_INSTANCES with the others (the host asks for the depths it uses)
-#define Z(CH) GEMV_PRE_ENTRY(CH)
-#else
-#define Z(CH)
-#endif
-
 // X(CH, NT): aim_gemv_k<CH>_n<NT>, up to 16 * min(8 / NT, GEMV_MAX_MT) rows. Y(CH): aim_gemv_k<CH>_n1_m1, the
 // one-tile product for up to 16 rows with one m-tile of partials (12 KB less shared memory, ~10 registers
 // fewer; the same arithmetic, so the same bits). The host compiles what a model needs
@@ -1597,12 +1468,10 @@ __device__ __forceinline__ void gemv_pre_body(const GemvPreParams& p) {
 GEMV_INSTANCES
 #else
 X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(6, 1) X(8, 1) X(12, 1) X(1, 4) X(2, 4) X(3, 4) X(4, 2) X(6, 2)
-Z(1) Z(2) Z(3) Z(4) Z(6) Z(8) Z(12)
 #endif
 #undef X
 #undef Y
 #endif
-#undef Z
 
 // ----------------------------------------------------------------------------------------------------------
 // Matrix product for 33 to 128 rows (Hopper, 16-bit types): y (rows, n) = x (rows, k) · w (n, k)^T. At these

@@ -138,13 +138,6 @@ def gemv_m1_chunks(d_model: int, chunks) -> list[int]:
     return [c for c in chunks if c in GEMV_CHUNKS and (d_model >= 1536 or c in GEMV_WIDE)]
 
 
-def gemv_pre_chunks(d_model: int, chunks) -> list[int]:
-    """The depths (CH = k / 256) whose products of up to GEMV_PRE_ROWS rows a model of this width runs through
-    aim_gemv_pre (Z in aim_kernels.cu: weights bulk-copied into shared memory before the wait). To measure:
-    every depth."""
-    return [c for c in chunks if c in GEMV_CHUNKS]
-
-
 def norm_instance(d: int) -> int:
     """The residual norm's instance (elements per thread) for rows of width d."""
     per = -(-d // NORM_THREADS)
@@ -168,7 +161,6 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
         inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
         if d_model is not None:
             inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
-            inst += [f"Z({c})" for c in gemv_pre_chunks(d_model, chunks)]
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
     if d_model is not None:
         per_model = model_defines(d_model)
@@ -276,16 +268,12 @@ class GemvParams(ctypes.Structure):
     _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
 
 
-class GemvPreParams(ctypes.Structure):
-    _fields_ = GemvParams._fields_ + [("slots", I)]
-
-
 class GemmParams(ctypes.Structure):
     _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I),
                 ("splits", I)]
 
 
-STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemvPreParams, GemmParams)
+STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemmParams)
 
 
 def layout_asserts() -> str:
@@ -444,34 +432,6 @@ def gemv_params(x, w, y) -> GemvParams:
                       rows=rows, n=n, k=k)
 
 
-# aim_gemv_pre_k<CH> (Hopper, 16-bit types): up to GEMV_PRE_ROWS rows, weights bulk-copied into shared memory
-# before the kernel's wait; one block per SM, each holding up to GEMV_PRE_SMEM bytes of 8-column weight tiles
-# (AIM_RT_GEMV_PRE_KB overrides it, to measure; a block with more tiles refills its slots as it goes).
-GEMV_PRE_ROWS, GEMV_PRE_PAD, GEMV_PRE_MAX_SLOTS = 8, 32, 8  # as in aim_kernels.cu
-GEMV_PRE_SMEM = int(os.environ.get("AIM_RT_GEMV_PRE_KB", "200")) * 1024
-
-
-def gemv_pre_layout(n: int, k: int, elem: int, num_sms: int, cap: int = GEMV_PRE_SMEM) -> tuple[int, int, int]:
-    """(grid, slots, dynamic shared memory bytes) of aim_gemv_pre for n columns of depth k: one block per SM
-    (at most one per 8-column tile), each with as many tile slots as its run of tiles needs, within `cap` bytes
-    and GEMV_PRE_MAX_SLOTS, at least one. A slot: the tile's 8 weight rows (padded), the 8 warps' partials of
-    it, its mbarrier."""
-    tiles = -(-n // 8)
-    grid = min(num_sms, tiles)
-    slot_bytes = 8 * (k + GEMV_PRE_PAD) * elem + 8 * 32 * 8 + 8
-    slots = max(1, min(-(-tiles // grid), cap // slot_bytes, GEMV_PRE_MAX_SLOTS))
-    return grid, slots, slots * slot_bytes
-
-
-def gemv_pre_params(x, w, y) -> GemvPreParams:
-    """y = x @ w.T through aim_gemv_pre: x (rows <= GEMV_PRE_ROWS, k) with 16-byte-aligned rows, w (n, k)."""
-    rows, k, n = _check_product("gemv_pre", x, w, y)
-    if rows > GEMV_PRE_ROWS or k % 256:
-        raise KernelError(f"aim_gemv_pre takes up to {GEMV_PRE_ROWS} rows and k a multiple of 256; got {rows} x {k}")
-    return GemvPreParams(x=x.data_ptr(), x_stride=x.stride(0), w=w.data_ptr(), y=y.data_ptr(), y_stride=y.stride(0),
-                         rows=rows, n=n, k=k, slots=0)
-
-
 GEMM_BN, GEMM_BK, GEMM_STAGES = 64, 64, 4  # as in aim_kernels.cu
 GEMM_MAX_ROWS = 128  # what the kernel takes (16 * its largest MT)
 GEMM_ROWS = (33, GEMM_MAX_ROWS)  # where the backend uses it by default (below: aim_gemv; above: cuBLAS)
@@ -568,9 +528,6 @@ class Kernels:
             if fn is not None:
                 self.fn[f"aim_gemv_k{c}_n1_m1"] = fn
                 self.gemv_m1.add(c)
-        self.gemv_pre_fns = {c: fn for c in GEMV_CHUNKS if dtype != "float32"  # sm_90+ builds that asked for them
-                         and (fn := self._function(f"aim_gemv_pre_k{c}", required=False)) is not None}
-        self._gemv_pre_smem: dict[int, int] = {}  # CH -> the dynamic shared memory its function was opened to
         self.gemms = {mt: fn for mt in (2, 4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
                       if (fn := self._function(f"aim_gemm_m{mt}", required=False)) is not None}
         # the row counts the backend gives aim_gemm: GEMM_MIN_ROWS / GEMM_MAX_ROWS (model_defines; defines that
@@ -648,33 +605,6 @@ class Kernels:
         m1 = nt == 1 and p.rows <= GEMV_NARROW_ROWS and c in self.gemv_m1
         name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
         self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
-
-    def set_carveout(self, percent: int) -> None:
-        """Every step kernel's preferred shared-memory carveout (percent of the SM's L1/shared storage; to
-        measure: an SM switches carveouts only when idle, so kernels that prefer different ones cannot overlap)."""
-        fns = [*self.fn.values(), *self.gemv_pre_fns.values(), *self.gemms.values()]
-        for fn in fns:
-            _check(self.driver.cuFuncSetAttribute(
-                fn, self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent),
-                "cuFuncSetAttribute (carveout)")
-
-    def gemv_pre_supported(self, rows: int, k: int) -> bool:
-        """Whether this build has aim_gemv_pre for a product of `rows` rows and depth k."""
-        return 0 < rows <= GEMV_PRE_ROWS and k % 256 == 0 and k // 256 in self.gemv_pre_fns
-
-    def gemv_pre(self, p: GemvPreParams, stream: int, cap: int | None = None) -> None:
-        """y = x @ w.T (gemv_pre_params; the caller checked gemv_pre_supported): one block per SM, its weight
-        tiles requested before its wait (`cap`: bytes of them per block, GEMV_PRE_SMEM by default)."""
-        c = p.k // 256
-        grid, p.slots, smem = gemv_pre_layout(p.n, p.k, ELEM_BYTES[self.dtype], self.num_sms,
-                                              GEMV_PRE_SMEM if cap is None else cap)
-        if smem > self._gemv_pre_smem.get(c, 0):  # the limit only grows: smaller launches stay valid
-            _check(self.driver.cuFuncSetAttribute(
-                self.gemv_pre_fns[c], self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem), f"cuFuncSetAttribute (aim_gemv_pre_k{c}, {smem} bytes)")
-            self._gemv_pre_smem[c] = smem
-        self.fn.setdefault(f"aim_gemv_pre_k{c}", self.gemv_pre_fns[c])
-        self._launch(f"aim_gemv_pre_k{c}", (grid, 1, 1), 256, smem, stream, p)
 
     def gemm_supported(self, rows: int, k: int) -> bool:
         """Whether the backend's product of `rows` rows and depth k is aim_gemm's in this build."""

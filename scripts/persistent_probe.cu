@@ -18,8 +18,7 @@
 
 // Compiled after plugins/aim_kernels.cu built with AIM_PARTS=0 and ELEM_KIND=2 (bf16), whose helpers it uses:
 // ld / st (bf16 <-> float), unpack8 / pack8, silu, softplus, warp_sum, smem_addr, cp_async16, copy_window,
-// cp_async_commit / cp_async_wait, mma_16816, the bulk-copy helpers mbar_init / mbar_expect / mbar_wait /
-// bulk_copy (scripts/persistent_probe.py joins the two sources).
+// cp_async_commit / cp_async_wait, mma_16816 (scripts/persistent_probe.py joins the two sources).
 typedef elem_t bf16;
 __device__ __forceinline__ float rnd(float f) { return ld(st(f)); }
 __device__ __forceinline__ void unpack(const uint4& u, float (&f)[8]) {
@@ -30,6 +29,23 @@ __device__ __forceinline__ uint4 pack(const float (&f)[8]) {
   unsigned w[4];
   pack8(f, w);
   return make_uint4(w[0], w[1], w[2], w[3]);
+}
+// Bulk copies (Hopper's TMA): one instruction moves a whole weight row into shared memory without the block's
+// load pipeline; completion is counted in bytes on an mbarrier.
+__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
+  asm volatile("mbarrier.init.shared.b64 [%0], 1;" :: "r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+  asm volatile("{\n\t.reg .pred p;\n\tWAIT_%=:\n\t"
+               "mbarrier.try_wait.parity.shared.b64 p, [%0], %1;\n\t@!p bra WAIT_%=;\n\t}"
+               :: "r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
 }
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
   unsigned v; asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); return v;

@@ -379,55 +379,6 @@ def test_gemv_matches_matmul_and_rows_are_independent(dtype, k, n):
         assert torch.equal(y, results["default", most][:rows]), f"{build}: rows {rows} vs {most} of the default"
 
 
-def test_gemv_pre_layout_and_params():
-    """aim_gemv_pre's launch shape: one block per SM (at most one per 8-column tile), as many tile slots as a
-    block's run of tiles needs within the shared-memory cap, at least one; more than 8 rows or a depth that is
-    not a multiple of 256 is refused by name (CPU tensors: only the checks run)."""
-    from aim_rt.plugins.kernels import GEMV_PRE_PAD, KernelError, gemv_pre_layout, gemv_pre_params
-
-    slot = 8 * (1536 + GEMV_PRE_PAD) * 2 + 2048 + 8  # weights, partials, mbarrier
-    assert gemv_pre_layout(6448, 1536, 2, 132, cap=1 << 20) == (132, 7, 7 * slot)  # 806 tiles: 6-7 each
-    assert gemv_pre_layout(6448, 1536, 2, 132, cap=3 * slot) == (132, 3, 3 * slot)
-    assert gemv_pre_layout(6448, 1536, 2, 132, cap=100) == (132, 1, slot)  # never fewer than one slot
-    assert gemv_pre_layout(16384, 256, 2, 132, cap=1 << 20)[1] == 8  # 16 tiles each: at most 8 slots
-    assert gemv_pre_layout(20, 256, 2, 132)[:2] == (3, 1)  # 3 tiles, the last partial
-    w = torch.zeros(64, 512, dtype=torch.bfloat16)
-    assert gemv_pre_params(torch.zeros(8, 512, dtype=torch.bfloat16), w, torch.zeros(8, 64, dtype=torch.bfloat16)).rows == 8
-    with pytest.raises(KernelError, match="up to 8 rows"):
-        gemv_pre_params(torch.zeros(9, 512, dtype=torch.bfloat16), w, torch.zeros(9, 64, dtype=torch.bfloat16))
-    with pytest.raises(KernelError, match="gemv_pre shapes"):
-        gemv_pre_params(torch.zeros(2, 256, dtype=torch.bfloat16), w, torch.zeros(2, 64, dtype=torch.bfloat16))
-
-
-@needs_gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("k,n", [(768, 3352), (1536, 768), (3072, 1536), (1536, 6448), (256, 1003), (2048, 8)])
-def test_gemv_pre_equals_gemv(dtype, k, n):
-    """aim_gemv_pre (Hopper: weights bulk-copied into shared memory before the wait) gives aim_gemv's bits for
-    1-8 rows, with every tile of a block in shared memory at once and with fewer slots than tiles (rounds of 1
-    and of 3 tiles, the slots refilled between them); 1003 columns end in a partial tile."""
-    from aim_rt.plugins.kernels import GEMV_PRE_PAD, Kernels, gemv_params, gemv_pre_params
-
-    name = "bfloat16" if dtype == torch.bfloat16 else "float16"
-    kern = Kernels(name)
-    if not kern.gemv_pre_fns:
-        pytest.skip("aim_gemv_pre needs a Hopper GPU (sm_90+): bulk copies into shared memory")
-    gen = torch.Generator(device="cuda").manual_seed(k * n)
-    w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(dtype)
-    x_all = torch.randn(8, k, device="cuda", generator=gen).to(dtype)
-    stream = torch.cuda.current_stream().cuda_stream
-    slot = 8 * (k + GEMV_PRE_PAD) * 2 + 2048 + 8
-    for rows in (1, 2, 5, 8):
-        x = x_all[:rows].clone()
-        want = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
-        kern.gemv(gemv_params(x, w, want), stream)
-        for cap in (None, slot, 3 * slot):
-            y = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
-            kern.gemv_pre(gemv_pre_params(x, w, y), stream, cap=cap)
-            torch.cuda.synchronize()
-            assert torch.equal(y, want), (rows, cap, (y.float() - want.float()).abs().max().item())
-
-
 @needs_gpu
 def test_bf16_image_does_not_depend_on_batch_composition():
     """An image's tokens depend on its class and seed only, not on which other images share the batch."""

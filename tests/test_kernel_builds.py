@@ -95,8 +95,7 @@ def test_pdl_early_rows_reaches_both_programs(monkeypatch):
 def test_model_width_picks_the_measured_build():
     """A model's step program holds only the residual norm's instance for its d_model (NORM_PER_ONLY) and, from
     d_model 1024, the one-m-tile products (Y) of some or all of its depths (gemv_m1_chunks) besides the
-    others, and the products with weights in shared memory (Z, gemv_pre_chunks); without a width, the
-    source's defaults. A width past the widest norm is refused; explicit defines
+    others; without a width, the source's defaults. A width past the widest norm is refused; explicit defines
     win."""
     from aim_rt.plugins.kernels import KernelError, norm_instance, step_builds
 
@@ -105,16 +104,14 @@ def test_model_width_picks_the_measured_build():
         norm_instance(2049)
     base, sampler = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)
     assert base["NORM_PER_ONLY"] == 3 and "NORM_PER_ONLY" not in sampler
-    assert base["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)", "Z(3)", "Z(6)"]
+    assert base["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)"]
     xl = step_builds("bfloat16", gemv_depths=(1536, 3072), d_model=1536)[0]
     assert xl["NORM_PER_ONLY"] == 6
-    assert xl["GEMV_INSTANCES"].split() == ["X(6,1)", "X(12,1)", "X(6,2)", "Y(6)", "Y(12)", "Z(6)", "Z(12)"]
+    assert xl["GEMV_INSTANCES"].split() == ["X(6,1)", "X(12,1)", "X(6,2)", "Y(6)", "Y(12)"]
     large = step_builds("bfloat16", gemv_depths=(1024, 2048), d_model=1024)[0]  # only depths with wide instances
-    assert large["NORM_PER_ONLY"] == 4
-    assert large["GEMV_INSTANCES"].split() == ["X(4,1)", "X(8,1)", "X(4,2)", "Y(4)", "Z(4)", "Z(8)"]
+    assert large["NORM_PER_ONLY"] == 4 and large["GEMV_INSTANCES"].split() == ["X(4,1)", "X(8,1)", "X(4,2)", "Y(4)"]
     default = step_builds("bfloat16", gemv_depths=(1536, 3072))[0]
     assert "NORM_PER_ONLY" not in default and "Y(" not in default["GEMV_INSTANCES"]
-    assert "Z(" not in default["GEMV_INSTANCES"]
     assert step_builds("bfloat16", {"NORM_PER_ONLY": 8}, d_model=768)[0]["NORM_PER_ONLY"] == 8
     # aim_gemm's rows as measured per width: AiM-B the kernel's default (33-128), AiM-L 24-64, AiM-XL 17-64
     gemm_rows = lambda b: (b.get("GEMM_MIN_ROWS"), b.get("GEMM_MAX_ROWS"))  # noqa: E731
