@@ -218,7 +218,7 @@ class CudaBackend:
             logits=torch.zeros(rows, cfg.vocab_size, device=dev, dtype=dt),
             tokens=torch.zeros(batch, cfg.num_tokens, device=dev, dtype=torch.long),
             seeds=torch.zeros(batch, device=dev, dtype=torch.long),
-            step=torch.zeros(1, device=dev, dtype=torch.int32),
+            step=torch.zeros(batch, device=dev, dtype=torch.int32),  # per image: the sampler advances its own
         )
         self._buffers[batch] = buf
         return buf
@@ -234,11 +234,11 @@ class CudaBackend:
             position_offset=settings.position_offset, tokens=_ptr(buf.tokens), num_tokens=cfg.num_tokens,
             teacher=_ptr(buf.teacher) if self._mode[0] else None,
             mixed_out=_ptr(buf.mixed) if self._mode[1] else None, word_emb=_ptr(emb.word_embeddings.weight),
-            pos_emb=_ptr(emb.position_embeddings.weight), d=cfg.d_model, next_input=_ptr(buf.hidden), next_token=None)
+            pos_emb=_ptr(emb.position_embeddings.weight), d=cfg.d_model, next_input=_ptr(buf.hidden), next_token=None,
+            advance=1)
 
     def _sample(self, buf: _Buffers, settings: SamplingSettings, stream: int) -> None:
-        self.kernels.cfg_sample(self._sample_params(buf, settings), stream)
-        self.kernels.advance(_ptr(buf.step), stream)
+        self.kernels.cfg_sample(self._sample_params(buf, settings), stream)  # and advances buf.step
 
     def _ops(self, buf: _Buffers, settings: SamplingSettings) -> list[tuple[str, Callable[[], None]]]:
         """One decode step as (kind, launch) pairs in order: from the input embedding to the next token.

@@ -748,7 +748,7 @@ struct SampleParams {
   int top_k;          // 0: off
   float top_p;        // 1: off
   const long long* seeds;   // (batch) image seeds
-  const int* step;          // device token index k
+  int* step;                // device token index k: step[0] for every image, or step[b] with `advance`
   int position_offset;      // token k is fed at position k + offset
   long long* tokens;  int num_tokens;  // (batch, num_tokens) out; column k written
   const long long* teacher; // (batch, num_tokens) or null: feed these tokens on instead of the draws (parity)
@@ -756,6 +756,8 @@ struct SampleParams {
   const elem_t* word_emb;  const elem_t* pos_emb;  int d;
   elem_t* next_input;       // (2 * batch, d) or null: embedding of token k at its position, for both halves
   long long* next_token;    // (batch) or null: token k, for runners whose step graph embeds it (TensorRT)
+  int advance;              // 1: step holds one index per image; image b's block reads step[b] and leaves
+                            // k + 1 there (the step's own advance: no aim_advance launch, ~0.5 µs per step)
 };
 
 __device__ __forceinline__ unsigned hash32(unsigned x) {  // 'lowbias32', as aim_rt.sampling._hash32
@@ -1203,7 +1205,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   // shared memory zeroed and the seed requested while the previous kernel finishes; the step index k is the
   // previous step's last write
   PDL_WAIT(2 * p.batch, PDL_EARLY_SAMPLE);
-  if (tid == 0) k_load = *p.step;
+  if (tid == 0) k_load = p.step[p.advance ? b : 0];
 
   // 1. mixed logits in registers; the row's max (the weights' reference) and min (for the bins)
   float x[MAX_PER];
@@ -1341,6 +1343,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   const int drawn = sh.token;
   const int tok = !p.teacher ? drawn : k < p.num_tokens ? (int)p.teacher[(long long)b * p.num_tokens + k] : 0;
   if (tid == 0 && k < p.num_tokens) p.tokens[(long long)b * p.num_tokens + k] = drawn;
+  if (tid == 0 && p.advance) p.step[b] = k + 1;  // only this block reads step[b]: no race, no atomic
   if (tid == 0 && p.next_token) p.next_token[b] = tok;
   if (!p.next_input) return;
   for (int i = tid; i < p.d; i += blockDim.x) {
@@ -1352,6 +1355,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
 }
 #endif
 
+// The token index's advance for callers that keep one index for all images (SampleParams.advance 0: the
+// TensorRT runner); the cuda backend's sampler advances its per-image indices itself.
 #if AIM_PARTS & 2
 extern "C" __global__ void aim_advance(int* step) {
   PDL_START(0, 0);  // one thread: never in the way

@@ -260,7 +260,7 @@ class SampleParams(ctypes.Structure):
         ("cfg_scale", F), ("temperature", F),
         ("top_k", I), ("top_p", F), ("seeds", P), ("step", P), ("position_offset", I),
         ("tokens", P), ("num_tokens", I), ("teacher", P), ("mixed_out", P),
-        ("word_emb", P), ("pos_emb", P), ("d", I), ("next_input", P), ("next_token", P),
+        ("word_emb", P), ("pos_emb", P), ("d", I), ("next_input", P), ("next_token", P), ("advance", I),
     ]
 
 

@@ -5,8 +5,9 @@ and device time per step, then (optionally) the GPU tests, an ncu profile and co
     PYTHONPATH=. python scripts/sampler_bench.py --out results/ --old-source old_aim_kernels.cu --all
     (a sampler of 0e5137b or later needs --old-smem 57344: the dynamic shared memory it was launched with)
 
-Timing: a CUDA graph of --reps back-to-back (cfg_sample, advance) pairs, as the decode step launches them (and
-cfg_sample alone), bf16 logits, vocabulary 16384, next input d 768; the median of 7 replays, per pair.
+Timing: a CUDA graph of --reps back-to-back (cfg_sample, advance) pairs, as the decode step launches them (the
+advance is the kernel's own for this source's kernels, also timed with an aim_advance launch; and cfg_sample
+alone), bf16 logits, vocabulary 16384, next input d 768; the median of 7 replays, per pair.
 Writes sampler_bench.json and sampler_bench.txt under --out (and pytest/ncu/sanitizer logs with --all).
 """
 
@@ -125,12 +126,15 @@ def agreement(old_source: Path | None, report: dict) -> None:
 
 
 def time_graph(kern, advance_kern, batch: int, settings: SamplingSettings, kind: str, reps: int,
-               with_advance: bool = True, scale: float = 1.0) -> float:
+               with_advance: bool = True, scale: float = 1.0, own_advance: bool | None = None) -> float:
+    """µs per (sample, advance) pair: the advance is the kernel's own (SampleParams.advance, per-image token
+    indices) for kernels of this source (own_advance None) and an aim_advance launch for older ones."""
     vocab, d = 16384, 768
+    own = isinstance(kern, Kernels) if own_advance is None else own_advance
     g = torch.Generator(device="cuda").manual_seed(batch)
     logits = (scale * random_logits(kind, 2 * batch, vocab, g)).to(torch.bfloat16)
     seeds = torch.arange(batch, device="cuda")
-    step = torch.zeros(1, device="cuda", dtype=torch.int32)
+    step = torch.zeros(batch, device="cuda", dtype=torch.int32)
     tokens = torch.zeros(batch, reps + 1, device="cuda", dtype=torch.long)
     word = torch.randn(vocab, d, device="cuda").to(torch.bfloat16)
     pos = torch.randn(reps + 2, d, device="cuda").to(torch.bfloat16)
@@ -140,12 +144,12 @@ def time_graph(kern, advance_kern, batch: int, settings: SamplingSettings, kind:
                      top_k=settings.top_k, top_p=settings.top_p, seeds=seeds.data_ptr(), step=step.data_ptr(),
                      position_offset=1, tokens=tokens.data_ptr(), num_tokens=reps + 1, teacher=None,
                      mixed_out=None, word_emb=word.data_ptr(), pos_emb=pos.data_ptr(), d=d,
-                     next_input=nxt.data_ptr(), next_token=None)
+                     next_input=nxt.data_ptr(), next_token=None, advance=int(with_advance and own))
 
     def launch():
         s = torch.cuda.current_stream().cuda_stream
         kern.cfg_sample(p, s)
-        if with_advance:
+        if with_advance and not own:
             advance_kern.advance(step.data_ptr(), s)
 
     for _ in range(3):
@@ -174,6 +178,9 @@ def timing(old_source: Path | None, reps: int, report: dict) -> None:
         row = {}
         for name, k in kern.items():
             row[name] = round(time_graph(k, kern["new"], batch, settings, kind, reps, scale=scale), 2)
+            if label.startswith("official") and kind == "normal" and isinstance(k, Kernels):
+                row[name + " (aim_advance)"] = round(time_graph(k, kern["new"], batch, settings, kind, reps,
+                                                               scale=scale, own_advance=False), 2)
             if label == "official" and kind == "normal":
                 row[name + " (no advance)"] = round(time_graph(k, kern["new"], batch, settings, kind, reps, False), 2)
         key = f"{label}, {kind} logits, batch {batch}"

@@ -174,6 +174,42 @@ def test_sampler_rows_do_not_depend_on_the_batch():
 
 
 @needs_gpu
+def test_sampler_advances_per_image_indices():
+    """With `advance`, image b's block reads its own token index step[b], draws token step[b] exactly as with a
+    shared index (the row, seed and index decide it), writes it and its next input at that index, and leaves
+    step[b] + 1: the decode step's own advance, with no aim_advance launch."""
+    from aim_rt.plugins.kernels import Kernels, SampleParams
+
+    kernels = Kernels("bfloat16")
+    g = torch.Generator(device="cuda").manual_seed(13)
+    batch, vocab, d, num_tokens = 3, 16384, 64, 8
+    logits = random_logits("normal", 2 * batch, vocab, g).to(torch.bfloat16)
+    seeds = torch.arange(batch, device="cuda") + 5
+    steps = [2, 7, 4]
+    step_t = torch.tensor(steps, device="cuda", dtype=torch.int32)
+    tokens = torch.full((batch, num_tokens), -1, device="cuda", dtype=torch.long)
+    word = torch.randn(vocab, d, device="cuda", generator=g).to(torch.bfloat16)
+    pos = torch.randn(num_tokens + 1, d, device="cuda", generator=g).to(torch.bfloat16)
+    nxt = torch.zeros(2 * batch, d, device="cuda", dtype=torch.bfloat16)
+    s = SamplingSettings()
+    p = SampleParams(logits=logits.data_ptr(), logits_stride=logits.stride(0), batch=batch, vocab=vocab,
+                     uncond_rows=batch, cfg_scale=s.cfg_scale, temperature=s.temperature, top_k=s.top_k,
+                     top_p=s.top_p, seeds=seeds.data_ptr(), step=step_t.data_ptr(), position_offset=1,
+                     tokens=tokens.data_ptr(), num_tokens=num_tokens, teacher=None, mixed_out=None,
+                     word_emb=word.data_ptr(), pos_emb=pos.data_ptr(), d=d, next_input=nxt.data_ptr(),
+                     next_token=None, advance=1)
+    kernels.cfg_sample(p, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert step_t.tolist() == [k + 1 for k in steps]
+    for b, k in enumerate(steps):
+        shared, _, _ = run_sampler(kernels, logits[[b, batch + b]].contiguous(), seeds[b:b + 1].contiguous(), k, s)
+        assert int(tokens[b, k]) == int(shared[0])
+        assert (tokens[b] >= 0).sum() == 1  # only column k written
+        want = (word[tokens[b, k]].float() + pos[k + 1].float()).to(torch.bfloat16)
+        assert torch.equal(nxt[b], want) and torch.equal(nxt[batch + b], want)
+
+
+@needs_gpu
 @pytest.mark.parametrize("teacher_forced", [False, True])
 def test_sampler_outputs_next_input_and_token(teacher_forced):
     """tokens[:, k] gets the draw; next_token and both halves of next_input get the token fed on (the teacher's
