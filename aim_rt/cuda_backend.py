@@ -11,7 +11,7 @@ With one group (every AiM model) the gated RMSNorm's 1/rms is a per-row scalar t
 so the next residual-norm kernel applies it (and shifts the B/C conv windows the state update leaves), and the
 state update waits for no other block; otherwise a small kernel finishes the op before out_proj. Then the final
 norms, the lm_head product, and one sampling kernel that writes the token and the next step's input
-embedding. The modulations are computed once per sequence; the class token is the first replayed step, from
+embedding and advances the token index (one per image, on the device). The modulations are computed once per sequence; the class token is the first replayed step, from
 the zero state (a prefix goes through the reference's chunked prefill). Per (batch, settings) one graph holds
 a whole step and, up to batch 16, another `steps_per_graph` steps back to back (the token index lives on the
 device), so within it the next step's first kernels take their places and fetch their weights while the
