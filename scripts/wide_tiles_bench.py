@@ -1,0 +1,70 @@
+"""aim_gemv's wide column tiles (GEMV_WIDE: 2-4 eight-column tiles per block) from one row, against the one-tile
+blocks the backend runs up to GEMV_NARROW_ROWS rows: whole decode steps of backends that differ only in that,
+alternating in one process, tokens compared (a product's bits do not depend on its instance). Wider tiles mean
+fewer, larger blocks: at AiM-XL batch 1 in_proj's 806 one-tile blocks do not all fit on the SMs at once (a second
+wave loads its weights after the first), 403 two-tile blocks might.
+
+    PYTHONPATH=. python scripts/wide_tiles_bench.py --out results/wide --cases AiM-XL:1,AiM-XL:4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    from aim_rt.bench import _model, copy_bandwidth
+    from aim_rt.cuda_backend import CudaBackend
+    from aim_rt.plugins import kernels as K
+    from aim_rt.sampling import SamplingSettings
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cases", default="AiM-B:1,AiM-L:1,AiM-XL:1,AiM-XL:2,AiM-XL:4")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda")
+    settings = SamplingSettings()
+    result = {"device": torch.cuda.get_device_name(dev), "date": time.strftime("%Y-%m-%d"),
+              "copy_bandwidth_TBps": copy_bandwidth(dev) / 1e12, "cases": {}}
+    models: dict[str, list[int]] = {}
+    for case in args.cases.split(","):
+        name, batch = case.split(":")
+        models.setdefault(name, []).append(int(batch))
+    narrow = K.GEMV_NARROW_ROWS
+    variants = {"narrow": narrow, "wide": 0}  # name: GEMV_NARROW_ROWS while the backend captures its graphs
+    for model_name, batches in models.items():
+        model, _ = _model(model_name, dev, "bfloat16", precompile=True)
+        backends = {v: CudaBackend(model) for v in variants}
+        for batch in batches:
+            classes, seeds = torch.arange(batch) % model.config.num_classes, torch.arange(batch)
+            tokens = {}
+            for v, b in backends.items():  # the first sample of a batch size captures its graphs
+                K.GEMV_NARROW_ROWS = variants[v]
+                try:
+                    tokens[v] = b.sample(classes, seeds, settings)
+                finally:
+                    K.GEMV_NARROW_ROWS = narrow
+            times = {v: [] for v in variants}
+            for _ in range(args.rounds):
+                for v, b in backends.items():
+                    times[v].append(b.phase_times(batch, settings)["replays_us_per_step"])
+            row = {"us_per_step": {v: min(t) for v, t in times.items()}, "all": times,
+                   "tokens_equal": bool(torch.equal(tokens["narrow"], tokens["wide"]))}
+            result["cases"][f"{model_name} b{batch}"] = row
+            print(f"{model_name} b{batch}: " + ", ".join(f"{v} {row['us_per_step'][v]:.1f}" for v in variants)
+                  + f" µs per step; tokens equal: {row['tokens_equal']}", flush=True)
+        del backends, model
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "wide_tiles_bench.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
