@@ -294,7 +294,7 @@ class CudaBackend:
             p = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.num_sms))
             return lambda: self.kernels.gemm(p, stream())
         if (self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS
-                and gemv_supported(dtype_name(self.dtype), x.shape[0], x.shape[1])):
+                and gemv_supported(dtype_name(self.dtype), x.shape[0], x.shape[1], self.kernels.gemv_narrow_rows)):
             p = gemv_params(x, w, y)
             return lambda: self.kernels.gemv(p, stream())
         return lambda: torch.mm(x, w.t(), out=y)

@@ -113,12 +113,18 @@ def model_defines(d_model: int) -> dict:
       gemm_min17_h200_2026-12-03.*, against aim_gemv): AiM-XL from 17 rows (-5 / -3.5 / -6.7 % at batch 9 / 10 / 12,
       and -4.0 % at 16 against m4), AiM-L from 24 (-1.0 / -3.8 % at batch 12 / 16; +4.8 / +1.2 / +1.6 % at 9 / 10 /
       11, gemm_l_boundary_h200_2026-12-03.*); AiM-B stays on aim_gemv below 33 rows (m2 +8 % at batch 12, +2 %
-      at 16)."""
+      at 16).
+    - From d_model 1024, aim_gemv's wide column tiles (GEMV_WIDE) from 9 rows instead of 17 (GEMV_NARROW_ROWS 8,
+      a define only the host reads; the one-m-tile instances then serve up to 8 rows), measured in whole steps
+      against the one-tile blocks, alternating in one process, tokens identical (scripts/wide_tiles_bench.py,
+      bench/results/wide_tiles_h200_2026-12-03*.json): AiM-XL batch 5 / 6 / 7 / 8 even / -2.9 / -7.5 / -4.9 %
+      (and -5.4 % at 8 in a second run), AiM-L 6 / 8 -3.1 / -4.1 %; from one row they were even or worse at batch
+      1, 3 and 4 (AiM-L b1 +3.8 %, AiM-XL b4 +1.1 / +1.4 %) and AiM-B's lost 0.4-1.1 % at batch 1-8."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY)
     else:
-        defines.update(GEMM_MIN_ROWS=17 if d_model >= 1536 else 24, GEMM_MAX_ROWS=64)
+        defines.update(GEMM_MIN_ROWS=17 if d_model >= 1536 else 24, GEMM_MAX_ROWS=64, GEMV_NARROW_ROWS=8)
     return defines
 
 
@@ -400,16 +406,17 @@ GEMV_NARROW_ROWS = 16
 GEMV_FAST_ROWS = int(os.environ.get("AIM_RT_GEMV_ROWS", "32"))
 
 
-def gemv_tiles(rows: int, k: int) -> int:
-    """NT, the 8-column tiles per block, for a product of `rows` rows and depth k."""
-    return GEMV_WIDE.get(k // 256, 1) if rows > GEMV_NARROW_ROWS else 1
+def gemv_tiles(rows: int, k: int, narrow_rows: int = GEMV_NARROW_ROWS) -> int:
+    """NT, the 8-column tiles per block, for a product of `rows` rows and depth k (wide tiles above
+    `narrow_rows`: a Kernels' gemv_narrow_rows, per model width)."""
+    return GEMV_WIDE.get(k // 256, 1) if rows > narrow_rows else 1
 
 
-def gemv_supported(dtype: str, rows: int, k: int) -> bool:
+def gemv_supported(dtype: str, rows: int, k: int, narrow_rows: int = GEMV_NARROW_ROWS) -> bool:
     """Whether aim_gemv computes this product (else the caller uses cuBLAS)."""
     if dtype == "float32" or rows <= 0 or k % 256 or k // 256 not in GEMV_CHUNKS:
         return False
-    return rows <= 16 * min(4, 8 // gemv_tiles(rows, k))
+    return rows <= 16 * min(4, 8 // gemv_tiles(rows, k, narrow_rows))
 
 
 def _check_product(kind: str, x, w, y) -> tuple[int, int, int]:
@@ -528,6 +535,9 @@ class Kernels:
             if fn is not None:
                 self.fn[f"aim_gemv_k{c}_n1_m1"] = fn
                 self.gemv_m1.add(c)
+        # aim_gemv's one-tile blocks (and one-m-tile instances) up to this many rows, wide tiles above
+        # (model_defines: a define only this reads)
+        self.gemv_narrow_rows = int(builds[0].get("GEMV_NARROW_ROWS", GEMV_NARROW_ROWS))
         self.gemms = {mt: fn for mt in (2, 4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
                       if (fn := self._function(f"aim_gemm_m{mt}", required=False)) is not None}
         # the row counts the backend gives aim_gemm: GEMM_MIN_ROWS / GEMM_MAX_ROWS (model_defines; defines that
@@ -599,10 +609,10 @@ class Kernels:
     def gemv(self, p: GemvParams, stream: int) -> None:
         """y = x @ w.T (gemv_params); the caller checked gemv_supported. Up to 16 rows through the one-m-tile
         instance where this build has it (gemv_m1_chunks)."""
-        c, nt = p.k // 256, gemv_tiles(p.rows, p.k)
+        c, nt = p.k // 256, gemv_tiles(p.rows, p.k, self.gemv_narrow_rows)
         if (c, nt) not in self.gemvs:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
-        m1 = nt == 1 and p.rows <= GEMV_NARROW_ROWS and c in self.gemv_m1
+        m1 = nt == 1 and p.rows <= self.gemv_narrow_rows and c in self.gemv_m1
         name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
         self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 

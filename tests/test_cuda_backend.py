@@ -166,7 +166,8 @@ def test_ssu_kernel_independent_of_grid(dtype):
 @needs_gpu
 def test_gemm_rows_follow_the_model_build():
     """The backend's products run through aim_gemm exactly for the rows measured best for the model's width
-    (model_defines), through aim_gemv below and cuBLAS above."""
+    (model_defines), through aim_gemv below (its wide column tiles from the rows measured best) and cuBLAS
+    above."""
     from aim_rt.plugins.kernels import Kernels
 
     xl = Kernels("bfloat16", gemv_depths=(1536, 3072), d_model=1536)
@@ -175,6 +176,7 @@ def test_gemm_rows_follow_the_model_build():
     b = Kernels("bfloat16", gemv_depths=(768, 1536), d_model=768)
     assert [r for r in range(1, 200) if xl.gemm_supported(r, 1536)] == list(range(17, 65))
     assert [r for r in range(1, 200) if b.gemm_supported(r, 768)] == list(range(33, 129))
+    assert (xl.gemv_narrow_rows, b.gemv_narrow_rows) == (8, 16)  # aim_gemv's wide tiles from 9 / 17 rows
     assert not b.gemm_supported(64, 96)  # k not a multiple of the 64-deep chunk
 
 

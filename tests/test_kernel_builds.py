@@ -117,6 +117,8 @@ def test_model_width_picks_the_measured_build():
     gemm_rows = lambda b: (b.get("GEMM_MIN_ROWS"), b.get("GEMM_MAX_ROWS"))  # noqa: E731
     assert [gemm_rows(b) for b in (base, large, xl, default)] == [(None, None), (24, 64), (17, 64), (None, None)]
     assert gemm_rows(step_builds("bfloat16", {"GEMM_MAX_ROWS": 128}, d_model=1536)[0]) == (17, 128)
+    # aim_gemv's wide tiles from 9 rows from d_model 1024 (a define only the host reads), else from 17
+    assert [b.get("GEMV_NARROW_ROWS") for b in (base, large, xl, default)] == [None, 8, 8, None]
 
 
 def test_narrow_models_launch_after_norms_and_products_at_once(monkeypatch):
