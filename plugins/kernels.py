@@ -119,7 +119,9 @@ def model_defines(d_model: int) -> dict:
       against the one-tile blocks, alternating in one process, tokens identical (scripts/wide_tiles_bench.py,
       bench/results/wide_tiles_h200_2026-12-03*.json): AiM-XL batch 5 / 6 / 7 / 8 even / -2.9 / -7.5 / -4.9 %
       (and -5.4 % at 8 in a second run), AiM-L 6 / 8 -3.1 / -4.1 %; from one row they were even or worse at batch
-      1, 3 and 4 (AiM-L b1 +3.8 %, AiM-XL b4 +1.1 / +1.4 %) and AiM-B's lost 0.4-1.1 % at batch 1-8."""
+      1, 3 and 4 (AiM-L b1 +3.8 %, AiM-XL b4 +1.1 / +1.4 %) and AiM-B's lost 0.4-1.1 % at batch 1-8. This rule
+      against the one before, once more (wide_tiles_rule_h200_2026-12-03.json): AiM-XL b5-8 -0.1 / -4.2 / -8.0 /
+      -6.4 %, AiM-L b5 / 6 / 8 -6.1 / -3.0 / -4.0 %."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY)
