@@ -168,6 +168,36 @@ def _model(spec: str, device, dtype, precompile: bool = False):
     return model, f"{spec} (random weights)"
 
 
+def parse_cases(cases: str) -> dict[str, list[int]]:
+    """"AiM-B:1,AiM-XL:4,AiM-B:16" as {model: [batches]}, models and batches in the order given."""
+    models: dict[str, list[int]] = {}
+    for case in cases.split(","):
+        name, sep, batch = case.partition(":")
+        if not sep or not name or not batch.isdigit() or int(batch) < 1:
+            raise ValueError(f"a case is model:batch (e.g. AiM-B:16), not {case!r}")
+        models.setdefault(name, []).append(int(batch))
+    return models
+
+
+def step_study(cases: str, device) -> tuple[dict, dict[str, list[int]]]:
+    """For scripts that compare backends' whole steps: the result header (device, date, copy bandwidth, empty
+    cases) and the cases by model (parse_cases)."""
+    models = parse_cases(cases)
+    result = {"device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
+              "copy_bandwidth_TBps": copy_bandwidth(device) / 1e12, "cases": {}}
+    return result, models
+
+
+def alternate_steps(backends: dict, batch: int, settings: SamplingSettings, rounds: int) -> dict[str, list[float]]:
+    """Graph-replayed µs per decode step of each backend (prefill excluded), `rounds` times, the backends
+    alternating within each round (after a warm sample of this batch size each)."""
+    times: dict[str, list[float]] = {v: [] for v in backends}
+    for _ in range(rounds):
+        for v, b in backends.items():
+            times[v].append(b.phase_times(batch, settings)["replays_us_per_step"])
+    return times
+
+
 def replay_us(graph, launches: int, replays: int = 5, before=None) -> float:
     """Median device time per launch (µs) of a captured CUDA graph of `launches` launches, over `replays`
     replays timed with CUDA events; `before()` runs ahead of each replay (e.g. resets a counter)."""

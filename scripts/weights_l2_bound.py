@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 
-def step_us(backend, batch: int, settings) -> float:
-    """Graph-replayed µs per decode step (the host loop of replays, prefill excluded)."""
-    return backend.phase_times(batch, settings)["replays_us_per_step"]
-
-
 def main() -> None:
-    from aim_rt.bench import _model, copy_bandwidth
+    from aim_rt.bench import _model, alternate_steps, step_study
     from aim_rt.cuda_backend import CudaBackend
     from aim_rt.sampling import SamplingSettings
 
@@ -35,12 +29,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda")
     settings = SamplingSettings()
-    result = {"device": torch.cuda.get_device_name(dev), "date": time.strftime("%Y-%m-%d"),
-              "copy_bandwidth_TBps": copy_bandwidth(dev) / 1e12, "cases": {}}
-    models: dict[str, list[int]] = {}
-    for case in args.cases.split(","):
-        name, batch = case.split(":")
-        models.setdefault(name, []).append(int(batch))
+    result, models = step_study(args.cases, dev)
     for name, batches in models.items():
         model, _ = _model(name, dev, "bfloat16", precompile=True)
         backends = {}
@@ -55,10 +44,7 @@ def main() -> None:
             classes, seeds = torch.arange(batch) % model.config.num_classes, torch.arange(batch)
             for b in backends.values():
                 b.sample(classes, seeds, settings)  # capture + warm
-            times = {v: [] for v in backends}
-            for _ in range(args.rounds):
-                for v, b in backends.items():
-                    times[v].append(step_us(b, batch, settings))
+            times = alternate_steps(backends, batch, settings, args.rounds)
             row = {v: min(t) for v, t in times.items()}
             row["all"] = times
             result["cases"][f"{name} b{batch}"] = row

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 
 def main() -> None:
-    from aim_rt.bench import _model, copy_bandwidth
+    from aim_rt.bench import _model, alternate_steps, step_study
     from aim_rt.cuda_backend import CudaBackend
     from aim_rt.sampling import SamplingSettings
 
@@ -33,12 +32,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda")
     settings = SamplingSettings()
-    result = {"device": torch.cuda.get_device_name(dev), "date": time.strftime("%Y-%m-%d"),
-              "copy_bandwidth_TBps": copy_bandwidth(dev) / 1e12, "cases": {}}
-    models: dict[str, list[int]] = {}
-    for case in args.cases.split(","):
-        name, batch = case.split(":")
-        models.setdefault(name, []).append(int(batch))
+    result, models = step_study(args.cases, dev)
     ap_variants = {"narrow16": 16, "rule": None, "wide": 0}  # name: gemv_narrow_rows (None: the build's own)
     variants = {v: ap_variants[v] for v in args.variants.split(",")}
     for model_name, batches in models.items():
@@ -50,10 +44,7 @@ def main() -> None:
         for batch in batches:
             classes, seeds = torch.arange(batch) % model.config.num_classes, torch.arange(batch)
             tokens = {v: b.sample(classes, seeds, settings) for v, b in backends.items()}  # capture + warm
-            times = {v: [] for v in variants}
-            for _ in range(args.rounds):
-                for v, b in backends.items():
-                    times[v].append(b.phase_times(batch, settings)["replays_us_per_step"])
+            times = alternate_steps(backends, batch, settings, args.rounds)
             row = {"us_per_step": {v: min(t) for v, t in times.items()}, "all": times,
                    "tokens_equal": all(torch.equal(t, next(iter(tokens.values()))) for t in tokens.values())}
             result["cases"][f"{model_name} b{batch}"] = row

@@ -43,3 +43,14 @@ def test_kernel_table_times_enough_launches(kind, launches, num_tokens, expected
     passes = timing_passes(kind, launches, reps=20, min_launches=200, num_tokens=num_tokens)
     assert passes == expected
     assert passes * launches >= (200 if kind != "sample" or num_tokens > 200 else num_tokens - 1)
+
+
+def test_parse_cases_groups_batches_by_model_in_order():
+    """The measurement scripts' --cases: model:batch pairs grouped by model, in the order given; a malformed
+    case is refused by name."""
+    from aim_rt.bench import parse_cases
+
+    assert parse_cases("AiM-XL:4,AiM-B:1,AiM-XL:1") == {"AiM-XL": [4, 1], "AiM-B": [1]}
+    for bad in ("AiM-B", "AiM-B:0", ":4", "AiM-B:x"):
+        with pytest.raises(ValueError, match="model:batch"):
+            parse_cases(bad)
