@@ -11,8 +11,9 @@ With one group (every AiM model) the gated RMSNorm's 1/rms is a per-row scalar t
 so the next residual-norm kernel applies it (and shifts the B/C conv windows the state update leaves), and the
 state update waits for no other block; otherwise a small kernel finishes the op before out_proj. Then the final
 norms, the lm_head product, and one sampling kernel that writes the token and the next step's input
-embedding and advances the token index (one per image, on the device). The modulations are computed once per sequence; the class token is the first replayed step, from
-the zero state (a prefix goes through the reference's chunked prefill). Per (batch, settings) one graph holds
+embedding and advances the token index (one per image, on the device). The modulations are computed once per
+sequence; the class token is the first replayed step, from the zero state (a prefix goes through the
+reference's chunked prefill). Per (batch, settings) one graph holds
 a whole step and, up to batch 16, another `steps_per_graph` steps back to back (the token index lives on the
 device), so within it the next step's first kernels take their places and fetch their weights while the
 sampler runs; the loop replays the long graph, then the one-step graph for the rest.
@@ -287,14 +288,13 @@ class CudaBackend:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel
         ends) for 16-bit models up to GEMV_FAST_ROWS rows; above it, on Hopper, our split-k cluster GEMM up to
         128 rows (aim_gemm); cuBLAS otherwise."""
-        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemm_params, gemm_splits, gemv_params, gemv_supported
+        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemm_params, gemm_splits, gemv_params
 
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
         if self.use_gemv and self.kernels.gemm_supported(x.shape[0], x.shape[1]):
             p = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.num_sms))
             return lambda: self.kernels.gemm(p, stream())
-        if (self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS
-                and gemv_supported(dtype_name(self.dtype), x.shape[0], x.shape[1], self.kernels.gemv_narrow_rows)):
+        if self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS and self.kernels.gemv_supported(x.shape[0], x.shape[1]):
             p = gemv_params(x, w, y)
             return lambda: self.kernels.gemv(p, stream())
         return lambda: torch.mm(x, w.t(), out=y)

@@ -608,6 +608,11 @@ class Kernels:
             self._ssu_occupancy[smem] = n
         return self._ssu_occupancy[smem]
 
+    def gemv_supported(self, rows: int, k: int) -> bool:
+        """Whether this build's aim_gemv computes a product of `rows` rows and depth k (its wide tiles above
+        gemv_narrow_rows)."""
+        return gemv_supported(self.dtype, rows, k, self.gemv_narrow_rows)
+
     def gemv(self, p: GemvParams, stream: int) -> None:
         """y = x @ w.T (gemv_params); the caller checked gemv_supported. Up to 16 rows through the one-m-tile
         instance where this build has it (gemv_m1_chunks)."""

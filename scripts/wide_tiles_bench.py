@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+VARIANTS = {"narrow16": 16, "rule": None, "wide": 0}  # name: gemv_narrow_rows (None: the build's own)
+
 
 def main() -> None:
     from aim_rt.bench import _model, alternate_steps, step_study
@@ -33,8 +35,7 @@ def main() -> None:
     dev = torch.device("cuda")
     settings = SamplingSettings()
     result, models = step_study(args.cases, dev)
-    ap_variants = {"narrow16": 16, "rule": None, "wide": 0}  # name: gemv_narrow_rows (None: the build's own)
-    variants = {v: ap_variants[v] for v in args.variants.split(",")}
+    variants = {v: VARIANTS[v] for v in args.variants.split(",")}
     for model_name, batches in models.items():
         model, _ = _model(model_name, dev, "bfloat16", precompile=True)
         backends = {v: CudaBackend(model) for v in variants}
