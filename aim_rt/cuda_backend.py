@@ -252,9 +252,9 @@ class CudaBackend:
         d_in, d_x = cfg.d_inner, cfg.d_inner + cfg.conv_dim
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
 
-        def residual_norm(i, inp, gate, norm_w, norm2_w, mods, prev):
-            # `prev`: the previous layer's state update, whose norm scale and B/C shift this kernel finishes
-            p = NormParams(
+        def norm_params(i, inp, gate, norm_w, norm2_w, mods, prev):
+            # `prev`: the previous layer's state update, whose norm scale and B/C shift this norm finishes
+            return NormParams(
                 input=_ptr(inp), input_stride=inp.stride(0), gate=_ptr(gate),
                 gate_stride=gate.stride(0) if gate is not None else 0,
                 sumsq=_ptr(buf.sumsq) if fold_norm and i > 0 else None, sumsq_heads=cfg.nheads,
@@ -262,27 +262,47 @@ class CudaBackend:
                 residual=_ptr(buf.residual), norm_w=_ptr(norm_w), norm2_w=_ptr(norm2_w),
                 shift=_ptr(mods[:, 0]), scale=_ptr(mods[:, 1]), mod_stride=mods.stride(0), out=_ptr(buf.normed),
                 out_stride=cfg.d_model, rows=rows, d=cfg.d_model, first=int(i == 0), eps=cfg.norm_eps)
-            return lambda: k.residual_norm(p, stream())
 
-        ops, p = [], None
+        ssus = [ssu_params(
+            xbc=buf.zxbcdt[:, d_in:d_x], z=buf.zxbcdt[:, :d_in], dt=buf.zxbcdt[:, d_x:],
+            conv_state_in=buf.conv[i], conv_state_out=buf.conv[i], ssm_state_in=buf.ssm[i],
+            ssm_state_out=buf.ssm[i], weights=w["ssu"], sumsq=buf.sumsq, y=buf.y,
+            headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
+            for i, w in enumerate(self._params)]
+        norms = [norm_params(i, buf.hidden if i == 0 else buf.out, buf.mods[i - 1][:, 2] if i else None, w["norm"],
+                             None, buf.mods[i], ssus[i - 1] if i else None) for i, w in enumerate(self._params)]
+        final = norm_params(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
+                            bb.final_layer.norm_final.weight, buf.final_mods, ssus[-1])
+        # Few rows: the norm between two layers is folded into the products around it (GemvFoldParams in
+        # aim_kernels.cu): layer i's out_proj adds to the residual, layer i + 1's in_proj norms it. Layer 0's
+        # norm (of the input embedding) and the final norms stay kernels.
+        fold = fold_norm and self.use_gemv and k.fold_supported(rows, cfg.d_model, cfg.d_inner)
+        last = len(self._params) - 1
+        ops = []
         for i, w in enumerate(self._params):
-            ops.append(("residual_norm", residual_norm(i, buf.hidden if i == 0 else buf.out,
-                                                       buf.mods[i - 1][:, 2] if i else None, w["norm"], None,
-                                                       buf.mods[i], p)))
-            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
-            p = ssu_params(
-                xbc=buf.zxbcdt[:, d_in:d_x], z=buf.zxbcdt[:, :d_in], dt=buf.zxbcdt[:, d_x:],
-                conv_state_in=buf.conv[i], conv_state_out=buf.conv[i], ssm_state_in=buf.ssm[i],
-                ssm_state_out=buf.ssm[i], weights=w["ssu"], sumsq=buf.sumsq, y=buf.y,
-                headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
+            if fold and i > 0:
+                ops.append(("in_proj", self._folded("norm", buf.normed, w["in_proj"], buf.zxbcdt, norms[i])))
+            else:
+                ops.append(("residual_norm", lambda p=norms[i]: k.residual_norm(p, stream())))
+                ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             ops.append(("selective_state_update",
-                        lambda p=p: k.selective_state_update(p, stream(), finish=not fold_norm)))
-            ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
-        ops.append(("final_norm", residual_norm(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
-                                                bb.final_layer.norm_final.weight, buf.final_mods, p)))
+                        lambda p=ssus[i]: k.selective_state_update(p, stream(), finish=not fold_norm)))
+            if fold and i < last:
+                ops.append(("out_proj", self._folded("resid", buf.y, w["out_proj"], buf.out, norms[i + 1])))
+            else:
+                ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
+        ops.append(("final_norm", lambda: k.residual_norm(final, stream())))
         ops.append(("lm_head", self._matmul(buf.normed, self.model.lm_head.weight, buf.logits)))
         ops.append(("sample", lambda: self._sample(buf, settings, stream())))
         return ops
+
+    def _folded(self, kind: str, x: Tensor, w: Tensor, y: Tensor, norm) -> Callable[[], None]:
+        """A product with the residual norm folded in (kind "norm": in_proj from `norm`'s residual; "resid":
+        out_proj into it); the caller checked Kernels.fold_supported."""
+        from aim_rt.plugins.kernels import gemv_fold_params
+
+        p = gemv_fold_params(kind, x, w, y, norm)
+        return lambda: self.kernels.gemv_fold(kind, p, torch.cuda.current_stream().cuda_stream)
 
     def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel

@@ -146,6 +146,16 @@ def gemv_m1_chunks(d_model: int, chunks) -> list[int]:
     return [c for c in chunks if c in GEMV_CHUNKS and (d_model >= 1536 or c in GEMV_WIDE)]
 
 
+def fold_chunks(d_model: int, chunks) -> list[tuple[int, str]]:
+    """The folded products (aim_kernels.cu, GemvFoldParams) a model of this width runs: in_proj with the
+    residual norm before it at depth d_model ("norm"), out_proj with the residual add after it at every other
+    depth the model's products have ("resid": d_inner)."""
+    c_in = d_model // 256
+    if d_model % 256 or c_in not in GEMV_CHUNKS or c_in not in chunks:
+        return []
+    return [(c_in, "norm")] + [(c, "resid") for c in chunks if c != c_in]
+
+
 def norm_instance(d: int) -> int:
     """The residual norm's instance (elements per thread) for rows of width d."""
     per = -(-d // NORM_THREADS)
@@ -169,6 +179,8 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
         inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
         if d_model is not None:
             inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
+            inst += [f"XN({c})" for c, kind in fold_chunks(d_model, chunks) if kind == "norm"]
+            inst += [f"XR({c})" for c, kind in fold_chunks(d_model, chunks) if kind == "resid"]
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
     if d_model is not None:
         per_model = model_defines(d_model)
@@ -276,12 +288,17 @@ class GemvParams(ctypes.Structure):
     _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
 
 
+class GemvFoldParams(ctypes.Structure):
+    _fields_ = [("g", GemvParams), ("n", NormParams)]
+
+
 class GemmParams(ctypes.Structure):
     _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I),
                 ("splits", I)]
 
 
-STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemmParams)
+STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemvFoldParams,
+           GemmParams)
 
 
 def layout_asserts() -> str:
@@ -441,6 +458,30 @@ def gemv_params(x, w, y) -> GemvParams:
                       rows=rows, n=n, k=k)
 
 
+# The residual norm folded into the products around it (GemvFoldParams in aim_kernels.cu): the kernels take
+# up to FOLD_MAX_ROWS rows; the backend folds up to Kernels.fold_rows (FOLD_ROWS, a define only the host reads).
+FOLD_MAX_ROWS = 8
+FOLD_ROWS = 8
+
+
+def gemv_fold_params(kind: str, x, w, y, norm: NormParams) -> GemvFoldParams:
+    """A folded product: "norm" (in_proj computing its x from `norm`'s residual, weight and modulation; x is
+    only its shape) or "resid" (out_proj adding its result to `norm`'s residual; y is only its shape)."""
+    rows, k, n = _check_product(f"aim_gemv_{kind}", x, w, y)
+    if kind not in ("norm", "resid"):
+        raise KernelError(f"a folded product is 'norm' or 'resid', not {kind!r}")
+    if not 0 < rows <= FOLD_MAX_ROWS or norm.rows != rows:
+        raise KernelError(f"a folded product takes 1 to {FOLD_MAX_ROWS} rows and its norm's, not {rows} "
+                          f"(norm rows {norm.rows})")
+    if norm.d != (k if kind == "norm" else n):
+        raise KernelError(f"aim_gemv_{kind}: the norm's width {norm.d} is not the product's "
+                          f"{'depth' if kind == 'norm' else 'width'} ({k if kind == 'norm' else n})")
+    if norm.residual % 16 or (kind == "norm" and (norm.norm_w % 16 or norm.scale % 16 or norm.shift % 16
+                                                   or (norm.mod_stride * 2) % 16)):
+        raise KernelError(f"aim_gemv_{kind} needs its residual, norm weight and modulation rows 16-byte aligned")
+    return GemvFoldParams(g=gemv_params(x, w, y), n=norm)
+
+
 GEMM_BN, GEMM_BK, GEMM_STAGES = 64, 64, 4  # as in aim_kernels.cu
 GEMM_MAX_ROWS = 128  # what the kernel takes (16 * its largest MT)
 GEMM_ROWS = (33, GEMM_MAX_ROWS)  # where the backend uses it by default (below: aim_gemv; above: cuBLAS)
@@ -540,6 +581,13 @@ class Kernels:
         # aim_gemv's one-tile blocks (and one-m-tile instances) up to this many rows, wide tiles above
         # (model_defines: a define only this reads)
         self.gemv_narrow_rows = int(builds[0].get("GEMV_NARROW_ROWS", GEMV_NARROW_ROWS))
+        self.folds = {}  # (kind, CH) -> the folded products of this build (fold_chunks)
+        for c in GEMV_CHUNKS if dtype != "float32" else ():
+            for kind in ("norm", "resid"):
+                if (fn := self._function(f"aim_gemv_{kind}_k{c}", required=False)) is not None:
+                    self.fn[f"aim_gemv_{kind}_k{c}"] = fn
+                    self.folds[(kind, c)] = fn
+        self.fold_rows = min(int(builds[0].get("FOLD_ROWS", FOLD_ROWS)), FOLD_MAX_ROWS)
         self.gemms = {mt: fn for mt in (2, 4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
                       if (fn := self._function(f"aim_gemm_m{mt}", required=False)) is not None}
         # the row counts the backend gives aim_gemm: GEMM_MIN_ROWS / GEMM_MAX_ROWS (model_defines; defines that
@@ -622,6 +670,19 @@ class Kernels:
         m1 = nt == 1 and p.rows <= self.gemv_narrow_rows and c in self.gemv_m1
         name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
         self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
+
+    def fold_supported(self, rows: int, k_in: int, k_out: int) -> bool:
+        """Whether the backend folds the residual norm into in_proj (depth k_in) and out_proj (depth k_out) at
+        this many rows in this build."""
+        return (rows <= self.fold_rows and ("norm", k_in // 256) in self.folds
+                and ("resid", k_out // 256) in self.folds and not (k_in % 256 or k_out % 256))
+
+    def gemv_fold(self, kind: str, p: GemvFoldParams, stream: int) -> None:
+        """A folded product (gemv_fold_params; the caller checked fold_supported)."""
+        name = f"aim_gemv_{kind}_k{p.g.k // 256}"
+        if name not in self.fn:
+            raise KernelError(f"{name} was not compiled (fold_chunks)")
+        self._launch(name, ((p.g.n + 7) // 8, 1, 1), 256, 0, stream, p)
 
     def gemm_supported(self, rows: int, k: int) -> bool:
         """Whether the backend's product of `rows` rows and depth k is aim_gemm's in this build."""

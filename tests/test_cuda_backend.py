@@ -36,6 +36,7 @@ def test_kernels_compile(arch, dtype):
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
     # the tensor-core products exist for 16-bit types only
     assert (b"aim_gemv_k3_n1" in cubin) == (dtype != "float32")
+    assert (b"aim_gemv_norm_k3" in cubin and b"aim_gemv_resid_k6" in cubin) == (dtype != "float32")
 
 
 @pytest.mark.skipif(not _nvrtc_usable(), reason="cuda-python with an NVRTC library is not installed")
@@ -394,6 +395,88 @@ def test_bf16_image_does_not_depend_on_batch_composition():
     assert torch.equal(crowd[1], alone[0])
     big = backend.sample(list(range(100, 112)) + [207], list(range(12)) + [11], settings)  # 26 rows: wide tiles
     assert torch.equal(big[12], alone[0])
+
+
+@needs_gpu
+@pytest.mark.parametrize("d_model,gated", [(768, True), (1536, True), (256, False)])
+def test_folded_norm_products_give_the_norm_kernels_bits(d_model, gated):
+    """out_proj with the residual add folded in, then in_proj with the norm folded in, against aim_residual_norm
+    between two plain aim_gemv products, at 1 to 8 rows: the same residual and in_proj output, bit for bit (the
+    norm's sum of squares is added in the fold's order: fold_order_sumsq)."""
+    from aim_rt.plugins.kernels import ConvShift, Kernels, NormParams, gemv_fold_params, gemv_params
+
+    d_inner, n_in, heads = 2 * d_model, 2 * d_model + 264, d_model // 32
+    kern = Kernels("bfloat16", gemv_depths=(d_model, d_inner), d_model=d_model)
+    assert {("norm", d_model // 256), ("resid", d_inner // 256)} <= set(kern.folds)
+    gen = torch.Generator(device="cuda").manual_seed(d_model)
+    r = lambda *s, scale=1.0: (scale * torch.randn(*s, device="cuda", generator=gen))  # noqa: E731
+    bf = torch.bfloat16
+    w_out, w_in = (r(d_model, d_inner) / d_inner ** 0.5).to(bf), (r(n_in, d_model) / d_model ** 0.5).to(bf)
+    norm_w = (1 + r(d_model, scale=0.1)).to(bf)
+    stream = torch.cuda.current_stream().cuda_stream
+    for rows in range(1, 9):
+        y = r(rows, d_inner).to(bf)
+        mods = r(rows, 3, d_model, scale=0.3).to(bf)  # shift, scale, and (as the gate) the previous layer's
+        sumsq = r(rows, heads).abs() * d_inner / heads
+        residual0 = r(rows, d_model)
+
+        def norm(residual, out, normed):
+            return NormParams(
+                input=out.data_ptr(), input_stride=out.stride(0), gate=mods[:, 2].data_ptr() if gated else None,
+                gate_stride=mods.stride(0), sumsq=sumsq.data_ptr(), sumsq_heads=heads, sumsq_count=d_inner,
+                bc=ConvShift(), residual=residual.data_ptr(), norm_w=norm_w.data_ptr(), norm2_w=None,
+                shift=mods[:, 0].data_ptr(), scale=mods[:, 1].data_ptr(), mod_stride=mods.stride(0),
+                out=normed.data_ptr(), out_stride=normed.stride(0), rows=rows, d=d_model, first=0, eps=1e-5)
+
+        results = []
+        for folded in (False, True):
+            residual = residual0.clone()
+            out = torch.zeros(rows, d_model, device="cuda", dtype=bf)
+            normed = torch.zeros(rows, d_model, device="cuda", dtype=bf)
+            z = torch.full((rows, n_in), float("nan"), device="cuda", dtype=bf)
+            p = norm(residual, out, normed)
+            if folded:
+                kern.gemv_fold("resid", gemv_fold_params("resid", y, w_out, out, p), stream)
+                kern.gemv_fold("norm", gemv_fold_params("norm", normed, w_in, z, p), stream)
+            else:
+                kern.gemv(gemv_params(y, w_out, out), stream)
+                kern.residual_norm(p, stream)
+                kern.gemv(gemv_params(normed, w_in, z), stream)
+            torch.cuda.synchronize()
+            results.append((residual, z))
+        (res_a, z_a), (res_b, z_b) = results
+        assert torch.equal(res_a, res_b), f"rows {rows}: residuals differ"
+        assert torch.equal(z_a, z_b), f"rows {rows}: in_proj outputs differ"
+        # and the unfolded pair against float32 arithmetic on the same 16-bit values
+        g = mods[:, 2].float() if gated else 1.0
+        scale = torch.rsqrt(sumsq.sum(1, keepdim=True) / d_inner + 1e-5)
+        want = residual0 + (y.float() @ w_out.float().t()).to(bf).float() * scale * g
+        assert rel_err(res_a, want) <= 1e-2
+    with pytest.raises(aim_rt.plugins.kernels.KernelError, match="rows"):
+        nine = torch.zeros(9, d_inner, device="cuda", dtype=bf)
+        gemv_fold_params("resid", nine, w_out, torch.zeros(9, d_model, device="cuda", dtype=bf), norm(
+            residual0, out, normed))
+
+
+@needs_gpu
+def test_backend_folds_the_norm_at_few_rows_with_the_same_tokens():
+    """The cuda backend folds the norm between layers into the products (one norm kernel per step instead of
+    n_layer) up to Kernels.fold_rows rows, with the unfolded step's tokens and mixed logits, bit for bit."""
+    from aim_rt.cuda_backend import CudaBackend
+
+    cfg = aim_rt.AiMConfig(d_model=256, n_layer=4, vocab_size=1024, num_classes=10, num_tokens=64)
+    model = aim_rt.random_model(cfg, seed=3, device="cuda", dtype="bfloat16")
+    settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
+    folded, plain = CudaBackend(model), CudaBackend(model)
+    plain.kernels.fold_rows = 0
+    assert folded.kernels.fold_rows >= 8
+    for batch in (1, 4, 5):  # 2 and 8 rows fold; 10 do not
+        kinds = [k for k, _ in folded._ops(folded._alloc(batch), settings)]
+        assert kinds.count("residual_norm") == (1 if 2 * batch <= 8 else cfg.n_layer), batch
+        classes, seeds = list(range(batch)), list(range(10, 10 + batch))
+        t_f, m_f = folded.sample(classes, seeds, settings, return_mixed=True)
+        t_p, m_p = plain.sample(classes, seeds, settings, return_mixed=True)
+        assert torch.equal(t_f, t_p) and torch.equal(m_f, m_p), batch
 
 
 def test_ssu_params_rejects_shapes_the_kernel_cannot_take():
