@@ -41,6 +41,15 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _summed(norm):
+    """`norm` (NormParams) for a residual that a folded out_proj has already summed: the kernel only norms it."""
+    from aim_rt.plugins.kernels import ConvShift, NormParams
+
+    p = NormParams.from_buffer_copy(norm)
+    p.input, p.gate, p.sumsq, p.bc = None, None, None, ConvShift()
+    return p
+
+
 def _use_gemv(use_gemv: bool | None) -> bool:
     # False (or AIM_RT_GEMV=0): cuBLAS for every product, to measure what aim_gemv gains
     return os.environ.get("AIM_RT_GEMV", "1") != "0" if use_gemv is None else use_gemv
@@ -274,16 +283,19 @@ class CudaBackend:
         final = norm_params(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
                             bb.final_layer.norm_final.weight, buf.final_mods, ssus[-1])
         # Few rows: the norm between two layers is folded into the products around it (GemvFoldParams in
-        # aim_kernels.cu): layer i's out_proj adds to the residual, layer i + 1's in_proj norms it. Layer 0's
-        # norm (of the input embedding) and the final norms stay kernels.
-        fold = fold_norm and self.use_gemv and k.fold_supported(rows, cfg.d_model, cfg.d_inner)
+        # aim_kernels.cu): layer i's out_proj adds to the residual (and finishes the state update), and either
+        # layer i + 1's in_proj norms it or a lighter norm kernel does. Layer 0's norm (of the input embedding)
+        # and the final norms stay as they are.
+        fold = fold_norm and self.use_gemv and k.fold_supported(rows, cfg.d_inner)
+        fold_in = fold and k.fold_supported(rows, cfg.d_inner, cfg.d_model)
         last = len(self._params) - 1
         ops = []
         for i, w in enumerate(self._params):
-            if fold and i > 0:
+            if fold_in and i > 0:
                 ops.append(("in_proj", self._folded("norm", buf.normed, w["in_proj"], buf.zxbcdt, norms[i])))
             else:
-                ops.append(("residual_norm", lambda p=norms[i]: k.residual_norm(p, stream())))
+                p = _summed(norms[i]) if fold and i > 0 else norms[i]
+                ops.append(("residual_norm", lambda p=p: k.residual_norm(p, stream())))
                 ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             ops.append(("selective_state_update",
                         lambda p=ssus[i]: k.selective_state_update(p, stream(), finish=not fold_norm)))

@@ -634,7 +634,8 @@ __device__ __forceinline__ float fold_order_sumsq(const float* s_row, int d, flo
 
 // ----------------------------------------------------------------------------------------------------------
 struct NormParams {
-  const elem_t* input;  long long input_stride;  // (rows, d): the embedding, or the previous mixer's output
+  const elem_t* input;  long long input_stride;  // (rows, d): the embedding, or the previous mixer's output;
+                                                 // null: the residual already holds the sum (FOLD_RESID)
   const elem_t* gate;   long long gate_stride;   // (rows, d) gate of the previous block, or null (first layer)
   const float* sumsq;   // (rows, sumsq_heads) or null: input *= 1/rms of the previous gated norm (ngroups == 1)
   int sumsq_heads, sumsq_count;                   // heads to add; elements they cover (d_inner)
@@ -685,7 +686,7 @@ __device__ __forceinline__ void residual_norm_body(const NormParams& p) {
     const int i = tid + j * NORM_THREADS;
     in[j] = gate[j] = res[j] = 0.0f;
     if (i >= p.d) continue;
-    in[j] = ld(p.input[(long long)r * p.input_stride + i]);
+    in[j] = p.input ? ld(p.input[(long long)r * p.input_stride + i]) : 0.0f;
     gate[j] = p.gate ? ld(p.gate[(long long)r * p.gate_stride + i]) : 0.0f;
     res[j] = p.first ? 0.0f : p.residual[(long long)r * p.d + i];
   }
@@ -708,8 +709,8 @@ __device__ __forceinline__ void residual_norm_body(const NormParams& p) {
     if (i >= p.d) continue;
     float v = __fmul_rn(in[j], scale);  // (no contraction into the add below: as the folded out_proj)
     if (p.gate) v = ld(st(v * gate[j]));  // the reference rounds gate*out
-    const float rv = p.first ? v : res[j] + v;
-    p.residual[(long long)r * p.d + i] = rv;
+    const float rv = !p.input ? res[j] : p.first ? v : res[j] + v;
+    if (p.input) p.residual[(long long)r * p.d + i] = rv;
     x[j] = rv;
     s_row[i] = rv;
   }

@@ -462,6 +462,7 @@ def gemv_params(x, w, y) -> GemvParams:
 # up to FOLD_MAX_ROWS rows; the backend folds up to Kernels.fold_rows (FOLD_ROWS, a define only the host reads).
 FOLD_MAX_ROWS = 8
 FOLD_ROWS = 8
+FOLD_IN_PROJ = 0
 
 
 def gemv_fold_params(kind: str, x, w, y, norm: NormParams) -> GemvFoldParams:
@@ -588,6 +589,9 @@ class Kernels:
                     self.fn[f"aim_gemv_{kind}_k{c}"] = fn
                     self.folds[(kind, c)] = fn
         self.fold_rows = min(int(builds[0].get("FOLD_ROWS", FOLD_ROWS)), FOLD_MAX_ROWS)
+        # whether in_proj norms its x itself (FOLD_NORM) or a norm kernel still does, from the residual the
+        # folded out_proj summed (FOLD_IN_PROJ, a define only the host reads)
+        self.fold_in_proj = bool(int(builds[0].get("FOLD_IN_PROJ", FOLD_IN_PROJ)))
         self.gemms = {mt: fn for mt in (2, 4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
                       if (fn := self._function(f"aim_gemm_m{mt}", required=False)) is not None}
         # the row counts the backend gives aim_gemm: GEMM_MIN_ROWS / GEMM_MAX_ROWS (model_defines; defines that
@@ -671,11 +675,12 @@ class Kernels:
         name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
         self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 
-    def fold_supported(self, rows: int, k_in: int, k_out: int) -> bool:
-        """Whether the backend folds the residual norm into in_proj (depth k_in) and out_proj (depth k_out) at
-        this many rows in this build."""
-        return (rows <= self.fold_rows and ("norm", k_in // 256) in self.folds
-                and ("resid", k_out // 256) in self.folds and not (k_in % 256 or k_out % 256))
+    def fold_supported(self, rows: int, k_out: int, k_in: int | None = None) -> bool:
+        """Whether the backend folds the residual add into out_proj (depth k_out) at this many rows in this
+        build; with k_in, also the norm into in_proj (depth k_in)."""
+        if rows > self.fold_rows or k_out % 256 or ("resid", k_out // 256) not in self.folds:
+            return False
+        return k_in is None or (self.fold_in_proj and not k_in % 256 and ("norm", k_in // 256) in self.folds)
 
     def gemv_fold(self, kind: str, p: GemvFoldParams, stream: int) -> None:
         """A folded product (gemv_fold_params; the caller checked fold_supported)."""

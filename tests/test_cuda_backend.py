@@ -402,7 +402,9 @@ def test_bf16_image_does_not_depend_on_batch_composition():
 def test_folded_norm_products_give_the_norm_kernels_bits(d_model, gated):
     """out_proj with the residual add folded in, then in_proj with the norm folded in, against aim_residual_norm
     between two plain aim_gemv products, at 1 to 8 rows: the same residual and in_proj output, bit for bit (the
-    norm's sum of squares is added in the fold's order: fold_order_sumsq)."""
+    norm's sum of squares is added in the fold's order: fold_order_sumsq); and with only the residual add
+    folded, the norm kernel norming the summed residual."""
+    from aim_rt.cuda_backend import _summed
     from aim_rt.plugins.kernels import ConvShift, Kernels, NormParams, gemv_fold_params, gemv_params
 
     d_inner, n_in, heads = 2 * d_model, 2 * d_model + 264, d_model // 32
@@ -429,24 +431,29 @@ def test_folded_norm_products_give_the_norm_kernels_bits(d_model, gated):
                 out=normed.data_ptr(), out_stride=normed.stride(0), rows=rows, d=d_model, first=0, eps=1e-5)
 
         results = []
-        for folded in (False, True):
+        for fold in ("none", "out_proj", "both"):
             residual = residual0.clone()
             out = torch.zeros(rows, d_model, device="cuda", dtype=bf)
             normed = torch.zeros(rows, d_model, device="cuda", dtype=bf)
             z = torch.full((rows, n_in), float("nan"), device="cuda", dtype=bf)
             p = norm(residual, out, normed)
-            if folded:
-                kern.gemv_fold("resid", gemv_fold_params("resid", y, w_out, out, p), stream)
-                kern.gemv_fold("norm", gemv_fold_params("norm", normed, w_in, z, p), stream)
-            else:
+            if fold == "none":
                 kern.gemv(gemv_params(y, w_out, out), stream)
                 kern.residual_norm(p, stream)
+            else:
+                kern.gemv_fold("resid", gemv_fold_params("resid", y, w_out, out, p), stream)
+            if fold == "out_proj":
+                kern.residual_norm(_summed(p), stream)
+            if fold == "both":
+                kern.gemv_fold("norm", gemv_fold_params("norm", normed, w_in, z, p), stream)
+            else:
                 kern.gemv(gemv_params(normed, w_in, z), stream)
             torch.cuda.synchronize()
             results.append((residual, z))
-        (res_a, z_a), (res_b, z_b) = results
-        assert torch.equal(res_a, res_b), f"rows {rows}: residuals differ"
-        assert torch.equal(z_a, z_b), f"rows {rows}: in_proj outputs differ"
+        (res_a, z_a), *others = results
+        for res_b, z_b in others:
+            assert torch.equal(res_a, res_b), f"rows {rows}: residuals differ"
+            assert torch.equal(z_a, z_b), f"rows {rows}: in_proj outputs differ"
         # and the unfolded pair against float32 arithmetic on the same 16-bit values
         g = mods[:, 2].float() if gated else 1.0
         scale = torch.rsqrt(sumsq.sum(1, keepdim=True) / d_inner + 1e-5)
@@ -460,23 +467,32 @@ def test_folded_norm_products_give_the_norm_kernels_bits(d_model, gated):
 
 @needs_gpu
 def test_backend_folds_the_norm_at_few_rows_with_the_same_tokens():
-    """The cuda backend folds the norm between layers into the products (one norm kernel per step instead of
-    n_layer) up to Kernels.fold_rows rows, with the unfolded step's tokens and mixed logits, bit for bit."""
+    """Up to Kernels.fold_rows rows the cuda backend folds the residual add between layers into out_proj (and,
+    with fold_in_proj, the norm into in_proj: one norm kernel per step instead of n_layer), with the unfolded
+    step's tokens and mixed logits, bit for bit."""
     from aim_rt.cuda_backend import CudaBackend
 
     cfg = aim_rt.AiMConfig(d_model=256, n_layer=4, vocab_size=1024, num_classes=10, num_tokens=64)
     model = aim_rt.random_model(cfg, seed=3, device="cuda", dtype="bfloat16")
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
-    folded, plain = CudaBackend(model), CudaBackend(model)
+    plain, out_only, both = CudaBackend(model), CudaBackend(model, use_graphs=False), CudaBackend(model)
     plain.kernels.fold_rows = 0
-    assert folded.kernels.fold_rows >= 8
+    both.kernels.fold_in_proj = True
+    assert out_only.kernels.fold_rows >= 8 and not out_only.kernels.fold_in_proj
+    calls = []
+    launch = out_only.kernels.gemv_fold
+    out_only.kernels.gemv_fold = lambda kind, p, s: (calls.append(kind), launch(kind, p, s))
     for batch in (1, 4, 5):  # 2 and 8 rows fold; 10 do not
-        kinds = [k for k, _ in folded._ops(folded._alloc(batch), settings)]
+        kinds = [k for k, _ in both._ops(both._alloc(batch), settings)]
         assert kinds.count("residual_norm") == (1 if 2 * batch <= 8 else cfg.n_layer), batch
         classes, seeds = list(range(batch)), list(range(10, 10 + batch))
-        t_f, m_f = folded.sample(classes, seeds, settings, return_mixed=True)
+        calls.clear()
         t_p, m_p = plain.sample(classes, seeds, settings, return_mixed=True)
-        assert torch.equal(t_f, t_p) and torch.equal(m_f, m_p), batch
+        for b in (out_only, both):
+            t, m = b.sample(classes, seeds, settings, return_mixed=True)
+            assert torch.equal(t, t_p) and torch.equal(m, m_p), batch
+        folds = (cfg.n_layer - 1) * cfg.num_tokens if 2 * batch <= 8 else 0  # eager: one launch per call
+        assert calls == ["resid"] * folds, batch
 
 
 def test_ssu_params_rejects_shapes_the_kernel_cannot_take():
