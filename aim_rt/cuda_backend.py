@@ -282,25 +282,19 @@ class CudaBackend:
                              None, buf.mods[i], ssus[i - 1] if i else None) for i, w in enumerate(self._params)]
         final = norm_params(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
                             bb.final_layer.norm_final.weight, buf.final_mods, ssus[-1])
-        # Few rows: the norm between two layers is folded into the products around it (GemvFoldParams in
-        # aim_kernels.cu): layer i's out_proj adds to the residual (and finishes the state update), and either
-        # layer i + 1's in_proj norms it or a lighter norm kernel does. Layer 0's norm (of the input embedding)
-        # and the final norms stay as they are.
+        # Up to Kernels.fold_rows rows, layer i's out_proj adds its result to the residual (and finishes the
+        # state update: GemvFoldParams in aim_kernels.cu), so layer i + 1's norm kernel only norms it.
         fold = fold_norm and self.use_gemv and k.fold_supported(rows, cfg.d_inner)
-        fold_in = fold and k.fold_supported(rows, cfg.d_inner, cfg.d_model)
         last = len(self._params) - 1
         ops = []
         for i, w in enumerate(self._params):
-            if fold_in and i > 0:
-                ops.append(("in_proj", self._folded("norm", buf.normed, w["in_proj"], buf.zxbcdt, norms[i])))
-            else:
-                p = _summed(norms[i]) if fold and i > 0 else norms[i]
-                ops.append(("residual_norm", lambda p=p: k.residual_norm(p, stream())))
-                ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
+            p = _summed(norms[i]) if fold and i > 0 else norms[i]
+            ops.append(("residual_norm", lambda p=p: k.residual_norm(p, stream())))
+            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             ops.append(("selective_state_update",
                         lambda p=ssus[i]: k.selective_state_update(p, stream(), finish=not fold_norm)))
             if fold and i < last:
-                ops.append(("out_proj", self._folded("resid", buf.y, w["out_proj"], buf.out, norms[i + 1])))
+                ops.append(("out_proj", self._folded(buf.y, w["out_proj"], buf.out, norms[i + 1])))
             else:
                 ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
         ops.append(("final_norm", lambda: k.residual_norm(final, stream())))
@@ -308,13 +302,13 @@ class CudaBackend:
         ops.append(("sample", lambda: self._sample(buf, settings, stream())))
         return ops
 
-    def _folded(self, kind: str, x: Tensor, w: Tensor, y: Tensor, norm) -> Callable[[], None]:
-        """A product with the residual norm folded in (kind "norm": in_proj from `norm`'s residual; "resid":
-        out_proj into it); the caller checked Kernels.fold_supported."""
+    def _folded(self, x: Tensor, w: Tensor, y: Tensor, norm) -> Callable[[], None]:
+        """out_proj with the residual add of `norm` (the next layer's) folded in; the caller checked
+        Kernels.fold_supported."""
         from aim_rt.plugins.kernels import gemv_fold_params
 
-        p = gemv_fold_params(kind, x, w, y, norm)
-        return lambda: self.kernels.gemv_fold(kind, p, torch.cuda.current_stream().cuda_stream)
+        p = gemv_fold_params(x, w, y, norm)
+        return lambda: self.kernels.gemv_fold(p, torch.cuda.current_stream().cuda_stream)
 
     def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel

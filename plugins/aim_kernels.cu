@@ -95,6 +95,16 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+// Block-wide sum for blockDim.x a multiple of 32 (<= 1024); `scratch` holds 32 floats.
+__device__ float block_sum(float v, float* scratch) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : 0.0f;
+  return warp_sum(v);
+}
 
 // ----------------------------------------------------------------------------------------------------------
 struct SsuParams {
@@ -603,36 +613,6 @@ extern "C" __global__ void aim_gated_norm_apply(GatedNormParams p) {
 #endif
 
 // ----------------------------------------------------------------------------------------------------------
-// The sum of squares of a row of d <= 256 * NORM_PER floats (s_row, in shared memory), in the order a folded
-// in_proj block adds them (gemv_body, FOLD_NORM), so that a row is normed to the same bits whether or not its
-// norm is folded (and an image does not depend on how many others share its batch): with CH = ceil(d / 256),
-// 32 partials p[4w + t], each over k = 32 * CH * w + 8t + 32c + e for c < CH, then e < 8 (zeros past d); then
-// (p[4w] + p[4w+1]) + (p[4w+2] + p[4w+3]) for each w; then those 8 in order. Warp 0 adds; every thread of the
-// block gets the sum (two barriers: s_row is free again when this returns).
-__device__ __forceinline__ float fold_order_sumsq(const float* s_row, int d, float* s_out) {
-  __syncthreads();  // s_row written
-  if (threadIdx.x < 32) {
-    const int w = threadIdx.x >> 2, t = threadIdx.x & 3, ch = (d + 255) >> 8;
-    float sq = 0.0f;
-    for (int c = 0; c < ch; ++c)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int k = 32 * ch * w + 8 * t + 32 * c + e;
-        const float v = k < d ? s_row[k] : 0.0f;
-        sq = __fmaf_rn(v, v, sq);
-      }
-    sq += __shfl_xor_sync(0xffffffffu, sq, 1);
-    sq += __shfl_xor_sync(0xffffffffu, sq, 2);
-    float tot = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) tot += __shfl_sync(0xffffffffu, sq, 4 * i);
-    if (threadIdx.x == 0) *s_out = tot;
-  }
-  __syncthreads();
-  return *s_out;
-}
-
-// ----------------------------------------------------------------------------------------------------------
 struct NormParams {
   const elem_t* input;  long long input_stride;  // (rows, d): the embedding, or the previous mixer's output;
                                                  // null: the residual already holds the sum (FOLD_RESID)
@@ -664,8 +644,8 @@ struct NormParams {
 // width. Elements past d are zeros in every sum (x + 0 is x), so each instance gives the same bits.
 template <int PER>
 __device__ __forceinline__ void residual_norm_body(const NormParams& p) {
-  __shared__ float s_row[NORM_THREADS * PER];  // the row, for its sums of squares (fold_order_sumsq)
-  __shared__ float s_scale, s_total;
+  __shared__ float s_red[32];
+  __shared__ float s_scale;
   const int r = blockIdx.x, tid = threadIdx.x;
   float w1[PER], w2[PER], sh[PER], sc[PER];
 #pragma unroll
@@ -702,6 +682,7 @@ __device__ __forceinline__ void residual_norm_body(const NormParams& p) {
   conv_shift(p.bc, r);  // while those loads are in flight
   __syncthreads();
   const float scale = s_scale;
+  float sq = 0.0f;
 #pragma unroll
   for (int j = 0; j < PER; ++j) {
     const int i = tid + j * NORM_THREADS;
@@ -712,24 +693,24 @@ __device__ __forceinline__ void residual_norm_body(const NormParams& p) {
     const float rv = !p.input ? res[j] : p.first ? v : res[j] + v;
     if (p.input) p.residual[(long long)r * p.d + i] = rv;
     x[j] = rv;
-    s_row[i] = rv;
+    sq += rv * rv;
   }
-  float inv = rsqrtf(fold_order_sumsq(s_row, p.d, &s_total) / p.d + p.eps);
+  float inv = rsqrtf(block_sum(sq, s_red) / p.d + p.eps);
   if (p.norm2_w) {  // final layer: norm_f (rounded to the model type), then norm_final
+    float sq2 = 0.0f;
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
-      const int i = tid + j * NORM_THREADS;
       x[j] = ld(st(x[j] * inv * w1[j]));
-      if (i < p.d) s_row[i] = x[j];
+      sq2 += x[j] * x[j];
     }
-    inv = rsqrtf(fold_order_sumsq(s_row, p.d, &s_total) / p.d + p.eps);
+    inv = rsqrtf(block_sum(sq2, s_red) / p.d + p.eps);
   }
 #pragma unroll
   for (int j = 0; j < PER; ++j) {
     const int i = tid + j * NORM_THREADS;
     if (i >= p.d) continue;
     const float v = ld(st(x[j] * inv * (p.norm2_w ? w2[j] : w1[j])));
-    p.out[(long long)r * p.out_stride + i] = st(__fmaf_rn(v, 1.0f + sc[j], sh[j]));  // as the folded in_proj
+    p.out[(long long)r * p.out_stride + i] = st(v * (1.0f + sc[j]) + sh[j]);
   }
 }
 
@@ -1390,21 +1371,16 @@ struct GemvParams {
   int rows, n, k;
 };
 
-// The residual norm folded into the two products around it (16-bit types, rows <= 8, one group): the norm
-// between layer i's out_proj and layer i+1's in_proj is no kernel of its own. GemvFoldParams.n is what
-// aim_residual_norm would have taken; out_proj's epilogue does its input side (FOLD_RESID: the gated norm's
-// 1/rms, the gate, the residual add, the B/C window shift) and in_proj's prologue its output side (FOLD_NORM:
-// RMSNorm of the float32 residual, norm weight, modulation), with the norm's arithmetic element for element and
-// its sum of squares in the same order (fold_order_sumsq): a folded step gives the unfolded step's bits, so an
-// image does not depend on whether its batch is small enough to fold. Each in_proj block reads the whole
-// float32 row and its modulation (8 bytes per element against the normed row's 2), hence only a few rows.
+// The residual add between two layers folded into out_proj's epilogue (16-bit types, ngroups == 1): what
+// aim_residual_norm does with the previous mixer's output (its gated norm's 1/rms, the gate, the add to the
+// float32 residual, the B/C window shift the state update left) is done where out_proj's outputs are summed,
+// each element by the one thread that owns it, with the norm kernel's arithmetic (the same bits); the norm
+// kernel then only norms the summed residual (NormParams.input null). GemvFoldParams.n is the NormParams that
+// kernel would otherwise have taken whole.
 struct GemvFoldParams {
   GemvParams g;
   NormParams n;
 };
-#define FOLD_NONE 0
-#define FOLD_NORM 1   // in_proj: x = modulate(rmsnorm(n.residual)) instead of g.x
-#define FOLD_RESID 2  // out_proj: n.residual += gate * (x . w) / rms(gated norm) instead of g.y
 
 #ifndef GEMV_MAX_MT
 #define GEMV_MAX_MT 4
@@ -1426,41 +1402,42 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 #endif
 }
 
-
-__device__ __forceinline__ void prefetch_l1(const void* p) {
-  asm volatile("prefetch.global.L1 [%0];" :: "l"(p));
-}
-__device__ __forceinline__ void unpack8(const uint4 v, float (&f)[8]) {
-  const unsigned u[4] = {v.x, v.y, v.z, v.w};
-  unpack8(u, f);
-}
-// Elements k..k+7 of row r of the folded in_proj's x, as aim_residual_norm computes them: the float32 residual
-// times the row's 1/rms and the norm weight, rounded to the model type, then modulated and rounded.
-__device__ __forceinline__ uint4 norm_chunk(const NormParams* f, int r, int k, float inv) {
-  const float4* src = reinterpret_cast<const float4*>(f->residual + (long long)r * f->d + k);
-  const float4 a = src[0], b = src[1];
-  const float rv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-  float wv[8], sc[8], sh[8];
-  unpack8(*reinterpret_cast<const uint4*>(f->norm_w + k), wv);
-  unpack8(*reinterpret_cast<const uint4*>(f->scale + (long long)r * f->mod_stride + k), sc);
-  unpack8(*reinterpret_cast<const uint4*>(f->shift + (long long)r * f->mod_stride + k), sh);
-  unsigned o[4];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const float v0 = ld(st(rv[2 * e] * inv * wv[2 * e])), v1 = ld(st(rv[2 * e + 1] * inv * wv[2 * e + 1]));
-    o[e] = pack2(__fmaf_rn(v0, 1.0f + sc[2 * e], sh[2 * e]), __fmaf_rn(v1, 1.0f + sc[2 * e + 1], sh[2 * e + 1]));
+// The folded epilogue's per-row scale: 1/rms of the gated norm from the row's per-head sums of squares,
+// added as aim_residual_norm adds them (lane-strided, then a warp butterfly); 1 without sums. Warp w takes rows
+// w, w + 8, ... of the first `rows`; the caller synchronises before reading s_gs.
+__device__ __forceinline__ void fold_row_scales(const NormParams& f, int rows, float* s_gs) {
+  const int lane = threadIdx.x & 31;
+  for (int r = threadIdx.x >> 5; r < rows; r += blockDim.x >> 5) {
+    float t = 0.0f;
+    if (f.sumsq)
+      for (int i = lane; i < f.sumsq_heads; i += 32) t += f.sumsq[(long long)r * f.sumsq_heads + i];
+    t = warp_sum(t);
+    if (lane == 0) s_gs[r] = f.sumsq ? rsqrtf(t / f.sumsq_count + f.eps) : 1.0f;
   }
-  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+// The B/C windows the state update left, spread over the whole grid (each (row, channel) once).
+__device__ __forceinline__ void fold_conv_shift(const ConvShift& bc, int rows) {
+  if (!bc.xbc) return;
+  const int stride = gridDim.x * blockDim.x;
+  for (int it = blockIdx.x * blockDim.x + threadIdx.x; it < rows * bc.count; it += stride)
+    conv_shift_one(bc, it / bc.count, it % bc.count);
+}
+// Output element (row, col) of the folded epilogue: out_proj's sum s, rounded as the norm kernel reads it,
+// scaled, gated, added to the residual (aim_residual_norm's arithmetic: the same bits).
+__device__ __forceinline__ float fold_residual(float s, float scale, float gate, bool gated, float res) {
+  float v = __fmul_rn(ld(st(s)), scale);  // (no contraction into the add: as the norm kernel)
+  if (gated) v = ld(st(v * gate));       // the reference rounds gate * out
+  return res + v;
 }
 
 // CH: chunks of 32 per warp, k = 8 warps * 32 * CH. NT: 8-column tiles per block; a warp multiplies the x
 // fragments it loads by NT weight tiles (more rows re-read x: NT > 1 cuts that L2 traffic by NT).
 // MT: m-tiles of 16 rows at most (8 * 16 partials per warp in shared memory): 16 * MT rows.
-// FOLD: FOLD_NONE, or (MT == 1, rows <= 8: lane group g owns row g) FOLD_NORM / FOLD_RESID with f.
-template <int CH, int NT, int MT, int FOLD>
+// f: null, or the residual add to fold into the epilogue (y is then not written).
+template <int CH, int NT, int MT>
 __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams* f) {
-  static_assert(FOLD == FOLD_NONE || MT == 1, "a folded product has one m-tile");
   __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
+  __shared__ float s_gs[16 * MT];            // folded: each row's 1/rms of the gated norm
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int k0 = warp * (32 * CH) + 8 * t;
   uint4 wreg[NT][CH];
@@ -1472,69 +1449,35 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
       wreg[j][c] = n < p.n ? *reinterpret_cast<const uint4*>(p.w + (long long)n * p.k + k0 + 32 * c)
                            : make_uint4(0, 0, 0, 0);
   }
-  // FOLD_NORM: the norm weight and row g's modulation (constants of the sequence) into L1 before the wait;
-  // loaded into registers only where they are used (held across the wait they cost occupancy)
-  const bool own_row = g < p.rows;
-  if constexpr (FOLD == FOLD_NORM) {
+  // the output elements this thread finishes at the end: i = threadIdx.x + 256 e (blockDim.x == 256)
+  constexpr int EPI = (MT * NT * 128 + 255) / 256;
+  const int mt = (p.rows + 15) >> 4;
+  auto element = [&](int i, int& tile, int& row, int& col) {  // false past the tiles or the output
+    const int l = (i >> 2) & 31, q = i & 3;
+    tile = i >> 7;
+    row = 16 * (tile / NT) + (l >> 2) + (q >= 2 ? 8 : 0);
+    col = (blockIdx.x * NT + tile % NT) * 8 + 2 * (l & 3) + (q & 1);
+    return i < mt * NT * 128 && row < p.rows && col < p.n;
+  };
+  float fgate[EPI], fres[EPI];  // folded: their gates (constants, before the wait) and residuals (after it)
+  if (f) {
 #pragma unroll
-    for (int c = 0; c < CH; ++c) {
-      const int k = k0 + 32 * c;
-      prefetch_l1(f->norm_w + k);
-      if (own_row) {
-        prefetch_l1(f->scale + (long long)g * f->mod_stride + k);
-        prefetch_l1(f->shift + (long long)g * f->mod_stride + k);
-      }
+    for (int e = 0; e < EPI; ++e) {
+      int tile, row, col;
+      fgate[e] = f->gate && element(threadIdx.x + 256 * e, tile, row, col)
+                 ? ld(f->gate[(long long)row * f->gate_stride + col]) : 1.0f;
     }
-  }
-  // FOLD_RESID: the output element this thread finishes (the i = threadIdx.x of the loop at the end) and its gate
-  __shared__ float s_gs[FOLD == FOLD_RESID ? 8 : 1];  // each row's 1/rms of the gated norm
-  int erow = 0, ecol = 0;
-  bool eown = false;
-  float egate = 1.0f, eres = 0.0f;
-  if constexpr (FOLD == FOLD_RESID) {
-    const int i = threadIdx.x, l = (i >> 2) & 31, q = i & 3;
-    erow = (l >> 2) + (q >= 2 ? 8 : 0);
-    ecol = (blockIdx.x * NT + (i >> 7)) * 8 + 2 * (l & 3) + (q & 1);
-    eown = i < NT * 128 && erow < p.rows && ecol < p.n;
-    if (eown && f->gate) egate = ld(f->gate[(long long)erow * f->gate_stride + ecol]);
   }
   PDL_WAIT(p.rows, PDL_EARLY_GEMV);
-  if constexpr (FOLD == FOLD_RESID) {
-    if (eown) eres = f->residual[(long long)erow * f->d + ecol];
-    if (warp < p.rows) {  // warp w: row w's 1/rms from its heads' sums of squares (aim_residual_norm's order)
-      float s = 0.0f;
-      if (f->sumsq)
-        for (int i = lane; i < f->sumsq_heads; i += 32) s += f->sumsq[(long long)warp * f->sumsq_heads + i];
-      s = warp_sum(s);
-      if (lane == 0) s_gs[warp] = f->sumsq ? rsqrtf(s / f->sumsq_count + f->eps) : 1.0f;
-    }
-    if (f->bc.xbc)  // the B/C windows the state update left, spread over the grid
-      for (int it = blockIdx.x * blockDim.x + threadIdx.x; it < p.rows * f->bc.count; it += gridDim.x * blockDim.x)
-        conv_shift_one(f->bc, it / f->bc.count, it % f->bc.count);
-  }
-  float inv = 0.0f;  // FOLD_NORM: row g's 1/rms
-  if constexpr (FOLD == FOLD_NORM) {
-    __shared__ float s_sq[8][8];
-    float sq = 0.0f;
+  if (f) {  // (uniform) the residuals, the row scales and the window shift, while this block multiplies
 #pragma unroll
-    for (int c = 0; c < CH; ++c) {  // (loaded again below, from L1, where the chunk is normed)
-      const float4* src = reinterpret_cast<const float4*>(f->residual + (long long)g * f->d + k0 + 32 * c);
-      const float4 a = own_row ? src[0] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      const float4 b = own_row ? src[1] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      sq = __fmaf_rn(a.x, a.x, sq); sq = __fmaf_rn(a.y, a.y, sq); sq = __fmaf_rn(a.z, a.z, sq);
-      sq = __fmaf_rn(a.w, a.w, sq); sq = __fmaf_rn(b.x, b.x, sq); sq = __fmaf_rn(b.y, b.y, sq);
-      sq = __fmaf_rn(b.z, b.z, sq); sq = __fmaf_rn(b.w, b.w, sq);
+    for (int e = 0; e < EPI; ++e) {
+      int tile, row, col;
+      fres[e] = element(threadIdx.x + 256 * e, tile, row, col) ? f->residual[(long long)row * f->d + col] : 0.0f;
     }
-    sq += __shfl_xor_sync(0xffffffffu, sq, 1);  // the row's 4 lanes of this warp (a + b == b + a: all equal)
-    sq += __shfl_xor_sync(0xffffffffu, sq, 2);
-    if (t == 0) s_sq[warp][g] = sq;
-    __syncthreads();
-    float tot = 0.0f;
-#pragma unroll
-    for (int w = 0; w < 8; ++w) tot += s_sq[w][g];  // warps in order: every block and lane gets the same sum
-    inv = rsqrtf(tot / f->d + f->eps);
+    fold_row_scales(*f, p.rows, s_gs);
+    fold_conv_shift(f->bc, p.rows);
   }
-  const int mt = (p.rows + 15) >> 4;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     if (m >= mt) break;
@@ -1546,14 +1489,8 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     const elem_t* x1 = p.x + (long long)r1 * p.x_stride + k0;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-      uint4 xa, xb;
-      if constexpr (FOLD == FOLD_NORM) {
-        xa = own_row ? norm_chunk(f, g, k0 + 32 * c, inv) : make_uint4(0, 0, 0, 0);
-        xb = make_uint4(0, 0, 0, 0);  // rows <= 8
-      } else {
-        xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
-        xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
-      }
+      const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
+      const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         mma_16816(acc[j], xa.x, xb.x, xa.y, xb.y, wreg[j][c].x, wreg[j][c].y);
@@ -1567,57 +1504,54 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
   }
   __syncthreads();
   // thread -> (tile, lane, q): add the 8 warps' partials in warp order and store one output element
-  for (int i = threadIdx.x; i < mt * NT * 128; i += blockDim.x) {
-    const int tile = i >> 7, m = tile / NT, j = tile % NT, l = (i >> 2) & 31, q = i & 3;
+#pragma unroll
+  for (int e = 0; e < EPI; ++e) {
+    const int i = threadIdx.x + 256 * e;
+    int tile, row, col;
+    if (!element(i, tile, row, col)) continue;
+    const int l = (i >> 2) & 31, q = i & 3;
     float s = 0.0f;
 #pragma unroll
     for (int w = 0; w < 8; ++w) s += part[w][tile][l][q];
-    const int row = 16 * m + (l >> 2) + (q >= 2 ? 8 : 0), col = (blockIdx.x * NT + j) * 8 + 2 * (l & 3) + (q & 1);
-    if constexpr (FOLD == FOLD_RESID) {  // i == threadIdx.x: (row, col) is (erow, ecol); as aim_residual_norm
-      if (eown) {
-        float v = __fmul_rn(ld(st(s)), s_gs[row]);
-        if (f->gate) v = ld(st(v * egate));  // the reference rounds gate * out
-        f->residual[(long long)row * f->d + col] = eres + v;
-      }
-    } else if (row < p.rows && col < p.n) {
+    if (f)
+      f->residual[(long long)row * f->d + col] = fold_residual(s, s_gs[row], fgate[e], f->gate != nullptr, fres[e]);
+    else
       p.y[(long long)row * p.y_stride + col] = st(s);
-    }
   }
 }
 
 #define GEMV_ENTRY(NAME, CH, NT, MT) \
   extern "C" __global__ void __launch_bounds__(256) NAME(GemvParams p) { \
     PDL_START(p.rows, PDL_EARLY_GEMV);                                    \
-    gemv_body<CH, NT, MT, FOLD_NONE>(p, nullptr);                         \
+    gemv_body<CH, NT, MT>(p, nullptr);                                    \
   }
-// MINB: blocks per SM the registers must allow (ptxas -v, sm_90: without it the fold's extra values cost
-// occupancy: 128 registers for aim_gemv_resid_k12, 80 for aim_gemv_norm_k6; with it, no spills)
-#define GEMV_FOLD_ENTRY(NAME, CH, FOLD, MINB)                                                       \
-  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(const __grid_constant__ GemvFoldParams q) { \
-    PDL_START(q.g.rows, PDL_EARLY_GEMV);                                                 \
-    gemv_body<CH, 1, 1, FOLD>(q.g, &q.n);                                                \
+#define GEMV_RESID_ENTRY(NAME, CH, NT, MT)                                                             \
+  extern "C" __global__ void __launch_bounds__(256) NAME(const __grid_constant__ GemvFoldParams q) { \
+    PDL_START(q.g.rows, PDL_EARLY_GEMV);                                                               \
+    gemv_body<CH, NT, MT>(q.g, &q.n);                                                                  \
   }
 // X(CH, NT): aim_gemv_k<CH>_n<NT>, up to 16 * min(8 / NT, GEMV_MAX_MT) rows. Y(CH): aim_gemv_k<CH>_n1_m1, the
 // one-tile product for up to 16 rows with one m-tile of partials (12 KB less shared memory, ~10 registers
-// fewer; the same arithmetic, so the same bits). The host compiles what a model needs
-// (-DGEMV_INSTANCES="X(3,1) X(6,2) Y(12)": each entry costs NVRTC time at a cold start); by default every X.
-#define X(CH, NT) GEMV_ENTRY(aim_gemv_k##CH##_n##NT, CH, NT, (8 / NT < GEMV_MAX_MT ? 8 / NT : GEMV_MAX_MT))
+// fewer; the same arithmetic, so the same bits). XR(CH, NT) / YR(CH): aim_gemv_resid_..., the same products
+// with the residual add folded in (GemvFoldParams). The host compiles what a model needs
+// (-DGEMV_INSTANCES="X(3,1) X(6,2) Y(12) XR(6,1)": each entry costs NVRTC time at a cold start); by default
+// every X and the AiM models' out_proj XR.
+#define GEMV_MT(NT) (8 / NT < GEMV_MAX_MT ? 8 / NT : GEMV_MAX_MT)
+#define X(CH, NT) GEMV_ENTRY(aim_gemv_k##CH##_n##NT, CH, NT, GEMV_MT(NT))
 #define Y(CH) GEMV_ENTRY(aim_gemv_k##CH##_n1_m1, CH, 1, 1)
-// XN(CH): aim_gemv_norm_k<CH>, in_proj with the residual norm before it (FOLD_NORM); XR(CH): aim_gemv_resid_k<CH>,
-// out_proj with the residual add after it (FOLD_RESID). Up to 8 rows, one 8-column tile per block.
-#define XN(CH) GEMV_FOLD_ENTRY(aim_gemv_norm_k##CH, CH, FOLD_NORM, 4)
-#define XR(CH) GEMV_FOLD_ENTRY(aim_gemv_resid_k##CH, CH, FOLD_RESID, (CH >= 12 ? 3 : 4))
+#define XR(CH, NT) GEMV_RESID_ENTRY(aim_gemv_resid_k##CH##_n##NT, CH, NT, GEMV_MT(NT))
+#define YR(CH) GEMV_RESID_ENTRY(aim_gemv_resid_k##CH##_n1_m1, CH, 1, 1)
 #if !(AIM_PARTS & 1)
 #elif defined(GEMV_INSTANCES)
 GEMV_INSTANCES
 #else
 X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(6, 1) X(8, 1) X(12, 1) X(1, 4) X(2, 4) X(3, 4) X(4, 2) X(6, 2)
-XN(3) XN(4) XN(6) XR(6) XR(8) XR(12)  // the AiM models' widths (768, 1024, 1536) and inner widths
+XR(6, 1) XR(8, 1) XR(12, 1) XR(6, 2)  // the AiM models' out_proj (d_inner 1536, 2048, 3072)
 #endif
 #undef X
 #undef Y
-#undef XN
 #undef XR
+#undef YR
 #endif
 
 // ----------------------------------------------------------------------------------------------------------

@@ -146,14 +146,12 @@ def gemv_m1_chunks(d_model: int, chunks) -> list[int]:
     return [c for c in chunks if c in GEMV_CHUNKS and (d_model >= 1536 or c in GEMV_WIDE)]
 
 
-def fold_chunks(d_model: int, chunks) -> list[tuple[int, str]]:
-    """The folded products (aim_kernels.cu, GemvFoldParams) a model of this width runs: in_proj with the
-    residual norm before it at depth d_model ("norm"), out_proj with the residual add after it at every other
-    depth the model's products have ("resid": d_inner)."""
-    c_in = d_model // 256
-    if d_model % 256 or c_in not in GEMV_CHUNKS or c_in not in chunks:
-        return []
-    return [(c_in, "norm")] + [(c, "resid") for c in chunks if c != c_in]
+def resid_chunk(d_model: int, chunks) -> int | None:
+    """The depth (CH) of out_proj, the product a model of this width runs with the residual add folded in
+    (aim_gemv_resid_*, GemvFoldParams in aim_kernels.cu): its depth other than d_model (d_inner); None if
+    there is none."""
+    others = [c for c in chunks if c * 256 != d_model]
+    return others[-1] if others else None
 
 
 def norm_instance(d: int) -> int:
@@ -179,8 +177,9 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
         inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
         if d_model is not None:
             inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
-            inst += [f"XN({c})" for c, kind in fold_chunks(d_model, chunks) if kind == "norm"]
-            inst += [f"XR({c})" for c, kind in fold_chunks(d_model, chunks) if kind == "resid"]
+            if (c_out := resid_chunk(d_model, chunks)) is not None:  # out_proj with the residual add folded in
+                inst += [f"XR({c},{t})" for c, t in _gemv_pairs() if c == c_out]
+                inst += [f"YR({c_out})" for c in gemv_m1_chunks(d_model, [c_out])]
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
     if d_model is not None:
         per_model = model_defines(d_model)
@@ -458,28 +457,20 @@ def gemv_params(x, w, y) -> GemvParams:
                       rows=rows, n=n, k=k)
 
 
-# The residual norm folded into the products around it (GemvFoldParams in aim_kernels.cu): the kernels take
-# up to FOLD_MAX_ROWS rows; the backend folds up to Kernels.fold_rows (FOLD_ROWS, a define only the host reads).
-FOLD_MAX_ROWS = 8
-FOLD_ROWS = 8
-FOLD_IN_PROJ = 0
+# Up to Kernels.fold_rows rows (FOLD_ROWS, a define only the host reads) the backend folds the residual add
+# between layers into out_proj (GemvFoldParams in aim_kernels.cu). Measured on the H200 (bench/results/fold2_*,
+# whole steps against the unfolded step, tokens identical): AiM-B batch 1 / 2 / 4 -8.3 / -6.2 / -5.0 %, AiM-XL
+# -11.6 / -9.5 / -8.8 %.
+FOLD_ROWS = 32
 
 
-def gemv_fold_params(kind: str, x, w, y, norm: NormParams) -> GemvFoldParams:
-    """A folded product: "norm" (in_proj computing its x from `norm`'s residual, weight and modulation; x is
-    only its shape) or "resid" (out_proj adding its result to `norm`'s residual; y is only its shape)."""
-    rows, k, n = _check_product(f"aim_gemv_{kind}", x, w, y)
-    if kind not in ("norm", "resid"):
-        raise KernelError(f"a folded product is 'norm' or 'resid', not {kind!r}")
-    if not 0 < rows <= FOLD_MAX_ROWS or norm.rows != rows:
-        raise KernelError(f"a folded product takes 1 to {FOLD_MAX_ROWS} rows and its norm's, not {rows} "
-                          f"(norm rows {norm.rows})")
-    if norm.d != (k if kind == "norm" else n):
-        raise KernelError(f"aim_gemv_{kind}: the norm's width {norm.d} is not the product's "
-                          f"{'depth' if kind == 'norm' else 'width'} ({k if kind == 'norm' else n})")
-    if norm.residual % 16 or (kind == "norm" and (norm.norm_w % 16 or norm.scale % 16 or norm.shift % 16
-                                                   or (norm.mod_stride * 2) % 16)):
-        raise KernelError(f"aim_gemv_{kind} needs its residual, norm weight and modulation rows 16-byte aligned")
+def gemv_fold_params(x, w, y, norm: NormParams) -> GemvFoldParams:
+    """out_proj y = x @ w.T with the residual add of `norm` (the next layer's NormParams) folded in: y is only
+    its shape (not written)."""
+    rows, _, n = _check_product("aim_gemv_resid", x, w, y)
+    if norm.rows != rows or norm.d != n:
+        raise KernelError(f"aim_gemv_resid: the norm's rows x width {norm.rows} x {norm.d} are not the product's "
+                          f"{rows} x {n}")
     return GemvFoldParams(g=gemv_params(x, w, y), n=norm)
 
 
@@ -582,16 +573,13 @@ class Kernels:
         # aim_gemv's one-tile blocks (and one-m-tile instances) up to this many rows, wide tiles above
         # (model_defines: a define only this reads)
         self.gemv_narrow_rows = int(builds[0].get("GEMV_NARROW_ROWS", GEMV_NARROW_ROWS))
-        self.folds = {}  # (kind, CH) -> the folded products of this build (fold_chunks)
-        for c in GEMV_CHUNKS if dtype != "float32" else ():
-            for kind in ("norm", "resid"):
-                if (fn := self._function(f"aim_gemv_{kind}_k{c}", required=False)) is not None:
-                    self.fn[f"aim_gemv_{kind}_k{c}"] = fn
-                    self.folds[(kind, c)] = fn
-        self.fold_rows = min(int(builds[0].get("FOLD_ROWS", FOLD_ROWS)), FOLD_MAX_ROWS)
-        # whether in_proj norms its x itself (FOLD_NORM) or a norm kernel still does, from the residual the
-        # folded out_proj summed (FOLD_IN_PROJ, a define only the host reads)
-        self.fold_in_proj = bool(int(builds[0].get("FOLD_IN_PROJ", FOLD_IN_PROJ)))
+        self.resids = set()  # names of the products with the residual add folded in (aim_gemv_resid_*)
+        for name in [f"aim_gemv_resid_k{c}_n{t}" for c, t in _gemv_pairs()] + [
+                f"aim_gemv_resid_k{c}_n1_m1" for c in GEMV_CHUNKS] if dtype != "float32" else ():
+            if (fn := self._function(name, required=False)) is not None:
+                self.fn[name] = fn
+                self.resids.add(name)
+        self.fold_rows = int(builds[0].get("FOLD_ROWS", FOLD_ROWS))
         self.gemms = {mt: fn for mt in (2, 4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
                       if (fn := self._function(f"aim_gemm_m{mt}", required=False)) is not None}
         # the row counts the backend gives aim_gemm: GEMM_MIN_ROWS / GEMM_MAX_ROWS (model_defines; defines that
@@ -671,23 +659,27 @@ class Kernels:
         c, nt = p.k // 256, gemv_tiles(p.rows, p.k, self.gemv_narrow_rows)
         if (c, nt) not in self.gemvs:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
-        m1 = nt == 1 and p.rows <= self.gemv_narrow_rows and c in self.gemv_m1
-        name = f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
-        self._launch(name, ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
+        self._launch(self._gemv_name(p.rows, p.k), ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 
-    def fold_supported(self, rows: int, k_out: int, k_in: int | None = None) -> bool:
-        """Whether the backend folds the residual add into out_proj (depth k_out) at this many rows in this
-        build; with k_in, also the norm into in_proj (depth k_in)."""
-        if rows > self.fold_rows or k_out % 256 or ("resid", k_out // 256) not in self.folds:
-            return False
-        return k_in is None or (self.fold_in_proj and not k_in % 256 and ("norm", k_in // 256) in self.folds)
+    def _gemv_name(self, rows: int, k: int) -> str:
+        """The aim_gemv instance this build runs for `rows` rows of depth k."""
+        c, nt = k // 256, gemv_tiles(rows, k, self.gemv_narrow_rows)
+        m1 = nt == 1 and rows <= self.gemv_narrow_rows and c in self.gemv_m1
+        return f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
 
-    def gemv_fold(self, kind: str, p: GemvFoldParams, stream: int) -> None:
-        """A folded product (gemv_fold_params; the caller checked fold_supported)."""
-        name = f"aim_gemv_{kind}_k{p.g.k // 256}"
-        if name not in self.fn:
-            raise KernelError(f"{name} was not compiled (fold_chunks)")
-        self._launch(name, ((p.g.n + 7) // 8, 1, 1), 256, 0, stream, p)
+    def fold_supported(self, rows: int, k: int) -> bool:
+        """Whether the backend folds the residual add into out_proj (depth k) at this many rows in this build:
+        where its product is an aim_gemv (not aim_gemm) with a folded instance."""
+        return (rows <= self.fold_rows and not self.gemm_supported(rows, k) and self.gemv_supported(rows, k)
+                and "aim_gemv_resid" + self._gemv_name(rows, k).removeprefix("aim_gemv") in self.resids)
+
+    def gemv_fold(self, p: GemvFoldParams, stream: int) -> None:
+        """out_proj with the residual add folded in (gemv_fold_params; the caller checked fold_supported)."""
+        name = "aim_gemv_resid" + self._gemv_name(p.g.rows, p.g.k).removeprefix("aim_gemv")
+        if name not in self.resids:
+            raise KernelError(f"{name} was not compiled (resid_chunk)")
+        nt = gemv_tiles(p.g.rows, p.g.k, self.gemv_narrow_rows)
+        self._launch(name, ((p.g.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 
     def gemm_supported(self, rows: int, k: int) -> bool:
         """Whether the backend's product of `rows` rows and depth k is aim_gemm's in this build."""

@@ -57,13 +57,11 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "early_gemv": {"PDL_EARLY_GEMV": PDL_EARLY_ANY},
     "early_norm": {"PDL_EARLY_NORM": PDL_EARLY_ANY},
     "early_gn": {"PDL_EARLY_GEMV": PDL_EARLY_ANY, "PDL_EARLY_NORM": PDL_EARLY_ANY},
-    # 2026-12-03 (eighth session): up to how many rows the norm between layers is folded into the products
-    # (FOLD_ROWS, host side; 0: never, the norm kernel between every two layers)
-    # and whether in_proj norms its x itself (FOLD_IN_PROJ 1) or a norm kernel does from the summed residual
+    # 2026-12-03 (eighth session): up to how many rows the residual add between layers is folded into out_proj
+    # (FOLD_ROWS, host side; 0: never, the norm kernel does it). At 1b3576f "fold_in" (FOLD_IN_PROJ 1) also had
+    # in_proj norm its own x (bench/results/fold*_h200_2026-12-03.*: slower, removed)
     "nofold": {"FOLD_ROWS": 0},
-    "fold_in": {"FOLD_IN_PROJ": 1},
-    "fold2": {"FOLD_ROWS": 2},
-    "fold4": {"FOLD_ROWS": 4},
+    "fold8": {"FOLD_ROWS": 8},
     # decode steps per replayed graph (CudaBackend.steps_per_graph; host side)
     "g1": {"_steps_per_graph": 1},
     "g4": {"_steps_per_graph": 4},

@@ -36,7 +36,7 @@ def test_kernels_compile(arch, dtype):
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
     # the tensor-core products exist for 16-bit types only
     assert (b"aim_gemv_k3_n1" in cubin) == (dtype != "float32")
-    assert (b"aim_gemv_norm_k3" in cubin and b"aim_gemv_resid_k6" in cubin) == (dtype != "float32")
+    assert (b"aim_gemv_resid_k6_n1" in cubin) == (dtype != "float32")
 
 
 @pytest.mark.skipif(not _nvrtc_usable(), reason="cuda-python with an NVRTC library is not installed")
@@ -399,100 +399,89 @@ def test_bf16_image_does_not_depend_on_batch_composition():
 
 @needs_gpu
 @pytest.mark.parametrize("d_model,gated", [(768, True), (1536, True), (256, False)])
-def test_folded_norm_products_give_the_norm_kernels_bits(d_model, gated):
-    """out_proj with the residual add folded in, then in_proj with the norm folded in, against aim_residual_norm
-    between two plain aim_gemv products, at 1 to 8 rows: the same residual and in_proj output, bit for bit (the
-    norm's sum of squares is added in the fold's order: fold_order_sumsq); and with only the residual add
-    folded, the norm kernel norming the summed residual."""
+def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated):
+    """out_proj with the residual add folded in (aim_gemv_resid_*), then the norm kernel norming the summed
+    residual, against a plain out_proj and the whole norm kernel, at 1 to 32 rows (every instance): the same
+    residual and normed rows, bit for bit, and the B/C windows shifted as the norm kernel shifts them. Rows
+    whose out_proj is an aim_gemm (AiM-XL's from 17) are not folded."""
     from aim_rt.cuda_backend import _summed
     from aim_rt.plugins.kernels import ConvShift, Kernels, NormParams, gemv_fold_params, gemv_params
 
-    d_inner, n_in, heads = 2 * d_model, 2 * d_model + 264, d_model // 32
+    d_inner, heads, d_state, width = 2 * d_model, d_model // 32, 64, 4
+    conv_dim = d_inner + 2 * d_state
     kern = Kernels("bfloat16", gemv_depths=(d_model, d_inner), d_model=d_model)
-    assert {("norm", d_model // 256), ("resid", d_inner // 256)} <= set(kern.folds)
     gen = torch.Generator(device="cuda").manual_seed(d_model)
     r = lambda *s, scale=1.0: (scale * torch.randn(*s, device="cuda", generator=gen))  # noqa: E731
     bf = torch.bfloat16
-    w_out, w_in = (r(d_model, d_inner) / d_inner ** 0.5).to(bf), (r(n_in, d_model) / d_model ** 0.5).to(bf)
+    w_out = (r(d_model, d_inner) / d_inner ** 0.5).to(bf)
     norm_w = (1 + r(d_model, scale=0.1)).to(bf)
     stream = torch.cuda.current_stream().cuda_stream
-    for rows in range(1, 9):
+    folding = [rows for rows in (1, 2, 5, 8, 9, 16, 17, 32) if kern.fold_supported(rows, d_inner)]
+    assert folding[:4] == [1, 2, 5, 8] and (d_model >= 1536) == (17 not in folding)  # (aim_gemm's rows)
+    for rows in folding:
         y = r(rows, d_inner).to(bf)
         mods = r(rows, 3, d_model, scale=0.3).to(bf)  # shift, scale, and (as the gate) the previous layer's
         sumsq = r(rows, heads).abs() * d_inner / heads
+        xbc, conv0 = r(rows, conv_dim).to(bf), r(rows, conv_dim, width).to(bf)
         residual0 = r(rows, d_model)
-
-        def norm(residual, out, normed):
-            return NormParams(
+        results = []
+        for folded in (False, True):
+            residual, conv = residual0.clone(), conv0.clone()
+            out = torch.zeros(rows, d_model, device="cuda", dtype=bf)
+            normed = torch.full((rows, d_model), float("nan"), device="cuda", dtype=bf)
+            p = NormParams(
                 input=out.data_ptr(), input_stride=out.stride(0), gate=mods[:, 2].data_ptr() if gated else None,
                 gate_stride=mods.stride(0), sumsq=sumsq.data_ptr(), sumsq_heads=heads, sumsq_count=d_inner,
-                bc=ConvShift(), residual=residual.data_ptr(), norm_w=norm_w.data_ptr(), norm2_w=None,
-                shift=mods[:, 0].data_ptr(), scale=mods[:, 1].data_ptr(), mod_stride=mods.stride(0),
-                out=normed.data_ptr(), out_stride=normed.stride(0), rows=rows, d=d_model, first=0, eps=1e-5)
-
-        results = []
-        for fold in ("none", "out_proj", "both"):
-            residual = residual0.clone()
-            out = torch.zeros(rows, d_model, device="cuda", dtype=bf)
-            normed = torch.zeros(rows, d_model, device="cuda", dtype=bf)
-            z = torch.full((rows, n_in), float("nan"), device="cuda", dtype=bf)
-            p = norm(residual, out, normed)
-            if fold == "none":
+                bc=ConvShift(xbc=xbc.data_ptr(), xbc_stride=xbc.stride(0), state_in=conv.data_ptr(),
+                             state_out=conv.data_ptr(), first=d_inner, count=2 * d_state, conv_dim=conv_dim,
+                             width=width),
+                residual=residual.data_ptr(), norm_w=norm_w.data_ptr(), norm2_w=None, shift=mods[:, 0].data_ptr(),
+                scale=mods[:, 1].data_ptr(), mod_stride=mods.stride(0), out=normed.data_ptr(),
+                out_stride=normed.stride(0), rows=rows, d=d_model, first=0, eps=1e-5)
+            if folded:
+                kern.gemv_fold(gemv_fold_params(y, w_out, out, p), stream)
+                kern.residual_norm(_summed(p), stream)
+            else:
                 kern.gemv(gemv_params(y, w_out, out), stream)
                 kern.residual_norm(p, stream)
-            else:
-                kern.gemv_fold("resid", gemv_fold_params("resid", y, w_out, out, p), stream)
-            if fold == "out_proj":
-                kern.residual_norm(_summed(p), stream)
-            if fold == "both":
-                kern.gemv_fold("norm", gemv_fold_params("norm", normed, w_in, z, p), stream)
-            else:
-                kern.gemv(gemv_params(normed, w_in, z), stream)
             torch.cuda.synchronize()
-            results.append((residual, z))
-        (res_a, z_a), *others = results
-        for res_b, z_b in others:
-            assert torch.equal(res_a, res_b), f"rows {rows}: residuals differ"
-            assert torch.equal(z_a, z_b), f"rows {rows}: in_proj outputs differ"
-        # and the unfolded pair against float32 arithmetic on the same 16-bit values
+            results.append((residual, normed, conv))
+        for a, b, what in zip(*results, ("residuals", "normed rows", "conv windows")):
+            assert torch.equal(a, b), f"rows {rows}: {what} differ"
         g = mods[:, 2].float() if gated else 1.0
         scale = torch.rsqrt(sumsq.sum(1, keepdim=True) / d_inner + 1e-5)
         want = residual0 + (y.float() @ w_out.float().t()).to(bf).float() * scale * g
-        assert rel_err(res_a, want) <= 1e-2
-    with pytest.raises(aim_rt.plugins.kernels.KernelError, match="rows"):
-        nine = torch.zeros(9, d_inner, device="cuda", dtype=bf)
-        gemv_fold_params("resid", nine, w_out, torch.zeros(9, d_model, device="cuda", dtype=bf), norm(
-            residual0, out, normed))
+        assert rel_err(results[0][0], want) <= 1e-2
+        shifted = torch.cat([conv0[:, d_inner:, 1:], xbc[:, d_inner:, None]], dim=2)
+        assert torch.equal(results[1][2][:, d_inner:], shifted) and torch.equal(results[1][2][:, :d_inner],
+                                                                                conv0[:, :d_inner])
+    with pytest.raises(aim_rt.plugins.kernels.KernelError, match="rows x width"):
+        gemv_fold_params(y[:1], w_out, out[:1], p)
 
 
 @needs_gpu
-def test_backend_folds_the_norm_at_few_rows_with_the_same_tokens():
-    """Up to Kernels.fold_rows rows the cuda backend folds the residual add between layers into out_proj (and,
-    with fold_in_proj, the norm into in_proj: one norm kernel per step instead of n_layer), with the unfolded
-    step's tokens and mixed logits, bit for bit."""
+def test_backend_folds_the_residual_add_at_few_rows_with_the_same_tokens():
+    """Up to Kernels.fold_rows rows the cuda backend folds the residual add between layers into out_proj, with
+    the unfolded step's tokens and mixed logits, bit for bit."""
     from aim_rt.cuda_backend import CudaBackend
 
     cfg = aim_rt.AiMConfig(d_model=256, n_layer=4, vocab_size=1024, num_classes=10, num_tokens=64)
     model = aim_rt.random_model(cfg, seed=3, device="cuda", dtype="bfloat16")
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
-    plain, out_only, both = CudaBackend(model), CudaBackend(model, use_graphs=False), CudaBackend(model)
+    plain, folded = CudaBackend(model), CudaBackend(model, use_graphs=False)
     plain.kernels.fold_rows = 0
-    both.kernels.fold_in_proj = True
-    assert out_only.kernels.fold_rows >= 8 and not out_only.kernels.fold_in_proj
+    folded.kernels.fold_rows = 8
     calls = []
-    launch = out_only.kernels.gemv_fold
-    out_only.kernels.gemv_fold = lambda kind, p, s: (calls.append(kind), launch(kind, p, s))
+    launch = folded.kernels.gemv_fold
+    folded.kernels.gemv_fold = lambda p, s: (calls.append(p.g.rows), launch(p, s))
     for batch in (1, 4, 5):  # 2 and 8 rows fold; 10 do not
-        kinds = [k for k, _ in both._ops(both._alloc(batch), settings)]
-        assert kinds.count("residual_norm") == (1 if 2 * batch <= 8 else cfg.n_layer), batch
         classes, seeds = list(range(batch)), list(range(10, 10 + batch))
         calls.clear()
         t_p, m_p = plain.sample(classes, seeds, settings, return_mixed=True)
-        for b in (out_only, both):
-            t, m = b.sample(classes, seeds, settings, return_mixed=True)
-            assert torch.equal(t, t_p) and torch.equal(m, m_p), batch
+        t, m = folded.sample(classes, seeds, settings, return_mixed=True)
+        assert torch.equal(t, t_p) and torch.equal(m, m_p), batch
         folds = (cfg.n_layer - 1) * cfg.num_tokens if 2 * batch <= 8 else 0  # eager: one launch per call
-        assert calls == ["resid"] * folds, batch
+        assert calls == [2 * batch] * folds, batch
 
 
 def test_ssu_params_rejects_shapes_the_kernel_cannot_take():

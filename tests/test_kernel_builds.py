@@ -95,7 +95,7 @@ def test_pdl_early_rows_reaches_both_programs(monkeypatch):
 def test_model_width_picks_the_measured_build():
     """A model's step program holds only the residual norm's instance for its d_model (NORM_PER_ONLY), from
     d_model 1024 the one-m-tile products (Y) of some or all of its depths (gemv_m1_chunks) besides the
-    others, and the products with the norm folded in (XN at d_model, XR at the other depth: fold_chunks);
+    others, and out_proj's instances with the residual add folded in (XR / YR at d_inner: resid_chunk);
     without a width, the source's defaults. A width past the widest norm is refused; explicit defines
     win."""
     from aim_rt.plugins.kernels import KernelError, norm_instance, step_builds
@@ -105,16 +105,18 @@ def test_model_width_picks_the_measured_build():
         norm_instance(2049)
     base, sampler = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)
     assert base["NORM_PER_ONLY"] == 3 and "NORM_PER_ONLY" not in sampler
-    assert base["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)", "XN(3)", "XR(6)"]
+    assert base["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)", "XR(6,1)",
+                                             "XR(6,2)"]
     xl = step_builds("bfloat16", gemv_depths=(1536, 3072), d_model=1536)[0]
     assert xl["NORM_PER_ONLY"] == 6
-    assert xl["GEMV_INSTANCES"].split() == ["X(6,1)", "X(12,1)", "X(6,2)", "Y(6)", "Y(12)", "XN(6)", "XR(12)"]
+    assert xl["GEMV_INSTANCES"].split() == ["X(6,1)", "X(12,1)", "X(6,2)", "Y(6)", "Y(12)", "XR(12,1)",
+                                           "YR(12)"]
     large = step_builds("bfloat16", gemv_depths=(1024, 2048), d_model=1024)[0]  # only depths with wide instances
     assert large["NORM_PER_ONLY"] == 4
-    assert large["GEMV_INSTANCES"].split() == ["X(4,1)", "X(8,1)", "X(4,2)", "Y(4)", "XN(4)", "XR(8)"]
+    assert large["GEMV_INSTANCES"].split() == ["X(4,1)", "X(8,1)", "X(4,2)", "Y(4)", "XR(8,1)"]
     default = step_builds("bfloat16", gemv_depths=(1536, 3072))[0]
     assert "NORM_PER_ONLY" not in default and "Y(" not in default["GEMV_INSTANCES"]
-    assert "XN(" not in default["GEMV_INSTANCES"]  # the folded products only for a known width
+    assert "XR(" not in default["GEMV_INSTANCES"]  # the folded products only for a known width
     assert step_builds("bfloat16", {"NORM_PER_ONLY": 8}, d_model=768)[0]["NORM_PER_ONLY"] == 8
     # aim_gemm's rows as measured per width: AiM-B the kernel's default (33-128), AiM-L 24-64, AiM-XL 17-64
     gemm_rows = lambda b: (b.get("GEMM_MIN_ROWS"), b.get("GEMM_MAX_ROWS"))  # noqa: E731
@@ -181,12 +183,9 @@ def test_gemm_instance_is_the_smallest_that_holds_the_rows():
     assert [gemm_mt(r, (4, 8)) for r in (1, 32, 33, 65)] == [4, 4, 4, 8]
 
 
-def test_fold_chunks_pair_in_proj_with_out_proj():
-    """The norm folds into in_proj at depth d_model and into out_proj at the model's other depth; widths the
-    products do not take (not a multiple of 256, or a depth with no instance) fold nothing."""
-    from aim_rt.plugins.kernels import fold_chunks
+def test_resid_chunk_is_out_projs_depth():
+    """The residual add folds into out_proj, the product whose depth is not d_model; none without one."""
+    from aim_rt.plugins.kernels import resid_chunk
 
-    assert fold_chunks(768, [3, 6]) == [(3, "norm"), (6, "resid")]
-    assert fold_chunks(256, [1, 2]) == [(1, "norm"), (2, "resid")]
-    assert fold_chunks(640, [2, 5]) == [] and fold_chunks(1280, [5, 10]) == []
-    assert fold_chunks(768, [6]) == []  # no in_proj depth among the products
+    assert resid_chunk(768, [3, 6]) == 6 and resid_chunk(1536, [6, 12]) == 12 and resid_chunk(256, [1, 2]) == 2
+    assert resid_chunk(768, [3]) is None
