@@ -179,7 +179,8 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
             inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
             if (c_out := resid_chunk(d_model, chunks)) is not None:  # out_proj with the residual add folded in
                 inst += [f"XR({c},{t})" for c, t in _gemv_pairs() if c == c_out]
-                inst += [f"YR({c_out})" for c in gemv_m1_chunks(d_model, [c_out])]
+                if gemv_m1_chunks(d_model, [c_out]) or int(step.get("RESID_M1", 0)):  # (RESID_M1: to measure)
+                    inst.append(f"YR({c_out})")
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
     if d_model is not None:
         per_model = model_defines(d_model)
@@ -661,21 +662,25 @@ class Kernels:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
         self._launch(self._gemv_name(p.rows, p.k), ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
 
-    def _gemv_name(self, rows: int, k: int) -> str:
-        """The aim_gemv instance this build runs for `rows` rows of depth k."""
+    def _gemv_name(self, rows: int, k: int, kind: str = "aim_gemv") -> str:
+        """The instance of `kind` (aim_gemv, aim_gemv_resid) this build runs for `rows` rows of depth k: the
+        one-m-tile one where it was compiled and the rows allow."""
         c, nt = k // 256, gemv_tiles(rows, k, self.gemv_narrow_rows)
-        m1 = nt == 1 and rows <= self.gemv_narrow_rows and c in self.gemv_m1
-        return f"aim_gemv_k{c}_n{nt}" + ("_m1" if m1 else "")
+        m1 = f"{kind}_k{c}_n1_m1"
+        has_m1 = m1 in self.resids if kind != "aim_gemv" else c in self.gemv_m1
+        if nt == 1 and rows <= self.gemv_narrow_rows and has_m1:
+            return m1
+        return f"{kind}_k{c}_n{nt}"
 
     def fold_supported(self, rows: int, k: int) -> bool:
         """Whether the backend folds the residual add into out_proj (depth k) at this many rows in this build:
         where its product is an aim_gemv (not aim_gemm) with a folded instance."""
         return (rows <= self.fold_rows and not self.gemm_supported(rows, k) and self.gemv_supported(rows, k)
-                and "aim_gemv_resid" + self._gemv_name(rows, k).removeprefix("aim_gemv") in self.resids)
+                and self._gemv_name(rows, k, "aim_gemv_resid") in self.resids)
 
     def gemv_fold(self, p: GemvFoldParams, stream: int) -> None:
         """out_proj with the residual add folded in (gemv_fold_params; the caller checked fold_supported)."""
-        name = "aim_gemv_resid" + self._gemv_name(p.g.rows, p.g.k).removeprefix("aim_gemv")
+        name = self._gemv_name(p.g.rows, p.g.k, "aim_gemv_resid")
         if name not in self.resids:
             raise KernelError(f"{name} was not compiled (resid_chunk)")
         nt = gemv_tiles(p.g.rows, p.g.k, self.gemv_narrow_rows)
