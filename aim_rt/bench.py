@@ -65,18 +65,27 @@ def step_bytes(cfg: AiMConfig, batch: int, elem_bytes: int) -> int:
     return (weights + 2 * (2 * batch) * state_per_row) * elem_bytes
 
 
-def op_bytes(cfg: AiMConfig, batch: int, elem: int) -> dict[str, int]:
+def op_bytes(cfg: AiMConfig, batch: int, elem: int, folded: bool = False) -> dict[str, int]:
     """Bytes each kind of op in a decode step must move per launch (2B rows with CFG): its weights once, its
-    inputs read, its outputs written, states read and written once. Tiny per-head vectors are counted too."""
-    R, d, e = 2 * batch, cfg.d_model, elem
+    inputs read, its outputs written, states read and written once. Tiny per-head vectors are counted too.
+    `folded`: the step folds the residual add between layers into out_proj (CudaBackend at few rows), so n_layer
+    - 1 of the norms only read the summed residual and those out_projs move it and the gate instead of writing
+    their output; a kind's bytes are then the average over its launches."""
+    R, d, e, L = 2 * batch, cfg.d_model, elem, cfg.n_layer
     norm = R * d * (3 * e + 8 + 2 * e) + d * e  # input, gate, out; residual fp32 in/out; shift and scale
+    light = R * d * (4 + 3 * e) + d * e  # summed residual in; out; shift and scale
     state = cfg.nheads * cfg.headdim * cfg.d_state + cfg.conv_dim * cfg.d_conv
+    out_proj = cfg.d_inner * d * e + R * (cfg.d_inner + d) * e
+    if folded:  # residual in and out and the gate, no output
+        norm_avg, out_avg = (norm + (L - 1) * light) // L, out_proj + (L - 1) * R * d * 8 // L
+    else:
+        norm_avg, out_avg = norm, out_proj
     return {
-        "residual_norm": norm,
+        "residual_norm": norm_avg,
         "in_proj": d * cfg.d_in_proj * e + R * (d + cfg.d_in_proj) * e,
         "selective_state_update": R * (2 * state * e + (cfg.d_in_proj + cfg.d_inner) * e + cfg.nheads * 4)
                                   + (cfg.conv_dim * (cfg.d_conv + 1) + 3 * cfg.nheads + cfg.d_inner) * e,
-        "out_proj": cfg.d_inner * d * e + R * (cfg.d_inner + d) * e,
+        "out_proj": out_avg,
         "final_norm": norm + d * e,
         "lm_head": cfg.vocab_size * d * e + R * (d + cfg.vocab_size) * e,
         "sample": R * cfg.vocab_size * e + 2 * batch * d * e,
@@ -104,7 +113,9 @@ def kernel_table(models: list[str], batches: list[int], dtype: str = "bfloat16",
             step_us = step_s / model.config.num_tokens * 1e6
             phases = backend.phase_times(batch, settings)
             timing = backend.op_timings(batch, settings)
-            nbytes = op_bytes(model.config, batch, elem)
+            cfg = model.config
+            folded = backend.use_gemv and cfg.ngroups == 1 and backend.kernels.fold_supported(2 * batch, cfg.d_inner)
+            nbytes = op_bytes(cfg, batch, elem, folded)
             ops = []
             for kind, t in timing["ops"].items():
                 gbps = nbytes[kind] / (t["us_per_launch"] * 1e-6) / 1e9

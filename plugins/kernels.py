@@ -121,10 +121,14 @@ def model_defines(d_model: int) -> dict:
       (and -5.4 % at 8 in a second run), AiM-L 6 / 8 -3.1 / -4.1 %; from one row they were even or worse at batch
       1, 3 and 4 (AiM-L b1 +3.8 %, AiM-XL b4 +1.1 / +1.4 %) and AiM-B's lost 0.4-1.1 % at batch 1-8. This rule
       against the one before, once more (wide_tiles_rule_h200_2026-12-03.json): AiM-XL b5-8 -0.1 / -4.2 / -8.0 /
-      -6.4 %, AiM-L b5 / 6 / 8 -6.1 / -3.0 / -4.0 %."""
+      -6.4 %, AiM-L b5 / 6 / 8 -6.1 / -3.0 / -4.0 %.
+    - Below d_model 1024, out_proj with the residual add folded in (aim_gemv_resid_*) runs its one-m-tile
+      instance up to 2 rows (RESID_M1_ROWS, a define only the host reads; wider models follow their gemv_m1
+      choice), against the four-m-tile one (bench/results/resid_m1_h200_2026-12-03.*, up to 16 rows, whole
+      steps, tokens identical): AiM-B batch 1 -6.2 %, batch 2 even, batch 4 +0.6 %."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
-        defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY)
+        defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2)
     else:
         defines.update(GEMM_MIN_ROWS=17 if d_model >= 1536 else 24, GEMM_MAX_ROWS=64, GEMV_NARROW_ROWS=8)
     return defines
@@ -179,7 +183,8 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
             inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
             if (c_out := resid_chunk(d_model, chunks)) is not None:  # out_proj with the residual add folded in
                 inst += [f"XR({c},{t})" for c, t in _gemv_pairs() if c == c_out]
-                if gemv_m1_chunks(d_model, [c_out]) or int(step.get("RESID_M1", 0)):  # (RESID_M1: to measure)
+                resid_m1 = {**model_defines(d_model), **step}.get("RESID_M1_ROWS")
+                if gemv_m1_chunks(d_model, [c_out]) or int(resid_m1 or 0):
                     inst.append(f"YR({c_out})")
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
     if d_model is not None:
@@ -581,6 +586,8 @@ class Kernels:
                 self.fn[name] = fn
                 self.resids.add(name)
         self.fold_rows = int(builds[0].get("FOLD_ROWS", FOLD_ROWS))
+        # the folded out_proj's one-m-tile instance up to this many rows (RESID_M1_ROWS, model_defines)
+        self.resid_m1_rows = min(int(builds[0].get("RESID_M1_ROWS", self.gemv_narrow_rows)), self.gemv_narrow_rows)
         self.gemms = {mt: fn for mt in (2, 4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
                       if (fn := self._function(f"aim_gemm_m{mt}", required=False)) is not None}
         # the row counts the backend gives aim_gemm: GEMM_MIN_ROWS / GEMM_MAX_ROWS (model_defines; defines that
@@ -668,7 +675,8 @@ class Kernels:
         c, nt = k // 256, gemv_tiles(rows, k, self.gemv_narrow_rows)
         m1 = f"{kind}_k{c}_n1_m1"
         has_m1 = m1 in self.resids if kind != "aim_gemv" else c in self.gemv_m1
-        if nt == 1 and rows <= self.gemv_narrow_rows and has_m1:
+        limit = self.resid_m1_rows if kind != "aim_gemv" else self.gemv_narrow_rows
+        if nt == 1 and rows <= limit and has_m1:
             return m1
         return f"{kind}_k{c}_n{nt}"
 

@@ -62,7 +62,8 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     # in_proj norm its own x (bench/results/fold*_h200_2026-12-03.*: slower, removed)
     "nofold": {"FOLD_ROWS": 0},
     "fold8": {"FOLD_ROWS": 8},
-    "rm1": {"RESID_M1": 1},  # out_proj's folded instance with one m-tile up to 16 rows at every width
+    "rm1": {"RESID_M1_ROWS": 16},  # out_proj's folded one-m-tile instance up to 16 rows (at AiM-B: as measured)
+    "rm0": {"RESID_M1_ROWS": 0},  # never
     # decode steps per replayed graph (CudaBackend.steps_per_graph; host side)
     "g1": {"_steps_per_graph": 1},
     "g4": {"_steps_per_graph": 4},
