@@ -154,7 +154,7 @@ def resid_chunk(d_model: int, chunks) -> int | None:
     """The depth (CH) of out_proj, the product a model of this width runs with the residual add folded in
     (aim_gemv_resid_*, GemvFoldParams in aim_kernels.cu): its depth other than d_model (d_inner); None if
     there is none."""
-    others = [c for c in chunks if c * 256 != d_model]
+    others = [c for c in chunks if c * 256 != d_model and c in GEMV_CHUNKS]
     return others[-1] if others else None
 
 

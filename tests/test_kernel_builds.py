@@ -192,4 +192,7 @@ def test_resid_chunk_is_out_projs_depth():
     from aim_rt.plugins.kernels import resid_chunk
 
     assert resid_chunk(768, [3, 6]) == 6 and resid_chunk(1536, [6, 12]) == 12 and resid_chunk(256, [1, 2]) == 2
-    assert resid_chunk(768, [3]) is None
+    assert resid_chunk(768, [3]) is None and resid_chunk(64, [0]) is None  # (a depth of 128 has no product)
+    from aim_rt.plugins.kernels import step_builds
+
+    assert "R(" not in step_builds("bfloat16", gemv_depths=(64, 128), d_model=64)[0]["GEMV_INSTANCES"]
