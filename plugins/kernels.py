@@ -181,10 +181,13 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
         inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
         if d_model is not None:
             inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
-            if (c_out := resid_chunk(d_model, chunks)) is not None:  # out_proj with the residual add folded in
-                inst += [f"XR({c},{t})" for c, t in _gemv_pairs() if c == c_out]
-                resid_m1 = {**model_defines(d_model), **step}.get("RESID_M1_ROWS")
-                if gemv_m1_chunks(d_model, [c_out]) or int(resid_m1 or 0):
+            if (c_out := resid_chunk(d_model, chunks)) is not None:  # out_proj with the residual add folded in,
+                merged = {**model_defines(d_model), **step}  # in the tiles it has up to FOLD_ROWS rows
+                narrow = int(merged.get("GEMV_NARROW_ROWS", GEMV_NARROW_ROWS))
+                most = int(merged.get("FOLD_ROWS", FOLD_ROWS))
+                tiles = sorted({gemv_tiles(rows, 256 * c_out, narrow) for rows in (1, most) if rows <= most})
+                inst += [f"XR({c_out},{t})" for t in tiles if (c_out, t) in _gemv_pairs()]
+                if gemv_m1_chunks(d_model, [c_out]) or int(merged.get("RESID_M1_ROWS", 0)):
                     inst.append(f"YR({c_out})")
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
     if d_model is not None:
@@ -466,8 +469,9 @@ def gemv_params(x, w, y) -> GemvParams:
 # Up to Kernels.fold_rows rows (FOLD_ROWS, a define only the host reads) the backend folds the residual add
 # between layers into out_proj (GemvFoldParams in aim_kernels.cu). Measured on the H200 (bench/results/fold2_*,
 # whole steps against the unfolded step, tokens identical): AiM-B batch 1 / 2 / 4 -8.3 / -6.2 / -5.0 %, AiM-XL
-# -11.6 / -9.5 / -8.8 %.
-FOLD_ROWS = 32
+# -11.6 / -9.5 / -8.8 %; bench/results/fold3_*: AiM-B batch 4 / 8 -5.9 / -5.4 %, at 16 (32 rows) even, hence not
+# there (one instance fewer to compile at a cold start).
+FOLD_ROWS = 16
 
 
 def gemv_fold_params(x, w, y, norm: NormParams) -> GemvFoldParams:
