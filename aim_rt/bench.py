@@ -68,16 +68,17 @@ def step_bytes(cfg: AiMConfig, batch: int, elem_bytes: int) -> int:
 def op_bytes(cfg: AiMConfig, batch: int, elem: int, folded: bool = False) -> dict[str, int]:
     """Bytes each kind of op in a decode step must move per launch (2B rows with CFG): its weights once, its
     inputs read, its outputs written, states read and written once. Tiny per-head vectors are counted too.
-    `folded`: the step folds the residual add between layers into out_proj (CudaBackend at few rows), so n_layer
-    - 1 of the norms only read the summed residual and those out_projs move it and the gate instead of writing
-    their output; a kind's bytes are then the average over its launches."""
+    `folded`: the step folds the residual add into out_proj (CudaBackend at few rows), so every norm after a
+    layer only reads the summed residual and every out_proj moves it and the gate instead of writing its output
+    (the first norm, of the input embedding, is whole); a kind's bytes are then the average over its launches."""
     R, d, e, L = 2 * batch, cfg.d_model, elem, cfg.n_layer
     norm = R * d * (3 * e + 8 + 2 * e) + d * e  # input, gate, out; residual fp32 in/out; shift and scale
     light = R * d * (4 + 3 * e) + d * e  # summed residual in; out; shift and scale
     state = cfg.nheads * cfg.headdim * cfg.d_state + cfg.conv_dim * cfg.d_conv
     out_proj = cfg.d_inner * d * e + R * (cfg.d_inner + d) * e
+    final = norm + d * e  # a second norm weight
     if folded:  # residual in and out and the gate, no output
-        norm_avg, out_avg = (norm + (L - 1) * light) // L, out_proj + (L - 1) * R * d * 8 // L
+        norm_avg, out_avg, final = (norm + (L - 1) * light) // L, out_proj + R * d * 8, light + d * e
     else:
         norm_avg, out_avg = norm, out_proj
     return {
@@ -86,7 +87,7 @@ def op_bytes(cfg: AiMConfig, batch: int, elem: int, folded: bool = False) -> dic
         "selective_state_update": R * (2 * state * e + (cfg.d_in_proj + cfg.d_inner) * e + cfg.nheads * 4)
                                   + (cfg.conv_dim * (cfg.d_conv + 1) + 3 * cfg.nheads + cfg.d_inner) * e,
         "out_proj": out_avg,
-        "final_norm": norm + d * e,
+        "final_norm": final,
         "lm_head": cfg.vocab_size * d * e + R * (d + cfg.vocab_size) * e,
         "sample": R * cfg.vocab_size * e + 2 * batch * d * e,
     }

@@ -282,10 +282,11 @@ class CudaBackend:
                              None, buf.mods[i], ssus[i - 1] if i else None) for i, w in enumerate(self._params)]
         final = norm_params(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
                             bb.final_layer.norm_final.weight, buf.final_mods, ssus[-1])
-        # Up to Kernels.fold_rows rows, layer i's out_proj adds its result to the residual (and finishes the
-        # state update: GemvFoldParams in aim_kernels.cu), so layer i + 1's norm kernel only norms it.
+        # Up to Kernels.fold_rows rows, each out_proj adds its result to the residual (and finishes the state
+        # update: GemvFoldParams in aim_kernels.cu), so the next norm kernel (the final norms after the last
+        # layer) only norms it.
         fold = fold_norm and self.use_gemv and k.fold_supported(rows, cfg.d_inner)
-        last = len(self._params) - 1
+        nexts = norms[1:] + [final]  # the norm after each layer
         ops = []
         for i, w in enumerate(self._params):
             p = _summed(norms[i]) if fold and i > 0 else norms[i]
@@ -293,10 +294,11 @@ class CudaBackend:
             ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             ops.append(("selective_state_update",
                         lambda p=ssus[i]: k.selective_state_update(p, stream(), finish=not fold_norm)))
-            if fold and i < last:
-                ops.append(("out_proj", self._folded(buf.y, w["out_proj"], buf.out, norms[i + 1])))
+            if fold:
+                ops.append(("out_proj", self._folded(buf.y, w["out_proj"], buf.out, nexts[i])))
             else:
                 ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
+        final = _summed(final) if fold else final
         ops.append(("final_norm", lambda: k.residual_norm(final, stream())))
         ops.append(("lm_head", self._matmul(buf.normed, self.model.lm_head.weight, buf.logits)))
         ops.append(("sample", lambda: self._sample(buf, settings, stream())))
