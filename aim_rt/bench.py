@@ -8,9 +8,11 @@ read + write every row's conv and SSM state once, at the copy bandwidth measured
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -208,6 +210,42 @@ def alternate_steps(backends: dict, batch: int, settings: SamplingSettings, roun
         for v, b in backends.items():
             times[v].append(b.phase_times(batch, settings)["replays_us_per_step"])
     return times
+
+
+def compare_steps(label: str, model, backends: dict, batches: list[int], settings: SamplingSettings, rounds: int,
+                  result: dict) -> None:
+    """For each batch: a warm sample of every backend (capture), then `rounds` of alternate_steps. Each case's row
+    goes into result["cases"] and is printed: every backend's least µs per step, all runs, and whether its tokens
+    equal the first backend's (only meaningful where both compute the same model)."""
+    for batch in batches:
+        classes, seeds = torch.arange(batch) % model.config.num_classes, torch.arange(batch)
+        tokens = {v: b.sample(classes, seeds, settings) for v, b in backends.items()}
+        times = alternate_steps(backends, batch, settings, rounds)
+        first = next(iter(tokens.values()))
+        row = {"us_per_step": {v: min(t) for v, t in times.items()}, "all": times,
+               "tokens_equal_first": {v: bool(torch.equal(first, t)) for v, t in list(tokens.items())[1:]}}
+        result["cases"][f"{label} b{batch}"] = row
+        print(f"{label} b{batch}: " + ", ".join(f"{v} {u:.1f}" for v, u in row["us_per_step"].items())
+              + f" µs per step; tokens equal to the first's: {row['tokens_equal_first']}", flush=True)
+
+
+def run_study(cases: str, make_backends, rounds: int, out, device: str = "cuda") -> dict:
+    """The step-comparison scripts' run: for each model of `cases` ("AiM-B:1,AiM-XL:4"), bf16 random weights,
+    the backends make_backends(model) returns ({name: backend}) compared by compare_steps; the result (device,
+    date, copy bandwidth, cases) written to the path `out` as JSON and returned. TF32 off."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device(device)
+    settings = SamplingSettings()
+    result, models = step_study(cases, dev)
+    for name, batches in models.items():
+        model, _ = _model(name, dev, "bfloat16", precompile=True)
+        backends = make_backends(model)
+        compare_steps(name, model, backends, batches, settings, rounds, result)
+        del backends, model
+        torch.cuda.empty_cache()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def replay_us(graph, launches: int, replays: int = 5, before=None) -> float:

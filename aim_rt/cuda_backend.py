@@ -9,7 +9,9 @@ kernel of ours is launched with programmatic dependent launch: it starts while i
 what does not depend on it (weights, its layer's state) before waiting for it (PDL_WAIT in aim_kernels.cu).
 With one group (every AiM model) the gated RMSNorm's 1/rms is a per-row scalar that factors out of out_proj,
 so the next residual-norm kernel applies it (and shifts the B/C conv windows the state update leaves), and the
-state update waits for no other block; otherwise a small kernel finishes the op before out_proj. Then the final
+state update waits for no other block; otherwise a small kernel finishes the op before out_proj. Up to
+Kernels.fold_rows rows (an aim_gemv out_proj) that work and the residual add move into out_proj's epilogue, with
+the same arithmetic, and the norm kernel only norms the summed residual (GemvFoldParams in aim_kernels.cu). Then the final
 norms, the lm_head product, and one sampling kernel that writes the token and the next step's input
 embedding and advances the token index (one per image, on the device). The modulations are computed once per
 sequence; the class token is the first replayed step, from the zero state (a prefix goes through the

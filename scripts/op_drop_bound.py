@@ -3,7 +3,8 @@ launch of that kind left out of the captured step (e.g. `residual_norm`: what fo
 its neighbours could at best save; `selective_state_update`: what a free state update would). Variants
 alternate in one process. A step missing an op computes garbage: only its time means anything.
 A variant may also name a build (`early_sample`: the sampler lets the next step's first kernel launch at once
-at every batch, PDL_EARLY_SAMPLE), which does compute the model: its tokens are compared with `full`'s.
+at every batch, PDL_EARLY_SAMPLE), which does compute the model: its tokens are compared with the first
+variant's (`full` by default).
 
     PYTHONPATH=. python scripts/op_drop_bound.py --out results/drop --cases AiM-B:1,AiM-B:16,AiM-XL:1
 """
@@ -11,10 +12,7 @@ at every batch, PDL_EARLY_SAMPLE), which does compute the model: its tokens are 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-
-import torch
 
 # variant: (kinds of op left out, extra -D of the step/sampler build)
 VARIANTS = {
@@ -27,10 +25,9 @@ VARIANTS = {
 
 
 def main() -> None:
-    from aim_rt.bench import _model, alternate_steps, step_study
+    from aim_rt.bench import run_study
     from aim_rt.cuda_backend import CudaBackend
     from aim_rt.plugins.kernels import Kernels
-    from aim_rt.sampling import SamplingSettings
 
     class Dropping(CudaBackend):
         drop: tuple[str, ...] = ()
@@ -44,38 +41,19 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    dev = torch.device("cuda")
-    settings = SamplingSettings()
-    result, models = step_study(args.cases, dev)
-    names = args.variants.split(",")
-    for name, batches in models.items():
-        model, _ = _model(name, dev, "bfloat16", precompile=True)
-        backends = {}
-        for v in names:
+
+    def backends(model):
+        made, cfg = {}, model.config
+        for v in args.variants.split(","):
             drop, defines = VARIANTS[v]
-            b = Dropping(model)
+            b = made[v] = Dropping(model)
             b.drop = drop
             if defines:
-                cfg = model.config
                 b.kernels = Kernels("bfloat16", 0, gemv_depths=(cfg.d_model, cfg.d_inner), d_model=cfg.d_model,
                                     defines=defines)
-            backends[v] = b
-        for batch in batches:
-            classes, seeds = torch.arange(batch) % model.config.num_classes, torch.arange(batch)
-            tokens = {v: b.sample(classes, seeds, settings) for v, b in backends.items()}  # capture + warm
-            times = alternate_steps(backends, batch, settings, args.rounds)
-            row = {v: min(t) for v, t in times.items()}
-            row["all"] = times
-            row["tokens_equal_full"] = {v: bool(torch.equal(tokens["full"], tokens[v]))
-                                        for v in names if not VARIANTS[v][0] and v != "full" and "full" in names}
-            result["cases"][f"{name} b{batch}"] = row
-            print(f"{name} b{batch}: " + ", ".join(f"{v} {row[v]:.1f}" for v in backends) + " µs per step; tokens "
-                  f"equal: {row['tokens_equal_full']}", flush=True)
-        del backends, model
-        torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "op_drop_bound.json").write_text(json.dumps(result, indent=1) + "\n")
+        return made
+
+    run_study(args.cases, backends, args.rounds, args.out / "op_drop_bound.json")
 
 
 if __name__ == "__main__":

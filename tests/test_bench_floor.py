@@ -70,3 +70,36 @@ def test_op_bytes_of_a_folded_step_move_the_residual_add_into_out_proj():
     assert abs(both(folded) - both(plain)) <= 2 * cfg.n_layer  # (integer averages)
     kinds = ("residual_norm", "out_proj", "final_norm")
     assert {k: v for k, v in folded.items() if k not in kinds} == {k: v for k, v in plain.items() if k not in kinds}
+
+
+def test_compare_steps_alternates_backends_and_compares_their_tokens(capsys):
+    """The step-comparison scripts' loop: per batch a warm sample of each backend, then rounds in which the
+    backends alternate; each row keeps the least µs per step, every run, and token equality with the first."""
+    from aim_rt.bench import compare_steps
+    from aim_rt.config import AiMConfig
+    from aim_rt.sampling import SamplingSettings
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name, us, offset):
+            self.name, self.us, self.offset = name, list(us), offset
+
+        def sample(self, classes, seeds, settings):
+            calls.append((self.name, "sample", len(classes)))
+            return seeds.clone() + self.offset
+
+        def phase_times(self, batch, settings):
+            calls.append((self.name, "time", batch))
+            return {"replays_us_per_step": self.us.pop(0)}
+
+    model = type("M", (), {"config": AiMConfig(num_classes=10)})()
+    backends = {"a": Fake("a", [5.0, 4.0], 0), "b": Fake("b", [3.0, 6.0], 0), "c": Fake("c", [1.0, 2.0], 1)}
+    result = {"cases": {}}
+    compare_steps("M", model, backends, [2], SamplingSettings(), 2, result)
+    row = result["cases"]["M b2"]
+    assert row["us_per_step"] == {"a": 4.0, "b": 3.0, "c": 1.0} and row["all"]["b"] == [3.0, 6.0]
+    assert row["tokens_equal_first"] == {"b": True, "c": False}
+    assert [c[:2] for c in calls] == [("a", "sample"), ("b", "sample"), ("c", "sample")] + [
+        (n, "time") for _ in range(2) for n in "abc"]
+    assert "M b2: a 4.0, b 3.0, c 1.0 µs per step" in capsys.readouterr().out
