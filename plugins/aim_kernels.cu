@@ -671,17 +671,21 @@ __device__ __forceinline__ void residual_norm_body(const NormParams& p) {
     res[j] = p.first ? 0.0f : p.residual[(long long)r * p.d + i];
   }
   // the previous gated norm's 1/rms: its heads' sums of squares, added as a fixed tree (warp 0's loads of it
-  // follow its row loads, so both round trips overlap)
-  if (tid < 32) {
-    float t = 0.0f;
-    if (p.sumsq)
-      for (int i = tid; i < p.sumsq_heads; i += 32) t += p.sumsq[(long long)r * p.sumsq_heads + i];
-    t = warp_sum(t);
-    if (tid == 0) s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
+  // follow its row loads, so both round trips overlap); nothing to scale (nor a barrier) when a folded out_proj
+  // summed the row (p.input null, uniform)
+  float scale = 1.0f;
+  if (p.input) {
+    if (tid < 32) {
+      float t = 0.0f;
+      if (p.sumsq)
+        for (int i = tid; i < p.sumsq_heads; i += 32) t += p.sumsq[(long long)r * p.sumsq_heads + i];
+      t = warp_sum(t);
+      if (tid == 0) s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
+    }
+    conv_shift(p.bc, r);  // while those loads are in flight
+    __syncthreads();
+    scale = s_scale;
   }
-  conv_shift(p.bc, r);  // while those loads are in flight
-  __syncthreads();
-  const float scale = s_scale;
   float sq = 0.0f;
 #pragma unroll
   for (int j = 0; j < PER; ++j) {
