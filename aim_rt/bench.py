@@ -116,9 +116,7 @@ def kernel_table(models: list[str], batches: list[int], dtype: str = "bfloat16",
             step_us = step_s / model.config.num_tokens * 1e6
             phases = backend.phase_times(batch, settings)
             timing = backend.op_timings(batch, settings)
-            cfg = model.config
-            folded = backend.use_gemv and cfg.ngroups == 1 and backend.kernels.fold_supported(2 * batch, cfg.d_inner)
-            nbytes = op_bytes(cfg, batch, elem, folded)
+            nbytes = op_bytes(model.config, batch, elem, backend.folds(2 * batch))
             ops = []
             for kind, t in timing["ops"].items():
                 gbps = nbytes[kind] / (t["us_per_launch"] * 1e-6) / 1e9

@@ -11,8 +11,8 @@ With one group (every AiM model) the gated RMSNorm's 1/rms is a per-row scalar t
 so the next residual-norm kernel applies it (and shifts the B/C conv windows the state update leaves), and the
 state update waits for no other block; otherwise a small kernel finishes the op before out_proj. Up to
 Kernels.fold_rows rows (an aim_gemv out_proj) that work and the residual add move into out_proj's epilogue, with
-the same arithmetic, and the norm kernel only norms the summed residual (GemvFoldParams in aim_kernels.cu). Then the final
-norms, the lm_head product, and one sampling kernel that writes the token and the next step's input
+the same arithmetic, and the norm kernel only norms the summed residual (GemvFoldParams in aim_kernels.cu). Then
+the final norms, the lm_head product, and one sampling kernel that writes the token and the next step's input
 embedding and advances the token index (one per image, on the device). The modulations are computed once per
 sequence; the class token is the first replayed step, from the zero state (a prefix goes through the
 reference's chunked prefill). Per (batch, settings) one graph holds
@@ -287,7 +287,7 @@ class CudaBackend:
         # Up to Kernels.fold_rows rows, each out_proj adds its result to the residual (and finishes the state
         # update: GemvFoldParams in aim_kernels.cu), so the next norm kernel (the final norms after the last
         # layer) only norms it.
-        fold = fold_norm and self.use_gemv and k.fold_supported(rows, cfg.d_inner)
+        fold = self.folds(rows)
         nexts = norms[1:] + [final]  # the norm after each layer
         ops = []
         for i, w in enumerate(self._params):
@@ -305,6 +305,11 @@ class CudaBackend:
         ops.append(("lm_head", self._matmul(buf.normed, self.model.lm_head.weight, buf.logits)))
         ops.append(("sample", lambda: self._sample(buf, settings, stream())))
         return ops
+
+    def folds(self, rows: int) -> bool:
+        """Whether a step of `rows` rows folds the residual add into out_proj (one group, our products, and an
+        aim_gemv out_proj with a folded instance up to Kernels.fold_rows rows)."""
+        return self.config.ngroups == 1 and self.use_gemv and self.kernels.fold_supported(rows, self.config.d_inner)
 
     def _folded(self, x: Tensor, w: Tensor, y: Tensor, norm) -> Callable[[], None]:
         """out_proj with the residual add of `norm` (the next layer's) folded in; the caller checked

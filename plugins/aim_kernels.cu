@@ -629,6 +629,23 @@ struct NormParams {
   float eps;
 };
 
+// The previous gated norm's 1/rms for row r, into *out (lane 0): the row's per-head sums of squares,
+// lane-strided, then a warp butterfly (a fixed order: deterministic); 1 without sums. Called by a whole warp
+// (`lane`: 0-31). The norm kernel and the folded out_proj (FOLD_RESID) both use it, so both give the same bits.
+__device__ __forceinline__ void gated_row_scale(const NormParams& p, int r, int lane, float* out) {
+  float t = 0.0f;
+  if (p.sumsq)
+    for (int i = lane; i < p.sumsq_heads; i += 32) t += p.sumsq[(long long)r * p.sumsq_heads + i];
+  t = warp_sum(t);
+  if (lane == 0) *out = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
+}
+// A mixer's output element as the residual stream adds it: times its row's gated-norm scale (no contraction into
+// the add that follows), then gated and rounded as the reference rounds gate * out. Shared as above.
+__device__ __forceinline__ float gated_output(float out, float scale, float gate, bool gated) {
+  const float v = __fmul_rn(out, scale);
+  return gated ? ld(st(v * gate)) : v;
+}
+
 // grid (rows); block NORM_THREADS; d <= NORM_THREADS * NORM_PER. The row lives in registers. The weights and
 // modulations (constant through a sample) are read before PDL_WAIT, so after it only the previous kernels'
 // outputs are fetched: one round trip to L2, then the reductions.
@@ -675,13 +692,7 @@ __device__ __forceinline__ void residual_norm_body(const NormParams& p) {
   // summed the row (p.input null, uniform)
   float scale = 1.0f;
   if (p.input) {
-    if (tid < 32) {
-      float t = 0.0f;
-      if (p.sumsq)
-        for (int i = tid; i < p.sumsq_heads; i += 32) t += p.sumsq[(long long)r * p.sumsq_heads + i];
-      t = warp_sum(t);
-      if (tid == 0) s_scale = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
-    }
+    if (tid < 32) gated_row_scale(p, r, tid, &s_scale);
     conv_shift(p.bc, r);  // while those loads are in flight
     __syncthreads();
     scale = s_scale;
@@ -692,8 +703,7 @@ __device__ __forceinline__ void residual_norm_body(const NormParams& p) {
     const int i = tid + j * NORM_THREADS;
     x[j] = 0.0f;
     if (i >= p.d) continue;
-    float v = __fmul_rn(in[j], scale);  // (no contraction into the add below: as the folded out_proj)
-    if (p.gate) v = ld(st(v * gate[j]));  // the reference rounds gate*out
+    const float v = gated_output(in[j], scale, gate[j], p.gate != nullptr);
     const float rv = !p.input ? res[j] : p.first ? v : res[j] + v;
     if (p.input) p.residual[(long long)r * p.d + i] = rv;
     x[j] = rv;
@@ -1406,18 +1416,11 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 #endif
 }
 
-// The folded epilogue's per-row scale: 1/rms of the gated norm from the row's per-head sums of squares,
-// added as aim_residual_norm adds them (lane-strided, then a warp butterfly); 1 without sums. Warp w takes rows
-// w, w + 8, ... of the first `rows`; the caller synchronises before reading s_gs.
+// The folded epilogue's per-row scales (gated_row_scale): warp w takes rows w, w + 8, ... of the first `rows`;
+// the caller synchronises before reading s_gs.
 __device__ __forceinline__ void fold_row_scales(const NormParams& f, int rows, float* s_gs) {
   const int lane = threadIdx.x & 31;
-  for (int r = threadIdx.x >> 5; r < rows; r += blockDim.x >> 5) {
-    float t = 0.0f;
-    if (f.sumsq)
-      for (int i = lane; i < f.sumsq_heads; i += 32) t += f.sumsq[(long long)r * f.sumsq_heads + i];
-    t = warp_sum(t);
-    if (lane == 0) s_gs[r] = f.sumsq ? rsqrtf(t / f.sumsq_count + f.eps) : 1.0f;
-  }
+  for (int r = threadIdx.x >> 5; r < rows; r += blockDim.x >> 5) gated_row_scale(f, r, lane, s_gs + r);
 }
 // The B/C windows the state update left, spread over the whole grid (each (row, channel) once).
 __device__ __forceinline__ void fold_conv_shift(const ConvShift& bc, int rows) {
@@ -1426,14 +1429,6 @@ __device__ __forceinline__ void fold_conv_shift(const ConvShift& bc, int rows) {
   for (int it = blockIdx.x * blockDim.x + threadIdx.x; it < rows * bc.count; it += stride)
     conv_shift_one(bc, it / bc.count, it % bc.count);
 }
-// Output element (row, col) of the folded epilogue: out_proj's sum s, rounded as the norm kernel reads it,
-// scaled, gated, added to the residual (aim_residual_norm's arithmetic: the same bits).
-__device__ __forceinline__ float fold_residual(float s, float scale, float gate, bool gated, float res) {
-  float v = __fmul_rn(ld(st(s)), scale);  // (no contraction into the add: as the norm kernel)
-  if (gated) v = ld(st(v * gate));       // the reference rounds gate * out
-  return res + v;
-}
-
 // CH: chunks of 32 per warp, k = 8 warps * 32 * CH. NT: 8-column tiles per block; a warp multiplies the x
 // fragments it loads by NT weight tiles (more rows re-read x: NT > 1 cuts that L2 traffic by NT).
 // MT: m-tiles of 16 rows at most (8 * 16 partials per warp in shared memory): 16 * MT rows.
@@ -1518,7 +1513,8 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 #pragma unroll
     for (int w = 0; w < 8; ++w) s += part[w][tile][l][q];
     if (f)
-      f->residual[(long long)row * f->d + col] = fold_residual(s, s_gs[row], fgate[e], f->gate != nullptr, fres[e]);
+      // rounded as the norm kernel reads out_proj's output, then added as it adds it (the same bits)
+      f->residual[(long long)row * f->d + col] = fres[e] + gated_output(ld(st(s)), s_gs[row], fgate[e], f->gate != nullptr);
     else
       p.y[(long long)row * p.y_stride + col] = st(s);
   }

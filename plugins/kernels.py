@@ -176,25 +176,24 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
     if "AIM_RT_PDL_EARLY_ROWS" in os.environ:  # to measure: up to how many rows the next kernel launches at once
         defines.setdefault("PDL_EARLY_ROWS", int(os.environ["AIM_RT_PDL_EARLY_ROWS"]))
     step = dict(defines)
+    if d_model is not None:
+        per_model = model_defines(d_model)
+        if "PDL_EARLY_ROWS" in step:  # one launch order asked for (to measure): no per-kind limits over it
+            per_model = {k: v for k, v in per_model.items() if not k.startswith("PDL_EARLY_")}
+        step = {**per_model, **step}  # explicit defines win
     if gemv_depths is not None:
         chunks = sorted({k // 256 for k in gemv_depths})
         inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
         if d_model is not None:
             inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
             if (c_out := resid_chunk(d_model, chunks)) is not None:  # out_proj with the residual add folded in,
-                merged = {**model_defines(d_model), **step}  # in the tiles it has up to FOLD_ROWS rows
-                narrow = int(merged.get("GEMV_NARROW_ROWS", GEMV_NARROW_ROWS))
-                most = int(merged.get("FOLD_ROWS", FOLD_ROWS))
+                narrow = int(step.get("GEMV_NARROW_ROWS", GEMV_NARROW_ROWS))  # in the tiles it has up to FOLD_ROWS
+                most = int(step.get("FOLD_ROWS", FOLD_ROWS))
                 tiles = sorted({gemv_tiles(rows, 256 * c_out, narrow) for rows in (1, most) if rows <= most})
                 inst += [f"XR({c_out},{t})" for t in tiles if (c_out, t) in _gemv_pairs()]
-                if gemv_m1_chunks(d_model, [c_out]) or int(merged.get("RESID_M1_ROWS", 0)):
+                if gemv_m1_chunks(d_model, [c_out]) or int(step.get("RESID_M1_ROWS", 0)):
                     inst.append(f"YR({c_out})")
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
-    if d_model is not None:
-        per_model = model_defines(d_model)
-        if "PDL_EARLY_ROWS" in step:  # one launch order asked for (to measure): no per-kind limits over it
-            per_model = {k: v for k, v in per_model.items() if not k.startswith("PDL_EARLY_")}
-        step = {**per_model, **step}  # explicit defines win
     return [{**step, "AIM_PARTS": 1}, {**defines, "AIM_PARTS": 2, "GEMV_INSTANCES": "/* none */"}]
 
 
@@ -668,21 +667,26 @@ class Kernels:
     def gemv(self, p: GemvParams, stream: int) -> None:
         """y = x @ w.T (gemv_params); the caller checked gemv_supported. Up to 16 rows through the one-m-tile
         instance where this build has it (gemv_m1_chunks)."""
-        c, nt = p.k // 256, gemv_tiles(p.rows, p.k, self.gemv_narrow_rows)
-        if (c, nt) not in self.gemvs:
+        if (p.k // 256, gemv_tiles(p.rows, p.k, self.gemv_narrow_rows)) not in self.gemvs:
             raise KernelError(f"aim_gemv for k={p.k} was not compiled (gemv_depths)")
-        self._launch(self._gemv_name(p.rows, p.k), ((p.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
+        self._launch_gemv("aim_gemv", p, p, stream)
 
     def _gemv_name(self, rows: int, k: int, kind: str = "aim_gemv") -> str:
         """The instance of `kind` (aim_gemv, aim_gemv_resid) this build runs for `rows` rows of depth k: the
-        one-m-tile one where it was compiled and the rows allow."""
+        one-m-tile one where it was compiled and the rows allow (gemv_narrow_rows; resid_m1_rows for the folded
+        products)."""
         c, nt = k // 256, gemv_tiles(rows, k, self.gemv_narrow_rows)
         m1 = f"{kind}_k{c}_n1_m1"
-        has_m1 = m1 in self.resids if kind != "aim_gemv" else c in self.gemv_m1
-        limit = self.resid_m1_rows if kind != "aim_gemv" else self.gemv_narrow_rows
-        if nt == 1 and rows <= limit and has_m1:
-            return m1
-        return f"{kind}_k{c}_n{nt}"
+        limit = self.resid_m1_rows if kind == "aim_gemv_resid" else self.gemv_narrow_rows
+        return m1 if nt == 1 and rows <= limit and m1 in self.fn else f"{kind}_k{c}_n{nt}"
+
+    def _launch_gemv(self, kind: str, g: GemvParams, params, stream: int) -> None:
+        """One block of 8 * NT output columns per block (NT: gemv_tiles), 256 threads."""
+        name = self._gemv_name(g.rows, g.k, kind)
+        if name not in self.fn:
+            raise KernelError(f"{name} was not compiled (gemv_depths, resid_chunk)")
+        nt = gemv_tiles(g.rows, g.k, self.gemv_narrow_rows)
+        self._launch(name, ((g.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, params)
 
     def fold_supported(self, rows: int, k: int) -> bool:
         """Whether the backend folds the residual add into out_proj (depth k) at this many rows in this build:
@@ -692,11 +696,7 @@ class Kernels:
 
     def gemv_fold(self, p: GemvFoldParams, stream: int) -> None:
         """out_proj with the residual add folded in (gemv_fold_params; the caller checked fold_supported)."""
-        name = self._gemv_name(p.g.rows, p.g.k, "aim_gemv_resid")
-        if name not in self.resids:
-            raise KernelError(f"{name} was not compiled (resid_chunk)")
-        nt = gemv_tiles(p.g.rows, p.g.k, self.gemv_narrow_rows)
-        self._launch(name, ((p.g.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, p)
+        self._launch_gemv("aim_gemv_resid", p.g, p, stream)
 
     def gemm_supported(self, rows: int, k: int) -> bool:
         """Whether the backend's product of `rows` rows and depth k is aim_gemm's in this build."""
