@@ -70,7 +70,7 @@ def step_bytes(cfg: AiMConfig, batch: int, elem_bytes: int) -> int:
 def op_bytes(cfg: AiMConfig, batch: int, elem: int, folded: bool = False) -> dict[str, int]:
     """Bytes each kind of op in a decode step must move per launch (2B rows with CFG): its weights once, its
     inputs read, its outputs written, states read and written once. Tiny per-head vectors are counted too.
-    `folded`: the step folds the residual add into out_proj (CudaBackend at few rows), so every norm after a
+    `folded`: the step folds the residual add into out_proj (CudaBackend.folds), so every norm after a
     layer only reads the summed residual and every out_proj moves it and the gate instead of writing its output
     (the first norm, of the input embedding, is whole); a kind's bytes are then the average over its launches."""
     R, d, e, L = 2 * batch, cfg.d_model, elem, cfg.n_layer

@@ -9,9 +9,10 @@ kernel of ours is launched with programmatic dependent launch: it starts while i
 what does not depend on it (weights, its layer's state) before waiting for it (PDL_WAIT in aim_kernels.cu).
 With one group (every AiM model) the gated RMSNorm's 1/rms is a per-row scalar that factors out of out_proj,
 so the next residual-norm kernel applies it (and shifts the B/C conv windows the state update leaves), and the
-state update waits for no other block; otherwise a small kernel finishes the op before out_proj. Up to
-Kernels.fold_rows rows (an aim_gemv out_proj) that work and the residual add move into out_proj's epilogue, with
-the same arithmetic, and the norm kernel only norms the summed residual (GemvFoldParams in aim_kernels.cu). Then
+state update waits for no other block; otherwise a small kernel finishes the op before out_proj. Where out_proj
+is one of ours with a folded instance (aim_gemv up to Kernels.fold_rows rows, aim_gemm) that work and the
+residual add move into out_proj's epilogue, with the same arithmetic, and the norm kernel only norms the summed
+residual (GemvFoldParams, GemmFoldParams in aim_kernels.cu). Then
 the final norms, the lm_head product, and one sampling kernel that writes the token and the next step's input
 embedding and advances the token index (one per image, on the device). The modulations are computed once per
 sequence; the class token is the first replayed step, from the zero state (a prefix goes through the
@@ -284,9 +285,9 @@ class CudaBackend:
                              None, buf.mods[i], ssus[i - 1] if i else None) for i, w in enumerate(self._params)]
         final = norm_params(len(self._params), buf.out, buf.mods[-1][:, 2], bb.norm_f.weight,
                             bb.final_layer.norm_final.weight, buf.final_mods, ssus[-1])
-        # Up to Kernels.fold_rows rows, each out_proj adds its result to the residual (and finishes the state
-        # update: GemvFoldParams in aim_kernels.cu), so the next norm kernel (the final norms after the last
-        # layer) only norms it.
+        # Where Kernels.fold_supported, each out_proj adds its result to the residual (and finishes the state
+        # update: GemvFoldParams, GemmFoldParams in aim_kernels.cu), so the next norm kernel (the final norms
+        # after the last layer) only norms it.
         fold = self.folds(rows)
         nexts = norms[1:] + [final]  # the norm after each layer
         ops = []
@@ -308,16 +309,21 @@ class CudaBackend:
 
     def folds(self, rows: int) -> bool:
         """Whether a step of `rows` rows folds the residual add into out_proj (one group, our products, and an
-        aim_gemv out_proj with a folded instance up to Kernels.fold_rows rows)."""
-        return self.config.ngroups == 1 and self.use_gemv and self.kernels.fold_supported(rows, self.config.d_inner)
+        out_proj with a folded instance: Kernels.fold_supported)."""
+        cfg = self.config
+        return cfg.ngroups == 1 and self.use_gemv and self.kernels.fold_supported(rows, cfg.d_inner, cfg.d_model)
 
     def _folded(self, x: Tensor, w: Tensor, y: Tensor, norm) -> Callable[[], None]:
         """out_proj with the residual add of `norm` (the next layer's) folded in; the caller checked
         Kernels.fold_supported."""
-        from aim_rt.plugins.kernels import gemv_fold_params
+        from aim_rt.plugins.kernels import gemm_fold_params, gemm_splits, gemv_fold_params
 
+        stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+        if self.kernels.gemm_supported(x.shape[0], x.shape[1]):
+            p = gemm_fold_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.num_sms), norm)
+            return lambda: self.kernels.gemm_fold(p, stream())
         p = gemv_fold_params(x, w, y, norm)
-        return lambda: self.kernels.gemv_fold(p, torch.cuda.current_stream().cuda_stream)
+        return lambda: self.kernels.gemv_fold(p, stream())
 
     def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel

@@ -304,8 +304,12 @@ class GemmParams(ctypes.Structure):
                 ("splits", I)]
 
 
+class GemmFoldParams(ctypes.Structure):
+    _fields_ = [("g", GemmParams), ("n", NormParams)]
+
+
 STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemvFoldParams,
-           GemmParams)
+           GemmParams, GemmFoldParams)
 
 
 def layout_asserts() -> str:
@@ -510,6 +514,20 @@ def gemm_splits(n: int, k: int, num_sms: int) -> int:
     return divisors[-1]
 
 
+def gemm_fold_params(x, w, y, splits: int, norm: NormParams) -> GemmFoldParams:
+    """out_proj y = x @ w.T through aim_gemm with the residual add of `norm` (the next layer's NormParams)
+    folded in, as gemv_fold_params: y is only its shape (not written). The epilogue moves the float32 residual
+    four columns at a time: n a multiple of 4, the residual 16-byte aligned."""
+    rows, _, n = _check_product("aim_gemm_resid", x, w, y)
+    if norm.rows != rows or norm.d != n:
+        raise KernelError(f"aim_gemm_resid: the norm's rows x width {norm.rows} x {norm.d} are not the product's "
+                          f"{rows} x {n}")
+    if n % 4 or not norm.residual or norm.residual % 16:
+        raise KernelError(f"aim_gemm_resid: needs a width that is a multiple of 4 (got {n}) and a 16-byte "
+                          "aligned residual")
+    return GemmFoldParams(g=gemm_params(x, w, y, splits), n=norm)
+
+
 def gemm_params(x, w, y, splits: int) -> GemmParams:
     """y = x @ w.T through aim_gemm: x (rows, k) with 16-byte-aligned rows, w (n, k) contiguous and aligned."""
     rows, k, n = _check_product("gemm", x, w, y)
@@ -593,11 +611,13 @@ class Kernels:
         self.resid_m1_rows = min(int(builds[0].get("RESID_M1_ROWS", self.gemv_narrow_rows)), self.gemv_narrow_rows)
         self.gemms = {mt: fn for mt in (2, 4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
                       if (fn := self._function(f"aim_gemm_m{mt}", required=False)) is not None}
+        self.gemm_resids = {mt: fn for mt in self.gemms  # the same with the residual add folded in (FOLD_GEMM)
+                            if (fn := self._function(f"aim_gemm_resid_m{mt}", required=False)) is not None}
         # the row counts the backend gives aim_gemm: GEMM_MIN_ROWS / GEMM_MAX_ROWS (model_defines; defines that
         # only this reads) move them
         self.gemm_rows = (int(builds[0].get("GEMM_MIN_ROWS", GEMM_ROWS[0])),
                           min(int(builds[0].get("GEMM_MAX_ROWS", GEMM_ROWS[1])), GEMM_MAX_ROWS))
-        self._gemm_smem_set: set[int] = set()
+        self._gemm_smem_set: set[tuple[str, int]] = set()
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
         # it off (to measure what it gains).
@@ -688,10 +708,13 @@ class Kernels:
         nt = gemv_tiles(g.rows, g.k, self.gemv_narrow_rows)
         self._launch(name, ((g.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, params)
 
-    def fold_supported(self, rows: int, k: int) -> bool:
-        """Whether the backend folds the residual add into out_proj (depth k) at this many rows in this build:
-        where its product is an aim_gemv (not aim_gemm) with a folded instance."""
-        return (rows <= self.fold_rows and not self.gemm_supported(rows, k) and self.gemv_supported(rows, k)
+    def fold_supported(self, rows: int, k: int, n: int) -> bool:
+        """Whether the backend folds the residual add into out_proj (depth k, n columns) at this many rows in
+        this build: where its product is an aim_gemv with a folded instance, up to fold_rows rows, or an
+        aim_gemm with one (aim_gemm_resid: n a multiple of 4)."""
+        if self.gemm_supported(rows, k):
+            return n % 4 == 0 and gemm_mt(rows, self.gemms) in self.gemm_resids
+        return (rows <= self.fold_rows and self.gemv_supported(rows, k)
                 and self._gemv_name(rows, k, "aim_gemv_resid") in self.resids)
 
     def gemv_fold(self, p: GemvFoldParams, stream: int) -> None:
@@ -704,17 +727,26 @@ class Kernels:
 
     def gemm(self, p: GemmParams, stream: int) -> None:
         """y = x @ w.T (gemm_params; the caller checked gemm_supported): clusters of p.splits CTAs."""
+        self._launch_gemm("aim_gemm", self.gemms, p, p, stream)
+
+    def gemm_fold(self, p: GemmFoldParams, stream: int) -> None:
+        """out_proj with the residual add folded in (gemm_fold_params; the caller checked fold_supported)."""
+        self._launch_gemm("aim_gemm_resid", self.gemm_resids, p.g, p, stream)
+
+    def _launch_gemm(self, kind: str, fns: dict, p: GemmParams, params, stream: int) -> None:
         mt = gemm_mt(p.rows, self.gemms)
-        fn, smem = self.gemms[mt], gemm_smem_bytes(mt)
+        if mt not in fns:
+            raise KernelError(f"{kind}_m{mt} was not compiled (FOLD_GEMM, GEMM_M2)")
+        fn, smem = fns[mt], gemm_smem_bytes(mt)
         d = self.driver
-        if mt not in self._gemm_smem_set:
+        if (kind, mt) not in self._gemm_smem_set:
             _check(d.cuFuncSetAttribute(fn, d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                         smem), "cuFuncSetAttribute")
-            self._gemm_smem_set.add(mt)
+            self._gemm_smem_set.add((kind, mt))
         cluster = d.CUlaunchAttribute()
         cluster.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
         cluster.value.clusterDim.x, cluster.value.clusterDim.y, cluster.value.clusterDim.z = p.splits, 1, 1
-        holder = (ctypes.c_void_p * 1)(ctypes.addressof(p))
+        holder = (ctypes.c_void_p * 1)(ctypes.addressof(params))
         config = d.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = -(-p.n // GEMM_BN) * p.splits, 1, 1
         config.blockDimX, config.blockDimY, config.blockDimZ = 256, 1, 1
@@ -722,7 +754,7 @@ class Kernels:
         config.hStream = d.CUstream(stream)
         config.attrs = [cluster] + self._pdl_attrs
         config.numAttrs = len(config.attrs)
-        _check(d.cuLaunchKernelEx(config, fn, ctypes.addressof(holder), 0), f"aim_gemm_m{mt}")
+        _check(d.cuLaunchKernelEx(config, fn, ctypes.addressof(holder), 0), f"{kind}_m{mt}")
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         if p.d > self.norm_max_width:

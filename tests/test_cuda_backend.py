@@ -398,16 +398,18 @@ def test_bf16_image_does_not_depend_on_batch_composition():
 
 
 @needs_gpu
-@pytest.mark.parametrize("d_model,gated", [(768, True), (1536, True), (256, False)])
-def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated):
-    """out_proj with the residual add folded in (aim_gemv_resid_*), then the norm kernel norming the summed
-    residual, against a plain out_proj and the whole norm kernel, at 1 to 16 rows (every instance): the same
-    residual and normed rows, bit for bit, and the B/C windows shifted as the norm kernel shifts them. Rows
-    past FOLD_ROWS, or whose out_proj is an aim_gemm (AiM-XL's from 17), are not folded."""
+@pytest.mark.parametrize("d_model,gated,heads", [(768, True, 24), (1536, True, 48), (256, False, 80)])
+def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
+    """out_proj with the residual add folded in (aim_gemv_resid_* up to 16 rows, aim_gemm_resid_* where out_proj
+    is an aim_gemm), then the norm kernel norming the summed residual, against a plain out_proj and the whole
+    norm kernel, at 1 to 128 rows (every instance): the same residual and normed rows, bit for bit, and the B/C
+    windows shifted as the norm kernel shifts them. aim_gemv's rows past FOLD_ROWS, and cuBLAS's, are not
+    folded. (80 heads: the gated norm's sums past the first 64 heads.)"""
     from aim_rt.cuda_backend import _summed
-    from aim_rt.plugins.kernels import ConvShift, Kernels, NormParams, gemv_fold_params, gemv_params
+    from aim_rt.plugins.kernels import (ConvShift, Kernels, NormParams, gemm_fold_params, gemm_params, gemm_splits,
+                                        gemv_fold_params, gemv_params)
 
-    d_inner, heads, d_state, width = 2 * d_model, d_model // 32, 64, 4
+    d_inner, d_state, width = 2 * d_model, 64, 4
     conv_dim = d_inner + 2 * d_state
     kern = Kernels("bfloat16", gemv_depths=(d_model, d_inner), d_model=d_model)
     gen = torch.Generator(device="cuda").manual_seed(d_model)
@@ -416,9 +418,15 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated):
     w_out = (r(d_model, d_inner) / d_inner ** 0.5).to(bf)
     norm_w = (1 + r(d_model, scale=0.1)).to(bf)
     stream = torch.cuda.current_stream().cuda_stream
-    folding = [rows for rows in (1, 2, 5, 8, 9, 16, 17, 32) if kern.fold_supported(rows, d_inner)]
-    assert folding == [1, 2, 5, 8, 9, 16]  # FOLD_ROWS (and AiM-XL's aim_gemm from 17 rows)
+    folding = [rows for rows in (1, 2, 5, 8, 9, 16, 17, 32, 33, 64, 100, 128)
+               if kern.fold_supported(rows, d_inner, d_model)]
+    want = [1, 2, 5, 8, 9, 16]  # aim_gemv up to FOLD_ROWS
+    if kern.gemms:  # Hopper: aim_gemm's rows (model_defines) fold too
+        want += [17, 32, 33, 64] if d_model >= 1536 else [33, 64, 100, 128]
+    assert folding == want
     for rows in folding:
+        gemm = kern.gemm_supported(rows, d_inner)
+        splits = gemm_splits(d_model, d_inner, kern.num_sms)
         y = r(rows, d_inner).to(bf)
         mods = r(rows, 3, d_model, scale=0.3).to(bf)  # shift, scale, and (as the gate) the previous layer's
         sumsq = r(rows, heads).abs() * d_inner / heads
@@ -438,16 +446,19 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated):
                 residual=residual.data_ptr(), norm_w=norm_w.data_ptr(), norm2_w=None, shift=mods[:, 0].data_ptr(),
                 scale=mods[:, 1].data_ptr(), mod_stride=mods.stride(0), out=normed.data_ptr(),
                 out_stride=normed.stride(0), rows=rows, d=d_model, first=0, eps=1e-5)
-            if folded:
+            if folded and gemm:
+                kern.gemm_fold(gemm_fold_params(y, w_out, out, splits, p), stream)
+            elif folded:
                 kern.gemv_fold(gemv_fold_params(y, w_out, out, p), stream)
-                kern.residual_norm(_summed(p), stream)
+            elif gemm:
+                kern.gemm(gemm_params(y, w_out, out, splits), stream)
             else:
                 kern.gemv(gemv_params(y, w_out, out), stream)
-                kern.residual_norm(p, stream)
+            kern.residual_norm(_summed(p) if folded else p, stream)
             torch.cuda.synchronize()
             results.append((residual, normed, conv))
         for a, b, what in zip(*results, ("residuals", "normed rows", "conv windows")):
-            assert torch.equal(a, b), f"rows {rows}: {what} differ"
+            assert torch.equal(a, b), f"rows {rows} (aim_gemm: {gemm}): {what} differ"
         g = mods[:, 2].float() if gated else 1.0
         scale = torch.rsqrt(sumsq.sum(1, keepdim=True) / d_inner + 1e-5)
         want = residual0 + (y.float() @ w_out.float().t()).to(bf).float() * scale * g
@@ -457,31 +468,42 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated):
                                                                                 conv0[:, :d_inner])
     with pytest.raises(aim_rt.plugins.kernels.KernelError, match="rows x width"):
         gemv_fold_params(y[:1], w_out, out[:1], p)
+    with pytest.raises(aim_rt.plugins.kernels.KernelError, match="rows x width"):
+        gemm_fold_params(y[:1], w_out, out[:1], 1, p)
 
 
 @needs_gpu
 def test_backend_folds_the_residual_add_at_few_rows_with_the_same_tokens():
-    """Up to Kernels.fold_rows rows the cuda backend folds the residual add between layers into out_proj, with
-    the unfolded step's tokens and mixed logits, bit for bit."""
+    """Where out_proj is an aim_gemv up to Kernels.fold_rows rows, or an aim_gemm (Hopper), the cuda backend
+    folds the residual add between layers into out_proj, with the unfolded step's tokens and mixed logits, bit
+    for bit."""
     from aim_rt.cuda_backend import CudaBackend
 
     cfg = aim_rt.AiMConfig(d_model=256, n_layer=4, vocab_size=1024, num_classes=10, num_tokens=64)
     model = aim_rt.random_model(cfg, seed=3, device="cuda", dtype="bfloat16")
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
     plain, folded = CudaBackend(model), CudaBackend(model, use_graphs=False)
-    plain.kernels.fold_rows = 0
+    plain.kernels.fold_rows, plain.kernels.gemm_resids = 0, {}
     folded.kernels.fold_rows = 8
     calls = []
-    launch = folded.kernels.gemv_fold
-    folded.kernels.gemv_fold = lambda p, s: (calls.append(p.g.rows), launch(p, s))
-    for batch in (1, 4, 5):  # 2 and 8 rows fold; 10 do not
+    for kind in ("gemv_fold", "gemm_fold"):
+        launch = getattr(folded.kernels, kind)
+        setattr(folded.kernels, kind, lambda p, s, launch=launch, kind=kind: (calls.append((kind, p.g.rows)),
+                                                                               launch(p, s)))
+    # 2 and 8 rows fold (aim_gemv); 10 do not; 34 do where aim_gemm runs them (Hopper)
+    for batch in (1, 4, 5, 17):
         classes, seeds = list(range(batch)), list(range(10, 10 + batch))
         calls.clear()
         t_p, m_p = plain.sample(classes, seeds, settings, return_mixed=True)
         t, m = folded.sample(classes, seeds, settings, return_mixed=True)
         assert torch.equal(t, t_p) and torch.equal(m, m_p), batch
-        folds = cfg.n_layer * cfg.num_tokens if 2 * batch <= 8 else 0  # eager: one launch per call
-        assert calls == [2 * batch] * folds, batch
+        rows = 2 * batch
+        kind = ("gemm_fold" if folded.kernels.gemm_supported(rows, cfg.d_inner) and folded.kernels.gemms
+                else "gemv_fold" if rows <= 8 else None)
+        folds = cfg.n_layer * cfg.num_tokens if kind else 0  # eager: one launch per call
+        assert calls == [(kind, rows)] * folds, batch
+        if folded.kernels.gemms:
+            assert (kind == "gemm_fold") == (batch == 17), batch
 
 
 def test_ssu_params_rejects_shapes_the_kernel_cannot_take():
