@@ -16,9 +16,12 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--model", default="AiM-B")
 ap.add_argument("--batch", type=int, default=16)
 ap.add_argument("--steps", type=int, default=3)
+ap.add_argument("--no-fold", action="store_true", help="out_proj without the residual add folded in")
 args = ap.parse_args()
 model = aim_rt.random_model(args.model, seed=0, device="cuda", dtype="bfloat16")
 backend = CudaBackend(model, use_graphs=False)
+if args.no_fold:
+    backend.kernels.fold_rows, backend.kernels.gemm_resids = 0, {}
 settings = SamplingSettings()
 buf = backend._alloc(args.batch)
 buf.seeds.copy_(torch.arange(args.batch))
