@@ -632,26 +632,12 @@ struct NormParams {
 // The previous gated norm's 1/rms for row r, into *out (lane 0): the row's per-head sums of squares,
 // lane-strided, then a warp butterfly (a fixed order: deterministic); 1 without sums. Called by a whole warp
 // (`lane`: 0-31). The norm kernel and the folded out_proj (FOLD_RESID) both use it, so both give the same bits.
-// Split in two so that a caller can request several rows' sums before it adds any (fold_row_scales):
-// gated_row_load fetches this lane's first two heads (lane, lane + 32; 0 past the heads, which adds nothing to
-// these non-negative sums), gated_row_finish adds them and any further heads in that order and reduces.
-__device__ __forceinline__ float2 gated_row_load(const NormParams& p, int r, int lane) {
-  const float* s = p.sumsq + (long long)r * p.sumsq_heads;
-  return make_float2(p.sumsq && lane < p.sumsq_heads ? s[lane] : 0.0f,
-                     p.sumsq && lane + 32 < p.sumsq_heads ? s[lane + 32] : 0.0f);
-}
-__device__ __forceinline__ float gated_row_finish(const NormParams& p, int r, int lane, float2 first) {
-  float t = 0.0f;
-  t += first.x;
-  t += first.y;
-  if (p.sumsq)
-    for (int i = lane + 64; i < p.sumsq_heads; i += 32) t += p.sumsq[(long long)r * p.sumsq_heads + i];
-  t = warp_sum(t);
-  return p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
-}
 __device__ __forceinline__ void gated_row_scale(const NormParams& p, int r, int lane, float* out) {
-  const float v = gated_row_finish(p, r, lane, gated_row_load(p, r, lane));
-  if (lane == 0) *out = v;
+  float t = 0.0f;
+  if (p.sumsq)
+    for (int i = lane; i < p.sumsq_heads; i += 32) t += p.sumsq[(long long)r * p.sumsq_heads + i];
+  t = warp_sum(t);
+  if (lane == 0) *out = p.sumsq ? rsqrtf(t / p.sumsq_count + p.eps) : 1.0f;
 }
 // A mixer's output element as the residual stream adds it: times its row's gated-norm scale (no contraction into
 // the add that follows), then gated and rounded as the reference rounds gate * out. Shared as above.
@@ -1430,26 +1416,11 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 #endif
 }
 
-// The folded epilogue's per-row scales (gated_row_scale's arithmetic) of the first `rows` rows: warp w takes rows
-// w, w + 8, ..., RPW of them at a time with their loads requested before the first sum (aim_gemm folds up to 128
-// rows: one round trip, not 16; aim_gemv up to 16 with RPW 1, which holds fewer registers beside its weights).
-// Blocks of 256 threads; the caller synchronises before reading s_gs.
-template <int RPW>
-__device__ __forceinline__ void fold_row_scales(const NormParams& f, int rows, float* s_gs) {
+// The folded epilogue's per-row scales (gated_row_scale) of rows [first, end): warp w takes rows first + w,
+// first + w + 8, ...; the caller synchronises before reading s_gs.
+__device__ __forceinline__ void fold_row_scales(const NormParams& f, int first, int end, float* s_gs) {
   const int lane = threadIdx.x & 31;
-  for (int r0 = threadIdx.x >> 5; r0 < rows; r0 += 8 * RPW) {
-    float2 first[RPW];
-#pragma unroll
-    for (int j = 0; j < RPW; ++j)
-      first[j] = r0 + 8 * j < rows ? gated_row_load(f, r0 + 8 * j, lane) : make_float2(0.0f, 0.0f);
-#pragma unroll
-    for (int j = 0; j < RPW; ++j) {
-      const int r = r0 + 8 * j;
-      if (r >= rows) break;
-      const float v = gated_row_finish(f, r, lane, first[j]);
-      if (lane == 0) s_gs[r] = v;
-    }
-  }
+  for (int r = first + (threadIdx.x >> 5); r < end; r += blockDim.x >> 5) gated_row_scale(f, r, lane, s_gs + r);
 }
 // The B/C windows the state update left, spread over the whole grid (each (row, channel) once).
 __device__ __forceinline__ void fold_conv_shift(const ConvShift& bc, int rows) {
@@ -1503,7 +1474,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
       int tile, row, col;
       fres[e] = element(threadIdx.x + 256 * e, tile, row, col) ? f->residual[(long long)row * f->d + col] : 0.0f;
     }
-    fold_row_scales<1>(*f, p.rows, s_gs);
+    fold_row_scales(*f, 0, p.rows, s_gs);
     fold_conv_shift(f->bc, p.rows);
   }
 #pragma unroll
@@ -1622,11 +1593,6 @@ struct GemmFoldParams {
 #ifndef FOLD_GEMM
 #define FOLD_GEMM 1  // 0: no aim_gemm_resid entries (the backend then folds only its aim_gemv out_proj; to measure)
 #endif
-// Weight chunks requested before PDL_WAIT: GEMM_STAGES (every stage of the ring) or GEMM_STAGES - 1 (the
-// classic ring, whose last stage is first filled after the first chunk has landed; to measure).
-#ifndef GEMM_PRE
-#define GEMM_PRE GEMM_STAGES
-#endif
 #if (AIM_PARTS & 1) && AIM_GEMM && ELEM_KIND != 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(valid ? 16 : 0)
@@ -1648,8 +1614,7 @@ template <int MT, int RW>
 __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams* f) {
   constexpr int BM = 16 * MT, MW = MT / RW, NJ = GEMM_BN / 8 / (8 / RW), A_TILE = BM * GEMM_BK, B_TILE = GEMM_BN * GEMM_BK;
   static_assert(BM * GEMM_RED_LD * 4 <= GEMM_STAGES * (A_TILE + B_TILE) * 2, "the partial tile reuses that memory");
-  static_assert(GEMM_PRE == GEMM_STAGES || GEMM_PRE == GEMM_STAGES - 1, "GEMM_PRE");
-  __shared__ float s_gs[BM];  // folded: each row's 1/rms of the gated norm
+  __shared__ float s_gs[BM];  // folded: the 1/rms of the gated norm of each row this CTA finishes
   extern __shared__ __align__(128) unsigned char gemm_smem[];
   elem_t* As = reinterpret_cast<elem_t*>(gemm_smem);          // GEMM_STAGES x [BM][GEMM_BK]
   elem_t* Bs = As + GEMM_STAGES * A_TILE;                      // GEMM_STAGES x [GEMM_BN][GEMM_BK]
@@ -1679,19 +1644,19 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
     }
   };
 
-  // the weights of the first GEMM_PRE chunks before PDL_WAIT (they do not depend on the previous kernel), x
-  // after; commit group j holds chunk j's x (group 0 also every early weight chunk) and, past GEMM_PRE, its
-  // weights
+  // the weights of the first stages before PDL_WAIT (they do not depend on the previous kernel), x after;
+  // commit group s holds chunk s's x (group 0 also every early weight chunk)
 #pragma unroll
-  for (int s = 0; s < GEMM_PRE; ++s) if (s < chunks) load_b(s, s);
+  for (int s = 0; s < GEMM_STAGES - 1; ++s) if (s < chunks) load_b(s, s);
   PDL_WAIT(p.rows, PDL_EARLY_GEMV);
 #pragma unroll
-  for (int s = 0; s < GEMM_PRE; ++s) {
+  for (int s = 0; s < GEMM_STAGES - 1; ++s) {
     if (s < chunks) load_a(s, s);
     cp_async_commit();
   }
-  if (f) {  // (uniform) the row scales and the window shift while the first chunks land
-    fold_row_scales<2 * MT>(*f, p.rows, s_gs);
+  if (f) {  // (uniform) while the first chunks land: the scales of the rows this CTA finishes (blocks of 16 rows
+            // from 16 * rank, every 16 * S: see the sum below) and its share of the window shift
+    for (int b = 16 * (int)rank; b < p.rows; b += 16 * S) fold_row_scales(*f, b, min(b + 16, p.rows), s_gs);
     fold_conv_shift(f->bc, p.rows);
   }
 
@@ -1702,15 +1667,11 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
     for (int j = 0; j < NJ; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
 
   for (int c = 0; c < chunks; ++c) {
-    // chunk c's group complete: GEMM_PRE + c - 1 groups committed before this one (GEMM_PRE at c = 0)
-    if (GEMM_PRE == GEMM_STAGES && c == 0) cp_async_wait<GEMM_PRE - 1>();
-    else cp_async_wait<GEMM_STAGES - 2>();
+    cp_async_wait<GEMM_STAGES - 2>();
     __syncthreads();  // chunk c is in for every thread; the stage refilled below was consumed by all
-    const int nxt = c + GEMM_STAGES - 1;  // into the stage chunk c - 1 left
-    if (nxt >= GEMM_PRE) {  // (at c = 0 with every stage requested ahead, nothing to refill)
-      if (nxt < chunks) { load_a(nxt % GEMM_STAGES, nxt); load_b(nxt % GEMM_STAGES, nxt); }
-      cp_async_commit();
-    }
+    const int nxt = c + GEMM_STAGES - 1;
+    if (nxt < chunks) { load_a(nxt % GEMM_STAGES, nxt); load_b(nxt % GEMM_STAGES, nxt); }
+    cp_async_commit();
     const int st = c % GEMM_STAGES;
     const unsigned a_st = as0 + st * A_TILE * 2, b_st = bs0 + st * B_TILE * 2;
 #pragma unroll
@@ -1748,32 +1709,21 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
       *reinterpret_cast<float2*>(red + r * GEMM_RED_LD + col) = make_float2(acc[i][j][0], acc[i][j][1]);
       *reinterpret_cast<float2*>(red + (r + 8) * GEMM_RED_LD + col) = make_float2(acc[i][j][2], acc[i][j][3]);
     }
-  // this thread's outputs: four columns from e0, e0 + estep, ... (at most MT: BM * GEMM_BN / estep)
-  const int rows = min(p.rows, BM), e0 = ((int)rank * 256 + tid) * 4, estep = S * 256 * 4;
-  // folded: the residuals and gates of the first two of them, requested before the cluster barrier
-  constexpr int FE = 2;
-  float4 fres[FE];
-  float fgate[FE][4];
-  auto fold_load = [&](int e, float4& res, float (&gate)[4]) {  // n % 4 == 0: four columns, or none
-    const int r = e / GEMM_BN, col = n0 + e % GEMM_BN;
-    res = col < p.n ? *reinterpret_cast<const float4*>(f->residual + (long long)r * f->d + col)
-                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-      gate[q] = f->gate && col < p.n ? ld(f->gate[(long long)r * f->gate_stride + col + q]) : 1.0f;
-  };
-  if (f) {
-#pragma unroll
-    for (int j = 0; j < FE; ++j)
-      if (e0 + j * estep < rows * GEMM_BN) fold_load(e0 + j * estep, fres[j], fgate[j]);
-  }
   asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
   const unsigned red0 = smem_addr(red);
-#pragma unroll
-  for (int j = 0; j < MT; ++j) {
-    const int e = e0 + j * estep;
-    if (e >= rows * GEMM_BN) break;
+  const int rows = min(p.rows, BM);
+  for (int e = ((int)rank * 256 + tid) * 4; e < rows * GEMM_BN; e += S * 256 * 4) {
     const int r = e / GEMM_BN, c = e % GEMM_BN, col = n0 + c;
+    // folded: this row's residuals and gates, requested with the partials (n % 4 == 0: four columns or none)
+    float* res = f ? f->residual + (long long)r * f->d + col : nullptr;
+    float4 rv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float gate[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    if (f && col < p.n) {
+      rv = *reinterpret_cast<const float4*>(res);
+      if (f->gate)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) gate[q] = ld(f->gate[(long long)r * f->gate_stride + col + q]);
+    }
     float4 v[8];  // every rank's four values requested before the first is added (one round trip, not S)
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
@@ -1791,22 +1741,13 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
       sum.x += v[q].x; sum.y += v[q].y; sum.z += v[q].z; sum.w += v[q].w;
     }
     if (f) {  // rounded as the norm kernel reads out_proj's output, then added as it adds it (the same bits)
-      float4 res;
-      float gate[4];
-      if (j < FE) {
-        res = fres[j < FE ? j : 0];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) gate[q] = fgate[j < FE ? j : 0][q];
-      } else {
-        fold_load(e, res, gate);
-      }
       const float sc = s_gs[r];
       const bool gated = f->gate != nullptr;
-      res.x += gated_output(ld(st(sum.x)), sc, gate[0], gated);
-      res.y += gated_output(ld(st(sum.y)), sc, gate[1], gated);
-      res.z += gated_output(ld(st(sum.z)), sc, gate[2], gated);
-      res.w += gated_output(ld(st(sum.w)), sc, gate[3], gated);
-      if (col < p.n) *reinterpret_cast<float4*>(f->residual + (long long)r * f->d + col) = res;
+      rv.x += gated_output(ld(st(sum.x)), sc, gate[0], gated);
+      rv.y += gated_output(ld(st(sum.y)), sc, gate[1], gated);
+      rv.z += gated_output(ld(st(sum.z)), sc, gate[2], gated);
+      rv.w += gated_output(ld(st(sum.w)), sc, gate[3], gated);
+      if (col < p.n) *reinterpret_cast<float4*>(res) = rv;
       continue;
     }
     elem_t* dst = p.y + (long long)r * p.y_stride + col;
@@ -1835,17 +1776,17 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
     PDL_START(q.g.rows, PDL_EARLY_GEMV);                                             \
     gemm_body<MT, RW>(q.g, &q.n);                                                    \
   }
-#if GEMM_M2
-GEMM_ENTRY(2, 2)
-#endif
 GEMM_ENTRY(4, 4)
 GEMM_ENTRY(8, 4)
 #if FOLD_GEMM
-#if GEMM_M2
-GEMM_RESID_ENTRY(2, 2)
-#endif
 GEMM_RESID_ENTRY(4, 4)
 GEMM_RESID_ENTRY(8, 4)
+#endif
+#if GEMM_M2
+GEMM_ENTRY(2, 2)
+#if FOLD_GEMM
+GEMM_RESID_ENTRY(2, 2)
+#endif
 #endif
 #undef GEMM_ENTRY
 #undef GEMM_RESID_ENTRY
