@@ -1590,8 +1590,12 @@ struct GemmFoldParams {
 #ifndef AIM_GEMM
 #define AIM_GEMM 1  // 0: no aim_gemm entries (the host then runs cuBLAS above 32 rows; to measure)
 #endif
+// aim_gemm_resid_m<MT>, the instances the backend folds the residual add into (where it finds them): 1 the 64-row
+// one only, as measured (bench/results/foldgemm2_h200_2026-12-03.*, whole steps against the unfolded out_proj,
+// tokens identical: 33-64 rows AiM-B b24 -2.0 %, AiM-XL b32 -3.7 %; 17-32 rows (m2) AiM-XL b16 +1.1 %, AiM-L
+// b16 +3.8 %; 65-128 rows (m8) AiM-B b64 even); 2 every instance; 0 none (to measure).
 #ifndef FOLD_GEMM
-#define FOLD_GEMM 1  // 0: no aim_gemm_resid entries (the backend then folds only its aim_gemv out_proj; to measure)
+#define FOLD_GEMM 1
 #endif
 #if (AIM_PARTS & 1) && AIM_GEMM && ELEM_KIND != 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, bool valid) {
@@ -1780,11 +1784,13 @@ GEMM_ENTRY(4, 4)
 GEMM_ENTRY(8, 4)
 #if FOLD_GEMM
 GEMM_RESID_ENTRY(4, 4)
+#endif
+#if FOLD_GEMM > 1
 GEMM_RESID_ENTRY(8, 4)
 #endif
 #if GEMM_M2
 GEMM_ENTRY(2, 2)
-#if FOLD_GEMM
+#if FOLD_GEMM > 1
 GEMM_RESID_ENTRY(2, 2)
 #endif
 #endif

@@ -63,6 +63,7 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "nofold": {"FOLD_ROWS": 0},
     "fold8": {"FOLD_ROWS": 8},
     "nofoldgemm": {"FOLD_GEMM": 0},  # 2026-12-03 ninth session: no aim_gemm_resid (aim_gemm out_proj unfolded)
+    "foldgemm_all": {"FOLD_GEMM": 2},  # every aim_gemm_resid instance (m2, m4, m8)
     "rm1": {"RESID_M1_ROWS": 16},  # out_proj's folded one-m-tile instance up to 16 rows (at AiM-B: as measured)
     "rm0": {"RESID_M1_ROWS": 0},  # never
     # decode steps per replayed graph (CudaBackend.steps_per_graph; host side)
