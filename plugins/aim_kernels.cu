@@ -1597,7 +1597,6 @@ struct GemmFoldParams {
 #ifndef FOLD_GEMM
 #define FOLD_GEMM 1
 #endif
-#define GEMM_HEADS 64  // the folded epilogue stages up to this many heads' sums through shared memory
 #if (AIM_PARTS & 1) && AIM_GEMM && ELEM_KIND != 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(valid ? 16 : 0)
@@ -1619,8 +1618,7 @@ template <int MT, int RW>
 __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams* f) {
   constexpr int BM = 16 * MT, MW = MT / RW, NJ = GEMM_BN / 8 / (8 / RW), A_TILE = BM * GEMM_BK, B_TILE = GEMM_BN * GEMM_BK;
   static_assert(BM * GEMM_RED_LD * 4 <= GEMM_STAGES * (A_TILE + B_TILE) * 2, "the partial tile reuses that memory");
-  __shared__ float s_gs[BM];             // folded: the 1/rms of the gated norm of each row this CTA finishes
-  __shared__ float s_sq[16 * GEMM_HEADS];  // folded: their per-head sums of squares, 16 rows at a time
+  __shared__ float s_gs[BM];  // folded: the 1/rms of the gated norm of each row this CTA finishes
   extern __shared__ __align__(128) unsigned char gemm_smem[];
   elem_t* As = reinterpret_cast<elem_t*>(gemm_smem);          // GEMM_STAGES x [BM][GEMM_BK]
   elem_t* Bs = As + GEMM_STAGES * A_TILE;                      // GEMM_STAGES x [GEMM_BN][GEMM_BK]
@@ -1662,21 +1660,7 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
   }
   if (f) {  // (uniform) while the first chunks land: the scales of the rows this CTA finishes (blocks of 16 rows
             // from 16 * rank, every 16 * S: see the sum below) and its share of the window shift
-    // (the sums staged through shared memory by every thread at once: one round trip, then gated_row_scale's
-    // sums from there, not one round trip per row of a warp)
-    for (int b = 16 * (int)rank; b < p.rows; b += 16 * S) {
-      const int end = min(b + 16, p.rows), H = f->sumsq_heads;
-      if (!f->sumsq || H > GEMM_HEADS) {
-        fold_row_scales(*f, b, end, s_gs);
-        continue;
-      }
-      for (int i = tid; i < (end - b) * H; i += 256) s_sq[i] = f->sumsq[(long long)b * H + i];
-      __syncthreads();
-      NormParams staged = *f;
-      staged.sumsq = s_sq - (long long)b * H;  // row r's sums at s_sq + (r - b) * H
-      fold_row_scales(staged, b, end, s_gs);
-      __syncthreads();  // s_sq read before the next rows land
-    }
+    for (int b = 16 * (int)rank; b < p.rows; b += 16 * S) fold_row_scales(*f, b, min(b + 16, p.rows), s_gs);
     fold_conv_shift(f->bc, p.rows);
   }
 
