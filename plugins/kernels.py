@@ -187,8 +187,7 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
         if d_model is not None:
             inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
             if (c_out := resid_chunk(d_model, chunks)) is not None:  # out_proj with the residual add folded in,
-                narrow = int(step.get("RESID_NARROW_ROWS", step.get("GEMV_NARROW_ROWS", GEMV_NARROW_ROWS)))
-                # (in the tiles it has up to FOLD_ROWS)
+                narrow = int(step.get("GEMV_NARROW_ROWS", GEMV_NARROW_ROWS))  # in the tiles it has up to FOLD_ROWS
                 most = int(step.get("FOLD_ROWS", FOLD_ROWS))
                 tiles = sorted({gemv_tiles(rows, 256 * c_out, narrow) for rows in (1, most) if rows <= most})
                 inst += [f"XR({c_out},{t})" for t in tiles if (c_out, t) in _gemv_pairs()]
@@ -608,9 +607,6 @@ class Kernels:
                 self.fn[name] = fn
                 self.resids.add(name)
         self.fold_rows = int(builds[0].get("FOLD_ROWS", FOLD_ROWS))
-        # the folded out_proj's one-tile blocks up to this many rows (RESID_NARROW_ROWS, a define only the host
-        # reads; by default as the plain products)
-        self.resid_narrow_rows = int(builds[0].get("RESID_NARROW_ROWS", self.gemv_narrow_rows))
         # the folded out_proj's one-m-tile instance up to this many rows (RESID_M1_ROWS, model_defines)
         self.resid_m1_rows = min(int(builds[0].get("RESID_M1_ROWS", self.gemv_narrow_rows)), self.gemv_narrow_rows)
         self.gemms = {mt: fn for mt in (2, 4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
@@ -699,21 +695,17 @@ class Kernels:
         """The instance of `kind` (aim_gemv, aim_gemv_resid) this build runs for `rows` rows of depth k: the
         one-m-tile one where it was compiled and the rows allow (gemv_narrow_rows; resid_m1_rows for the folded
         products)."""
-        c, nt = k // 256, self._gemv_tiles(rows, k, kind)
+        c, nt = k // 256, gemv_tiles(rows, k, self.gemv_narrow_rows)
         m1 = f"{kind}_k{c}_n1_m1"
         limit = self.resid_m1_rows if kind == "aim_gemv_resid" else self.gemv_narrow_rows
         return m1 if nt == 1 and rows <= limit and m1 in self.fn else f"{kind}_k{c}_n{nt}"
-
-    def _gemv_tiles(self, rows: int, k: int, kind: str) -> int:
-        """NT of `kind`'s product (aim_gemv, aim_gemv_resid) of `rows` rows and depth k in this build."""
-        return gemv_tiles(rows, k, self.resid_narrow_rows if kind == "aim_gemv_resid" else self.gemv_narrow_rows)
 
     def _launch_gemv(self, kind: str, g: GemvParams, params, stream: int) -> None:
         """One block of 8 * NT output columns per block (NT: gemv_tiles), 256 threads."""
         name = self._gemv_name(g.rows, g.k, kind)
         if name not in self.fn:
             raise KernelError(f"{name} was not compiled (gemv_depths, resid_chunk)")
-        nt = self._gemv_tiles(g.rows, g.k, kind)
+        nt = gemv_tiles(g.rows, g.k, self.gemv_narrow_rows)
         self._launch(name, ((g.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, params)
 
     def fold_supported(self, rows: int, k: int, n: int) -> bool:
