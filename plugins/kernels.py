@@ -125,10 +125,15 @@ def model_defines(d_model: int) -> dict:
     - Below d_model 1024, out_proj with the residual add folded in (aim_gemv_resid_*) runs its one-m-tile
       instance up to 2 rows (RESID_M1_ROWS, a define only the host reads; wider models follow their gemv_m1
       choice), against the four-m-tile one (bench/results/resid_m1_h200_2026-12-03.*, up to 16 rows, whole
-      steps, tokens identical): AiM-B batch 1 -6.2 %, batch 2 even, batch 4 +0.6 %."""
+      steps, tokens identical): AiM-B batch 1 -6.2 %, batch 2 even, batch 4 +0.6 %.
+    - Below d_model 1024, out_proj folded up to 32 rows (FOLD_ROWS, a define only the host reads; 16 by default),
+      17-32 in its wide-tile instance: AiM-B batch 12 / 16 -2.7 / -1.0 % per step against the unfolded step,
+      tokens identical (bench/results/fold32_h200_2026-12-03.*; an earlier run, fold3_*, read batch 16 even).
+      On one-tile blocks it was slower (+4.4 / +6.4 %). Wider models' 17-32 rows are aim_gemm's (AiM-L from
+      24), whose 32-row instance does not fold (FOLD_GEMM)."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
-        defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2)
+        defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
     else:
         defines.update(GEMM_MIN_ROWS=17 if d_model >= 1536 else 24, GEMM_MAX_ROWS=64, GEMV_NARROW_ROWS=8)
     return defines
@@ -472,8 +477,9 @@ def gemv_params(x, w, y) -> GemvParams:
 # Up to Kernels.fold_rows rows (FOLD_ROWS, a define only the host reads) the backend folds the residual add
 # between layers into out_proj (GemvFoldParams in aim_kernels.cu). Measured on the H200 (bench/results/fold2_*,
 # whole steps against the unfolded step, tokens identical): AiM-B batch 1 / 2 / 4 -8.3 / -6.2 / -5.0 %, AiM-XL
-# -11.6 / -9.5 / -8.8 %; bench/results/fold3_*: AiM-B batch 4 / 8 -5.9 / -5.4 %, at 16 (32 rows) even, hence not
-# there (one instance fewer to compile at a cold start).
+# -11.6 / -9.5 / -8.8 %; bench/results/fold3_*: AiM-B batch 4 / 8 -5.9 / -5.4 %, at 16 (32 rows) even then,
+# -1.0 % in a later run (fold32_*: model_defines folds AiM-B's 17-32 rows). Where out_proj is an aim_gemm the
+# fold is FOLD_GEMM's (aim_kernels.cu).
 FOLD_ROWS = 16
 
 

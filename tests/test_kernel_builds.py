@@ -106,7 +106,7 @@ def test_model_width_picks_the_measured_build():
     base, sampler = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)
     assert base["NORM_PER_ONLY"] == 3 and "NORM_PER_ONLY" not in sampler
     assert base["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)", "XR(6,1)",
-                                             "YR(6)"]
+                                             "XR(6,2)", "YR(6)"]
     xl = step_builds("bfloat16", gemv_depths=(1536, 3072), d_model=1536)[0]
     assert xl["NORM_PER_ONLY"] == 6
     assert xl["GEMV_INSTANCES"].split() == ["X(6,1)", "X(12,1)", "X(6,2)", "Y(6)", "Y(12)", "XR(12,1)",
@@ -128,8 +128,10 @@ def test_model_width_picks_the_measured_build():
     # their products (gemv_m1_chunks); without it, none
     assert [b.get("RESID_M1_ROWS") for b in (base, large, xl, default)] == [2, None, None, None]
     assert "YR(" not in step_builds("bfloat16", {"RESID_M1_ROWS": 0}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
-    # out_proj's folded instances in the tiles it has up to FOLD_ROWS rows (16: one-tile blocks at AiM-B)
-    assert "XR(6,2)" in step_builds("bfloat16", {"FOLD_ROWS": 32}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
+    # out_proj's folded instances in the tiles it has up to FOLD_ROWS rows (AiM-B: 32, so its wide tiles too; a
+    # define only the host reads; elsewhere 16)
+    assert [b.get("FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
+    assert "XR(6,2)" not in step_builds("bfloat16", {"FOLD_ROWS": 16}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
 
 
 def test_narrow_models_launch_after_norms_and_products_at_once(monkeypatch):
