@@ -200,3 +200,50 @@ def test_resid_chunk_is_out_projs_depth():
     from aim_rt.plugins.kernels import step_builds
 
     assert "R(" not in step_builds("bfloat16", gemv_depths=(64, 128), d_model=64)[0]["GEMV_INSTANCES"]
+
+
+def test_gemm_fold_params_refuse_what_the_folded_epilogue_cannot_take():
+    """aim_gemm's folded epilogue moves the float32 residual four columns at a time: a width that is not a
+    multiple of 4, a residual not 16-byte aligned, or a norm of other rows or width fail, saying which (CPU
+    tensors: only the checks run, nothing is launched)."""
+    import torch
+
+    from aim_rt.plugins.kernels import KernelError, NormParams, gemm_fold_params
+
+    rows, k = 4, 128
+    residual = torch.zeros(rows * 68 + 4)
+
+    def args(n, offset=0, norm_rows=rows):
+        x, w = torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.bfloat16)
+        y = torch.zeros(rows, n, dtype=torch.bfloat16)
+        return x, w, y, 2, NormParams(residual=residual.data_ptr() + 4 * offset, rows=norm_rows, d=n)
+
+    p = gemm_fold_params(*args(64))
+    assert (p.g.rows, p.g.n, p.g.k, p.g.splits, p.n.d, p.n.residual) == (rows, 64, k, 2, 64, residual.data_ptr())
+    with pytest.raises(KernelError, match="multiple of 4 \\(got 66\\)"):
+        gemm_fold_params(*args(66))
+    with pytest.raises(KernelError, match="16-byte aligned residual"):
+        gemm_fold_params(*args(64, offset=1))
+    with pytest.raises(KernelError, match="rows x width 3 x 64 are not the product's 4 x 64"):
+        gemm_fold_params(*args(64, norm_rows=3))
+
+
+def test_fold_rule_follows_the_product_and_its_folded_instances():
+    """Kernels.fold_supported (CPU: a Kernels with only the attributes the rule reads): where out_proj is an
+    aim_gemv, up to fold_rows rows with a folded instance of its tiles; where it is an aim_gemm, where that
+    instance has a folded twin (FOLD_GEMM) and the width is a multiple of 4; never on cuBLAS's rows."""
+    from aim_rt.plugins.kernels import Kernels
+
+    kern = object.__new__(Kernels)
+    kern.dtype, kern.gemv_narrow_rows, kern.fold_rows, kern.resid_m1_rows = "bfloat16", 16, 32, 2
+    kern.gemms, kern.gemm_rows = {2: 0, 4: 0, 8: 0}, (33, 96)
+    kern.gemm_resids = {4: 0}  # FOLD_GEMM 1: the 64-row instance only
+    kern.resids = {"aim_gemv_resid_k6_n1", "aim_gemv_resid_k6_n2", "aim_gemv_resid_k6_n1_m1"}
+    kern.fn = dict.fromkeys(kern.resids)
+    rows = (1, 2, 16, 17, 32, 33, 64, 65, 96, 97)
+    assert [r for r in rows if kern.fold_supported(r, 1536, 768)] == [1, 2, 16, 17, 32, 33, 64]
+    assert [r for r in rows if kern.fold_supported(r, 1536, 766)] == [1, 2, 16, 17, 32]  # aim_gemm: n % 4
+    kern.resids.discard("aim_gemv_resid_k6_n2")  # no wide folded instance: its rows (17-32) do not fold
+    assert [r for r in rows if kern.fold_supported(r, 1536, 768)] == [1, 2, 16, 33, 64]
+    kern.fold_rows, kern.gemm_resids = 2, {}
+    assert [r for r in rows if kern.fold_supported(r, 1536, 768)] == [1, 2]
