@@ -615,7 +615,7 @@ extern "C" __global__ void aim_gated_norm_apply(GatedNormParams p) {
 // ----------------------------------------------------------------------------------------------------------
 struct NormParams {
   const elem_t* input;  long long input_stride;  // (rows, d): the embedding, or the previous mixer's output;
-                                                 // null: the residual already holds the sum (FOLD_RESID)
+                                                 // null: the residual already holds the sum (a folded out_proj added it)
   const elem_t* gate;   long long gate_stride;   // (rows, d) gate of the previous block, or null (first layer)
   const float* sumsq;   // (rows, sumsq_heads) or null: input *= 1/rms of the previous gated norm (ngroups == 1)
   int sumsq_heads, sumsq_count;                   // heads to add; elements they cover (d_inner)
@@ -631,7 +631,7 @@ struct NormParams {
 
 // The previous gated norm's 1/rms for row r, into *out (lane 0): the row's per-head sums of squares,
 // lane-strided, then a warp butterfly (a fixed order: deterministic); 1 without sums. Called by a whole warp
-// (`lane`: 0-31). The norm kernel and the folded out_proj (FOLD_RESID) both use it, so both give the same bits.
+// (`lane`: 0-31). The norm kernel and the folded out_proj (aim_gemv_resid_*, aim_gemm_resid_*) both use it, so both give the same bits.
 __device__ __forceinline__ void gated_row_scale(const NormParams& p, int r, int lane, float* out) {
   float t = 0.0f;
   if (p.sumsq)

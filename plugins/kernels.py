@@ -483,13 +483,21 @@ def gemv_params(x, w, y) -> GemvParams:
 FOLD_ROWS = 16
 
 
+def _check_fold(name: str, rows: int, n: int, norm: NormParams) -> None:
+    """The norm a product folds must be of the product's rows and width, and not the first layer's (that one
+    starts the residual from the embedding; a folded epilogue adds to it)."""
+    if norm.rows != rows or norm.d != n:
+        raise KernelError(f"{name}: the norm's rows x width {norm.rows} x {norm.d} are not the product's "
+                          f"{rows} x {n}")
+    if norm.first:
+        raise KernelError(f"{name}: the first layer's norm (first=1) has no residual to add to; it is not folded")
+
+
 def gemv_fold_params(x, w, y, norm: NormParams) -> GemvFoldParams:
     """out_proj y = x @ w.T with the residual add of `norm` (the next layer's NormParams) folded in: y is only
     its shape (not written)."""
     rows, _, n = _check_product("aim_gemv_resid", x, w, y)
-    if norm.rows != rows or norm.d != n:
-        raise KernelError(f"aim_gemv_resid: the norm's rows x width {norm.rows} x {norm.d} are not the product's "
-                          f"{rows} x {n}")
+    _check_fold("aim_gemv_resid", rows, n, norm)
     return GemvFoldParams(g=gemv_params(x, w, y), n=norm)
 
 
@@ -525,9 +533,7 @@ def gemm_fold_params(x, w, y, splits: int, norm: NormParams) -> GemmFoldParams:
     folded in, as gemv_fold_params: y is only its shape (not written). The epilogue moves the float32 residual
     four columns at a time: n a multiple of 4, the residual 16-byte aligned."""
     rows, _, n = _check_product("aim_gemm_resid", x, w, y)
-    if norm.rows != rows or norm.d != n:
-        raise KernelError(f"aim_gemm_resid: the norm's rows x width {norm.rows} x {norm.d} are not the product's "
-                          f"{rows} x {n}")
+    _check_fold("aim_gemm_resid", rows, n, norm)
     if n % 4 or not norm.residual or norm.residual % 16:
         raise KernelError(f"aim_gemm_resid: needs a width that is a multiple of 4 (got {n}) and a 16-byte "
                           "aligned residual")

@@ -397,28 +397,79 @@ def test_bf16_image_does_not_depend_on_batch_composition():
     assert torch.equal(big[12], alone[0])
 
 
-@needs_gpu
-@pytest.mark.parametrize("d_model,gated,heads", [(768, True, 24), (1536, True, 48), (256, False, 80)])
-def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
-    """out_proj with the residual add folded in (aim_gemv_resid_* up to 16 rows, aim_gemm_resid_* where out_proj
-    is an aim_gemm), then the norm kernel norming the summed residual, against a plain out_proj and the whole
-    norm kernel, at 1 to 128 rows (every instance): the same residual and normed rows, bit for bit, and the B/C
-    windows shifted as the norm kernel shifts them. aim_gemv's rows past FOLD_ROWS, and cuBLAS's, are not
-    folded. (80 heads: the gated norm's sums past the first 64 heads.)"""
+def _fold_against_unfolded(kern, rows, d_model, d_inner, heads, gated, gemm, splits, seed):
+    """One out_proj (rows x d_inner -> d_model) then the norm kernel, plain and with the residual add folded
+    into the product (aim_gemm with `splits` where `gemm`, else aim_gemv): the same residual, normed rows and
+    B/C windows, bit for bit; the sum near float32's; the windows shifted as the norm kernel shifts them.
+    Returns the last NormParams and tensors (for the callers' error checks)."""
     from aim_rt.cuda_backend import _summed
-    from aim_rt.plugins.kernels import (ConvShift, Kernels, NormParams, gemm_fold_params, gemm_params, gemm_splits,
-                                        gemv_fold_params, gemv_params)
+    from aim_rt.plugins.kernels import (ConvShift, NormParams, gemm_fold_params, gemm_params, gemv_fold_params,
+                                        gemv_params)
 
-    d_inner, d_state, width = 2 * d_model, 64, 4
+    d_state, width = 64, 4
     conv_dim = d_inner + 2 * d_state
-    kern = Kernels("bfloat16", gemv_depths=(d_model, d_inner), d_model=d_model,
-                   defines={"FOLD_GEMM": 2} if d_model > 256 else None)
-    gen = torch.Generator(device="cuda").manual_seed(d_model)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s, scale=1.0: (scale * torch.randn(*s, device="cuda", generator=gen))  # noqa: E731
     bf = torch.bfloat16
     w_out = (r(d_model, d_inner) / d_inner ** 0.5).to(bf)
     norm_w = (1 + r(d_model, scale=0.1)).to(bf)
     stream = torch.cuda.current_stream().cuda_stream
+    y = r(rows, d_inner).to(bf)
+    mods = r(rows, 3, d_model, scale=0.3).to(bf)  # shift, scale, and (as the gate) the previous layer's
+    sumsq = r(rows, heads).abs() * d_inner / heads
+    xbc, conv0 = r(rows, conv_dim).to(bf), r(rows, conv_dim, width).to(bf)
+    residual0 = r(rows, d_model)
+    results = []
+    for folded in (False, True):
+        residual, conv = residual0.clone(), conv0.clone()
+        out = torch.zeros(rows, d_model, device="cuda", dtype=bf)
+        normed = torch.full((rows, d_model), float("nan"), device="cuda", dtype=bf)
+        p = NormParams(
+            input=out.data_ptr(), input_stride=out.stride(0), gate=mods[:, 2].data_ptr() if gated else None,
+            gate_stride=mods.stride(0), sumsq=sumsq.data_ptr(), sumsq_heads=heads, sumsq_count=d_inner,
+            bc=ConvShift(xbc=xbc.data_ptr(), xbc_stride=xbc.stride(0), state_in=conv.data_ptr(),
+                         state_out=conv.data_ptr(), first=d_inner, count=2 * d_state, conv_dim=conv_dim,
+                         width=width),
+            residual=residual.data_ptr(), norm_w=norm_w.data_ptr(), norm2_w=None, shift=mods[:, 0].data_ptr(),
+            scale=mods[:, 1].data_ptr(), mod_stride=mods.stride(0), out=normed.data_ptr(),
+            out_stride=normed.stride(0), rows=rows, d=d_model, first=0, eps=1e-5)
+        if folded and gemm:
+            kern.gemm_fold(gemm_fold_params(y, w_out, out, splits, p), stream)
+        elif folded:
+            kern.gemv_fold(gemv_fold_params(y, w_out, out, p), stream)
+        elif gemm:
+            kern.gemm(gemm_params(y, w_out, out, splits), stream)
+        else:
+            kern.gemv(gemv_params(y, w_out, out), stream)
+        kern.residual_norm(_summed(p) if folded else p, stream)
+        torch.cuda.synchronize()
+        results.append((residual, normed, conv))
+    what = f"rows {rows}, width {d_model} (aim_gemm: {gemm}, splits {splits})"
+    for a, b, part in zip(*results, ("residuals", "normed rows", "conv windows")):
+        assert torch.equal(a, b), f"{what}: {part} differ"
+    g = mods[:, 2].float() if gated else 1.0
+    scale = torch.rsqrt(sumsq.sum(1, keepdim=True) / d_inner + 1e-5)
+    want = residual0 + (y.float() @ w_out.float().t()).to(bf).float() * scale * g
+    assert rel_err(results[0][0], want) <= 1e-2, what
+    shifted = torch.cat([conv0[:, d_inner:, 1:], xbc[:, d_inner:, None]], dim=2)
+    assert torch.equal(results[1][2][:, d_inner:], shifted), what
+    assert torch.equal(results[1][2][:, :d_inner], conv0[:, :d_inner]), what
+    return p, y, w_out, out
+
+
+@needs_gpu
+@pytest.mark.parametrize("d_model,gated,heads", [(768, True, 24), (1536, True, 48), (256, False, 80)])
+def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
+    """out_proj with the residual add folded in (aim_gemv_resid_* up to FOLD_ROWS: 16 rows, 32 below d_model
+    1024; aim_gemm_resid_* where out_proj is an aim_gemm), then the norm kernel norming the summed residual,
+    against a plain out_proj and the whole norm kernel, at 1 to 128 rows (every instance): the same residual
+    and normed rows, bit for bit, and the B/C windows shifted as the norm kernel shifts them. aim_gemv's rows
+    past FOLD_ROWS, and cuBLAS's, are not folded. (80 heads: the gated norm's sums past the first 64 heads.)"""
+    from aim_rt.plugins.kernels import Kernels, gemm_fold_params, gemm_splits, gemv_fold_params
+
+    d_inner = 2 * d_model
+    kern = Kernels("bfloat16", gemv_depths=(d_model, d_inner), d_model=d_model,
+                   defines={"FOLD_GEMM": 2} if d_model > 256 else None)
     folding = [rows for rows in (1, 2, 5, 8, 9, 16, 17, 32, 33, 64, 100, 128)
                if kern.fold_supported(rows, d_inner, d_model)]
     want = [1, 2, 5, 8, 9, 16] + ([17, 32] if d_model < 1024 else [])  # aim_gemv up to FOLD_ROWS (model_defines)
@@ -429,49 +480,27 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
     for rows in folding:
         gemm = kern.gemm_supported(rows, d_inner)
         splits = gemm_splits(d_model, d_inner, kern.num_sms)
-        y = r(rows, d_inner).to(bf)
-        mods = r(rows, 3, d_model, scale=0.3).to(bf)  # shift, scale, and (as the gate) the previous layer's
-        sumsq = r(rows, heads).abs() * d_inner / heads
-        xbc, conv0 = r(rows, conv_dim).to(bf), r(rows, conv_dim, width).to(bf)
-        residual0 = r(rows, d_model)
-        results = []
-        for folded in (False, True):
-            residual, conv = residual0.clone(), conv0.clone()
-            out = torch.zeros(rows, d_model, device="cuda", dtype=bf)
-            normed = torch.full((rows, d_model), float("nan"), device="cuda", dtype=bf)
-            p = NormParams(
-                input=out.data_ptr(), input_stride=out.stride(0), gate=mods[:, 2].data_ptr() if gated else None,
-                gate_stride=mods.stride(0), sumsq=sumsq.data_ptr(), sumsq_heads=heads, sumsq_count=d_inner,
-                bc=ConvShift(xbc=xbc.data_ptr(), xbc_stride=xbc.stride(0), state_in=conv.data_ptr(),
-                             state_out=conv.data_ptr(), first=d_inner, count=2 * d_state, conv_dim=conv_dim,
-                             width=width),
-                residual=residual.data_ptr(), norm_w=norm_w.data_ptr(), norm2_w=None, shift=mods[:, 0].data_ptr(),
-                scale=mods[:, 1].data_ptr(), mod_stride=mods.stride(0), out=normed.data_ptr(),
-                out_stride=normed.stride(0), rows=rows, d=d_model, first=0, eps=1e-5)
-            if folded and gemm:
-                kern.gemm_fold(gemm_fold_params(y, w_out, out, splits, p), stream)
-            elif folded:
-                kern.gemv_fold(gemv_fold_params(y, w_out, out, p), stream)
-            elif gemm:
-                kern.gemm(gemm_params(y, w_out, out, splits), stream)
-            else:
-                kern.gemv(gemv_params(y, w_out, out), stream)
-            kern.residual_norm(_summed(p) if folded else p, stream)
-            torch.cuda.synchronize()
-            results.append((residual, normed, conv))
-        for a, b, what in zip(*results, ("residuals", "normed rows", "conv windows")):
-            assert torch.equal(a, b), f"rows {rows} (aim_gemm: {gemm}): {what} differ"
-        g = mods[:, 2].float() if gated else 1.0
-        scale = torch.rsqrt(sumsq.sum(1, keepdim=True) / d_inner + 1e-5)
-        want = residual0 + (y.float() @ w_out.float().t()).to(bf).float() * scale * g
-        assert rel_err(results[0][0], want) <= 1e-2
-        shifted = torch.cat([conv0[:, d_inner:, 1:], xbc[:, d_inner:, None]], dim=2)
-        assert torch.equal(results[1][2][:, d_inner:], shifted) and torch.equal(results[1][2][:, :d_inner],
-                                                                                conv0[:, :d_inner])
+        p, y, w_out, out = _fold_against_unfolded(kern, rows, d_model, d_inner, heads, gated, gemm, splits,
+                                                  seed=d_model + rows)
     with pytest.raises(aim_rt.plugins.kernels.KernelError, match="rows x width"):
         gemv_fold_params(y[:1], w_out, out[:1], p)
     with pytest.raises(aim_rt.plugins.kernels.KernelError, match="rows x width"):
         gemm_fold_params(y[:1], w_out, out[:1], 1, p)
+
+
+@needs_gpu
+@pytest.mark.parametrize("d_model,d_inner", [(768, 1536), (352, 1536)])
+def test_folded_gemm_epilogue_at_every_split_and_a_partial_column_tile(d_model, d_inner):
+    """aim_gemm's folded epilogue where one CTA finishes several 16-row blocks (k split 1 or 2: every block, or
+    every other one) and where the last 64-column tile is partial (width 352): the unfolded pair's bits."""
+    from aim_rt.plugins.kernels import Kernels
+
+    kern = Kernels("bfloat16", gemv_depths=(d_inner,), d_model=d_model, defines={"FOLD_GEMM": 2})
+    if not kern.gemms:
+        pytest.skip("aim_gemm needs Hopper (sm_90)")
+    for rows in (17, 33, 64, 100, 128):
+        for splits in (1, 2, 4):
+            _fold_against_unfolded(kern, rows, d_model, d_inner, 24, True, True, splits, seed=rows + splits)
 
 
 @needs_gpu

@@ -204,19 +204,19 @@ def test_resid_chunk_is_out_projs_depth():
 
 def test_gemm_fold_params_refuse_what_the_folded_epilogue_cannot_take():
     """aim_gemm's folded epilogue moves the float32 residual four columns at a time: a width that is not a
-    multiple of 4, a residual not 16-byte aligned, or a norm of other rows or width fail, saying which (CPU
-    tensors: only the checks run, nothing is launched)."""
+    multiple of 4, a residual not 16-byte aligned, a norm of other rows or width, or the first layer's norm
+    (aim_gemv's fold too) fail, saying which (CPU tensors: only the checks run, nothing is launched)."""
     import torch
 
-    from aim_rt.plugins.kernels import KernelError, NormParams, gemm_fold_params
+    from aim_rt.plugins.kernels import KernelError, NormParams, gemm_fold_params, gemv_fold_params
 
     rows, k = 4, 128
     residual = torch.zeros(rows * 68 + 4)
 
-    def args(n, offset=0, norm_rows=rows):
+    def args(n, offset=0, norm_rows=rows, first=0):
         x, w = torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.bfloat16)
         y = torch.zeros(rows, n, dtype=torch.bfloat16)
-        return x, w, y, 2, NormParams(residual=residual.data_ptr() + 4 * offset, rows=norm_rows, d=n)
+        return x, w, y, 2, NormParams(residual=residual.data_ptr() + 4 * offset, rows=norm_rows, d=n, first=first)
 
     p = gemm_fold_params(*args(64))
     assert (p.g.rows, p.g.n, p.g.k, p.g.splits, p.n.d, p.n.residual) == (rows, 64, k, 2, 64, residual.data_ptr())
@@ -226,6 +226,11 @@ def test_gemm_fold_params_refuse_what_the_folded_epilogue_cannot_take():
         gemm_fold_params(*args(64, offset=1))
     with pytest.raises(KernelError, match="rows x width 3 x 64 are not the product's 4 x 64"):
         gemm_fold_params(*args(64, norm_rows=3))
+    with pytest.raises(KernelError, match="first layer's norm"):
+        gemm_fold_params(*args(64, first=1))
+    x, w, y, _, norm = args(64, first=1)
+    with pytest.raises(KernelError, match="aim_gemv_resid: the first layer's norm"):
+        gemv_fold_params(x, w, y, norm)
 
 
 def test_fold_rule_follows_the_product_and_its_folded_instances():
