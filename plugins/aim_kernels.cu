@@ -1559,7 +1559,7 @@ XR(6, 1) XR(8, 1) XR(12, 1) XR(6, 2)  // the AiM models' out_proj (d_inner 1536,
 // sizes a library GEMM picks tiles that leave most SMs idle (cuBLAS: ~5 µs for AiM-B's products whatever their
 // size, bench/results/product_bench_*). Here each output tile (all rows, GEMM_BN columns) is split over k
 // between the CTAs of a thread-block cluster (p.splits <= 8, the cluster size), so that ~1-2 blocks per SM
-// stream the weights; each CTA runs a GEMM_STAGES-deep cp.async pipeline of (x, w) k-chunks through shared
+// stream the weights; each CTA runs a GEMM_STAGES_M<MT>-deep cp.async pipeline of (x, w) k-chunks through shared
 // memory (XOR-swizzled 16-byte chunks, ldmatrix, mma.sync m16n8k16), requesting its first weight chunks before
 // PDL_WAIT. The split partials are added through distributed shared memory in cluster-rank order: deterministic,
 // and a row's result does not depend on the other rows (nor on how many there are, for one (n, k)).
@@ -1580,8 +1580,16 @@ struct GemmFoldParams {
 #define GEMM_BN 64
 #define GEMM_BK 64
 #define GEMM_RED_LD (GEMM_BN + 8)  // row pitch (floats) of the partial tile in shared memory
-#ifndef GEMM_STAGES
-#define GEMM_STAGES 4
+// Each instance's pipeline depth (k-chunks in flight per CTA). The host passes these (GEMM_STAGES in kernels.py,
+// deeper for the wide models: model_defines) and sizes the shared memory by them.
+#ifndef GEMM_STAGES_M2
+#define GEMM_STAGES_M2 4
+#endif
+#ifndef GEMM_STAGES_M4
+#define GEMM_STAGES_M4 4
+#endif
+#ifndef GEMM_STAGES_M8
+#define GEMM_STAGES_M8 4
 #endif
 
 #ifndef GEMM_M2
@@ -1614,14 +1622,14 @@ __device__ __forceinline__ int gemm_swz(int r, int c) { return r * GEMM_BK + ((c
 // GEMM_BN / (8 / RW) of them, NJ n-tiles of 8): MT 8 and 4 with RW 4, MT 2 (up to 32 rows) with RW 2, so that no
 // warp multiplies an m-tile of rows past the 32nd.
 // f: null, or the residual add to fold into the epilogue (y is then not written), as in gemv_body.
-template <int MT, int RW>
+template <int MT, int RW, int STAGES>
 __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams* f) {
   constexpr int BM = 16 * MT, MW = MT / RW, NJ = GEMM_BN / 8 / (8 / RW), A_TILE = BM * GEMM_BK, B_TILE = GEMM_BN * GEMM_BK;
-  static_assert(BM * GEMM_RED_LD * 4 <= GEMM_STAGES * (A_TILE + B_TILE) * 2, "the partial tile reuses that memory");
+  static_assert(BM * GEMM_RED_LD * 4 <= STAGES * (A_TILE + B_TILE) * 2, "the partial tile reuses that memory");
   __shared__ float s_gs[BM];  // folded: the 1/rms of the gated norm of each row this CTA finishes
   extern __shared__ __align__(128) unsigned char gemm_smem[];
-  elem_t* As = reinterpret_cast<elem_t*>(gemm_smem);          // GEMM_STAGES x [BM][GEMM_BK]
-  elem_t* Bs = As + GEMM_STAGES * A_TILE;                      // GEMM_STAGES x [GEMM_BN][GEMM_BK]
+  elem_t* As = reinterpret_cast<elem_t*>(gemm_smem);  // STAGES x [BM][GEMM_BK]
+  elem_t* Bs = As + STAGES * A_TILE;                  // STAGES x [GEMM_BN][GEMM_BK]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp % RW, wn = warp / RW;
   unsigned rank;
   asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
@@ -1651,10 +1659,10 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
   // the weights of the first stages before PDL_WAIT (they do not depend on the previous kernel), x after;
   // commit group s holds chunk s's x (group 0 also every early weight chunk)
 #pragma unroll
-  for (int s = 0; s < GEMM_STAGES - 1; ++s) if (s < chunks) load_b(s, s);
+  for (int s = 0; s < STAGES - 1; ++s) if (s < chunks) load_b(s, s);
   PDL_WAIT(p.rows, PDL_EARLY_GEMV);
 #pragma unroll
-  for (int s = 0; s < GEMM_STAGES - 1; ++s) {
+  for (int s = 0; s < STAGES - 1; ++s) {
     if (s < chunks) load_a(s, s);
     cp_async_commit();
   }
@@ -1671,12 +1679,12 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
     for (int j = 0; j < NJ; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
 
   for (int c = 0; c < chunks; ++c) {
-    cp_async_wait<GEMM_STAGES - 2>();
+    cp_async_wait<STAGES - 2>();
     __syncthreads();  // chunk c is in for every thread; the stage refilled below was consumed by all
-    const int nxt = c + GEMM_STAGES - 1;
-    if (nxt < chunks) { load_a(nxt % GEMM_STAGES, nxt); load_b(nxt % GEMM_STAGES, nxt); }
+    const int nxt = c + STAGES - 1;
+    if (nxt < chunks) { load_a(nxt % STAGES, nxt); load_b(nxt % STAGES, nxt); }
     cp_async_commit();
-    const int st = c % GEMM_STAGES;
+    const int st = c % STAGES;
     const unsigned a_st = as0 + st * A_TILE * 2, b_st = bs0 + st * B_TILE * 2;
 #pragma unroll
     for (int kk = 0; kk < GEMM_BK / 16; ++kk) {
@@ -1772,13 +1780,13 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
 #define GEMM_ENTRY(MT, RW)                                                         \
   extern "C" __global__ void __launch_bounds__(256) aim_gemm_m##MT(GemmParams p) { \
     PDL_START(p.rows, PDL_EARLY_GEMV);                                             \
-    gemm_body<MT, RW>(p, nullptr);                                                 \
+    gemm_body<MT, RW, GEMM_STAGES_M##MT>(p, nullptr);                              \
   }
 #define GEMM_RESID_ENTRY(MT, RW)                                                     \
   extern "C" __global__ void __launch_bounds__(256)                                  \
       aim_gemm_resid_m##MT(const __grid_constant__ GemmFoldParams q) {               \
     PDL_START(q.g.rows, PDL_EARLY_GEMV);                                             \
-    gemm_body<MT, RW>(q.g, &q.n);                                                    \
+    gemm_body<MT, RW, GEMM_STAGES_M##MT>(q.g, &q.n);                                 \
   }
 GEMM_ENTRY(4, 4)
 GEMM_ENTRY(8, 4)

@@ -130,12 +130,21 @@ def model_defines(d_model: int) -> dict:
       17-32 in its wide-tile instance: AiM-B batch 12 / 16 -2.7 / -1.0 % per step against the unfolded step,
       tokens identical (bench/results/fold32_h200_2026-12-03.*; an earlier run, fold3_*, read batch 16 even).
       On one-tile blocks it was slower (+4.4 / +6.4 %). Wider models' 17-32 rows are aim_gemm's (AiM-L from
-      24), whose 32-row instance does not fold (FOLD_GEMM)."""
+      24), whose 32-row instance does not fold (FOLD_GEMM).
+    - aim_gemm's pipeline depth (GEMM_STAGES_M<mt>, 4 stages by default; bench/results/gemm_stages{,2}_h200_
+      2026-12-04.*, whole steps, tokens identical): from d_model 1536 8 stages for up to 32 rows (AiM-XL batch
+      12 / 16 -6.0 / -5.2 %; 6 stages -3.8 % at 16, 9 worse than 8), from 1024 6 stages for 33-64 rows (AiM-XL
+      batch 24 / 32 -2.9 / -2.1 to -2.6 %, AiM-L 24 / 32 -0.7 / -0.9 to -1.1 %). Not AiM-L's 32 rows (8 stages
+      +2.0 % at batch 16) nor AiM-B's (6 stages +2.7 % at batch 24, 5 for 128 rows +7 % at 64): more shared
+      memory per CTA leaves fewer CTAs resident beside the kernel before them."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
     else:
-        defines.update(GEMM_MIN_ROWS=17 if d_model >= 1536 else 24, GEMM_MAX_ROWS=64, GEMV_NARROW_ROWS=8)
+        defines.update(GEMM_MIN_ROWS=17 if d_model >= 1536 else 24, GEMM_MAX_ROWS=64, GEMV_NARROW_ROWS=8,
+                       GEMM_STAGES_M4=6)
+        if d_model >= 1536:
+            defines["GEMM_STAGES_M2"] = 8
     return defines
 
 
@@ -186,6 +195,8 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
         if "PDL_EARLY_ROWS" in step:  # one launch order asked for (to measure): no per-kind limits over it
             per_model = {k: v for k, v in per_model.items() if not k.startswith("PDL_EARLY_")}
         step = {**per_model, **step}  # explicit defines win
+    # aim_gemm's depths always passed, so that the host sizes shared memory by what was compiled
+    step = {**{f"GEMM_STAGES_M{mt}": n for mt, n in GEMM_STAGES.items()}, **step}
     if gemv_depths is not None:
         chunks = sorted({k // 256 for k in gemv_depths})
         inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
@@ -501,7 +512,10 @@ def gemv_fold_params(x, w, y, norm: NormParams) -> GemvFoldParams:
     return GemvFoldParams(g=gemv_params(x, w, y), n=norm)
 
 
-GEMM_BN, GEMM_BK, GEMM_STAGES = 64, 64, 4  # as in aim_kernels.cu
+GEMM_BN, GEMM_BK = 64, 64  # as in aim_kernels.cu
+# aim_gemm_m<mt>'s pipeline depth (GEMM_STAGES_M<mt>, passed to every step build; aim_kernels.cu has the same
+# defaults; model_defines deepens them for the wide models)
+GEMM_STAGES = {2: 4, 4: 4, 8: 4}
 GEMM_MAX_ROWS = 128  # what the kernel takes (16 * its largest MT)
 GEMM_ROWS = (33, GEMM_MAX_ROWS)  # where the backend uses it by default (below: aim_gemv; above: cuBLAS)
 
@@ -511,10 +525,10 @@ def gemm_mt(rows: int, available=(2, 4, 8)) -> int:
     return min(mt for mt in available if 16 * mt >= rows)
 
 
-def gemm_smem_bytes(mt: int) -> int:
-    """aim_gemm_m<mt>'s dynamic shared memory: GEMM_STAGES stages of an x chunk (16 * mt rows) and a weight chunk
+def gemm_smem_bytes(mt: int, stages: int) -> int:
+    """aim_gemm_m<mt>'s dynamic shared memory: `stages` stages of an x chunk (16 * mt rows) and a weight chunk
     (GEMM_BN rows), GEMM_BK 16-bit elements each (the partial tile reuses it)."""
-    return GEMM_STAGES * (16 * mt + GEMM_BN) * GEMM_BK * 2
+    return stages * (16 * mt + GEMM_BN) * GEMM_BK * 2
 
 
 def gemm_splits(n: int, k: int, num_sms: int) -> int:
@@ -629,6 +643,8 @@ class Kernels:
         # only this reads) move them
         self.gemm_rows = (int(builds[0].get("GEMM_MIN_ROWS", GEMM_ROWS[0])),
                           min(int(builds[0].get("GEMM_MAX_ROWS", GEMM_ROWS[1])), GEMM_MAX_ROWS))
+        # each instance's pipeline depth: the define the kernel was compiled with (step_builds passes them all)
+        self.gemm_stages = {mt: int(builds[0][f"GEMM_STAGES_M{mt}"]) for mt in GEMM_STAGES}
         self._gemm_smem_set: set[tuple[str, int]] = set()
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
@@ -749,7 +765,7 @@ class Kernels:
         mt = gemm_mt(p.rows, self.gemms)
         if mt not in fns:
             raise KernelError(f"{kind}_m{mt} was not compiled (FOLD_GEMM, GEMM_M2)")
-        fn, smem = fns[mt], gemm_smem_bytes(mt)
+        fn, smem = fns[mt], gemm_smem_bytes(mt, self.gemm_stages[mt])
         d = self.driver
         if (kind, mt) not in self._gemm_smem_set:
             _check(d.cuFuncSetAttribute(fn, d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -70,6 +70,15 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "gemv32f": {"GEMM_MIN_ROWS": 33, "FOLD_ROWS": 32},  # ... and out_proj folded up to 32 rows
     "rm1": {"RESID_M1_ROWS": 16},  # out_proj's folded one-m-tile instance up to 16 rows (at AiM-B: as measured)
     "rm0": {"RESID_M1_ROWS": 0},  # never
+    # 2026-12-04: aim_gemm's pipeline depth per instance (GEMM_STAGES_M<mt>; 4 before, "gs_4"; since then 8 / 6 / 4
+    # for AiM-XL, 4 / 6 / 4 for AiM-L: model_defines)
+    "gs_4": {"GEMM_STAGES_M2": 4, "GEMM_STAGES_M4": 4, "GEMM_STAGES_M8": 4},
+    "gs2_6": {"GEMM_STAGES_M2": 6},
+    "gs2_8": {"GEMM_STAGES_M2": 8},
+    "gs2_9": {"GEMM_STAGES_M2": 9},
+    "gs4_6": {"GEMM_STAGES_M4": 6},
+    "gs4_7": {"GEMM_STAGES_M4": 7},
+    "gs8_5": {"GEMM_STAGES_M8": 5},
     # decode steps per replayed graph (CudaBackend.steps_per_graph; host side)
     "g1": {"_steps_per_graph": 1},
     "g4": {"_steps_per_graph": 4},

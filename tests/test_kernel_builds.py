@@ -38,6 +38,29 @@ def test_step_builds_split_the_step_from_the_sampler():
     assert "GEMV_INSTANCES" not in every
 
 
+def test_gemm_depths_are_passed_to_every_step_build_and_keep_two_ctas_per_sm():
+    """aim_gemm's pipeline depths: the step program always gets GEMM_STAGES_M<mt> (a model's width deepens them,
+    explicit defines win), the source's own defaults are the host's table, and at every model's depths two CTAs
+    fit an SM (Hopper: 228 KB of shared memory per SM, 1 KB of it reserved per CTA) so that no product's grid
+    needs a second wave."""
+    import re
+
+    from aim_rt.plugins.kernels import GEMM_STAGES, SOURCE, gemm_smem_bytes, step_builds
+
+    def depths(defines=None, d_model=None):
+        step, _ = step_builds("bfloat16", defines, gemv_depths=(768, 1536), d_model=d_model)
+        return {mt: step[f"GEMM_STAGES_M{mt}"] for mt in (2, 4, 8)}
+
+    assert depths() == depths(d_model=768) == GEMM_STAGES
+    assert depths(d_model=1024) == {**GEMM_STAGES, 4: 6} and depths(d_model=1536) == {**GEMM_STAGES, 2: 8, 4: 6}
+    assert depths({"GEMM_STAGES_M2": 5}, d_model=1536) == {**GEMM_STAGES, 2: 5, 4: 6}
+    source = {int(m): int(n) for m, n in re.findall(r"#define GEMM_STAGES_M(\d) (\d+)", SOURCE.read_text())}
+    assert source == GEMM_STAGES
+    for d_model in (768, 1024, 1536, 2048):
+        for mt, stages in depths(d_model=d_model).items():
+            assert 2 * (gemm_smem_bytes(mt, stages) + 1024) <= 228 * 1024, (d_model, mt)
+
+
 def test_compile_async_builds_each_program_once(monkeypatch):
     """Concurrent requests for one build share one compile; another build compiles separately; a failed
     build is tried again on the next request."""
