@@ -79,6 +79,8 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "gs4_6": {"GEMM_STAGES_M4": 6},
     "gs4_7": {"GEMM_STAGES_M4": 7},
     "gs8_5": {"GEMM_STAGES_M8": 5},
+    "gs4_3": {"GEMM_STAGES_M4": 3},
+    "gs8_3": {"GEMM_STAGES_M8": 3},
     # decode steps per replayed graph (CudaBackend.steps_per_graph; host side)
     "g1": {"_steps_per_graph": 1},
     "g4": {"_steps_per_graph": 4},
