@@ -1605,6 +1605,11 @@ struct GemmFoldParams {
 #ifndef FOLD_GEMM
 #define FOLD_GEMM 1
 #endif
+// With FOLD_GEMM 1, FOLD_GEMM_M2 1 folds the 32-row instance (m2) too: model_defines sets it where that won once
+// aim_gemm_m2 ran 8 stages (AiM-XL, gemm_fold2_h200_2026-12-04.*).
+#ifndef FOLD_GEMM_M2
+#define FOLD_GEMM_M2 0
+#endif
 #if (AIM_PARTS & 1) && AIM_GEMM && ELEM_KIND != 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(valid ? 16 : 0)
@@ -1798,7 +1803,7 @@ GEMM_RESID_ENTRY(8, 4)
 #endif
 #if GEMM_M2
 GEMM_ENTRY(2, 2)
-#if FOLD_GEMM > 1
+#if FOLD_GEMM > 1 || (FOLD_GEMM && FOLD_GEMM_M2)
 GEMM_RESID_ENTRY(2, 2)
 #endif
 #endif

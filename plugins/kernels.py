@@ -136,7 +136,11 @@ def model_defines(d_model: int) -> dict:
       12 / 16 -6.0 / -5.2 %; 6 stages -3.8 % at 16, 9 worse than 8), from 1024 6 stages for 33-64 rows (AiM-XL
       batch 24 / 32 -2.9 / -2.1 to -2.6 %, AiM-L 24 / 32 -0.7 / -0.9 to -1.1 %). Not AiM-L's 32 rows (8 stages
       +2.0 % at batch 16) nor AiM-B's (6 stages +2.7 % at batch 24, 5 for 128 rows +7 % at 64): more shared
-      memory per CTA leaves fewer CTAs resident beside the kernel before them."""
+      memory per CTA leaves fewer CTAs resident beside the kernel before them.
+    - From d_model 1536, out_proj's 17-32 rows folded too (FOLD_GEMM_M2: aim_gemm_resid_m2), which lost at 4
+      stages (AiM-XL b16 +1.1 %) and wins at 8 (bench/results/gemm_fold2_h200_2026-12-04.*, whole steps against
+      the m4-only fold, tokens identical). Not AiM-L's (+3.7 % at batch 16, gemm_stages3_h200_2026-12-04 in the
+      closing note of that session: its m2 keeps 4 stages)."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
@@ -144,7 +148,7 @@ def model_defines(d_model: int) -> dict:
         defines.update(GEMM_MIN_ROWS=17 if d_model >= 1536 else 24, GEMM_MAX_ROWS=64, GEMV_NARROW_ROWS=8,
                        GEMM_STAGES_M4=6)
         if d_model >= 1536:
-            defines["GEMM_STAGES_M2"] = 8
+            defines.update(GEMM_STAGES_M2=8, FOLD_GEMM_M2=1)
     return defines
 
 
@@ -764,7 +768,7 @@ class Kernels:
     def _launch_gemm(self, kind: str, fns: dict, p: GemmParams, params, stream: int) -> None:
         mt = gemm_mt(p.rows, self.gemms)
         if mt not in fns:
-            raise KernelError(f"{kind}_m{mt} was not compiled (FOLD_GEMM, GEMM_M2)")
+            raise KernelError(f"{kind}_m{mt} was not compiled (FOLD_GEMM, FOLD_GEMM_M2, GEMM_M2)")
         fn, smem = fns[mt], gemm_smem_bytes(mt, self.gemm_stages[mt])
         d = self.driver
         if (kind, mt) not in self._gemm_smem_set:

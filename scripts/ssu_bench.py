@@ -64,6 +64,7 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "fold8": {"FOLD_ROWS": 8},
     "nofoldgemm": {"FOLD_GEMM": 0},  # 2026-12-03 ninth session: no aim_gemm_resid (aim_gemm out_proj unfolded)
     "foldgemm_all": {"FOLD_GEMM": 2},  # every aim_gemm_resid instance (m2, m4, m8)
+    "nofoldgemm2": {"FOLD_GEMM_M2": 0},  # 2026-12-04: AiM-XL's 17-32 rows unfolded (only m4 folds, as v22)
     "fold16": {"FOLD_ROWS": 16},  # AiM-B: out_proj folded up to 16 rows (as until 2026-12-03's ninth session)
     "fold32": {"FOLD_ROWS": 32},  # AiM-B's 17-32 rows folded too, into the wide-tile product
     "gemv32": {"GEMM_MIN_ROWS": 33},  # AiM-L / XL: aim_gemv up to 32 rows (aim_gemm_m2 there by default)

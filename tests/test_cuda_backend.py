@@ -469,12 +469,13 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
 
     d_inner = 2 * d_model
     kern = Kernels("bfloat16", gemv_depths=(d_model, d_inner), d_model=d_model,
-                   defines={"FOLD_GEMM": 2} if d_model > 256 else None)
+                   defines={"FOLD_GEMM": 2} if d_model == 768 else None)
     folding = [rows for rows in (1, 2, 5, 8, 9, 16, 17, 32, 33, 64, 100, 128)
                if kern.fold_supported(rows, d_inner, d_model)]
     want = [1, 2, 5, 8, 9, 16] + ([17, 32] if d_model < 1024 else [])  # aim_gemv up to FOLD_ROWS (model_defines)
     if kern.gemms:  # Hopper: aim_gemm's rows (model_defines: 17-64 from 1536, else 33-128) fold too, in the
-        # instances FOLD_GEMM compiles: every one (2) or only the 64-row one (1, the default)
+        # instances compiled: every one at 768 (FOLD_GEMM 2), the 32- and 64-row ones at 1536 (its build:
+        # FOLD_GEMM_M2), the 64-row one at 256 (the default)
         want += {1536: [17, 32, 33, 64], 768: [33, 64, 100, 128], 256: [33, 64]}[d_model]
     assert folding == want
     for rows in folding:

@@ -155,6 +155,31 @@ def test_model_width_picks_the_measured_build():
     # define only the host reads; elsewhere 16)
     assert [b.get("FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
     assert "XR(6,2)" not in step_builds("bfloat16", {"FOLD_ROWS": 16}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
+    # aim_gemm's folded 32-row instance (FOLD_GEMM_M2) only from d_model 1536
+    assert [b.get("FOLD_GEMM_M2") for b in (base, large, xl, default)] == [None, None, 1, None]
+
+
+def test_fold_gemm_m2_adds_the_folded_32_row_instance_only_where_aim_gemm_folds():
+    """The sm_90 step program's folded aim_gemm instances: the 64-row one by default (FOLD_GEMM 1), the 32-row
+    one too with FOLD_GEMM_M2, none with FOLD_GEMM 0 whatever FOLD_GEMM_M2 says, all three with FOLD_GEMM 2."""
+    from test_cuda_backend import _nvrtc_usable
+
+    from aim_rt.plugins.kernels import compile_cubin
+
+    if not _nvrtc_usable():
+        pytest.skip("cuda-python with an NVRTC library is not installed")
+
+    common = {"AIM_PARTS": 1, "GEMV_INSTANCES": "/* none */", "NORM_PER_ONLY": 6}
+
+    def folded(**defines):
+        cubin = compile_cubin("bfloat16", "sm_90", use_cache=False, defines={**common, **defines})
+        assert b"aim_gemm_m4" in cubin  # the plain instance is there in every build
+        return [mt for mt in (2, 4, 8) if f"aim_gemm_resid_m{mt}".encode() in cubin]
+
+    assert folded() == [4]
+    assert folded(FOLD_GEMM_M2=1) == [2, 4]
+    assert folded(FOLD_GEMM=0, FOLD_GEMM_M2=1) == []
+    assert folded(FOLD_GEMM=2) == [2, 4, 8]
 
 
 def test_narrow_models_launch_after_norms_and_products_at_once(monkeypatch):
