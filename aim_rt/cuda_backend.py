@@ -320,7 +320,7 @@ class CudaBackend:
 
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
         if self.kernels.gemm_supported(x.shape[0], x.shape[1]):
-            p = gemm_fold_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.num_sms), norm)
+            p = gemm_fold_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.gemm_ctas), norm)
             return lambda: self.kernels.gemm_fold(p, stream())
         p = gemv_fold_params(x, w, y, norm)
         return lambda: self.kernels.gemv_fold(p, stream())
@@ -333,7 +333,7 @@ class CudaBackend:
 
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
         if self.use_gemv and self.kernels.gemm_supported(x.shape[0], x.shape[1]):
-            p = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.num_sms))
+            p = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.gemm_ctas))
             return lambda: self.kernels.gemm(p, stream())
         if self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS and self.kernels.gemv_supported(x.shape[0], x.shape[1]):
             p = gemv_params(x, w, y)

@@ -649,6 +649,9 @@ class Kernels:
                           min(int(builds[0].get("GEMM_MAX_ROWS", GEMM_ROWS[1])), GEMM_MAX_ROWS))
         # each instance's pipeline depth: the define the kernel was compiled with (step_builds passes them all)
         self.gemm_stages = {mt: int(builds[0][f"GEMM_STAGES_M{mt}"]) for mt in GEMM_STAGES}
+        # the CTAs aim_gemm's k split aims at (gemm_splits): one per SM unless GEMM_CTAS (a define only this
+        # reads; to measure) says otherwise
+        self.gemm_ctas = int(builds[0].get("GEMM_CTAS", self.num_sms))
         self._gemm_smem_set: set[tuple[str, int]] = set()
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns

@@ -82,6 +82,10 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "gs8_5": {"GEMM_STAGES_M8": 5},
     "gs4_3": {"GEMM_STAGES_M4": 3},
     "gs8_3": {"GEMM_STAGES_M8": 3},
+    # aim_gemm's k split aimed at this many CTAs instead of one per SM (GEMM_CTAS, host side; H200: 132 SMs)
+    "ctas66": {"GEMM_CTAS": 66},
+    "ctas264": {"GEMM_CTAS": 264},
+    "ctas512": {"GEMM_CTAS": 512},
     # decode steps per replayed graph (CudaBackend.steps_per_graph; host side)
     "g1": {"_steps_per_graph": 1},
     "g4": {"_steps_per_graph": 4},
