@@ -320,7 +320,8 @@ class CudaBackend:
 
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
         if self.kernels.gemm_supported(x.shape[0], x.shape[1]):
-            p = gemm_fold_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.gemm_ctas), norm)
+            p = gemm_fold_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.gemm_fold_ctas),
+                                  norm)
             return lambda: self.kernels.gemm_fold(p, stream())
         p = gemv_fold_params(x, w, y, norm)
         return lambda: self.kernels.gemv_fold(p, stream())

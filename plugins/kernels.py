@@ -652,6 +652,8 @@ class Kernels:
         # the CTAs aim_gemm's k split aims at (gemm_splits): one per SM unless GEMM_CTAS (a define only this
         # reads; to measure) says otherwise
         self.gemm_ctas = int(builds[0].get("GEMM_CTAS", self.num_sms))
+        # ... and the folded out_proj's (GEMM_FOLD_CTAS, likewise)
+        self.gemm_fold_ctas = int(builds[0].get("GEMM_FOLD_CTAS", self.gemm_ctas))
         self._gemm_smem_set: set[tuple[str, int]] = set()
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns
