@@ -649,11 +649,14 @@ class Kernels:
                           min(int(builds[0].get("GEMM_MAX_ROWS", GEMM_ROWS[1])), GEMM_MAX_ROWS))
         # each instance's pipeline depth: the define the kernel was compiled with (step_builds passes them all)
         self.gemm_stages = {mt: int(builds[0][f"GEMM_STAGES_M{mt}"]) for mt in GEMM_STAGES}
-        # the CTAs aim_gemm's k split aims at (gemm_splits): one per SM unless GEMM_CTAS (a define only this
-        # reads; to measure) says otherwise
+        # The CTAs aim_gemm's k split aims at (gemm_splits; GEMM_CTAS / GEMM_FOLD_CTAS, defines only this reads):
+        # one per SM, two for the folded out_proj. Measured on the H200 (bench/results/gemm_ctas_h200_2026-12-04.*
+        # and gemm_foldctas_h200_2026-12-04.*, whole steps, tokens differ only by the sums' order): every product
+        # aiming at 66 or 264 CTAs +2 to +18 % per step at every model (in_proj and lm_head slower alone); the
+        # folded out_proj alone at 264, which moves AiM-XL's from 6 to 8 splits (AiM-B's and AiM-L's are 8 either
+        # way), AiM-XL batch 12 / 16 / 24 / 32 -3.7 / -2.6 / -2.5 / -2.1 %.
         self.gemm_ctas = int(builds[0].get("GEMM_CTAS", self.num_sms))
-        # ... and the folded out_proj's (GEMM_FOLD_CTAS, likewise)
-        self.gemm_fold_ctas = int(builds[0].get("GEMM_FOLD_CTAS", self.gemm_ctas))
+        self.gemm_fold_ctas = int(builds[0].get("GEMM_FOLD_CTAS", 2 * self.num_sms))
         self._gemm_smem_set: set[tuple[str, int]] = set()
         self._max_smem = 0
         # Programmatic dependent launch (see PDL_WAIT in aim_kernels.cu): Hopper and later; AIM_RT_PDL=0 turns

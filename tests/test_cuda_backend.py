@@ -480,7 +480,7 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
     assert folding == want
     for rows in folding:
         gemm = kern.gemm_supported(rows, d_inner)
-        splits = gemm_splits(d_model, d_inner, kern.num_sms)
+        splits = gemm_splits(d_model, d_inner, kern.gemm_fold_ctas)  # as the backend splits the folded out_proj
         p, y, w_out, out = _fold_against_unfolded(kern, rows, d_model, d_inner, heads, gated, gemm, splits,
                                                   seed=d_model + rows)
     with pytest.raises(aim_rt.plugins.kernels.KernelError, match="rows x width"):
@@ -492,15 +492,15 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
 @needs_gpu
 @pytest.mark.parametrize("d_model,d_inner", [(768, 1536), (352, 1536)])
 def test_folded_gemm_epilogue_at_every_split_and_a_partial_column_tile(d_model, d_inner):
-    """aim_gemm's folded epilogue where one CTA finishes several 16-row blocks (k split 1 or 2: every block, or
-    every other one) and where the last 64-column tile is partial (width 352): the unfolded pair's bits."""
+    """aim_gemm's folded epilogue at k splits 1, 2, 4 and 8 (a CTA finishes every 16-row block, or every 2nd,
+    4th or 8th) and where the last 64-column tile is partial (width 352): the unfolded pair's bits."""
     from aim_rt.plugins.kernels import Kernels
 
     kern = Kernels("bfloat16", gemv_depths=(d_inner,), d_model=d_model, defines={"FOLD_GEMM": 2})
     if not kern.gemms:
         pytest.skip("aim_gemm needs Hopper (sm_90)")
     for rows in (17, 33, 64, 100, 128):
-        for splits in (1, 2, 4):
+        for splits in (1, 2, 4, 8):
             _fold_against_unfolded(kern, rows, d_model, d_inner, 24, True, True, splits, seed=rows + splits)
 
 

@@ -239,6 +239,20 @@ def test_gemm_instance_is_the_smallest_that_holds_the_rows():
     assert [gemm_mt(r, (4, 8)) for r in (1, 32, 33, 65)] == [4, 4, 4, 8]
 
 
+def test_gemm_split_is_the_smallest_that_reaches_the_ctas_asked_for():
+    """gemm_splits: the smallest k split (a divisor of k / 64, at most 8) whose CTAs reach the target, else the
+    largest; at AiM-XL's shapes on 132 SMs in_proj splits 2, out_proj 6 at one CTA per SM and 8 at two (the
+    folded out_proj's target), lm_head 1."""
+    from aim_rt.plugins.kernels import gemm_splits
+
+    d_in_proj = 2 * 3072 + 2 * 128 + 48  # AiM-XL: z, x, B, C, dt
+    assert gemm_splits(d_in_proj, 1536, 132) == 2
+    assert [gemm_splits(1536, 3072, ctas) for ctas in (66, 132, 264)] == [3, 6, 8]
+    assert gemm_splits(16384, 1536, 132) == 1
+    assert gemm_splits(768, 1536, 132) == 8  # AiM-B's out_proj: 12 tiles, the largest split
+    assert gemm_splits(64, 320, 132) == 5  # k / 64 = 5: divisors 1 and 5 only
+
+
 def test_resid_chunk_is_out_projs_depth():
     """The residual add folds into out_proj, the product whose depth is not d_model; none without one."""
     from aim_rt.plugins.kernels import resid_chunk
