@@ -88,6 +88,8 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "ctas512": {"GEMM_CTAS": 512},
     "foldctas264": {"GEMM_FOLD_CTAS": 264},  # the folded out_proj's only (AiM-XL: k split 8 instead of 6)
     "foldctas132": {"GEMM_FOLD_CTAS": 132},  # as until then (since 264, 2 per SM, is the default)
+    "gemm17": {"GEMM_MIN_ROWS": 17},  # aim_gemm from 17 rows (AiM-B: from 33 by default)
+    "m2fold": {"FOLD_GEMM_M2": 1},  # the 32-row aim_gemm folds too (AiM-XL's default)
     # decode steps per replayed graph (CudaBackend.steps_per_graph; host side)
     "g1": {"_steps_per_graph": 1},
     "g4": {"_steps_per_graph": 4},
