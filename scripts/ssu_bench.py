@@ -90,6 +90,7 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "foldctas132": {"GEMM_FOLD_CTAS": 132},  # as until then (since 264, 2 per SM, is the default)
     "gemm17": {"GEMM_MIN_ROWS": 17},  # aim_gemm from 17 rows (AiM-B: from 33 by default)
     "m2fold": {"FOLD_GEMM_M2": 1},  # the 32-row aim_gemm folds too (AiM-XL's default)
+    "max128": {"GEMM_MAX_ROWS": 128},  # AiM-L / XL: aim_gemm up to 128 rows (cuBLAS above 64 by default)
     # decode steps per replayed graph (CudaBackend.steps_per_graph; host side)
     "g1": {"_steps_per_graph": 1},
     "g4": {"_steps_per_graph": 4},
