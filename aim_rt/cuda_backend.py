@@ -319,7 +319,7 @@ class CudaBackend:
         from aim_rt.plugins.kernels import gemm_fold_params, gemm_splits, gemv_fold_params
 
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
-        if self.kernels.gemm_supported(x.shape[0], x.shape[1]):
+        if self.kernels.gemm_supported(x.shape[0], x.shape[1], folded=True):
             p = gemm_fold_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.gemm_fold_ctas),
                                   norm)
             return lambda: self.kernels.gemm_fold(p, stream())

@@ -1605,10 +1605,13 @@ struct GemmFoldParams {
 #ifndef FOLD_GEMM
 #define FOLD_GEMM 1
 #endif
-// With FOLD_GEMM 1, FOLD_GEMM_M2 1 folds the 32-row instance (m2) too: model_defines sets it where that won once
-// aim_gemm_m2 ran 8 stages (AiM-XL, gemm_fold2_h200_2026-12-04.*).
+// With FOLD_GEMM 1, FOLD_GEMM_M2 / FOLD_GEMM_M8 1 fold the 32-row (m2) / 128-row (m8) instance too: model_defines
+// sets them where that won (m2: AiM-XL once aim_gemm_m2 ran 8 stages, gemm_fold2_h200_2026-12-04.*; m8: to measure).
 #ifndef FOLD_GEMM_M2
 #define FOLD_GEMM_M2 0
+#endif
+#ifndef FOLD_GEMM_M8
+#define FOLD_GEMM_M8 0
 #endif
 #if (AIM_PARTS & 1) && AIM_GEMM && ELEM_KIND != 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, bool valid) {
@@ -1798,7 +1801,7 @@ GEMM_ENTRY(8, 4)
 #if FOLD_GEMM
 GEMM_RESID_ENTRY(4, 4)
 #endif
-#if FOLD_GEMM > 1
+#if FOLD_GEMM > 1 || (FOLD_GEMM && FOLD_GEMM_M8)
 GEMM_RESID_ENTRY(8, 4)
 #endif
 #if GEMM_M2

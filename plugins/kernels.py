@@ -647,6 +647,10 @@ class Kernels:
         # only this reads) move them
         self.gemm_rows = (int(builds[0].get("GEMM_MIN_ROWS", GEMM_ROWS[0])),
                           min(int(builds[0].get("GEMM_MAX_ROWS", GEMM_ROWS[1])), GEMM_MAX_ROWS))
+        # the folded out_proj is aim_gemm's up to this many rows (GEMM_FOLD_MAX_ROWS, a define only this reads;
+        # model_defines), the other products up to gemm_rows[1]
+        self.gemm_fold_max_rows = min(max(int(builds[0].get("GEMM_FOLD_MAX_ROWS", 0)), self.gemm_rows[1]),
+                                      GEMM_MAX_ROWS)
         # each instance's pipeline depth: the define the kernel was compiled with (step_builds passes them all)
         self.gemm_stages = {mt: int(builds[0][f"GEMM_STAGES_M{mt}"]) for mt in GEMM_STAGES}
         # The CTAs aim_gemm's k split aims at (gemm_splits; GEMM_CTAS / GEMM_FOLD_CTAS, defines only this reads):
@@ -752,7 +756,7 @@ class Kernels:
         """Whether the backend folds the residual add into out_proj (depth k, n columns) at this many rows in
         this build: where its product is an aim_gemv with a folded instance, up to fold_rows rows, or an
         aim_gemm with one (aim_gemm_resid: n a multiple of 4)."""
-        if self.gemm_supported(rows, k):
+        if self.gemm_supported(rows, k, folded=True):
             return n % 4 == 0 and gemm_mt(rows, self.gemms) in self.gemm_resids
         return (rows <= self.fold_rows and self.gemv_supported(rows, k)
                 and self._gemv_name(rows, k, "aim_gemv_resid") in self.resids)
@@ -761,9 +765,11 @@ class Kernels:
         """out_proj with the residual add folded in (gemv_fold_params; the caller checked fold_supported)."""
         self._launch_gemv("aim_gemv_resid", p.g, p, stream)
 
-    def gemm_supported(self, rows: int, k: int) -> bool:
-        """Whether the backend's product of `rows` rows and depth k is aim_gemm's in this build."""
-        return bool(self.gemms) and self.gemm_rows[0] <= rows <= self.gemm_rows[1] and k % GEMM_BK == 0
+    def gemm_supported(self, rows: int, k: int, folded: bool = False) -> bool:
+        """Whether the backend's product of `rows` rows and depth k (`folded`: out_proj with the residual add
+        folded in) is aim_gemm's in this build."""
+        top = self.gemm_fold_max_rows if folded else self.gemm_rows[1]
+        return bool(self.gemms) and self.gemm_rows[0] <= rows <= top and k % GEMM_BK == 0
 
     def gemm(self, p: GemmParams, stream: int) -> None:
         """y = x @ w.T (gemm_params; the caller checked gemm_supported): clusters of p.splits CTAs."""
@@ -776,7 +782,7 @@ class Kernels:
     def _launch_gemm(self, kind: str, fns: dict, p: GemmParams, params, stream: int) -> None:
         mt = gemm_mt(p.rows, self.gemms)
         if mt not in fns:
-            raise KernelError(f"{kind}_m{mt} was not compiled (FOLD_GEMM, FOLD_GEMM_M2, GEMM_M2)")
+            raise KernelError(f"{kind}_m{mt} was not compiled (FOLD_GEMM, FOLD_GEMM_M2 / _M8, GEMM_M2)")
         fn, smem = fns[mt], gemm_smem_bytes(mt, self.gemm_stages[mt])
         d = self.driver
         if (kind, mt) not in self._gemm_smem_set:

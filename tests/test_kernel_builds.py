@@ -159,9 +159,9 @@ def test_model_width_picks_the_measured_build():
     assert [b.get("FOLD_GEMM_M2") for b in (base, large, xl, default)] == [None, None, 1, None]
 
 
-def test_fold_gemm_m2_adds_the_folded_32_row_instance_only_where_aim_gemm_folds():
+def test_fold_gemm_m2_m8_add_folded_instances_only_where_aim_gemm_folds():
     """The sm_90 step program's folded aim_gemm instances: the 64-row one by default (FOLD_GEMM 1), the 32-row
-    one too with FOLD_GEMM_M2, none with FOLD_GEMM 0 whatever FOLD_GEMM_M2 says, all three with FOLD_GEMM 2."""
+    / 128-row one too with FOLD_GEMM_M2 / _M8, none with FOLD_GEMM 0 whatever FOLD_GEMM_M2 says, all three with FOLD_GEMM 2."""
     from test_cuda_backend import _nvrtc_usable
 
     from aim_rt.plugins.kernels import compile_cubin
@@ -179,6 +179,7 @@ def test_fold_gemm_m2_adds_the_folded_32_row_instance_only_where_aim_gemm_folds(
     assert folded() == [4]
     assert folded(FOLD_GEMM_M2=1) == [2, 4]
     assert folded(FOLD_GEMM=0, FOLD_GEMM_M2=1) == []
+    assert folded(FOLD_GEMM_M8=1) == [4, 8]
     assert folded(FOLD_GEMM=2) == [2, 4, 8]
 
 
@@ -303,7 +304,7 @@ def test_fold_rule_follows_the_product_and_its_folded_instances():
 
     kern = object.__new__(Kernels)
     kern.dtype, kern.gemv_narrow_rows, kern.fold_rows, kern.resid_m1_rows = "bfloat16", 16, 32, 2
-    kern.gemms, kern.gemm_rows = {2: 0, 4: 0, 8: 0}, (33, 96)
+    kern.gemms, kern.gemm_rows, kern.gemm_fold_max_rows = {2: 0, 4: 0, 8: 0}, (33, 96), 96
     kern.gemm_resids = {4: 0}  # FOLD_GEMM 1: the 64-row instance only
     kern.resids = {"aim_gemv_resid_k6_n1", "aim_gemv_resid_k6_n2", "aim_gemv_resid_k6_n1_m1"}
     kern.fn = dict.fromkeys(kern.resids)
@@ -312,5 +313,11 @@ def test_fold_rule_follows_the_product_and_its_folded_instances():
     assert [r for r in rows if kern.fold_supported(r, 1536, 766)] == [1, 2, 16, 17, 32]  # aim_gemm: n % 4
     kern.resids.discard("aim_gemv_resid_k6_n2")  # no wide folded instance: its rows (17-32) do not fold
     assert [r for r in rows if kern.fold_supported(r, 1536, 768)] == [1, 2, 16, 33, 64]
+    kern.gemm_resids = {4: 0, 8: 0}
+    assert [r for r in rows if kern.fold_supported(r, 1536, 768)] == [1, 2, 16, 33, 64, 65, 96]
+    # the folded out_proj on aim_gemm past the other products' rows (GEMM_FOLD_MAX_ROWS): 97-128 with m8
+    kern.gemm_rows, kern.gemm_fold_max_rows = (33, 64), 128
+    assert [r for r in (64, 65, 128, 129) if kern.fold_supported(r, 1536, 768)] == [64, 65, 128]
+    assert [r for r in (64, 65, 128) if kern.gemm_supported(r, 1536)] == [64]  # in_proj: cuBLAS's rows
     kern.fold_rows, kern.gemm_resids = 2, {}
     assert [r for r in rows if kern.fold_supported(r, 1536, 768)] == [1, 2]
