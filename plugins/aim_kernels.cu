@@ -1606,7 +1606,8 @@ struct GemmFoldParams {
 #define FOLD_GEMM 1
 #endif
 // With FOLD_GEMM 1, FOLD_GEMM_M2 / FOLD_GEMM_M8 1 fold the 32-row (m2) / 128-row (m8) instance too: model_defines
-// sets them where that won (m2: AiM-XL once aim_gemm_m2 ran 8 stages, gemm_fold2_h200_2026-12-04.*; m8: to measure).
+// sets them where that won (m2: AiM-XL once aim_gemm_m2 ran 8 stages, gemm_fold2_h200_2026-12-04.*; m8: AiM-L and
+// XL, whose out_proj alone then runs aim_gemm up to 128 rows, gemm_foldmax_h200_2026-12-04.*).
 #ifndef FOLD_GEMM_M2
 #define FOLD_GEMM_M2 0
 #endif

@@ -139,14 +139,21 @@ def model_defines(d_model: int) -> dict:
       memory per CTA leaves fewer CTAs resident beside the kernel before them.
     - From d_model 1536, out_proj's 17-32 rows folded too (FOLD_GEMM_M2: aim_gemm_resid_m2), which lost at 4
       stages (AiM-XL b16 +1.1 %) and wins at 8 (bench/results/gemm_fold2_h200_2026-12-04.*, whole steps against
-      the m4-only fold, tokens identical). Not AiM-L's (+3.7 % at batch 16, gemm_stages3_h200_2026-12-04 in the
-      closing note of that session: its m2 keeps 4 stages)."""
+      the m4-only fold, tokens identical): AiM-XL batch 12 / 16 -3.6 / -4.2 %. Not AiM-L's (4 stages: +3.7 % at
+      batch 16 in the same run; at 8 stages, gemm_m2_b_h200_2026-12-04.*: even at 12 and 16).
+    - From d_model 1024, the folded out_proj runs aim_gemm_resid_m8 for 65-128 rows (GEMM_FOLD_MAX_ROWS, a
+      define only the host reads, and FOLD_GEMM_M8) while in_proj and lm_head stay on cuBLAS there
+      (bench/results/gemm_foldmax_h200_2026-12-04.*, whole steps, tokens differ only by the sums' order): AiM-XL
+      batch 33 / 48 / 64 -6.6 / -5.1 / -3.7 %, AiM-L -6.6 / -5.8 / -3.1 %; all three products on aim_gemm
+      (gemm_max128_h200_2026-12-04.*) gained less (in_proj and lm_head alone +70 % on m8). AiM-B, whose
+      products run aim_gemm up to 128 rows already, gains 0.6 % at batch 48 and nothing at 64 from folding m8:
+      not worth one more kernel to compile at its cold start."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
     else:
         defines.update(GEMM_MIN_ROWS=17 if d_model >= 1536 else 24, GEMM_MAX_ROWS=64, GEMV_NARROW_ROWS=8,
-                       GEMM_STAGES_M4=6)
+                       GEMM_STAGES_M4=6, GEMM_FOLD_MAX_ROWS=128, FOLD_GEMM_M8=1)
         if d_model >= 1536:
             defines.update(GEMM_STAGES_M2=8, FOLD_GEMM_M2=1)
     return defines

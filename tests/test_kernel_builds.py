@@ -155,8 +155,11 @@ def test_model_width_picks_the_measured_build():
     # define only the host reads; elsewhere 16)
     assert [b.get("FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
     assert "XR(6,2)" not in step_builds("bfloat16", {"FOLD_ROWS": 16}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
-    # aim_gemm's folded 32-row instance (FOLD_GEMM_M2) only from d_model 1536
+    # aim_gemm's folded 32-row instance (FOLD_GEMM_M2) only from d_model 1536; the folded out_proj on aim_gemm
+    # to 128 rows (GEMM_FOLD_MAX_ROWS, FOLD_GEMM_M8) from 1024
     assert [b.get("FOLD_GEMM_M2") for b in (base, large, xl, default)] == [None, None, 1, None]
+    assert [(b.get("GEMM_FOLD_MAX_ROWS"), b.get("FOLD_GEMM_M8")) for b in (base, large, xl, default)] == [
+        (None, None), (128, 1), (128, 1), (None, None)]
 
 
 def test_fold_gemm_m2_m8_add_folded_instances_only_where_aim_gemm_folds():
