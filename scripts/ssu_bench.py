@@ -92,6 +92,7 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "m2fold": {"FOLD_GEMM_M2": 1},  # the 32-row aim_gemm folds too (AiM-XL's default)
     "max128": {"GEMM_MAX_ROWS": 128},  # AiM-L / XL: aim_gemm up to 128 rows (cuBLAS above 64 by default)
     "foldmax128": {"GEMM_FOLD_MAX_ROWS": 128, "FOLD_GEMM_M8": 1},  # ... only the folded out_proj (in_proj cuBLAS)
+    "foldmax64": {"GEMM_FOLD_MAX_ROWS": 64},  # AiM-L / XL's folded out_proj on cuBLAS past 64 rows (as v23)
     # decode steps per replayed graph (CudaBackend.steps_per_graph; host side)
     "g1": {"_steps_per_graph": 1},
     "g4": {"_steps_per_graph": 4},
