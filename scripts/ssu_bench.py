@@ -90,6 +90,7 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "foldctas132": {"GEMM_FOLD_CTAS": 132},  # as until then (since 264, 2 per SM, is the default)
     "gemm17": {"GEMM_MIN_ROWS": 17},  # aim_gemm from 17 rows (AiM-B: from 33 by default)
     "gemm9": {"GEMM_MIN_ROWS": 9},  # aim_gemm from 9 rows (AiM-XL: from 17 by default)
+    "gemm1": {"GEMM_MIN_ROWS": 1},  # aim_gemm from 1 row
     "m2fold": {"FOLD_GEMM_M2": 1},  # the 32-row aim_gemm folds too (AiM-XL's default)
     "max128": {"GEMM_MAX_ROWS": 128},  # AiM-L / XL: aim_gemm up to 128 rows (cuBLAS above 64 by default)
     "foldmax128": {"GEMM_FOLD_MAX_ROWS": 128, "FOLD_GEMM_M8": 1},  # ... only the folded out_proj (in_proj cuBLAS)
