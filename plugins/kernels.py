@@ -113,7 +113,10 @@ def model_defines(d_model: int) -> dict:
       gemm_min17_h200_2026-12-03.*, against aim_gemv): AiM-XL from 17 rows (-5 / -3.5 / -6.7 % at batch 9 / 10 / 12,
       and -4.0 % at 16 against m4), AiM-L from 24 (-1.0 / -3.8 % at batch 12 / 16; +4.8 / +1.2 / +1.6 % at 9 / 10 /
       11, gemm_l_boundary_h200_2026-12-03.*); AiM-B stays on aim_gemv below 33 rows (m2 +8 % at batch 12, +2 %
-      at 16).
+      at 16). Since m2 runs 8 stages and folds (2026-12-04, gemm9_h200_2026-12-04.* and gemm_min_h200_2026-12-04.*,
+      whole steps against the rule before): AiM-XL from 3 rows, batch 2 / 4 / 5 / 6 / 7 / 8 -2.1 / -2.9 / -2.5 /
+      -5.0 / -5.8 / -9.1 % (from 1 row: even at batch 1, so batch 1 keeps aim_gemv); AiM-L stays at 24 (from 9
+      rows +14 % at batch 5 and 8, from 17 +1.5 % at 10; AiM-B's m2 +2 to +13 %, gemm_m2_b_h200_2026-12-04.*).
     - From d_model 1024, aim_gemv's wide column tiles (GEMV_WIDE) from 9 rows instead of 17 (GEMV_NARROW_ROWS 8,
       a define only the host reads; the one-m-tile instances then serve up to 8 rows), measured in whole steps
       against the one-tile blocks, alternating in one process, tokens identical (scripts/wide_tiles_bench.py,
@@ -152,7 +155,7 @@ def model_defines(d_model: int) -> dict:
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
     else:
-        defines.update(GEMM_MIN_ROWS=17 if d_model >= 1536 else 24, GEMM_MAX_ROWS=64, GEMV_NARROW_ROWS=8,
+        defines.update(GEMM_MIN_ROWS=3 if d_model >= 1536 else 24, GEMM_MAX_ROWS=64, GEMV_NARROW_ROWS=8,
                        GEMM_STAGES_M4=6, GEMM_FOLD_MAX_ROWS=128, FOLD_GEMM_M8=1)
         if d_model >= 1536:
             defines.update(GEMM_STAGES_M2=8, FOLD_GEMM_M2=1)

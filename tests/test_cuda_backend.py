@@ -175,9 +175,9 @@ def test_gemm_rows_follow_the_model_build():
     if not xl.gemms:
         pytest.skip("aim_gemm needs a Hopper GPU (sm_90+): clusters and distributed shared memory")
     b = Kernels("bfloat16", gemv_depths=(768, 1536), d_model=768)
-    assert [r for r in range(1, 200) if xl.gemm_supported(r, 1536)] == list(range(17, 65))
-    # the folded out_proj from 17 to 128 rows (AiM-XL: GEMM_FOLD_MAX_ROWS), where it has a folded instance
-    assert [r for r in range(1, 200) if xl.gemm_supported(r, 3072, folded=True)] == list(range(17, 129))
+    assert [r for r in range(1, 200) if xl.gemm_supported(r, 1536)] == list(range(3, 65))
+    # the folded out_proj from 3 to 128 rows (AiM-XL: GEMM_FOLD_MAX_ROWS), where it has a folded instance
+    assert [r for r in range(1, 200) if xl.gemm_supported(r, 3072, folded=True)] == list(range(3, 129))
     assert [r for r in range(1, 200) if xl.fold_supported(r, 3072, 1536)] == list(range(1, 129))
     assert [r for r in range(1, 200) if b.fold_supported(r, 1536, 768)] == list(range(1, 65))
     assert [r for r in range(1, 200) if b.gemm_supported(r, 768)] == list(range(33, 129))
@@ -336,13 +336,15 @@ def test_bf16_backend_against_reference_and_vq_decode():
 
 
 @needs_gpu
-def test_bf16_backend_of_a_1024_wide_model_at_aim_gemm_rows_against_reference():
-    """A 1024-wide model (model_defines: aim_gemm for 24-64 rows; the folded out_proj on aim_gemm up to 128 rows
-    while in_proj and lm_head run cuBLAS there): teacher-forced CFG logits against the float32 reference at 16,
-    40 and 80 rows, and on Hopper the folded aim_gemm launched at 40 and 80 rows."""
+@pytest.mark.parametrize("d_model,gemm_from", [(1024, 24), (1536, 3)])
+def test_bf16_backend_of_wide_models_at_aim_gemm_rows_against_reference(d_model, gemm_from):
+    """1024- and 1536-wide models (model_defines: aim_gemm from 24 / 3 rows up to 64; the folded out_proj on
+    aim_gemm up to 128 rows while in_proj and lm_head run cuBLAS there): teacher-forced CFG logits against the
+    float32 reference at 2, 8, 16, 40 and 80 rows, and on Hopper the folded aim_gemm launched exactly from
+    `gemm_from` rows."""
     from aim_rt.cuda_backend import CudaBackend
 
-    cfg = aim_rt.AiMConfig(d_model=1024, n_layer=2, vocab_size=1024, num_classes=40, num_tokens=16)
+    cfg = aim_rt.AiMConfig(d_model=d_model, n_layer=2, vocab_size=1024, num_classes=40, num_tokens=16)
     model = aim_rt.random_model(cfg, seed=5, device="cuda", dtype="bfloat16")
     ref32 = aim_rt.random_model(cfg, seed=5, device="cuda")
     backend = CudaBackend(model, use_graphs=False)
@@ -350,14 +352,14 @@ def test_bf16_backend_of_a_1024_wide_model_at_aim_gemm_rows_against_reference():
     launch = backend.kernels.gemm_fold
     backend.kernels.gemm_fold = lambda p, s: (folds.append(p.g.rows), launch(p, s))
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
-    for batch in (8, 20, 40):
+    for batch in (1, 4, 8, 20, 40):
         classes, seeds = list(range(batch)), list(range(100, 100 + batch))
         tokens = sample_tokens(ref32, classes, seeds, settings)
         folds.clear()
         _, mixed = backend.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
         assert rel_err(mixed, sampler_logits(ref32, torch.tensor(classes), tokens, 3.0)) <= 5e-2, batch
         if backend.kernels.gemms:
-            assert set(folds) == ({2 * batch} if batch > 8 else set()), batch
+            assert set(folds) == ({2 * batch} if 2 * batch >= gemm_from else set()), batch
 
 
 @needs_gpu
@@ -502,10 +504,11 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
     folding = [rows for rows in (1, 2, 5, 8, 9, 16, 17, 32, 33, 64, 100, 128)
                if kern.fold_supported(rows, d_inner, d_model)]
     want = [1, 2, 5, 8, 9, 16] + ([17, 32] if d_model < 1024 else [])  # aim_gemv up to FOLD_ROWS (model_defines)
-    if kern.gemms:  # Hopper: aim_gemm's rows (model_defines: 17-64 from 1536, else 33-128) fold too, in the
+    if kern.gemms:  # Hopper: aim_gemm's rows (model_defines: from 3 at 1536, else from 33) fold too, in the
         # instances compiled: every one at 768 (FOLD_GEMM 2) and at 1536 (its build: FOLD_GEMM_M2 / _M8, the
         # folded out_proj on aim_gemm to 128 rows), the 64-row one at 256 (the default)
         want += {1536: [17, 32, 33, 64, 100, 128], 768: [33, 64, 100, 128], 256: [33, 64]}[d_model]
+        # (at 1536, rows 5-16 fold too, on aim_gemm_resid_m2 instead of aim_gemv_resid)
     assert folding == want
     for rows in folding:
         gemm = kern.gemm_supported(rows, d_inner, folded=True)

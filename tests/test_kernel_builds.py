@@ -141,10 +141,10 @@ def test_model_width_picks_the_measured_build():
     assert "NORM_PER_ONLY" not in default and "Y(" not in default["GEMV_INSTANCES"]
     assert "XR(" not in default["GEMV_INSTANCES"]  # the folded products only for a known width
     assert step_builds("bfloat16", {"NORM_PER_ONLY": 8}, d_model=768)[0]["NORM_PER_ONLY"] == 8
-    # aim_gemm's rows as measured per width: AiM-B the kernel's default (33-128), AiM-L 24-64, AiM-XL 17-64
+    # aim_gemm's rows as measured per width: AiM-B the kernel's default (33-128), AiM-L 24-64, AiM-XL 3-64
     gemm_rows = lambda b: (b.get("GEMM_MIN_ROWS"), b.get("GEMM_MAX_ROWS"))  # noqa: E731
-    assert [gemm_rows(b) for b in (base, large, xl, default)] == [(None, None), (24, 64), (17, 64), (None, None)]
-    assert gemm_rows(step_builds("bfloat16", {"GEMM_MAX_ROWS": 128}, d_model=1536)[0]) == (17, 128)
+    assert [gemm_rows(b) for b in (base, large, xl, default)] == [(None, None), (24, 64), (3, 64), (None, None)]
+    assert gemm_rows(step_builds("bfloat16", {"GEMM_MAX_ROWS": 128}, d_model=1536)[0]) == (3, 128)
     # aim_gemv's wide tiles from 9 rows from d_model 1024 (a define only the host reads), else from 17
     assert [b.get("GEMV_NARROW_ROWS") for b in (base, large, xl, default)] == [None, 8, 8, None]
     # out_proj's folded one-m-tile instance: AiM-B up to 2 rows (a define only the host reads), wider models as
