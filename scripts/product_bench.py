@@ -71,7 +71,7 @@ def forms(x, w, wt, bias, y, kernels):
         if kernels.gemm_supported(rows, x.shape[1]):
             from aim_rt.plugins.kernels import gemm_params, gemm_splits
 
-            pg = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], kernels.num_sms))
+            pg = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], kernels.gemm_ctas))
             out["gemm"] = lambda: kernels.gemm(pg, torch.cuda.current_stream().cuda_stream)
         if gemv_supported("bfloat16", h, x.shape[1]):
             p0, p1 = gemv_params(x[:h], w, y[:h]), gemv_params(x[h:], w, y[h:])
