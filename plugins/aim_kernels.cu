@@ -1599,9 +1599,10 @@ struct GemmFoldParams {
 #define AIM_GEMM 1  // 0: no aim_gemm entries (the host then runs cuBLAS above 32 rows; to measure)
 #endif
 // aim_gemm_resid_m<MT>, the instances the backend folds the residual add into (where it finds them): 1 the 64-row
-// one only, as measured (bench/results/foldgemm2_h200_2026-12-03.*, whole steps against the unfolded out_proj,
-// tokens identical: 33-64 rows AiM-B b24 -2.0 %, AiM-XL b32 -3.7 %; 17-32 rows (m2) AiM-XL b16 +1.1 %, AiM-L
-// b16 +3.8 %; 65-128 rows (m8) AiM-B b64 even); 2 every instance; 0 none (to measure).
+// one (plus those FOLD_GEMM_M2 / _M8 below add), as measured at 4 stages (bench/results/foldgemm2_h200_2026-12-03.*,
+// whole steps against the unfolded out_proj, tokens identical: 33-64 rows AiM-B b24 -2.0 %, AiM-XL b32 -3.7 %;
+// 17-32 rows (m2) AiM-XL b16 +1.1 %, AiM-L b16 +3.8 %; 65-128 rows (m8) AiM-B b64 even); 2 every instance; 0 none
+// (to measure).
 #ifndef FOLD_GEMM
 #define FOLD_GEMM 1
 #endif

@@ -85,11 +85,10 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     # aim_gemm's k split aimed at this many CTAs instead of one per SM (GEMM_CTAS, host side; H200: 132 SMs)
     "ctas66": {"GEMM_CTAS": 66},
     "ctas264": {"GEMM_CTAS": 264},
-    "ctas512": {"GEMM_CTAS": 512},
     "foldctas264": {"GEMM_FOLD_CTAS": 264},  # the folded out_proj's only (AiM-XL: k split 8 instead of 6)
     "foldctas132": {"GEMM_FOLD_CTAS": 132},  # as until then (since 264, 2 per SM, is the default)
     "gemm17": {"GEMM_MIN_ROWS": 17},  # aim_gemm from 17 rows (AiM-B: from 33 by default)
-    "gemm9": {"GEMM_MIN_ROWS": 9},  # aim_gemm from 9 rows (AiM-XL: from 17 by default)
+    "gemm9": {"GEMM_MIN_ROWS": 9},  # aim_gemm from 9 rows (AiM-XL: from 17 until 2026-12-04, now 3)
     "gemm1": {"GEMM_MIN_ROWS": 1},  # aim_gemm from 1 row
     "m2fold": {"FOLD_GEMM_M2": 1},  # the 32-row aim_gemm folds too (AiM-XL's default)
     "max128": {"GEMM_MAX_ROWS": 128},  # AiM-L / XL: aim_gemm up to 128 rows (cuBLAS above 64 by default)

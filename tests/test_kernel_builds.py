@@ -164,7 +164,8 @@ def test_model_width_picks_the_measured_build():
 
 def test_fold_gemm_m2_m8_add_folded_instances_only_where_aim_gemm_folds():
     """The sm_90 step program's folded aim_gemm instances: the 64-row one by default (FOLD_GEMM 1), the 32-row
-    / 128-row one too with FOLD_GEMM_M2 / _M8, none with FOLD_GEMM 0 whatever FOLD_GEMM_M2 says, all three with FOLD_GEMM 2."""
+    / 128-row one too with FOLD_GEMM_M2 / _M8, none with FOLD_GEMM 0 whatever FOLD_GEMM_M2 says, all three with
+    FOLD_GEMM 2."""
     from test_cuda_backend import _nvrtc_usable
 
     from aim_rt.plugins.kernels import compile_cubin
