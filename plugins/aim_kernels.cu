@@ -253,6 +253,39 @@ __device__ __forceinline__ void store8(elem_t* dst, const unsigned (&u)[WORDS8])
   }
 }
 
+// The arithmetic of the state update, shared by its two kernels so that both give the same bits. Every
+// contraction is spelled out (the same rounding whatever the compiler fuses).
+// One conv tap: acc + v * w.
+__device__ __forceinline__ float conv_tap(float acc, float v, float w) { return __fmaf_rn(v, w, acc); }
+// dt = softplus(raw + bias) and dA = exp(-dt * exp(A_log)), once per slice.
+__device__ __forceinline__ void ssu_dt(float raw, float bias, float A_log, float& dt, float& dA) {
+  dt = softplus(raw + bias);
+  dA = __expf(-dt * __expf(A_log));
+}
+// VEC state elements of one state row: h = h * dA + dtx * B (dtx = dt * x), stored rounded; returns their part
+// of y = h . C, summed in column order.
+__device__ __forceinline__ float ssu_chunk(const elem_t* src, elem_t* dst, float dtx, float dA,
+                                           const float (&bq)[VEC], const float (&cq)[VEC]) {
+  unsigned raw[WORDS8];
+  float hv[VEC];
+  load8(src, raw);
+  unpack8(raw, hv);
+  float acc = 0.0f;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    hv[j] = __fmaf_rn(dtx, bq[j], __fmul_rn(hv[j], dA));
+    acc = __fmaf_rn(hv[j], cq[j], acc);
+  }
+  pack8(hv, raw);
+  store8(dst, raw);
+  return acc;
+}
+// A state row's gated output g = (h . C + D * x) * silu(z), and g^2 added to a sum of squares.
+__device__ __forceinline__ float ssu_gated(float acc, float Dh, float xv, float zv) {
+  return __fmul_rn(__fmaf_rn(Dh, xv, acc), zv);
+}
+__device__ __forceinline__ float sq_add(float s, float g) { return __fmaf_rn(g, g, s); }
+
 struct SsuRing {  // the shape of one stage: state (P * N), then x windows (P * W), then B/C windows (2N * W)
   int PN, xwin, bcwin, len;  // element offsets and the stage length (rounded to 16 bytes)
 };
@@ -425,9 +458,7 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
 #pragma unroll
     for (int j = 0; j < SSU_BC; ++j) bin[j] = bch[j] >= 0 ? ld(xbc[bch[j]]) : 0.0f;
     if (tid == SSU_DT_TID) {
-      const float dt = softplus(ld(p.dt[(long long)r * p.dt_stride + h]) + dt_bias);
-      sd[0] = dt;
-      sd[1] = __expf(-dt * __expf(A_log));
+      ssu_dt(ld(p.dt[(long long)r * p.dt_stride + h]), dt_bias, A_log, sd[0], sd[1]);
     }
 
     // ---- 3. this thread's part of slice i has landed: conv + SiLU (window shifted left, new input last,
@@ -439,8 +470,8 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       float acc = xcb;
 #pragma unroll
       for (int w = 0; w < MAX_W - 1; ++w)
-        if (w < W - 1) { const elem_t v = win[w + 1]; acc += ld(v) * xcw[w]; sout[w] = v; }
-      acc += ld(xin) * xlast;
+        if (w < W - 1) { const elem_t v = win[w + 1]; acc = conv_tap(acc, ld(v), xcw[w]); sout[w] = v; }
+      acc = conv_tap(acc, ld(xin), xlast);
       sout[W - 1] = xin;
       xs[tid] = silu(acc);
       zs[tid] = silu(zv);
@@ -453,8 +484,8 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       const elem_t* win = stage + g.bcwin + c * W;
       float acc = bcb[j];
 #pragma unroll
-      for (int w = 0; w < MAX_W - 1; ++w) if (w < W - 1) acc += ld(win[w + 1]) * bcw[j][w];
-      acc += bin[j] * blast[j];
+      for (int w = 0; w < MAX_W - 1; ++w) if (w < W - 1) acc = conv_tap(acc, ld(win[w + 1]), bcw[j][w]);
+      acc = conv_tap(acc, bin[j], blast[j]);
       Bs[c] = silu(acc);  // c >= N lands in Cs[c - N]
     }
     __syncthreads();
@@ -478,19 +509,8 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       const int e = (it * SSU_THREADS + tid) * VEC;
       if (e >= g.PN) break;
       const int row = row0 + it * rows_per_it;
-      unsigned raw[WORDS8];
-      float hv[VEC];
-      load8(stage + e, raw);
-      unpack8(raw, hv);
-      const float xv = xs[row], dtx = dt * xv;
-      float acc = 0.0f;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {  // contractions spelled out: the same rounding in every build
-        hv[j] = __fmaf_rn(dtx, bq[j], __fmul_rn(hv[j], dA));
-        acc = __fmaf_rn(hv[j], cq[j], acc);
-      }
-      pack8(hv, raw);
-      store8(out + e, raw);
+      const float xv = xs[row];
+      float acc = ssu_chunk(stage + e, out + e, dt * xv, dA, bq, cq);
       if (FAST) {
         rs[it] = acc;
         continue;
@@ -499,24 +519,24 @@ __device__ __forceinline__ void ssu_body(const SsuParams& p, float (*s_red)[SSU_
       for (int o = 16; o > 0; o >>= 1)  // the row's lanes: a butterfly over N / VEC lanes (uniform condition)
         if (o < lanes_per_row) acc += __shfl_xor_sync(0xffffffffu, acc, o);
       if (n0 == 0) {
-        const float gv = (acc + Dh * xv) * zs[row];
+        const float gv = ssu_gated(acc, Dh, xv, zs[row]);
         yrow[row] = st(gv * ws[row]);
-        local_sq += gv * gv;
+        local_sq = sq_add(local_sq, gv);
       }
     }
     if (FAST) {  // lane holds chunk 2 * bit3 + bit2 of its row; lanes 0 and 16 sum the squares in chunk order
       const float acc = ssu_row_sums(reinterpret_cast<const float (&)[4]>(rs), lane);
       const int row = row0 + (((lane >> 3) & 1) * 2 + ((lane >> 2) & 1)) * rows_per_it;
       const float xv = xs[row];
-      const float gv = (acc + Dh * xv) * zs[row];
+      const float gv = ssu_gated(acc, Dh, xv, zs[row]);
       if ((lane & 3) == 0) yrow[row] = st(gv * ws[row]);
       const float g1 = __shfl_down_sync(0xffffffffu, gv, 4), g2 = __shfl_down_sync(0xffffffffu, gv, 8),
                   g3 = __shfl_down_sync(0xffffffffu, gv, 12);
       if ((lane & 15) == 0) {
-        local_sq += gv * gv;
-        local_sq += g1 * g1;
-        local_sq += g2 * g2;
-        local_sq += g3 * g3;
+        local_sq = sq_add(local_sq, gv);
+        local_sq = sq_add(local_sq, g1);
+        local_sq = sq_add(local_sq, g2);
+        local_sq = sq_add(local_sq, g3);
       }
     }
     const float wsq = warp_sum(local_sq);
@@ -552,6 +572,218 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
 #else
   __trap();  // a build for the AiM shape only (the host passes SSU_GENERIC=0 only for it)
 #endif
+}
+#endif
+
+// ----------------------------------------------------------------------------------------------------------
+// aim_ssu_warps: the same op for the AiM shape (headdim 64, d_state 128, d_conv 4) with every warp on its own.
+// grid (G): G * SSW_WARPS <= rows * nheads warps, each owning a contiguous run of slices; block SSW_WARPS * 32;
+// dynamic shared memory (ssw_smem_bytes in kernels.py): per warp a ring of SSW_STAGES quarter slices (16 state
+// rows), then the conv windows of its next slice (its head's 64 x channels, its group's 256 B/C channels).
+// Why: in aim_selective_state_update the warps of a block share each slice, and a barrier per slice (for the
+// conv results) held 31.6 % of their cycles at AiM-B batch 256 (ncu, bench/results/ncu_ssu_details_*). Here a
+// warp computes a whole slice: each lane convolves the channels it needs and exchanges them by shuffles, so no
+// warp ever waits for another; each lane copies (cp.async) exactly the bytes it later reads, as in the ring
+// above. Lane l works on columns 8 (l % 16) .. + 7 of rows 2k + l / 16 of each quarter, as thread l of the
+// block kernel does, and every sum runs in the block kernel's order: the outputs are bit-identical to it.
+// For batch 1-4 the block kernel is faster (a slice by one warp is a longer chain): the host picks this one
+// from SSU_WARP_ROWS rows.
+#ifndef SSU_WARPS_KERNEL
+#define SSU_WARPS_KERNEL 1
+#endif
+#ifndef SSW_WARPS
+#define SSW_WARPS 4
+#endif
+#ifndef SSW_STAGES
+#define SSW_STAGES 4  // <= 4: a slice's windows are requested with its first quarter, after the last slice's use
+#endif
+#ifndef SSW_MIN_BLOCKS
+#define SSW_MIN_BLOCKS 3
+#endif
+#define SSW_QROWS (SSU_FAST_P / 4)          // state rows of a quarter slice
+#define SSW_Q (SSW_QROWS * SSU_FAST_N)      // its elements: 8 chunks of VEC per lane
+#define SSW_WIN (SSU_FAST_P * SSU_FAST_W + 2 * SSU_FAST_N * SSU_FAST_W)  // window elements per warp
+
+#if (AIM_PARTS & 1) && SSU_WARPS_KERNEL
+// Quarter q of slice s into `stage`: this lane's 8 chunks.
+__device__ __forceinline__ void ssw_fetch(const SsuParams& p, elem_t* stage, int s, int q, int lane) {
+  const elem_t* src = p.ssm_state_in + (long long)s * (SSU_FAST_P * SSU_FAST_N) + q * SSW_Q;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const int e = (k * 32 + lane) * VEC;
+#pragma unroll
+    for (int w = 0; w < WORDS8 / 4; ++w)
+      cp_async16(stage + e + w * 16 / sizeof(elem_t), src + e + w * 16 / sizeof(elem_t));
+  }
+}
+// The conv windows of the slice at cursor c: x channels lane and lane + 32 of its head, and (new_bc) B (lanes
+// 0-15) or C (16-31) channels 8 (lane % 16) .. + 7 of its group, one 16-byte-aligned run of 8 windows.
+__device__ __forceinline__ void ssw_fetch_windows(const SsuParams& p, elem_t* win, const SsuCursor& c,
+                                                  bool new_bc, int lane) {
+  constexpr int P = SSU_FAST_P, N = SSU_FAST_N, W = SSU_FAST_W;
+  const elem_t* conv = p.conv_state_in + (long long)c.r * p.conv_dim * W;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) copy_window(win + (lane + 32 * k) * W, conv + (c.h * P + lane + 32 * k) * W, W);
+  if (new_bc) {
+    const int ch = p.d_inner + (lane < 16 ? 0 : p.ngroups * N) + c.grp * N + 8 * (lane & 15);
+#pragma unroll
+    for (int w = 0; w < 8 * W * (int)sizeof(elem_t) / 16; ++w)
+      cp_async16(win + P * W + lane * 8 * W + w * 16 / sizeof(elem_t), conv + ch * W + w * 16 / sizeof(elem_t));
+  }
+}
+// The row sums of a quarter's 8 chunks per lane over the 16 lanes of each row, butterfly order as the block
+// kernel's (lane bit 3, 2, 1, 0), exchanging half of the values at each level: returns the sum of chunk
+// 4 * bit3 + 2 * bit2 + bit1 of the lane's rows (lanes l and l ^ 1 hold the same).
+__device__ __forceinline__ float ssw_row_sums(const float (&a)[8], int lane) {
+  const bool b3 = lane & 8, b2 = lane & 4, b1 = lane & 2;
+  float k[4], m[2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) k[i] = (b3 ? a[i + 4] : a[i]) + __shfl_xor_sync(0xffffffffu, b3 ? a[i] : a[i + 4], 8);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) m[i] = (b2 ? k[i + 2] : k[i]) + __shfl_xor_sync(0xffffffffu, b2 ? k[i] : k[i + 2], 4);
+  const float v = (b1 ? m[1] : m[0]) + __shfl_xor_sync(0xffffffffu, b1 ? m[0] : m[1], 2);
+  return v + __shfl_xor_sync(0xffffffffu, v, 1);
+}
+
+extern "C" __global__ void __launch_bounds__(SSW_WARPS * 32, SSW_MIN_BLOCKS) aim_ssu_warps(SsuParams p) {
+  constexpr int P = SSU_FAST_P, N = SSU_FAST_N, W = SSU_FAST_W;
+  static_assert(SSW_STAGES >= 1 && SSW_STAGES <= 4, "SSW_STAGES: 1 to 4");
+  PDL_START(p.rows, PDL_EARLY_SSU);
+  extern __shared__ __align__(16) unsigned char ssu_smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int H = p.nheads, hpg = p.nheads / p.ngroups, total = p.rows * H;
+  const int gw = blockIdx.x * SSW_WARPS + warp, nw = gridDim.x * SSW_WARPS;
+  const int s0 = (int)((long long)gw * total / nw);
+  const int n = (int)((long long)(gw + 1) * total / nw) - s0;  // >= 1: the host launches nw <= total warps
+  elem_t* ring = reinterpret_cast<elem_t*>(ssu_smem) + warp * (SSW_STAGES * SSW_Q);
+  elem_t* win = reinterpret_cast<elem_t*>(ssu_smem) + SSW_WARPS * SSW_STAGES * SSW_Q + warp * SSW_WIN;
+  const elem_t* xwin = win + (size_t)lane * W;               // this lane's x channels: lane, lane + 32
+  const elem_t* bcwin = win + P * W + (size_t)lane * 8 * W;  // its 8 B or C channels
+  const int hb = lane >> 4;                                   // the lane's row within a pair of rows
+  const int cq = ((lane >> 3) & 1) * 4 + ((lane >> 2) & 1) * 2 + ((lane >> 1) & 1);  // its chunk after the sums
+
+  // ---- the first quarters and the first slice's windows: this layer's own state, requested before PDL_WAIT
+  SsuCursor cur, fc;
+  cur.init(s0, H, hpg);
+  fc = cur;  // the slice whose windows are requested next
+#pragma unroll
+  for (int t = 0; t < SSW_STAGES; ++t) {
+    if (t < 4 * n) {
+      if (t == 0) { ssw_fetch_windows(p, win, fc, true, lane); fc.advance(H, hpg); }
+      ssw_fetch(p, ring + t * SSW_Q, s0, t, lane);
+    }
+    cp_async_commit();
+  }
+
+  float bq[VEC], cc[VEC];  // B and C of the lane's columns for the current (row, group)
+  int t = 0;               // the quarter computed next (of the run)
+  for (int i = 0; i < n; ++i) {
+    const int s = s0 + i, r = cur.r, h = cur.h, grp = cur.grp;
+    const bool new_bc = i == 0 || cur.hg == 0;
+    // ---- 1. weights (for the first slice, before PDL_WAIT)
+    float taps[2][MAX_W], xb[2], nwt[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int ch = h * P + lane + 32 * k;
+#pragma unroll
+      for (int w = 0; w < W; ++w) taps[k][w] = ld(p.conv_w[ch * W + w]);
+      xb[k] = ld(p.conv_b[ch]);
+      nwt[k] = ld(p.norm_w[ch]);
+    }
+    const float dt_bias = ld(p.dt_bias[h]), A_log = ld(p.A_log[h]), Dh = ld(p.D[h]);
+    const int bch = p.d_inner + (lane < 16 ? 0 : p.ngroups * N) + grp * N + 8 * (lane & 15);  // new_bc
+    if (i == 0) PDL_WAIT(p.rows, PDL_EARLY_SSU);
+
+    // ---- 2. in_proj's outputs for this slice (L2)
+    const elem_t* xbc = p.xbc + (long long)r * p.xbc_stride;
+    elem_t xin[2];
+    float zv[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      xin[k] = xbc[h * P + lane + 32 * k];
+      zv[k] = ld(p.z[(long long)r * p.z_stride + h * P + lane + 32 * k]);
+    }
+    float bin[8];
+    if (new_bc)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) bin[j] = ld(xbc[bch + j]);
+    float dt, dA;
+    ssu_dt(ld(p.dt[(long long)r * p.dt_stride + h]), dt_bias, A_log, dt, dA);
+
+    // ---- 3. quarter 0 and the windows have landed: conv + SiLU of the lane's x channels (window written back)
+    cp_async_wait<SSW_STAGES - 1>();
+    float xs[2], zs[2], ws[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const elem_t* wk = xwin + 32 * k * W;
+      elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + h * P + lane + 32 * k) * W;
+      float acc = xb[k];
+#pragma unroll
+      for (int w = 0; w < W - 1; ++w) { const elem_t v = wk[w + 1]; acc = conv_tap(acc, ld(v), taps[k][w]); sout[w] = v; }
+      acc = conv_tap(acc, ld(xin[k]), taps[k][W - 1]);
+      sout[W - 1] = xin[k];
+      xs[k] = silu(acc);
+      zs[k] = silu(zv[k]);
+      ws[k] = nwt[k];
+    }
+    if (new_bc) {  // lanes 0-15 convolve B, 16-31 C, of the same 8 columns: swapped across the half-warps
+      float v[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int c = bch + j;
+        float acc = ld(p.conv_b[c]);
+#pragma unroll
+        for (int w = 0; w < W - 1; ++w) acc = conv_tap(acc, ld(bcwin[j * W + w + 1]), ld(p.conv_w[c * W + w]));
+        acc = conv_tap(acc, bin[j], ld(p.conv_w[c * W + W - 1]));
+        v[j] = silu(acc);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float o = __shfl_xor_sync(0xffffffffu, v[j], 16);
+        bq[j] = hb ? o : v[j];
+        cc[j] = hb ? v[j] : o;
+      }
+    }
+
+    // ---- 4. the state, a quarter at a time; each quarter's stage refilled as soon as it is consumed
+    elem_t* out = p.ssm_state_out + (long long)s * (P * N);
+    elem_t* yrow = p.y + (long long)r * p.y_stride + h * P;
+    float sq = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q, ++t) {
+      if (q > 0) cp_async_wait<SSW_STAGES - 1>();
+      elem_t* stage = ring + (t % SSW_STAGES) * SSW_Q;
+      const float xq = q < 2 ? xs[0] : xs[1], zq = q < 2 ? zs[0] : zs[1], wq = q < 2 ? ws[0] : ws[1];
+      const int base = 16 * (q & 1) + hb;  // lane of row 16 q + hb's x channel, less 32 for q >= 2
+      float a[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int e = (k * 32 + lane) * VEC;
+        const float xv = __shfl_sync(0xffffffffu, xq, base + 2 * k);
+        a[k] = ssu_chunk(stage + e, out + q * SSW_Q + e, dt * xv, dA, bq, cc);
+      }
+      const int tn = t + SSW_STAGES;  // refill this stage (the lane's own bytes, read above)
+      if (tn < 4 * n) {
+        if ((tn & 3) == 0) { ssw_fetch_windows(p, win, fc, fc.hg == 0, lane); fc.advance(H, hpg); }
+        ssw_fetch(p, stage, s0 + (tn >> 2), tn & 3, lane);
+      }
+      cp_async_commit();
+      const float acc = ssw_row_sums(a, lane);
+      const int src = base + 2 * cq;
+      const float gv = ssu_gated(acc, Dh, __shfl_sync(0xffffffffu, xq, src), __shfl_sync(0xffffffffu, zq, src));
+      const float wv = __shfl_sync(0xffffffffu, wq, src);
+      if (!(lane & 1)) yrow[16 * q + 2 * cq + hb] = st(gv * wv);
+      sq = sq_add(sq, gv);  // rows hb + 2 cq + 16 q, q = 0..3: the block kernel's per-thread order
+    }
+    // ---- 5. the slice's sum of squares in the block kernel's tree: row pairs (2c, 2c + 1), then over c by
+    // the butterfly of a warp sum of 8 values (c ^ 4, c ^ 2, c ^ 1)
+    float v = sq + __shfl_xor_sync(0xffffffffu, sq, 16);
+    v += __shfl_xor_sync(0xffffffffu, v, 8);
+    v += __shfl_xor_sync(0xffffffffu, v, 4);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);
+    if (lane == 0) p.sumsq[s] = v;
+    cur.advance(H, hpg);
+  }
 }
 #endif
 

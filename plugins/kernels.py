@@ -429,6 +429,18 @@ def gated_norm_params(p: SsuParams) -> GatedNormParams:
 
 
 SSU_THREADS, SSU_STAGES, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 2, 256, 8, 1024  # as in aim_kernels.cu
+SSW_WARPS, SSW_STAGES = 4, 4  # aim_ssu_warps' warps per block and quarter-slice stages per warp (as there)
+SSW_SHAPE = (64, 128, 4)  # the (headdim, d_state, d_conv) aim_ssu_warps is compiled for (SSU_FAST_* there)
+# aim_ssu_warps from this many rows (SSU_WARP_ROWS, a define only the host reads), aim_selective_state_update
+# below; the AiM shape only.
+SSU_WARP_ROWS = 1 << 30
+
+
+def ssw_smem_bytes(elem_bytes: int, warps: int = SSW_WARPS, stages: int = SSW_STAGES) -> int:
+    """Dynamic shared memory of aim_ssu_warps: per warp `stages` quarter slices (16 x 128 state elements), then
+    the windows of one slice (64 x channels and 256 B/C channels of 4 elements)."""
+    p, n, w = SSW_SHAPE
+    return warps * (stages * (p // 4) * n + (p + 2 * n) * w) * elem_bytes
 NORM_INSTANCES = (3, 4, 6, NORM_PER)  # residual_norm_body's elements per thread (as in aim_kernels.cu)
 # aim_cfg_sample: vocabulary <= SAMPLE_VMAX; dynamic shared memory NBINS * 8 + LCAP * 6 (as in aim_kernels.cu)
 SAMPLE_VMAX, SAMPLE_SMEM = 16384, 4096 * 8 + 4096 * 6
@@ -616,7 +628,9 @@ class Kernels:
         self.ssu_threads = int(self.defines.get("SSU_THREADS", SSU_THREADS))
         self.ssu_stages = int(self.defines.get("SSU_STAGES", SSU_STAGES))
         self.ssu_max_blocks = None  # None: as many blocks as are resident at once; a number caps the grid (tests)
-        self._ssu_occupancy: dict[int, int] = {}
+        self._ssu_occupancy: dict[tuple[str, int, int], int] = {}
+        self.ssw_warps = int(self.defines.get("SSW_WARPS", SSW_WARPS))
+        self.ssw_stages = int(self.defines.get("SSW_STAGES", SSW_STAGES))
         self.num_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
         self.sample_threads = int(self.defines.get("SAMPLE_THREADS", SAMPLE_THREADS))
         builds = step_builds(dtype, self.defines, gemv_depths, d_model)
@@ -647,6 +661,12 @@ class Kernels:
                 self.fn[name] = fn
                 self.resids.add(name)
         self.fold_rows = int(builds[0].get("FOLD_ROWS", FOLD_ROWS))
+        # the state update's warp kernel (AiM shape) from this many rows; None: not in this build
+        self.ssu_warp_rows = int(builds[0].get("SSU_WARP_ROWS", SSU_WARP_ROWS))
+        if (fn := self._function("aim_ssu_warps", required=False)) is not None:
+            self.fn["aim_ssu_warps"] = fn
+        else:
+            self.ssu_warp_rows = None
         # the folded out_proj's one-m-tile instance up to this many rows (RESID_M1_ROWS, model_defines)
         self.resid_m1_rows = min(int(builds[0].get("RESID_M1_ROWS", self.gemv_narrow_rows)), self.gemv_narrow_rows)
         self.gemms = {mt: fn for mt in (2, 4, 8)  # aim_gemm instances (16-bit types on sm_90+, AIM_GEMM builds)
@@ -707,31 +727,52 @@ class Kernels:
         """The whole op: y gated-normed, conv and SSM states updated. With finish=False two things are left to
         the next kernel (aim_residual_norm does both, when ngroups == 1): y stays g * norm_w, to be scaled by its
         row's 1/rms from p.sumsq, and the group B/C conv windows are not yet shifted (conv_shift_params(p))."""
-        smem = ssu_smem_bytes(p, ELEM_BYTES[self.dtype], self.ssu_stages)
-        grid = min(p.rows * p.nheads, self._ssu_blocks_per_sm(smem) * self.num_sms, self.ssu_max_blocks or 1 << 30)
-        # (each block a run of consecutive (row, head) slices; all resident at once: no tail wave)
-        self._launch("aim_selective_state_update", (grid, 1, 1), self.ssu_threads, smem, stream, p)
+        name, grid, threads, smem = self.ssu_launch(p)
+        self._launch(name, (grid, 1, 1), threads, smem, stream, p)
         if finish:
             self._launch("aim_gated_norm_apply", (p.rows, 1, 1), NORM_THREADS, 0, stream, gated_norm_params(p))
 
-    def _ssu_blocks_per_sm(self, smem: int) -> int:
+    def ssu_warps_apply(self, p: SsuParams) -> bool:
+        """Whether the state update `p` runs aim_ssu_warps (this build has it, the AiM shape, enough rows)."""
+        return (self.ssu_warp_rows is not None and p.rows >= self.ssu_warp_rows
+                and (p.headdim, p.d_state, p.d_conv) == SSW_SHAPE)
+
+    def ssu_launch(self, p: SsuParams) -> tuple[str, int, int, int]:
+        """(kernel, grid, threads per block, dynamic shared memory) of the state update `p`: a fixed set of
+        resident blocks (no tail wave), each block (aim_selective_state_update) or warp (aim_ssu_warps) a run of
+        consecutive (row, head) slices."""
+        slices = p.rows * p.nheads
+        if self.ssu_warps_apply(p):
+            name, threads = "aim_ssu_warps", 32 * self.ssw_warps
+            smem = ssw_smem_bytes(ELEM_BYTES[self.dtype], self.ssw_warps, self.ssw_stages)
+            most = max(1, slices // self.ssw_warps)  # every warp has a slice
+        else:
+            name, threads = "aim_selective_state_update", self.ssu_threads
+            smem = ssu_smem_bytes(p, ELEM_BYTES[self.dtype], self.ssu_stages)
+            most = slices
+        grid = min(most, self._ssu_blocks_per_sm(smem, name, threads) * self.num_sms, self.ssu_max_blocks or 1 << 30)
+        return name, grid, threads, smem
+
+    def _ssu_blocks_per_sm(self, smem: int, name: str = "aim_selective_state_update", threads: int | None = None) -> int:
         """Resident state-update blocks per SM for `smem` bytes of dynamic shared memory (set up once per size)."""
-        if smem not in self._ssu_occupancy:
-            d, fn = self.driver, self.fn["aim_selective_state_update"]
+        threads = threads or self.ssu_threads
+        key = (name, threads, smem)
+        if key not in self._ssu_occupancy:
+            d, fn = self.driver, self.fn[name]
             attr = d.CUfunction_attribute
-            largest = max(self._ssu_occupancy, default=0)
+            largest = max((k[2] for k in self._ssu_occupancy if k[0] == name), default=0)
             if smem > largest:  # the limit only grows: launches of a smaller size stay valid
                 _check(d.cuFuncSetAttribute(fn, attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
                        "cuFuncSetAttribute")
             # shared memory over L1: the kernel reads its state through shared memory only
             _check(d.cuFuncSetAttribute(fn, attr.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
                    "cuFuncSetAttribute")
-            n = _check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, self.ssu_threads, smem),
+            n = _check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, threads, smem),
                        "cuOccupancyMaxActiveBlocksPerMultiprocessor")
             if n < 1:
-                raise KernelError(f"the state update does not fit on an SM with {smem} bytes of shared memory")
-            self._ssu_occupancy[smem] = n
-        return self._ssu_occupancy[smem]
+                raise KernelError(f"the state update ({name}) does not fit on an SM with {smem} bytes of shared memory")
+            self._ssu_occupancy[key] = n
+        return self._ssu_occupancy[key]
 
     def gemv_supported(self, rows: int, k: int) -> bool:
         """Whether this build's aim_gemv computes a product of `rows` rows and depth k (its wide tiles above

@@ -31,6 +31,11 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "new": {},
     "new_generic": {"SSU_FAST": 0},  # no constant-shape instance: the run-time shape path for every shape
     "new_s3": {"SSU_STAGES": 3},
+    # 2026-12-04 (evening): the warp kernel (aim_ssu_warps) from 1 row, and its shapes
+    "ssw": {"SSU_WARP_ROWS": 1},
+    "ssw_s3": {"SSU_WARP_ROWS": 1, "SSW_STAGES": 3},
+    "ssw_s2": {"SSU_WARP_ROWS": 1, "SSW_STAGES": 2, "SSW_MIN_BLOCKS": 5},
+    "ssw_w8s2": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 8, "SSW_STAGES": 2, "SSW_MIN_BLOCKS": 2},
     "cublas": {"AIM_GEMM": 0},  # no aim_gemm: cuBLAS for 33-128 rows (as before 2026-12-02's third session)
     "gemm_lo": {"GEMM_MIN_ROWS": 9},  # aim_gemm from 9 rows (batch 5 with guidance), aim_gemv below
     "gemm_all": {"GEMM_MIN_ROWS": 17, "GEMM_MAX_ROWS": 128},  # aim_gemm from batch 9 to 64 whatever the model
@@ -219,10 +224,13 @@ class Case:
 def grid_of(k, case):
     if isinstance(k, OldKernels):
         return case.rows * case.cfg.nheads, None
-    from aim_rt.plugins.kernels import ssu_smem_bytes
-    smem = ssu_smem_bytes(case.params(case.conv[0], case.ssm[0]), 2, k.ssu_stages)
-    per_sm = k._ssu_blocks_per_sm(smem)
-    return min(case.rows * case.cfg.nheads, per_sm * k.num_sms, k.ssu_max_blocks or 1 << 30), per_sm  # grid, fit
+    if not hasattr(k, "ssu_launch"):  # an older source's host code
+        from aim_rt.plugins.kernels import ssu_smem_bytes
+        smem = ssu_smem_bytes(case.params(case.conv[0], case.ssm[0]), 2, k.ssu_stages)
+        per_sm = k._ssu_blocks_per_sm(smem)
+        return min(case.rows * case.cfg.nheads, per_sm * k.num_sms, k.ssu_max_blocks or 1 << 30), per_sm
+    name, grid, threads, smem = k.ssu_launch(case.params(case.conv[0], case.ssm[0]))
+    return grid, k._ssu_blocks_per_sm(smem, name, threads)  # grid, fit
 
 
 def kernel_table(kernels, cases, bandwidth, log):

@@ -165,6 +165,49 @@ def test_ssu_kernel_independent_of_grid(dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ssu_warp_kernel_is_the_block_kernel_bit_for_bit(dtype):
+    """aim_ssu_warps (every warp its own run of slices, a ring of quarter slices; the AiM shape) writes exactly
+    the bits of aim_selective_state_update: y, the sums of squares, the x conv windows and the state, at 1-40
+    rows, one slice per warp or runs crossing rows and the ring, in place and ping-pong."""
+    from aim_rt.plugins.kernels import Kernels
+
+    name = "float32" if dtype == torch.float32 else "bfloat16"
+    block, warps = Kernels(name), Kernels(name, defines={"SSU_WARP_ROWS": 1})
+    cfg = aim_rt.preset("AiM-B")
+    for rows, max_blocks in ((1, None), (3, 1), (8, 5), (40, None), (40, 7)):
+        x0 = _ssu_inputs(cfg, rows=rows, dtype=dtype, g=torch.Generator().manual_seed(rows))
+        for in_place in (True, False):
+            got = {}
+            for label, k in (("block", block), ("warps", warps)):
+                k.ssu_max_blocks = max_blocks
+                x = {key: v.clone() for key, v in x0.items()}
+                (g_w, sumsq), conv, ssm = run_ssu_kernel(k, cfg, x, in_place, finish=False)
+                got[label] = [g_w, sumsq, conv[:, :cfg.d_inner], ssm]
+            p = ssu_params_for(cfg, x0)
+            assert warps.ssu_launch(p)[0] == "aim_ssu_warps" and block.ssu_launch(p)[0] != "aim_ssu_warps"
+            for field, a, b in zip(["y", "sumsq", "conv_state", "ssm_state"], got["warps"], got["block"]):
+                assert torch.equal(a, b), (field, rows, max_blocks, in_place)
+    # other shapes keep the block kernel
+    small = aim_rt.AiMConfig(d_model=256, n_layer=1, d_state=64, headdim=32)
+    assert warps.ssu_launch(ssu_params_for(small, _ssu_inputs(small, 4, dtype, torch.Generator())))[0] \
+        == "aim_selective_state_update"
+
+
+def ssu_params_for(cfg, x):
+    """SsuParams of inputs `x` (run_ssu_kernel's, in place), for the launch rule only."""
+    from aim_rt.plugins.kernels import ssu_params
+
+    rows = x["xbc"].shape[0]
+    weights = {k: x[k] for k in ("conv_weight", "conv_bias", "dt_bias", "A_log", "D", "norm_weight")}
+    return ssu_params(xbc=x["xbc"], z=x["z"], dt=x["dt"], conv_state_in=x["conv_state"],
+                      conv_state_out=x["conv_state"], ssm_state_in=x["ssm_state"], ssm_state_out=x["ssm_state"],
+                      weights=weights, sumsq=torch.zeros(rows, cfg.nheads, device="cuda"),
+                      y=torch.empty(rows, cfg.d_inner, device="cuda", dtype=x["xbc"].dtype), headdim=cfg.headdim,
+                      d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
+
+
+@needs_gpu
 def test_gemm_rows_follow_the_model_build():
     """The backend's products run through aim_gemm exactly for the rows measured best for the model's width
     (model_defines), through aim_gemv below (its wide column tiles from the rows measured best) and cuBLAS
@@ -596,3 +639,26 @@ def test_ssu_params_rejects_shapes_the_kernel_cannot_take():
         make(sumsq_cols=cfg.nheads + 1)
     with pytest.raises(KernelError, match="headdim"):
         make(headdim=16)
+
+
+@needs_gpu
+def test_backend_with_the_warp_state_update_gives_the_same_tokens():
+    """The cuda backend with aim_ssu_warps from 1 row (Kernels.ssu_warp_rows) samples the tokens and mixed
+    logits of the block kernel's step, bit for bit, at 2-34 rows; the warp kernel is what ran."""
+    from aim_rt.cuda_backend import CudaBackend
+
+    cfg = aim_rt.AiMConfig(d_model=256, n_layer=3, vocab_size=1024, num_classes=10, num_tokens=48)
+    model = aim_rt.random_model(cfg, seed=5, device="cuda", dtype="bfloat16")
+    settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
+    plain, warps = CudaBackend(model), CudaBackend(model)
+    warps.kernels.ssu_warp_rows = 1
+    names = []
+    launch = warps.kernels._launch
+    warps.kernels._launch = lambda name, *a: (names.append(name), launch(name, *a))
+    for batch in (1, 4, 17):
+        classes, seeds = [c % cfg.num_classes for c in range(batch)], list(range(batch))
+        names.clear()
+        t_p, m_p = plain.sample(classes, seeds, settings, return_mixed=True)
+        t, m = warps.sample(classes, seeds, settings, return_mixed=True)
+        assert torch.equal(t, t_p) and torch.equal(m, m_p), batch
+        assert "aim_ssu_warps" in names and "aim_selective_state_update" not in names, batch

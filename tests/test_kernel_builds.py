@@ -325,3 +325,22 @@ def test_fold_rule_follows_the_product_and_its_folded_instances():
     assert [r for r in (64, 65, 128) if kern.gemm_supported(r, 1536)] == [64]  # in_proj: cuBLAS's rows
     kern.fold_rows, kern.gemm_resids = 2, {}
     assert [r for r in rows if kern.fold_supported(r, 1536, 768)] == [1, 2]
+
+
+def test_warp_state_update_is_compiled_for_both_archs_and_can_be_left_out():
+    """aim_ssu_warps (cp.async: sm_80+) is in the step program for sm_80 and sm_90 and gone with
+    SSU_WARPS_KERNEL=0; its default shared memory leaves room for SSW_MIN_BLOCKS (3) blocks on a Hopper SM
+    (228 KB, 1 KB of it reserved per block), which its register budget (__launch_bounds__) assumes."""
+    from test_cuda_backend import _nvrtc_usable
+
+    from aim_rt.plugins.kernels import compile_cubin, ssw_smem_bytes
+
+    assert 3 * (ssw_smem_bytes(2) + 1024) <= 228 * 1024 < 4 * (ssw_smem_bytes(2) + 1024)
+    assert ssw_smem_bytes(4) == 2 * ssw_smem_bytes(2)
+    if not _nvrtc_usable():
+        pytest.skip("cuda-python with an NVRTC library is not installed")
+    common = {"AIM_PARTS": 1, "GEMV_INSTANCES": "/* none */", "NORM_PER_ONLY": 3}
+    for arch in ("sm_80", "sm_90"):
+        assert b"aim_ssu_warps" in compile_cubin("bfloat16", arch, use_cache=False, defines=common), arch
+    cubin = compile_cubin("bfloat16", "sm_90", use_cache=False, defines={**common, "SSU_WARPS_KERNEL": 0})
+    assert b"aim_ssu_warps" not in cubin and b"aim_selective_state_update" in cubin
