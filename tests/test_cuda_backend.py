@@ -647,7 +647,7 @@ def test_backend_with_the_warp_state_update_gives_the_same_tokens():
     logits of the block kernel's step, bit for bit, at 2-34 rows; the warp kernel is what ran."""
     from aim_rt.cuda_backend import CudaBackend
 
-    cfg = aim_rt.AiMConfig(d_model=256, n_layer=3, vocab_size=1024, num_classes=10, num_tokens=48)
+    cfg = aim_rt.AiMConfig(d_model=256, n_layer=3, vocab_size=1024, num_classes=10, num_tokens=49)
     model = aim_rt.random_model(cfg, seed=5, device="cuda", dtype="bfloat16")
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
     plain, warps = CudaBackend(model), CudaBackend(model)
