@@ -586,19 +586,21 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
 // warp ever waits for another; each lane copies (cp.async) exactly the bytes it later reads, as in the ring
 // above. Lane l works on columns 8 (l % 16) .. + 7 of rows 2k + l / 16 of each quarter, as thread l of the
 // block kernel does, and every sum runs in the block kernel's order: the outputs are bit-identical to it.
-// For batch 1-4 the block kernel is faster (a slice by one warp is a longer chain): the host picks this one
-// from SSU_WARP_ROWS rows.
+// Below ~2 slices per resident warp the block kernel is faster (one warp's slice is a longer chain than an
+// eighth of one): the host picks this kernel from SSU_WARP_ROWS rows (kernels.py, model_defines).
 #ifndef SSU_WARPS_KERNEL
 #define SSU_WARPS_KERNEL 1
 #endif
+// Measured on the H200 (bench/results/ssw2_h200_2026-12-04.*, whole steps): 2 warps per block, 6 blocks per SM
+// (smaller blocks take their places sooner behind the kernel before) by 0.1-0.6 % over 4 x 3; 1 x 12 lost 1-3 %.
 #ifndef SSW_WARPS
-#define SSW_WARPS 4
+#define SSW_WARPS 2
 #endif
 #ifndef SSW_STAGES
 #define SSW_STAGES 4  // <= 4: a slice's windows are requested with its first quarter, after the last slice's use
 #endif
 #ifndef SSW_MIN_BLOCKS
-#define SSW_MIN_BLOCKS 3
+#define SSW_MIN_BLOCKS (12 / SSW_WARPS)  // 12 warps per SM: the shared memory of 4 stages holds no more
 #endif
 #define SSW_QROWS (SSU_FAST_P / 4)          // state rows of a quarter slice
 #define SSW_Q (SSW_QROWS * SSU_FAST_N)      // its elements: 8 chunks of VEC per lane

@@ -150,7 +150,12 @@ def model_defines(d_model: int) -> dict:
       batch 33 / 48 / 64 -6.6 / -5.1 / -3.7 %, AiM-L -6.6 / -5.8 / -3.1 %; all three products on aim_gemm
       (gemm_max128_h200_2026-12-04.*) gained less (in_proj and lm_head alone +70 % on m8). AiM-B, whose
       products run aim_gemm up to 128 rows already, gains 0.6 % at batch 48 and nothing at 64 from folding m8:
-      not worth one more kernel to compile at its cold start."""
+      not worth one more kernel to compile at its cold start.
+    - The state update's warp kernel (aim_ssu_warps, every warp its own slices, no barrier per slice) from
+      SSU_WARP_ROWS rows (a define only the host reads), the block kernel below (bench/results/ssw2_h200_
+      2026-12-04.*, whole steps, tokens identical: the two kernels write the same bits): AiM-B from 96 rows,
+      batch 48 / 64 -1.7 / -3.8 % (batch 24 / 32 +16 / +9 %); AiM-XL from 64, batch 32 / 48 / 64 -2.5 / -3.1 /
+      -5.5 % (batch 16 / 24 +8 / +0.8 %); other widths from 128 rows (the source's default)."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
@@ -159,6 +164,10 @@ def model_defines(d_model: int) -> dict:
                        GEMM_STAGES_M4=6, GEMM_FOLD_MAX_ROWS=128, FOLD_GEMM_M8=1)
         if d_model >= 1536:
             defines.update(GEMM_STAGES_M2=8, FOLD_GEMM_M2=1)
+    if d_model < 1024:
+        defines.update(SSU_WARP_ROWS=96)
+    elif d_model >= 1536:
+        defines.update(SSU_WARP_ROWS=64)
     return defines
 
 
@@ -429,11 +438,11 @@ def gated_norm_params(p: SsuParams) -> GatedNormParams:
 
 
 SSU_THREADS, SSU_STAGES, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 2, 256, 8, 1024  # as in aim_kernels.cu
-SSW_WARPS, SSW_STAGES = 4, 4  # aim_ssu_warps' warps per block and quarter-slice stages per warp (as there)
+SSW_WARPS, SSW_STAGES = 2, 4  # aim_ssu_warps' warps per block and quarter-slice stages per warp (as there)
 SSW_SHAPE = (64, 128, 4)  # the (headdim, d_state, d_conv) aim_ssu_warps is compiled for (SSU_FAST_* there)
-# aim_ssu_warps from this many rows (SSU_WARP_ROWS, a define only the host reads), aim_selective_state_update
-# below; the AiM shape only.
-SSU_WARP_ROWS = 1 << 30
+# aim_ssu_warps from this many rows (SSU_WARP_ROWS, a define only the host reads; model_defines per width),
+# aim_selective_state_update below; the AiM shape only. 128 rows: batch 64, where both AiM-B and AiM-XL gain.
+SSU_WARP_ROWS = 128
 
 
 def ssw_smem_bytes(elem_bytes: int, warps: int = SSW_WARPS, stages: int = SSW_STAGES) -> int:

@@ -31,10 +31,13 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "new": {},
     "new_generic": {"SSU_FAST": 0},  # no constant-shape instance: the run-time shape path for every shape
     "new_s3": {"SSU_STAGES": 3},
-    # 2026-12-04 (evening): the warp kernel (aim_ssu_warps) from 1 row, and its shapes
+    # 2026-12-04 (evening): the warp kernel (aim_ssu_warps) from 1 row, and its shapes. Until ssw2_* the default
+    # was 4 warps x 3 blocks per SM, so "ssw" in ssw_* and ssw2_* is "ssw_w4" here
     "ssw": {"SSU_WARP_ROWS": 1},
-    "ssw_s3": {"SSU_WARP_ROWS": 1, "SSW_STAGES": 3},
-    "ssw_s2": {"SSU_WARP_ROWS": 1, "SSW_STAGES": 2, "SSW_MIN_BLOCKS": 5},
+    "nossw": {"SSU_WARP_ROWS": 1 << 30},  # the block kernel at every row count
+    "ssw_w4": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 4, "SSW_MIN_BLOCKS": 3},
+    "ssw_s3": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 4, "SSW_STAGES": 3, "SSW_MIN_BLOCKS": 3},
+    "ssw_s2": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 4, "SSW_STAGES": 2, "SSW_MIN_BLOCKS": 5},
     "ssw_w8s2": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 8, "SSW_STAGES": 2, "SSW_MIN_BLOCKS": 2},
     "ssw_w2": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 2, "SSW_MIN_BLOCKS": 6},  # smaller blocks: resident earlier
     "ssw_w1": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 1, "SSW_MIN_BLOCKS": 12},

@@ -225,6 +225,7 @@ def test_gemm_rows_follow_the_model_build():
     assert [r for r in range(1, 200) if b.fold_supported(r, 1536, 768)] == list(range(1, 65))
     assert [r for r in range(1, 200) if b.gemm_supported(r, 768)] == list(range(33, 129))
     assert (xl.gemv_narrow_rows, b.gemv_narrow_rows) == (8, 16)  # aim_gemv's wide tiles from 9 / 17 rows
+    assert (xl.ssu_warp_rows, b.ssu_warp_rows) == (64, 96)  # the state update's warp kernel from these rows
     assert not b.gemm_supported(64, 96)  # k not a multiple of the 64-deep chunk
 
 

@@ -160,6 +160,9 @@ def test_model_width_picks_the_measured_build():
     assert [b.get("FOLD_GEMM_M2") for b in (base, large, xl, default)] == [None, None, 1, None]
     assert [(b.get("GEMM_FOLD_MAX_ROWS"), b.get("FOLD_GEMM_M8")) for b in (base, large, xl, default)] == [
         (None, None), (128, 1), (128, 1), (None, None)]
+    # the state update's warp kernel from 96 rows at AiM-B's width, 64 from 1536 (a define only the host reads);
+    # elsewhere the source's default
+    assert [b.get("SSU_WARP_ROWS") for b in (base, large, xl, default)] == [96, None, 64, None]
 
 
 def test_fold_gemm_m2_m8_add_folded_instances_only_where_aim_gemm_folds():
@@ -329,14 +332,14 @@ def test_fold_rule_follows_the_product_and_its_folded_instances():
 
 def test_warp_state_update_is_compiled_for_both_archs_and_can_be_left_out():
     """aim_ssu_warps (cp.async: sm_80+) is in the step program for sm_80 and sm_90 and gone with
-    SSU_WARPS_KERNEL=0; its default shared memory leaves room for SSW_MIN_BLOCKS (3) blocks on a Hopper SM
-    (228 KB, 1 KB of it reserved per block), which its register budget (__launch_bounds__) assumes."""
+    SSU_WARPS_KERNEL=0; its default shared memory leaves room for SSW_MIN_BLOCKS (6 blocks of 2 warps) on a
+    Hopper SM (228 KB, 1 KB of it reserved per block), which its register budget (__launch_bounds__) assumes."""
     from test_cuda_backend import _nvrtc_usable
 
     from aim_rt.plugins.kernels import compile_cubin, ssw_smem_bytes
 
-    assert 3 * (ssw_smem_bytes(2) + 1024) <= 228 * 1024 < 4 * (ssw_smem_bytes(2) + 1024)
-    assert ssw_smem_bytes(4) == 2 * ssw_smem_bytes(2)
+    assert 6 * (ssw_smem_bytes(2) + 1024) <= 228 * 1024 < 7 * (ssw_smem_bytes(2) + 1024)
+    assert ssw_smem_bytes(2, warps=4) == 2 * ssw_smem_bytes(2) == ssw_smem_bytes(4)
     if not _nvrtc_usable():
         pytest.skip("cuda-python with an NVRTC library is not installed")
     common = {"AIM_PARTS": 1, "GEMV_INSTANCES": "/* none */", "NORM_PER_ONLY": 3}
