@@ -155,7 +155,8 @@ def model_defines(d_model: int) -> dict:
       SSU_WARP_ROWS rows (a define only the host reads), the block kernel below (bench/results/ssw2_h200_
       2026-12-04.*, whole steps, tokens identical: the two kernels write the same bits): AiM-B from 96 rows,
       batch 48 / 64 -1.7 / -3.8 % (batch 24 / 32 +16 / +9 %); AiM-XL from 64, batch 32 / 48 / 64 -2.5 / -3.1 /
-      -5.5 % (batch 16 / 24 +8 / +0.8 %); other widths from 128 rows (the source's default)."""
+      -5.5 % (batch 16 / 24 +8 / +0.8 %); AiM-L from 64 too, batch 32 / 48 / 64 -1.4 / -3.1 / -2.9 % (batch 24
+      +3.8 %; ssw_l_h200_2026-12-04.*). Without a width, from 128 rows (the source's default)."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
@@ -164,10 +165,7 @@ def model_defines(d_model: int) -> dict:
                        GEMM_STAGES_M4=6, GEMM_FOLD_MAX_ROWS=128, FOLD_GEMM_M8=1)
         if d_model >= 1536:
             defines.update(GEMM_STAGES_M2=8, FOLD_GEMM_M2=1)
-    if d_model < 1024:
-        defines.update(SSU_WARP_ROWS=96)
-    elif d_model >= 1536:
-        defines.update(SSU_WARP_ROWS=64)
+    defines.update(SSU_WARP_ROWS=96 if d_model < 1024 else 64)
     return defines
 
 

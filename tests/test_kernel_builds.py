@@ -160,9 +160,9 @@ def test_model_width_picks_the_measured_build():
     assert [b.get("FOLD_GEMM_M2") for b in (base, large, xl, default)] == [None, None, 1, None]
     assert [(b.get("GEMM_FOLD_MAX_ROWS"), b.get("FOLD_GEMM_M8")) for b in (base, large, xl, default)] == [
         (None, None), (128, 1), (128, 1), (None, None)]
-    # the state update's warp kernel from 96 rows at AiM-B's width, 64 from 1536 (a define only the host reads);
-    # elsewhere the source's default
-    assert [b.get("SSU_WARP_ROWS") for b in (base, large, xl, default)] == [96, None, 64, None]
+    # the state update's warp kernel from 96 rows at AiM-B's width, 64 from 1024 (a define only the host reads);
+    # without a width the source's default
+    assert [b.get("SSU_WARP_ROWS") for b in (base, large, xl, default)] == [96, 64, 64, None]
 
 
 def test_fold_gemm_m2_m8_add_folded_instances_only_where_aim_gemm_folds():
