@@ -41,6 +41,8 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "ssw_w8s2": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 8, "SSW_STAGES": 2, "SSW_MIN_BLOCKS": 2},
     "ssw_w2": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 2, "SSW_MIN_BLOCKS": 6},  # smaller blocks: resident earlier
     "ssw_w1": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 1, "SSW_MIN_BLOCKS": 12},
+    "ssw_s3w2": {"SSU_WARP_ROWS": 1, "SSW_STAGES": 3, "SSW_MIN_BLOCKS": 7},  # 14 warps per SM
+    "ssw_s2w2": {"SSU_WARP_ROWS": 1, "SSW_STAGES": 2, "SSW_MIN_BLOCKS": 10},  # 20 warps per SM
     "cublas": {"AIM_GEMM": 0},  # no aim_gemm: cuBLAS for 33-128 rows (as before 2026-12-02's third session)
     "gemm_lo": {"GEMM_MIN_ROWS": 9},  # aim_gemm from 9 rows (batch 5 with guidance), aim_gemv below
     "gemm_all": {"GEMM_MIN_ROWS": 17, "GEMM_MAX_ROWS": 128},  # aim_gemm from batch 9 to 64 whatever the model
