@@ -647,36 +647,6 @@ __device__ __forceinline__ float ssw_row_sums(const float (&a)[8], int lane) {
   return v + __shfl_xor_sync(0xffffffffu, v, 1);
 }
 
-// A slice's per-lane values for its x channels lane and lane + 32 (ncu: a third of the warps' stalls were these
-// loads on the slice's path while they were made per slice; bench/results/ncu_ssw_xl64_h200_2026-12-04.txt).
-struct SswSlice {
-  elem_t taps[2][SSU_FAST_W], bias[2], nw[2], dtb, alog, D;  // weights
-  elem_t xin[2], z[2], dt;                                    // in_proj's outputs
-};
-__device__ __forceinline__ void ssw_weights(const SsuParams& p, SswSlice& v, const SsuCursor& c, int lane) {
-  constexpr int P = SSU_FAST_P, W = SSU_FAST_W;
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    const int ch = c.h * P + lane + 32 * k;
-#pragma unroll
-    for (int w = 0; w < W; ++w) v.taps[k][w] = p.conv_w[ch * W + w];
-    v.bias[k] = p.conv_b[ch];
-    v.nw[k] = p.norm_w[ch];
-  }
-  v.dtb = p.dt_bias[c.h];
-  v.alog = p.A_log[c.h];
-  v.D = p.D[c.h];
-}
-__device__ __forceinline__ void ssw_inputs(const SsuParams& p, SswSlice& v, const SsuCursor& c, int lane) {
-  const elem_t* xbc = p.xbc + (long long)c.r * p.xbc_stride + c.h * SSU_FAST_P + lane;
-  const elem_t* z = p.z + (long long)c.r * p.z_stride + c.h * SSU_FAST_P + lane;
-  v.xin[0] = xbc[0];
-  v.xin[1] = xbc[32];
-  v.z[0] = z[0];
-  v.z[1] = z[32];
-  v.dt = p.dt[(long long)c.r * p.dt_stride + c.h];
-}
-
 extern "C" __global__ void __launch_bounds__(SSW_WARPS * 32, SSW_MIN_BLOCKS) aim_ssu_warps(SsuParams p) {
   constexpr int P = SSU_FAST_P, N = SSU_FAST_N, W = SSU_FAST_W;
   static_assert(SSW_STAGES >= 1 && SSW_STAGES <= 4, "SSW_STAGES: 1 to 4");
@@ -707,54 +677,56 @@ extern "C" __global__ void __launch_bounds__(SSW_WARPS * 32, SSW_MIN_BLOCKS) aim
     cp_async_commit();
   }
 
-  SswSlice nx;  // the per-slice values of the slice computed next
-  ssw_weights(p, nx, cur, lane);
   float bq[VEC], cc[VEC];  // B and C of the lane's columns for the current (row, group)
   int t = 0;               // the quarter computed next (of the run)
   for (int i = 0; i < n; ++i) {
     const int s = s0 + i, r = cur.r, h = cur.h, grp = cur.grp;
     const bool new_bc = i == 0 || cur.hg == 0;
-    // ---- 1. this slice's per-lane values, requested a slice ahead (registers); the next slice's requested now
-    // (its weights and, from slice 1 on, its in_proj outputs: all after PDL_WAIT, which slice 0 passes here)
-    if (i == 0) {
-      PDL_WAIT(p.rows, PDL_EARLY_SSU);
-      ssw_inputs(p, nx, cur, lane);
+    // ---- 1. weights (for the first slice, before PDL_WAIT)
+    float taps[2][MAX_W], xb[2], nwt[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int ch = h * P + lane + 32 * k;
+#pragma unroll
+      for (int w = 0; w < W; ++w) taps[k][w] = ld(p.conv_w[ch * W + w]);
+      xb[k] = ld(p.conv_b[ch]);
+      nwt[k] = ld(p.norm_w[ch]);
     }
-    const SswSlice in = nx;
-    if (i + 1 < n) {
-      SsuCursor c1 = cur;
-      c1.advance(H, hpg);
-      ssw_weights(p, nx, c1, lane);
-      ssw_inputs(p, nx, c1, lane);
-    }
+    const float dt_bias = ld(p.dt_bias[h]), A_log = ld(p.A_log[h]), Dh = ld(p.D[h]);
     const int bch = p.d_inner + (lane < 16 ? 0 : p.ngroups * N) + grp * N + 8 * (lane & 15);  // new_bc
+    if (i == 0) PDL_WAIT(p.rows, PDL_EARLY_SSU);
+
+    // ---- 2. in_proj's outputs for this slice (L2)
+    const elem_t* xbc = p.xbc + (long long)r * p.xbc_stride;
+    elem_t xin[2];
+    float zv[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      xin[k] = xbc[h * P + lane + 32 * k];
+      zv[k] = ld(p.z[(long long)r * p.z_stride + h * P + lane + 32 * k]);
+    }
     float bin[8];
     if (new_bc)
 #pragma unroll
-      for (int j = 0; j < 8; ++j) bin[j] = ld(p.xbc[(long long)r * p.xbc_stride + bch + j]);
+      for (int j = 0; j < 8; ++j) bin[j] = ld(xbc[bch + j]);
     float dt, dA;
-    ssu_dt(ld(in.dt), ld(in.dtb), ld(in.alog), dt, dA);
-    const float Dh = ld(in.D);
+    ssu_dt(ld(p.dt[(long long)r * p.dt_stride + h]), dt_bias, A_log, dt, dA);
 
-    // ---- 2. quarter 0 and the windows have landed: conv + SiLU of the lane's x channels (window written back)
+    // ---- 3. quarter 0 and the windows have landed: conv + SiLU of the lane's x channels (window written back)
     cp_async_wait<SSW_STAGES - 1>();
     float xs[2], zs[2], ws[2];
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
       const elem_t* wk = xwin + 32 * k * W;
       elem_t* sout = p.conv_state_out + ((long long)r * p.conv_dim + h * P + lane + 32 * k) * W;
-      float acc = ld(in.bias[k]);
+      float acc = xb[k];
 #pragma unroll
-      for (int w = 0; w < W - 1; ++w) {
-        const elem_t v = wk[w + 1];
-        acc = conv_tap(acc, ld(v), ld(in.taps[k][w]));
-        sout[w] = v;
-      }
-      acc = conv_tap(acc, ld(in.xin[k]), ld(in.taps[k][W - 1]));
-      sout[W - 1] = in.xin[k];
+      for (int w = 0; w < W - 1; ++w) { const elem_t v = wk[w + 1]; acc = conv_tap(acc, ld(v), taps[k][w]); sout[w] = v; }
+      acc = conv_tap(acc, ld(xin[k]), taps[k][W - 1]);
+      sout[W - 1] = xin[k];
       xs[k] = silu(acc);
-      zs[k] = silu(ld(in.z[k]));
-      ws[k] = ld(in.nw[k]);
+      zs[k] = silu(zv[k]);
+      ws[k] = nwt[k];
     }
     if (new_bc) {  // lanes 0-15 convolve B, 16-31 C, of the same 8 columns: swapped across the half-warps
       float v[8];
@@ -775,7 +747,7 @@ extern "C" __global__ void __launch_bounds__(SSW_WARPS * 32, SSW_MIN_BLOCKS) aim
       }
     }
 
-    // ---- 3. the state, a quarter at a time; each quarter's stage refilled as soon as it is consumed
+    // ---- 4. the state, a quarter at a time; each quarter's stage refilled as soon as it is consumed
     elem_t* out = p.ssm_state_out + (long long)s * (P * N);
     elem_t* yrow = p.y + (long long)r * p.y_stride + h * P;
     float sq = 0.0f;
@@ -805,7 +777,7 @@ extern "C" __global__ void __launch_bounds__(SSW_WARPS * 32, SSW_MIN_BLOCKS) aim
       if (!(lane & 1)) yrow[16 * q + 2 * cq + hb] = st(gv * wv);
       sq = sq_add(sq, gv);  // rows hb + 2 cq + 16 q, q = 0..3: the block kernel's per-thread order
     }
-    // ---- 4. the slice's sum of squares in the block kernel's tree: row pairs (2c, 2c + 1), then over c by
+    // ---- 5. the slice's sum of squares in the block kernel's tree: row pairs (2c, 2c + 1), then over c by
     // the butterfly of a warp sum of 8 values (c ^ 4, c ^ 2, c ^ 1)
     float v = sq + __shfl_xor_sync(0xffffffffu, sq, 16);
     v += __shfl_xor_sync(0xffffffffu, v, 8);
