@@ -8,6 +8,7 @@
 //   aim_selective_state_update   one Mamba2 decode step between in_proj and out_proj for every row and head:
 //                           conv window shift + depthwise conv + SiLU, dt softplus, h = h*exp(dt*A) + dt*x*B,
 //                           y = h.C + D*x, g = y*silu(z); writes g*norm_w and each head's sum of g^2.
+//   aim_ssu_warps           the same for the AiM shape with every warp on its own slices (many rows; same bits).
 //   aim_gated_norm_apply    divides that output by its group's RMS and shifts the B/C conv windows (where the
 //                           next kernel cannot: ConvShift).
 //   aim_residual_norm       residual += gate*out (or = input; out optionally scaled by the previous mixer's
