@@ -41,6 +41,7 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "ssw_w8s2": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 8, "SSW_STAGES": 2, "SSW_MIN_BLOCKS": 2},
     "ssw_w2": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 2, "SSW_MIN_BLOCKS": 6},  # smaller blocks: resident earlier
     "ssw_w1": {"SSU_WARP_ROWS": 1, "SSW_WARPS": 1, "SSW_MIN_BLOCKS": 12},
+    "early_ssu": {"PDL_EARLY_SSU": PDL_EARLY_ANY},  # the state update lets out_proj launch at once
     "ssw_s3w2": {"SSU_WARP_ROWS": 1, "SSW_STAGES": 3, "SSW_MIN_BLOCKS": 7},  # 14 warps per SM
     "ssw_s2w2": {"SSU_WARP_ROWS": 1, "SSW_STAGES": 2, "SSW_MIN_BLOCKS": 10},  # 20 warps per SM
     "cublas": {"AIM_GEMM": 0},  # no aim_gemm: cuBLAS for 33-128 rows (as before 2026-12-02's third session)
