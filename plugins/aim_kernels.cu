@@ -79,10 +79,11 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 #define PDL_WAIT(rows, limit) do { } while (0)
 #endif
 
-// AIM_PARTS selects the entry points a build emits: 1 the step (state update, norms, products), 2 the sampler,
-// 3 both. The host compiles parts 1 and 2 as two programs at once (a cold start waits for the longer only).
+// AIM_PARTS selects the entry points a build emits, a sum of: 1 the step (state update, norms, products), 2 the
+// sampler, 4 the state update's warp kernel (aim_ssu_warps: the AiM shape, so model-independent like the sampler).
+// The host compiles the three as programs at once (a cold start waits for the longest only).
 #ifndef AIM_PARTS
-#define AIM_PARTS 3
+#define AIM_PARTS 7
 #endif
 
 #define VEC 8  // state elements per thread per access: 16 bytes for 16-bit types, 32 for float32
@@ -607,7 +608,7 @@ extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS) aim_se
 #define SSW_Q (SSW_QROWS * SSU_FAST_N)      // its elements: 8 chunks of VEC per lane
 #define SSW_WIN (SSU_FAST_P * SSU_FAST_W + 2 * SSU_FAST_N * SSU_FAST_W)  // window elements per warp
 
-#if (AIM_PARTS & 1) && SSU_WARPS_KERNEL
+#if (AIM_PARTS & 4) && SSU_WARPS_KERNEL
 // Quarter q of slice s into `stage`: this lane's 8 chunks.
 __device__ __forceinline__ void ssw_fetch(const SsuParams& p, elem_t* stage, int s, int q, int lane) {
   const elem_t* src = p.ssm_state_in + (long long)s * (SSU_FAST_P * SSU_FAST_N) + q * SSW_Q;

@@ -206,7 +206,10 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
                 d_model: int | None = None) -> list[dict]:
     """The -D sets of the programs a Kernels compiles: the step's kernels with only the aim_gemv instances the
     depths need (all of them for gemv_depths None) and, for a model's `d_model`, the build measured best for
-    that width (model_defines); then the sampler (AIM_PARTS in aim_kernels.cu)."""
+    that width (model_defines); then the sampler and the state update's warp kernel (AIM_PARTS in
+    aim_kernels.cu), which take only the explicit defines: they are the same for every model, so precompile_early
+    starts them before the model is known (the warp kernel in its own program: the step's would compile ~20 %
+    longer with it, on a cold start's path)."""
     defines = dict(defines or {})
     if "AIM_RT_PDL_EARLY_ROWS" in os.environ:  # to measure: up to how many rows the next kernel launches at once
         defines.setdefault("PDL_EARLY_ROWS", int(os.environ["AIM_RT_PDL_EARLY_ROWS"]))
@@ -231,7 +234,9 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
                 if gemv_m1_chunks(d_model, [c_out]) or int(step.get("RESID_M1_ROWS", 0)):
                     inst.append(f"YR({c_out})")
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
-    return [{**step, "AIM_PARTS": 1}, {**defines, "AIM_PARTS": 2, "GEMV_INSTANCES": "/* none */"}]
+    none = "/* none */"
+    return [{**step, "AIM_PARTS": 1}, {**defines, "AIM_PARTS": 2, "GEMV_INSTANCES": none},
+            {**defines, "AIM_PARTS": 4, "GEMV_INSTANCES": none}]
 
 
 def kernel_builds(dtype: str, arch: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None,
@@ -268,14 +273,15 @@ def device_arch(index: int = 0) -> str | None:
 
 
 def precompile_early(dtype: str, device_index: int = 0) -> None:
-    """Start compiling the programs that depend on nothing but the element type and the GPU: the sampler, and
-    the VQ decoder's kernels for 16-bit types. The CLI calls this first thing for --backend cuda, so NVRTC works
+    """Start compiling the programs that depend on nothing but the element type and the GPU: the sampler, the
+    state update's warp kernel, and the VQ decoder's kernels for 16-bit types. The CLI calls this first thing for --backend cuda, so NVRTC works
     while torch is imported and the checkpoint read (the step's program, which depends on the model's shapes,
     starts once the config is known: aim_rt.cuda_backend.precompile). Errors surface later, at the use."""
     arch = device_arch(device_index) if dtype in ELEM_KINDS else None
     if arch is None:
         return
-    compile_async(dtype, arch, step_builds(dtype)[1])
+    for build in step_builds(dtype)[1:]:  # the sampler, the warp state update
+        compile_async(dtype, arch, build)
     if dtype != "float32":
         compile_async(dtype, arch, VQ_DEFINES, VQ_SOURCE)
 

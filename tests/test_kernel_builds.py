@@ -29,12 +29,17 @@ def test_import_aim_rt_and_the_cli_load_no_torch():
 def test_step_builds_split_the_step_from_the_sampler():
     from aim_rt.plugins.kernels import step_builds
 
-    step, sampler = step_builds("bfloat16", {"SSU_STAGES": 3}, gemv_depths=(768, 1536))
-    assert step["AIM_PARTS"] == 1 and sampler["AIM_PARTS"] == 2 and sampler["GEMV_INSTANCES"] == "/* none */"
-    assert step["SSU_STAGES"] == sampler["SSU_STAGES"] == 3
+    step, sampler, warps = step_builds("bfloat16", {"SSU_STAGES": 3}, gemv_depths=(768, 1536), d_model=768)
+    assert step["AIM_PARTS"] == 1 and sampler["AIM_PARTS"] == 2 and warps["AIM_PARTS"] == 4
+    assert sampler["GEMV_INSTANCES"] == warps["GEMV_INSTANCES"] == "/* none */"
+    assert step["SSU_STAGES"] == sampler["SSU_STAGES"] == warps["SSU_STAGES"] == 3
+    # the model's build reaches the step program only: the other two are the same for every model
+    assert "NORM_PER_ONLY" in step and "NORM_PER_ONLY" not in sampler and "NORM_PER_ONLY" not in warps
+    assert step_builds("bfloat16", {"SSU_STAGES": 3}, d_model=1536)[1:] == [sampler, warps]
+    step, *_ = step_builds("bfloat16", {"SSU_STAGES": 3}, gemv_depths=(768, 1536))
     # only the instances of the two depths (k = 256 * CH): CH 3 and 6, each narrow and wide
     assert step["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)"]
-    every, _ = step_builds("bfloat16")  # no depths given: the source's default list, every instance
+    every, *_ = step_builds("bfloat16")  # no depths given: the source's default list, every instance
     assert "GEMV_INSTANCES" not in every
 
 
@@ -48,7 +53,7 @@ def test_gemm_depths_are_passed_to_every_step_build_and_keep_two_ctas_per_sm():
     from aim_rt.plugins.kernels import GEMM_STAGES, SOURCE, gemm_smem_bytes, step_builds
 
     def depths(defines=None, d_model=None):
-        step, _ = step_builds("bfloat16", defines, gemv_depths=(768, 1536), d_model=d_model)
+        step, *_ = step_builds("bfloat16", defines, gemv_depths=(768, 1536), d_model=d_model)
         return {mt: step[f"GEMM_STAGES_M{mt}"] for mt in (2, 4, 8)}
 
     assert depths() == depths(d_model=768) == GEMM_STAGES
@@ -105,14 +110,14 @@ def test_device_arch_without_a_gpu_or_with_one():
         assert device_arch(0) is None
 
 
-def test_pdl_early_rows_reaches_both_programs(monkeypatch):
-    """AIM_RT_PDL_EARLY_ROWS (to measure the launch order) becomes a -D of the step and the sampler programs, and
-    is absent otherwise (the source's default, and the default cache keys)."""
+def test_pdl_early_rows_reaches_every_program(monkeypatch):
+    """AIM_RT_PDL_EARLY_ROWS (to measure the launch order) becomes a -D of the step, sampler and warp state update
+    programs, and is absent otherwise (the source's default, and the default cache keys)."""
     from aim_rt.plugins.kernels import step_builds
 
     assert all("PDL_EARLY_ROWS" not in b for b in step_builds("bfloat16"))
     monkeypatch.setenv("AIM_RT_PDL_EARLY_ROWS", "0")
-    assert [b["PDL_EARLY_ROWS"] for b in step_builds("bfloat16", gemv_depths=(768,))] == [0, 0]
+    assert [b["PDL_EARLY_ROWS"] for b in step_builds("bfloat16", gemv_depths=(768,))] == [0, 0, 0]
 
 
 def test_model_width_picks_the_measured_build():
@@ -126,7 +131,7 @@ def test_model_width_picks_the_measured_build():
     assert [norm_instance(d) for d in (64, 768, 1024, 1536, 2048)] == [3, 3, 4, 6, 8]
     with pytest.raises(KernelError, match="up to 2048"):
         norm_instance(2049)
-    base, sampler = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)
+    base, sampler, _ = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)
     assert base["NORM_PER_ONLY"] == 3 and "NORM_PER_ONLY" not in sampler
     assert base["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)", "XR(6,1)",
                                              "XR(6,2)", "YR(6)"]
@@ -196,7 +201,7 @@ def test_narrow_models_launch_after_norms_and_products_at_once(monkeypatch):
     PDL_EARLY_ROWS for every kind; an asked-for AIM_RT_PDL_EARLY_ROWS applies to every kind."""
     from aim_rt.plugins.kernels import PDL_EARLY_ANY, step_builds
 
-    base, sampler = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)
+    base, sampler, _ = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)
     assert base["PDL_EARLY_NORM"] == base["PDL_EARLY_GEMV"] == PDL_EARLY_ANY and "PDL_EARLY_SSU" not in base
     assert not any(k.startswith("PDL_EARLY") for k in sampler)
     for build in (step_builds("bfloat16", gemv_depths=(1536, 3072), d_model=1536)[0], step_builds("bfloat16")[0]):
@@ -331,8 +336,8 @@ def test_fold_rule_follows_the_product_and_its_folded_instances():
 
 
 def test_warp_state_update_is_compiled_for_both_archs_and_can_be_left_out():
-    """aim_ssu_warps (cp.async: sm_80+) is in the step program for sm_80 and sm_90 and gone with
-    SSU_WARPS_KERNEL=0; its default shared memory leaves room for SSW_MIN_BLOCKS (6 blocks of 2 warps) on a
+    """aim_ssu_warps (cp.async: sm_80+) is in its own program (AIM_PARTS 4) for sm_80 and sm_90, not in the
+    step's, and gone with SSU_WARPS_KERNEL=0; its default shared memory leaves room for SSW_MIN_BLOCKS (6 blocks of 2 warps) on a
     Hopper SM (228 KB, 1 KB of it reserved per block), which its register budget (__launch_bounds__) assumes."""
     from test_cuda_backend import _nvrtc_usable
 
@@ -342,8 +347,11 @@ def test_warp_state_update_is_compiled_for_both_archs_and_can_be_left_out():
     assert ssw_smem_bytes(2, warps=4) == 2 * ssw_smem_bytes(2) == ssw_smem_bytes(4)
     if not _nvrtc_usable():
         pytest.skip("cuda-python with an NVRTC library is not installed")
-    common = {"AIM_PARTS": 1, "GEMV_INSTANCES": "/* none */", "NORM_PER_ONLY": 3}
+    common = {"AIM_PARTS": 4, "GEMV_INSTANCES": "/* none */"}
     for arch in ("sm_80", "sm_90"):
-        assert b"aim_ssu_warps" in compile_cubin("bfloat16", arch, use_cache=False, defines=common), arch
-    cubin = compile_cubin("bfloat16", "sm_90", use_cache=False, defines={**common, "SSU_WARPS_KERNEL": 0})
-    assert b"aim_ssu_warps" not in cubin and b"aim_selective_state_update" in cubin
+        cubin = compile_cubin("bfloat16", arch, use_cache=False, defines=common)
+        assert b"aim_ssu_warps" in cubin and b"aim_selective_state_update" not in cubin, arch
+    assert b"aim_ssu_warps" not in compile_cubin("bfloat16", "sm_90", use_cache=False,
+                                                 defines={**common, "SSU_WARPS_KERNEL": 0})
+    step = compile_cubin("bfloat16", "sm_90", use_cache=False, defines={**common, "AIM_PARTS": 1, "NORM_PER_ONLY": 3})
+    assert b"aim_selective_state_update" in step and b"aim_ssu_warps" not in step
