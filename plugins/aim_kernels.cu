@@ -61,7 +61,7 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 #define PDL_EARLY_GEMV PDL_EARLY_ROWS   // aim_gemv_*
 #endif
 #ifndef PDL_EARLY_SSU
-#define PDL_EARLY_SSU PDL_EARLY_ROWS    // aim_selective_state_update
+#define PDL_EARLY_SSU PDL_EARLY_ROWS    // aim_selective_state_update, aim_ssu_warps
 #endif
 #ifndef PDL_EARLY_SAMPLE
 #define PDL_EARLY_SAMPLE PDL_EARLY_ROWS // aim_cfg_sample
@@ -658,7 +658,9 @@ extern "C" __global__ void __launch_bounds__(SSW_WARPS * 32, SSW_MIN_BLOCKS) aim
   const int H = p.nheads, hpg = p.nheads / p.ngroups, total = p.rows * H;
   const int gw = blockIdx.x * SSW_WARPS + warp, nw = gridDim.x * SSW_WARPS;
   const int s0 = (int)((long long)gw * total / nw);
-  const int n = (int)((long long)(gw + 1) * total / nw) - s0;  // >= 1: the host launches nw <= total warps
+  // >= 1 when the host launches nw <= total warps (it does unless rows * nheads < SSW_WARPS: then a warp with
+  // no slice writes nothing and leaves at once, its block's other warp waits for the kernel before)
+  const int n = (int)((long long)(gw + 1) * total / nw) - s0;
   elem_t* ring = reinterpret_cast<elem_t*>(ssu_smem) + warp * (SSW_STAGES * SSW_Q);
   elem_t* win = reinterpret_cast<elem_t*>(ssu_smem) + SSW_WARPS * SSW_STAGES * SSW_Q + warp * SSW_WIN;
   const elem_t* xwin = win + (size_t)lane * W;               // this lane's x channels: lane, lane + 32

@@ -91,6 +91,9 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
 
 
 PDL_EARLY_ANY = 1 << 30  # a PDL_EARLY_<KIND> limit no row count reaches: that kind lets its successor launch at once
+# Defines that only the host reads (from the step program's build): which kernel runs which rows, k splits
+HOST_DEFINES = frozenset({"SSU_WARP_ROWS", "GEMM_MIN_ROWS", "GEMM_MAX_ROWS", "GEMM_FOLD_MAX_ROWS", "GEMM_CTAS",
+                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS"})
 
 
 def model_defines(d_model: int) -> dict:
@@ -156,7 +159,7 @@ def model_defines(d_model: int) -> dict:
       2026-12-04.*, whole steps, tokens identical: the two kernels write the same bits): AiM-B from 96 rows,
       batch 48 / 64 -1.7 / -3.8 % (batch 24 / 32 +16 / +9 %); AiM-XL from 64, batch 32 / 48 / 64 -2.5 / -3.1 /
       -5.5 % (batch 16 / 24 +8 / +0.8 %); AiM-L from 64 too, batch 32 / 48 / 64 -1.4 / -3.1 / -2.9 % (batch 24
-      +3.8 %; ssw_l_h200_2026-12-04.*). Without a width, from 128 rows (the source's default)."""
+      +3.8 %; ssw_l_h200_2026-12-04.*). Without a width, from 128 rows (SSU_WARP_ROWS here)."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
@@ -234,9 +237,11 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
                 if gemv_m1_chunks(d_model, [c_out]) or int(step.get("RESID_M1_ROWS", 0)):
                     inst.append(f"YR({c_out})")
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
+    # the other two programs without the defines only the host reads (they would only change their cache keys)
+    shared = {k: v for k, v in defines.items() if k not in HOST_DEFINES}
     none = "/* none */"
-    return [{**step, "AIM_PARTS": 1}, {**defines, "AIM_PARTS": 2, "GEMV_INSTANCES": none},
-            {**defines, "AIM_PARTS": 4, "GEMV_INSTANCES": none}]
+    return [{**step, "AIM_PARTS": 1}, {**shared, "AIM_PARTS": 2, "GEMV_INSTANCES": none},
+            {**shared, "AIM_PARTS": 4, "GEMV_INSTANCES": none}]
 
 
 def kernel_builds(dtype: str, arch: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None,
@@ -274,7 +279,8 @@ def device_arch(index: int = 0) -> str | None:
 
 def precompile_early(dtype: str, device_index: int = 0) -> None:
     """Start compiling the programs that depend on nothing but the element type and the GPU: the sampler, the
-    state update's warp kernel, and the VQ decoder's kernels for 16-bit types. The CLI calls this first thing for --backend cuda, so NVRTC works
+    state update's warp kernel, and the VQ decoder's kernels for 16-bit types. The CLI calls this first thing for
+    --backend cuda, so NVRTC works
     while torch is imported and the checkpoint read (the step's program, which depends on the model's shapes,
     starts once the config is known: aim_rt.cuda_backend.precompile). Errors surface later, at the use."""
     arch = device_arch(device_index) if dtype in ELEM_KINDS else None
@@ -712,7 +718,7 @@ class Kernels:
         self.pdl = bool(self._pdl_attrs)
 
     def _function(self, name: str, required: bool = True):
-        for module in self.modules:  # the first program that has it (an older source_path has every kernel in both)
+        for module in self.modules:  # the first program that has it (an older source_path may hold it in several)
             err, fn = self.driver.cuModuleGetFunction(module, name.encode())
             if int(err) == 0:
                 return fn
@@ -766,7 +772,8 @@ class Kernels:
         grid = min(most, self._ssu_blocks_per_sm(smem, name, threads) * self.num_sms, self.ssu_max_blocks or 1 << 30)
         return name, grid, threads, smem
 
-    def _ssu_blocks_per_sm(self, smem: int, name: str = "aim_selective_state_update", threads: int | None = None) -> int:
+    def _ssu_blocks_per_sm(self, smem: int, name: str = "aim_selective_state_update",
+                           threads: int | None = None) -> int:
         """Resident state-update blocks per SM for `smem` bytes of dynamic shared memory (set up once per size)."""
         threads = threads or self.ssu_threads
         key = (name, threads, smem)

@@ -232,13 +232,8 @@ class Case:
 def grid_of(k, case):
     if isinstance(k, OldKernels):
         return case.rows * case.cfg.nheads, None
-    if not hasattr(k, "ssu_launch"):  # an older source's host code
-        from aim_rt.plugins.kernels import ssu_smem_bytes
-        smem = ssu_smem_bytes(case.params(case.conv[0], case.ssm[0]), 2, k.ssu_stages)
-        per_sm = k._ssu_blocks_per_sm(smem)
-        return min(case.rows * case.cfg.nheads, per_sm * k.num_sms, k.ssu_max_blocks or 1 << 30), per_sm
     name, grid, threads, smem = k.ssu_launch(case.params(case.conv[0], case.ssm[0]))
-    return grid, k._ssu_blocks_per_sm(smem, name, threads)  # grid, fit
+    return grid, k._ssu_blocks_per_sm(smem, name, threads)  # grid (blocks), blocks resident per SM
 
 
 def kernel_table(kernels, cases, bandwidth, log):

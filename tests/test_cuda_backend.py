@@ -165,29 +165,32 @@ def test_ssu_kernel_independent_of_grid(dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_ssu_warp_kernel_is_the_block_kernel_bit_for_bit(dtype):
     """aim_ssu_warps (every warp its own run of slices, a ring of quarter slices; the AiM shape) writes exactly
     the bits of aim_selective_state_update: y, the sums of squares, the x conv windows and the state, at 1-40
-    rows, one slice per warp or runs crossing rows and the ring, in place and ping-pong."""
+    rows, one slice per warp or runs crossing rows, groups (ngroups 4) and the ring, in place (where the B/C
+    windows, left to the next kernel, must stay as they were) and ping-pong."""
     from aim_rt.plugins.kernels import Kernels
 
-    name = "float32" if dtype == torch.float32 else "bfloat16"
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     block, warps = Kernels(name), Kernels(name, defines={"SSU_WARP_ROWS": 1})
-    cfg = aim_rt.preset("AiM-B")
-    for rows, max_blocks in ((1, None), (3, 1), (8, 5), (40, None), (40, 7)):
-        x0 = _ssu_inputs(cfg, rows=rows, dtype=dtype, g=torch.Generator().manual_seed(rows))
-        for in_place in (True, False):
-            got = {}
-            for label, k in (("block", block), ("warps", warps)):
-                k.ssu_max_blocks = max_blocks
-                x = {key: v.clone() for key, v in x0.items()}
-                (g_w, sumsq), conv, ssm = run_ssu_kernel(k, cfg, x, in_place, finish=False)
-                got[label] = [g_w, sumsq, conv[:, :cfg.d_inner], ssm]
-            p = ssu_params_for(cfg, x0)
-            assert warps.ssu_launch(p)[0] == "aim_ssu_warps" and block.ssu_launch(p)[0] != "aim_ssu_warps"
-            for field, a, b in zip(["y", "sumsq", "conv_state", "ssm_state"], got["warps"], got["block"]):
-                assert torch.equal(a, b), (field, rows, max_blocks, in_place)
+    for cfg in (aim_rt.preset("AiM-B"), aim_rt.AiMConfig(d_model=768, n_layer=1, ngroups=4)):
+        for rows, max_blocks in ((1, None), (3, 1), (8, 5), (40, None), (40, 7)):
+            x0 = _ssu_inputs(cfg, rows=rows, dtype=dtype, g=torch.Generator().manual_seed(rows))
+            for in_place in (True, False):
+                got = {}
+                for label, k in (("block", block), ("warps", warps)):
+                    k.ssu_max_blocks = max_blocks
+                    x = {key: v.clone() for key, v in x0.items()}
+                    (g_w, sumsq), conv, ssm = run_ssu_kernel(k, cfg, x, in_place, finish=False)
+                    got[label] = [g_w, sumsq, conv if in_place else conv[:, :cfg.d_inner], ssm]
+                p = ssu_params_for(cfg, x0)
+                assert warps.ssu_launch(p)[0] == "aim_ssu_warps" and block.ssu_launch(p)[0] != "aim_ssu_warps"
+                for field, a, b in zip(["y", "sumsq", "conv_state", "ssm_state"], got["warps"], got["block"]):
+                    assert torch.equal(a, b), (field, cfg.ngroups, rows, max_blocks, in_place)
+                if in_place:  # the B/C windows untouched
+                    assert torch.equal(got["warps"][2][:, cfg.d_inner:], x0["conv_state"][:, cfg.d_inner:])
     # other shapes keep the block kernel
     small = aim_rt.AiMConfig(d_model=256, n_layer=1, d_state=64, headdim=32)
     assert warps.ssu_launch(ssu_params_for(small, _ssu_inputs(small, 4, dtype, torch.Generator())))[0] \

@@ -1,4 +1,5 @@
-"""How the kernels are built at a cold start: two NVRTC programs (step, sampler) plus the VQ decoder's, compiled
+"""How the kernels are built at a cold start: three NVRTC programs (step, sampler, the state update's warp kernel)
+plus the VQ decoder's, compiled
 in background threads once per process, and started before torch is imported where the CLI can."""
 
 import subprocess
@@ -33,9 +34,12 @@ def test_step_builds_split_the_step_from_the_sampler():
     assert step["AIM_PARTS"] == 1 and sampler["AIM_PARTS"] == 2 and warps["AIM_PARTS"] == 4
     assert sampler["GEMV_INSTANCES"] == warps["GEMV_INSTANCES"] == "/* none */"
     assert step["SSU_STAGES"] == sampler["SSU_STAGES"] == warps["SSU_STAGES"] == 3
-    # the model's build reaches the step program only: the other two are the same for every model
+    # the model's build reaches the step program only: the other two are the same for every model, and the
+    # defines only the host reads stay out of them
     assert "NORM_PER_ONLY" in step and "NORM_PER_ONLY" not in sampler and "NORM_PER_ONLY" not in warps
     assert step_builds("bfloat16", {"SSU_STAGES": 3}, d_model=1536)[1:] == [sampler, warps]
+    rows = step_builds("bfloat16", {"SSU_STAGES": 3, "SSU_WARP_ROWS": 1, "GEMM_CTAS": 66})
+    assert rows[0]["SSU_WARP_ROWS"] == 1 and rows[0]["GEMM_CTAS"] == 66 and rows[1:] == [sampler, warps]
     step, *_ = step_builds("bfloat16", {"SSU_STAGES": 3}, gemv_depths=(768, 1536))
     # only the instances of the two depths (k = 256 * CH): CH 3 and 6, each narrow and wide
     assert step["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)"]
@@ -337,8 +341,9 @@ def test_fold_rule_follows_the_product_and_its_folded_instances():
 
 def test_warp_state_update_is_compiled_for_both_archs_and_can_be_left_out():
     """aim_ssu_warps (cp.async: sm_80+) is in its own program (AIM_PARTS 4) for sm_80 and sm_90, not in the
-    step's, and gone with SSU_WARPS_KERNEL=0; its default shared memory leaves room for SSW_MIN_BLOCKS (6 blocks of 2 warps) on a
-    Hopper SM (228 KB, 1 KB of it reserved per block), which its register budget (__launch_bounds__) assumes."""
+    step's, and gone with SSU_WARPS_KERNEL=0; its default shared memory leaves room for SSW_MIN_BLOCKS (6 blocks
+    of 2 warps) on a Hopper SM (228 KB, 1 KB of it reserved per block), which its register budget
+    (__launch_bounds__) assumes."""
     from test_cuda_backend import _nvrtc_usable
 
     from aim_rt.plugins.kernels import compile_cubin, ssw_smem_bytes
