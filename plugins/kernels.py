@@ -280,9 +280,9 @@ def device_arch(index: int = 0) -> str | None:
 def precompile_early(dtype: str, device_index: int = 0) -> None:
     """Start compiling the programs that depend on nothing but the element type and the GPU: the sampler, the
     state update's warp kernel, and the VQ decoder's kernels for 16-bit types. The CLI calls this first thing for
-    --backend cuda, so NVRTC works
-    while torch is imported and the checkpoint read (the step's program, which depends on the model's shapes,
-    starts once the config is known: aim_rt.cuda_backend.precompile). Errors surface later, at the use."""
+    --backend cuda, so NVRTC works while torch is imported and the checkpoint read (the step's program, which
+    depends on the model's shapes, starts once the config is known: aim_rt.cuda_backend.precompile). Errors
+    surface later, at the use."""
     arch = device_arch(device_index) if dtype in ELEM_KINDS else None
     if arch is None:
         return
@@ -435,6 +435,20 @@ def ssu_smem_bytes(p: SsuParams, elem_bytes: int, stages: int) -> int:
     return stages * ((stage + 15) // 16 * 16) + 2 * (3 * p.headdim + 2 * p.d_state) * 4
 
 
+SSW_WARPS, SSW_STAGES = 2, 4  # aim_ssu_warps' warps per block and quarter-slice stages per warp (as there)
+SSW_SHAPE = (64, 128, 4)  # the (headdim, d_state, d_conv) aim_ssu_warps is compiled for (SSU_FAST_* there)
+# aim_ssu_warps from this many rows (SSU_WARP_ROWS, a define only the host reads; model_defines per width),
+# aim_selective_state_update below; the AiM shape only. 128 rows: batch 64, where both AiM-B and AiM-XL gain.
+SSU_WARP_ROWS = 128
+
+
+def ssw_smem_bytes(elem_bytes: int, warps: int = SSW_WARPS, stages: int = SSW_STAGES) -> int:
+    """Dynamic shared memory of aim_ssu_warps: per warp `stages` quarter slices (16 x 128 state elements), then
+    the windows of one slice (64 x channels and 256 B/C channels of 4 elements)."""
+    p, n, w = SSW_SHAPE
+    return warps * (stages * (p // 4) * n + (p + 2 * n) * w) * elem_bytes
+
+
 def conv_shift_params(p: SsuParams) -> ConvShift:
     """The B/C conv-window shift that the state update `p` leaves to the next kernel."""
     return ConvShift(xbc=p.xbc, xbc_stride=p.xbc_stride, state_in=p.conv_state_in, state_out=p.conv_state_out,
@@ -448,18 +462,6 @@ def gated_norm_params(p: SsuParams) -> GatedNormParams:
 
 
 SSU_THREADS, SSU_STAGES, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 2, 256, 8, 1024  # as in aim_kernels.cu
-SSW_WARPS, SSW_STAGES = 2, 4  # aim_ssu_warps' warps per block and quarter-slice stages per warp (as there)
-SSW_SHAPE = (64, 128, 4)  # the (headdim, d_state, d_conv) aim_ssu_warps is compiled for (SSU_FAST_* there)
-# aim_ssu_warps from this many rows (SSU_WARP_ROWS, a define only the host reads; model_defines per width),
-# aim_selective_state_update below; the AiM shape only. 128 rows: batch 64, where both AiM-B and AiM-XL gain.
-SSU_WARP_ROWS = 128
-
-
-def ssw_smem_bytes(elem_bytes: int, warps: int = SSW_WARPS, stages: int = SSW_STAGES) -> int:
-    """Dynamic shared memory of aim_ssu_warps: per warp `stages` quarter slices (16 x 128 state elements), then
-    the windows of one slice (64 x channels and 256 B/C channels of 4 elements)."""
-    p, n, w = SSW_SHAPE
-    return warps * (stages * (p // 4) * n + (p + 2 * n) * w) * elem_bytes
 NORM_INSTANCES = (3, 4, 6, NORM_PER)  # residual_norm_body's elements per thread (as in aim_kernels.cu)
 # aim_cfg_sample: vocabulary <= SAMPLE_VMAX; dynamic shared memory NBINS * 8 + LCAP * 6 (as in aim_kernels.cu)
 SAMPLE_VMAX, SAMPLE_SMEM = 16384, 4096 * 8 + 4096 * 6

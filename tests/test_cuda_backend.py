@@ -65,10 +65,8 @@ def _ssu_inputs(cfg, rows, dtype, g):
         norm_weight=1 + r(cfg.d_inner, scale=0.1))
 
 
-def run_ssu_kernel(kernels, cfg, x, in_place=True, finish=True):
-    """The kernel as the op (finish=True: y gated-normed, states complete), or as the cuda backend runs it
-    (finish=False: y is g * norm_w, to be scaled by each row's 1/rms from the returned sumsq, and the group
-    B/C conv windows are left to the next kernel)."""
+def ssu_params_for(cfg, x, in_place=True):
+    """SsuParams of inputs `x` (_ssu_inputs), with fresh y and sumsq; ping-pong outputs are fresh tensors."""
     from aim_rt.plugins.kernels import ssu_params
 
     rows = x["xbc"].shape[0]
@@ -78,9 +76,17 @@ def run_ssu_kernel(kernels, cfg, x, in_place=True, finish=True):
     y = torch.empty(rows, cfg.d_inner, device=dev, dtype=dt)
     sumsq = torch.zeros(rows, cfg.nheads, device=dev)
     weights = {k: x[k] for k in ("conv_weight", "conv_bias", "dt_bias", "A_log", "D", "norm_weight")}
-    p = ssu_params(xbc=x["xbc"], z=x["z"], dt=x["dt"], conv_state_in=x["conv_state"], conv_state_out=conv_out,
-                   ssm_state_in=x["ssm_state"], ssm_state_out=ssm_out, weights=weights, sumsq=sumsq, y=y, headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups,
-                   eps=cfg.norm_eps)
+    return ssu_params(xbc=x["xbc"], z=x["z"], dt=x["dt"], conv_state_in=x["conv_state"], conv_state_out=conv_out,
+                      ssm_state_in=x["ssm_state"], ssm_state_out=ssm_out, weights=weights, sumsq=sumsq, y=y,
+                      headdim=cfg.headdim, d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps), \
+        (y, sumsq, conv_out, ssm_out)
+
+
+def run_ssu_kernel(kernels, cfg, x, in_place=True, finish=True):
+    """The kernel as the op (finish=True: y gated-normed, states complete), or as the cuda backend runs it
+    (finish=False: y is g * norm_w, to be scaled by each row's 1/rms from the returned sumsq, and the group
+    B/C conv windows are left to the next kernel)."""
+    p, (y, sumsq, conv_out, ssm_out) = ssu_params_for(cfg, x, in_place)
     kernels.selective_state_update(p, torch.cuda.current_stream().cuda_stream, finish=finish)
     torch.cuda.synchronize()
     if not finish:
@@ -185,7 +191,7 @@ def test_ssu_warp_kernel_is_the_block_kernel_bit_for_bit(dtype):
                     x = {key: v.clone() for key, v in x0.items()}
                     (g_w, sumsq), conv, ssm = run_ssu_kernel(k, cfg, x, in_place, finish=False)
                     got[label] = [g_w, sumsq, conv if in_place else conv[:, :cfg.d_inner], ssm]
-                p = ssu_params_for(cfg, x0)
+                p, _ = ssu_params_for(cfg, x0)
                 assert warps.ssu_launch(p)[0] == "aim_ssu_warps" and block.ssu_launch(p)[0] != "aim_ssu_warps"
                 for field, a, b in zip(["y", "sumsq", "conv_state", "ssm_state"], got["warps"], got["block"]):
                     assert torch.equal(a, b), (field, cfg.ngroups, rows, max_blocks, in_place)
@@ -193,21 +199,8 @@ def test_ssu_warp_kernel_is_the_block_kernel_bit_for_bit(dtype):
                     assert torch.equal(got["warps"][2][:, cfg.d_inner:], x0["conv_state"][:, cfg.d_inner:])
     # other shapes keep the block kernel
     small = aim_rt.AiMConfig(d_model=256, n_layer=1, d_state=64, headdim=32)
-    assert warps.ssu_launch(ssu_params_for(small, _ssu_inputs(small, 4, dtype, torch.Generator())))[0] \
-        == "aim_selective_state_update"
-
-
-def ssu_params_for(cfg, x):
-    """SsuParams of inputs `x` (run_ssu_kernel's, in place), for the launch rule only."""
-    from aim_rt.plugins.kernels import ssu_params
-
-    rows = x["xbc"].shape[0]
-    weights = {k: x[k] for k in ("conv_weight", "conv_bias", "dt_bias", "A_log", "D", "norm_weight")}
-    return ssu_params(xbc=x["xbc"], z=x["z"], dt=x["dt"], conv_state_in=x["conv_state"],
-                      conv_state_out=x["conv_state"], ssm_state_in=x["ssm_state"], ssm_state_out=x["ssm_state"],
-                      weights=weights, sumsq=torch.zeros(rows, cfg.nheads, device="cuda"),
-                      y=torch.empty(rows, cfg.d_inner, device="cuda", dtype=x["xbc"].dtype), headdim=cfg.headdim,
-                      d_state=cfg.d_state, ngroups=cfg.ngroups, eps=cfg.norm_eps)
+    p, _ = ssu_params_for(small, _ssu_inputs(small, 4, dtype, torch.Generator()))
+    assert warps.ssu_launch(p)[0] == "aim_selective_state_update"
 
 
 @needs_gpu
