@@ -1655,10 +1655,47 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 }
 
 // The folded epilogue's per-row scales (gated_row_scale) of rows [first, end): warp w takes rows first + w,
-// first + w + 8, ...; the caller synchronises before reading s_gs.
+// first + w + nw, ... (nw warps). Split in two so that the loads are in flight together and early: scales_load
+// requests the per-head sums of the warp's first R rows (two per lane: up to 64 heads), scales_finish adds them
+// as gated_row_scale does (lane's heads in order, then warp_sum: the same bits) and does any further rows the
+// plain way. gated_row_scale one row after another had put a round trip to L2 per row on the critical path.
+// The caller synchronises before reading s_gs.
+template <int R>
+__device__ __forceinline__ void scales_load(const NormParams& f, int first, int end, float (&v)[R][2]) {
+  const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  const bool fast = f.sumsq && f.sumsq_heads <= 64;
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int r = first + (int)(threadIdx.x >> 5) + i * nw;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int h = lane + 32 * q;
+      v[i][q] = fast && r < end && h < f.sumsq_heads ? f.sumsq[(long long)r * f.sumsq_heads + h] : 0.0f;
+    }
+  }
+}
+template <int R>
+__device__ __forceinline__ void scales_finish(const NormParams& f, int first, int end, const float (&v)[R][2],
+                                              float* s_gs) {
+  const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  int r = first + (int)(threadIdx.x >> 5);
+  if (f.sumsq && f.sumsq_heads <= 64) {
+#pragma unroll
+    for (int i = 0; i < R; ++i, r += nw) {
+      if (r >= end) break;  // uniform in the warp
+      float t = 0.0f;
+      t += v[i][0];  // heads lane, lane + 32: gated_row_scale's order (a missing one adds 0: the same sum)
+      t += v[i][1];
+      t = warp_sum(t);
+      if (lane == 0) s_gs[r] = rsqrtf(t / f.sumsq_count + f.eps);
+    }
+  }
+  for (; r < end; r += nw) gated_row_scale(f, r, lane, s_gs + r);
+}
 __device__ __forceinline__ void fold_row_scales(const NormParams& f, int first, int end, float* s_gs) {
-  const int lane = threadIdx.x & 31;
-  for (int r = first + (threadIdx.x >> 5); r < end; r += blockDim.x >> 5) gated_row_scale(f, r, lane, s_gs + r);
+  float v[2][2];
+  scales_load<2>(f, first, end, v);
+  scales_finish<2>(f, first, end, v, s_gs);
 }
 // The B/C windows the state update left, spread over the whole grid (each (row, channel) once).
 __device__ __forceinline__ void fold_conv_shift(const ConvShift& bc, int rows) {
@@ -1667,11 +1704,53 @@ __device__ __forceinline__ void fold_conv_shift(const ConvShift& bc, int rows) {
   for (int it = blockIdx.x * blockDim.x + threadIdx.x; it < rows * bc.count; it += stride)
     conv_shift_one(bc, it / bc.count, it % bc.count);
 }
+// The same in two halves: shift_load reads this thread's first E windows' kept taps and new inputs into
+// registers, shift_store writes them shifted and does any further items the plain way; in between the caller
+// issues its other loads (the compiler cannot move a load above the stores: the pointers may alias). The new
+// input is held apart from the taps: stored at a computed offset, it kept the taps out of local memory.
+template <int E>
+struct ShiftRegs {
+  elem_t keep[E][MAX_W - 1], next[E];
+};
+template <int E>
+__device__ __forceinline__ void shift_load(const ConvShift& bc, int rows, ShiftRegs<E>& v) {
+  if (!bc.xbc) return;
+  const int stride = gridDim.x * blockDim.x, it0 = blockIdx.x * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int it = it0 + e * stride;
+    if (it >= rows * bc.count) continue;
+    const int r = it / bc.count, c = it % bc.count;
+    const long long at = ((long long)r * bc.conv_dim + bc.first + c) * bc.width;
+#pragma unroll
+    for (int w = 0; w < MAX_W - 1; ++w)
+      if (w < bc.width - 1) v.keep[e][w] = bc.state_in[at + w + 1];
+    v.next[e] = bc.xbc[(long long)r * bc.xbc_stride + bc.first + c];
+  }
+}
+template <int E>
+__device__ __forceinline__ void shift_store(const ConvShift& bc, int rows, const ShiftRegs<E>& v) {
+  if (!bc.xbc) return;
+  const int stride = gridDim.x * blockDim.x, it0 = blockIdx.x * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int it = it0 + e * stride;
+    if (it >= rows * bc.count) continue;
+    elem_t* out = bc.state_out + ((long long)(it / bc.count) * bc.conv_dim + bc.first + it % bc.count) * bc.width;
+#pragma unroll
+    for (int w = 0; w < MAX_W - 1; ++w)
+      if (w < bc.width - 1) out[w] = v.keep[e][w];
+    out[bc.width - 1] = v.next[e];
+  }
+  for (int it = it0 + E * stride; it < rows * bc.count; it += stride) conv_shift_one(bc, it / bc.count, it % bc.count);
+}
 // CH: chunks of 32 per warp, k = 8 warps * 32 * CH. NT: 8-column tiles per block; a warp multiplies the x
 // fragments it loads by NT weight tiles (more rows re-read x: NT > 1 cuts that L2 traffic by NT).
 // MT: m-tiles of 16 rows at most (8 * 16 partials per warp in shared memory): 16 * MT rows.
-// f: null, or the residual add to fold into the epilogue (y is then not written).
-template <int CH, int NT, int MT>
+// f: null, or the residual add to fold into the epilogue (y is then not written). SPLIT: the fold's loads (row
+// scales' sums, the windows to shift, residuals) all requested before x and consumed after the products;
+// otherwise the scales and the shift are done before x is requested (fewer registers).
+template <int CH, int NT, int MT, bool SPLIT>
 __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams* f) {
   __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
   __shared__ float s_gs[16 * MT];            // folded: each row's 1/rms of the gated norm
@@ -1706,14 +1785,25 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     }
   }
   PDL_WAIT(p.rows, PDL_EARLY_GEMV);
-  if (f) {  // (uniform) the residuals, the row scales and the window shift, while this block multiplies
+  // folded, SPLIT: the row scales' sums and this thread's windows requested with the residuals, all before x,
+  // and consumed after the products (each had been a round trip to L2 before x was requested)
+  constexpr int SR = 2 * MT < 4 ? 2 * MT : 4, SE = 1;  // rows per warp held (32 rows), windows per thread
+  float sv[SR][2];
+  ShiftRegs<SE> wv;
+  if (f) {  // (uniform)
+    if (SPLIT) {
+      scales_load<SR>(*f, 0, p.rows, sv);
+      shift_load<SE>(f->bc, p.rows, wv);
+    }
 #pragma unroll
     for (int e = 0; e < EPI; ++e) {
       int tile, row, col;
       fres[e] = element(threadIdx.x + 256 * e, tile, row, col) ? f->residual[(long long)row * f->d + col] : 0.0f;
     }
-    fold_row_scales(*f, 0, p.rows, s_gs);
-    fold_conv_shift(f->bc, p.rows);
+    if (!SPLIT) {
+      fold_row_scales(*f, 0, p.rows, s_gs);
+      fold_conv_shift(f->bc, p.rows);
+    }
   }
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
@@ -1739,6 +1829,10 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 #pragma unroll
       for (int q = 0; q < 4; ++q) part[warp][m * NT + j][lane][q] = acc[j][q];
   }
+  if (f && SPLIT) {
+    scales_finish<SR>(*f, 0, p.rows, sv, s_gs);
+    shift_store<SE>(f->bc, p.rows, wv);
+  }
   __syncthreads();
   // thread -> (tile, lane, q): add the 8 warps' partials in warp order and store one output element
 #pragma unroll
@@ -1761,12 +1855,16 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 #define GEMV_ENTRY(NAME, CH, NT, MT) \
   extern "C" __global__ void __launch_bounds__(256) NAME(GemvParams p) { \
     PDL_START(p.rows, PDL_EARLY_GEMV);                                    \
-    gemv_body<CH, NT, MT>(p, nullptr);                                    \
+    gemv_body<CH, NT, MT, false>(p, nullptr);                             \
   }
-#define GEMV_RESID_ENTRY(NAME, CH, NT, MT)                                                             \
-  extern "C" __global__ void __launch_bounds__(256) NAME(const __grid_constant__ GemvFoldParams q) { \
-    PDL_START(q.g.rows, PDL_EARLY_GEMV);                                                               \
-    gemv_body<CH, NT, MT>(q.g, &q.n);                                                                  \
+// The folded wide-tile instances (NT > 1: AiM-B's 17-32 rows) hold the fold's loads across the products
+// (gemv_body's SPLIT) in up to 255 registers (one block per SM: they run 48-96 blocks). The narrow ones keep the
+// fold before the products and their 3 blocks per SM: held across, they needed more registers (2 blocks per SM,
+// or spills at 3) and their steps at 1-8 rows were slower (bench/results/prologue*_h200_2026-12-04.*).
+#define GEMV_RESID_ENTRY(NAME, CH, NT, MT)                                                                      \
+  extern "C" __global__ void __launch_bounds__(256, NT > 1 ? 1 : 0) NAME(const __grid_constant__ GemvFoldParams q) { \
+    PDL_START(q.g.rows, PDL_EARLY_GEMV);                                                                        \
+    gemv_body<CH, NT, MT, (NT > 1)>(q.g, &q.n);                                                                 \
   }
 // X(CH, NT): aim_gemv_k<CH>_n<NT>, up to 16 * min(8 / NT, GEMV_MAX_MT) rows. Y(CH): aim_gemv_k<CH>_n1_m1, the
 // one-tile product for up to 16 rows with one m-tile of partials (12 KB less shared memory, ~10 registers
