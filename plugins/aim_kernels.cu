@@ -1026,6 +1026,7 @@ __device__ __forceinline__ float key_value(unsigned k) {  // order_key's inverse
 #define SAMPLE_THREADS 1024
 #endif
 #define SAMPLE_WARPS (SAMPLE_THREADS / 32)
+#define NEXT_PER 2  // next-input elements per thread held in registers (d <= 2048; wider rows loop)
 #define SAMPLE_VMAX 16384
 #define MAX_PER (SAMPLE_VMAX / SAMPLE_THREADS)  // vocabulary entries per thread
 #define NBINS 4096                              // histogram bins of a select
@@ -1587,11 +1588,27 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) aim_cfg_sample(Samp
   if (tid == 0 && p.advance) p.step[b] = k + 1;  // only this block reads step[b]: no race, no atomic
   if (tid == 0 && p.next_token) p.next_token[b] = tok;
   if (!p.next_input) return;
-  for (int i = tid; i < p.d; i += blockDim.x) {
-    const float pe = i == tid ? pos_e : ld(p.pos_emb[(long long)pos * p.d + i]);
-    elem_t e = st(ld(p.word_emb[(long long)tok * p.d + i]) + pe);
-    p.next_input[(long long)b * p.d + i] = e;
-    p.next_input[(long long)(b + p.batch) * p.d + i] = e;
+  // the next step's input, word + position embedding: every load before the first store (the stores may alias
+  // the tables for all the compiler knows, so a loop stored one element before it requested the next: AiM-XL's
+  // 1536 wide rows took two round trips)
+  elem_t e[NEXT_PER];
+#pragma unroll
+  for (int j = 0; j < NEXT_PER; ++j) {
+    const int i = tid + j * SAMPLE_THREADS;
+    const float pe = j == 0 ? pos_e : i < p.d ? ld(p.pos_emb[(long long)pos * p.d + i]) : 0.0f;
+    if (i < p.d) e[j] = st(ld(p.word_emb[(long long)tok * p.d + i]) + pe);
+  }
+#pragma unroll
+  for (int j = 0; j < NEXT_PER; ++j) {
+    const int i = tid + j * SAMPLE_THREADS;
+    if (i >= p.d) break;
+    p.next_input[(long long)b * p.d + i] = e[j];
+    p.next_input[(long long)(b + p.batch) * p.d + i] = e[j];
+  }
+  for (int i = tid + NEXT_PER * SAMPLE_THREADS; i < p.d; i += SAMPLE_THREADS) {  // wider than the AiM models
+    const elem_t v = st(ld(p.word_emb[(long long)tok * p.d + i]) + ld(p.pos_emb[(long long)pos * p.d + i]));
+    p.next_input[(long long)b * p.d + i] = v;
+    p.next_input[(long long)(b + p.batch) * p.d + i] = v;
   }
 }
 #endif

@@ -7,7 +7,8 @@ and device time per step, then (optionally) the GPU tests, an ncu profile and co
 
 Timing: a CUDA graph of --reps back-to-back (cfg_sample, advance) pairs, as the decode step launches them (the
 advance is the kernel's own for this source's kernels, also timed with an aim_advance launch; and cfg_sample
-alone), bf16 logits, vocabulary 16384, next input d 768; the median of 7 replays, per pair.
+alone), bf16 logits, vocabulary 16384, next input d 768 (1536 in the "d 1536" cases); the median of 7 replays,
+per pair.
 Writes sampler_bench.json and sampler_bench.txt under --out (and pytest/ncu/sanitizer logs with --all).
 """
 
@@ -126,10 +127,11 @@ def agreement(old_source: Path | None, report: dict) -> None:
 
 
 def time_graph(kern, advance_kern, batch: int, settings: SamplingSettings, kind: str, reps: int,
-               with_advance: bool = True, scale: float = 1.0, own_advance: bool | None = None) -> float:
+               with_advance: bool = True, scale: float = 1.0, own_advance: bool | None = None, d: int = 768) -> float:
     """µs per (sample, advance) pair: the advance is the kernel's own (SampleParams.advance, per-image token
-    indices) for kernels of this source (own_advance None) and an aim_advance launch for older ones."""
-    vocab, d = 16384, 768
+    indices) for kernels of this source (own_advance None) and an aim_advance launch for older ones. d: the
+    next input's width (768 AiM-B, 1536 AiM-XL)."""
+    vocab = 16384
     own = isinstance(kern, Kernels) if own_advance is None else own_advance
     g = torch.Generator(device="cuda").manual_seed(batch)
     logits = (scale * random_logits(kind, 2 * batch, vocab, g)).to(torch.bfloat16)
@@ -170,6 +172,8 @@ def timing(old_source: Path | None, reps: int, report: dict) -> None:
     # flat rows: normal logits x 0.2 (mixed logits' spread ~4, as a random-weight AiM's): the top-p cut falls
     # among many entries of similar weight
     cases += [("official, flat", official, "normal", batch, 0.2) for batch in (1, 16, 64)]
+    # AiM-XL's next input (d 1536: two elements per thread), flat rows as its random weights give
+    cases += [("official, flat, d 1536", official, "normal", batch, 0.2) for batch in (1, 16)]
     cases += [("top_k 0 / top_p 0.9", SamplingSettings(top_k=0, top_p=0.9), "normal", 16, 1.0),
               ("top_k 50 / top_p 1", SamplingSettings(top_k=50, top_p=1.0), "normal", 16, 1.0),
               ("official, ties", official, "ties", 16, 1.0),
@@ -177,7 +181,8 @@ def timing(old_source: Path | None, reps: int, report: dict) -> None:
     for label, settings, kind, batch, scale in cases:
         row = {}
         for name, k in kern.items():
-            row[name] = round(time_graph(k, kern["new"], batch, settings, kind, reps, scale=scale), 2)
+            d = 1536 if label.endswith("d 1536") else 768
+            row[name] = round(time_graph(k, kern["new"], batch, settings, kind, reps, scale=scale, d=d), 2)
             if label.startswith("official") and kind == "normal" and isinstance(k, Kernels):
                 row[name + " (aim_advance)"] = round(time_graph(k, kern["new"], batch, settings, kind, reps,
                                                                scale=scale, own_advance=False), 2)
