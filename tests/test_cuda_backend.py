@@ -529,13 +529,14 @@ def _fold_against_unfolded(kern, rows, d_model, d_inner, heads, gated, gemm, spl
 
 
 @needs_gpu
-@pytest.mark.parametrize("d_model,gated,heads", [(768, True, 24), (1536, True, 48), (256, False, 80)])
+@pytest.mark.parametrize("d_model,gated,heads", [(768, True, 24), (1536, True, 48), (256, False, 80), (128, True, 4)])
 def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
     """out_proj with the residual add folded in (aim_gemv_resid_* up to FOLD_ROWS: 16 rows, 32 below d_model
     1024; aim_gemm_resid_* where out_proj is an aim_gemm), then the norm kernel norming the summed residual,
     against a plain out_proj and the whole norm kernel, at 1 to 128 rows (every instance): the same residual
     and normed rows, bit for bit, and the B/C windows shifted as the norm kernel shifts them. aim_gemv's rows
-    past FOLD_ROWS, and cuBLAS's, are not folded. (80 heads: the gated norm's sums past the first 64 heads.)"""
+    past FOLD_ROWS, and cuBLAS's, are not folded. (80 heads: the gated norm's sums past the first 64 heads; width
+    128: at 32 rows the wide-tile instance has more windows to shift than threads, past those it holds.)"""
     from aim_rt.plugins.kernels import Kernels, gemm_fold_params, gemm_splits, gemv_fold_params
 
     d_inner = 2 * d_model
@@ -547,7 +548,7 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
     if kern.gemms:  # Hopper: aim_gemm's rows (model_defines: from 3 at 1536, else from 33) fold too, in the
         # instances compiled: every one at 768 (FOLD_GEMM 2) and at 1536 (its build: FOLD_GEMM_M2 / _M8, the
         # folded out_proj on aim_gemm to 128 rows), the 64-row one at 256 (the default)
-        want += {1536: [17, 32, 33, 64, 100, 128], 768: [33, 64, 100, 128], 256: [33, 64]}[d_model]
+        want += {1536: [17, 32, 33, 64, 100, 128], 768: [33, 64, 100, 128], 256: [33, 64], 128: [33, 64]}[d_model]
         # (at 1536, rows 5-16 fold too, on aim_gemm_resid_m2 instead of aim_gemv_resid)
     assert folding == want
     for rows in folding:

@@ -210,15 +210,16 @@ def test_sampler_advances_per_image_indices():
 
 
 @needs_gpu
-@pytest.mark.parametrize("teacher_forced", [False, True])
-def test_sampler_outputs_next_input_and_token(teacher_forced):
+@pytest.mark.parametrize("teacher_forced,d", [(False, 768), (True, 768), (False, 100), (False, 1536), (False, 2600)])
+def test_sampler_outputs_next_input_and_token(teacher_forced, d):
     """tokens[:, k] gets the draw; next_token and both halves of next_input get the token fed on (the teacher's
-    when teacher forcing): word_emb[token] + pos_emb[k + offset], rounded once."""
+    when teacher forcing): word_emb[token] + pos_emb[k + offset], rounded once. Widths: under one element per
+    thread, two (AiM-XL's 1536), and past the two a thread holds (2600)."""
     from aim_rt.plugins.kernels import Kernels
 
     kernels = Kernels("bfloat16")
     g = torch.Generator(device="cuda").manual_seed(9)
-    batch, vocab, d, step = 5, 16384, 768, 3
+    batch, vocab, step = 5, 16384, 3
     logits = random_logits("normal", 2 * batch, vocab, g).to(torch.bfloat16)
     seeds = torch.arange(batch, device="cuda") + 1
     teacher = torch.randint(0, vocab, (batch, 8), device="cuda", generator=g) if teacher_forced else None
