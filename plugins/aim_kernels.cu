@@ -1767,30 +1767,41 @@ __device__ __forceinline__ void shift_store(const ConvShift& bc, int rows, const
 // f: null, or the residual add to fold into the epilogue (y is then not written). SPLIT: the fold's loads (row
 // scales' sums, the windows to shift, residuals) all requested before x and consumed after the products;
 // otherwise the scales and the shift are done before x is requested (fewer registers).
-template <int CH, int NT, int MT, bool SPLIT>
+// KS 2 (Hopper, a cluster pair, MT 2: up to 32 rows): the 8 k-ranges of the warps split between the two blocks
+// of a pair (rank r: k-ranges 4r..4r+3), each block's 8 warps as 4 k-ranges x 2 m-tiles, so that a block
+// reads half of x; rank r finishes m-tile r, adding the 8 k-ranges' partials in the same order as KS 1 (its
+// own from shared memory, the other's through distributed shared memory): the same bits, twice the blocks.
+template <int CH, int NT, int MT, bool SPLIT, int KS = 1>
 __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams* f) {
-  __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
-  __shared__ float s_gs[16 * MT];            // folded: each row's 1/rms of the gated norm
+  static_assert(KS == 1 || (KS == 2 && MT == 2 && SPLIT), "a cluster pair: up to 32 rows (a rank per m-tile), folded");
+  constexpr int KW = 8 / KS;                  // k-ranges per block
+  __shared__ float part[KW][MT * NT][32][4];  // each k-range's partial tiles, in fragment order
+  __shared__ float s_gs[16 * MT];             // folded: each row's 1/rms of the gated norm
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int k0 = warp * (32 * CH) + 8 * t;
+  unsigned rank = 0;  // in the cluster pair (KS 2)
+  if constexpr (KS > 1) asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  // k-range in the block, first m-tile, column tile
+  const int kw = KS == 1 ? warp : warp % KW, mw = KS == 1 ? 0 : warp / KW, col_tile = blockIdx.x / KS;
+  const int k0 = ((int)rank * KW + kw) * (32 * CH) + 8 * t;
   uint4 wreg[NT][CH];
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-    const int n = (blockIdx.x * NT + j) * 8 + g;
+    const int n = (col_tile * NT + j) * 8 + g;
 #pragma unroll
     for (int c = 0; c < CH; ++c)
       wreg[j][c] = n < p.n ? *reinterpret_cast<const uint4*>(p.w + (long long)n * p.k + k0 + 32 * c)
                            : make_uint4(0, 0, 0, 0);
   }
-  // the output elements this thread finishes at the end: i = threadIdx.x + 256 e (blockDim.x == 256)
-  constexpr int EPI = (MT * NT * 128 + 255) / 256;
+  // the output elements this thread finishes at the end: i = threadIdx.x + 256 e (blockDim.x == 256); KS 2:
+  // those of m-tile `rank` (tiles rank * NT ...)
+  constexpr int EPI = (MT / KS * NT * 128 + 255) / 256;
   const int mt = (p.rows + 15) >> 4;
   auto element = [&](int i, int& tile, int& row, int& col) {  // false past the tiles or the output
     const int l = (i >> 2) & 31, q = i & 3;
-    tile = i >> 7;
+    tile = (i >> 7) + (int)rank * NT;
     row = 16 * (tile / NT) + (l >> 2) + (q >= 2 ? 8 : 0);
-    col = (blockIdx.x * NT + tile % NT) * 8 + 2 * (l & 3) + (q & 1);
-    return i < mt * NT * 128 && row < p.rows && col < p.n;
+    col = (col_tile * NT + tile % NT) * 8 + 2 * (l & 3) + (q & 1);
+    return (KS == 1 ? i < mt * NT * 128 : tile < mt * NT && i < NT * 128) && row < p.rows && col < p.n;
   };
   float fgate[EPI], fres[EPI];  // folded: their gates (constants, before the wait) and residuals (after it)
   if (f) {
@@ -1804,12 +1815,14 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
   PDL_WAIT(p.rows, PDL_EARLY_GEMV);
   // folded, SPLIT: the row scales' sums and this thread's windows requested with the residuals, all before x,
   // and consumed after the products (each had been a round trip to L2 before x was requested)
-  constexpr int SR = 2 * MT < 4 ? 2 * MT : 4, SE = 1;  // rows per warp held (32 rows), windows per thread
+  // rows per warp held (32 rows; KS 2: the 16 of m-tile `rank`), windows per thread
+  constexpr int SR = KS > 1 ? 2 : 2 * MT < 4 ? 2 * MT : 4, SE = 1;
+  const int s_first = 16 * (int)rank, s_end = KS > 1 ? min(s_first + 16, p.rows) : p.rows;  // rows finished here
   float sv[SR][2];
   ShiftRegs<SE> wv;
   if (f) {  // (uniform)
     if (SPLIT) {
-      scales_load<SR>(*f, 0, p.rows, sv);
+      scales_load<SR>(*f, s_first, s_end, sv);
       shift_load<SE>(f->bc, p.rows, wv);
     }
 #pragma unroll
@@ -1823,7 +1836,8 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     }
   }
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
+  for (int m0 = 0; m0 < MT; m0 += KS) {
+    const int m = m0 + mw;  // KS 2: this warp's m-tile
     if (m >= mt) break;
     float acc[NT][4];
 #pragma unroll
@@ -1844,14 +1858,17 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) part[warp][m * NT + j][lane][q] = acc[j][q];
+      for (int q = 0; q < 4; ++q) part[kw][m * NT + j][lane][q] = acc[j][q];
   }
   if (f && SPLIT) {
-    scales_finish<SR>(*f, 0, p.rows, sv, s_gs);
+    scales_finish<SR>(*f, s_first, s_end, sv, s_gs);
     shift_store<SE>(f->bc, p.rows, wv);
   }
-  __syncthreads();
-  // thread -> (tile, lane, q): add the 8 warps' partials in warp order and store one output element
+  if constexpr (KS > 1)  // the pair's partials are in (release / acquire: the other block reads them next)
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  else
+    __syncthreads();
+  // thread -> (tile, lane, q): add the 8 k-ranges' partials in order and store one output element
 #pragma unroll
   for (int e = 0; e < EPI; ++e) {
     const int i = threadIdx.x + 256 * e;
@@ -1859,14 +1876,30 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     if (!element(i, tile, row, col)) continue;
     const int l = (i >> 2) & 31, q = i & 3;
     float s = 0.0f;
+    if constexpr (KS == 1) {
 #pragma unroll
-    for (int w = 0; w < 8; ++w) s += part[w][tile][l][q];
+      for (int w = 0; w < 8; ++w) s += part[w % KW][tile][l][q];
+    } else {  // the other block's four requested together, then all eight added in k order
+      float o[KW];
+      const unsigned at = smem_addr(&part[0][tile][l][q]);
+#pragma unroll
+      for (int w = 0; w < KW; ++w) {
+        unsigned remote;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote)
+                     : "r"(at + w * (unsigned)sizeof(part[0])), "r"(rank ^ 1u));
+        asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(o[w]) : "r"(remote) : "memory");
+      }
+#pragma unroll
+      for (int w = 0; w < 8; ++w) s += w / KW == (int)rank ? part[w % KW][tile][l][q] : o[w % KW];
+    }
     if (f)
       // rounded as the norm kernel reads out_proj's output, then added as it adds it (the same bits)
       f->residual[(long long)row * f->d + col] = fres[e] + gated_output(ld(st(s)), s_gs[row], fgate[e], f->gate != nullptr);
     else
       p.y[(long long)row * p.y_stride + col] = st(s);
   }
+  if constexpr (KS > 1)  // neither block exits while the other may still read its partials
+    asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
 }
 
 #define GEMV_ENTRY(NAME, CH, NT, MT) \
@@ -1894,17 +1927,31 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 #define Y(CH) GEMV_ENTRY(aim_gemv_k##CH##_n1_m1, CH, 1, 1)
 #define XR(CH, NT) GEMV_RESID_ENTRY(aim_gemv_resid_k##CH##_n##NT, CH, NT, GEMV_MT(NT))
 #define YR(CH) GEMV_RESID_ENTRY(aim_gemv_resid_k##CH##_n1_m1, CH, 1, 1)
+// XP(CH, NT): aim_gemv_resid_k<CH>_n<NT>_c2, XR(CH, NT) for 17-32 rows on cluster pairs (gemv_body's KS 2:
+// twice the blocks, each reading half of x; the same bits). Hopper only: elsewhere XP is empty and the host runs
+// XR(CH, NT).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define XP(CH, NT)                                                                                            \
+  extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(256, 1)                            \
+      aim_gemv_resid_k##CH##_n##NT##_c2(const __grid_constant__ GemvFoldParams q) {                         \
+    PDL_START(q.g.rows, PDL_EARLY_GEMV);                                                                      \
+    gemv_body<CH, NT, 2, true, 2>(q.g, &q.n);                                                                 \
+  }
+#else
+#define XP(CH, NT)
+#endif
 #if !(AIM_PARTS & 1)
 #elif defined(GEMV_INSTANCES)
 GEMV_INSTANCES
 #else
 X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(6, 1) X(8, 1) X(12, 1) X(1, 4) X(2, 4) X(3, 4) X(4, 2) X(6, 2)
-XR(6, 1) XR(8, 1) XR(12, 1) XR(6, 2)  // the AiM models' out_proj (d_inner 1536, 2048, 3072)
+XR(6, 1) XR(8, 1) XR(12, 1) XR(6, 2) XP(6, 2)  // the AiM models' out_proj (d_inner 1536, 2048, 3072)
 #endif
 #undef X
 #undef Y
 #undef XR
 #undef YR
+#undef XP
 #endif
 
 // ----------------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
 PDL_EARLY_ANY = 1 << 30  # a PDL_EARLY_<KIND> limit no row count reaches: that kind lets its successor launch at once
 # Defines that only the host reads (from the step program's build): which kernel runs which rows, k splits
 HOST_DEFINES = frozenset({"SSU_WARP_ROWS", "GEMM_MIN_ROWS", "GEMM_MAX_ROWS", "GEMM_FOLD_MAX_ROWS", "GEMM_CTAS",
-                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS"})
+                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS", "FOLD_PAIR"})
 
 
 def model_defines(d_model: int) -> dict:
@@ -234,6 +234,8 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
                 most = int(step.get("FOLD_ROWS", FOLD_ROWS))
                 tiles = sorted({gemv_tiles(rows, 256 * c_out, narrow) for rows in (1, most) if rows <= most})
                 inst += [f"XR({c_out},{t})" for t in tiles if (c_out, t) in _gemv_pairs()]
+                if tiles and tiles[-1] > 1 and int(step.get("FOLD_PAIR", 1)):  # the wide tiles' rows up to 32
+                    inst.append(f"XP({c_out},{tiles[-1]})")  # on cluster pairs (Hopper; empty elsewhere)
                 if gemv_m1_chunks(d_model, [c_out]) or int(step.get("RESID_M1_ROWS", 0)):
                     inst.append(f"YR({c_out})")
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
@@ -477,8 +479,8 @@ def check_shapes(headdim: int, d_state: int, d_conv: int, ngroups: int = 1) -> N
                           f"got {headdim} * {d_state}")
     if headdim + 2 * d_state > 512 or headdim > 128:
         raise KernelError(f"headdim + 2 * d_state must be at most 512 (headdim <= 128), got {headdim} + 2 * {d_state}")
-    if d_conv > MAX_W:
-        raise KernelError(f"d_conv must be <= {MAX_W}, got {d_conv}")
+    if not 1 <= d_conv <= MAX_W:  # (the window shifts write tap d_conv - 1)
+        raise KernelError(f"d_conv must be in 1..{MAX_W}, got {d_conv}")
     if ngroups > 64:
         raise KernelError(f"ngroups must be <= 64, got {ngroups}")
 
@@ -681,6 +683,8 @@ class Kernels:
             if (fn := self._function(name, required=False)) is not None:
                 self.fn[name] = fn
                 self.resids.add(name)
+            if (fn := self._function(f"{name}_c2", required=False)) is not None:  # its cluster pairs (XP)
+                self.fn[f"{name}_c2"] = fn
         self.fold_rows = int(builds[0].get("FOLD_ROWS", FOLD_ROWS))
         # the state update's warp kernel (AiM shape) from this many rows; None: not in this build
         self.ssu_warp_rows = int(builds[0].get("SSU_WARP_ROWS", SSU_WARP_ROWS))
@@ -818,12 +822,16 @@ class Kernels:
         return m1 if nt == 1 and rows <= limit and m1 in self.fn else f"{kind}_k{c}_n{nt}"
 
     def _launch_gemv(self, kind: str, g: GemvParams, params, stream: int) -> None:
-        """One block of 8 * NT output columns per block (NT: gemv_tiles), 256 threads."""
+        """One block of 8 * NT output columns per block (NT: gemv_tiles), 256 threads; a pair of blocks (a
+        cluster splitting k) for the folded wide tiles' rows up to 32 where this build has them (XP)."""
         name = self._gemv_name(g.rows, g.k, kind)
         if name not in self.fn:
             raise KernelError(f"{name} was not compiled (gemv_depths, resid_chunk)")
         nt = gemv_tiles(g.rows, g.k, self.gemv_narrow_rows)
-        self._launch(name, ((g.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, params)
+        blocks = (g.n + 8 * nt - 1) // (8 * nt)
+        if nt > 1 and g.rows <= 32 and f"{name}_c2" in self.fn:
+            name, blocks = f"{name}_c2", 2 * blocks
+        self._launch(name, (blocks, 1, 1), 256, 0, stream, params)
 
     def fold_supported(self, rows: int, k: int, n: int) -> bool:
         """Whether the backend folds the residual add into out_proj (depth k, n columns) at this many rows in

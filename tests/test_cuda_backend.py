@@ -34,9 +34,10 @@ def test_kernels_compile(arch, dtype):
 
     cubin = compile_cubin(dtype, arch, use_cache=False)
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
-    # the tensor-core products exist for 16-bit types only
+    # the tensor-core products exist for 16-bit types only, their cluster pairs on Hopper only
     assert (b"aim_gemv_k3_n1" in cubin) == (dtype != "float32")
     assert (b"aim_gemv_resid_k6_n1" in cubin) == (dtype != "float32")
+    assert (b"aim_gemv_resid_k6_n2_c2" in cubin) == (dtype != "float32" and arch == "sm_90")
 
 
 @pytest.mark.skipif(not _nvrtc_usable(), reason="cuda-python with an NVRTC library is not installed")
@@ -529,14 +530,17 @@ def _fold_against_unfolded(kern, rows, d_model, d_inner, heads, gated, gemm, spl
 
 
 @needs_gpu
-@pytest.mark.parametrize("d_model,gated,heads", [(768, True, 24), (1536, True, 48), (256, False, 80), (128, True, 4)])
+@pytest.mark.parametrize("d_model,gated,heads", [(768, True, 24), (1536, True, 48), (256, False, 80), (128, True, 4),
+                                                 (768, True, 48)])
 def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
     """out_proj with the residual add folded in (aim_gemv_resid_* up to FOLD_ROWS: 16 rows, 32 below d_model
     1024; aim_gemm_resid_* where out_proj is an aim_gemm), then the norm kernel norming the summed residual,
     against a plain out_proj and the whole norm kernel, at 1 to 128 rows (every instance): the same residual
     and normed rows, bit for bit, and the B/C windows shifted as the norm kernel shifts them. aim_gemv's rows
-    past FOLD_ROWS, and cuBLAS's, are not folded. (80 heads: the gated norm's sums past the first 64 heads; width
-    128: at 32 rows the wide-tile instance has more windows to shift than threads, past those it holds.)"""
+    past FOLD_ROWS, and cuBLAS's, are not folded. (80 heads: the gated norm's sums past the first 64 heads; 48:
+    a lane's second head in the sums the wide tiles hold across the products; width 128: at 32 rows the
+    wide-tile instance has more windows to shift than threads, past those it holds.) Below d_model 1024 on
+    Hopper the wide tiles' 17-32 rows run on cluster pairs (aim_gemv_resid_*_c2)."""
     from aim_rt.plugins.kernels import Kernels, gemm_fold_params, gemm_splits, gemv_fold_params
 
     d_inner = 2 * d_model
@@ -551,6 +555,8 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
         want += {1536: [17, 32, 33, 64, 100, 128], 768: [33, 64, 100, 128], 256: [33, 64], 128: [33, 64]}[d_model]
         # (at 1536, rows 5-16 fold too, on aim_gemm_resid_m2 instead of aim_gemv_resid)
     assert folding == want
+    if kern.gemms and d_model < 1024:  # Hopper: the cluster pairs are there, so rows 17 and 32 run them
+        assert any(name.endswith("_c2") for name in kern.fn)
     for rows in folding:
         gemm = kern.gemm_supported(rows, d_inner, folded=True)
         splits = gemm_splits(d_model, d_inner, kern.gemm_fold_ctas)  # as the backend splits the folded out_proj

@@ -138,7 +138,7 @@ def test_model_width_picks_the_measured_build():
     base, sampler, _ = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)
     assert base["NORM_PER_ONLY"] == 3 and "NORM_PER_ONLY" not in sampler
     assert base["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)", "XR(6,1)",
-                                             "XR(6,2)", "YR(6)"]
+                                             "XR(6,2)", "XP(6,2)", "YR(6)"]
     xl = step_builds("bfloat16", gemv_depths=(1536, 3072), d_model=1536)[0]
     assert xl["NORM_PER_ONLY"] == 6
     assert xl["GEMV_INSTANCES"].split() == ["X(6,1)", "X(12,1)", "X(6,2)", "Y(6)", "Y(12)", "XR(12,1)",
@@ -164,6 +164,11 @@ def test_model_width_picks_the_measured_build():
     # define only the host reads; elsewhere 16)
     assert [b.get("FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
     assert "XR(6,2)" not in step_builds("bfloat16", {"FOLD_ROWS": 16}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
+    # ... and those wide tiles on cluster pairs too (XP), unless FOLD_PAIR 0 (a define only the host reads) or
+    # nothing folds
+    nopair = step_builds("bfloat16", {"FOLD_PAIR": 0}, (768, 1536), 768)
+    assert "XP(" not in nopair[0]["GEMV_INSTANCES"] and "FOLD_PAIR" not in nopair[1]
+    assert "XP(" not in step_builds("bfloat16", {"FOLD_ROWS": 0}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
     # aim_gemm's folded 32-row instance (FOLD_GEMM_M2) only from d_model 1536; the folded out_proj on aim_gemm
     # to 128 rows (GEMM_FOLD_MAX_ROWS, FOLD_GEMM_M8) from 1024
     assert [b.get("FOLD_GEMM_M2") for b in (base, large, xl, default)] == [None, None, 1, None]
@@ -360,3 +365,18 @@ def test_warp_state_update_is_compiled_for_both_archs_and_can_be_left_out():
                                                  defines={**common, "SSU_WARPS_KERNEL": 0})
     step = compile_cubin("bfloat16", "sm_90", use_cache=False, defines={**common, "AIM_PARTS": 1, "NORM_PER_ONLY": 3})
     assert b"aim_selective_state_update" in step and b"aim_ssu_warps" not in step
+
+
+@pytest.mark.parametrize("shape,match", [((64, 128, 0), "d_conv must be in 1..4, got 0"),
+                                         ((64, 128, 5), "d_conv must be in 1..4, got 5"),
+                                         ((64, 12, 4), "d_state must divide 256"),
+                                         ((256, 128, 4), "headdim \\* d_state must be")])
+def test_state_update_shapes_outside_the_kernels_limits_are_refused(shape, match):
+    """The state update's and the window shifts' limits (check_shapes): a conv of width 0 (whose shift would
+    write before its window) or past MAX_W, and state tiles the kernels do not tile, are refused by name; the
+    AiM shape passes."""
+    from aim_rt.plugins.kernels import KernelError, check_shapes
+
+    check_shapes(64, 128, 4)
+    with pytest.raises(KernelError, match=match):
+        check_shapes(*shape)
