@@ -1773,7 +1773,7 @@ __device__ __forceinline__ void shift_store(const ConvShift& bc, int rows, const
 // own from shared memory, the other's through distributed shared memory): the same bits, twice the blocks.
 template <int CH, int NT, int MT, bool SPLIT, int KS = 1>
 __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams* f) {
-  static_assert(KS == 1 || (KS == 2 && MT == 2 && SPLIT), "a cluster pair: up to 32 rows (a rank per m-tile), folded");
+  static_assert(KS == 1 || (KS == 2 && MT == 2), "a cluster pair: up to 32 rows (a rank per m-tile)");
   constexpr int KW = 8 / KS;                  // k-ranges per block
   __shared__ float part[KW][MT * NT][32][4];  // each k-range's partial tiles, in fragment order
   __shared__ float s_gs[16 * MT];             // folded: each row's 1/rms of the gated norm
@@ -1927,9 +1927,9 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 #define Y(CH) GEMV_ENTRY(aim_gemv_k##CH##_n1_m1, CH, 1, 1)
 #define XR(CH, NT) GEMV_RESID_ENTRY(aim_gemv_resid_k##CH##_n##NT, CH, NT, GEMV_MT(NT))
 #define YR(CH) GEMV_RESID_ENTRY(aim_gemv_resid_k##CH##_n1_m1, CH, 1, 1)
-// XP(CH, NT): aim_gemv_resid_k<CH>_n<NT>_c2, XR(CH, NT) for 17-32 rows on cluster pairs (gemv_body's KS 2:
-// twice the blocks, each reading half of x; the same bits). Hopper only: elsewhere XP is empty and the host runs
-// XR(CH, NT).
+// XP(CH, NT) / XQ(CH, NT): aim_gemv_resid_k<CH>_n<NT>_c2 / aim_gemv_k<CH>_n<NT>_c2, XR(CH, NT) / X(CH, NT) for
+// up to 32 rows on cluster pairs (gemv_body's KS 2: twice the blocks, each reading half of x; the same bits).
+// Hopper only: elsewhere they are empty and the host runs XR / X.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define XP(CH, NT)                                                                                            \
   extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(256, 1)                            \
@@ -1937,8 +1937,15 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     PDL_START(q.g.rows, PDL_EARLY_GEMV);                                                                      \
     gemv_body<CH, NT, 2, true, 2>(q.g, &q.n);                                                                 \
   }
+#define XQ(CH, NT)                                                                                            \
+  extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(256)                               \
+      aim_gemv_k##CH##_n##NT##_c2(GemvParams p) {                                                             \
+    PDL_START(p.rows, PDL_EARLY_GEMV);                                                                        \
+    gemv_body<CH, NT, 2, false, 2>(p, nullptr);                                                               \
+  }
 #else
 #define XP(CH, NT)
+#define XQ(CH, NT)
 #endif
 #if !(AIM_PARTS & 1)
 #elif defined(GEMV_INSTANCES)
@@ -1952,6 +1959,7 @@ XR(6, 1) XR(8, 1) XR(12, 1) XR(6, 2) XP(6, 2)  // the AiM models' out_proj (d_in
 #undef XR
 #undef YR
 #undef XP
+#undef XQ
 #endif
 
 // ----------------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
 PDL_EARLY_ANY = 1 << 30  # a PDL_EARLY_<KIND> limit no row count reaches: that kind lets its successor launch at once
 # Defines that only the host reads (from the step program's build): which kernel runs which rows, k splits
 HOST_DEFINES = frozenset({"SSU_WARP_ROWS", "GEMM_MIN_ROWS", "GEMM_MAX_ROWS", "GEMM_FOLD_MAX_ROWS", "GEMM_CTAS",
-                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS", "FOLD_PAIR"})
+                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS", "FOLD_PAIR", "GEMV_PAIR"})
 
 
 def model_defines(d_model: int) -> dict:
@@ -227,6 +227,8 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
     if gemv_depths is not None:
         chunks = sorted({k // 256 for k in gemv_depths})
         inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
+        if int(step.get("GEMV_PAIR", 0)):  # the wide tiles up to 32 rows on cluster pairs too (Hopper)
+            inst += [f"XQ({c},{t})" for c, t in _gemv_pairs() if c in chunks and t > 1 and 8 // t >= 2]
         if d_model is not None:
             inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
             if (c_out := resid_chunk(d_model, chunks)) is not None:  # out_proj with the residual add folded in,
@@ -668,6 +670,8 @@ class Kernels:
             if fn is not None:  # only the instances asked for (or an older source_path has none)
                 self.fn[f"aim_gemv_k{c}_n{t}"] = fn
                 self.gemvs.add((c, t))
+            if (fn := self._function(f"aim_gemv_k{c}_n{t}_c2", required=False)) is not None:  # cluster pairs (XQ)
+                self.fn[f"aim_gemv_k{c}_n{t}_c2"] = fn
         self.gemv_m1 = set()  # depths (CH) with a one-m-tile instance in this build
         for c in GEMV_CHUNKS if dtype != "float32" else ():
             fn = self._function(f"aim_gemv_k{c}_n1_m1", required=False)

@@ -115,6 +115,7 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     # 2026-12-05: the folded wide-tile out_proj (AiM-B's 17-32 rows) on one block per column tile, as until then,
     # instead of cluster pairs splitting k (XP in aim_kernels.cu; FOLD_PAIR, host side)
     "nopair": {"FOLD_PAIR": 0},
+    "gemvpair": {"GEMV_PAIR": 1},  # ... and the unfolded wide tiles (in_proj, lm_head) on cluster pairs too (XQ)
 }
 CAPS = (2, 3)  # the default build with at most this many blocks per SM
 CASES = [("AiM-B", 1), ("AiM-B", 16), ("AiM-B", 64), ("AiM-XL", 1), ("AiM-XL", 16), ("AiM-XL", 64)]

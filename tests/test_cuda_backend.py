@@ -424,12 +424,16 @@ def test_vq_decode_bf16_graph_against_fp32_reference():
 def test_gemv_matches_matmul_and_rows_are_independent(dtype, k, n):
     """aim_gemv vs an fp32 product of the same 16-bit operands: at most one rounding of the output apart; a
     row's result is bit-identical whatever the other rows are (batch composition does not change an image), and
-    the same through the one-m-tile instances (up to 16 rows) of a build for a 1536-wide model."""
+    the same through the one-m-tile instances (up to 16 rows) of a build for a 1536-wide model, and through the
+    wide tiles' cluster pairs (17-32 rows, GEMV_PAIR; Hopper)."""
     from aim_rt.plugins.kernels import Kernels, gemv_params, gemv_supported
 
     name = "bfloat16" if dtype == torch.bfloat16 else "float16"
-    builds = {"default": Kernels(name), "d_model 1536": Kernels(name, gemv_depths=(k,), d_model=1536)}
+    builds = {"default": Kernels(name), "d_model 1536": Kernels(name, gemv_depths=(k,), d_model=1536),
+              "pairs": Kernels(name, gemv_depths=(k,), defines={"GEMV_PAIR": 1})}
     assert not builds["default"].gemv_m1 and builds["d_model 1536"].gemv_m1 == {k // 256}
+    pairs = {f for f in builds["pairs"].fn if f.endswith("_c2")}
+    assert bool(pairs) == (torch.cuda.get_device_capability()[0] >= 9 and k // 256 in (1, 2, 3, 4, 6)), pairs
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(dtype)
     x_all = torch.randn(64, k, device="cuda", generator=gen).to(dtype)
