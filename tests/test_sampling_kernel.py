@@ -210,14 +210,15 @@ def test_sampler_advances_per_image_indices():
 
 
 @needs_gpu
-@pytest.mark.parametrize("teacher_forced,d", [(False, 768), (True, 768), (False, 100), (False, 1536), (False, 2600)])
-def test_sampler_outputs_next_input_and_token(teacher_forced, d):
+@pytest.mark.parametrize("teacher_forced,d,threads", [(False, 768, None), (True, 768, None), (False, 100, None),
+                                                      (False, 1536, None), (False, 2600, None), (False, 1536, 512)])
+def test_sampler_outputs_next_input_and_token(teacher_forced, d, threads):
     """tokens[:, k] gets the draw; next_token and both halves of next_input get the token fed on (the teacher's
     when teacher forcing): word_emb[token] + pos_emb[k + offset], rounded once. Widths: under one element per
-    thread, two (AiM-XL's 1536), and past the two a thread holds (2600)."""
+    thread, two (AiM-XL's 1536), and past the two a thread holds (2600; 1536 with 512 threads)."""
     from aim_rt.plugins.kernels import Kernels
 
-    kernels = Kernels("bfloat16")
+    kernels = Kernels("bfloat16", defines={"SAMPLE_THREADS": threads} if threads else None)
     g = torch.Generator(device="cuda").manual_seed(9)
     batch, vocab, step = 5, 16384, 3
     logits = random_logits("normal", 2 * batch, vocab, g).to(torch.bfloat16)
