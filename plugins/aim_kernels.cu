@@ -1952,7 +1952,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 GEMV_INSTANCES
 #else
 X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(6, 1) X(8, 1) X(12, 1) X(1, 4) X(2, 4) X(3, 4) X(4, 2) X(6, 2)
-XR(6, 1) XR(8, 1) XR(12, 1) XR(6, 2) XP(6, 2)  // the AiM models' out_proj (d_inner 1536, 2048, 3072)
+XR(6, 1) XR(8, 1) XR(12, 1) XR(6, 2)  // the AiM models' out_proj (d_inner 1536, 2048, 3072)
 #endif
 #undef X
 #undef Y

@@ -236,8 +236,10 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
                 most = int(step.get("FOLD_ROWS", FOLD_ROWS))
                 tiles = sorted({gemv_tiles(rows, 256 * c_out, narrow) for rows in (1, most) if rows <= most})
                 inst += [f"XR({c_out},{t})" for t in tiles if (c_out, t) in _gemv_pairs()]
-                if tiles and tiles[-1] > 1 and int(step.get("FOLD_PAIR", 1)):  # the wide tiles' rows up to 32
-                    inst.append(f"XP({c_out},{tiles[-1]})")  # on cluster pairs (Hopper; empty elsewhere)
+                # FOLD_PAIR 1: the wide tiles' rows up to 32 on cluster pairs (Hopper; empty elsewhere). Off by
+                # default until measured in whole steps (2026-12-05: written, compiled, no GPU run yet)
+                if tiles and tiles[-1] > 1 and int(step.get("FOLD_PAIR", 0)):
+                    inst.append(f"XP({c_out},{tiles[-1]})")
                 if gemv_m1_chunks(d_model, [c_out]) or int(step.get("RESID_M1_ROWS", 0)):
                     inst.append(f"YR({c_out})")
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"

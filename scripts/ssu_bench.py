@@ -112,9 +112,9 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "g4": {"_steps_per_graph": 4},
     "g8": {"_steps_per_graph": 8},
     "g32": {"_steps_per_graph": 32},
-    # 2026-12-05: the folded wide-tile out_proj (AiM-B's 17-32 rows) on one block per column tile, as until then,
-    # instead of cluster pairs splitting k (XP in aim_kernels.cu; FOLD_PAIR, host side)
-    "nopair": {"FOLD_PAIR": 0},
+    # 2026-12-05: the folded wide-tile out_proj (AiM-B's 17-32 rows) on cluster pairs splitting k instead of one
+    # block per column tile (XP in aim_kernels.cu; FOLD_PAIR, host side; off by default until measured)
+    "pair": {"FOLD_PAIR": 1},
     "gemvpair": {"GEMV_PAIR": 1},  # ... and the unfolded wide tiles (in_proj, lm_head) on cluster pairs too (XQ)
 }
 CAPS = (2, 3)  # the default build with at most this many blocks per SM

@@ -34,10 +34,23 @@ def test_kernels_compile(arch, dtype):
 
     cubin = compile_cubin(dtype, arch, use_cache=False)
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
-    # the tensor-core products exist for 16-bit types only, their cluster pairs on Hopper only
+    # the tensor-core products exist for 16-bit types only
     assert (b"aim_gemv_k3_n1" in cubin) == (dtype != "float32")
     assert (b"aim_gemv_resid_k6_n1" in cubin) == (dtype != "float32")
-    assert (b"aim_gemv_resid_k6_n2_c2" in cubin) == (dtype != "float32" and arch == "sm_90")
+
+
+@pytest.mark.skipif(not _nvrtc_usable(), reason="cuda-python with an NVRTC library is not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cluster_pair_products_compile_for_hopper_only(arch):
+    """XP / XQ (aim_gemv's wide tiles on cluster pairs) compile to kernels on sm_90 and to nothing on sm_80,
+    where the host then runs the one-block products."""
+    from aim_rt.plugins.kernels import compile_cubin
+
+    cubin = compile_cubin("bfloat16", arch, use_cache=False,
+                          defines={"GEMV_INSTANCES": "X(3,4) XR(6,2) XP(6,2) XQ(3,4)"})
+    assert b"aim_gemv_k3_n4" in cubin and b"aim_gemv_resid_k6_n2" in cubin
+    assert (b"aim_gemv_resid_k6_n2_c2" in cubin) == (arch == "sm_90")
+    assert (b"aim_gemv_k3_n4_c2" in cubin) == (arch == "sm_90")
 
 
 @pytest.mark.skipif(not _nvrtc_usable(), reason="cuda-python with an NVRTC library is not installed")
@@ -544,12 +557,12 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
     past FOLD_ROWS, and cuBLAS's, are not folded. (80 heads: the gated norm's sums past the first 64 heads; 48:
     a lane's second head in the sums the wide tiles hold across the products; width 128: at 32 rows the
     wide-tile instance has more windows to shift than threads, past those it holds.) Below d_model 1024 on
-    Hopper the wide tiles' 17-32 rows run on cluster pairs (aim_gemv_resid_*_c2)."""
+    Hopper the wide tiles' 17-32 rows run on cluster pairs (aim_gemv_resid_*_c2, FOLD_PAIR 1)."""
     from aim_rt.plugins.kernels import Kernels, gemm_fold_params, gemm_splits, gemv_fold_params
 
     d_inner = 2 * d_model
-    kern = Kernels("bfloat16", gemv_depths=(d_model, d_inner), d_model=d_model,
-                   defines={"FOLD_GEMM": 2} if d_model == 768 else None)
+    kern = Kernels("bfloat16", gemv_depths=(d_model, d_inner), d_model=d_model,  # FOLD_PAIR: the cluster pairs
+                   defines={"FOLD_PAIR": 1, **({"FOLD_GEMM": 2} if d_model == 768 else {})})
     folding = [rows for rows in (1, 2, 5, 8, 9, 16, 17, 32, 33, 64, 100, 128)
                if kern.fold_supported(rows, d_inner, d_model)]
     want = [1, 2, 5, 8, 9, 16] + ([17, 32] if d_model < 1024 else [])  # aim_gemv up to FOLD_ROWS (model_defines)

@@ -138,7 +138,7 @@ def test_model_width_picks_the_measured_build():
     base, sampler, _ = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)
     assert base["NORM_PER_ONLY"] == 3 and "NORM_PER_ONLY" not in sampler
     assert base["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)", "XR(6,1)",
-                                             "XR(6,2)", "XP(6,2)", "YR(6)"]
+                                             "XR(6,2)", "YR(6)"]
     xl = step_builds("bfloat16", gemv_depths=(1536, 3072), d_model=1536)[0]
     assert xl["NORM_PER_ONLY"] == 6
     assert xl["GEMV_INSTANCES"].split() == ["X(6,1)", "X(12,1)", "X(6,2)", "Y(6)", "Y(12)", "XR(12,1)",
@@ -164,11 +164,11 @@ def test_model_width_picks_the_measured_build():
     # define only the host reads; elsewhere 16)
     assert [b.get("FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
     assert "XR(6,2)" not in step_builds("bfloat16", {"FOLD_ROWS": 16}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
-    # ... and those wide tiles on cluster pairs too (XP), unless FOLD_PAIR 0 (a define only the host reads) or
-    # nothing folds
-    nopair = step_builds("bfloat16", {"FOLD_PAIR": 0}, (768, 1536), 768)
-    assert "XP(" not in nopair[0]["GEMV_INSTANCES"] and "FOLD_PAIR" not in nopair[1]
-    assert "XP(" not in step_builds("bfloat16", {"FOLD_ROWS": 0}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
+    # ... and with FOLD_PAIR 1 (a define only the host reads; off until measured) those wide tiles on cluster
+    # pairs too (XP), unless nothing folds
+    pair = step_builds("bfloat16", {"FOLD_PAIR": 1}, (768, 1536), 768)
+    assert "XP(6,2)" in pair[0]["GEMV_INSTANCES"].split() and "FOLD_PAIR" not in pair[1]
+    assert "XP(" not in step_builds("bfloat16", {"FOLD_ROWS": 0, "FOLD_PAIR": 1}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
     # aim_gemm's folded 32-row instance (FOLD_GEMM_M2) only from d_model 1536; the folded out_proj on aim_gemm
     # to 128 rows (GEMM_FOLD_MAX_ROWS, FOLD_GEMM_M8) from 1024
     assert [b.get("FOLD_GEMM_M2") for b in (base, large, xl, default)] == [None, None, 1, None]
