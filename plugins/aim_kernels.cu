@@ -181,6 +181,17 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
   return a;
 }
+// Thread-block clusters (Hopper; used only by the sm_90 kernels): every thread of every CTA of the cluster
+// arrives and waits (release / acquire: shared-memory writes before it are visible to the cluster's reads after
+// it), and a shared-memory address of this CTA mapped to the same place in CTA `rank` of the cluster.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+}
+__device__ __forceinline__ unsigned cluster_map(unsigned addr, unsigned rank) {
+  unsigned remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+  return remote;
+}
 // cp.async (sm_80+): global → shared without registers. 16 bytes bypass L1 (the state is read once).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
@@ -1864,8 +1875,8 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     scales_finish<SR>(*f, s_first, s_end, sv, s_gs);
     shift_store<SE>(f->bc, p.rows, wv);
   }
-  if constexpr (KS > 1)  // the pair's partials are in (release / acquire: the other block reads them next)
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  if constexpr (KS > 1)  // the pair's partials are in (the other block reads them next)
+    cluster_sync();
   else
     __syncthreads();
   // thread -> (tile, lane, q): add the 8 k-ranges' partials in order and store one output element
@@ -1883,12 +1894,9 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
       float o[KW];
       const unsigned at = smem_addr(&part[0][tile][l][q]);
 #pragma unroll
-      for (int w = 0; w < KW; ++w) {
-        unsigned remote;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote)
-                     : "r"(at + w * (unsigned)sizeof(part[0])), "r"(rank ^ 1u));
-        asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(o[w]) : "r"(remote) : "memory");
-      }
+      for (int w = 0; w < KW; ++w)
+        asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(o[w])
+                     : "r"(cluster_map(at + w * (unsigned)sizeof(part[0]), rank ^ 1u)) : "memory");
 #pragma unroll
       for (int w = 0; w < 8; ++w) s += w / KW == (int)rank ? part[w % KW][tile][l][q] : o[w % KW];
     }
@@ -1899,7 +1907,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
       p.y[(long long)row * p.y_stride + col] = st(s);
   }
   if constexpr (KS > 1)  // neither block exits while the other may still read its partials
-    asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+    cluster_sync();
 }
 
 #define GEMV_ENTRY(NAME, CH, NT, MT) \
@@ -2139,7 +2147,7 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
       *reinterpret_cast<float2*>(red + r * GEMM_RED_LD + col) = make_float2(acc[i][j][0], acc[i][j][1]);
       *reinterpret_cast<float2*>(red + (r + 8) * GEMM_RED_LD + col) = make_float2(acc[i][j][2], acc[i][j][3]);
     }
-  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+  cluster_sync();
   const unsigned red0 = smem_addr(red);
   const int rows = min(p.rows, BM);
   for (int e = ((int)rank * 256 + tid) * 4; e < rows * GEMM_BN; e += S * 256 * 4) {
@@ -2158,11 +2166,9 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
       if (q >= S) break;
-      unsigned remote;
-      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
-                   : "=r"(remote) : "r"(red0 + (r * GEMM_RED_LD + c) * 4), "r"(q));
       asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];"
-                   : "=f"(v[q].x), "=f"(v[q].y), "=f"(v[q].z), "=f"(v[q].w) : "r"(remote) : "memory");
+                   : "=f"(v[q].x), "=f"(v[q].y), "=f"(v[q].z), "=f"(v[q].w)
+                   : "r"(cluster_map(red0 + (r * GEMM_RED_LD + c) * 4, q)) : "memory");
     }
     float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
@@ -2191,7 +2197,7 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
       if (col + 2 < p.n) dst[2] = st(sum.z);
     }
   }
-  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");  // reads done
+  cluster_sync();  // reads done
 }
 
 // aim_gemm_m<MT>, and aim_gemm_resid_m<MT> with the residual add folded in (GemmFoldParams)

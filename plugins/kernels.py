@@ -228,7 +228,7 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
         chunks = sorted({k // 256 for k in gemv_depths})
         inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
         if int(step.get("GEMV_PAIR", 0)):  # the wide tiles up to 32 rows on cluster pairs too (Hopper)
-            inst += [f"XQ({c},{t})" for c, t in _gemv_pairs() if c in chunks and t > 1 and 8 // t >= 2]
+            inst += [f"XQ({c},{t})" for c, t in _gemv_pairs() if c in chunks and t > 1]
         if d_model is not None:
             inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
             if (c_out := resid_chunk(d_model, chunks)) is not None:  # out_proj with the residual add folded in,
@@ -672,8 +672,6 @@ class Kernels:
             if fn is not None:  # only the instances asked for (or an older source_path has none)
                 self.fn[f"aim_gemv_k{c}_n{t}"] = fn
                 self.gemvs.add((c, t))
-            if (fn := self._function(f"aim_gemv_k{c}_n{t}_c2", required=False)) is not None:  # cluster pairs (XQ)
-                self.fn[f"aim_gemv_k{c}_n{t}_c2"] = fn
         self.gemv_m1 = set()  # depths (CH) with a one-m-tile instance in this build
         for c in GEMV_CHUNKS if dtype != "float32" else ():
             fn = self._function(f"aim_gemv_k{c}_n1_m1", required=False)
@@ -689,8 +687,9 @@ class Kernels:
             if (fn := self._function(name, required=False)) is not None:
                 self.fn[name] = fn
                 self.resids.add(name)
-            if (fn := self._function(f"{name}_c2", required=False)) is not None:  # its cluster pairs (XP)
-                self.fn[f"{name}_c2"] = fn
+        # the products' cluster pairs (XQ / XP: aim_gemv_*_c2), where this build has them
+        self.fn.update({f"{name}_c2": fn for name in list(self.fn) if name.startswith("aim_gemv")
+                        if (fn := self._function(f"{name}_c2", required=False)) is not None})
         self.fold_rows = int(builds[0].get("FOLD_ROWS", FOLD_ROWS))
         # the state update's warp kernel (AiM shape) from this many rows; None: not in this build
         self.ssu_warp_rows = int(builds[0].get("SSU_WARP_ROWS", SSU_WARP_ROWS))
@@ -829,7 +828,7 @@ class Kernels:
 
     def _launch_gemv(self, kind: str, g: GemvParams, params, stream: int) -> None:
         """One block of 8 * NT output columns per block (NT: gemv_tiles), 256 threads; a pair of blocks (a
-        cluster splitting k) for the folded wide tiles' rows up to 32 where this build has them (XP)."""
+        cluster splitting k) for the wide tiles' rows up to 32 where this build has them (XP / XQ)."""
         name = self._gemv_name(g.rows, g.k, kind)
         if name not in self.fn:
             raise KernelError(f"{name} was not compiled (gemv_depths, resid_chunk)")
