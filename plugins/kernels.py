@@ -93,7 +93,8 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
 PDL_EARLY_ANY = 1 << 30  # a PDL_EARLY_<KIND> limit no row count reaches: that kind lets its successor launch at once
 # Defines that only the host reads (from the step program's build): which kernel runs which rows, k splits
 HOST_DEFINES = frozenset({"SSU_WARP_ROWS", "GEMM_MIN_ROWS", "GEMM_MAX_ROWS", "GEMM_FOLD_MAX_ROWS", "GEMM_CTAS",
-                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS", "FOLD_PAIR", "GEMV_PAIR"})
+                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS", "FOLD_PAIR", "GEMV_PAIR",
+                          "PAIR_MAX_ROWS"})
 
 
 def model_defines(d_model: int) -> dict:
@@ -691,6 +692,7 @@ class Kernels:
         self.fn.update({f"{name}_c2": fn for name in list(self.fn) if name.startswith("aim_gemv")
                         if (fn := self._function(f"{name}_c2", required=False)) is not None})
         self.fold_rows = int(builds[0].get("FOLD_ROWS", FOLD_ROWS))
+        self.pair_max_rows = int(builds[0].get("PAIR_MAX_ROWS", 32))  # the cluster pairs run up to this many rows
         # the state update's warp kernel (AiM shape) from this many rows; None: not in this build
         self.ssu_warp_rows = int(builds[0].get("SSU_WARP_ROWS", SSU_WARP_ROWS))
         if (fn := self._function("aim_ssu_warps", required=False)) is not None:
@@ -834,7 +836,7 @@ class Kernels:
             raise KernelError(f"{name} was not compiled (gemv_depths, resid_chunk)")
         nt = gemv_tiles(g.rows, g.k, self.gemv_narrow_rows)
         blocks = (g.n + 8 * nt - 1) // (8 * nt)
-        if nt > 1 and g.rows <= 32 and f"{name}_c2" in self.fn:
+        if nt > 1 and g.rows <= min(32, self.pair_max_rows) and f"{name}_c2" in self.fn:
             name, blocks = f"{name}_c2", 2 * blocks
         self._launch(name, (blocks, 1, 1), 256, 0, stream, params)
 
