@@ -181,17 +181,6 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
   return a;
 }
-// Thread-block clusters (Hopper; used only by the sm_90 kernels): every thread of every CTA of the cluster
-// arrives and waits (release / acquire: shared-memory writes before it are visible to the cluster's reads after
-// it), and a shared-memory address of this CTA mapped to the same place in CTA `rank` of the cluster.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
-}
-__device__ __forceinline__ unsigned cluster_map(unsigned addr, unsigned rank) {
-  unsigned remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
-  return remote;
-}
 // cp.async (sm_80+): global → shared without registers. 16 bytes bypass L1 (the state is read once).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
@@ -1778,41 +1767,30 @@ __device__ __forceinline__ void shift_store(const ConvShift& bc, int rows, const
 // f: null, or the residual add to fold into the epilogue (y is then not written). SPLIT: the fold's loads (row
 // scales' sums, the windows to shift, residuals) all requested before x and consumed after the products;
 // otherwise the scales and the shift are done before x is requested (fewer registers).
-// KS 2 (Hopper, a cluster pair, MT 2: up to 32 rows): the 8 k-ranges of the warps split between the two blocks
-// of a pair (rank r: k-ranges 4r..4r+3), each block's 8 warps as 4 k-ranges x 2 m-tiles, so that a block
-// reads half of x; rank r finishes m-tile r, adding the 8 k-ranges' partials in the same order as KS 1 (its
-// own from shared memory, the other's through distributed shared memory): the same bits, twice the blocks.
-template <int CH, int NT, int MT, bool SPLIT, int KS = 1>
+template <int CH, int NT, int MT, bool SPLIT>
 __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams* f) {
-  static_assert(KS == 1 || (KS == 2 && MT == 2), "a cluster pair: up to 32 rows (a rank per m-tile)");
-  constexpr int KW = 8 / KS;                  // k-ranges per block
-  __shared__ float part[KW][MT * NT][32][4];  // each k-range's partial tiles, in fragment order
-  __shared__ float s_gs[16 * MT];             // folded: each row's 1/rms of the gated norm
+  __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
+  __shared__ float s_gs[16 * MT];            // folded: each row's 1/rms of the gated norm
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  unsigned rank = 0;  // in the cluster pair (KS 2)
-  if constexpr (KS > 1) asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  // k-range in the block, first m-tile, column tile
-  const int kw = KS == 1 ? warp : warp % KW, mw = KS == 1 ? 0 : warp / KW, col_tile = blockIdx.x / KS;
-  const int k0 = ((int)rank * KW + kw) * (32 * CH) + 8 * t;
+  const int k0 = warp * (32 * CH) + 8 * t;
   uint4 wreg[NT][CH];
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-    const int n = (col_tile * NT + j) * 8 + g;
+    const int n = (blockIdx.x * NT + j) * 8 + g;
 #pragma unroll
     for (int c = 0; c < CH; ++c)
       wreg[j][c] = n < p.n ? *reinterpret_cast<const uint4*>(p.w + (long long)n * p.k + k0 + 32 * c)
                            : make_uint4(0, 0, 0, 0);
   }
-  // the output elements this thread finishes at the end: i = threadIdx.x + 256 e (blockDim.x == 256); KS 2:
-  // those of m-tile `rank` (tiles rank * NT ...)
-  constexpr int EPI = (MT / KS * NT * 128 + 255) / 256;
+  // the output elements this thread finishes at the end: i = threadIdx.x + 256 e (blockDim.x == 256)
+  constexpr int EPI = (MT * NT * 128 + 255) / 256;
   const int mt = (p.rows + 15) >> 4;
   auto element = [&](int i, int& tile, int& row, int& col) {  // false past the tiles or the output
     const int l = (i >> 2) & 31, q = i & 3;
-    tile = (i >> 7) + (int)rank * NT;
+    tile = i >> 7;
     row = 16 * (tile / NT) + (l >> 2) + (q >= 2 ? 8 : 0);
-    col = (col_tile * NT + tile % NT) * 8 + 2 * (l & 3) + (q & 1);
-    return (KS == 1 ? i < mt * NT * 128 : tile < mt * NT && i < NT * 128) && row < p.rows && col < p.n;
+    col = (blockIdx.x * NT + tile % NT) * 8 + 2 * (l & 3) + (q & 1);
+    return i < mt * NT * 128 && row < p.rows && col < p.n;
   };
   float fgate[EPI], fres[EPI];  // folded: their gates (constants, before the wait) and residuals (after it)
   if (f) {
@@ -1826,14 +1804,12 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
   PDL_WAIT(p.rows, PDL_EARLY_GEMV);
   // folded, SPLIT: the row scales' sums and this thread's windows requested with the residuals, all before x,
   // and consumed after the products (each had been a round trip to L2 before x was requested)
-  // rows per warp held (32 rows; KS 2: the 16 of m-tile `rank`), windows per thread
-  constexpr int SR = KS > 1 ? 2 : 2 * MT < 4 ? 2 * MT : 4, SE = 1;
-  const int s_first = 16 * (int)rank, s_end = KS > 1 ? min(s_first + 16, p.rows) : p.rows;  // rows finished here
+  constexpr int SR = 2 * MT < 4 ? 2 * MT : 4, SE = 1;  // rows per warp held (32 rows), windows per thread
   float sv[SR][2];
   ShiftRegs<SE> wv;
   if (f) {  // (uniform)
     if (SPLIT) {
-      scales_load<SR>(*f, s_first, s_end, sv);
+      scales_load<SR>(*f, 0, p.rows, sv);
       shift_load<SE>(f->bc, p.rows, wv);
     }
 #pragma unroll
@@ -1847,8 +1823,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     }
   }
 #pragma unroll
-  for (int m0 = 0; m0 < MT; m0 += KS) {
-    const int m = m0 + mw;  // KS 2: this warp's m-tile
+  for (int m = 0; m < MT; ++m) {
     if (m >= mt) break;
     float acc[NT][4];
 #pragma unroll
@@ -1869,17 +1844,14 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) part[kw][m * NT + j][lane][q] = acc[j][q];
+      for (int q = 0; q < 4; ++q) part[warp][m * NT + j][lane][q] = acc[j][q];
   }
   if (f && SPLIT) {
-    scales_finish<SR>(*f, s_first, s_end, sv, s_gs);
+    scales_finish<SR>(*f, 0, p.rows, sv, s_gs);
     shift_store<SE>(f->bc, p.rows, wv);
   }
-  if constexpr (KS > 1)  // the pair's partials are in (the other block reads them next)
-    cluster_sync();
-  else
-    __syncthreads();
-  // thread -> (tile, lane, q): add the 8 k-ranges' partials in order and store one output element
+  __syncthreads();
+  // thread -> (tile, lane, q): add the 8 warps' partials in warp order and store one output element
 #pragma unroll
   for (int e = 0; e < EPI; ++e) {
     const int i = threadIdx.x + 256 * e;
@@ -1887,27 +1859,14 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     if (!element(i, tile, row, col)) continue;
     const int l = (i >> 2) & 31, q = i & 3;
     float s = 0.0f;
-    if constexpr (KS == 1) {
 #pragma unroll
-      for (int w = 0; w < 8; ++w) s += part[w % KW][tile][l][q];
-    } else {  // the other block's four requested together, then all eight added in k order
-      float o[KW];
-      const unsigned at = smem_addr(&part[0][tile][l][q]);
-#pragma unroll
-      for (int w = 0; w < KW; ++w)
-        asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(o[w])
-                     : "r"(cluster_map(at + w * (unsigned)sizeof(part[0]), rank ^ 1u)) : "memory");
-#pragma unroll
-      for (int w = 0; w < 8; ++w) s += w / KW == (int)rank ? part[w % KW][tile][l][q] : o[w % KW];
-    }
+    for (int w = 0; w < 8; ++w) s += part[w][tile][l][q];
     if (f)
       // rounded as the norm kernel reads out_proj's output, then added as it adds it (the same bits)
       f->residual[(long long)row * f->d + col] = fres[e] + gated_output(ld(st(s)), s_gs[row], fgate[e], f->gate != nullptr);
     else
       p.y[(long long)row * p.y_stride + col] = st(s);
   }
-  if constexpr (KS > 1)  // neither block exits while the other may still read its partials
-    cluster_sync();
 }
 
 #define GEMV_ENTRY(NAME, CH, NT, MT) \
@@ -1935,26 +1894,6 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 #define Y(CH) GEMV_ENTRY(aim_gemv_k##CH##_n1_m1, CH, 1, 1)
 #define XR(CH, NT) GEMV_RESID_ENTRY(aim_gemv_resid_k##CH##_n##NT, CH, NT, GEMV_MT(NT))
 #define YR(CH) GEMV_RESID_ENTRY(aim_gemv_resid_k##CH##_n1_m1, CH, 1, 1)
-// XP(CH, NT) / XQ(CH, NT): aim_gemv_resid_k<CH>_n<NT>_c2 / aim_gemv_k<CH>_n<NT>_c2, XR(CH, NT) / X(CH, NT) for
-// up to 32 rows on cluster pairs (gemv_body's KS 2: twice the blocks, each reading half of x; the same bits).
-// Hopper only: elsewhere they are empty and the host runs XR / X.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define XP(CH, NT)                                                                                            \
-  extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(256, 1)                            \
-      aim_gemv_resid_k##CH##_n##NT##_c2(const __grid_constant__ GemvFoldParams q) {                         \
-    PDL_START(q.g.rows, PDL_EARLY_GEMV);                                                                      \
-    gemv_body<CH, NT, 2, true, 2>(q.g, &q.n);                                                                 \
-  }
-#define XQ(CH, NT)                                                                                            \
-  extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(256)                               \
-      aim_gemv_k##CH##_n##NT##_c2(GemvParams p) {                                                             \
-    PDL_START(p.rows, PDL_EARLY_GEMV);                                                                        \
-    gemv_body<CH, NT, 2, false, 2>(p, nullptr);                                                               \
-  }
-#else
-#define XP(CH, NT)
-#define XQ(CH, NT)
-#endif
 #if !(AIM_PARTS & 1)
 #elif defined(GEMV_INSTANCES)
 GEMV_INSTANCES
@@ -1966,8 +1905,6 @@ XR(6, 1) XR(8, 1) XR(12, 1) XR(6, 2)  // the AiM models' out_proj (d_inner 1536,
 #undef Y
 #undef XR
 #undef YR
-#undef XP
-#undef XQ
 #endif
 
 // ----------------------------------------------------------------------------------------------------------
@@ -2147,7 +2084,7 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
       *reinterpret_cast<float2*>(red + r * GEMM_RED_LD + col) = make_float2(acc[i][j][0], acc[i][j][1]);
       *reinterpret_cast<float2*>(red + (r + 8) * GEMM_RED_LD + col) = make_float2(acc[i][j][2], acc[i][j][3]);
     }
-  cluster_sync();
+  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
   const unsigned red0 = smem_addr(red);
   const int rows = min(p.rows, BM);
   for (int e = ((int)rank * 256 + tid) * 4; e < rows * GEMM_BN; e += S * 256 * 4) {
@@ -2166,9 +2103,11 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
       if (q >= S) break;
+      unsigned remote;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+                   : "=r"(remote) : "r"(red0 + (r * GEMM_RED_LD + c) * 4), "r"(q));
       asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];"
-                   : "=f"(v[q].x), "=f"(v[q].y), "=f"(v[q].z), "=f"(v[q].w)
-                   : "r"(cluster_map(red0 + (r * GEMM_RED_LD + c) * 4, q)) : "memory");
+                   : "=f"(v[q].x), "=f"(v[q].y), "=f"(v[q].z), "=f"(v[q].w) : "r"(remote) : "memory");
     }
     float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
@@ -2197,7 +2136,7 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
       if (col + 2 < p.n) dst[2] = st(sum.z);
     }
   }
-  cluster_sync();  // reads done
+  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");  // reads done
 }
 
 // aim_gemm_m<MT>, and aim_gemm_resid_m<MT> with the residual add folded in (GemmFoldParams)

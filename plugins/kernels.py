@@ -93,8 +93,7 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
 PDL_EARLY_ANY = 1 << 30  # a PDL_EARLY_<KIND> limit no row count reaches: that kind lets its successor launch at once
 # Defines that only the host reads (from the step program's build): which kernel runs which rows, k splits
 HOST_DEFINES = frozenset({"SSU_WARP_ROWS", "GEMM_MIN_ROWS", "GEMM_MAX_ROWS", "GEMM_FOLD_MAX_ROWS", "GEMM_CTAS",
-                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS", "FOLD_PAIR", "GEMV_PAIR",
-                          "PAIR_MAX_ROWS"})
+                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS"})
 
 
 def model_defines(d_model: int) -> dict:
@@ -228,8 +227,6 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
     if gemv_depths is not None:
         chunks = sorted({k // 256 for k in gemv_depths})
         inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
-        if int(step.get("GEMV_PAIR", 0)):  # the wide tiles up to 32 rows on cluster pairs too (Hopper)
-            inst += [f"XQ({c},{t})" for c, t in _gemv_pairs() if c in chunks and t > 1]
         if d_model is not None:
             inst += [f"Y({c})" for c in gemv_m1_chunks(d_model, chunks)]
             if (c_out := resid_chunk(d_model, chunks)) is not None:  # out_proj with the residual add folded in,
@@ -237,10 +234,6 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
                 most = int(step.get("FOLD_ROWS", FOLD_ROWS))
                 tiles = sorted({gemv_tiles(rows, 256 * c_out, narrow) for rows in (1, most) if rows <= most})
                 inst += [f"XR({c_out},{t})" for t in tiles if (c_out, t) in _gemv_pairs()]
-                # FOLD_PAIR 1: the wide tiles' rows up to 32 on cluster pairs (Hopper; empty elsewhere). Off by
-                # default until measured in whole steps (2026-12-05: written, compiled, no GPU run yet)
-                if tiles and tiles[-1] > 1 and int(step.get("FOLD_PAIR", 0)):
-                    inst.append(f"XP({c_out},{tiles[-1]})")
                 if gemv_m1_chunks(d_model, [c_out]) or int(step.get("RESID_M1_ROWS", 0)):
                     inst.append(f"YR({c_out})")
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
@@ -688,11 +681,7 @@ class Kernels:
             if (fn := self._function(name, required=False)) is not None:
                 self.fn[name] = fn
                 self.resids.add(name)
-        # the products' cluster pairs (XQ / XP: aim_gemv_*_c2), where this build has them
-        self.fn.update({f"{name}_c2": fn for name in list(self.fn) if name.startswith("aim_gemv")
-                        if (fn := self._function(f"{name}_c2", required=False)) is not None})
         self.fold_rows = int(builds[0].get("FOLD_ROWS", FOLD_ROWS))
-        self.pair_max_rows = int(builds[0].get("PAIR_MAX_ROWS", 32))  # the cluster pairs run up to this many rows
         # the state update's warp kernel (AiM shape) from this many rows; None: not in this build
         self.ssu_warp_rows = int(builds[0].get("SSU_WARP_ROWS", SSU_WARP_ROWS))
         if (fn := self._function("aim_ssu_warps", required=False)) is not None:
@@ -829,16 +818,12 @@ class Kernels:
         return m1 if nt == 1 and rows <= limit and m1 in self.fn else f"{kind}_k{c}_n{nt}"
 
     def _launch_gemv(self, kind: str, g: GemvParams, params, stream: int) -> None:
-        """One block of 8 * NT output columns per block (NT: gemv_tiles), 256 threads; a pair of blocks (a
-        cluster splitting k) for the wide tiles' rows up to 32 where this build has them (XP / XQ)."""
+        """One block of 8 * NT output columns per block (NT: gemv_tiles), 256 threads."""
         name = self._gemv_name(g.rows, g.k, kind)
         if name not in self.fn:
             raise KernelError(f"{name} was not compiled (gemv_depths, resid_chunk)")
         nt = gemv_tiles(g.rows, g.k, self.gemv_narrow_rows)
-        blocks = (g.n + 8 * nt - 1) // (8 * nt)
-        if nt > 1 and g.rows <= min(32, self.pair_max_rows) and f"{name}_c2" in self.fn:
-            name, blocks = f"{name}_c2", 2 * blocks
-        self._launch(name, (blocks, 1, 1), 256, 0, stream, params)
+        self._launch(name, ((g.n + 8 * nt - 1) // (8 * nt), 1, 1), 256, 0, stream, params)
 
     def fold_supported(self, rows: int, k: int, n: int) -> bool:
         """Whether the backend folds the residual add into out_proj (depth k, n columns) at this many rows in

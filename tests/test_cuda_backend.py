@@ -40,20 +40,6 @@ def test_kernels_compile(arch, dtype):
 
 
 @pytest.mark.skipif(not _nvrtc_usable(), reason="cuda-python with an NVRTC library is not installed")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_cluster_pair_products_compile_for_hopper_only(arch):
-    """XP / XQ (aim_gemv's wide tiles on cluster pairs) compile to kernels on sm_90 and to nothing on sm_80,
-    where the host then runs the one-block products."""
-    from aim_rt.plugins.kernels import compile_cubin
-
-    cubin = compile_cubin("bfloat16", arch, use_cache=False,
-                          defines={"GEMV_INSTANCES": "X(3,4) XR(6,2) XP(6,2) XQ(3,4)"})
-    assert b"aim_gemv_k3_n4" in cubin and b"aim_gemv_resid_k6_n2" in cubin
-    assert (b"aim_gemv_resid_k6_n2_c2" in cubin) == (arch == "sm_90")
-    assert (b"aim_gemv_k3_n4_c2" in cubin) == (arch == "sm_90")
-
-
-@pytest.mark.skipif(not _nvrtc_usable(), reason="cuda-python with an NVRTC library is not installed")
 def test_only_the_requested_gemv_instances_are_compiled():
     from aim_rt.plugins.kernels import compile_cubin
 
@@ -437,16 +423,12 @@ def test_vq_decode_bf16_graph_against_fp32_reference():
 def test_gemv_matches_matmul_and_rows_are_independent(dtype, k, n):
     """aim_gemv vs an fp32 product of the same 16-bit operands: at most one rounding of the output apart; a
     row's result is bit-identical whatever the other rows are (batch composition does not change an image), and
-    the same through the one-m-tile instances (up to 16 rows) of a build for a 1536-wide model, and through the
-    wide tiles' cluster pairs (17-32 rows, GEMV_PAIR; Hopper)."""
+    the same through the one-m-tile instances (up to 16 rows) of a build for a 1536-wide model."""
     from aim_rt.plugins.kernels import Kernels, gemv_params, gemv_supported
 
     name = "bfloat16" if dtype == torch.bfloat16 else "float16"
-    builds = {"default": Kernels(name), "d_model 1536": Kernels(name, gemv_depths=(k,), d_model=1536),
-              "pairs": Kernels(name, gemv_depths=(k,), defines={"GEMV_PAIR": 1})}
+    builds = {"default": Kernels(name), "d_model 1536": Kernels(name, gemv_depths=(k,), d_model=1536)}
     assert not builds["default"].gemv_m1 and builds["d_model 1536"].gemv_m1 == {k // 256}
-    pairs = {f for f in builds["pairs"].fn if f.endswith("_c2")}
-    assert bool(pairs) == (torch.cuda.get_device_capability()[0] >= 9 and k // 256 in (1, 2, 3, 4, 6)), pairs
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(dtype)
     x_all = torch.randn(64, k, device="cuda", generator=gen).to(dtype)
@@ -556,13 +538,12 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
     and normed rows, bit for bit, and the B/C windows shifted as the norm kernel shifts them. aim_gemv's rows
     past FOLD_ROWS, and cuBLAS's, are not folded. (80 heads: the gated norm's sums past the first 64 heads; 48:
     a lane's second head in the sums the wide tiles hold across the products; width 128: at 32 rows the
-    wide-tile instance has more windows to shift than threads, past those it holds.) Below d_model 1024 on
-    Hopper the wide tiles' 17-32 rows run on cluster pairs (aim_gemv_resid_*_c2, FOLD_PAIR 1)."""
+    wide-tile instance has more windows to shift than threads, past those it holds.)"""
     from aim_rt.plugins.kernels import Kernels, gemm_fold_params, gemm_splits, gemv_fold_params
 
     d_inner = 2 * d_model
-    kern = Kernels("bfloat16", gemv_depths=(d_model, d_inner), d_model=d_model,  # FOLD_PAIR: the cluster pairs
-                   defines={"FOLD_PAIR": 1, **({"FOLD_GEMM": 2} if d_model == 768 else {})})
+    kern = Kernels("bfloat16", gemv_depths=(d_model, d_inner), d_model=d_model,
+                   defines={"FOLD_GEMM": 2} if d_model == 768 else None)
     folding = [rows for rows in (1, 2, 5, 8, 9, 16, 17, 32, 33, 64, 100, 128)
                if kern.fold_supported(rows, d_inner, d_model)]
     want = [1, 2, 5, 8, 9, 16] + ([17, 32] if d_model < 1024 else [])  # aim_gemv up to FOLD_ROWS (model_defines)
@@ -572,8 +553,6 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
         want += {1536: [17, 32, 33, 64, 100, 128], 768: [33, 64, 100, 128], 256: [33, 64], 128: [33, 64]}[d_model]
         # (at 1536, rows 5-16 fold too, on aim_gemm_resid_m2 instead of aim_gemv_resid)
     assert folding == want
-    if kern.gemms and d_model < 1024:  # Hopper: the cluster pairs are there, so rows 17 and 32 run them
-        assert any(name.endswith("_c2") for name in kern.fn)
     for rows in folding:
         gemm = kern.gemm_supported(rows, d_inner, folded=True)
         splits = gemm_splits(d_model, d_inner, kern.gemm_fold_ctas)  # as the backend splits the folded out_proj

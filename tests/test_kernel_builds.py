@@ -164,11 +164,6 @@ def test_model_width_picks_the_measured_build():
     # define only the host reads; elsewhere 16)
     assert [b.get("FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
     assert "XR(6,2)" not in step_builds("bfloat16", {"FOLD_ROWS": 16}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
-    # ... and with FOLD_PAIR 1 (a define only the host reads; off until measured) those wide tiles on cluster
-    # pairs too (XP), unless nothing folds
-    pair = step_builds("bfloat16", {"FOLD_PAIR": 1}, (768, 1536), 768)
-    assert "XP(6,2)" in pair[0]["GEMV_INSTANCES"].split() and "FOLD_PAIR" not in pair[1]
-    assert "XP(" not in step_builds("bfloat16", {"FOLD_ROWS": 0, "FOLD_PAIR": 1}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
     # aim_gemm's folded 32-row instance (FOLD_GEMM_M2) only from d_model 1536; the folded out_proj on aim_gemm
     # to 128 rows (GEMM_FOLD_MAX_ROWS, FOLD_GEMM_M8) from 1024
     assert [b.get("FOLD_GEMM_M2") for b in (base, large, xl, default)] == [None, None, 1, None]
