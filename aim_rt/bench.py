@@ -117,12 +117,15 @@ def kernel_table(models: list[str], batches: list[int], dtype: str = "bfloat16",
             phases = backend.phase_times(batch, settings)
             timing = backend.op_timings(batch, settings)
             nbytes = op_bytes(model.config, batch, elem, backend.folds(2 * batch))
+            in_step = (timing["timeline"] or {}).get("in_step_us_per_launch") or {}
             ops = []
             for kind, t in timing["ops"].items():
                 gbps = nbytes[kind] / (t["us_per_launch"] * 1e-6) / 1e9
                 ops.append({"op": kind, **t, "us_per_step": t["us_per_launch"] * t["launches_per_step"],
                             "bytes_per_launch": nbytes[kind], "achieved_GBps": gbps,
                             "fraction_of_copy_bandwidth": gbps * 1e9 / bandwidth})
+                if kind in in_step:  # what it adds to the replayed step (in_step_costs)
+                    ops[-1]["in_step_us_per_step"] = in_step[kind] * t["launches_per_step"]
             parts = sum(o["us_per_step"] for o in ops)
             row = {"model": label, "dtype": dtype, "batch": batch, "step_us_graph": step_us,
                    "sum_of_ops_us": parts, "gaps_us": step_us - parts,
@@ -138,6 +141,28 @@ def kernel_table(models: list[str], batches: list[int], dtype: str = "bfloat16",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
 
 
+def in_step_costs(spans: list[tuple[float, float]], kinds: list[str]) -> dict[str, float] | None:
+    """Each kind of op's cost inside the replayed step, in µs per launch: `spans` are the (start, end) times of
+    the kernels of whole consecutive steps as the profiler saw them, `kinds` the op kind of each kernel one step
+    launches, in launch order. Under programmatic dependent launch a kernel starts before its predecessor ends
+    and waits, so its time alone says little about the step; what it adds to the step is how much later it ends
+    than every kernel before it. The first kernel (nothing before it to measure from) is left out. None where
+    the spans are not whole steps of `kinds`."""
+    if not kinds or len(spans) < 2 or len(spans) % len(kinds):
+        return None
+    spans = sorted(spans)  # launch order: a kernel starts only after its predecessor has started
+    total: dict[str, float] = {}
+    count: dict[str, int] = {}
+    last_end = spans[0][1]
+    for i in range(1, len(spans)):
+        kind = kinds[i % len(kinds)]
+        end = spans[i][1]
+        total[kind] = total.get(kind, 0.0) + max(0.0, end - last_end)
+        count[kind] = count.get(kind, 0) + 1
+        last_end = max(last_end, end)
+    return {kind: total[kind] / count[kind] for kind in dict.fromkeys(kinds) if kind in count}
+
+
 def format_kernel_table(result: dict) -> str:
     lines = [f"{result['device']}, copy bandwidth {result['copy_bandwidth_TBps']:.2f} TB/s, {result['date']}"]
     for row in result["rows"]:
@@ -151,11 +176,17 @@ def format_kernel_table(result: dict) -> str:
         if tl:
             lines.append(f"  replayed graph under the profiler: {tl['kernel_us_per_step']:.1f} µs in kernels, "
                          f"{tl['idle_us_per_step']:.1f} µs idle between them per step")
-        lines.append(f"  {'op':<24}{'per step':>9}{'µs each':>10}{'µs/step':>10}{'MB each':>10}{'GB/s':>9}{'of copy':>9}")
+        # "alone": each kind timed by itself; "in step": what it adds to the replayed step (in_step_costs)
+        lines.append(f"  {'op':<24}{'per step':>9}{'µs each':>10}{'µs/step':>10}{'MB each':>10}{'GB/s':>9}{'of copy':>9}"
+                     f"{'in step µs/step':>17}")
+        span = tl.get("span_us_per_step")
         for o in row["ops"]:
+            cell = ""
+            if "in_step_us_per_step" in o:
+                cell = f"{o['in_step_us_per_step']:.1f}" + (f" ({o['in_step_us_per_step'] / span:.0%})" if span else "")
             lines.append(f"  {o['op']:<24}{o['launches_per_step']:>9}{o['us_per_launch']:>10.2f}{o['us_per_step']:>10.1f}"
                          f"{o['bytes_per_launch'] / 1e6:>10.3f}{o['achieved_GBps']:>9.0f}"
-                         f"{o['fraction_of_copy_bandwidth']:>9.0%}")
+                         f"{o['fraction_of_copy_bandwidth']:>9.0%}{cell:>17}".rstrip())
     return "\n".join(lines)
 
 

@@ -375,12 +375,21 @@ class CudaBackend:
                         fn()
             us = replay_us(graph, passes * len(launches), before=buf.step.zero_)
             result[kind] = {"launches_per_step": len(launches), "us_per_launch": us}
+        def kernels_run(fn) -> int:  # kernels `fn` launches, counted by the profiler
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+
         buf.step.zero_()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            self._step(buf, settings)
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        return {"ops": result, "kernels_per_step": len(kernels), "timeline": self._replay_timeline(buf, settings)}
+        per_step = kernels_run(lambda: self._step(buf, settings))
+        # the op kind of each kernel a step launches (every launch of a kind launches as many kernels as its
+        # first); used only where they add up to the step's count
+        per_launch = {kind: kernels_run(next(fn for k, fn in ops if k == kind)) for kind in result}
+        kinds = [kind for kind, _ in ops for _ in range(per_launch[kind])]
+        buf.step.zero_()
+        timeline = self._replay_timeline(buf, settings, kinds if len(kinds) == per_step else None)
+        return {"ops": result, "kernels_per_step": per_step, "timeline": timeline}
 
     @torch.no_grad()
     def phase_times(self, batch: int, settings: SamplingSettings) -> dict:
@@ -401,14 +410,20 @@ class CudaBackend:
         t2 = time.perf_counter()
         return {"prefill_ms": (t1 - t0) * 1e3, "replays_us_per_step": (t2 - t1) / (self.config.num_tokens - 1) * 1e6}
 
-    def _replay_timeline(self, buf: _Buffers, settings: SamplingSettings, steps: int = 3) -> dict:
+    def _replay_timeline(self, buf: _Buffers, settings: SamplingSettings, kinds: list[str] | None = None) -> dict:
         """The captured step graph replayed under the profiler: kernel time and idle time between kernels per
-        step, as the GPU ran them (where the 'gaps' of the op table go)."""
+        step, as the GPU ran them (where the 'gaps' of the op table go), and with `kinds` (the op kind of each
+        kernel of a step) what each kind adds to the replayed step (bench.in_step_costs), µs per launch. The
+        replay is of the longest captured graph (steps_per_graph steps up to MULTI_STEP_MAX_ROWS rows), as
+        sampling replays it."""
         from torch.profiler import ProfilerActivity, profile
+
+        from .bench import in_step_costs
 
         key = (buf.seeds.shape[0], *self._mode, *settings.to_dict().values())
         if key not in self._graphs:
             return {}
+        steps = max(3, self._graphs[key][-1][0])
         buf.step.zero_()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             self._run_steps(buf, settings, steps)
@@ -421,9 +436,11 @@ class CudaBackend:
         idle = sum(max(0, spans[i + 1][0] - spans[i][1]) for i in range(len(spans) - 1))
         longest = sorted(((spans[i + 1][0] - spans[i][1], spans[i][2], spans[i + 1][2])
                           for i in range(len(spans) - 1)), reverse=True)[:5]
+        in_step = in_step_costs([(a, b) for a, b, _ in spans], kinds) if kinds else None
         return {"kernels": len(spans) / steps, "kernel_us_per_step": busy / steps, "idle_us_per_step": idle / steps,
                 "span_us_per_step": (spans[-1][1] - spans[0][0]) / steps,
-                "longest_idle_us": [{"us": g, "after": a, "before": b} for g, a, b in longest]}
+                "longest_idle_us": [{"us": g, "after": a, "before": b} for g, a, b in longest],
+                "in_step_us_per_launch": in_step}
 
     # ----- the sampler ------------------------------------------------------------------------------
     def _prefill(self, buf: _Buffers, classes: Tensor, prefix: Tensor | None,

@@ -103,3 +103,35 @@ def test_compare_steps_alternates_backends_and_compares_their_tokens(capsys):
     assert [c[:2] for c in calls] == [("a", "sample"), ("b", "sample"), ("c", "sample")] + [
         (n, "time") for _ in range(2) for n in "abc"]
     assert "M b2: a 4.0, b 3.0, c 1.0 µs per step" in capsys.readouterr().out
+
+
+def test_in_step_costs_charge_each_kernel_what_it_adds_to_the_step():
+    from aim_rt.bench import in_step_costs
+
+    kinds = ["norm", "in_proj", "ssu"]
+    # two steps; in_proj starts early (programmatic dependent launch) and ends 2 µs after the norm; the state
+    # update ends before in_proj would have let it (adds 0); the step boundary is measured across steps
+    spans = [(0, 1), (0.5, 3), (1, 3), (3.5, 4), (3.6, 9), (4, 10)]
+    costs = in_step_costs(spans, kinds)
+    assert costs == {"norm": pytest.approx(1.0), "in_proj": pytest.approx((2 + 5) / 2), "ssu": pytest.approx(0.5)}
+    # what the kinds add sums to the span after the first kernel's end
+    assert costs["norm"] * 1 + costs["in_proj"] * 2 + costs["ssu"] * 2 == pytest.approx(10 - 1)
+    # the order of the events as given does not matter; spans that are not whole steps give nothing
+    assert in_step_costs(spans[::-1], kinds) == costs
+    assert in_step_costs(spans[:5], kinds) is None
+    assert in_step_costs(spans, []) is None
+
+
+def test_kernel_table_shows_the_in_step_column_only_where_measured():
+    from aim_rt.bench import format_kernel_table
+
+    op = {"op": "in_proj", "launches_per_step": 24, "us_per_launch": 2.0, "us_per_step": 48.0,
+          "bytes_per_launch": 5e6, "achieved_GBps": 2500.0, "fraction_of_copy_bandwidth": 0.6}
+    row = {"model": "AiM-B", "dtype": "bfloat16", "batch": 1, "step_us_graph": 250.0, "sum_of_ops_us": 48.0,
+           "gaps_us": 202.0, "kernels_per_step": 99, "floor_us": 57.0,
+           "replay_timeline": {"kernel_us_per_step": 300.0, "idle_us_per_step": 1.0, "span_us_per_step": 240.0},
+           "ops": [dict(op, in_step_us_per_step=60.0), dict(op, op="lm_head")]}
+    text = format_kernel_table({"device": "GPU", "copy_bandwidth_TBps": 4.2, "date": "2026-12-05", "rows": [row]})
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and line.split()}
+    assert lines["in_proj"].endswith("60.0 (25%)")
+    assert lines["lm_head"].endswith("60%")  # no in-step measurement: the column stays empty

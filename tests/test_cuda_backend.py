@@ -662,3 +662,22 @@ def test_backend_with_the_warp_state_update_gives_the_same_tokens():
         t, m = warps.sample(classes, seeds, settings, return_mixed=True)
         assert torch.equal(t, t_p) and torch.equal(m, m_p), batch
         assert "aim_ssu_warps" in names and "aim_selective_state_update" not in names, batch
+
+
+@needs_gpu
+def test_op_timings_attribute_the_replayed_step_to_its_kinds():
+    """`aim-rt bench --kernels`' in-step column: every kind's share of the replayed step, adding up to it."""
+    from aim_rt.cuda_backend import CudaBackend
+
+    cfg = aim_rt.AiMConfig(d_model=64, n_layer=2, vocab_size=64, num_classes=5, num_tokens=16, d_state=16, headdim=16)
+    backend = CudaBackend(aim_rt.random_model(cfg, seed=0, device="cuda", dtype="bfloat16"))
+    settings = SamplingSettings()
+    backend.sample([1, 2], [3, 4], settings)  # captures the graphs the timeline replays
+    timing = backend.op_timings(2, settings, reps=2, min_launches=4)
+    tl = timing["timeline"]
+    in_step = tl["in_step_us_per_launch"]
+    assert set(in_step) == set(timing["ops"]) and all(v >= 0 for v in in_step.values())
+    # what the kinds add, per step, is the replayed span per step (less the first kernel's own time)
+    added = sum(in_step[k] * t["launches_per_step"] for k, t in timing["ops"].items())
+    assert added == pytest.approx(tl["span_us_per_step"], rel=0.25)
+    assert tl["kernels"] == timing["kernels_per_step"]
