@@ -60,6 +60,9 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 #ifndef PDL_EARLY_GEMV
 #define PDL_EARLY_GEMV PDL_EARLY_ROWS   // aim_gemv_*
 #endif
+#ifndef PDL_EARLY_FOLD
+#define PDL_EARLY_FOLD PDL_EARLY_GEMV   // the products with the residual add folded in (out_proj: the next norm)
+#endif
 #ifndef PDL_EARLY_SSU
 #define PDL_EARLY_SSU PDL_EARLY_ROWS    // aim_selective_state_update, aim_ssu_warps
 #endif
@@ -1638,7 +1641,18 @@ struct GemvParams {
   const elem_t* w;                       // (n, k) contiguous
   elem_t* y;  long long y_stride;        // (rows, n)
   int rows, n, k;
+  // Optional (null: none): bytes a later kernel will read that no kernel before it writes (in_proj: its
+  // layer's state, for the state update), pulled into L2 before PDL_WAIT, spread over the grid.
+  const void* l2_ahead;  long long l2_ahead_bytes;
 };
+
+// Ask L2 for [p, p + bytes) in 128-byte lines, spread over the grid's threads (a hint: nothing waits for it).
+__device__ __forceinline__ void l2_prefetch(const void* p, long long bytes) {
+  if (!p) return;
+  const long long lines = (bytes + 127) >> 7, stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < lines; i += stride)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + (i << 7)));
+}
 
 // The residual add between two layers folded into out_proj's epilogue (16-bit types, ngroups == 1): what
 // aim_residual_norm does with the previous mixer's output (its gated norm's 1/rms, the gate, the add to the
@@ -1792,6 +1806,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     col = (blockIdx.x * NT + tile % NT) * 8 + 2 * (l & 3) + (q & 1);
     return i < mt * NT * 128 && row < p.rows && col < p.n;
   };
+  l2_prefetch(p.l2_ahead, p.l2_ahead_bytes);
   float fgate[EPI], fres[EPI];  // folded: their gates (constants, before the wait) and residuals (after it)
   if (f) {
 #pragma unroll
@@ -1880,7 +1895,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 // or spills at 3) and their steps at 1-8 rows were slower (bench/results/prologue*_h200_2026-12-04.*).
 #define GEMV_RESID_ENTRY(NAME, CH, NT, MT)                                                                      \
   extern "C" __global__ void __launch_bounds__(256, NT > 1 ? 1 : 0) NAME(const __grid_constant__ GemvFoldParams q) { \
-    PDL_START(q.g.rows, PDL_EARLY_GEMV);                                                                        \
+    PDL_START(q.g.rows, PDL_EARLY_FOLD);                                                                        \
     gemv_body<CH, NT, MT, (NT > 1)>(q.g, &q.n);                                                                 \
   }
 // X(CH, NT): aim_gemv_k<CH>_n<NT>, up to 16 * min(8 / NT, GEMV_MAX_MT) rows. Y(CH): aim_gemv_k<CH>_n1_m1, the
@@ -2148,7 +2163,7 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
 #define GEMM_RESID_ENTRY(MT, RW)                                                     \
   extern "C" __global__ void __launch_bounds__(256)                                  \
       aim_gemm_resid_m##MT(const __grid_constant__ GemmFoldParams q) {               \
-    PDL_START(q.g.rows, PDL_EARLY_GEMV);                                             \
+    PDL_START(q.g.rows, PDL_EARLY_FOLD);                                             \
     gemm_body<MT, RW, GEMM_STAGES_M##MT>(q.g, &q.n);                                 \
   }
 GEMM_ENTRY(4, 4)
