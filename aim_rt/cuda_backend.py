@@ -294,7 +294,7 @@ class CudaBackend:
         for i, w in enumerate(self._params):
             p = _summed(norms[i]) if fold and i > 0 else norms[i]
             ops.append(("residual_norm", lambda p=p: k.residual_norm(p, stream())))
-            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt, l2_ahead=buf.ssm[i])))
+            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             ops.append(("selective_state_update",
                         lambda p=ssus[i]: k.selective_state_update(p, stream(), finish=not fold_norm)))
             if fold:
@@ -326,11 +326,10 @@ class CudaBackend:
         p = gemv_fold_params(x, w, y, norm)
         return lambda: self.kernels.gemv_fold(p, stream())
 
-    def _matmul(self, x: Tensor, w: Tensor, y: Tensor, l2_ahead: Tensor | None = None) -> Callable[[], None]:
+    def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel
         ends) for 16-bit models up to GEMV_FAST_ROWS rows; above it, on Hopper, our split-k cluster GEMM up to
-        128 rows (aim_gemm); cuBLAS otherwise. `l2_ahead`: what the aim_gemv pulls into L2 while it waits, up
-        to Kernels.state_l2_rows rows (in_proj: its layer's SSM state, for the state update after it)."""
+        128 rows (aim_gemm); cuBLAS otherwise."""
         from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemm_params, gemm_splits, gemv_params
 
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
@@ -338,8 +337,7 @@ class CudaBackend:
             p = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.gemm_ctas))
             return lambda: self.kernels.gemm(p, stream())
         if self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS and self.kernels.gemv_supported(x.shape[0], x.shape[1]):
-            ahead = l2_ahead if x.shape[0] <= self.kernels.state_l2_rows else None
-            p = gemv_params(x, w, y, ahead)
+            p = gemv_params(x, w, y)
             return lambda: self.kernels.gemv(p, stream())
         return lambda: torch.mm(x, w.t(), out=y)
 

@@ -1641,18 +1641,7 @@ struct GemvParams {
   const elem_t* w;                       // (n, k) contiguous
   elem_t* y;  long long y_stride;        // (rows, n)
   int rows, n, k;
-  // Optional (null: none): bytes a later kernel will read that no kernel before it writes (in_proj: its
-  // layer's state, for the state update), pulled into L2 before PDL_WAIT, spread over the grid.
-  const void* l2_ahead;  long long l2_ahead_bytes;
 };
-
-// Ask L2 for [p, p + bytes) in 128-byte lines, spread over the grid's threads (a hint: nothing waits for it).
-__device__ __forceinline__ void l2_prefetch(const void* p, long long bytes) {
-  if (!p) return;
-  const long long lines = (bytes + 127) >> 7, stride = (long long)gridDim.x * blockDim.x;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < lines; i += stride)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + (i << 7)));
-}
 
 // The residual add between two layers folded into out_proj's epilogue (16-bit types, ngroups == 1): what
 // aim_residual_norm does with the previous mixer's output (its gated norm's 1/rms, the gate, the add to the
@@ -1806,7 +1795,6 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     col = (blockIdx.x * NT + tile % NT) * 8 + 2 * (l & 3) + (q & 1);
     return i < mt * NT * 128 && row < p.rows && col < p.n;
   };
-  l2_prefetch(p.l2_ahead, p.l2_ahead_bytes);
   float fgate[EPI], fres[EPI];  // folded: their gates (constants, before the wait) and residuals (after it)
   if (f) {
 #pragma unroll

@@ -93,8 +93,7 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
 PDL_EARLY_ANY = 1 << 30  # a PDL_EARLY_<KIND> limit no row count reaches: that kind lets its successor launch at once
 # Defines that only the host reads (from the step program's build): which kernel runs which rows, k splits
 HOST_DEFINES = frozenset({"SSU_WARP_ROWS", "GEMM_MIN_ROWS", "GEMM_MAX_ROWS", "GEMM_FOLD_MAX_ROWS", "GEMM_CTAS",
-                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS",
-                          "STATE_L2_ROWS"})
+                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS"})
 
 
 def model_defines(d_model: int) -> dict:
@@ -342,8 +341,7 @@ class SampleParams(ctypes.Structure):
 
 
 class GemvParams(ctypes.Structure):
-    _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I),
-                ("l2_ahead", P), ("l2_ahead_bytes", LL)]
+    _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
 
 
 class GemvFoldParams(ctypes.Structure):
@@ -527,18 +525,11 @@ def _check_product(kind: str, x, w, y) -> tuple[int, int, int]:
     return rows, k, n
 
 
-def gemv_params(x, w, y, l2_ahead=None) -> GemvParams:
-    """y = x @ w.T for torch tensors: x (rows, k) with 16-byte-aligned rows, w (n, k) contiguous, y (rows, n).
-    `l2_ahead`: a contiguous tensor a later kernel reads and no kernel before it writes, pulled into L2 while
-    the product waits for its input (GemvParams.l2_ahead)."""
+def gemv_params(x, w, y) -> GemvParams:
+    """y = x @ w.T for torch tensors: x (rows, k) with 16-byte-aligned rows, w (n, k) contiguous, y (rows, n)."""
     rows, k, n = _check_product("gemv", x, w, y)
-    ahead = {}
-    if l2_ahead is not None:
-        if not l2_ahead.is_contiguous():
-            raise KernelError("gemv_params: l2_ahead must be contiguous")
-        ahead = dict(l2_ahead=l2_ahead.data_ptr(), l2_ahead_bytes=l2_ahead.numel() * l2_ahead.element_size())
     return GemvParams(x=x.data_ptr(), x_stride=x.stride(0), w=w.data_ptr(), y=y.data_ptr(), y_stride=y.stride(0),
-                      rows=rows, n=n, k=k, **ahead)
+                      rows=rows, n=n, k=k)
 
 
 # Up to Kernels.fold_rows rows (FOLD_ROWS, a define only the host reads) the backend folds the residual add
@@ -548,9 +539,6 @@ def gemv_params(x, w, y, l2_ahead=None) -> GemvParams:
 # -1.0 % in a later run (fold32_*: model_defines folds AiM-B's 17-32 rows). Where out_proj is an aim_gemm the
 # fold is FOLD_GEMM's (aim_kernels.cu).
 FOLD_ROWS = 16
-# Up to this many rows (STATE_L2_ROWS, a define only the host reads) in_proj, where it is an aim_gemv, pulls its
-# layer's SSM state into L2 before it waits (GemvParams.l2_ahead), so that the state update's reads of it hit L2.
-STATE_L2_ROWS = 32
 
 
 def _check_fold(name: str, rows: int, n: int, norm: NormParams) -> None:
@@ -694,7 +682,6 @@ class Kernels:
                 self.fn[name] = fn
                 self.resids.add(name)
         self.fold_rows = int(builds[0].get("FOLD_ROWS", FOLD_ROWS))
-        self.state_l2_rows = int(builds[0].get("STATE_L2_ROWS", STATE_L2_ROWS))
         # the state update's warp kernel (AiM shape) from this many rows; None: not in this build
         self.ssu_warp_rows = int(builds[0].get("SSU_WARP_ROWS", SSU_WARP_ROWS))
         if (fn := self._function("aim_ssu_warps", required=False)) is not None:

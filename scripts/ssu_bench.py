@@ -112,10 +112,10 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "g4": {"_steps_per_graph": 4},
     "g8": {"_steps_per_graph": 8},
     "g32": {"_steps_per_graph": 32},
-    # 2026-12-05 (third session): in_proj (an aim_gemv) pulls its layer's SSM state into L2 before it waits, up
-    # to STATE_L2_ROWS rows (host side; 32 by default): "l2ahead0" never
-    "l2ahead0": {"STATE_L2_ROWS": 0},
-    # ... and the folded out_proj lets the next norm launch at once (PDL_EARLY_FOLD; PDL_EARLY_GEMV by default)
+    # 2026-12-05 (third session): the folded out_proj lets the next norm launch at once (PDL_EARLY_FOLD;
+    # PDL_EARLY_GEMV by default). (At 8f540a8 "l2ahead0": in_proj pulling its layer's SSM state into L2 before
+    # it waits, measured in bench/results/kernels_l2ahead_h100_2026-12-05.*: no gain at AiM-B b1, +3.5 % at b16;
+    # removed)
     "early_fold": {"PDL_EARLY_FOLD": PDL_EARLY_ANY},
     # (2026-12-05: "pair" / "gemvpair", the wide-tile products on cluster pairs splitting k, measured at 247ad49 /
     # 01ffad1 in bench/results/pair*_2026-12-05.*, slower in whole steps and removed with their kernels)
