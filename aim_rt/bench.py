@@ -67,12 +67,15 @@ def step_bytes(cfg: AiMConfig, batch: int, elem_bytes: int) -> int:
     return (weights + 2 * (2 * batch) * state_per_row) * elem_bytes
 
 
-def op_bytes(cfg: AiMConfig, batch: int, elem: int, folded: bool = False) -> dict[str, int]:
+def op_bytes(cfg: AiMConfig, batch: int, elem: int, folded: bool = False, normed_in: bool = False) -> dict[str, int]:
     """Bytes each kind of op in a decode step must move per launch (2B rows with CFG): its weights once, its
     inputs read, its outputs written, states read and written once. Tiny per-head vectors are counted too.
     `folded`: the step folds the residual add into out_proj (CudaBackend.folds), so every norm after a
     layer only reads the summed residual and every out_proj moves it and the gate instead of writing its output
-    (the first norm, of the input embedding, is whole); a kind's bytes are then the average over its launches."""
+    (the first norm, of the input embedding, is whole); a kind's bytes are then the average over its launches.
+    `normed_in` (with `folded`): in_proj norms its own x after the first layer (CudaBackend.norm_folds), so the
+    norm kernel runs once (whole) and those in_proj read the float32 residual, its float32 norm weight times
+    (1 + scale) and the shift instead of the normed row."""
     R, d, e, L = 2 * batch, cfg.d_model, elem, cfg.n_layer
     norm = R * d * (3 * e + 8 + 2 * e) + d * e  # input, gate, out; residual fp32 in/out; shift and scale
     light = R * d * (4 + 3 * e) + d * e  # summed residual in; out; shift and scale
@@ -83,9 +86,13 @@ def op_bytes(cfg: AiMConfig, batch: int, elem: int, folded: bool = False) -> dic
         norm_avg, out_avg, final = (norm + (L - 1) * light) // L, out_proj + R * d * 8, light + d * e
     else:
         norm_avg, out_avg = norm, out_proj
+    in_proj = d * cfg.d_in_proj * e + R * (d + cfg.d_in_proj) * e
+    if folded and normed_in:
+        norm_avg = norm
+        in_proj = (in_proj + (L - 1) * (in_proj + R * d * 8)) // L  # residual, gm (fp32) and shift for x (e)
     return {
         "residual_norm": norm_avg,
-        "in_proj": d * cfg.d_in_proj * e + R * (d + cfg.d_in_proj) * e,
+        "in_proj": in_proj,
         "selective_state_update": R * (2 * state * e + (cfg.d_in_proj + cfg.d_inner) * e + cfg.nheads * 4)
                                   + (cfg.conv_dim * (cfg.d_conv + 1) + 3 * cfg.nheads + cfg.d_inner) * e,
         "out_proj": out_avg,
@@ -116,7 +123,7 @@ def kernel_table(models: list[str], batches: list[int], dtype: str = "bfloat16",
             step_us = step_s / model.config.num_tokens * 1e6
             phases = backend.phase_times(batch, settings)
             timing = backend.op_timings(batch, settings)
-            nbytes = op_bytes(model.config, batch, elem, backend.folds(2 * batch))
+            nbytes = op_bytes(model.config, batch, elem, backend.folds(2 * batch), backend.norm_folds(2 * batch))
             in_step = (timing["timeline"] or {}).get("in_step_us_per_launch") or {}
             ops = []
             for kind, t in timing["ops"].items():

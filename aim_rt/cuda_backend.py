@@ -160,6 +160,7 @@ class _Buffers:
     conv: Tensor        # (L, R, C, W)
     ssm: Tensor         # (L, R, H, P, N)
     mods: Tensor        # (L, R, 3, d)
+    gm: Tensor | None   # (L, R, d) float32: norm weight * (1 + scale), once in_proj norms its own x (norm_folds)
     final_mods: Tensor  # (R, 2, d)
     logits: Tensor      # (R, V)
     tokens: Tensor      # (B, num_tokens) int64
@@ -196,6 +197,7 @@ class CudaBackend:
         self._graphs: dict[tuple, list[tuple[int, torch.cuda.CUDAGraph]]] = {}  # (steps, graph): 1 first
         self._vq = None  # the fast VQ decoder, built on first use
         self._params = self._layer_params()
+        self._norm_w = torch.stack([w["norm"].float() for w in self._params])  # (L, d), for norm_folds
         self._mode = (False, False)  # (teacher forcing, record mixed logits): which optional pointers are live
 
     # ----- one step, as kernel launches -------------------------------------------------------------
@@ -227,6 +229,7 @@ class CudaBackend:
             conv=torch.zeros(cfg.n_layer, rows, cfg.conv_dim, cfg.d_conv, device=dev, dtype=dt),
             ssm=torch.zeros(cfg.n_layer, rows, cfg.nheads, cfg.headdim, cfg.d_state, device=dev, dtype=dt),
             mods=torch.zeros(cfg.n_layer, rows, 3, cfg.d_model, device=dev, dtype=dt),
+            gm=None,
             final_mods=torch.zeros(rows, 2, cfg.d_model, device=dev, dtype=dt),
             logits=torch.zeros(rows, cfg.vocab_size, device=dev, dtype=dt),
             tokens=torch.zeros(batch, cfg.num_tokens, device=dev, dtype=torch.long),
@@ -289,12 +292,17 @@ class CudaBackend:
         # update: GemvFoldParams, GemmFoldParams in aim_kernels.cu), so the next norm kernel (the final norms
         # after the last layer) only norms it.
         fold = self.folds(rows)
+        # Where norm_folds, in_proj of every layer after the first norms its own x from that sum (gemv_norm_params)
+        normed_in = self.norm_folds(rows)
         nexts = norms[1:] + [final]  # the norm after each layer
         ops = []
         for i, w in enumerate(self._params):
-            p = _summed(norms[i]) if fold and i > 0 else norms[i]
-            ops.append(("residual_norm", lambda p=p: k.residual_norm(p, stream())))
-            ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
+            if normed_in and i > 0:
+                ops.append(("in_proj", self._normed_in_proj(buf, i, w["in_proj"])))
+            else:
+                p = _summed(norms[i]) if fold and i > 0 else norms[i]
+                ops.append(("residual_norm", lambda p=p: k.residual_norm(p, stream())))
+                ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
             ops.append(("selective_state_update",
                         lambda p=ssus[i]: k.selective_state_update(p, stream(), finish=not fold_norm)))
             if fold:
@@ -312,6 +320,36 @@ class CudaBackend:
         out_proj with a folded instance: Kernels.fold_supported)."""
         cfg = self.config
         return cfg.ngroups == 1 and self.use_gemv and self.kernels.fold_supported(rows, cfg.d_inner, cfg.d_model)
+
+    def norm_folds(self, rows: int) -> bool:
+        """Whether a step of `rows` rows folds the residual norm between layers into in_proj (after out_proj
+        folded the residual add: Kernels.norm_fold_supported)."""
+        return self.folds(rows) and self.kernels.norm_fold_supported(rows, self.config.d_model)
+
+    def _normed_in_proj(self, buf: _Buffers, i: int, w: Tensor) -> Callable[[], None]:
+        """Layer i's in_proj of its norm of the summed residual (the caller checked norm_folds)."""
+        from aim_rt.plugins.kernels import gemv_norm_params
+
+        gm = self._gm(buf)
+        p = gemv_norm_params(buf.residual, gm[i], buf.mods[i][:, 0], w, buf.zxbcdt, self.config.norm_eps)
+        return lambda: self.kernels.gemv_norm(p, torch.cuda.current_stream().cuda_stream)
+
+    def _gm(self, buf: _Buffers, update: bool = False) -> Tensor:
+        """buf.gm, the norm weight times (1 + scale) in float32 from buf.mods: made on first use (its address
+        then stays, for the graphs), recomputed with `update`."""
+        if buf.gm is None:
+            buf.gm = torch.empty(buf.mods.shape[0], buf.mods.shape[1], buf.mods.shape[3], device=buf.mods.device)
+            update = True
+        if update:
+            torch.mul(self._norm_w[:, None, :], 1.0 + buf.mods[:, :, 1].float(), out=buf.gm)
+        return buf.gm
+
+    def _set_mods(self, buf: _Buffers, mods) -> None:
+        """A sample's adaLN modulations into the buffers (and what norm_folds derives from them)."""
+        buf.mods.copy_(mods.layers)
+        buf.final_mods.copy_(mods.final)
+        if buf.gm is not None or self.norm_folds(buf.hidden.shape[0]):
+            self._gm(buf, update=True)
 
     def _folded(self, x: Tensor, w: Tensor, y: Tensor, norm) -> Callable[[], None]:
         """out_proj with the residual add of `norm` (the next layer's) folded in; the caller checked
@@ -457,8 +495,7 @@ class CudaBackend:
             buf.hidden.copy_(cond)
             buf.conv.zero_()
             buf.ssm.zero_()
-            buf.mods.copy_(mods.layers)
-            buf.final_mods.copy_(mods.final)
+            self._set_mods(buf, mods)
             buf.step.fill_(0)
             return 0, False
         start = prefix.shape[1]
@@ -467,8 +504,7 @@ class CudaBackend:
         buf.logits.copy_(logits)
         buf.conv.copy_(state.conv)
         buf.ssm.copy_(state.ssm)
-        buf.mods.copy_(mods.layers)
-        buf.final_mods.copy_(mods.final)
+        self._set_mods(buf, mods)
         buf.step.fill_(start)
         return start, True
 

@@ -1654,6 +1654,23 @@ struct GemvFoldParams {
   NormParams n;
 };
 
+// in_proj with the residual norm between layers folded in (16-bit types; after a folded out_proj summed the
+// residual). The norm's 1/rms is one number per row, so it factors out of the product:
+//   in_proj(rmsnorm(x) * w * (1 + scale) + shift) = (1/rms(x)) * W (x * gm) + W shift,  gm = w * (1 + scale).
+// The product then needs no reduction before its x: each block reads the row (the whole of k, as every block
+// does), multiplies it by gm on the way into the tensor cores and sums its squares beside the products; W shift
+// (constant through a sample) is multiplied before PDL_WAIT from the weights already in registers. What the
+// norm kernel rounded once more (its normed row, to the 16-bit type) is here x * gm, so the bits differ from the
+// separate norm's at that rounding; each row's sum of squares has one fixed order for every instance of a depth
+// (a row's bits do not depend on the other rows nor on the row count).
+struct GemvNormParams {
+  GemvParams g;                                   // g.x unused: the product's x is the residual below
+  const float* residual;                          // (rows, k) float32, the summed residual stream
+  const float* gm;  long long gm_stride;          // (rows, k) float32: this layer's norm weight * (1 + scale)
+  const elem_t* shift;  long long shift_stride;   // (rows, k) the adaLN shift
+  float eps;
+};
+
 #ifndef GEMV_MAX_MT
 #define GEMV_MAX_MT 4
 #endif
@@ -1770,10 +1787,13 @@ __device__ __forceinline__ void shift_store(const ConvShift& bc, int rows, const
 // f: null, or the residual add to fold into the epilogue (y is then not written). SPLIT: the fold's loads (row
 // scales' sums, the windows to shift, residuals) all requested before x and consumed after the products;
 // otherwise the scales and the shift are done before x is requested (fewer registers).
-template <int CH, int NT, int MT, bool SPLIT>
-__device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams* f) {
+// NORMED: nx is the residual norm folded in (GemvNormParams): x comes from nx, p.x is not read.
+template <int CH, int NT, int MT, bool SPLIT, bool NORMED = false>
+__device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams* f,
+                                          const GemvNormParams* nx = nullptr) {
   __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
   __shared__ float s_gs[16 * MT];            // folded: each row's 1/rms of the gated norm
+  __shared__ float s_sq[NORMED ? 8 : 1][16 * MT];  // NORMED: each warp's part of each row's sum of squares
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int k0 = warp * (32 * CH) + 8 * t;
   uint4 wreg[NT][CH];
@@ -1795,6 +1815,46 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     col = (blockIdx.x * NT + tile % NT) * 8 + 2 * (l & 3) + (q & 1);
     return i < mt * NT * 128 && row < p.rows && col < p.n;
   };
+  // NORMED: W shift, before the wait (the shift and the weights are constants), in the product's own order
+  float bias[EPI];
+  if constexpr (NORMED) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m >= mt) break;
+      float acc[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+      const int r0 = 16 * m + g, r1 = r0 + 8;
+      const elem_t* s0 = nx->shift + (long long)r0 * nx->shift_stride + k0;
+      const elem_t* s1 = nx->shift + (long long)r1 * nx->shift_stride + k0;
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+        const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(s0 + 32 * c) : make_uint4(0, 0, 0, 0);
+        const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(s1 + 32 * c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          mma_16816(acc[j], xa.x, xb.x, xa.y, xb.y, wreg[j][c].x, wreg[j][c].y);
+          mma_16816(acc[j], xa.z, xb.z, xa.w, xb.w, wreg[j][c].z, wreg[j][c].w);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) part[warp][m * NT + j][lane][q] = acc[j][q];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < EPI; ++e) {
+      const int i = threadIdx.x + 256 * e;
+      int tile, row, col;
+      bias[e] = 0.0f;
+      if (!element(i, tile, row, col)) continue;
+      const int l = (i >> 2) & 31, q = i & 3;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) bias[e] += part[w][tile][l][q];
+    }
+    __syncthreads();  // part is reused below
+  }
   float fgate[EPI], fres[EPI];  // folded: their gates (constants, before the wait) and residuals (after it)
   if (f) {
 #pragma unroll
@@ -1832,16 +1892,66 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     const int r0 = 16 * m + g, r1 = r0 + 8;
-    const elem_t* x0 = p.x + (long long)r0 * p.x_stride + k0;
-    const elem_t* x1 = p.x + (long long)r1 * p.x_stride + k0;
+    if constexpr (NORMED) {
+      // x * gm rounded into the tensor cores; each row's squares in one fixed order: this thread's elements
+      // (chunks, then the 8 of a chunk), the quad's four threads, then the warps in order (epilogue)
+      const float* a0 = nx->residual + (long long)r0 * p.k + k0;
+      const float* a1 = nx->residual + (long long)r1 * p.k + k0;
+      const float* g0 = nx->gm + (long long)r0 * nx->gm_stride + k0;
+      const float* g1 = nx->gm + (long long)r1 * nx->gm_stride + k0;
+      float q0 = 0.0f, q1 = 0.0f;
 #pragma unroll
-    for (int c = 0; c < CH; ++c) {
-      const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
-      const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
+      for (int c = 0; c < CH; ++c) {
+        float va[8], vb[8], ga[8], gb[8];
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        mma_16816(acc[j], xa.x, xb.x, xa.y, xb.y, wreg[j][c].x, wreg[j][c].y);
-        mma_16816(acc[j], xa.z, xb.z, xa.w, xb.w, wreg[j][c].z, wreg[j][c].w);
+        for (int h = 0; h < 2; ++h) {
+          const float4 z4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          const float4 u = r0 < p.rows ? *reinterpret_cast<const float4*>(a0 + 32 * c + 4 * h) : z4;
+          const float4 v = r1 < p.rows ? *reinterpret_cast<const float4*>(a1 + 32 * c + 4 * h) : z4;
+          const float4 gu = r0 < p.rows ? *reinterpret_cast<const float4*>(g0 + 32 * c + 4 * h) : z4;
+          const float4 gv = r1 < p.rows ? *reinterpret_cast<const float4*>(g1 + 32 * c + 4 * h) : z4;
+          va[4 * h] = u.x; va[4 * h + 1] = u.y; va[4 * h + 2] = u.z; va[4 * h + 3] = u.w;
+          vb[4 * h] = v.x; vb[4 * h + 1] = v.y; vb[4 * h + 2] = v.z; vb[4 * h + 3] = v.w;
+          ga[4 * h] = gu.x; ga[4 * h + 1] = gu.y; ga[4 * h + 2] = gu.z; ga[4 * h + 3] = gu.w;
+          gb[4 * h] = gv.x; gb[4 * h + 1] = gv.y; gb[4 * h + 2] = gv.z; gb[4 * h + 3] = gv.w;
+        }
+        unsigned xa[4], xb[4];
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          xa[h] = pack2(va[2 * h] * ga[2 * h], va[2 * h + 1] * ga[2 * h + 1]);
+          xb[h] = pack2(vb[2 * h] * gb[2 * h], vb[2 * h + 1] * gb[2 * h + 1]);
+        }
+#pragma unroll
+        for (int h = 0; h < 8; ++h) {
+          q0 = __fmaf_rn(va[h], va[h], q0);
+          q1 = __fmaf_rn(vb[h], vb[h], q1);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          mma_16816(acc[j], xa[0], xb[0], xa[1], xb[1], wreg[j][c].x, wreg[j][c].y);
+          mma_16816(acc[j], xa[2], xb[2], xa[3], xb[3], wreg[j][c].z, wreg[j][c].w);
+        }
+      }
+      q0 += __shfl_xor_sync(0xffffffffu, q0, 1);
+      q0 += __shfl_xor_sync(0xffffffffu, q0, 2);
+      q1 += __shfl_xor_sync(0xffffffffu, q1, 1);
+      q1 += __shfl_xor_sync(0xffffffffu, q1, 2);
+      if (t == 0) {
+        s_sq[warp][r0] = q0;
+        s_sq[warp][r1] = q1;
+      }
+    } else {
+      const elem_t* x0 = p.x + (long long)r0 * p.x_stride + k0;
+      const elem_t* x1 = p.x + (long long)r1 * p.x_stride + k0;
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+        const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
+        const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          mma_16816(acc[j], xa.x, xb.x, xa.y, xb.y, wreg[j][c].x, wreg[j][c].y);
+          mma_16816(acc[j], xa.z, xb.z, xa.w, xb.w, wreg[j][c].z, wreg[j][c].w);
+        }
       }
     }
 #pragma unroll
@@ -1864,7 +1974,12 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     float s = 0.0f;
 #pragma unroll
     for (int w = 0; w < 8; ++w) s += part[w][tile][l][q];
-    if (f)
+    if constexpr (NORMED) {
+      float sq = 0.0f;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) sq += s_sq[w][row];
+      p.y[(long long)row * p.y_stride + col] = st(__fmaf_rn(s, rsqrtf(sq / p.k + nx->eps), bias[e]));
+    } else if (f)
       // rounded as the norm kernel reads out_proj's output, then added as it adds it (the same bits)
       f->residual[(long long)row * f->d + col] = fres[e] + gated_output(ld(st(s)), s_gs[row], fgate[e], f->gate != nullptr);
     else
@@ -1886,28 +2001,40 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     PDL_START(q.g.rows, PDL_EARLY_FOLD);                                                                        \
     gemv_body<CH, NT, MT, (NT > 1)>(q.g, &q.n);                                                                 \
   }
+// in_proj with the residual norm folded in (GemvNormParams); launches as the plain product does.
+#define GEMV_NORM_ENTRY(NAME, CH, NT, MT)                                                                       \
+  extern "C" __global__ void __launch_bounds__(256) NAME(const __grid_constant__ GemvNormParams q) {           \
+    PDL_START(q.g.rows, PDL_EARLY_GEMV);                                                                        \
+    gemv_body<CH, NT, MT, false, true>(q.g, nullptr, &q);                                                       \
+  }
 // X(CH, NT): aim_gemv_k<CH>_n<NT>, up to 16 * min(8 / NT, GEMV_MAX_MT) rows. Y(CH): aim_gemv_k<CH>_n1_m1, the
 // one-tile product for up to 16 rows with one m-tile of partials (12 KB less shared memory, ~10 registers
 // fewer; the same arithmetic, so the same bits). XR(CH, NT) / YR(CH): aim_gemv_resid_..., the same products
-// with the residual add folded in (GemvFoldParams). The host compiles what a model needs
+// with the residual add folded in (GemvFoldParams); XN(CH, NT) / YN(CH): aim_gemv_norm_..., with the residual
+// norm folded in (GemvNormParams). The host compiles what a model needs
 // (-DGEMV_INSTANCES="X(3,1) X(6,2) Y(12) XR(6,1)": each entry costs NVRTC time at a cold start); by default
-// every X and the AiM models' out_proj XR.
+// every X, the AiM models' out_proj XR and in_proj XN.
 #define GEMV_MT(NT) (8 / NT < GEMV_MAX_MT ? 8 / NT : GEMV_MAX_MT)
 #define X(CH, NT) GEMV_ENTRY(aim_gemv_k##CH##_n##NT, CH, NT, GEMV_MT(NT))
 #define Y(CH) GEMV_ENTRY(aim_gemv_k##CH##_n1_m1, CH, 1, 1)
 #define XR(CH, NT) GEMV_RESID_ENTRY(aim_gemv_resid_k##CH##_n##NT, CH, NT, GEMV_MT(NT))
 #define YR(CH) GEMV_RESID_ENTRY(aim_gemv_resid_k##CH##_n1_m1, CH, 1, 1)
+#define XN(CH, NT) GEMV_NORM_ENTRY(aim_gemv_norm_k##CH##_n##NT, CH, NT, GEMV_MT(NT))
+#define YN(CH) GEMV_NORM_ENTRY(aim_gemv_norm_k##CH##_n1_m1, CH, 1, 1)
 #if !(AIM_PARTS & 1)
 #elif defined(GEMV_INSTANCES)
 GEMV_INSTANCES
 #else
 X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(6, 1) X(8, 1) X(12, 1) X(1, 4) X(2, 4) X(3, 4) X(4, 2) X(6, 2)
 XR(6, 1) XR(8, 1) XR(12, 1) XR(6, 2)  // the AiM models' out_proj (d_inner 1536, 2048, 3072)
+XN(3, 1) XN(3, 4) XN(6, 1)             // in_proj with the norm folded in (d_model 768, 1536)
 #endif
 #undef X
 #undef Y
 #undef XR
 #undef YR
+#undef XN
+#undef YN
 #endif
 
 // ----------------------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def compile_async(dtype: str, arch: str, defines: dict | None = None, source_pat
 PDL_EARLY_ANY = 1 << 30  # a PDL_EARLY_<KIND> limit no row count reaches: that kind lets its successor launch at once
 # Defines that only the host reads (from the step program's build): which kernel runs which rows, k splits
 HOST_DEFINES = frozenset({"SSU_WARP_ROWS", "GEMM_MIN_ROWS", "GEMM_MAX_ROWS", "GEMM_FOLD_MAX_ROWS", "GEMM_CTAS",
-                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS"})
+                          "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS",
+                          "NORM_FOLD_ROWS"})
 
 
 def model_defines(d_model: int) -> dict:
@@ -216,6 +217,8 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
     defines = dict(defines or {})
     if "AIM_RT_PDL_EARLY_ROWS" in os.environ:  # to measure: up to how many rows the next kernel launches at once
         defines.setdefault("PDL_EARLY_ROWS", int(os.environ["AIM_RT_PDL_EARLY_ROWS"]))
+    if "AIM_RT_NORM_FOLD" in os.environ:  # up to how many rows in_proj norms its own x (0: never; see NORM_FOLD_ROWS)
+        defines.setdefault("NORM_FOLD_ROWS", int(os.environ["AIM_RT_NORM_FOLD"]))
     step = dict(defines)
     if d_model is not None:
         per_model = model_defines(d_model)
@@ -236,6 +239,14 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
                 inst += [f"XR({c_out},{t})" for t in tiles if (c_out, t) in _gemv_pairs()]
                 if gemv_m1_chunks(d_model, [c_out]) or int(step.get("RESID_M1_ROWS", 0)):
                     inst.append(f"YR({c_out})")
+            c_in = d_model // 256  # in_proj with the norm folded in, in the tiles it has up to NORM_FOLD_ROWS
+            most = min(int(step.get("NORM_FOLD_ROWS", NORM_FOLD_ROWS)), int(step.get("FOLD_ROWS", FOLD_ROWS)))
+            if most > 0 and c_in in chunks:
+                narrow = int(step.get("GEMV_NARROW_ROWS", GEMV_NARROW_ROWS))
+                tiles = sorted({gemv_tiles(rows, d_model, narrow) for rows in (1, most)})
+                inst += [f"XN({c_in},{t})" for t in tiles if (c_in, t) in _gemv_pairs()]
+                if c_in in gemv_m1_chunks(d_model, chunks):
+                    inst.append(f"YN({c_in})")
         step["GEMV_INSTANCES"] = " ".join(inst) or "/* none */"
     # the other two programs without the defines only the host reads (they would only change their cache keys)
     shared = {k: v for k, v in defines.items() if k not in HOST_DEFINES}
@@ -348,6 +359,11 @@ class GemvFoldParams(ctypes.Structure):
     _fields_ = [("g", GemvParams), ("n", NormParams)]
 
 
+class GemvNormParams(ctypes.Structure):
+    _fields_ = [("g", GemvParams), ("residual", P), ("gm", P), ("gm_stride", LL), ("shift", P),
+                ("shift_stride", LL), ("eps", F)]
+
+
 class GemmParams(ctypes.Structure):
     _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I),
                 ("splits", I)]
@@ -358,7 +374,7 @@ class GemmFoldParams(ctypes.Structure):
 
 
 STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemvFoldParams,
-           GemmParams, GemmFoldParams)
+           GemvNormParams, GemmParams, GemmFoldParams)
 
 
 def layout_asserts() -> str:
@@ -559,6 +575,34 @@ def gemv_fold_params(x, w, y, norm: NormParams) -> GemvFoldParams:
     return GemvFoldParams(g=gemv_params(x, w, y), n=norm)
 
 
+# Up to Kernels.norm_fold_rows rows (NORM_FOLD_ROWS, a define only the host reads; model_defines) the backend
+# folds the residual norm between layers into in_proj where in_proj is an aim_gemv and out_proj folds the
+# residual add (GemvNormParams in aim_kernels.cu): the norm kernel then runs only before the first layer and
+# after the last. AIM_RT_NORM_FOLD=0 turns it off (the bits then are the separate norm's); AIM_RT_NORM_FOLD=N
+# sets the rows (to measure).
+NORM_FOLD_ROWS = 0
+
+
+def gemv_norm_params(residual, gm, shift, w, y, eps: float) -> GemvNormParams:
+    """in_proj of the normed residual, y = W (residual * gm) / rms(residual) + W shift row by row (= W
+    (rmsnorm(residual) * norm_w * (1 + scale) + shift) for gm = norm_w * (1 + scale)), as GemvNormParams; residual (rows, k) float32 contiguous, gm (rows, k) float32 and shift (rows, k) with
+    unit column stride and 16-byte-aligned rows, w (n, k) contiguous, y (rows, n)."""
+    import torch
+
+    rows, k, n = _check_product("aim_gemv_norm", shift, w, y)
+    for name, t in (("residual", residual), ("gm", gm)):
+        if t.dtype != torch.float32 or tuple(t.shape) != (rows, k):
+            raise KernelError(f"aim_gemv_norm: {name} must be float32 ({rows}, {k}), not {t.dtype} "
+                              f"{tuple(t.shape)}")
+        if t.stride(1) != 1 or t.stride(0) % 4 or t.data_ptr() % 16:
+            raise KernelError(f"aim_gemv_norm: {name} needs unit column stride and 16-byte-aligned rows")
+    if residual.stride(0) != k:
+        raise KernelError("aim_gemv_norm: the residual must be contiguous")
+    g = GemvParams(x=None, x_stride=0, w=w.data_ptr(), y=y.data_ptr(), y_stride=y.stride(0), rows=rows, n=n, k=k)
+    return GemvNormParams(g=g, residual=residual.data_ptr(), gm=gm.data_ptr(), gm_stride=gm.stride(0),
+                          shift=shift.data_ptr(), shift_stride=shift.stride(0), eps=eps)
+
+
 GEMM_BN, GEMM_BK = 64, 64  # as in aim_kernels.cu
 # aim_gemm_m<mt>'s pipeline depth (GEMM_STAGES_M<mt>, passed to every step build; aim_kernels.cu has the same
 # defaults; model_defines deepens them for the wide models)
@@ -682,6 +726,13 @@ class Kernels:
                 self.fn[name] = fn
                 self.resids.add(name)
         self.fold_rows = int(builds[0].get("FOLD_ROWS", FOLD_ROWS))
+        self.gemv_norms = set()  # names of the products with the residual norm folded in (aim_gemv_norm_*)
+        for name in [f"aim_gemv_norm_k{c}_n{t}" for c, t in _gemv_pairs()] + [
+                f"aim_gemv_norm_k{c}_n1_m1" for c in GEMV_CHUNKS] if dtype != "float32" else ():
+            if (fn := self._function(name, required=False)) is not None:
+                self.fn[name] = fn
+                self.gemv_norms.add(name)
+        self.norm_fold_rows = int(builds[0].get("NORM_FOLD_ROWS", NORM_FOLD_ROWS))
         # the state update's warp kernel (AiM shape) from this many rows; None: not in this build
         self.ssu_warp_rows = int(builds[0].get("SSU_WARP_ROWS", SSU_WARP_ROWS))
         if (fn := self._function("aim_ssu_warps", required=False)) is not None:
@@ -833,6 +884,17 @@ class Kernels:
             return n % 4 == 0 and gemm_mt(rows, self.gemms) in self.gemm_resids
         return (rows <= self.fold_rows and self.gemv_supported(rows, k)
                 and self._gemv_name(rows, k, "aim_gemv_resid") in self.resids)
+
+    def norm_fold_supported(self, rows: int, k: int) -> bool:
+        """Whether the backend folds the residual norm into in_proj (depth k = d_model) at this many rows in this
+        build: where in_proj is an aim_gemv (not aim_gemm, not cuBLAS) with a normed instance, up to
+        norm_fold_rows rows (the caller also needs out_proj to fold the residual add: fold_supported)."""
+        return (0 < rows <= min(self.norm_fold_rows, GEMV_FAST_ROWS) and not self.gemm_supported(rows, k)
+                and self.gemv_supported(rows, k) and self._gemv_name(rows, k, "aim_gemv_norm") in self.gemv_norms)
+
+    def gemv_norm(self, p: GemvNormParams, stream: int) -> None:
+        """in_proj with the residual norm folded in (gemv_norm_params; the caller checked norm_fold_supported)."""
+        self._launch_gemv("aim_gemv_norm", p.g, p, stream)
 
     def gemv_fold(self, p: GemvFoldParams, stream: int) -> None:
         """out_proj with the residual add folded in (gemv_fold_params; the caller checked fold_supported)."""

@@ -117,6 +117,11 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     # it waits, measured in bench/results/kernels_l2ahead_h100_2026-12-05.*: no gain at AiM-B b1, +3.5 % at b16;
     # removed)
     "early_fold": {"PDL_EARLY_FOLD": PDL_EARLY_ANY},
+    # 2026-12-05 (fourth session): in_proj norms its own x up to this many rows (NORM_FOLD_ROWS, host side;
+    # GemvNormParams in aim_kernels.cu): the norm kernel only before the first layer and after the last
+    "nf0": {"NORM_FOLD_ROWS": 0},
+    "nf2": {"NORM_FOLD_ROWS": 2},
+    "nf32": {"NORM_FOLD_ROWS": 32},
     # (2026-12-05: "pair" / "gemvpair", the wide-tile products on cluster pairs splitting k, measured at 247ad49 /
     # 01ffad1 in bench/results/pair*_2026-12-05.*, slower in whole steps and removed with their kernels)
 }

@@ -72,6 +72,25 @@ def test_op_bytes_of_a_folded_step_move_the_residual_add_into_out_proj():
     assert {k: v for k, v in folded.items() if k not in kinds} == {k: v for k, v in plain.items() if k not in kinds}
 
 
+def test_op_bytes_of_a_step_whose_in_proj_norms_its_own_x():
+    """With the residual norm folded into in_proj after the first layer, the norm kernel runs once per step (the
+    first layer's, whole) and those in_projs read the float32 residual and gm and the shift (2 + 8 bytes per
+    element in bf16) instead of the normed row (2): per launch in_proj moves more, and the step's bytes for
+    norms and in_proj drop by what the separate norms wrote and read."""
+    from aim_rt.bench import op_bytes
+    from aim_rt.config import preset
+
+    cfg = preset("AiM-B")
+    R, d, L = 8, cfg.d_model, cfg.n_layer
+    folded, normed = op_bytes(cfg, 4, 2, folded=True), op_bytes(cfg, 4, 2, folded=True, normed_in=True)
+    plain = op_bytes(cfg, 4, 2)
+    assert normed["residual_norm"] == plain["residual_norm"]  # the first layer's, whole
+    assert normed["in_proj"] > folded["in_proj"]
+    assert abs(L * normed["in_proj"] - (L * folded["in_proj"] + (L - 1) * R * d * 8)) < L
+    kinds = ("residual_norm", "in_proj")
+    assert {k: v for k, v in normed.items() if k not in kinds} == {k: v for k, v in folded.items() if k not in kinds}
+
+
 def test_compare_steps_alternates_backends_and_compares_their_tokens(capsys):
     """The step-comparison scripts' loop: per batch a warm sample of each backend, then rounds in which the
     backends alternate; each row keeps the least µs per step, every run, and token equality with the first."""

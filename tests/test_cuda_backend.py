@@ -591,7 +591,7 @@ def test_backend_folds_the_residual_add_at_few_rows_with_the_same_tokens():
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
     plain, folded = CudaBackend(model), CudaBackend(model, use_graphs=False)
     plain.kernels.fold_rows, plain.kernels.gemm_resids = 0, {}
-    folded.kernels.fold_rows = 8
+    folded.kernels.fold_rows, folded.kernels.norm_fold_rows = 8, 0  # (in_proj norming its x rounds otherwise)
     calls = []
     for kind in ("gemv_fold", "gemm_fold"):
         launch = getattr(folded.kernels, kind)
@@ -611,6 +611,78 @@ def test_backend_folds_the_residual_add_at_few_rows_with_the_same_tokens():
         assert calls == [(kind, rows)] * folds, batch
         if folded.kernels.gemms:
             assert (kind == "gemm_fold") == (batch == 17), batch
+
+
+@needs_gpu
+@pytest.mark.parametrize("d_model,n", [(768, 3352), (1536, 1000)])
+def test_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model, n):
+    """in_proj with the residual norm folded in (aim_gemv_norm_*, 1 to 32 rows: every instance, the one-m-tile
+    one of a 1536-wide build included): the kernel's own formula, W (x * gm) / rms(x) + W shift with x * gm
+    rounded to bf16, computed in float64, to one rounding of its bf16 output; the separate norm's product
+    (normed row rounded as the norm kernel rounds it) to bf16 accuracy; and each row's bits the same at every
+    row count and instance."""
+    from aim_rt.plugins.kernels import Kernels, gemv_norm_params
+
+    kern = Kernels("bfloat16", gemv_depths=(d_model,), d_model=d_model,
+                   defines={"NORM_FOLD_ROWS": 32, "GEMM_MIN_ROWS": 129})  # aim_gemv at every row count here
+    gen = torch.Generator(device="cuda").manual_seed(d_model)
+    bf, eps = torch.bfloat16, 1e-5
+    w = (torch.randn(n, d_model, device="cuda", generator=gen) / d_model ** 0.5).to(bf)
+    res = 3 * torch.randn(32, d_model, device="cuda", generator=gen)
+    norm_w = (1 + 0.2 * torch.randn(d_model, device="cuda", generator=gen)).to(bf)
+    scale = (0.3 * torch.randn(32, d_model, device="cuda", generator=gen)).to(bf)
+    shift = (0.5 * torch.randn(32, d_model, device="cuda", generator=gen)).to(bf)
+    gm = norm_w.float() * (1 + scale.float())
+    stream = torch.cuda.current_stream().cuda_stream
+    results = {}
+    for rows in (1, 2, 3, 8, 9, 16, 17, 32):
+        assert kern.norm_fold_supported(rows, d_model), rows
+        y = torch.full((rows, n), float("nan"), device="cuda", dtype=bf)
+        kern.gemv_norm(gemv_norm_params(res[:rows], gm[:rows], shift[:rows], w, y, eps), stream)
+        torch.cuda.synchronize()
+        x, W = res[:rows].double(), w.double()
+        inv = torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
+        a = (res[:rows] * gm[:rows]).to(bf).double()
+        want = inv * (a @ W.t()) + shift[:rows].double() @ W.t()
+        size = inv * (a.abs() @ W.abs().t()) + shift[:rows].double().abs() @ W.abs().t()
+        diff = (y.double() - want).abs()
+        assert (diff <= 2 ** -8 * want.abs() + 1e-5 * size).all(), f"rows={rows}: max diff {diff.max()}"
+        normed = ((res[:rows] * inv.float()).mul(norm_w.float()).to(bf).float() * (1 + scale[:rows].float())
+                  + shift[:rows].float()).to(bf)
+        assert rel_err(y.float(), normed.float() @ w.float().t()) <= 1e-2, rows
+        results[rows] = y
+    for rows, y in results.items():
+        assert torch.equal(y, results[32][:rows]), f"rows {rows} vs 32"
+
+
+@needs_gpu
+def test_backend_norms_in_proj_after_the_first_layer_with_the_separate_norms_logits(monkeypatch):
+    """Where Kernels.norm_fold_rows reaches (AIM_RT_NORM_FOLD), every layer after the first runs in_proj on
+    its own norm of the residual (one launch per layer less): its CFG-mixed logits, teacher-forced on the
+    separate norm's tokens, agree with that step's to bf16 accuracy, and its draws mostly agree (the products'
+    inputs round at another point, so they are not the same bits)."""
+    from aim_rt.cuda_backend import CudaBackend
+
+    cfg = aim_rt.AiMConfig(d_model=256, n_layer=4, vocab_size=1024, num_classes=10, num_tokens=64)
+    model = aim_rt.random_model(cfg, seed=5, device="cuda", dtype="bfloat16")
+    settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
+    monkeypatch.setenv("AIM_RT_NORM_FOLD", "0")
+    plain = CudaBackend(model)
+    monkeypatch.setenv("AIM_RT_NORM_FOLD", "32")
+    normed = CudaBackend(model, use_graphs=False)
+    calls = []
+    launch = normed.kernels.gemv_norm
+    normed.kernels.gemv_norm = lambda p, s: (calls.append(p.g.rows), launch(p, s))
+    for batch in (1, 4, 16):
+        classes, seeds = [c % cfg.num_classes for c in range(batch)], list(range(20, 20 + batch))
+        assert plain.norm_folds(2 * batch) is False and normed.norm_folds(2 * batch) is True
+        tokens = plain.sample(classes, seeds, settings)
+        draws_p, mixed_p = plain.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
+        calls.clear()
+        draws, mixed = normed.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
+        assert calls == [2 * batch] * ((cfg.n_layer - 1) * cfg.num_tokens), batch
+        assert rel_err(mixed, mixed_p) <= 2e-2, batch
+        assert (draws == draws_p).float().mean() >= 0.9, batch
 
 
 def test_ssu_params_rejects_shapes_the_kernel_cannot_take():

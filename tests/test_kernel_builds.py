@@ -375,3 +375,71 @@ def test_state_update_shapes_outside_the_kernels_limits_are_refused(shape, match
     check_shapes(64, 128, 4)
     with pytest.raises(KernelError, match=match):
         check_shapes(*shape)
+
+
+def test_normed_in_proj_instances_follow_norm_fold_rows():
+    """in_proj with the residual norm folded in (aim_gemv_norm_*) is compiled only where NORM_FOLD_ROWS asks for
+    it, in the tiles in_proj has up to those rows (and FOLD_ROWS: it needs the folded out_proj's sum), with the
+    one-m-tile instance where the model runs one for its plain products; AIM_RT_NORM_FOLD=0 turns it off."""
+    from aim_rt.plugins.kernels import step_builds
+
+    def inst(d_model, **defines):
+        return step_builds("bfloat16", defines, (d_model, 2 * d_model), d_model)[0]["GEMV_INSTANCES"].split()
+
+    assert not [i for i in inst(768, NORM_FOLD_ROWS=0) if i.startswith(("XN", "YN"))]
+    assert [i for i in inst(768, NORM_FOLD_ROWS=32) if i.startswith(("XN", "YN"))] == ["XN(3,1)", "XN(3,4)"]
+    assert [i for i in inst(768, NORM_FOLD_ROWS=8) if i.startswith(("XN", "YN"))] == ["XN(3,1)"]
+    assert [i for i in inst(768, NORM_FOLD_ROWS=32, FOLD_ROWS=8) if i.startswith(("XN", "YN"))] == ["XN(3,1)"]
+    assert [i for i in inst(1536, NORM_FOLD_ROWS=2) if i.startswith(("XN", "YN"))] == ["XN(6,1)", "YN(6)"]
+
+
+def test_norm_fold_can_be_turned_off_from_the_environment(monkeypatch):
+    from aim_rt.plugins.kernels import step_builds
+
+    monkeypatch.setenv("AIM_RT_NORM_FOLD", "0")
+    step = step_builds("bfloat16", {}, (768, 1536), 768)[0]
+    assert step["NORM_FOLD_ROWS"] == 0 and "XN(" not in step["GEMV_INSTANCES"]
+
+
+def test_gemv_norm_params_refuse_what_the_normed_product_cannot_take():
+    """The residual and gm must be float32 rows of the product's shape with aligned rows; the shift is checked
+    as a product's x (CPU tensors: only the checks run)."""
+    import torch
+
+    from aim_rt.plugins.kernels import KernelError, gemv_norm_params
+
+    rows, k, n = 4, 256, 64
+    w, y = torch.zeros(n, k, dtype=torch.bfloat16), torch.zeros(rows, n, dtype=torch.bfloat16)
+    res, gm, shift = torch.zeros(rows, k), torch.zeros(rows, k), torch.zeros(rows, k, dtype=torch.bfloat16)
+    p = gemv_norm_params(res, gm, shift, w, y, 1e-5)
+    assert (p.g.rows, p.g.n, p.g.k, p.gm_stride, p.shift_stride) == (rows, n, k, k, k)
+    with pytest.raises(KernelError, match="residual must be float32"):
+        gemv_norm_params(res.bfloat16(), gm, shift, w, y, 1e-5)
+    with pytest.raises(KernelError, match="gm must be float32 \\(4, 256\\)"):
+        gemv_norm_params(res, gm[:3], shift, w, y, 1e-5)
+    with pytest.raises(KernelError, match="gm needs unit column stride"):
+        gemv_norm_params(res, torch.zeros(k, rows).t(), shift, w, y, 1e-5)
+    with pytest.raises(KernelError, match="aim_gemv_norm shapes"):
+        gemv_norm_params(res, gm, shift, w[:, :128], y, 1e-5)
+
+
+def test_norm_fold_rule_is_in_proj_on_aim_gemv_up_to_norm_fold_rows():
+    """Kernels.norm_fold_supported (CPU: a Kernels with only the attributes the rule reads): up to norm_fold_rows
+    rows where in_proj is an aim_gemv with a normed instance of its tiles; never on aim_gemm's or cuBLAS's rows."""
+    from aim_rt.plugins.kernels import Kernels
+
+    kern = object.__new__(Kernels)
+    kern.dtype, kern.gemv_narrow_rows, kern.norm_fold_rows = "bfloat16", 16, 32
+    kern.gemms, kern.gemm_rows, kern.gemm_fold_max_rows = {2: 0, 4: 0, 8: 0}, (33, 96), 96
+    kern.gemv_norms = {"aim_gemv_norm_k3_n1", "aim_gemv_norm_k3_n4"}
+    kern.fn = dict.fromkeys(kern.gemv_norms)
+    rows = (1, 2, 16, 17, 32, 33, 64)
+    assert [r for r in rows if kern.norm_fold_supported(r, 768)] == [1, 2, 16, 17, 32]
+    assert not [r for r in rows if kern.norm_fold_supported(r, 1536)]  # no instance of that depth
+    kern.gemm_rows = (3, 96)  # aim_gemm from 3 rows (AiM-XL's rule)
+    assert [r for r in rows if kern.norm_fold_supported(r, 768)] == [1, 2]
+    kern.gemm_rows, kern.norm_fold_rows = (33, 96), 8
+    assert [r for r in rows if kern.norm_fold_supported(r, 768)] == [1, 2]
+    kern.gemv_norms.discard("aim_gemv_norm_k3_n4")
+    kern.norm_fold_rows = 32
+    assert [r for r in rows if kern.norm_fold_supported(r, 768)] == [1, 2, 16]
