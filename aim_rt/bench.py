@@ -74,8 +74,8 @@ def op_bytes(cfg: AiMConfig, batch: int, elem: int, folded: bool = False, normed
     layer only reads the summed residual and every out_proj moves it and the gate instead of writing its output
     (the first norm, of the input embedding, is whole); a kind's bytes are then the average over its launches.
     `normed_in` (with `folded`): in_proj norms its own x after the first layer (CudaBackend.norm_folds), so the
-    norm kernel runs once (whole) and those in_proj read the float32 residual, its float32 norm weight times
-    (1 + scale) and the shift instead of the normed row."""
+    norm kernel runs once (whole); each out_proj but the last also reads the next layer's float32 gm and writes
+    x * gm and its 8-column tiles' float32 sums of squares, which those in_projs read with the shift."""
     R, d, e, L = 2 * batch, cfg.d_model, elem, cfg.n_layer
     norm = R * d * (3 * e + 8 + 2 * e) + d * e  # input, gate, out; residual fp32 in/out; shift and scale
     light = R * d * (4 + 3 * e) + d * e  # summed residual in; out; shift and scale
@@ -88,8 +88,9 @@ def op_bytes(cfg: AiMConfig, batch: int, elem: int, folded: bool = False, normed
         norm_avg, out_avg = norm, out_proj
     in_proj = d * cfg.d_in_proj * e + R * (d + cfg.d_in_proj) * e
     if folded and normed_in:
-        norm_avg = norm
-        in_proj = (in_proj + (L - 1) * (in_proj + R * d * 8)) // L  # residual, gm (fp32) and shift for x (e)
+        norm_avg, parts = norm, R * d // 8 * 4
+        in_proj = (L * in_proj + (L - 1) * (R * d * e + parts)) // L  # + the shift and the tile sums
+        out_avg = (L * out_avg + (L - 1) * (R * d * (4 + e) + parts)) // L  # + gm in; x * gm and tile sums out
     return {
         "residual_norm": norm_avg,
         "in_proj": in_proj,

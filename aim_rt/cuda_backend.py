@@ -161,6 +161,7 @@ class _Buffers:
     ssm: Tensor         # (L, R, H, P, N)
     mods: Tensor        # (L, R, 3, d)
     gm: Tensor | None   # (L, R, d) float32: norm weight * (1 + scale), once in_proj norms its own x (norm_folds)
+    sq_part: Tensor | None  # (R, d / 8) float32: out_proj's column tiles' sums of squares of the residual (same)
     final_mods: Tensor  # (R, 2, d)
     logits: Tensor      # (R, V)
     tokens: Tensor      # (B, num_tokens) int64
@@ -229,7 +230,7 @@ class CudaBackend:
             conv=torch.zeros(cfg.n_layer, rows, cfg.conv_dim, cfg.d_conv, device=dev, dtype=dt),
             ssm=torch.zeros(cfg.n_layer, rows, cfg.nheads, cfg.headdim, cfg.d_state, device=dev, dtype=dt),
             mods=torch.zeros(cfg.n_layer, rows, 3, cfg.d_model, device=dev, dtype=dt),
-            gm=None,
+            gm=None, sq_part=None,
             final_mods=torch.zeros(rows, 2, cfg.d_model, device=dev, dtype=dt),
             logits=torch.zeros(rows, cfg.vocab_size, device=dev, dtype=dt),
             tokens=torch.zeros(batch, cfg.num_tokens, device=dev, dtype=torch.long),
@@ -293,9 +294,10 @@ class CudaBackend:
         # after the last layer) only norms it.
         fold = self.folds(rows)
         # Where norm_folds, in_proj of every layer after the first norms its own x from that sum (gemv_norm_params)
+        # (from what each out_proj hands on: the residual times gm into buf.normed, its squares' tile sums)
         normed_in = self.norm_folds(rows)
         nexts = norms[1:] + [final]  # the norm after each layer
-        ops = []
+        ops, n_layer = [], len(self._params)
         for i, w in enumerate(self._params):
             if normed_in and i > 0:
                 ops.append(("in_proj", self._normed_in_proj(buf, i, w["in_proj"])))
@@ -306,7 +308,8 @@ class CudaBackend:
             ops.append(("selective_state_update",
                         lambda p=ssus[i]: k.selective_state_update(p, stream(), finish=not fold_norm)))
             if fold:
-                ops.append(("out_proj", self._folded(buf.y, w["out_proj"], buf.out, nexts[i])))
+                to_next = self._to_next(buf, i + 1) if normed_in and i + 1 < n_layer else None
+                ops.append(("out_proj", self._folded(buf.y, w["out_proj"], buf.out, nexts[i], to_next)))
             else:
                 ops.append(("out_proj", self._matmul(buf.y, w["out_proj"], buf.out)))
         final = _summed(final) if fold else final
@@ -324,21 +327,31 @@ class CudaBackend:
     def norm_folds(self, rows: int) -> bool:
         """Whether a step of `rows` rows folds the residual norm between layers into in_proj (after out_proj
         folded the residual add: Kernels.norm_fold_supported)."""
-        return self.folds(rows) and self.kernels.norm_fold_supported(rows, self.config.d_model)
+        cfg = self.config
+        return (self.folds(rows) and self.kernels.norm_fold_supported(rows, cfg.d_model)
+                and not self.kernels.gemm_supported(rows, cfg.d_inner, folded=True))  # out_proj an aim_gemv_resid
+
+    def _to_next(self, buf: _Buffers, i: int):
+        """What the out_proj before layer i hands to layer i's in_proj (the caller checked norm_folds)."""
+        from aim_rt.plugins.kernels import gemv_next
+
+        return gemv_next(buf.normed, self._gm(buf)[i], buf.sq_part)
 
     def _normed_in_proj(self, buf: _Buffers, i: int, w: Tensor) -> Callable[[], None]:
         """Layer i's in_proj of its norm of the summed residual (the caller checked norm_folds)."""
         from aim_rt.plugins.kernels import gemv_norm_params
 
-        gm = self._gm(buf)
-        p = gemv_norm_params(buf.residual, gm[i], buf.mods[i][:, 0], w, buf.zxbcdt, self.config.norm_eps)
+        self._gm(buf)
+        p = gemv_norm_params(buf.normed, buf.sq_part, buf.mods[i][:, 0], w, buf.zxbcdt, self.config.norm_eps)
         return lambda: self.kernels.gemv_norm(p, torch.cuda.current_stream().cuda_stream)
 
     def _gm(self, buf: _Buffers, update: bool = False) -> Tensor:
         """buf.gm, the norm weight times (1 + scale) in float32 from buf.mods: made on first use (its address
         then stays, for the graphs), recomputed with `update`."""
         if buf.gm is None:
-            buf.gm = torch.empty(buf.mods.shape[0], buf.mods.shape[1], buf.mods.shape[3], device=buf.mods.device)
+            L, rows, _, d = buf.mods.shape
+            buf.gm = torch.empty(L, rows, d, device=buf.mods.device)
+            buf.sq_part = torch.zeros(rows, d // 8, device=buf.mods.device)
             update = True
         if update:
             torch.mul(self._norm_w[:, None, :], 1.0 + buf.mods[:, :, 1].float(), out=buf.gm)
@@ -351,17 +364,19 @@ class CudaBackend:
         if buf.gm is not None or self.norm_folds(buf.hidden.shape[0]):
             self._gm(buf, update=True)
 
-    def _folded(self, x: Tensor, w: Tensor, y: Tensor, norm) -> Callable[[], None]:
+    def _folded(self, x: Tensor, w: Tensor, y: Tensor, norm, to_next=None) -> Callable[[], None]:
         """out_proj with the residual add of `norm` (the next layer's) folded in; the caller checked
-        Kernels.fold_supported."""
+        Kernels.fold_supported. `to_next` (an aim_gemv_resid only): what the next in_proj takes (gemv_next)."""
         from aim_rt.plugins.kernels import gemm_fold_params, gemm_splits, gemv_fold_params
 
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
         if self.kernels.gemm_supported(x.shape[0], x.shape[1], folded=True):
+            if to_next is not None:
+                raise AiMError("internal: aim_gemm's folded out_proj hands nothing on to the next in_proj")
             p = gemm_fold_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.gemm_fold_ctas),
                                   norm)
             return lambda: self.kernels.gemm_fold(p, stream())
-        p = gemv_fold_params(x, w, y, norm)
+        p = gemv_fold_params(x, w, y, norm, to_next)
         return lambda: self.kernels.gemv_fold(p, stream())
 
     def _matmul(self, x: Tensor, w: Tensor, y: Tensor) -> Callable[[], None]:

@@ -1649,24 +1649,31 @@ struct GemvParams {
 // each element by the one thread that owns it, with the norm kernel's arithmetic (the same bits); the norm
 // kernel then only norms the summed residual (NormParams.input null). GemvFoldParams.n is the NormParams that
 // kernel would otherwise have taken whole.
+// What a folded out_proj also hands to the next layer's in_proj when that one norms its own x (GemvNormParams),
+// or xg null: the summed residual times the next layer's gm, rounded (in_proj's x), and per 8-column tile of
+// the residual its squares' sum (summed in_proj-side in tile order: a fixed order for every instance).
+struct GemvNext {
+  elem_t* xg;  long long xg_stride;        // (rows, d) out
+  const float* gm;  long long gm_stride;   // (rows, d) the next layer's norm weight * (1 + scale), float32
+  float* sq_part;                          // (rows, d / 8) out
+};
 struct GemvFoldParams {
   GemvParams g;
   NormParams n;
+  GemvNext next;
 };
 
 // in_proj with the residual norm between layers folded in (16-bit types; after a folded out_proj summed the
 // residual). The norm's 1/rms is one number per row, so it factors out of the product:
 //   in_proj(rmsnorm(x) * w * (1 + scale) + shift) = (1/rms(x)) * W (x * gm) + W shift,  gm = w * (1 + scale).
-// The product then needs no reduction before its x: each block reads the row (the whole of k, as every block
-// does), multiplies it by gm on the way into the tensor cores and sums its squares beside the products; W shift
-// (constant through a sample) is multiplied before PDL_WAIT from the weights already in registers. What the
-// norm kernel rounded once more (its normed row, to the 16-bit type) is here x * gm, so the bits differ from the
-// separate norm's at that rounding; each row's sum of squares has one fixed order for every instance of a depth
-// (a row's bits do not depend on the other rows nor on the row count).
+// The folded out_proj before it writes x * gm rounded (g.x) and the squares' sums of its column tiles
+// (GemvNext); here the product runs on g.x as the plain one does, each row's tile sums are added in tile order
+// beside it, and W shift (constant through a sample) is multiplied before PDL_WAIT from the weights already in
+// registers. What the norm kernel rounded (its normed row) is here x * gm, so the bits differ from the separate
+// norm's at that rounding; a row's bits depend neither on the other rows nor on the row count.
 struct GemvNormParams {
-  GemvParams g;                                   // g.x unused: the product's x is the residual below
-  const float* residual;                          // (rows, k) float32, the summed residual stream
-  const float* gm;  long long gm_stride;          // (rows, k) float32: this layer's norm weight * (1 + scale)
+  GemvParams g;                                   // g.x: x * gm rounded (GemvNext.xg)
+  const float* sq_part;  int sq_parts;            // (rows, sq_parts = k / 8) GemvNext.sq_part
   const elem_t* shift;  long long shift_stride;   // (rows, k) the adaLN shift
   float eps;
 };
@@ -1787,13 +1794,13 @@ __device__ __forceinline__ void shift_store(const ConvShift& bc, int rows, const
 // f: null, or the residual add to fold into the epilogue (y is then not written). SPLIT: the fold's loads (row
 // scales' sums, the windows to shift, residuals) all requested before x and consumed after the products;
 // otherwise the scales and the shift are done before x is requested (fewer registers).
-// NORMED: nx is the residual norm folded in (GemvNormParams): x comes from nx, p.x is not read.
+// nn (with f): what the next in_proj takes when it norms its own x (GemvNext; xg null: nothing). NORMED: nx is
+// the residual norm folded in (GemvNormParams).
 template <int CH, int NT, int MT, bool SPLIT, bool NORMED = false>
-__device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams* f,
+__device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams* f, const GemvNext* nn = nullptr,
                                           const GemvNormParams* nx = nullptr) {
   __shared__ float part[8][MT * NT][32][4];  // each warp's partial tiles, in fragment order
-  __shared__ float s_gs[16 * MT];            // folded: each row's 1/rms of the gated norm
-  __shared__ float s_sq[NORMED ? 8 : 1][16 * MT];  // NORMED: each warp's part of each row's sum of squares
+  __shared__ float s_gs[16 * MT];            // folded: each row's 1/rms of the gated norm; NORMED: of its norm
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int k0 = warp * (32 * CH) + 8 * t;
   uint4 wreg[NT][CH];
@@ -1855,13 +1862,15 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     }
     __syncthreads();  // part is reused below
   }
-  float fgate[EPI], fres[EPI];  // folded: their gates (constants, before the wait) and residuals (after it)
+  float fgate[EPI], fres[EPI], fgm[EPI];  // folded: gates and next gm (constants, before the wait), residuals
+  const bool next = f && nn && nn->xg;     // (uniform)
   if (f) {
 #pragma unroll
     for (int e = 0; e < EPI; ++e) {
       int tile, row, col;
-      fgate[e] = f->gate && element(threadIdx.x + 256 * e, tile, row, col)
-                 ? ld(f->gate[(long long)row * f->gate_stride + col]) : 1.0f;
+      const bool in = element(threadIdx.x + 256 * e, tile, row, col);
+      fgate[e] = f->gate && in ? ld(f->gate[(long long)row * f->gate_stride + col]) : 1.0f;
+      fgm[e] = next && in ? nn->gm[(long long)row * nn->gm_stride + col] : 0.0f;
     }
   }
   PDL_WAIT(p.rows, PDL_EARLY_GEMV);
@@ -1885,6 +1894,21 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
       fold_conv_shift(f->bc, p.rows);
     }
   }
+  // NORMED: the column tiles' sums of squares of this warp's first NR rows (warp, warp + 8, ...), lane-strided
+  // (k / 8 = 32 * CH of them: CH per lane), requested before x and added after the products; further rows
+  // (past 16, or 32 in the wide tiles) the plain way after them. Held for every row the instance takes, they
+  // cost the narrow product 22 registers and two of its five blocks per SM.
+  constexpr int NR = NORMED ? (2 * MT < (NT > 1 ? 4 : 2) ? 2 * MT : (NT > 1 ? 4 : 2)) : 1, NP = NORMED ? CH : 1;
+  float sqv[NR][NP];
+  if constexpr (NORMED) {
+#pragma unroll
+    for (int i = 0; i < NR; ++i) {
+      const int r = warp + 8 * i;
+#pragma unroll
+      for (int j = 0; j < NP; ++j)
+        sqv[i][j] = r < p.rows ? nx->sq_part[(long long)r * nx->sq_parts + lane + 32 * j] : 0.0f;
+    }
+  }
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     if (m >= mt) break;
@@ -1892,66 +1916,16 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     const int r0 = 16 * m + g, r1 = r0 + 8;
-    if constexpr (NORMED) {
-      // x * gm rounded into the tensor cores; each row's squares in one fixed order: this thread's elements
-      // (chunks, then the 8 of a chunk), the quad's four threads, then the warps in order (epilogue)
-      const float* a0 = nx->residual + (long long)r0 * p.k + k0;
-      const float* a1 = nx->residual + (long long)r1 * p.k + k0;
-      const float* g0 = nx->gm + (long long)r0 * nx->gm_stride + k0;
-      const float* g1 = nx->gm + (long long)r1 * nx->gm_stride + k0;
-      float q0 = 0.0f, q1 = 0.0f;
+    const elem_t* x0 = p.x + (long long)r0 * p.x_stride + k0;
+    const elem_t* x1 = p.x + (long long)r1 * p.x_stride + k0;
 #pragma unroll
-      for (int c = 0; c < CH; ++c) {
-        float va[8], vb[8], ga[8], gb[8];
+    for (int c = 0; c < CH; ++c) {
+      const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
+      const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float4 z4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-          const float4 u = r0 < p.rows ? *reinterpret_cast<const float4*>(a0 + 32 * c + 4 * h) : z4;
-          const float4 v = r1 < p.rows ? *reinterpret_cast<const float4*>(a1 + 32 * c + 4 * h) : z4;
-          const float4 gu = r0 < p.rows ? *reinterpret_cast<const float4*>(g0 + 32 * c + 4 * h) : z4;
-          const float4 gv = r1 < p.rows ? *reinterpret_cast<const float4*>(g1 + 32 * c + 4 * h) : z4;
-          va[4 * h] = u.x; va[4 * h + 1] = u.y; va[4 * h + 2] = u.z; va[4 * h + 3] = u.w;
-          vb[4 * h] = v.x; vb[4 * h + 1] = v.y; vb[4 * h + 2] = v.z; vb[4 * h + 3] = v.w;
-          ga[4 * h] = gu.x; ga[4 * h + 1] = gu.y; ga[4 * h + 2] = gu.z; ga[4 * h + 3] = gu.w;
-          gb[4 * h] = gv.x; gb[4 * h + 1] = gv.y; gb[4 * h + 2] = gv.z; gb[4 * h + 3] = gv.w;
-        }
-        unsigned xa[4], xb[4];
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          xa[h] = pack2(va[2 * h] * ga[2 * h], va[2 * h + 1] * ga[2 * h + 1]);
-          xb[h] = pack2(vb[2 * h] * gb[2 * h], vb[2 * h + 1] * gb[2 * h + 1]);
-        }
-#pragma unroll
-        for (int h = 0; h < 8; ++h) {
-          q0 = __fmaf_rn(va[h], va[h], q0);
-          q1 = __fmaf_rn(vb[h], vb[h], q1);
-        }
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          mma_16816(acc[j], xa[0], xb[0], xa[1], xb[1], wreg[j][c].x, wreg[j][c].y);
-          mma_16816(acc[j], xa[2], xb[2], xa[3], xb[3], wreg[j][c].z, wreg[j][c].w);
-        }
-      }
-      q0 += __shfl_xor_sync(0xffffffffu, q0, 1);
-      q0 += __shfl_xor_sync(0xffffffffu, q0, 2);
-      q1 += __shfl_xor_sync(0xffffffffu, q1, 1);
-      q1 += __shfl_xor_sync(0xffffffffu, q1, 2);
-      if (t == 0) {
-        s_sq[warp][r0] = q0;
-        s_sq[warp][r1] = q1;
-      }
-    } else {
-      const elem_t* x0 = p.x + (long long)r0 * p.x_stride + k0;
-      const elem_t* x1 = p.x + (long long)r1 * p.x_stride + k0;
-#pragma unroll
-      for (int c = 0; c < CH; ++c) {
-        const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(x0 + 32 * c) : make_uint4(0, 0, 0, 0);
-        const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(x1 + 32 * c) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          mma_16816(acc[j], xa.x, xb.x, xa.y, xb.y, wreg[j][c].x, wreg[j][c].y);
-          mma_16816(acc[j], xa.z, xb.z, xa.w, xb.w, wreg[j][c].z, wreg[j][c].w);
-        }
+      for (int j = 0; j < NT; ++j) {
+        mma_16816(acc[j], xa.x, xb.x, xa.y, xb.y, wreg[j][c].x, wreg[j][c].y);
+        mma_16816(acc[j], xa.z, xb.z, xa.w, xb.w, wreg[j][c].z, wreg[j][c].w);
       }
     }
 #pragma unroll
@@ -1963,27 +1937,56 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     scales_finish<SR>(*f, 0, p.rows, sv, s_gs);
     shift_store<SE>(f->bc, p.rows, wv);
   }
+  if constexpr (NORMED) {  // each row's 1/rms: its tiles' sums in tile order (per lane, then the butterfly)
+#pragma unroll
+    for (int i = 0; i < NR; ++i) {
+      const int r = warp + 8 * i;
+      float t = 0.0f;
+#pragma unroll
+      for (int j = 0; j < NP; ++j) t += sqv[i][j];
+      t = warp_sum(t);
+      if (lane == 0 && r < p.rows) s_gs[r] = rsqrtf(t / p.k + nx->eps);
+    }
+    for (int r = warp + 8 * NR; r < p.rows; r += 8) {  // (uniform in the warp)
+      float t = 0.0f;
+      for (int j = 0; j < NP; ++j) t += nx->sq_part[(long long)r * nx->sq_parts + lane + 32 * j];
+      t = warp_sum(t);
+      if (lane == 0) s_gs[r] = rsqrtf(t / p.k + nx->eps);
+    }
+  }
   __syncthreads();
   // thread -> (tile, lane, q): add the 8 warps' partials in warp order and store one output element
 #pragma unroll
   for (int e = 0; e < EPI; ++e) {
     const int i = threadIdx.x + 256 * e;
     int tile, row, col;
-    if (!element(i, tile, row, col)) continue;
-    const int l = (i >> 2) & 31, q = i & 3;
-    float s = 0.0f;
+    const bool in = element(i, tile, row, col);
+    float v = 0.0f;  // next: this element's square
+    if (in) {
+      const int l = (i >> 2) & 31, q = i & 3;
+      float s = 0.0f;
 #pragma unroll
-    for (int w = 0; w < 8; ++w) s += part[w][tile][l][q];
-    if constexpr (NORMED) {
-      float sq = 0.0f;
-#pragma unroll
-      for (int w = 0; w < 8; ++w) sq += s_sq[w][row];
-      p.y[(long long)row * p.y_stride + col] = st(__fmaf_rn(s, rsqrtf(sq / p.k + nx->eps), bias[e]));
-    } else if (f)
-      // rounded as the norm kernel reads out_proj's output, then added as it adds it (the same bits)
-      f->residual[(long long)row * f->d + col] = fres[e] + gated_output(ld(st(s)), s_gs[row], fgate[e], f->gate != nullptr);
-    else
-      p.y[(long long)row * p.y_stride + col] = st(s);
+      for (int w = 0; w < 8; ++w) s += part[w][tile][l][q];
+      if constexpr (NORMED) {
+        p.y[(long long)row * p.y_stride + col] = st(__fmaf_rn(s, s_gs[row], bias[e]));
+      } else if (f) {
+        // rounded as the norm kernel reads out_proj's output, then added as it adds it (the same bits)
+        const float r = fres[e] + gated_output(ld(st(s)), s_gs[row], fgate[e], f->gate != nullptr);
+        f->residual[(long long)row * f->d + col] = r;
+        if (next) {
+          nn->xg[(long long)row * nn->xg_stride + col] = st(r * fgm[e]);
+          v = r * r;
+        }
+      } else {
+        p.y[(long long)row * p.y_stride + col] = st(s);
+      }
+    }
+    if (next) {  // (uniform) a row's 8 columns of a tile: i's bits 0, 2 and 3, lanes 1, 4, 8 apart
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 4);
+      v += __shfl_xor_sync(0xffffffffu, v, 8);
+      if (in && (i & 13) == 0) nn->sq_part[(long long)row * (p.n >> 3) + (col >> 3)] = v;
+    }
   }
 }
 
@@ -1999,13 +2002,19 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 #define GEMV_RESID_ENTRY(NAME, CH, NT, MT)                                                                      \
   extern "C" __global__ void __launch_bounds__(256, NT > 1 ? 1 : 0) NAME(const __grid_constant__ GemvFoldParams q) { \
     PDL_START(q.g.rows, PDL_EARLY_FOLD);                                                                        \
-    gemv_body<CH, NT, MT, (NT > 1)>(q.g, &q.n);                                                                 \
+    gemv_body<CH, NT, MT, (NT > 1)>(q.g, &q.n, &q.next);                                                        \
   }
-// in_proj with the residual norm folded in (GemvNormParams); launches as the plain product does.
+// in_proj with the residual norm folded in (GemvNormParams); launches as the plain product does. The narrow
+// ones at GEMV_NORM_MIN_BLOCKS blocks per SM (5: the plain one's at AiM-B, 48 registers, a few spilled; 0: as
+// the compiler likes, 54 registers there, so four blocks).
+#ifndef GEMV_NORM_MIN_BLOCKS
+#define GEMV_NORM_MIN_BLOCKS 5
+#endif
 #define GEMV_NORM_ENTRY(NAME, CH, NT, MT)                                                                       \
-  extern "C" __global__ void __launch_bounds__(256) NAME(const __grid_constant__ GemvNormParams q) {           \
+  extern "C" __global__ void __launch_bounds__(256, NT > 1 ? 0 : GEMV_NORM_MIN_BLOCKS)                          \
+  NAME(const __grid_constant__ GemvNormParams q) {                                                              \
     PDL_START(q.g.rows, PDL_EARLY_GEMV);                                                                        \
-    gemv_body<CH, NT, MT, false, true>(q.g, nullptr, &q);                                                       \
+    gemv_body<CH, NT, MT, false, true>(q.g, nullptr, nullptr, &q);                                              \
   }
 // X(CH, NT): aim_gemv_k<CH>_n<NT>, up to 16 * min(8 / NT, GEMV_MAX_MT) rows. Y(CH): aim_gemv_k<CH>_n1_m1, the
 // one-tile product for up to 16 rows with one m-tile of partials (12 KB less shared memory, ~10 registers

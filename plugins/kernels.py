@@ -355,13 +355,17 @@ class GemvParams(ctypes.Structure):
     _fields_ = [("x", P), ("x_stride", LL), ("w", P), ("y", P), ("y_stride", LL), ("rows", I), ("n", I), ("k", I)]
 
 
+class GemvNext(ctypes.Structure):
+    _fields_ = [("xg", P), ("xg_stride", LL), ("gm", P), ("gm_stride", LL), ("sq_part", P)]
+
+
 class GemvFoldParams(ctypes.Structure):
-    _fields_ = [("g", GemvParams), ("n", NormParams)]
+    _fields_ = [("g", GemvParams), ("n", NormParams), ("next", GemvNext)]
 
 
 class GemvNormParams(ctypes.Structure):
-    _fields_ = [("g", GemvParams), ("residual", P), ("gm", P), ("gm_stride", LL), ("shift", P),
-                ("shift_stride", LL), ("eps", F)]
+    _fields_ = [("g", GemvParams), ("sq_part", P), ("sq_parts", I), ("shift", P), ("shift_stride", LL),
+                ("eps", F)]
 
 
 class GemmParams(ctypes.Structure):
@@ -373,7 +377,7 @@ class GemmFoldParams(ctypes.Structure):
     _fields_ = [("g", GemmParams), ("n", NormParams)]
 
 
-STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemvFoldParams,
+STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemvNext, GemvFoldParams,
            GemvNormParams, GemmParams, GemmFoldParams)
 
 
@@ -567,12 +571,37 @@ def _check_fold(name: str, rows: int, n: int, norm: NormParams) -> None:
         raise KernelError(f"{name}: the first layer's norm (first=1) has no residual to add to; it is not folded")
 
 
-def gemv_fold_params(x, w, y, norm: NormParams) -> GemvFoldParams:
+def gemv_fold_params(x, w, y, norm: NormParams, to_next: GemvNext | None = None) -> GemvFoldParams:
     """out_proj y = x @ w.T with the residual add of `norm` (the next layer's NormParams) folded in: y is only
-    its shape (not written)."""
+    its shape (not written). `to_next` (gemv_next): also what the next layer's in_proj takes to norm its own x."""
     rows, _, n = _check_product("aim_gemv_resid", x, w, y)
     _check_fold("aim_gemv_resid", rows, n, norm)
-    return GemvFoldParams(g=gemv_params(x, w, y), n=norm)
+    if to_next is not None and to_next.xg and n % 8:
+        raise KernelError(f"aim_gemv_resid: handing the next norm on needs a width that is a multiple of 8, not {n}")
+    return GemvFoldParams(g=gemv_params(x, w, y), n=norm, next=to_next or GemvNext())
+
+
+def _check_f32_rows(name: str, t, shape: tuple, contiguous: bool = False) -> None:
+    import torch
+
+    if t.dtype != torch.float32 or tuple(t.shape) != shape:
+        raise KernelError(f"{name} must be float32 {shape}, not {t.dtype} {tuple(t.shape)}")
+    if t.stride(1) != 1 or t.stride(0) % 4 or t.data_ptr() % 16 or (contiguous and t.stride(0) != shape[1]):
+        raise KernelError(f"{name} needs {'contiguous' if contiguous else 'unit column stride and'} 16-byte-aligned "
+                          "rows")
+
+
+def gemv_next(xg, gm, sq_part) -> GemvNext:
+    """What a folded out_proj hands to the next layer's in_proj when that one norms its own x (GemvNext in
+    aim_kernels.cu): xg (rows, d) 16-bit, written with the summed residual times gm (rows, d) float32; sq_part
+    (rows, d / 8) float32, each 8-column tile's sum of squares of the residual."""
+    rows, d = xg.shape
+    if xg.stride(1) != 1 or d % 8:
+        raise KernelError(f"gemv_next: xg needs unit column stride and a width that is a multiple of 8, not {d}")
+    _check_f32_rows("gemv_next: gm", gm, (rows, d))
+    _check_f32_rows("gemv_next: sq_part", sq_part, (rows, d // 8), contiguous=True)
+    return GemvNext(xg=xg.data_ptr(), xg_stride=xg.stride(0), gm=gm.data_ptr(), gm_stride=gm.stride(0),
+                    sq_part=sq_part.data_ptr())
 
 
 # Up to Kernels.norm_fold_rows rows (NORM_FOLD_ROWS, a define only the host reads; model_defines) the backend
@@ -583,23 +612,15 @@ def gemv_fold_params(x, w, y, norm: NormParams) -> GemvFoldParams:
 NORM_FOLD_ROWS = 0
 
 
-def gemv_norm_params(residual, gm, shift, w, y, eps: float) -> GemvNormParams:
-    """in_proj of the normed residual, y = W (residual * gm) / rms(residual) + W shift row by row (= W
-    (rmsnorm(residual) * norm_w * (1 + scale) + shift) for gm = norm_w * (1 + scale)), as GemvNormParams; residual (rows, k) float32 contiguous, gm (rows, k) float32 and shift (rows, k) with
-    unit column stride and 16-byte-aligned rows, w (n, k) contiguous, y (rows, n)."""
-    import torch
-
-    rows, k, n = _check_product("aim_gemv_norm", shift, w, y)
-    for name, t in (("residual", residual), ("gm", gm)):
-        if t.dtype != torch.float32 or tuple(t.shape) != (rows, k):
-            raise KernelError(f"aim_gemv_norm: {name} must be float32 ({rows}, {k}), not {t.dtype} "
-                              f"{tuple(t.shape)}")
-        if t.stride(1) != 1 or t.stride(0) % 4 or t.data_ptr() % 16:
-            raise KernelError(f"aim_gemv_norm: {name} needs unit column stride and 16-byte-aligned rows")
-    if residual.stride(0) != k:
-        raise KernelError("aim_gemv_norm: the residual must be contiguous")
-    g = GemvParams(x=None, x_stride=0, w=w.data_ptr(), y=y.data_ptr(), y_stride=y.stride(0), rows=rows, n=n, k=k)
-    return GemvNormParams(g=g, residual=residual.data_ptr(), gm=gm.data_ptr(), gm_stride=gm.stride(0),
+def gemv_norm_params(xg, sq_part, shift, w, y, eps: float) -> GemvNormParams:
+    """in_proj of the normed residual from what the folded out_proj before it handed on (gemv_next): y = W xg /
+    rms + W shift row by row, rms from sq_part's tile sums (= W (rmsnorm(residual) * norm_w * (1 + scale) +
+    shift) for xg = residual * gm rounded, gm = norm_w * (1 + scale)). xg and shift (rows, k) with 16-byte-aligned
+    rows, sq_part (rows, k / 8) float32 contiguous, w (n, k) contiguous, y (rows, n)."""
+    rows, k, n = _check_product("aim_gemv_norm", xg, w, y)
+    _check_product("aim_gemv_norm (shift)", shift, w, y)
+    _check_f32_rows("aim_gemv_norm: sq_part", sq_part, (rows, k // 8), contiguous=True)
+    return GemvNormParams(g=gemv_params(xg, w, y), sq_part=sq_part.data_ptr(), sq_parts=k // 8,
                           shift=shift.data_ptr(), shift_stride=shift.stride(0), eps=eps)
 
 

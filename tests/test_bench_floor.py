@@ -74,9 +74,8 @@ def test_op_bytes_of_a_folded_step_move_the_residual_add_into_out_proj():
 
 def test_op_bytes_of_a_step_whose_in_proj_norms_its_own_x():
     """With the residual norm folded into in_proj after the first layer, the norm kernel runs once per step (the
-    first layer's, whole) and those in_projs read the float32 residual and gm and the shift (2 + 8 bytes per
-    element in bf16) instead of the normed row (2): per launch in_proj moves more, and the step's bytes for
-    norms and in_proj drop by what the separate norms wrote and read."""
+    first layer's, whole); the out_projs before those in_projs read gm (4 bytes per element) and write x * gm (2)
+    and the tile sums (0.5), which the in_projs read with the shift (2): in bf16, per launch."""
     from aim_rt.bench import op_bytes
     from aim_rt.config import preset
 
@@ -85,9 +84,9 @@ def test_op_bytes_of_a_step_whose_in_proj_norms_its_own_x():
     folded, normed = op_bytes(cfg, 4, 2, folded=True), op_bytes(cfg, 4, 2, folded=True, normed_in=True)
     plain = op_bytes(cfg, 4, 2)
     assert normed["residual_norm"] == plain["residual_norm"]  # the first layer's, whole
-    assert normed["in_proj"] > folded["in_proj"]
-    assert abs(L * normed["in_proj"] - (L * folded["in_proj"] + (L - 1) * R * d * 8)) < L
-    kinds = ("residual_norm", "in_proj")
+    assert abs(L * normed["in_proj"] - (L * folded["in_proj"] + (L - 1) * R * d * 2.5)) < L
+    assert abs(L * normed["out_proj"] - (L * folded["out_proj"] + (L - 1) * R * d * 6.5)) < L
+    kinds = ("residual_norm", "in_proj", "out_proj")
     assert {k: v for k, v in normed.items() if k not in kinds} == {k: v for k, v in folded.items() if k not in kinds}
 
 

@@ -472,10 +472,12 @@ def _fold_against_unfolded(kern, rows, d_model, d_inner, heads, gated, gemm, spl
     """One out_proj (rows x d_inner -> d_model) then the norm kernel, plain and with the residual add folded
     into the product (aim_gemm with `splits` where `gemm`, else aim_gemv): the same residual, normed rows and
     B/C windows, bit for bit; the sum near float32's; the windows shifted as the norm kernel shifts them.
+    aim_gemv's fold also hands on to a norming in_proj (gemv_next): the residual times gm rounded, bit for bit,
+    and each 8-column tile's sum of squares to float32 accuracy.
     Returns the last NormParams and tensors (for the callers' error checks)."""
     from aim_rt.cuda_backend import _summed
     from aim_rt.plugins.kernels import (ConvShift, NormParams, gemm_fold_params, gemm_params, gemv_fold_params,
-                                        gemv_params)
+                                        gemv_next, gemv_params)
 
     d_state, width = 64, 4
     conv_dim = d_inner + 2 * d_state
@@ -490,6 +492,9 @@ def _fold_against_unfolded(kern, rows, d_model, d_inner, heads, gated, gemm, spl
     sumsq = r(rows, heads).abs() * d_inner / heads
     xbc, conv0 = r(rows, conv_dim).to(bf), r(rows, conv_dim, width).to(bf)
     residual0 = r(rows, d_model)
+    gm = 1 + r(rows, d_model, scale=0.3)
+    xg = torch.full((rows, d_model), float("nan"), device="cuda", dtype=bf)
+    sq_part = torch.full((rows, d_model // 8), float("nan"), device="cuda")
     results = []
     for folded in (False, True):
         residual, conv = residual0.clone(), conv0.clone()
@@ -507,7 +512,7 @@ def _fold_against_unfolded(kern, rows, d_model, d_inner, heads, gated, gemm, spl
         if folded and gemm:
             kern.gemm_fold(gemm_fold_params(y, w_out, out, splits, p), stream)
         elif folded:
-            kern.gemv_fold(gemv_fold_params(y, w_out, out, p), stream)
+            kern.gemv_fold(gemv_fold_params(y, w_out, out, p, gemv_next(xg, gm, sq_part)), stream)
         elif gemm:
             kern.gemm(gemm_params(y, w_out, out, splits), stream)
         else:
@@ -525,6 +530,10 @@ def _fold_against_unfolded(kern, rows, d_model, d_inner, heads, gated, gemm, spl
     shifted = torch.cat([conv0[:, d_inner:, 1:], xbc[:, d_inner:, None]], dim=2)
     assert torch.equal(results[1][2][:, d_inner:], shifted), what
     assert torch.equal(results[1][2][:, :d_inner], conv0[:, :d_inner]), what
+    if not gemm:
+        res = results[1][0]
+        assert torch.equal(xg, (res * gm).to(bf)), what
+        assert rel_err(sq_part, res.pow(2).view(rows, -1, 8).sum(2)) <= 1e-6, what
     return p, y, w_out, out
 
 
@@ -617,8 +626,8 @@ def test_backend_folds_the_residual_add_at_few_rows_with_the_same_tokens():
 @pytest.mark.parametrize("d_model,n", [(768, 3352), (1536, 1000)])
 def test_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model, n):
     """in_proj with the residual norm folded in (aim_gemv_norm_*, 1 to 32 rows: every instance, the one-m-tile
-    one of a 1536-wide build included): the kernel's own formula, W (x * gm) / rms(x) + W shift with x * gm
-    rounded to bf16, computed in float64, to one rounding of its bf16 output; the separate norm's product
+    one of a 1536-wide build included), fed x * gm rounded and the tile sums of squares as out_proj hands them
+    on: the formula W (x * gm) / rms(x) + W shift computed in float64, to one rounding of its bf16 output; the separate norm's product
     (normed row rounded as the norm kernel rounds it) to bf16 accuracy; and each row's bits the same at every
     row count and instance."""
     from aim_rt.plugins.kernels import Kernels, gemv_norm_params
@@ -638,7 +647,9 @@ def test_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model
     for rows in (1, 2, 3, 8, 9, 16, 17, 32):
         assert kern.norm_fold_supported(rows, d_model), rows
         y = torch.full((rows, n), float("nan"), device="cuda", dtype=bf)
-        kern.gemv_norm(gemv_norm_params(res[:rows], gm[:rows], shift[:rows], w, y, eps), stream)
+        xg = (res[:rows] * gm[:rows]).to(bf)  # as the folded out_proj hands them on (gemv_next)
+        sq_part = res[:rows].pow(2).view(rows, -1, 8).sum(2)
+        kern.gemv_norm(gemv_norm_params(xg, sq_part, shift[:rows], w, y, eps), stream)
         torch.cuda.synchronize()
         x, W = res[:rows].double(), w.double()
         inv = torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)

@@ -401,26 +401,36 @@ def test_norm_fold_can_be_turned_off_from_the_environment(monkeypatch):
     assert step["NORM_FOLD_ROWS"] == 0 and "XN(" not in step["GEMV_INSTANCES"]
 
 
-def test_gemv_norm_params_refuse_what_the_normed_product_cannot_take():
-    """The residual and gm must be float32 rows of the product's shape with aligned rows; the shift is checked
-    as a product's x (CPU tensors: only the checks run)."""
+def test_gemv_norm_params_and_gemv_next_refuse_what_the_kernels_cannot_take():
+    """The tile sums of squares must be float32 (rows, k / 8) contiguous, gm float32 of xg's shape with aligned
+    rows, xg and the shift rows a product takes; a width not a multiple of 8 cannot be handed on (CPU tensors:
+    only the checks run)."""
     import torch
 
-    from aim_rt.plugins.kernels import KernelError, gemv_norm_params
+    from aim_rt.plugins.kernels import KernelError, gemv_next, gemv_norm_params
 
     rows, k, n = 4, 256, 64
     w, y = torch.zeros(n, k, dtype=torch.bfloat16), torch.zeros(rows, n, dtype=torch.bfloat16)
-    res, gm, shift = torch.zeros(rows, k), torch.zeros(rows, k), torch.zeros(rows, k, dtype=torch.bfloat16)
-    p = gemv_norm_params(res, gm, shift, w, y, 1e-5)
-    assert (p.g.rows, p.g.n, p.g.k, p.gm_stride, p.shift_stride) == (rows, n, k, k, k)
-    with pytest.raises(KernelError, match="residual must be float32"):
-        gemv_norm_params(res.bfloat16(), gm, shift, w, y, 1e-5)
-    with pytest.raises(KernelError, match="gm must be float32 \\(4, 256\\)"):
-        gemv_norm_params(res, gm[:3], shift, w, y, 1e-5)
-    with pytest.raises(KernelError, match="gm needs unit column stride"):
-        gemv_norm_params(res, torch.zeros(k, rows).t(), shift, w, y, 1e-5)
+    xg, shift = torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(rows, k, dtype=torch.bfloat16)
+    parts, gm = torch.zeros(rows, k // 8), torch.zeros(rows, k)
+    p = gemv_norm_params(xg, parts, shift, w, y, 1e-5)
+    assert (p.g.rows, p.g.n, p.g.k, p.sq_parts, p.shift_stride) == (rows, n, k, k // 8, k)
+    with pytest.raises(KernelError, match="sq_part must be float32 \\(4, 32\\)"):
+        gemv_norm_params(xg, parts[:, :16], shift, w, y, 1e-5)
+    with pytest.raises(KernelError, match="sq_part needs contiguous 16-byte-aligned rows"):
+        gemv_norm_params(xg, torch.zeros(rows, k // 4)[:, :k // 8], shift, w, y, 1e-5)
     with pytest.raises(KernelError, match="aim_gemv_norm shapes"):
-        gemv_norm_params(res, gm, shift, w[:, :128], y, 1e-5)
+        gemv_norm_params(xg, parts, shift, w[:, :128], y, 1e-5)
+    with pytest.raises(KernelError, match="aim_gemv_norm \\(shift\\)"):
+        gemv_norm_params(xg, parts, torch.zeros(k, rows, dtype=torch.bfloat16).t(), w, y, 1e-5)
+    nxt = gemv_next(xg, gm, parts)
+    assert (nxt.xg, nxt.xg_stride, nxt.gm_stride) == (xg.data_ptr(), k, k)
+    with pytest.raises(KernelError, match="gm must be float32"):
+        gemv_next(xg, gm.bfloat16(), parts)
+    with pytest.raises(KernelError, match="gm needs unit column stride"):
+        gemv_next(xg, torch.zeros(k, rows).t(), parts)
+    with pytest.raises(KernelError, match="multiple of 8"):
+        gemv_next(xg[:, :252], gm[:, :252], parts[:, :31])
 
 
 def test_norm_fold_rule_is_in_proj_on_aim_gemv_up_to_norm_fold_rows():
