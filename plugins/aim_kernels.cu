@@ -2005,10 +2005,11 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     gemv_body<CH, NT, MT, (NT > 1)>(q.g, &q.n, &q.next);                                                        \
   }
 // in_proj with the residual norm folded in (GemvNormParams); launches as the plain product does. The narrow
-// ones at GEMV_NORM_MIN_BLOCKS blocks per SM (5: the plain one's at AiM-B, 48 registers, a few spilled; 0: as
-// the compiler likes, 54 registers there, so four blocks).
+// ones at GEMV_NORM_MIN_BLOCKS blocks per SM (0: as the compiler likes, 54 registers at AiM-B, so four blocks;
+// 5, the plain one's there, took 48 registers and spilled a few: AiM-B batch 1 +3.9 %, AiM-XL +21 % per step,
+// bench/results/normfold2_h100_2026-12-05.*).
 #ifndef GEMV_NORM_MIN_BLOCKS
-#define GEMV_NORM_MIN_BLOCKS 5
+#define GEMV_NORM_MIN_BLOCKS 0
 #endif
 #define GEMV_NORM_ENTRY(NAME, CH, NT, MT)                                                                       \
   extern "C" __global__ void __launch_bounds__(256, NT > 1 ? 0 : GEMV_NORM_MIN_BLOCKS)                          \
