@@ -162,6 +162,7 @@ class _Buffers:
     mods: Tensor        # (L, R, 3, d)
     gm: Tensor | None   # (L, R, d) float32: norm weight * (1 + scale), once in_proj norms its own x (norm_folds)
     sq_part: Tensor | None  # (R, d / 8) float32: out_proj's column tiles' sums of squares of the residual (same)
+    bias: Tensor | None  # (L, R, d_in_proj) float32: in_proj's weight times the shift (same)
     final_mods: Tensor  # (R, 2, d)
     logits: Tensor      # (R, V)
     tokens: Tensor      # (B, num_tokens) int64
@@ -230,7 +231,7 @@ class CudaBackend:
             conv=torch.zeros(cfg.n_layer, rows, cfg.conv_dim, cfg.d_conv, device=dev, dtype=dt),
             ssm=torch.zeros(cfg.n_layer, rows, cfg.nheads, cfg.headdim, cfg.d_state, device=dev, dtype=dt),
             mods=torch.zeros(cfg.n_layer, rows, 3, cfg.d_model, device=dev, dtype=dt),
-            gm=None, sq_part=None,
+            gm=None, sq_part=None, bias=None,
             final_mods=torch.zeros(rows, 2, cfg.d_model, device=dev, dtype=dt),
             logits=torch.zeros(rows, cfg.vocab_size, device=dev, dtype=dt),
             tokens=torch.zeros(batch, cfg.num_tokens, device=dev, dtype=torch.long),
@@ -335,34 +336,43 @@ class CudaBackend:
         """What the out_proj before layer i hands to layer i's in_proj (the caller checked norm_folds)."""
         from aim_rt.plugins.kernels import gemv_next
 
-        return gemv_next(buf.normed, self._gm(buf)[i], buf.sq_part)
+        return gemv_next(buf.normed, self._norm_inputs(buf)[i], buf.sq_part)
 
     def _normed_in_proj(self, buf: _Buffers, i: int, w: Tensor) -> Callable[[], None]:
         """Layer i's in_proj of its norm of the summed residual (the caller checked norm_folds)."""
         from aim_rt.plugins.kernels import gemv_norm_params
 
-        self._gm(buf)
-        p = gemv_norm_params(buf.normed, buf.sq_part, buf.mods[i][:, 0], w, buf.zxbcdt, self.config.norm_eps)
+        self._norm_inputs(buf)
+        p = gemv_norm_params(buf.normed, buf.sq_part, buf.bias[i], w, buf.zxbcdt, self.config.norm_eps)
         return lambda: self.kernels.gemv_norm(p, torch.cuda.current_stream().cuda_stream)
 
-    def _gm(self, buf: _Buffers, update: bool = False) -> Tensor:
-        """buf.gm, the norm weight times (1 + scale) in float32 from buf.mods: made on first use (its address
-        then stays, for the graphs), recomputed with `update`."""
+    def _norm_inputs(self, buf: _Buffers, update: bool = False) -> Tensor:
+        """What in_proj norming its own x takes from a sample's modulations (buf.mods): gm, the norm weight times
+        (1 + scale) in float32 (returned), and each layer's in_proj weight times its shift (buf.bias, by the
+        normed product's bias mode). Made on first use (their addresses then stay, for the graphs), remade with
+        `update`."""
+        from aim_rt.plugins.kernels import gemv_norm_bias_params
+
         if buf.gm is None:
             L, rows, _, d = buf.mods.shape
             buf.gm = torch.empty(L, rows, d, device=buf.mods.device)
             buf.sq_part = torch.zeros(rows, d // 8, device=buf.mods.device)
+            buf.bias = torch.zeros(L, rows, self.config.d_in_proj, device=buf.mods.device)
             update = True
         if update:
             torch.mul(self._norm_w[:, None, :], 1.0 + buf.mods[:, :, 1].float(), out=buf.gm)
+            stream = torch.cuda.current_stream().cuda_stream
+            for i in range(1, len(self._params)):  # (the first layer's in_proj takes the norm kernel's rows)
+                p = gemv_norm_bias_params(buf.mods[i][:, 0], self._params[i]["in_proj"], buf.bias[i])
+                self.kernels.gemv_norm(p, stream)
         return buf.gm
 
     def _set_mods(self, buf: _Buffers, mods) -> None:
         """A sample's adaLN modulations into the buffers (and what norm_folds derives from them)."""
         buf.mods.copy_(mods.layers)
         buf.final_mods.copy_(mods.final)
-        if buf.gm is not None or self.norm_folds(buf.hidden.shape[0]):
-            self._gm(buf, update=True)
+        if self.norm_folds(buf.hidden.shape[0]):
+            self._norm_inputs(buf, update=True)
 
     def _folded(self, x: Tensor, w: Tensor, y: Tensor, norm, to_next=None) -> Callable[[], None]:
         """out_proj with the residual add of `norm` (the next layer's) folded in; the caller checked

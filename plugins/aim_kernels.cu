@@ -1668,13 +1668,14 @@ struct GemvFoldParams {
 //   in_proj(rmsnorm(x) * w * (1 + scale) + shift) = (1/rms(x)) * W (x * gm) + W shift,  gm = w * (1 + scale).
 // The folded out_proj before it writes x * gm rounded (g.x) and the squares' sums of its column tiles
 // (GemvNext); here the product runs on g.x as the plain one does, each row's tile sums are added in tile order
-// beside it, and W shift (constant through a sample) is multiplied before PDL_WAIT from the weights already in
-// registers. What the norm kernel rounded (its normed row) is here x * gm, so the bits differ from the separate
-// norm's at that rounding; a row's bits depend neither on the other rows nor on the row count.
+// beside it, and W shift, a constant through a sample that the same kernel made at the prefill (its bias mode:
+// g.x the shift, the float32 product into bias_out; nothing else read), is read before PDL_WAIT. What the norm
+// kernel rounded (its normed row) is here x * gm, so the bits differ from the separate norm's at that rounding;
+// a row's bits depend neither on the other rows nor on the row count.
 struct GemvNormParams {
-  GemvParams g;                                   // g.x: x * gm rounded (GemvNext.xg)
+  GemvParams g;                                   // g.x: x * gm rounded (GemvNext.xg); bias mode: the shift
   const float* sq_part;  int sq_parts;            // (rows, sq_parts = k / 8) GemvNext.sq_part
-  const elem_t* shift;  long long shift_stride;   // (rows, k) the adaLN shift
+  const float* bias;  float* bias_out;  long long bias_stride;  // (rows, n) W shift; bias_out: make it instead
   float eps;
 };
 
@@ -1822,45 +1823,16 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
     col = (blockIdx.x * NT + tile % NT) * 8 + 2 * (l & 3) + (q & 1);
     return i < mt * NT * 128 && row < p.rows && col < p.n;
   };
-  // NORMED: W shift, before the wait (the shift and the weights are constants), in the product's own order
+  // NORMED: W shift (made once per sample by this kernel in its bias mode), before the wait: it is a constant
   float bias[EPI];
+  const bool make_bias = NORMED && nx->bias_out;  // (uniform)
   if constexpr (NORMED) {
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m >= mt) break;
-      float acc[NT][4];
-#pragma unroll
-      for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-      const int r0 = 16 * m + g, r1 = r0 + 8;
-      const elem_t* s0 = nx->shift + (long long)r0 * nx->shift_stride + k0;
-      const elem_t* s1 = nx->shift + (long long)r1 * nx->shift_stride + k0;
-#pragma unroll
-      for (int c = 0; c < CH; ++c) {
-        const uint4 xa = r0 < p.rows ? *reinterpret_cast<const uint4*>(s0 + 32 * c) : make_uint4(0, 0, 0, 0);
-        const uint4 xb = r1 < p.rows ? *reinterpret_cast<const uint4*>(s1 + 32 * c) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          mma_16816(acc[j], xa.x, xb.x, xa.y, xb.y, wreg[j][c].x, wreg[j][c].y);
-          mma_16816(acc[j], xa.z, xb.z, xa.w, xb.w, wreg[j][c].z, wreg[j][c].w);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) part[warp][m * NT + j][lane][q] = acc[j][q];
-    }
-    __syncthreads();
-#pragma unroll
     for (int e = 0; e < EPI; ++e) {
-      const int i = threadIdx.x + 256 * e;
       int tile, row, col;
-      bias[e] = 0.0f;
-      if (!element(i, tile, row, col)) continue;
-      const int l = (i >> 2) & 31, q = i & 3;
-#pragma unroll
-      for (int w = 0; w < 8; ++w) bias[e] += part[w][tile][l][q];
+      bias[e] = !make_bias && element(threadIdx.x + 256 * e, tile, row, col)
+                ? nx->bias[(long long)row * nx->bias_stride + col] : 0.0f;
     }
-    __syncthreads();  // part is reused below
   }
   float fgate[EPI], fres[EPI], fgm[EPI];  // folded: gates and next gm (constants, before the wait), residuals
   const bool next = f && nn && nn->xg;     // (uniform)
@@ -1906,7 +1878,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
       const int r = warp + 8 * i;
 #pragma unroll
       for (int j = 0; j < NP; ++j)
-        sqv[i][j] = r < p.rows ? nx->sq_part[(long long)r * nx->sq_parts + lane + 32 * j] : 0.0f;
+        sqv[i][j] = !make_bias && r < p.rows ? nx->sq_part[(long long)r * nx->sq_parts + lane + 32 * j] : 0.0f;
     }
   }
 #pragma unroll
@@ -1947,7 +1919,7 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
       t = warp_sum(t);
       if (lane == 0 && r < p.rows) s_gs[r] = rsqrtf(t / p.k + nx->eps);
     }
-    for (int r = warp + 8 * NR; r < p.rows; r += 8) {  // (uniform in the warp)
+    for (int r = warp + 8 * NR; r < p.rows && !make_bias; r += 8) {  // (uniform in the warp)
       float t = 0.0f;
       for (int j = 0; j < NP; ++j) t += nx->sq_part[(long long)r * nx->sq_parts + lane + 32 * j];
       t = warp_sum(t);
@@ -1968,7 +1940,10 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
 #pragma unroll
       for (int w = 0; w < 8; ++w) s += part[w][tile][l][q];
       if constexpr (NORMED) {
-        p.y[(long long)row * p.y_stride + col] = st(__fmaf_rn(s, s_gs[row], bias[e]));
+        if (make_bias)
+          nx->bias_out[(long long)row * nx->bias_stride + col] = s;
+        else
+          p.y[(long long)row * p.y_stride + col] = st(__fmaf_rn(s, s_gs[row], bias[e]));
       } else if (f) {
         // rounded as the norm kernel reads out_proj's output, then added as it adds it (the same bits)
         const float r = fres[e] + gated_output(ld(st(s)), s_gs[row], fgate[e], f->gate != nullptr);

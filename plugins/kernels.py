@@ -364,8 +364,8 @@ class GemvFoldParams(ctypes.Structure):
 
 
 class GemvNormParams(ctypes.Structure):
-    _fields_ = [("g", GemvParams), ("sq_part", P), ("sq_parts", I), ("shift", P), ("shift_stride", LL),
-                ("eps", F)]
+    _fields_ = [("g", GemvParams), ("sq_part", P), ("sq_parts", I), ("bias", P), ("bias_out", P),
+                ("bias_stride", LL), ("eps", F)]
 
 
 class GemmParams(ctypes.Structure):
@@ -612,16 +612,27 @@ def gemv_next(xg, gm, sq_part) -> GemvNext:
 NORM_FOLD_ROWS = 0
 
 
-def gemv_norm_params(xg, sq_part, shift, w, y, eps: float) -> GemvNormParams:
+def gemv_norm_params(xg, sq_part, bias, w, y, eps: float) -> GemvNormParams:
     """in_proj of the normed residual from what the folded out_proj before it handed on (gemv_next): y = W xg /
-    rms + W shift row by row, rms from sq_part's tile sums (= W (rmsnorm(residual) * norm_w * (1 + scale) +
-    shift) for xg = residual * gm rounded, gm = norm_w * (1 + scale)). xg and shift (rows, k) with 16-byte-aligned
-    rows, sq_part (rows, k / 8) float32 contiguous, w (n, k) contiguous, y (rows, n)."""
+    rms + bias row by row, rms from sq_part's tile sums, bias = W shift (gemv_norm_bias_params) (= W
+    (rmsnorm(residual) * norm_w * (1 + scale) + shift) for xg = residual * gm rounded, gm = norm_w * (1 + scale)).
+    xg (rows, k) with 16-byte-aligned rows, sq_part (rows, k / 8) and bias (rows, n) float32 contiguous, w (n, k)
+    contiguous, y (rows, n)."""
     rows, k, n = _check_product("aim_gemv_norm", xg, w, y)
-    _check_product("aim_gemv_norm (shift)", shift, w, y)
     _check_f32_rows("aim_gemv_norm: sq_part", sq_part, (rows, k // 8), contiguous=True)
+    _check_f32_rows("aim_gemv_norm: bias", bias, (rows, n), contiguous=True)
     return GemvNormParams(g=gemv_params(xg, w, y), sq_part=sq_part.data_ptr(), sq_parts=k // 8,
-                          shift=shift.data_ptr(), shift_stride=shift.stride(0), eps=eps)
+                          bias=bias.data_ptr(), bias_out=None, bias_stride=n, eps=eps)
+
+
+def gemv_norm_bias_params(shift, w, bias_out) -> GemvNormParams:
+    """The normed in_proj's bias mode: bias_out (rows, n) float32 contiguous = W shift, in the order the product
+    sums (made once per sample; a row's bits do not depend on the other rows)."""
+    rows, n = bias_out.shape
+    _check_f32_rows("aim_gemv_norm: bias_out", bias_out, (rows, n), contiguous=True)
+    _, k, _ = _check_product("aim_gemv_norm (shift)", shift, w, bias_out)
+    return GemvNormParams(g=gemv_params(shift, w, bias_out), sq_part=None, sq_parts=k // 8, bias=None,
+                          bias_out=bias_out.data_ptr(), bias_stride=n, eps=0.0)
 
 
 GEMM_BN, GEMM_BK = 64, 64  # as in aim_kernels.cu

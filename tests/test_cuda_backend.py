@@ -627,10 +627,11 @@ def test_backend_folds_the_residual_add_at_few_rows_with_the_same_tokens():
 def test_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model, n):
     """in_proj with the residual norm folded in (aim_gemv_norm_*, 1 to 32 rows: every instance, the one-m-tile
     one of a 1536-wide build included), fed x * gm rounded and the tile sums of squares as out_proj hands them
-    on: the formula W (x * gm) / rms(x) + W shift computed in float64, to one rounding of its bf16 output; the separate norm's product
+    on, and W shift from its own bias mode (to float32 accuracy): the formula W (x * gm) / rms(x) + W shift
+    computed in float64, to one rounding of its bf16 output; the separate norm's product
     (normed row rounded as the norm kernel rounds it) to bf16 accuracy; and each row's bits the same at every
     row count and instance."""
-    from aim_rt.plugins.kernels import Kernels, gemv_norm_params
+    from aim_rt.plugins.kernels import Kernels, gemv_norm_bias_params, gemv_norm_params
 
     kern = Kernels("bfloat16", gemv_depths=(d_model,), d_model=d_model,
                    defines={"NORM_FOLD_ROWS": 32, "GEMM_MIN_ROWS": 129})  # aim_gemv at every row count here
@@ -649,9 +650,13 @@ def test_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model
         y = torch.full((rows, n), float("nan"), device="cuda", dtype=bf)
         xg = (res[:rows] * gm[:rows]).to(bf)  # as the folded out_proj hands them on (gemv_next)
         sq_part = res[:rows].pow(2).view(rows, -1, 8).sum(2)
-        kern.gemv_norm(gemv_norm_params(xg, sq_part, shift[:rows], w, y, eps), stream)
+        bias = torch.full((rows, n), float("nan"), device="cuda")
+        kern.gemv_norm(gemv_norm_bias_params(shift[:rows], w, bias), stream)  # once per sample, at the prefill
+        kern.gemv_norm(gemv_norm_params(xg, sq_part, bias, w, y, eps), stream)
         torch.cuda.synchronize()
         x, W = res[:rows].double(), w.double()
+        exact = shift[:rows].double() @ W.t()
+        assert ((bias.double() - exact).abs() <= 1e-5 * (shift[:rows].double().abs() @ W.abs().t())).all(), rows
         inv = torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
         a = (res[:rows] * gm[:rows]).to(bf).double()
         want = inv * (a @ W.t()) + shift[:rows].double() @ W.t()
@@ -661,9 +666,9 @@ def test_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model
         normed = ((res[:rows] * inv.float()).mul(norm_w.float()).to(bf).float() * (1 + scale[:rows].float())
                   + shift[:rows].float()).to(bf)
         assert rel_err(y.float(), normed.float() @ w.float().t()) <= 1e-2, rows
-        results[rows] = y
-    for rows, y in results.items():
-        assert torch.equal(y, results[32][:rows]), f"rows {rows} vs 32"
+        results[rows] = y, bias
+    for rows, (y, bias) in results.items():
+        assert torch.equal(y, results[32][0][:rows]) and torch.equal(bias, results[32][1][:rows]), f"{rows} vs 32"
 
 
 @needs_gpu

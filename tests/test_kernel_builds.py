@@ -402,27 +402,33 @@ def test_norm_fold_can_be_turned_off_from_the_environment(monkeypatch):
 
 
 def test_gemv_norm_params_and_gemv_next_refuse_what_the_kernels_cannot_take():
-    """The tile sums of squares must be float32 (rows, k / 8) contiguous, gm float32 of xg's shape with aligned
-    rows, xg and the shift rows a product takes; a width not a multiple of 8 cannot be handed on (CPU tensors:
-    only the checks run)."""
+    """The tile sums of squares must be float32 (rows, k / 8) contiguous, the bias float32 (rows, n) contiguous,
+    gm float32 of xg's shape with aligned rows, xg and the shift rows a product takes; a width not a multiple
+    of 8 cannot be handed on (CPU tensors: only the checks run)."""
     import torch
 
-    from aim_rt.plugins.kernels import KernelError, gemv_next, gemv_norm_params
+    from aim_rt.plugins.kernels import KernelError, gemv_next, gemv_norm_bias_params, gemv_norm_params
 
     rows, k, n = 4, 256, 64
     w, y = torch.zeros(n, k, dtype=torch.bfloat16), torch.zeros(rows, n, dtype=torch.bfloat16)
     xg, shift = torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(rows, k, dtype=torch.bfloat16)
-    parts, gm = torch.zeros(rows, k // 8), torch.zeros(rows, k)
-    p = gemv_norm_params(xg, parts, shift, w, y, 1e-5)
-    assert (p.g.rows, p.g.n, p.g.k, p.sq_parts, p.shift_stride) == (rows, n, k, k // 8, k)
+    parts, gm, bias = torch.zeros(rows, k // 8), torch.zeros(rows, k), torch.zeros(rows, n)
+    p = gemv_norm_params(xg, parts, bias, w, y, 1e-5)
+    assert (p.g.rows, p.g.n, p.g.k, p.sq_parts, p.bias_stride, p.bias_out) == (rows, n, k, k // 8, n, None)
     with pytest.raises(KernelError, match="sq_part must be float32 \\(4, 32\\)"):
-        gemv_norm_params(xg, parts[:, :16], shift, w, y, 1e-5)
+        gemv_norm_params(xg, parts[:, :16], bias, w, y, 1e-5)
     with pytest.raises(KernelError, match="sq_part needs contiguous 16-byte-aligned rows"):
-        gemv_norm_params(xg, torch.zeros(rows, k // 4)[:, :k // 8], shift, w, y, 1e-5)
+        gemv_norm_params(xg, torch.zeros(rows, k // 4)[:, :k // 8], bias, w, y, 1e-5)
+    with pytest.raises(KernelError, match="bias must be float32 \\(4, 64\\)"):
+        gemv_norm_params(xg, parts, bias.bfloat16(), w, y, 1e-5)
     with pytest.raises(KernelError, match="aim_gemv_norm shapes"):
-        gemv_norm_params(xg, parts, shift, w[:, :128], y, 1e-5)
+        gemv_norm_params(xg, parts, bias, w[:, :128], y, 1e-5)
+    b = gemv_norm_bias_params(shift, w, bias)
+    assert (b.g.x, b.bias_out, b.bias, b.bias_stride) == (shift.data_ptr(), bias.data_ptr(), None, n)
     with pytest.raises(KernelError, match="aim_gemv_norm \\(shift\\)"):
-        gemv_norm_params(xg, parts, torch.zeros(k, rows, dtype=torch.bfloat16).t(), w, y, 1e-5)
+        gemv_norm_bias_params(torch.zeros(k, rows, dtype=torch.bfloat16).t(), w, bias)
+    with pytest.raises(KernelError, match="bias_out must be float32"):
+        gemv_norm_bias_params(shift, w, bias.bfloat16())
     nxt = gemv_next(xg, gm, parts)
     assert (nxt.xg, nxt.xg_stride, nxt.gm_stride) == (xg.data_ptr(), k, k)
     with pytest.raises(KernelError, match="gm must be float32"):
