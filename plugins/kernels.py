@@ -160,7 +160,14 @@ def model_defines(d_model: int) -> dict:
       2026-12-04.*, whole steps, tokens identical: the two kernels write the same bits): AiM-B from 96 rows,
       batch 48 / 64 -1.7 / -3.8 % (batch 24 / 32 +16 / +9 %); AiM-XL from 64, batch 32 / 48 / 64 -2.5 / -3.1 /
       -5.5 % (batch 16 / 24 +8 / +0.8 %); AiM-L from 64 too, batch 32 / 48 / 64 -1.4 / -3.1 / -2.9 % (batch 24
-      +3.8 %; ssw_l_h200_2026-12-04.*). Without a width, from 128 rows (SSU_WARP_ROWS here)."""
+      +3.8 %; ssw_l_h200_2026-12-04.*). Without a width, from 128 rows (SSU_WARP_ROWS here).
+    - Below d_model 1024, in_proj norms its own x after the first layer wherever it is an aim_gemv (up to 32
+      rows, NORM_FOLD_ROWS, a define only the host reads; GemvNormParams in aim_kernels.cu), so the step has
+      one norm kernel per layer less (AiM-B: 76 kernels instead of 99). Measured on an H100 (no H200 came that
+      day; bench/results/normfold4_h100_2026-12-05.*, whole steps, 3 rounds alternating, medians): AiM-B
+      batch 1 / 2 / 4 / 8 / 16 -5.3 / -1.5 / -4.2 / -3.7 / +0.5 %. All of aim_gemv's rows or none: an image's
+      bits then stay the same from batch 1 to 16. Not AiM-XL (batch 1, its only aim_gemv in_proj: -0.2 %; its
+      normed in_proj alone 9.2 against 7.95 us, four blocks per SM instead of five), nor AiM-L (not measured)."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
@@ -170,6 +177,8 @@ def model_defines(d_model: int) -> dict:
         if d_model >= 1536:
             defines.update(GEMM_STAGES_M2=8, FOLD_GEMM_M2=1)
     defines.update(SSU_WARP_ROWS=96 if d_model < 1024 else 64)
+    if d_model < 1024:
+        defines.update(NORM_FOLD_ROWS=32)
     return defines
 
 

@@ -127,8 +127,8 @@ def test_pdl_early_rows_reaches_every_program(monkeypatch):
 def test_model_width_picks_the_measured_build():
     """A model's step program holds only the residual norm's instance for its d_model (NORM_PER_ONLY), from
     d_model 1024 the one-m-tile products (Y) of some or all of its depths (gemv_m1_chunks) besides the
-    others, and out_proj's instances with the residual add folded in (XR / YR at d_inner: resid_chunk);
-    without a width, the source's defaults. A width past the widest norm is refused; explicit defines
+    others, out_proj's instances with the residual add folded in (XR / YR at d_inner: resid_chunk) and below
+    d_model 1024 in_proj's with the norm folded in (XN at d_model); without a width, the source's defaults. A width past the widest norm is refused; explicit defines
     win."""
     from aim_rt.plugins.kernels import KernelError, norm_instance, step_builds
 
@@ -138,7 +138,7 @@ def test_model_width_picks_the_measured_build():
     base, sampler, _ = step_builds("bfloat16", gemv_depths=(768, 1536), d_model=768)
     assert base["NORM_PER_ONLY"] == 3 and "NORM_PER_ONLY" not in sampler
     assert base["GEMV_INSTANCES"].split() == ["X(3,1)", "X(6,1)", "X(3,4)", "X(6,2)", "XR(6,1)",
-                                             "XR(6,2)", "YR(6)"]
+                                             "XR(6,2)", "YR(6)", "XN(3,1)", "XN(3,4)"]
     xl = step_builds("bfloat16", gemv_depths=(1536, 3072), d_model=1536)[0]
     assert xl["NORM_PER_ONLY"] == 6
     assert xl["GEMV_INSTANCES"].split() == ["X(6,1)", "X(12,1)", "X(6,2)", "Y(6)", "Y(12)", "XR(12,1)",
@@ -172,6 +172,8 @@ def test_model_width_picks_the_measured_build():
     # the state update's warp kernel from 96 rows at AiM-B's width, 64 from 1024 (a define only the host reads);
     # without a width the source's default
     assert [b.get("SSU_WARP_ROWS") for b in (base, large, xl, default)] == [96, 64, 64, None]
+    # in_proj norming its own x at all of aim_gemv's rows below d_model 1024 (a define only the host reads)
+    assert [b.get("NORM_FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
 
 
 def test_fold_gemm_m2_m8_add_folded_instances_only_where_aim_gemm_folds():
