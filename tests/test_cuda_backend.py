@@ -688,7 +688,7 @@ def test_backend_norms_in_proj_after_the_first_layer_with_the_separate_norms_log
     normed = CudaBackend(model, use_graphs=False)
     calls = []
     launch = normed.kernels.gemv_norm
-    normed.kernels.gemv_norm = lambda p, s: (calls.append(p.g.rows), launch(p, s))
+    normed.kernels.gemv_norm = lambda p, s: (calls.append((p.g.rows, bool(p.bias_out))), launch(p, s))
     for batch in (1, 4, 16):
         classes, seeds = [c % cfg.num_classes for c in range(batch)], list(range(20, 20 + batch))
         assert plain.norm_folds(2 * batch) is False and normed.norm_folds(2 * batch) is True
@@ -696,7 +696,9 @@ def test_backend_norms_in_proj_after_the_first_layer_with_the_separate_norms_log
         draws_p, mixed_p = plain.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
         calls.clear()
         draws, mixed = normed.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
-        assert calls == [2 * batch] * ((cfg.n_layer - 1) * cfg.num_tokens), batch
+        # the prefill makes each layer's W shift (bias mode), then every step norms in_proj's x after layer 0
+        assert calls == [(2 * batch, True)] * (cfg.n_layer - 1) + [(2 * batch, False)] * (
+            (cfg.n_layer - 1) * cfg.num_tokens), batch
         assert rel_err(mixed, mixed_p) <= 2e-2, batch
         assert (draws == draws_p).float().mean() >= 0.9, batch
 
