@@ -672,15 +672,17 @@ def test_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model
 
 
 @needs_gpu
-def test_backend_norms_in_proj_after_the_first_layer_with_the_separate_norms_logits(monkeypatch):
+def test_backend_norms_in_proj_after_the_first_layer_as_faithfully_as_the_separate_norm(monkeypatch):
     """Where Kernels.norm_fold_rows reaches (AIM_RT_NORM_FOLD), every layer after the first runs in_proj on
-    its own norm of the residual (one launch per layer less): its CFG-mixed logits, teacher-forced on the
-    separate norm's tokens, agree with that step's to bf16 accuracy, and its draws mostly agree (the products'
-    inputs round at another point, so they are not the same bits)."""
+    its own norm of the residual (one launch per layer less; the prefill makes each layer's W shift). Against
+    the same model in float32, teacher-forced on the same tokens, its CFG-mixed logits and draws are as close
+    as the separate norm's (the products' inputs round at another point, so the bf16 bits differ;
+    scripts/norm_fold_fidelity.py measured 1.7e-2 against 1.7e-2 here, draws 78 % against 78 %)."""
     from aim_rt.cuda_backend import CudaBackend
 
     cfg = aim_rt.AiMConfig(d_model=256, n_layer=4, vocab_size=1024, num_classes=10, num_tokens=64)
     model = aim_rt.random_model(cfg, seed=5, device="cuda", dtype="bfloat16")
+    f32 = CudaBackend(aim_rt.random_model(cfg, seed=5, device="cuda", dtype="float32"))
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
     monkeypatch.setenv("AIM_RT_NORM_FOLD", "0")
     plain = CudaBackend(model)
@@ -694,13 +696,16 @@ def test_backend_norms_in_proj_after_the_first_layer_with_the_separate_norms_log
         assert plain.norm_folds(2 * batch) is False and normed.norm_folds(2 * batch) is True
         tokens = plain.sample(classes, seeds, settings)
         draws_p, mixed_p = plain.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
+        draws_f, mixed_f = f32.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
         calls.clear()
         draws, mixed = normed.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
         # the prefill makes each layer's W shift (bias mode), then every step norms in_proj's x after layer 0
         assert calls == [(2 * batch, True)] * (cfg.n_layer - 1) + [(2 * batch, False)] * (
             (cfg.n_layer - 1) * cfg.num_tokens), batch
         assert rel_err(mixed, mixed_p) <= 2e-2, batch
-        assert (draws == draws_p).float().mean() >= 0.9, batch
+        assert rel_err(mixed, mixed_f) <= 1.25 * rel_err(mixed_p, mixed_f) + 1e-3, batch
+        agree = lambda a, b: (a == b).float().mean().item()  # noqa: E731
+        assert agree(draws, draws_f) >= agree(draws_p, draws_f) - 0.1, batch
 
 
 def test_ssu_params_rejects_shapes_the_kernel_cannot_take():
