@@ -328,9 +328,7 @@ class CudaBackend:
     def norm_folds(self, rows: int) -> bool:
         """Whether a step of `rows` rows folds the residual norm between layers into in_proj (after out_proj
         folded the residual add: Kernels.norm_fold_supported)."""
-        cfg = self.config
-        return (self.folds(rows) and self.kernels.norm_fold_supported(rows, cfg.d_model)
-                and not self.kernels.gemm_supported(rows, cfg.d_inner, folded=True))  # out_proj an aim_gemv_resid
+        return self.folds(rows) and self.kernels.norm_fold_supported(rows, self.config.d_model)
 
     def _to_next(self, buf: _Buffers, i: int):
         """What the out_proj before layer i hands to layer i's in_proj (the caller checked norm_folds)."""
@@ -339,19 +337,33 @@ class CudaBackend:
         return gemv_next(buf.normed, self._norm_inputs(buf)[i], buf.sq_part)
 
     def _normed_in_proj(self, buf: _Buffers, i: int, w: Tensor) -> Callable[[], None]:
-        """Layer i's in_proj of its norm of the summed residual (the caller checked norm_folds)."""
-        from aim_rt.plugins.kernels import gemv_norm_params
+        """Layer i's in_proj of its norm of the summed residual (the caller checked norm_folds): aim_gemm_norm on
+        aim_gemm's rows, else aim_gemv_norm."""
+        from aim_rt.plugins.kernels import gemm_norm_params, gemv_norm_params
 
         self._norm_inputs(buf)
-        p = gemv_norm_params(buf.normed, buf.sq_part, buf.bias[i], w, buf.zxbcdt, self.config.norm_eps)
-        return lambda: self.kernels.gemv_norm(p, torch.cuda.current_stream().cuda_stream)
+        eps, k = self.config.norm_eps, self.kernels
+        if (splits := self._in_proj_splits(buf.normed.shape[0])) is not None:
+            p = gemm_norm_params(buf.normed, buf.sq_part, buf.bias[i], w, buf.zxbcdt, splits, eps)
+            return lambda: k.gemm_norm(p, torch.cuda.current_stream().cuda_stream)
+        p = gemv_norm_params(buf.normed, buf.sq_part, buf.bias[i], w, buf.zxbcdt, eps)
+        return lambda: k.gemv_norm(p, torch.cuda.current_stream().cuda_stream)
+
+    def _in_proj_splits(self, rows: int) -> int | None:
+        """aim_gemm's k split for in_proj at this many rows (as _matmul splits it); None where it is not aim_gemm's."""
+        from aim_rt.plugins.kernels import gemm_splits
+
+        cfg = self.config
+        if not self.kernels.gemm_supported(rows, cfg.d_model):
+            return None
+        return gemm_splits(cfg.d_in_proj, cfg.d_model, self.kernels.gemm_ctas)
 
     def _norm_inputs(self, buf: _Buffers, update: bool = False) -> Tensor:
         """What in_proj norming its own x takes from a sample's modulations (buf.mods): gm, the norm weight times
         (1 + scale) in float32 (returned), and each layer's in_proj weight times its shift (buf.bias, by the
         normed product's bias mode). Made on first use (their addresses then stay, for the graphs), remade with
         `update`."""
-        from aim_rt.plugins.kernels import gemv_norm_bias_params
+        from aim_rt.plugins.kernels import gemm_norm_bias_params, gemv_norm_bias_params
 
         if buf.gm is None:
             L, rows, _, d = buf.mods.shape
@@ -362,9 +374,13 @@ class CudaBackend:
         if update:
             torch.mul(self._norm_w[:, None, :], 1.0 + buf.mods[:, :, 1].float(), out=buf.gm)
             stream = torch.cuda.current_stream().cuda_stream
+            splits = self._in_proj_splits(buf.mods.shape[1])  # W shift by the kernel that runs in_proj (its sums' order)
             for i in range(1, len(self._params)):  # (the first layer's in_proj takes the norm kernel's rows)
-                p = gemv_norm_bias_params(buf.mods[i][:, 0], self._params[i]["in_proj"], buf.bias[i])
-                self.kernels.gemv_norm(p, stream)
+                shift, w = buf.mods[i][:, 0], self._params[i]["in_proj"]
+                if splits is not None:
+                    self.kernels.gemm_norm(gemm_norm_bias_params(shift, w, buf.bias[i], splits), stream)
+                else:
+                    self.kernels.gemv_norm(gemv_norm_bias_params(shift, w, buf.bias[i]), stream)
         return buf.gm
 
     def _set_mods(self, buf: _Buffers, mods) -> None:
@@ -376,15 +392,13 @@ class CudaBackend:
 
     def _folded(self, x: Tensor, w: Tensor, y: Tensor, norm, to_next=None) -> Callable[[], None]:
         """out_proj with the residual add of `norm` (the next layer's) folded in; the caller checked
-        Kernels.fold_supported. `to_next` (an aim_gemv_resid only): what the next in_proj takes (gemv_next)."""
+        Kernels.fold_supported. `to_next`: what the next in_proj takes (gemv_next)."""
         from aim_rt.plugins.kernels import gemm_fold_params, gemm_splits, gemv_fold_params
 
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
         if self.kernels.gemm_supported(x.shape[0], x.shape[1], folded=True):
-            if to_next is not None:
-                raise AiMError("internal: aim_gemm's folded out_proj hands nothing on to the next in_proj")
             p = gemm_fold_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.gemm_fold_ctas),
-                                  norm)
+                                  norm, to_next)
             return lambda: self.kernels.gemm_fold(p, stream())
         p = gemv_fold_params(x, w, y, norm, to_next)
         return lambda: self.kernels.gemv_fold(p, stream())

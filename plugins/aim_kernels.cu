@@ -1683,6 +1683,15 @@ struct GemvNormParams {
 #define GEMV_MAX_MT 4
 #endif
 
+// A normed in_proj's 1/rms of row r from its sq_parts tile sums, by a whole warp: lane-strided sums in tile order,
+// then the butterfly (gemv_body's held sums add in the same order: the same bits).
+__device__ __forceinline__ float norm_inv_rms(const float* sq_part, int sq_parts, int r, int lane, int k, float eps) {
+  float t = 0.0f;
+  for (int j = lane; j < sq_parts; j += 32) t += sq_part[(long long)r * sq_parts + j];
+  t = warp_sum(t);
+  return rsqrtf(t / k + eps);
+}
+
 #if ELEM_KIND != 0
 __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                           unsigned b0, unsigned b1) {
@@ -1920,10 +1929,8 @@ __device__ __forceinline__ void gemv_body(const GemvParams& p, const NormParams*
       if (lane == 0 && r < p.rows) s_gs[r] = rsqrtf(t / p.k + nx->eps);
     }
     for (int r = warp + 8 * NR; r < p.rows && !make_bias; r += 8) {  // (uniform in the warp)
-      float t = 0.0f;
-      for (int j = 0; j < NP; ++j) t += nx->sq_part[(long long)r * nx->sq_parts + lane + 32 * j];
-      t = warp_sum(t);
-      if (lane == 0) s_gs[r] = rsqrtf(t / p.k + nx->eps);
+      const float v = norm_inv_rms(nx->sq_part, nx->sq_parts, r, lane, p.k, nx->eps);
+      if (lane == 0) s_gs[r] = v;
     }
   }
   __syncthreads();
@@ -2039,10 +2046,24 @@ struct GemmParams {
   elem_t* y;  long long y_stride;        // (rows, n)
   int rows, n, k, splits;                // k: a multiple of GEMM_BK * splits
 };
-// aim_gemm as out_proj with the residual add folded in, as GemvFoldParams does for aim_gemv (n % 4 == 0).
+// aim_gemm as out_proj with the residual add folded in, as GemvFoldParams does for aim_gemv (n % 4 == 0), and
+// what it hands to a normed in_proj (next.xg null: nothing; n % 8 == 0). Each thread holds four columns of a
+// row and the next thread the other four of their 8-column tile: a tile's squares are summed in column order
+// within each thread, then the two added (the sums' order differs from aim_gemv_resid's: where the products
+// are aim_gemm's the bits differ from aim_gemv's anyway).
 struct GemmFoldParams {
   GemmParams g;
   NormParams n;
+  GemvNext next;
+};
+// aim_gemm as in_proj with the residual norm folded in, as GemvNormParams does for aim_gemv (n % 4 == 0): the
+// same formula, each row's 1/rms by norm_inv_rms; in bias mode (bias_out set) g.x is the shift and the float32
+// product goes to bias_out.
+struct GemmNormParams {
+  GemmParams g;
+  const float* sq_part;  int sq_parts;
+  const float* bias;  float* bias_out;  long long bias_stride;
+  float eps;
 };
 
 #define GEMM_BN 64
@@ -2083,6 +2104,11 @@ struct GemmFoldParams {
 #ifndef FOLD_GEMM_M8
 #define FOLD_GEMM_M8 0
 #endif
+// aim_gemm_norm_m<MT> (in_proj norming its own x, GemmNormParams) for the MTs whose bits are set (2 | 4 | 8; the
+// host passes the instances a model's in_proj runs, 0 where it does not fold the norm: model_defines)
+#ifndef GEMM_NORM
+#define GEMM_NORM 14
+#endif
 #if (AIM_PARTS & 1) && AIM_GEMM && ELEM_KIND != 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(valid ? 16 : 0)
@@ -2099,12 +2125,15 @@ __device__ __forceinline__ int gemm_swz(int r, int c) { return r * GEMM_BK + ((c
 // rows <= 16 * MT. The 8 warps: RW over the rows (each MT / RW m-tiles), 8 / RW over the columns (each
 // GEMM_BN / (8 / RW) of them, NJ n-tiles of 8): MT 8 and 4 with RW 4, MT 2 (up to 32 rows) with RW 2, so that no
 // warp multiplies an m-tile of rows past the 32nd.
-// f: null, or the residual add to fold into the epilogue (y is then not written), as in gemv_body.
-template <int MT, int RW, int STAGES>
-__device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams* f) {
+// f: null, or the residual add to fold into the epilogue (y is then not written), as in gemv_body; nn (with f):
+// what the next in_proj takes when it norms its own x. NORMED: nx is the residual norm folded in.
+template <int MT, int RW, int STAGES, bool NORMED = false>
+__device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams* f, const GemvNext* nn = nullptr,
+                                          const GemmNormParams* nx = nullptr) {
   constexpr int BM = 16 * MT, MW = MT / RW, NJ = GEMM_BN / 8 / (8 / RW), A_TILE = BM * GEMM_BK, B_TILE = GEMM_BN * GEMM_BK;
   static_assert(BM * GEMM_RED_LD * 4 <= STAGES * (A_TILE + B_TILE) * 2, "the partial tile reuses that memory");
-  __shared__ float s_gs[BM];  // folded: the 1/rms of the gated norm of each row this CTA finishes
+  __shared__ float s_gs[BM];  // folded: the 1/rms of the gated norm of each row this CTA finishes; NORMED: of
+                              // the residual norm
   extern __shared__ __align__(128) unsigned char gemm_smem[];
   elem_t* As = reinterpret_cast<elem_t*>(gemm_smem);  // STAGES x [BM][GEMM_BK]
   elem_t* Bs = As + STAGES * A_TILE;                  // STAGES x [GEMM_BN][GEMM_BK]
@@ -2148,6 +2177,14 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
             // from 16 * rank, every 16 * S: see the sum below) and its share of the window shift
     for (int b = 16 * (int)rank; b < p.rows; b += 16 * S) fold_row_scales(*f, b, min(b + 16, p.rows), s_gs);
     fold_conv_shift(f->bc, p.rows);
+  }
+  const bool make_bias = NORMED && nx->bias_out;  // (uniform)
+  if (NORMED && !make_bias) {  // the same rows' 1/rms, a warp per row
+    for (int b = 16 * (int)rank; b < p.rows; b += 16 * S)
+      for (int r = b + warp; r < min(b + 16, p.rows); r += 8) {
+        const float v = norm_inv_rms(nx->sq_part, nx->sq_parts, r, lane, p.k, nx->eps);
+        if (lane == 0) s_gs[r] = v;
+      }
   }
 
   float acc[MW][NJ][4];
@@ -2206,14 +2243,18 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
     const int r = e / GEMM_BN, c = e % GEMM_BN, col = n0 + c;
     // folded: this row's residuals and gates, requested with the partials (n % 4 == 0: four columns or none)
     float* res = f ? f->residual + (long long)r * f->d + col : nullptr;
-    float4 rv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const bool next = f && nn && nn->xg;  // (uniform)
+    float4 rv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), gm = rv, bv = rv;  // gm: next; bv: NORMED, W shift
     float gate[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     if (f && col < p.n) {
       rv = *reinterpret_cast<const float4*>(res);
       if (f->gate)
 #pragma unroll
         for (int q = 0; q < 4; ++q) gate[q] = ld(f->gate[(long long)r * f->gate_stride + col + q]);
+      if (next) gm = *reinterpret_cast<const float4*>(nn->gm + (long long)r * nn->gm_stride + col);
     }
+    if (NORMED && !make_bias && col < p.n)
+      bv = *reinterpret_cast<const float4*>(nx->bias + r * nx->bias_stride + col);
     float4 v[8];  // every rank's four values requested before the first is added (one round trip, not S)
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
@@ -2238,7 +2279,31 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
       rv.z += gated_output(ld(st(sum.z)), sc, gate[2], gated);
       rv.w += gated_output(ld(st(sum.w)), sc, gate[3], gated);
       if (col < p.n) *reinterpret_cast<float4*>(res) = rv;
+      if (next) {  // (n % 8 == 0: this thread and the next hold one 8-column tile of row r, both here or neither)
+        elem_t* xg = nn->xg + (long long)r * nn->xg_stride + col;
+        const float g0 = rv.x * gm.x, g1 = rv.y * gm.y, g2 = rv.z * gm.z, g3 = rv.w * gm.w;
+        if (((unsigned long long)xg & 7) == 0) {
+          *reinterpret_cast<uint2*>(xg) = make_uint2(pack2(g0, g1), pack2(g2, g3));
+        } else {
+          xg[0] = st(g0); xg[1] = st(g1); xg[2] = st(g2); xg[3] = st(g3);
+        }
+        float v = __fmul_rn(rv.x, rv.x);
+        v = __fmaf_rn(rv.y, rv.y, v);
+        v = __fmaf_rn(rv.z, rv.z, v);
+        v = __fmaf_rn(rv.w, rv.w, v);
+        v += __shfl_xor_sync(3u << (lane & 30), v, 1);
+        if (!(lane & 1)) nn->sq_part[(long long)r * (p.n >> 3) + (col >> 3)] = v;
+      }
       continue;
+    }
+    if constexpr (NORMED) {
+      if (make_bias) {
+        if (col < p.n) *reinterpret_cast<float4*>(nx->bias_out + r * nx->bias_stride + col) = sum;
+        continue;
+      }
+      const float sc = s_gs[r];
+      sum = make_float4(__fmaf_rn(sum.x, sc, bv.x), __fmaf_rn(sum.y, sc, bv.y), __fmaf_rn(sum.z, sc, bv.z),
+                        __fmaf_rn(sum.w, sc, bv.w));
     }
     elem_t* dst = p.y + (long long)r * p.y_stride + col;
     if (col + 3 < p.n && ((unsigned long long)dst & 7) == 0) {  // four results in one 8-byte store
@@ -2264,7 +2329,14 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
   extern "C" __global__ void __launch_bounds__(256)                                  \
       aim_gemm_resid_m##MT(const __grid_constant__ GemmFoldParams q) {               \
     PDL_START(q.g.rows, PDL_EARLY_FOLD);                                             \
-    gemm_body<MT, RW, GEMM_STAGES_M##MT>(q.g, &q.n);                                 \
+    gemm_body<MT, RW, GEMM_STAGES_M##MT>(q.g, &q.n, &q.next);                        \
+  }
+// aim_gemm_norm_m<MT>: in_proj with the residual norm folded in (GemmNormParams), where GEMM_NORM has MT's bit
+#define GEMM_NORM_ENTRY(MT, RW)                                                      \
+  extern "C" __global__ void __launch_bounds__(256)                                  \
+      aim_gemm_norm_m##MT(const __grid_constant__ GemmNormParams q) {                \
+    PDL_START(q.g.rows, PDL_EARLY_GEMV);                                             \
+    gemm_body<MT, RW, GEMM_STAGES_M##MT, true>(q.g, nullptr, nullptr, &q);           \
   }
 GEMM_ENTRY(4, 4)
 GEMM_ENTRY(8, 4)
@@ -2274,12 +2346,22 @@ GEMM_RESID_ENTRY(4, 4)
 #if FOLD_GEMM > 1 || (FOLD_GEMM && FOLD_GEMM_M8)
 GEMM_RESID_ENTRY(8, 4)
 #endif
+#if GEMM_NORM & 4
+GEMM_NORM_ENTRY(4, 4)
+#endif
+#if GEMM_NORM & 8
+GEMM_NORM_ENTRY(8, 4)
+#endif
 #if GEMM_M2
 GEMM_ENTRY(2, 2)
 #if FOLD_GEMM > 1 || (FOLD_GEMM && FOLD_GEMM_M2)
 GEMM_RESID_ENTRY(2, 2)
 #endif
+#if GEMM_NORM & 2
+GEMM_NORM_ENTRY(2, 2)
+#endif
 #endif
 #undef GEMM_ENTRY
 #undef GEMM_RESID_ENTRY
+#undef GEMM_NORM_ENTRY
 #endif

@@ -215,6 +215,15 @@ def norm_instance(d: int) -> int:
     raise KernelError(f"aim_residual_norm handles d_model up to {NORM_THREADS * NORM_PER}, not {d}")
 
 
+def gemm_norm_mask(step: dict) -> int:
+    """GEMM_NORM for a model's build `step` (its -D): the bits of the aim_gemm instances (MT 2, 4, 8) that its
+    in_proj runs on aim_gemm's rows (GEMM_MIN_ROWS to GEMM_MAX_ROWS), so that a cold start compiles no other."""
+    lo, hi = int(step.get("GEMM_MIN_ROWS", GEMM_ROWS[0])), min(int(step.get("GEMM_MAX_ROWS", GEMM_ROWS[1])),
+                                                              GEMM_MAX_ROWS)
+    available = (2, 4, 8) if int(step.get("GEMM_M2", 1)) else (4, 8)
+    return sum({gemm_mt(rows, available) for rows in range(lo, hi + 1)})
+
+
 def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int, ...] | None = None,
                 d_model: int | None = None) -> list[dict]:
     """The -D sets of the programs a Kernels compiles: the step's kernels with only the aim_gemv instances the
@@ -228,6 +237,8 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
         defines.setdefault("PDL_EARLY_ROWS", int(os.environ["AIM_RT_PDL_EARLY_ROWS"]))
     if "AIM_RT_NORM_FOLD" in os.environ:  # up to how many rows in_proj norms its own x (0: never; see NORM_FOLD_ROWS)
         defines.setdefault("NORM_FOLD_ROWS", int(os.environ["AIM_RT_NORM_FOLD"]))
+        if defines["NORM_FOLD_ROWS"] == 0:  # nor on aim_gemm's rows
+            defines.setdefault("GEMM_NORM", 0)
     step = dict(defines)
     if d_model is not None:
         per_model = model_defines(d_model)
@@ -236,6 +247,8 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
         step = {**per_model, **step}  # explicit defines win
     # aim_gemm's depths always passed, so that the host sizes shared memory by what was compiled
     step = {**{f"GEMM_STAGES_M{mt}": n for mt, n in GEMM_STAGES.items()}, **step}
+    if d_model is not None and "GEMM_NORM" not in step:  # the normed in_proj's instances on aim_gemm's rows
+        step["GEMM_NORM"] = gemm_norm_mask(step)
     if gemv_depths is not None:
         chunks = sorted({k // 256 for k in gemv_depths})
         inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]
@@ -383,11 +396,16 @@ class GemmParams(ctypes.Structure):
 
 
 class GemmFoldParams(ctypes.Structure):
-    _fields_ = [("g", GemmParams), ("n", NormParams)]
+    _fields_ = [("g", GemmParams), ("n", NormParams), ("next", GemvNext)]
+
+
+class GemmNormParams(ctypes.Structure):
+    _fields_ = [("g", GemmParams), ("sq_part", P), ("sq_parts", I), ("bias", P), ("bias_out", P),
+                ("bias_stride", LL), ("eps", F)]
 
 
 STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemvNext, GemvFoldParams,
-           GemvNormParams, GemmParams, GemmFoldParams)
+           GemvNormParams, GemmParams, GemmFoldParams, GemmNormParams)
 
 
 def layout_asserts() -> str:
@@ -674,16 +692,38 @@ def gemm_splits(n: int, k: int, num_sms: int) -> int:
     return divisors[-1]
 
 
-def gemm_fold_params(x, w, y, splits: int, norm: NormParams) -> GemmFoldParams:
+def gemm_fold_params(x, w, y, splits: int, norm: NormParams, to_next: GemvNext | None = None) -> GemmFoldParams:
     """out_proj y = x @ w.T through aim_gemm with the residual add of `norm` (the next layer's NormParams)
     folded in, as gemv_fold_params: y is only its shape (not written). The epilogue moves the float32 residual
-    four columns at a time: n a multiple of 4, the residual 16-byte aligned."""
+    four columns at a time: n a multiple of 4, the residual 16-byte aligned. `to_next` (gemv_next): also what
+    the next layer's in_proj takes to norm its own x (n a multiple of 8)."""
     rows, _, n = _check_product("aim_gemm_resid", x, w, y)
     _check_fold("aim_gemm_resid", rows, n, norm)
     if n % 4 or not norm.residual or norm.residual % 16:
         raise KernelError(f"aim_gemm_resid: needs a width that is a multiple of 4 (got {n}) and a 16-byte "
                           "aligned residual")
-    return GemmFoldParams(g=gemm_params(x, w, y, splits), n=norm)
+    if to_next is not None and to_next.xg and n % 8:
+        raise KernelError(f"aim_gemm_resid: handing the next norm on needs a width that is a multiple of 8, not {n}")
+    return GemmFoldParams(g=gemm_params(x, w, y, splits), n=norm, next=to_next or GemvNext())
+
+
+def gemm_norm_params(xg, sq_part, bias, w, y, splits: int, eps: float) -> GemmNormParams:
+    """in_proj of the normed residual through aim_gemm (aim_gemm_norm_m*), as gemv_norm_params; bias from
+    gemm_norm_bias_params. (The epilogue's four columns need n a multiple of 4: the bias's aligned rows.)"""
+    rows, k, n = _check_product("aim_gemm_norm", xg, w, y)
+    _check_f32_rows("aim_gemm_norm: sq_part", sq_part, (rows, k // 8), contiguous=True)
+    _check_f32_rows("aim_gemm_norm: bias", bias, (rows, n), contiguous=True)
+    return GemmNormParams(g=gemm_params(xg, w, y, splits), sq_part=sq_part.data_ptr(), sq_parts=k // 8,
+                          bias=bias.data_ptr(), bias_out=None, bias_stride=n, eps=eps)
+
+
+def gemm_norm_bias_params(shift, w, bias_out, splits: int) -> GemmNormParams:
+    """aim_gemm_norm's bias mode: bias_out (rows, n) float32 contiguous = W shift, summed as the product sums."""
+    rows, n = bias_out.shape
+    _check_f32_rows("aim_gemm_norm: bias_out", bias_out, (rows, n), contiguous=True)
+    _, k, _ = _check_product("aim_gemm_norm (shift)", shift, w, bias_out)
+    return GemmNormParams(g=gemm_params(shift, w, bias_out, splits), sq_part=None, sq_parts=k // 8, bias=None,
+                          bias_out=bias_out.data_ptr(), bias_stride=n, eps=0.0)
 
 
 def gemm_params(x, w, y, splits: int) -> GemmParams:
@@ -786,6 +826,8 @@ class Kernels:
                       if (fn := self._function(f"aim_gemm_m{mt}", required=False)) is not None}
         self.gemm_resids = {mt: fn for mt in self.gemms  # the same with the residual add folded in (FOLD_GEMM)
                             if (fn := self._function(f"aim_gemm_resid_m{mt}", required=False)) is not None}
+        self.gemm_norms = {mt: fn for mt in self.gemms  # and with the residual norm folded in (GEMM_NORM)
+                           if (fn := self._function(f"aim_gemm_norm_m{mt}", required=False)) is not None}
         # the row counts the backend gives aim_gemm: GEMM_MIN_ROWS / GEMM_MAX_ROWS (model_defines; defines that
         # only this reads) move them
         self.gemm_rows = (int(builds[0].get("GEMM_MIN_ROWS", GEMM_ROWS[0])),
@@ -928,9 +970,12 @@ class Kernels:
 
     def norm_fold_supported(self, rows: int, k: int) -> bool:
         """Whether the backend folds the residual norm into in_proj (depth k = d_model) at this many rows in this
-        build: where in_proj is an aim_gemv (not aim_gemm, not cuBLAS) with a normed instance, up to
-        norm_fold_rows rows (the caller also needs out_proj to fold the residual add: fold_supported)."""
-        return (0 < rows <= min(self.norm_fold_rows, GEMV_FAST_ROWS) and not self.gemm_supported(rows, k)
+        build: where in_proj is an aim_gemv with a normed instance, up to norm_fold_rows rows, or an aim_gemm
+        with one (GEMM_NORM); not cuBLAS's rows (the caller also needs out_proj to fold the residual add:
+        fold_supported)."""
+        if self.gemm_supported(rows, k):  # aim_gemm's rows: where this build has the normed instance (GEMM_NORM)
+            return gemm_mt(rows, self.gemms) in self.gemm_norms
+        return (0 < rows <= min(self.norm_fold_rows, GEMV_FAST_ROWS)
                 and self.gemv_supported(rows, k) and self._gemv_name(rows, k, "aim_gemv_norm") in self.gemv_norms)
 
     def gemv_norm(self, p: GemvNormParams, stream: int) -> None:
@@ -955,10 +1000,15 @@ class Kernels:
         """out_proj with the residual add folded in (gemm_fold_params; the caller checked fold_supported)."""
         self._launch_gemm("aim_gemm_resid", self.gemm_resids, p.g, p, stream)
 
+    def gemm_norm(self, p: GemmNormParams, stream: int) -> None:
+        """in_proj with the residual norm folded in, or its bias mode (gemm_norm_params, gemm_norm_bias_params;
+        the caller checked norm_fold_supported)."""
+        self._launch_gemm("aim_gemm_norm", self.gemm_norms, p.g, p, stream)
+
     def _launch_gemm(self, kind: str, fns: dict, p: GemmParams, params, stream: int) -> None:
         mt = gemm_mt(p.rows, self.gemms)
         if mt not in fns:
-            raise KernelError(f"{kind}_m{mt} was not compiled (FOLD_GEMM, FOLD_GEMM_M2 / _M8, GEMM_M2)")
+            raise KernelError(f"{kind}_m{mt} was not compiled (FOLD_GEMM, FOLD_GEMM_M2 / _M8, GEMM_M2, GEMM_NORM)")
         fn, smem = fns[mt], gemm_smem_bytes(mt, self.gemm_stages[mt])
         d = self.driver
         if (kind, mt) not in self._gemm_smem_set:

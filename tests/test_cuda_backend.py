@@ -472,8 +472,8 @@ def _fold_against_unfolded(kern, rows, d_model, d_inner, heads, gated, gemm, spl
     """One out_proj (rows x d_inner -> d_model) then the norm kernel, plain and with the residual add folded
     into the product (aim_gemm with `splits` where `gemm`, else aim_gemv): the same residual, normed rows and
     B/C windows, bit for bit; the sum near float32's; the windows shifted as the norm kernel shifts them.
-    aim_gemv's fold also hands on to a norming in_proj (gemv_next): the residual times gm rounded, bit for bit,
-    and each 8-column tile's sum of squares to float32 accuracy.
+    The fold also hands on to a norming in_proj (gemv_next): the residual times gm rounded, bit for bit, and
+    each 8-column tile's sum of squares to float32 accuracy.
     Returns the last NormParams and tensors (for the callers' error checks)."""
     from aim_rt.cuda_backend import _summed
     from aim_rt.plugins.kernels import (ConvShift, NormParams, gemm_fold_params, gemm_params, gemv_fold_params,
@@ -510,7 +510,7 @@ def _fold_against_unfolded(kern, rows, d_model, d_inner, heads, gated, gemm, spl
             scale=mods[:, 1].data_ptr(), mod_stride=mods.stride(0), out=normed.data_ptr(),
             out_stride=normed.stride(0), rows=rows, d=d_model, first=0, eps=1e-5)
         if folded and gemm:
-            kern.gemm_fold(gemm_fold_params(y, w_out, out, splits, p), stream)
+            kern.gemm_fold(gemm_fold_params(y, w_out, out, splits, p, gemv_next(xg, gm, sq_part)), stream)
         elif folded:
             kern.gemv_fold(gemv_fold_params(y, w_out, out, p, gemv_next(xg, gm, sq_part)), stream)
         elif gemm:
@@ -530,10 +530,9 @@ def _fold_against_unfolded(kern, rows, d_model, d_inner, heads, gated, gemm, spl
     shifted = torch.cat([conv0[:, d_inner:, 1:], xbc[:, d_inner:, None]], dim=2)
     assert torch.equal(results[1][2][:, d_inner:], shifted), what
     assert torch.equal(results[1][2][:, :d_inner], conv0[:, :d_inner]), what
-    if not gemm:
-        res = results[1][0]
-        assert torch.equal(xg, (res * gm).to(bf)), what
-        assert rel_err(sq_part, res.pow(2).view(rows, -1, 8).sum(2)) <= 1e-6, what
+    res = results[1][0]
+    assert torch.equal(xg, (res * gm).to(bf)), what
+    assert rel_err(sq_part, res.pow(2).view(rows, -1, 8).sum(2)) <= 1e-6, what
     return p, y, w_out, out
 
 
@@ -600,7 +599,8 @@ def test_backend_folds_the_residual_add_at_few_rows_with_the_same_tokens():
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
     plain, folded = CudaBackend(model), CudaBackend(model, use_graphs=False)
     plain.kernels.fold_rows, plain.kernels.gemm_resids = 0, {}
-    folded.kernels.fold_rows, folded.kernels.norm_fold_rows = 8, 0  # (in_proj norming its x rounds otherwise)
+    # (in_proj norming its x rounds otherwise)
+    folded.kernels.fold_rows, folded.kernels.norm_fold_rows, folded.kernels.gemm_norms = 8, 0, {}
     calls = []
     for kind in ("gemv_fold", "gemm_fold"):
         launch = getattr(folded.kernels, kind)
@@ -622,37 +622,39 @@ def test_backend_folds_the_residual_add_at_few_rows_with_the_same_tokens():
             assert (kind == "gemm_fold") == (batch == 17), batch
 
 
-@needs_gpu
-@pytest.mark.parametrize("d_model,n", [(768, 3352), (1536, 1000)])
-def test_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model, n):
-    """in_proj with the residual norm folded in (aim_gemv_norm_*, 1 to 32 rows: every instance, the one-m-tile
-    one of a 1536-wide build included), fed x * gm rounded and the tile sums of squares as out_proj hands them
-    on, and W shift from its own bias mode (to float32 accuracy): the formula W (x * gm) / rms(x) + W shift
-    computed in float64, to one rounding of its bf16 output; the separate norm's product
-    (normed row rounded as the norm kernel rounds it) to bf16 accuracy; and each row's bits the same at every
-    row count and instance."""
-    from aim_rt.plugins.kernels import Kernels, gemv_norm_bias_params, gemv_norm_params
+def _normed_in_proj_against_its_formula(kern, d_model, n, all_rows, gemm):
+    """in_proj with the residual norm folded in (aim_gemm_norm_* with the backend's k split where `gemm`, else
+    aim_gemv_norm_*) at each of `all_rows`, fed x * gm rounded and the tile sums of squares as out_proj hands
+    them on, and W shift from its own bias mode (to float32 accuracy): the formula W (x * gm) / rms(x) + W shift
+    computed in float64, to one rounding of its bf16 output; the separate norm's product (normed row rounded as
+    the norm kernel rounds it) to bf16 accuracy; and each row's bits the same at every row count and instance."""
+    from aim_rt.plugins.kernels import (gemm_norm_bias_params, gemm_norm_params, gemm_splits, gemv_norm_bias_params,
+                                        gemv_norm_params)
 
-    kern = Kernels("bfloat16", gemv_depths=(d_model,), d_model=d_model,
-                   defines={"NORM_FOLD_ROWS": 32, "GEMM_MIN_ROWS": 129})  # aim_gemv at every row count here
     gen = torch.Generator(device="cuda").manual_seed(d_model)
-    bf, eps = torch.bfloat16, 1e-5
+    bf, eps, most = torch.bfloat16, 1e-5, max(all_rows)
     w = (torch.randn(n, d_model, device="cuda", generator=gen) / d_model ** 0.5).to(bf)
-    res = 3 * torch.randn(32, d_model, device="cuda", generator=gen)
+    res = 3 * torch.randn(most, d_model, device="cuda", generator=gen)
     norm_w = (1 + 0.2 * torch.randn(d_model, device="cuda", generator=gen)).to(bf)
-    scale = (0.3 * torch.randn(32, d_model, device="cuda", generator=gen)).to(bf)
-    shift = (0.5 * torch.randn(32, d_model, device="cuda", generator=gen)).to(bf)
+    scale = (0.3 * torch.randn(most, d_model, device="cuda", generator=gen)).to(bf)
+    shift = (0.5 * torch.randn(most, d_model, device="cuda", generator=gen)).to(bf)
     gm = norm_w.float() * (1 + scale.float())
     stream = torch.cuda.current_stream().cuda_stream
+    splits = gemm_splits(n, d_model, kern.gemm_ctas)  # as the backend splits in_proj
     results = {}
-    for rows in (1, 2, 3, 8, 9, 16, 17, 32):
+    for rows in all_rows:
         assert kern.norm_fold_supported(rows, d_model), rows
+        assert kern.gemm_supported(rows, d_model) == gemm, rows
         y = torch.full((rows, n), float("nan"), device="cuda", dtype=bf)
         xg = (res[:rows] * gm[:rows]).to(bf)  # as the folded out_proj hands them on (gemv_next)
         sq_part = res[:rows].pow(2).view(rows, -1, 8).sum(2)
         bias = torch.full((rows, n), float("nan"), device="cuda")
-        kern.gemv_norm(gemv_norm_bias_params(shift[:rows], w, bias), stream)  # once per sample, at the prefill
-        kern.gemv_norm(gemv_norm_params(xg, sq_part, bias, w, y, eps), stream)
+        if gemm:
+            kern.gemm_norm(gemm_norm_bias_params(shift[:rows], w, bias, splits), stream)
+            kern.gemm_norm(gemm_norm_params(xg, sq_part, bias, w, y, splits, eps), stream)
+        else:
+            kern.gemv_norm(gemv_norm_bias_params(shift[:rows], w, bias), stream)  # once per sample, at the prefill
+            kern.gemv_norm(gemv_norm_params(xg, sq_part, bias, w, y, eps), stream)
         torch.cuda.synchronize()
         x, W = res[:rows].double(), w.double()
         exact = shift[:rows].double() @ W.t()
@@ -668,14 +670,40 @@ def test_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model
         assert rel_err(y.float(), normed.float() @ w.float().t()) <= 1e-2, rows
         results[rows] = y, bias
     for rows, (y, bias) in results.items():
-        assert torch.equal(y, results[32][0][:rows]) and torch.equal(bias, results[32][1][:rows]), f"{rows} vs 32"
+        assert torch.equal(y, results[most][0][:rows]) and torch.equal(bias, results[most][1][:rows]), rows
+
+
+@needs_gpu
+@pytest.mark.parametrize("d_model,n", [(768, 3352), (1536, 1000)])
+def test_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model, n):
+    """aim_gemv_norm_* at 1 to 32 rows: every instance, the one-m-tile one of a 1536-wide build included
+    (_normed_in_proj_against_its_formula)."""
+    from aim_rt.plugins.kernels import Kernels
+
+    kern = Kernels("bfloat16", gemv_depths=(d_model,), d_model=d_model,
+                   defines={"NORM_FOLD_ROWS": 32, "GEMM_MIN_ROWS": 129})  # aim_gemv at every row count here
+    _normed_in_proj_against_its_formula(kern, d_model, n, (1, 2, 3, 8, 9, 16, 17, 32), gemm=False)
+
+
+@needs_gpu
+@pytest.mark.parametrize("d_model,n", [(768, 3352), (1536, 6448)])
+def test_gemm_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model, n):
+    """aim_gemm_norm_* (Hopper) on the rows each model's build gives aim_gemm (AiM-B 33-128: m4, m8; AiM-XL
+    3-64: m2, m4) (_normed_in_proj_against_its_formula)."""
+    from aim_rt.plugins.kernels import Kernels
+
+    kern = Kernels("bfloat16", gemv_depths=(d_model,), d_model=d_model)
+    if not kern.gemms:
+        pytest.skip("aim_gemm needs Hopper (sm_90)")
+    rows = (33, 40, 64, 65, 128) if d_model == 768 else (3, 17, 32, 33, 64)
+    _normed_in_proj_against_its_formula(kern, d_model, n, rows, gemm=True)
 
 
 @needs_gpu
 def test_backend_norms_in_proj_after_the_first_layer_as_faithfully_as_the_separate_norm(monkeypatch):
-    """Where Kernels.norm_fold_rows reaches (AIM_RT_NORM_FOLD), every layer after the first runs in_proj on
-    its own norm of the residual (one launch per layer less; the prefill makes each layer's W shift). Against
-    the same model in float32, teacher-forced on the same tokens, its CFG-mixed logits and draws are as close
+    """Where Kernels.norm_fold_rows reaches (AIM_RT_NORM_FOLD), and on aim_gemm's rows (Hopper), every layer
+    after the first runs in_proj on its own norm of the residual (one launch per layer less; the prefill makes
+    each layer's W shift). Against the same model in float32, teacher-forced on the same tokens, its CFG-mixed logits and draws are as close
     as the separate norm's (the products' inputs round at another point, so the bf16 bits differ;
     scripts/norm_fold_fidelity.py measured 1.7e-2 against 1.7e-2 here, draws 78 % against 78 %)."""
     from aim_rt.cuda_backend import CudaBackend
@@ -689,9 +717,12 @@ def test_backend_norms_in_proj_after_the_first_layer_as_faithfully_as_the_separa
     monkeypatch.setenv("AIM_RT_NORM_FOLD", "32")
     normed = CudaBackend(model, use_graphs=False)
     calls = []
-    launch = normed.kernels.gemv_norm
-    normed.kernels.gemv_norm = lambda p, s: (calls.append((p.g.rows, bool(p.bias_out))), launch(p, s))
-    for batch in (1, 4, 16):
+    for kind in ("gemv_norm", "gemm_norm"):
+        launch = getattr(normed.kernels, kind)
+        setattr(normed.kernels, kind, lambda p, s, launch=launch, kind=kind: (
+            calls.append((kind, p.g.rows, bool(p.bias_out))), launch(p, s)))
+    # 2-32 rows aim_gemv_norm; 34 aim_gemm_norm where aim_gemm runs them (Hopper), else cuBLAS: not normed
+    for batch in (1, 4, 16) + ((17,) if normed.kernels.gemms else ()):
         classes, seeds = [c % cfg.num_classes for c in range(batch)], list(range(20, 20 + batch))
         assert plain.norm_folds(2 * batch) is False and normed.norm_folds(2 * batch) is True
         tokens = plain.sample(classes, seeds, settings)
@@ -700,7 +731,8 @@ def test_backend_norms_in_proj_after_the_first_layer_as_faithfully_as_the_separa
         calls.clear()
         draws, mixed = normed.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
         # the prefill makes each layer's W shift (bias mode), then every step norms in_proj's x after layer 0
-        assert calls == [(2 * batch, True)] * (cfg.n_layer - 1) + [(2 * batch, False)] * (
+        kind = "gemm_norm" if batch == 17 else "gemv_norm"
+        assert calls == [(kind, 2 * batch, True)] * (cfg.n_layer - 1) + [(kind, 2 * batch, False)] * (
             (cfg.n_layer - 1) * cfg.num_tokens), batch
         assert rel_err(mixed, mixed_p) <= 2e-2, batch
         assert rel_err(mixed, mixed_f) <= 1.25 * rel_err(mixed_p, mixed_f) + 1e-3, batch

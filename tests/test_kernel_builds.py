@@ -174,6 +174,11 @@ def test_model_width_picks_the_measured_build():
     assert [b.get("SSU_WARP_ROWS") for b in (base, large, xl, default)] == [96, 64, 64, None]
     # in_proj norming its own x at all of aim_gemv's rows below d_model 1024 (a define only the host reads)
     assert [b.get("NORM_FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
+    # ... and on aim_gemm's rows, the normed instances of the MTs those rows run (AiM-B 33-128: m4, m8; AiM-L
+    # 24-64 and AiM-XL 3-64: m2, m4); without a width the source's default (every one)
+    assert [b.get("GEMM_NORM") for b in (base, large, xl, default)] == [4 | 8, 2 | 4, 2 | 4, None]
+    assert step_builds("bfloat16", {"GEMM_MIN_ROWS": 33, "GEMM_MAX_ROWS": 64}, d_model=768)[0]["GEMM_NORM"] == 4
+    assert step_builds("bfloat16", {"GEMM_M2": 0}, d_model=1536)[0]["GEMM_NORM"] == 4
 
 
 def test_fold_gemm_m2_m8_add_folded_instances_only_where_aim_gemm_folds():
@@ -196,6 +201,11 @@ def test_fold_gemm_m2_m8_add_folded_instances_only_where_aim_gemm_folds():
 
     assert folded() == [4]
     assert folded(FOLD_GEMM_M2=1) == [2, 4]
+    # the normed in_proj's instances: GEMM_NORM's bits (every one by default)
+    normed = lambda **d: [mt for mt in (2, 4, 8) if f"aim_gemm_norm_m{mt}".encode() in compile_cubin(  # noqa: E731
+        "bfloat16", "sm_90", use_cache=False, defines={**common, **d})]
+    assert normed(GEMM_NORM=4 | 8) == [4, 8]
+    assert normed(GEMM_NORM=0) == []
     assert folded(FOLD_GEMM=0, FOLD_GEMM_M2=1) == []
     assert folded(FOLD_GEMM_M8=1) == [4, 8]
     assert folded(FOLD_GEMM=2) == [2, 4, 8]
@@ -401,6 +411,7 @@ def test_norm_fold_can_be_turned_off_from_the_environment(monkeypatch):
     monkeypatch.setenv("AIM_RT_NORM_FOLD", "0")
     step = step_builds("bfloat16", {}, (768, 1536), 768)[0]
     assert step["NORM_FOLD_ROWS"] == 0 and "XN(" not in step["GEMV_INSTANCES"]
+    assert step["GEMM_NORM"] == 0  # nor on aim_gemm's rows
 
 
 def test_gemv_norm_params_and_gemv_next_refuse_what_the_kernels_cannot_take():
@@ -441,9 +452,48 @@ def test_gemv_norm_params_and_gemv_next_refuse_what_the_kernels_cannot_take():
         gemv_next(xg[:, :252], gm[:, :252], parts[:, :31])
 
 
+def test_gemm_norm_params_and_the_gemm_fold_hand_on_refuse_what_the_kernels_cannot_take():
+    """aim_gemm's normed in_proj checks as aim_gemv's does (its epilogue's four columns: aligned bias rows); its
+    folded out_proj hands on only a width that is a multiple of 8 (CPU tensors)."""
+    import torch
+
+    from aim_rt.plugins.kernels import (ConvShift, KernelError, NormParams, gemm_fold_params, gemm_norm_bias_params,
+                                        gemm_norm_params, gemv_next)
+
+    rows, k, n = 4, 256, 64
+    w, y = torch.zeros(n, k, dtype=torch.bfloat16), torch.zeros(rows, n, dtype=torch.bfloat16)
+    xg, shift = torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(rows, k, dtype=torch.bfloat16)
+    parts, bias = torch.zeros(rows, k // 8), torch.zeros(rows, n)
+    p = gemm_norm_params(xg, parts, bias, w, y, 2, 1e-5)
+    assert (p.g.rows, p.g.n, p.g.k, p.g.splits, p.sq_parts, p.bias_stride, p.bias_out) == (rows, n, k, 2, k // 8,
+                                                                                          n, None)
+    with pytest.raises(KernelError, match="sq_part must be float32"):
+        gemm_norm_params(xg, parts[:, :16], bias, w, y, 2, 1e-5)
+    with pytest.raises(KernelError, match="bias needs contiguous 16-byte-aligned rows"):  # the four columns
+        gemm_norm_params(xg, parts, bias[:, :62].contiguous(), w[:62], y[:, :62], 2, 1e-5)
+    with pytest.raises(KernelError, match="k a multiple of 512"):
+        gemm_norm_params(xg, parts, bias, w, y, 8, 1e-5)
+    b = gemm_norm_bias_params(shift, w, bias, 1)
+    assert (b.g.x, b.bias_out, b.bias, b.g.splits) == (shift.data_ptr(), bias.data_ptr(), None, 1)
+    with pytest.raises(KernelError, match="bias_out must be float32"):
+        gemm_norm_bias_params(shift, w, bias.bfloat16(), 1)
+    # the folded out_proj (k -> n = d): hands on to gemv_next's buffers, or nothing
+    residual = torch.zeros(rows, 260)
+    norm = NormParams(residual=residual.data_ptr(), rows=rows, d=n, bc=ConvShift())
+    q = gemm_fold_params(xg, w, y, 1, norm, gemv_next(torch.zeros(rows, n, dtype=torch.bfloat16),
+                                                      torch.zeros(rows, n), torch.zeros(rows, n // 8)))
+    assert q.next.xg and q.next.sq_part
+    assert not gemm_fold_params(xg, w, y, 1, norm).next.xg
+    norm.d = 60
+    nxt = gemv_next(torch.zeros(rows, 64, dtype=torch.bfloat16), torch.zeros(rows, 64), torch.zeros(rows, 8))
+    with pytest.raises(KernelError, match="multiple of 8"):
+        gemm_fold_params(xg, w[:60], torch.zeros(rows, 60, dtype=torch.bfloat16), 1, norm, nxt)
+
+
 def test_norm_fold_rule_is_in_proj_on_aim_gemv_up_to_norm_fold_rows():
     """Kernels.norm_fold_supported (CPU: a Kernels with only the attributes the rule reads): up to norm_fold_rows
-    rows where in_proj is an aim_gemv with a normed instance of its tiles; never on aim_gemm's or cuBLAS's rows."""
+    rows where in_proj is an aim_gemv with a normed instance of its tiles; on aim_gemm's rows where the build has
+    the normed instance of the rows' MT (GEMM_NORM); never on cuBLAS's rows."""
     from aim_rt.plugins.kernels import Kernels
 
     kern = object.__new__(Kernels)
@@ -451,6 +501,12 @@ def test_norm_fold_rule_is_in_proj_on_aim_gemv_up_to_norm_fold_rows():
     kern.gemms, kern.gemm_rows, kern.gemm_fold_max_rows = {2: 0, 4: 0, 8: 0}, (33, 96), 96
     kern.gemv_norms = {"aim_gemv_norm_k3_n1", "aim_gemv_norm_k3_n4"}
     kern.fn = dict.fromkeys(kern.gemv_norms)
+    kern.gemm_norms = {4: 0}  # aim_gemm_norm_m4 only: 33-64 rows
+    rows = (1, 2, 16, 17, 32, 33, 64, 65, 100)
+    assert [r for r in rows if kern.norm_fold_supported(r, 768)] == [1, 2, 16, 17, 32, 33, 64]
+    kern.gemm_norms = {8: 0}  # 65-96 rows (cuBLAS's above)
+    assert [r for r in rows if kern.norm_fold_supported(r, 768)] == [1, 2, 16, 17, 32, 65]
+    kern.gemm_norms = {}
     rows = (1, 2, 16, 17, 32, 33, 64)
     assert [r for r in rows if kern.norm_fold_supported(r, 768)] == [1, 2, 16, 17, 32]
     assert not [r for r in rows if kern.norm_fold_supported(r, 1536)]  # no instance of that depth
