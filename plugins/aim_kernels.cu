@@ -2287,12 +2287,12 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
         } else {
           xg[0] = st(g0); xg[1] = st(g1); xg[2] = st(g2); xg[3] = st(g3);
         }
-        float v = __fmul_rn(rv.x, rv.x);
-        v = __fmaf_rn(rv.y, rv.y, v);
-        v = __fmaf_rn(rv.z, rv.z, v);
-        v = __fmaf_rn(rv.w, rv.w, v);
-        v += __shfl_xor_sync(3u << (lane & 30), v, 1);
-        if (!(lane & 1)) nn->sq_part[(long long)r * (p.n >> 3) + (col >> 3)] = v;
+        float sq = __fmul_rn(rv.x, rv.x);
+        sq = __fmaf_rn(rv.y, rv.y, sq);
+        sq = __fmaf_rn(rv.z, rv.z, sq);
+        sq = __fmaf_rn(rv.w, rv.w, sq);
+        sq += __shfl_xor_sync(3u << (lane & 30), sq, 1);
+        if (!(lane & 1)) nn->sq_part[(long long)r * (p.n >> 3) + (col >> 3)] = sq;
       }
       continue;
     }
