@@ -2279,7 +2279,8 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
       rv.z += gated_output(ld(st(sum.z)), sc, gate[2], gated);
       rv.w += gated_output(ld(st(sum.w)), sc, gate[3], gated);
       if (col < p.n) *reinterpret_cast<float4*>(res) = rv;
-      if (next) {  // (n % 8 == 0: this thread and the next hold one 8-column tile of row r, both here or neither)
+      if (next && col < p.n) {  // (n % 8 == 0: this thread and the next hold one 8-column tile of row r, both
+                                // here or neither)
         elem_t* xg = nn->xg + (long long)r * nn->xg_stride + col;
         const float g0 = rv.x * gm.x, g1 = rv.y * gm.y, g2 = rv.z * gm.z, g3 = rv.w * gm.w;
         if (((unsigned long long)xg & 7) == 0) {

@@ -179,6 +179,8 @@ def model_defines(d_model: int) -> dict:
     defines.update(SSU_WARP_ROWS=96 if d_model < 1024 else 64)
     if d_model < 1024:
         defines.update(NORM_FOLD_ROWS=32)
+    if d_model < 1536:
+        defines.update(GEMM_NORM=0)
     return defines
 
 

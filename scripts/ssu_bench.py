@@ -124,7 +124,11 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "nf32": {"NORM_FOLD_ROWS": 32},
     "nmb5": {"GEMV_NORM_MIN_BLOCKS": 5},  # the narrow normed in_proj at 5 blocks per SM (default: 0, as compiled)
     # 2026-12-06: in_proj norming its own x on aim_gemm's rows too (aim_gemm_norm_m*, GEMM_NORM); 0: not there
+    # (bench/results/gemmnorm_h100_2026-12-06.*: AiM-XL b8 / 16 -4.6 / -2.0 %, AiM-B b17 / 32 +2.5 / +5.4 %, so
+    # model_defines builds it from d_model 1536)
     "gn0": {"GEMM_NORM": 0},
+    "gn6": {"GEMM_NORM": 2 | 4},  # AiM-L's and XL's aim_gemm rows (3/24-64)
+    "gn12": {"GEMM_NORM": 4 | 8},  # AiM-B's (33-128)
     # (2026-12-05: "pair" / "gemvpair", the wide-tile products on cluster pairs splitting k, measured at 247ad49 /
     # 01ffad1 in bench/results/pair*_2026-12-05.*, slower in whole steps and removed with their kernels)
 }

@@ -688,11 +688,11 @@ def test_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model
 @needs_gpu
 @pytest.mark.parametrize("d_model,n", [(768, 3352), (1536, 6448)])
 def test_gemm_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_model, n):
-    """aim_gemm_norm_* (Hopper) on the rows each model's build gives aim_gemm (AiM-B 33-128: m4, m8; AiM-XL
-    3-64: m2, m4) (_normed_in_proj_against_its_formula)."""
+    """aim_gemm_norm_* (Hopper, every instance built) on the rows each model's build gives aim_gemm (AiM-B 33-128:
+    m4, m8; AiM-XL 3-64: m2, m4) (_normed_in_proj_against_its_formula)."""
     from aim_rt.plugins.kernels import Kernels
 
-    kern = Kernels("bfloat16", gemv_depths=(d_model,), d_model=d_model)
+    kern = Kernels("bfloat16", gemv_depths=(d_model,), d_model=d_model, defines={"GEMM_NORM": 2 | 4 | 8})
     if not kern.gemms:
         pytest.skip("aim_gemm needs Hopper (sm_90)")
     rows = (33, 40, 64, 65, 128) if d_model == 768 else (3, 17, 32, 33, 64)
@@ -700,29 +700,36 @@ def test_gemm_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_
 
 
 @needs_gpu
-def test_backend_norms_in_proj_after_the_first_layer_as_faithfully_as_the_separate_norm(monkeypatch):
-    """Where Kernels.norm_fold_rows reaches (AIM_RT_NORM_FOLD), and on aim_gemm's rows (Hopper), every layer
-    after the first runs in_proj on its own norm of the residual (one launch per layer less; the prefill makes
-    each layer's W shift). Against the same model in float32, teacher-forced on the same tokens, its CFG-mixed logits and draws are as close
+@pytest.mark.parametrize("d_model", [256, 1536])
+def test_backend_norms_in_proj_after_the_first_layer_as_faithfully_as_the_separate_norm(monkeypatch, d_model):
+    """Where Kernels.norm_fold_rows reaches (AIM_RT_NORM_FOLD; width 256: batch 1-16 on aim_gemv), and from
+    d_model 1536 on aim_gemm's rows (Hopper; batch 2-32), every layer after the first runs in_proj on its own
+    norm of the residual (one launch per layer less; the prefill makes each layer's W shift). Against the same
+    model in float32, teacher-forced on the same tokens, its CFG-mixed logits and draws are as close
     as the separate norm's (the products' inputs round at another point, so the bf16 bits differ;
     scripts/norm_fold_fidelity.py measured 1.7e-2 against 1.7e-2 here, draws 78 % against 78 %)."""
     from aim_rt.cuda_backend import CudaBackend
 
-    cfg = aim_rt.AiMConfig(d_model=256, n_layer=4, vocab_size=1024, num_classes=10, num_tokens=64)
+    cfg = aim_rt.AiMConfig(d_model=d_model, n_layer=4 if d_model == 256 else 2, vocab_size=1024, num_classes=10,
+                           num_tokens=64)
     model = aim_rt.random_model(cfg, seed=5, device="cuda", dtype="bfloat16")
-    f32 = CudaBackend(aim_rt.random_model(cfg, seed=5, device="cuda", dtype="float32"))
-    settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
     monkeypatch.setenv("AIM_RT_NORM_FOLD", "0")
     plain = CudaBackend(model)
-    monkeypatch.setenv("AIM_RT_NORM_FOLD", "32")
+    if d_model == 1536 and not plain.kernels.gemms:
+        pytest.skip("aim_gemm needs Hopper (sm_90)")
+    f32 = CudaBackend(aim_rt.random_model(cfg, seed=5, device="cuda", dtype="float32"))
+    settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
+    if d_model == 256:
+        monkeypatch.setenv("AIM_RT_NORM_FOLD", "32")
+    else:  # the build's own rule
+        monkeypatch.delenv("AIM_RT_NORM_FOLD")
     normed = CudaBackend(model, use_graphs=False)
     calls = []
     for kind in ("gemv_norm", "gemm_norm"):
         launch = getattr(normed.kernels, kind)
         setattr(normed.kernels, kind, lambda p, s, launch=launch, kind=kind: (
             calls.append((kind, p.g.rows, bool(p.bias_out))), launch(p, s)))
-    # 2-32 rows aim_gemv_norm; 34 aim_gemm_norm where aim_gemm runs them (Hopper), else cuBLAS: not normed
-    for batch in (1, 4, 16) + ((17,) if normed.kernels.gemms else ()):
+    for batch in (1, 4, 16) if d_model == 256 else (2, 8):
         classes, seeds = [c % cfg.num_classes for c in range(batch)], list(range(20, 20 + batch))
         assert plain.norm_folds(2 * batch) is False and normed.norm_folds(2 * batch) is True
         tokens = plain.sample(classes, seeds, settings)
@@ -731,7 +738,7 @@ def test_backend_norms_in_proj_after_the_first_layer_as_faithfully_as_the_separa
         calls.clear()
         draws, mixed = normed.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
         # the prefill makes each layer's W shift (bias mode), then every step norms in_proj's x after layer 0
-        kind = "gemm_norm" if batch == 17 else "gemv_norm"
+        kind = "gemv_norm" if d_model == 256 else "gemm_norm"
         assert calls == [(kind, 2 * batch, True)] * (cfg.n_layer - 1) + [(kind, 2 * batch, False)] * (
             (cfg.n_layer - 1) * cfg.num_tokens), batch
         assert rel_err(mixed, mixed_p) <= 2e-2, batch

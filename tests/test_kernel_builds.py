@@ -174,10 +174,10 @@ def test_model_width_picks_the_measured_build():
     assert [b.get("SSU_WARP_ROWS") for b in (base, large, xl, default)] == [96, 64, 64, None]
     # in_proj norming its own x at all of aim_gemv's rows below d_model 1024 (a define only the host reads)
     assert [b.get("NORM_FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
-    # ... and on aim_gemm's rows, the normed instances of the MTs those rows run (AiM-B 33-128: m4, m8; AiM-L
-    # 24-64 and AiM-XL 3-64: m2, m4); without a width the source's default (every one)
-    assert [b.get("GEMM_NORM") for b in (base, large, xl, default)] == [4 | 8, 2 | 4, 2 | 4, None]
-    assert step_builds("bfloat16", {"GEMM_MIN_ROWS": 33, "GEMM_MAX_ROWS": 64}, d_model=768)[0]["GEMM_NORM"] == 4
+    # ... and from d_model 1536 on aim_gemm's rows, the normed instances of the MTs those rows run (AiM-XL 3-64:
+    # m2, m4); without a width the source's default (every one)
+    assert [b.get("GEMM_NORM") for b in (base, large, xl, default)] == [0, 0, 2 | 4, None]
+    assert step_builds("bfloat16", {"GEMM_MIN_ROWS": 33, "GEMM_MAX_ROWS": 128}, d_model=1536)[0]["GEMM_NORM"] == 12
     assert step_builds("bfloat16", {"GEMM_M2": 0}, d_model=1536)[0]["GEMM_NORM"] == 4
 
 
@@ -411,7 +411,7 @@ def test_norm_fold_can_be_turned_off_from_the_environment(monkeypatch):
     monkeypatch.setenv("AIM_RT_NORM_FOLD", "0")
     step = step_builds("bfloat16", {}, (768, 1536), 768)[0]
     assert step["NORM_FOLD_ROWS"] == 0 and "XN(" not in step["GEMV_INSTANCES"]
-    assert step["GEMM_NORM"] == 0  # nor on aim_gemm's rows
+    assert step_builds("bfloat16", {}, (1536, 3072), 1536)[0]["GEMM_NORM"] == 0  # nor on aim_gemm's rows
 
 
 def test_gemv_norm_params_and_gemv_next_refuse_what_the_kernels_cannot_take():
