@@ -167,7 +167,13 @@ def model_defines(d_model: int) -> dict:
       day; bench/results/normfold4_h100_2026-12-05.*, whole steps, 3 rounds alternating, medians): AiM-B
       batch 1 / 2 / 4 / 8 / 16 -5.3 / -1.5 / -4.2 / -3.7 / +0.5 %. All of aim_gemv's rows or none: an image's
       bits then stay the same from batch 1 to 16. Not AiM-XL (batch 1, its only aim_gemv in_proj: -0.2 %; its
-      normed in_proj alone 9.2 against 7.95 us, four blocks per SM instead of five), nor AiM-L (not measured)."""
+      normed in_proj alone 9.2 against 7.95 us, four blocks per SM instead of five), nor AiM-L (not measured).
+    - From d_model 1536, in_proj norms its own x on aim_gemm's rows too (GEMM_NORM: aim_gemm_norm_m<MT> for the
+      MTs of the model's aim_gemm rows, gemm_norm_mask; the folded aim_gemm out_proj hands x * gm and the tile
+      sums on). Measured on an H100 (bench/results/gemmnorm_h100_2026-12-06.*, whole steps, 2 rounds
+      alternating): AiM-XL batch 2 / 8 / 16 / 32 -0.6 / -4.6 / -2.0 / -0.2 %; AiM-B batch 17 / 32 +2.5 / +5.4 %
+      (its W shift, float32 per row, is 16 % of in_proj's weight bytes at 64 rows, 4 % at AiM-XL's 32), so not
+      below 1536."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
