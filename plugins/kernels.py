@@ -223,6 +223,11 @@ def norm_instance(d: int) -> int:
     raise KernelError(f"aim_residual_norm handles d_model up to {NORM_THREADS * NORM_PER}, not {d}")
 
 
+# Whether a model's build has in_proj norm its own x on aim_gemm's rows from d_model 1536 (model_defines); off
+# until its formula tests have run on a GPU (see model_defines). AIM_RT_GEMM_NORM=1 / 0 overrides.
+GEMM_NORM_ON = False
+
+
 def gemm_norm_mask(step: dict) -> int:
     """GEMM_NORM for a model's build `step` (its -D): the bits of the aim_gemm instances (MT 2, 4, 8) that its
     in_proj runs on aim_gemm's rows (GEMM_MIN_ROWS to GEMM_MAX_ROWS), so that a cold start compiles no other."""
@@ -256,7 +261,8 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
     # aim_gemm's depths always passed, so that the host sizes shared memory by what was compiled
     step = {**{f"GEMM_STAGES_M{mt}": n for mt, n in GEMM_STAGES.items()}, **step}
     if d_model is not None and "GEMM_NORM" not in step:  # the normed in_proj's instances on aim_gemm's rows
-        step["GEMM_NORM"] = gemm_norm_mask(step)
+        on = os.environ.get("AIM_RT_GEMM_NORM", "1" if GEMM_NORM_ON else "0") == "1"
+        step["GEMM_NORM"] = gemm_norm_mask(step) if on else 0
     if gemv_depths is not None:
         chunks = sorted({k // 256 for k in gemv_depths})
         inst = [f"X({c},{t})" for c, t in _gemv_pairs() if c in chunks]

@@ -174,11 +174,24 @@ def test_model_width_picks_the_measured_build():
     assert [b.get("SSU_WARP_ROWS") for b in (base, large, xl, default)] == [96, 64, 64, None]
     # in_proj norming its own x at all of aim_gemv's rows below d_model 1024 (a define only the host reads)
     assert [b.get("NORM_FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
-    # ... and from d_model 1536 on aim_gemm's rows, the normed instances of the MTs those rows run (AiM-XL 3-64:
-    # m2, m4); without a width the source's default (every one)
-    assert [b.get("GEMM_NORM") for b in (base, large, xl, default)] == [0, 0, 2 | 4, None]
+    # ... not on aim_gemm's rows by default (GEMM_NORM_ON; AIM_RT_GEMM_NORM, test below); without a width the
+    # source's default (every instance)
+    assert [b.get("GEMM_NORM") for b in (base, large, xl, default)] == [0, 0, 0, None]
+
+
+def test_gemm_norm_instances_follow_the_models_aim_gemm_rows(monkeypatch):
+    """AIM_RT_GEMM_NORM=1: from d_model 1536 the normed aim_gemm instances of the MTs the model's aim_gemm rows
+    run (AiM-XL 3-64: m2, m4), none below (measured slower at AiM-B); =0 none."""
+    from aim_rt.plugins.kernels import gemm_norm_mask, step_builds
+
+    monkeypatch.setenv("AIM_RT_GEMM_NORM", "1")
+    assert [step_builds("bfloat16", d_model=d)[0]["GEMM_NORM"] for d in (768, 1024, 1536)] == [0, 0, 2 | 4]
     assert step_builds("bfloat16", {"GEMM_MIN_ROWS": 33, "GEMM_MAX_ROWS": 128}, d_model=1536)[0]["GEMM_NORM"] == 12
     assert step_builds("bfloat16", {"GEMM_M2": 0}, d_model=1536)[0]["GEMM_NORM"] == 4
+    assert gemm_norm_mask({"GEMM_MIN_ROWS": 3, "GEMM_MAX_ROWS": 128}) == 14
+    assert gemm_norm_mask({"GEMM_MIN_ROWS": 65, "GEMM_MAX_ROWS": 64}) == 0
+    monkeypatch.setenv("AIM_RT_GEMM_NORM", "0")
+    assert step_builds("bfloat16", d_model=1536)[0]["GEMM_NORM"] == 0
 
 
 def test_fold_gemm_m2_m8_add_folded_instances_only_where_aim_gemm_folds():
@@ -411,6 +424,7 @@ def test_norm_fold_can_be_turned_off_from_the_environment(monkeypatch):
     monkeypatch.setenv("AIM_RT_NORM_FOLD", "0")
     step = step_builds("bfloat16", {}, (768, 1536), 768)[0]
     assert step["NORM_FOLD_ROWS"] == 0 and "XN(" not in step["GEMV_INSTANCES"]
+    monkeypatch.setenv("AIM_RT_GEMM_NORM", "1")
     assert step_builds("bfloat16", {}, (1536, 3072), 1536)[0]["GEMM_NORM"] == 0  # nor on aim_gemm's rows
 
 
