@@ -173,7 +173,8 @@ def model_defines(d_model: int) -> dict:
       sums on). Measured on an H100 (bench/results/gemmnorm_h100_2026-12-06.*, whole steps, 2 rounds
       alternating): AiM-XL batch 2 / 8 / 16 / 32 -0.6 / -4.6 / -2.0 / -0.2 %; AiM-B batch 17 / 32 +2.5 / +5.4 %
       (its W shift, float32 per row, is 16 % of in_proj's weight bytes at 64 rows, 4 % at AiM-XL's 32), so not
-      below 1536."""
+      below 1536; and there only with GEMM_NORM_ON / AIM_RT_GEMM_NORM=1 until its formula tests have run on a GPU
+      (the measuring run's tests stopped before them)."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
