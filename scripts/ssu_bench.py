@@ -125,7 +125,7 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "nmb5": {"GEMV_NORM_MIN_BLOCKS": 5},  # the narrow normed in_proj at 5 blocks per SM (default: 0, as compiled)
     # 2026-12-06: in_proj norming its own x on aim_gemm's rows too (aim_gemm_norm_m*, GEMM_NORM); 0: not there
     # (bench/results/gemmnorm_h100_2026-12-06.*: AiM-XL b8 / 16 -4.6 / -2.0 %, AiM-B b17 / 32 +2.5 / +5.4 %, so
-    # model_defines builds it from d_model 1536, with AIM_RT_GEMM_NORM=1 or GEMM_NORM_ON)
+    # model_defines builds it from d_model 1536)
     "gn0": {"GEMM_NORM": 0},
     "gn6": {"GEMM_NORM": 2 | 4},  # AiM-L's and XL's aim_gemm rows (3/24-64)
     "gn12": {"GEMM_NORM": 4 | 8},  # AiM-B's (33-128)

@@ -721,9 +721,8 @@ def test_backend_norms_in_proj_after_the_first_layer_as_faithfully_as_the_separa
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
     if d_model == 256:
         monkeypatch.setenv("AIM_RT_NORM_FOLD", "32")
-    else:  # the build's own rule, with the normed aim_gemm (GEMM_NORM_ON)
+    else:  # the build's own rule (GEMM_NORM_ON)
         monkeypatch.delenv("AIM_RT_NORM_FOLD")
-        monkeypatch.setenv("AIM_RT_GEMM_NORM", "1")
     normed = CudaBackend(model, use_graphs=False)
     calls = []
     for kind in ("gemv_norm", "gemm_norm"):

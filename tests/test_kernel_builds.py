@@ -174,9 +174,9 @@ def test_model_width_picks_the_measured_build():
     assert [b.get("SSU_WARP_ROWS") for b in (base, large, xl, default)] == [96, 64, 64, None]
     # in_proj norming its own x at all of aim_gemv's rows below d_model 1024 (a define only the host reads)
     assert [b.get("NORM_FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
-    # ... not on aim_gemm's rows by default (GEMM_NORM_ON; AIM_RT_GEMM_NORM, test below); without a width the
-    # source's default (every instance)
-    assert [b.get("GEMM_NORM") for b in (base, large, xl, default)] == [0, 0, 0, None]
+    # ... and from d_model 1536 on aim_gemm's rows, the normed instances of the MTs those rows run (AiM-XL 3-64:
+    # m2, m4; GEMM_NORM_ON, AIM_RT_GEMM_NORM: test below); without a width the source's default (every instance)
+    assert [b.get("GEMM_NORM") for b in (base, large, xl, default)] == [0, 0, 2 | 4, None]
 
 
 def test_gemm_norm_instances_follow_the_models_aim_gemm_rows(monkeypatch):
