@@ -374,7 +374,8 @@ class CudaBackend:
         if update:
             torch.mul(self._norm_w[:, None, :], 1.0 + buf.mods[:, :, 1].float(), out=buf.gm)
             stream = torch.cuda.current_stream().cuda_stream
-            splits = self._in_proj_splits(buf.mods.shape[1])  # W shift by the kernel that runs in_proj (its sums' order)
+            # W shift by the kernel that runs in_proj (its sums' order)
+            splits = self._in_proj_splits(buf.mods.shape[1])
             for i in range(1, len(self._params)):  # (the first layer's in_proj takes the norm kernel's rows)
                 shift, w = buf.mods[i][:, 0], self._params[i]["in_proj"]
                 if splits is not None:
