@@ -2366,3 +2366,258 @@ GEMM_NORM_ENTRY(2, 2)
 #undef GEMM_RESID_ENTRY
 #undef GEMM_NORM_ENTRY
 #endif
+
+// ----------------------------------------------------------------------------------------------------------
+// aim_ssu_out: the state update and out_proj (with the residual add folded in, as aim_gemv_resid) in one kernel,
+// for few rows (Hopper, 16-bit types, the AiM shape, one group). Why: at batch 1 a step is a chain of dependent
+// kernels, each paying a hand-over (~0.9 us measured) and its own round trips; the state update and out_proj
+// were two links of each layer's three. Here a cluster of SSO_SPLIT CTAs owns a head: CTA j updates the head's
+// state rows 8j..8j+7 (conv, SSM, gate as aim_selective_state_update, the same arithmetic), the cluster gathers
+// the head's 64 gated outputs through distributed shared memory, and CTA j multiplies them by its column chunk
+// (d_model / SSO_SPLIT columns) of out_proj's weights (in registers, read before PDL_WAIT). Each head's partial
+// products go to float32 scratch; the last CTA to finish of each column chunk (an arrival counter) adds the heads'
+// partials in head order (deterministic) and finishes as aim_gemv_resid does: the gated norm's 1/rms (from each
+// head's sum of squares, lane-strided then a butterfly), the gate, the residual add, what the next in_proj takes
+// (GemvNext), and the B/C conv-window shift of its share of the channels. A row's bits depend neither on the
+// other rows nor on the row count; they differ from the two kernels' by the order of out_proj's sums and of the
+// sums of squares. Grid: SSO_SPLIT * nheads CTAs, clusters of SSO_SPLIT; block 256.
+#ifndef SSU_OUT
+#define SSU_OUT 1  // 0: not compiled (the host then runs the two kernels)
+#endif
+#define SSO_SPLIT 8                         // CTAs per head (one cluster)
+#define SSO_PR (SSU_FAST_P / SSO_SPLIT)     // state rows per CTA
+#define SSO_ROWS 4                          // rows at most (batch 2 with guidance)
+#define SSO_CW 192                          // output columns per CTA at most: d_model <= 1536
+#define SSO_CH (SSO_PR + 2 * SSU_FAST_N)    // conv channels per CTA: its x channels, then the group's B and C
+struct SsuOutParams {
+  SsuParams s;        // the state update (its y and sumsq are not written)
+  const elem_t* w;    // (d_model, d_inner) out_proj's weight
+  NormParams n;       // the residual add folded in, as GemvFoldParams.n (its sumsq unused: see sums)
+  GemvNext next;      // what the next in_proj takes (xg null: nothing)
+  float* part;        // (rows, nheads, d_model) scratch: each head's out_proj partials
+  float* sums;        // (SSO_SPLIT, rows, nheads) scratch: each head's sum of squares, a copy per column chunk
+  unsigned* count;    // (SSO_SPLIT) arrivals per column chunk: zero at launch, left zero by the last arrival
+  int d_model;
+};
+#if (AIM_PARTS & 1) && SSU_OUT && ELEM_KIND != 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ float cluster_load(const float* local, unsigned rank) {
+  unsigned remote;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
+
+extern "C" __global__ void __launch_bounds__(256) aim_ssu_out(const __grid_constant__ SsuOutParams q) {
+  const SsuParams& p = q.s;
+  const NormParams& f = q.n;
+  PDL_START(p.rows, PDL_EARLY_FOLD);
+  constexpr int P = SSU_FAST_P, N = SSU_FAST_N, W = SSU_FAST_W;
+  __shared__ __align__(16) elem_t s_win[SSO_ROWS][SSO_CH][W];  // conv windows
+  __shared__ float s_cw[SSO_CH][W], s_cb[SSO_CH];              // conv weights and bias
+  __shared__ float s_conv[SSO_ROWS][SSO_CH];                   // after the conv and SiLU: x, B, C
+  __shared__ float s_z[SSO_ROWS][SSO_PR], s_dt[SSO_ROWS][2];   // silu(z); dt, exp(dt * A)
+  __shared__ float s_g[SSO_ROWS][SSO_PR], s_y[SSO_ROWS][SSO_PR];  // g; g * norm_w rounded (the cluster reads it)
+  __shared__ float s_sq[SSO_ROWS], s_hsq[SSO_ROWS], s_scale[SSO_ROWS];  // sums of squares: CTA's, head's; 1/rms
+  __shared__ __align__(16) float s_yall[SSO_ROWS][P];           // the head's 64 outputs
+  __shared__ float s_nw[SSO_PR], s_head[3];                     // norm_w; dt_bias, A_log, D
+  __shared__ unsigned s_last;
+  unsigned rank;
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  const int tid = threadIdx.x, lane = tid & 31, j = (int)rank, h = blockIdx.x / SSO_SPLIT;
+  const int rows = p.rows, H = p.nheads, D = q.d_model, CW = D / SSO_SPLIT, c0 = j * CW;
+  const int ch_x = h * P + j * SSO_PR;  // this CTA's first x channel: its state rows' (and outputs') channel
+  auto channel = [&](int c) { return c < SSO_PR ? ch_x + c : p.d_inner + (c - SSO_PR); };  // B, then C
+
+  // ---- before PDL_WAIT: weights and this layer's own state (last written a step ago)
+  // out_proj's weights: column c0 + (tid >> 3) + 32 i, the head's k = 8 (tid & 7) .. + 7
+  uint4 wreg[SSO_CW / 32];
+#pragma unroll
+  for (int i = 0; i < SSO_CW / 32; ++i) {
+    const int c = (tid >> 3) + 32 * i;
+    wreg[i] = c < CW ? *reinterpret_cast<const uint4*>(q.w + (long long)(c0 + c) * p.d_inner + h * P + 8 * (tid & 7))
+                     : make_uint4(0, 0, 0, 0);
+  }
+  // the state: thread tid updates chunk (tid & 127) of rows (tid >> 7) + 2 k: state row 8 j + sp, columns n0..+7
+  const int sp = (tid & 127) >> 4, n0 = (tid & 15) * VEC;
+  uint4 sreg[SSO_ROWS / 2];
+#pragma unroll
+  for (int k = 0; k < SSO_ROWS / 2; ++k) {
+    const int r = (tid >> 7) + 2 * k;
+    sreg[k] = r < rows ? *reinterpret_cast<const uint4*>(
+                             p.ssm_state_in + (((long long)r * H + h) * P + j * SSO_PR + sp) * N + n0)
+                       : make_uint4(0, 0, 0, 0);
+  }
+  for (int i = tid; i < SSO_CH; i += 256) {
+    const int ch = channel(i);
+#pragma unroll
+    for (int w = 0; w < W; ++w) s_cw[i][w] = ld(p.conv_w[ch * W + w]);
+    s_cb[i] = ld(p.conv_b[ch]);
+  }
+  for (int i = tid; i < rows * SSO_CH; i += 256) {
+    const int r = i / SSO_CH, c = i - r * SSO_CH;
+    *reinterpret_cast<uint2*>(s_win[r][c]) =
+        *reinterpret_cast<const uint2*>(p.conv_state_in + ((long long)r * p.conv_dim + channel(c)) * W);
+  }
+  if (tid < SSO_PR) s_nw[tid] = ld(p.norm_w[ch_x + tid]);
+  if (tid == 0) {
+    s_head[0] = ld(p.dt_bias[h]);
+    s_head[1] = ld(p.A_log[h]);
+    s_head[2] = ld(p.D[h]);
+  }
+  PDL_WAIT(rows, PDL_EARLY_FOLD);
+  __syncthreads();  // the weights and windows above, each written by some thread, read by others below
+
+  // ---- in_proj's outputs: conv + SiLU of this CTA's channels (window shifted left, new input last, summed in
+  // window order as aim_selective_state_update does); its x windows written back (B/C: the last CTAs, below)
+  for (int i = tid; i < rows * SSO_CH; i += 256) {
+    const int r = i / SSO_CH, c = i - r * SSO_CH;
+    const elem_t xin = p.xbc[(long long)r * p.xbc_stride + channel(c)];
+    float acc = s_cb[c];
+#pragma unroll
+    for (int w = 0; w < W - 1; ++w) acc = conv_tap(acc, ld(s_win[r][c][w + 1]), s_cw[c][w]);
+    acc = conv_tap(acc, ld(xin), s_cw[c][W - 1]);
+    s_conv[r][c] = silu(acc);
+    if (c < SSO_PR) {
+      elem_t* o = p.conv_state_out + ((long long)r * p.conv_dim + ch_x + c) * W;
+#pragma unroll
+      for (int w = 0; w < W - 1; ++w) o[w] = s_win[r][c][w + 1];
+      o[W - 1] = xin;
+    }
+  }
+  if (tid < rows * SSO_PR) {
+    const int r = tid / SSO_PR, c = tid - r * SSO_PR;
+    s_z[r][c] = silu(ld(p.z[(long long)r * p.z_stride + ch_x + c]));
+  }
+  if (tid >= 64 && tid < 64 + rows) {
+    const int r = tid - 64;
+    ssu_dt(ld(p.dt[(long long)r * p.dt_stride + h]), s_head[0], s_head[1], s_dt[r][0], s_dt[r][1]);
+  }
+  __syncthreads();
+
+  // ---- the state: h = h * dA + dt * x * B, y = h . C (a row's 16 lanes summed as the block kernel sums them)
+#pragma unroll
+  for (int k = 0; k < SSO_ROWS / 2; ++k) {
+    const int r = (tid >> 7) + 2 * k;  // uniform in the warp
+    if (r >= rows) break;
+    unsigned raw[WORDS8] = {sreg[k].x, sreg[k].y, sreg[k].z, sreg[k].w};
+    float hv[VEC];
+    unpack8(raw, hv);
+    const float xv = s_conv[r][sp], dtx = s_dt[r][0] * xv, dA = s_dt[r][1];
+    const float* B = s_conv[r] + SSO_PR + n0;
+    const float* C = B + N;
+    float acc = 0.0f;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      hv[e] = __fmaf_rn(dtx, B[e], __fmul_rn(hv[e], dA));
+      acc = __fmaf_rn(hv[e], C[e], acc);
+    }
+    pack8(hv, raw);
+    store8(p.ssm_state_out + (((long long)r * H + h) * P + j * SSO_PR + sp) * N + n0, raw);
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if ((tid & 15) == 0) {
+      const float g = ssu_gated(acc, s_head[2], xv, s_z[r][sp]);
+      s_g[r][sp] = g;
+      s_y[r][sp] = ld(st(g * s_nw[sp]));  // rounded as y is where the two kernels run
+    }
+  }
+  __syncthreads();
+  if (tid < rows) {
+    float sq = 0.0f;
+#pragma unroll
+    for (int i = 0; i < SSO_PR; ++i) sq = sq_add(sq, s_g[tid][i]);
+    s_sq[tid] = sq;
+  }
+  // ---- the head's 64 outputs and its sum of squares (rank order) from the cluster's shared memory
+  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+  if (tid < rows * P) {
+    const int r = tid / P, k = tid - r * P;
+    s_yall[r][k] = cluster_load(&s_y[r][k % SSO_PR], k / SSO_PR);
+  }
+  if (tid < rows) {
+    float t = 0.0f;
+#pragma unroll
+    for (int i = 0; i < SSO_SPLIT; ++i) t += cluster_load(&s_sq[tid], i);
+    s_hsq[tid] = t;
+  }
+  asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");  // done reading the others (waited for at the end)
+  __syncthreads();
+
+  // ---- this head's part of out_proj for the chunk's columns: k in order within a thread, then 8 lanes
+  for (int r = 0; r < rows; ++r) {
+    const float4 ya = *reinterpret_cast<const float4*>(&s_yall[r][8 * (tid & 7)]);
+    const float4 yb = *reinterpret_cast<const float4*>(&s_yall[r][8 * (tid & 7) + 4]);
+    const float yk[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
+#pragma unroll
+    for (int i = 0; i < SSO_CW / 32; ++i) {
+      const int c = (tid >> 3) + 32 * i;
+      if (32 * i >= CW) break;  // (uniform)
+      unsigned raw[WORDS8] = {wreg[i].x, wreg[i].y, wreg[i].z, wreg[i].w};
+      float wv[VEC];
+      unpack8(raw, wv);
+      float a = 0.0f;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) a = __fmaf_rn(wv[e], yk[e], a);
+      a += __shfl_xor_sync(0xffffffffu, a, 4);
+      a += __shfl_xor_sync(0xffffffffu, a, 2);
+      a += __shfl_xor_sync(0xffffffffu, a, 1);
+      if ((tid & 7) == 0 && c < CW) q.part[((long long)r * H + h) * D + c0 + c] = a;
+    }
+  }
+  if (tid < rows) q.sums[((long long)j * rows + tid) * H + h] = s_hsq[tid];
+  __threadfence();  // these partials visible before this CTA's arrival is counted
+  __syncthreads();
+  if (tid == 0) {
+    const unsigned old = atomicAdd(q.count + j, 1u);
+    s_last = old == (unsigned)H - 1;
+    if (s_last) q.count[j] = 0;  // every CTA of this chunk has arrived: ready for the next launch
+  }
+  __syncthreads();
+  if (s_last) {  // (uniform) the last of the chunk's heads: add them all and finish as aim_gemv_resid
+    __threadfence();
+    const int warp = tid >> 5;
+    if (warp < rows) {  // the gated norm's 1/rms of row `warp`: heads lane-strided, then the butterfly
+      float t = 0.0f;
+      for (int i = lane; i < H; i += 32) t += __ldcg(q.sums + ((long long)j * rows + warp) * H + i);
+      t = warp_sum(t);
+      if (lane == 0) s_scale[warp] = rsqrtf(t / f.sumsq_count + f.eps);
+    }
+    if (f.bc.xbc) {  // this chunk's share of the B/C windows (every head has read them: all have arrived)
+      const int per = f.bc.count / SSO_SPLIT;
+      for (int i = tid; i < rows * per; i += 256) conv_shift_one(f.bc, i / per, j * per + i % per);
+    }
+    __syncthreads();
+    const bool gated = f.gate != nullptr, next = q.next.xg != nullptr;
+    constexpr int EPI = (SSO_ROWS * SSO_CW + 255) / 256;
+#pragma unroll
+    for (int e = 0; e < EPI; ++e) {
+      const int i = tid + 256 * e, r = i / CW, c = c0 + (i - r * CW);
+      const bool in = r < rows;
+      float v = 0.0f;  // next: this element's square
+      if (in) {
+        const float* pp = q.part + (long long)r * H * D + c;
+        float s = 0.0f;
+#pragma unroll 8
+        for (int hh = 0; hh < H; ++hh) s += __ldcg(pp + (long long)hh * D);
+        float* res = f.residual + (long long)r * f.d + c;
+        const float gate = gated ? ld(f.gate[(long long)r * f.gate_stride + c]) : 1.0f;
+        // rounded as the norm kernel reads out_proj's output, then added as it adds it
+        const float rv = *res + gated_output(ld(st(s)), s_scale[r], gate, gated);
+        *res = rv;
+        if (next) {
+          q.next.xg[(long long)r * q.next.xg_stride + c] = st(rv * q.next.gm[(long long)r * q.next.gm_stride + c]);
+          v = rv * rv;
+        }
+      }
+      if (next) {  // (uniform) an 8-column tile is 8 consecutive lanes (CW % 8 == 0)
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        if (in && (c & 7) == 0) q.next.sq_part[(long long)r * (D >> 3) + (c >> 3)] = v;
+      }
+    }
+  }
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // no CTA leaves while another reads its memory
+}
+#endif
