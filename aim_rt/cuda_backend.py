@@ -163,7 +163,7 @@ class _Buffers:
     gm: Tensor | None   # (L, R, d) float32: norm weight * (1 + scale), once in_proj norms its own x (norm_folds)
     sq_part: Tensor | None  # (R, d / 8) float32: out_proj's column tiles' sums of squares of the residual (same)
     bias: Tensor | None  # (L, R, d_in_proj) float32: in_proj's weight times the shift (same)
-    sso: tuple[Tensor, Tensor, Tensor] | None  # aim_ssu_out's scratch: partials, sums of squares, counters
+    sso: tuple[Tensor, Tensor, Tensor] | None  # aim_ssu_out's scratch: sums, sums of squares, counters
     final_mods: Tensor  # (R, 2, d)
     logits: Tensor      # (R, V)
     tokens: Tensor      # (B, num_tokens) int64
@@ -351,7 +351,7 @@ class CudaBackend:
 
         if buf.sso is None:
             cfg, rows, dev = self.config, buf.hidden.shape[0], buf.hidden.device
-            buf.sso = (torch.zeros(rows, cfg.nheads, cfg.d_model, device=dev),
+            buf.sso = (torch.zeros(rows, cfg.d_model, device=dev, dtype=torch.int64),
                        torch.zeros(SSO_SPLIT, rows, cfg.nheads, device=dev),
                        torch.zeros(SSO_SPLIT, device=dev, dtype=torch.int32))
         p = ssu_out_params(ssu, w, norm, to_next, *buf.sso)

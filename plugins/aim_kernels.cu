@@ -2375,12 +2375,13 @@ GEMM_NORM_ENTRY(2, 2)
 // state rows 8j..8j+7 (conv, SSM, gate as aim_selective_state_update, the same arithmetic), the cluster gathers
 // the head's 64 gated outputs through distributed shared memory, and CTA j multiplies them by its column chunk
 // (d_model / SSO_SPLIT columns) of out_proj's weights (in registers, read before PDL_WAIT). Each head's partial
-// products go to float32 scratch; the last CTA to finish of each column chunk (an arrival counter) adds the heads'
-// partials in head order (deterministic) and finishes as aim_gemv_resid does: the gated norm's 1/rms (from each
+// products are added into 64-bit fixed point (2^-32: integer adds, so the sum does not depend on the order the
+// heads arrive in: deterministic); the last CTA to finish of each column chunk (an arrival counter) reads the
+// sums and finishes as aim_gemv_resid does: the gated norm's 1/rms (from each
 // head's sum of squares, lane-strided then a butterfly), the gate, the residual add, what the next in_proj takes
 // (GemvNext), and the B/C conv-window shift of its share of the channels. A row's bits depend neither on the
-// other rows nor on the row count; they differ from the two kernels' by the order of out_proj's sums and of the
-// sums of squares. Grid: SSO_SPLIT * nheads CTAs, clusters of SSO_SPLIT; block 256.
+// other rows nor on the row count; they differ from the two kernels' in out_proj's sums (each head's in float32,
+// over the heads in fixed point) and the order of the sums of squares. Grid: SSO_SPLIT * nheads CTAs, clusters of SSO_SPLIT; block 256.
 #ifndef SSU_OUT
 #define SSU_OUT 1  // 0: not compiled (the host then runs the two kernels)
 #endif
@@ -2389,12 +2390,14 @@ GEMM_NORM_ENTRY(2, 2)
 #define SSO_ROWS 4                          // rows at most (batch 2 with guidance)
 #define SSO_CW 192                          // output columns per CTA at most: d_model <= 1536
 #define SSO_CH (SSO_PR + 2 * SSU_FAST_N)    // conv channels per CTA: its x channels, then the group's B and C
+#define SSO_FIXED 4294967296.0f             // 2^32: the fixed point of out_proj's sums over the heads
 struct SsuOutParams {
   SsuParams s;        // the state update (its y and sumsq are not written)
   const elem_t* w;    // (d_model, d_inner) out_proj's weight
   NormParams n;       // the residual add folded in, as GemvFoldParams.n (its sumsq unused: see sums)
   GemvNext next;      // what the next in_proj takes (xg null: nothing)
-  float* part;        // (rows, nheads, d_model) scratch: each head's out_proj partials
+  long long* acc;     // (rows, d_model) scratch: out_proj's sums over the heads in 2^-32 fixed point, zero at
+                      // launch and left zero (integer adds: the same sum in any order)
   float* sums;        // (SSO_SPLIT, rows, nheads) scratch: each head's sum of squares, a copy per column chunk
   unsigned* count;    // (SSO_SPLIT) arrivals per column chunk: zero at launch, left zero by the last arrival
   int d_model;
@@ -2465,34 +2468,51 @@ extern "C" __global__ void __launch_bounds__(256) aim_ssu_out(const __grid_const
     s_head[1] = ld(p.A_log[h]);
     s_head[2] = ld(p.D[h]);
   }
+  // the fold's constants through a sample (the gate, the next layer's gm) for the elements this thread finishes
+  // if its CTA is the last of its column chunk
+  const bool gated = f.gate != nullptr, next = q.next.xg != nullptr;
+  constexpr int EPI = (SSO_ROWS * SSO_CW + 255) / 256;
+  float gate[EPI], gmv[EPI];
+#pragma unroll
+  for (int e = 0; e < EPI; ++e) {
+    const int i = tid + 256 * e, r = i / CW, c = c0 + (i - r * CW);
+    gate[e] = r < rows && gated ? ld(f.gate[(long long)r * f.gate_stride + c]) : 1.0f;
+    gmv[e] = r < rows && next ? q.next.gm[(long long)r * q.next.gm_stride + c] : 0.0f;
+  }
   PDL_WAIT(rows, PDL_EARLY_FOLD);
   __syncthreads();  // the weights and windows above, each written by some thread, read by others below
 
-  // ---- in_proj's outputs: conv + SiLU of this CTA's channels (window shifted left, new input last, summed in
-  // window order as aim_selective_state_update does); its x windows written back (B/C: the last CTAs, below)
-  for (int i = tid; i < rows * SSO_CH; i += 256) {
-    const int r = i / SSO_CH, c = i - r * SSO_CH;
-    const elem_t xin = p.xbc[(long long)r * p.xbc_stride + channel(c)];
+  // ---- in_proj's outputs, every load issued before any is used (one round trip to L2); then conv + SiLU of
+  // this CTA's channels (window shifted left, new input last, summed in window order as
+  // aim_selective_state_update does) and its x windows written back (B/C: the last CTAs, below)
+  constexpr int CI = (SSO_ROWS * SSO_CH + 255) / 256;
+  elem_t xin[CI];
+#pragma unroll
+  for (int k = 0; k < CI; ++k) {
+    const int i = tid + 256 * k, r = i / SSO_CH, c = i - r * SSO_CH;
+    xin[k] = i < rows * SSO_CH ? p.xbc[(long long)r * p.xbc_stride + channel(c)] : elem_t(0);
+  }
+  const bool has_z = tid < rows * SSO_PR, has_dt = tid >= 64 && tid < 64 + rows;
+  const elem_t zin = has_z ? p.z[(long long)(tid / SSO_PR) * p.z_stride + ch_x + tid % SSO_PR] : elem_t(0);
+  const elem_t dtin = has_dt ? p.dt[(long long)(tid - 64) * p.dt_stride + h] : elem_t(0);
+#pragma unroll
+  for (int k = 0; k < CI; ++k) {
+    const int i = tid + 256 * k, r = i / SSO_CH, c = i - r * SSO_CH;
+    if (i >= rows * SSO_CH) break;
     float acc = s_cb[c];
 #pragma unroll
     for (int w = 0; w < W - 1; ++w) acc = conv_tap(acc, ld(s_win[r][c][w + 1]), s_cw[c][w]);
-    acc = conv_tap(acc, ld(xin), s_cw[c][W - 1]);
+    acc = conv_tap(acc, ld(xin[k]), s_cw[c][W - 1]);
     s_conv[r][c] = silu(acc);
     if (c < SSO_PR) {
       elem_t* o = p.conv_state_out + ((long long)r * p.conv_dim + ch_x + c) * W;
 #pragma unroll
       for (int w = 0; w < W - 1; ++w) o[w] = s_win[r][c][w + 1];
-      o[W - 1] = xin;
+      o[W - 1] = xin[k];
     }
   }
-  if (tid < rows * SSO_PR) {
-    const int r = tid / SSO_PR, c = tid - r * SSO_PR;
-    s_z[r][c] = silu(ld(p.z[(long long)r * p.z_stride + ch_x + c]));
-  }
-  if (tid >= 64 && tid < 64 + rows) {
-    const int r = tid - 64;
-    ssu_dt(ld(p.dt[(long long)r * p.dt_stride + h]), s_head[0], s_head[1], s_dt[r][0], s_dt[r][1]);
-  }
+  if (has_z) s_z[tid / SSO_PR][tid % SSO_PR] = silu(ld(zin));
+  if (has_dt) ssu_dt(ld(dtin), s_head[0], s_head[1], s_dt[tid - 64][0], s_dt[tid - 64][1]);
   __syncthreads();
 
   // ---- the state: h = h * dA + dt * x * B, y = h . C (a row's 16 lanes summed as the block kernel sums them)
@@ -2536,9 +2556,12 @@ extern "C" __global__ void __launch_bounds__(256) aim_ssu_out(const __grid_const
     s_yall[r][k] = cluster_load(&s_y[r][k % SSO_PR], k / SSO_PR);
   }
   if (tid < rows) {
+    float v[SSO_SPLIT];
+#pragma unroll
+    for (int i = 0; i < SSO_SPLIT; ++i) v[i] = cluster_load(&s_sq[tid], i);  // all requested, then added
     float t = 0.0f;
 #pragma unroll
-    for (int i = 0; i < SSO_SPLIT; ++i) t += cluster_load(&s_sq[tid], i);
+    for (int i = 0; i < SSO_SPLIT; ++i) t += v[i];
     s_hsq[tid] = t;
   }
   asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");  // done reading the others (waited for at the end)
@@ -2562,13 +2585,35 @@ extern "C" __global__ void __launch_bounds__(256) aim_ssu_out(const __grid_const
       a += __shfl_xor_sync(0xffffffffu, a, 4);
       a += __shfl_xor_sync(0xffffffffu, a, 2);
       a += __shfl_xor_sync(0xffffffffu, a, 1);
-      if ((tid & 7) == 0 && c < CW) q.part[((long long)r * H + h) * D + c0 + c] = a;
+      if ((tid & 7) == 0 && c < CW)  // exact scaling by a power of two, then one rounding to an integer
+        atomicAdd(reinterpret_cast<unsigned long long*>(q.acc + (long long)r * D + c0 + c),
+                  (unsigned long long)__float2ll_rn(a * SSO_FIXED));
     }
   }
   if (tid < rows) q.sums[((long long)j * rows + tid) * H + h] = s_hsq[tid];
-  __threadfence();  // these partials visible before this CTA's arrival is counted
+  // what the last CTA of the chunk needs besides the partials, requested before the arrival is counted: the
+  // residuals, and the B/C windows of the chunk's share of the channels (no CTA shifts them before every head
+  // has arrived, so these are the windows every head read)
+  float res[EPI];
+#pragma unroll
+  for (int e = 0; e < EPI; ++e) {
+    const int i = tid + 256 * e, r = i / CW, c = c0 + (i - r * CW);
+    res[e] = r < rows ? f.residual[(long long)r * f.d + c] : 0.0f;
+  }
+  const int per = f.bc.count / SSO_SPLIT, shift_r = tid / max(per, 1), shift_c = j * per + tid % max(per, 1);
+  const bool shifts = f.bc.xbc && tid < rows * per;  // (host-checked: rows * per <= 256)
+  elem_t win[MAX_W];
+  long long win_at = 0;
+  if (shifts) {
+    win_at = ((long long)shift_r * f.bc.conv_dim + f.bc.first + shift_c) * f.bc.width;
+#pragma unroll
+    for (int w = 0; w < MAX_W; ++w)
+      if (w < f.bc.width) win[w] = w < f.bc.width - 1 ? f.bc.state_in[win_at + w + 1]
+                                                     : f.bc.xbc[(long long)shift_r * f.bc.xbc_stride + f.bc.first + shift_c];
+  }
   __syncthreads();
-  if (tid == 0) {
+  if (tid == 0) {  // the block's partials (ordered before by the barrier) visible before its arrival counts,
+    __threadfence();  // as cooperative groups' grid sync does it
     const unsigned old = atomicAdd(q.count + j, 1u);
     s_last = old == (unsigned)H - 1;
     if (s_last) q.count[j] = 0;  // every CTA of this chunk has arrived: ready for the next launch
@@ -2583,30 +2628,30 @@ extern "C" __global__ void __launch_bounds__(256) aim_ssu_out(const __grid_const
       t = warp_sum(t);
       if (lane == 0) s_scale[warp] = rsqrtf(t / f.sumsq_count + f.eps);
     }
-    if (f.bc.xbc) {  // this chunk's share of the B/C windows (every head has read them: all have arrived)
-      const int per = f.bc.count / SSO_SPLIT;
-      for (int i = tid; i < rows * per; i += 256) conv_shift_one(f.bc, i / per, j * per + i % per);
+    // the heads' sums (and the scratch zeroed for the next launch)
+    float sum[EPI];
+#pragma unroll
+    for (int e = 0; e < EPI; ++e) {
+      const int i = tid + 256 * e, r = i / CW, c = c0 + (i - r * CW);
+      long long* a = q.acc + (long long)r * D + c;
+      sum[e] = r < rows ? (float)((double)__ldcg(a) * (1.0 / SSO_FIXED)) : 0.0f;
+      if (r < rows) *a = 0;
     }
-    __syncthreads();
-    const bool gated = f.gate != nullptr, next = q.next.xg != nullptr;
-    constexpr int EPI = (SSO_ROWS * SSO_CW + 255) / 256;
+    if (shifts)
+#pragma unroll
+      for (int w = 0; w < MAX_W; ++w)
+        if (w < f.bc.width) f.bc.state_out[win_at + w] = win[w];
+    __syncthreads();  // s_scale
 #pragma unroll
     for (int e = 0; e < EPI; ++e) {
       const int i = tid + 256 * e, r = i / CW, c = c0 + (i - r * CW);
       const bool in = r < rows;
       float v = 0.0f;  // next: this element's square
-      if (in) {
-        const float* pp = q.part + (long long)r * H * D + c;
-        float s = 0.0f;
-#pragma unroll 8
-        for (int hh = 0; hh < H; ++hh) s += __ldcg(pp + (long long)hh * D);
-        float* res = f.residual + (long long)r * f.d + c;
-        const float gate = gated ? ld(f.gate[(long long)r * f.gate_stride + c]) : 1.0f;
-        // rounded as the norm kernel reads out_proj's output, then added as it adds it
-        const float rv = *res + gated_output(ld(st(s)), s_scale[r], gate, gated);
-        *res = rv;
+      if (in) {  // rounded as the norm kernel reads out_proj's output, then added as it adds it
+        const float rv = res[e] + gated_output(ld(st(sum[e])), s_scale[r], gate[e], gated);
+        f.residual[(long long)r * f.d + c] = rv;
         if (next) {
-          q.next.xg[(long long)r * q.next.xg_stride + c] = st(rv * q.next.gm[(long long)r * q.next.gm_stride + c]);
+          q.next.xg[(long long)r * q.next.xg_stride + c] = st(rv * gmv[e]);
           v = rv * rv;
         }
       }

@@ -423,7 +423,7 @@ class GemmNormParams(ctypes.Structure):
 
 
 class SsuOutParams(ctypes.Structure):
-    _fields_ = [("s", SsuParams), ("w", P), ("n", NormParams), ("next", GemvNext), ("part", P), ("sums", P),
+    _fields_ = [("s", SsuParams), ("w", P), ("n", NormParams), ("next", GemvNext), ("acc", P), ("sums", P),
                 ("count", P), ("d_model", I)]
 
 
@@ -545,10 +545,10 @@ def ssu_out_shapes_ok(headdim: int, d_state: int, d_conv: int, ngroups: int, d_m
             and d_model <= SSO_SPLIT * SSO_CW)
 
 
-def ssu_out_params(ssu: SsuParams, w, norm: NormParams, to_next: GemvNext | None, part, sums, count) -> SsuOutParams:
+def ssu_out_params(ssu: SsuParams, w, norm: NormParams, to_next: GemvNext | None, acc, sums, count) -> SsuOutParams:
     """The state update `ssu` and out_proj (weight `w`, (d_model, d_inner)) with the residual add of `norm`
-    folded in (as gemv_fold_params) in one kernel; `part` (rows, nheads, d_model) and `sums` (SSO_SPLIT, rows,
-    nheads) float32 scratch, `count` (SSO_SPLIT,) int32 zeros (the kernel leaves them zero)."""
+    folded in (as gemv_fold_params) in one kernel; scratch: `acc` (rows, d_model) int64 zeros, `sums`
+    (SSO_SPLIT, rows, nheads) float32, `count` (SSO_SPLIT,) int32 zeros (the kernel leaves acc and count zero)."""
     import torch
 
     rows, d_model = ssu.rows, w.shape[0]
@@ -559,12 +559,16 @@ def ssu_out_params(ssu: SsuParams, w, norm: NormParams, to_next: GemvNext | None
         raise KernelError(f"out_proj weight: expected a contiguous, 16-byte aligned ({d_model}, {ssu.d_inner}), "
                           f"got {tuple(w.shape)}")
     _check_fold("aim_ssu_out", rows, d_model, norm)
-    for name, t, shape in (("part", part, (rows, ssu.nheads, d_model)), ("sums", sums, (SSO_SPLIT, rows, ssu.nheads))):
-        if t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous():
-            raise KernelError(f"{name} must be contiguous float32 {shape}, not {t.dtype} {tuple(t.shape)}")
+    if norm.bc.xbc and (norm.bc.count % SSO_SPLIT or rows * (norm.bc.count // SSO_SPLIT) > 256 or norm.bc.width > 4):
+        raise KernelError(f"aim_ssu_out: the B/C windows to shift ({norm.bc.count} channels of width "
+                          f"{norm.bc.width}) do not split into {SSO_SPLIT} shares of at most 256 / {rows}")
+    for name, t, shape, dtype in (("acc", acc, (rows, d_model), torch.int64),
+                                  ("sums", sums, (SSO_SPLIT, rows, ssu.nheads), torch.float32)):
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+            raise KernelError(f"{name} must be contiguous {dtype} {shape}, not {t.dtype} {tuple(t.shape)}")
     if tuple(count.shape) != (SSO_SPLIT,) or count.dtype != torch.int32 or not count.is_contiguous():
         raise KernelError(f"count: expected ({SSO_SPLIT},) int32, got {tuple(count.shape)} {count.dtype}")
-    return SsuOutParams(s=ssu, w=_ptr(w), n=norm, next=to_next or GemvNext(), part=_ptr(part), sums=_ptr(sums),
+    return SsuOutParams(s=ssu, w=_ptr(w), n=norm, next=to_next or GemvNext(), acc=_ptr(acc), sums=_ptr(sums),
                         count=_ptr(count), d_model=d_model)
 
 
