@@ -83,7 +83,8 @@ __device__ __forceinline__ elem_t st(float f) { elem_t v; asm("cvt.rn.bf16.f32 %
 #endif
 
 // AIM_PARTS selects the entry points a build emits, a sum of: 1 the step (state update, norms, products), 2 the
-// sampler, 4 the state update's warp kernel (aim_ssu_warps: the AiM shape, so model-independent like the sampler).
+// sampler, 4 the state update's warp kernel (aim_ssu_warps) and the state update with out_proj (aim_ssu_out): the
+// AiM shape, so model-independent like the sampler.
 // The host compiles the three as programs at once (a cold start waits for the longest only).
 #ifndef AIM_PARTS
 #define AIM_PARTS 7
@@ -2402,7 +2403,7 @@ struct SsuOutParams {
   unsigned* count;    // (SSO_SPLIT) arrivals per column chunk: zero at launch, left zero by the last arrival
   int d_model;
 };
-#if (AIM_PARTS & 1) && SSU_OUT && ELEM_KIND != 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if (AIM_PARTS & 4) && SSU_OUT && ELEM_KIND != 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ float cluster_load(const float* local, unsigned rank) {
   unsigned remote;
   float v;

@@ -243,10 +243,10 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
                 d_model: int | None = None) -> list[dict]:
     """The -D sets of the programs a Kernels compiles: the step's kernels with only the aim_gemv instances the
     depths need (all of them for gemv_depths None) and, for a model's `d_model`, the build measured best for
-    that width (model_defines); then the sampler and the state update's warp kernel (AIM_PARTS in
-    aim_kernels.cu), which take only the explicit defines: they are the same for every model, so precompile_early
-    starts them before the model is known (the warp kernel in its own program: the step's would compile ~20 %
-    longer with it, on a cold start's path)."""
+    that width (model_defines); then the sampler and the state update's warp kernel with aim_ssu_out (AIM_PARTS
+    in aim_kernels.cu), which take only the explicit defines: they are the same for every model, so
+    precompile_early starts them before the model is known (in their own program: the step's would compile ~20 %
+    longer with the warp kernel, on a cold start's path)."""
     defines = dict(defines or {})
     if "AIM_RT_PDL_EARLY_ROWS" in os.environ:  # to measure: up to how many rows the next kernel launches at once
         defines.setdefault("PDL_EARLY_ROWS", int(os.environ["AIM_RT_PDL_EARLY_ROWS"]))
