@@ -91,15 +91,12 @@ def op_bytes(cfg: AiMConfig, batch: int, elem: int, folded: bool = False, normed
         norm_avg, parts = norm, R * d // 8 * 4
         in_proj = (L * in_proj + (L - 1) * (R * d * e + parts)) // L  # + the shift and the tile sums
         out_avg = (L * out_avg + (L - 1) * (R * d * (4 + e) + parts)) // L  # + gm in; x * gm and tile sums out
-    ssu = (R * (2 * state * e + (cfg.d_in_proj + cfg.d_inner) * e + cfg.nheads * 4)
-           + (cfg.conv_dim * (cfg.d_conv + 1) + 3 * cfg.nheads + cfg.d_inner) * e)
     return {
         "residual_norm": norm_avg,
         "in_proj": in_proj,
-        "selective_state_update": ssu,
+        "selective_state_update": R * (2 * state * e + (cfg.d_in_proj + cfg.d_inner) * e + cfg.nheads * 4)
+                                  + (cfg.conv_dim * (cfg.d_conv + 1) + 3 * cfg.nheads + cfg.d_inner) * e,
         "out_proj": out_avg,
-        # aim_ssu_out (CudaBackend.ssu_out_folds): both, less y written and read back and the per-head sums
-        "state_update_out_proj": ssu + out_avg - R * (2 * cfg.d_inner * e + cfg.nheads * 4),
         "final_norm": final,
         "lm_head": cfg.vocab_size * d * e + R * (d + cfg.vocab_size) * e,
         "sample": R * cfg.vocab_size * e + 2 * batch * d * e,

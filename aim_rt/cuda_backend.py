@@ -163,7 +163,6 @@ class _Buffers:
     gm: Tensor | None   # (L, R, d) float32: norm weight * (1 + scale), once in_proj norms its own x (norm_folds)
     sq_part: Tensor | None  # (R, d / 8) float32: out_proj's column tiles' sums of squares of the residual (same)
     bias: Tensor | None  # (L, R, d_in_proj) float32: in_proj's weight times the shift (same)
-    sso: tuple[Tensor, Tensor, Tensor] | None  # aim_ssu_out's scratch: sums, sums of squares, counters
     final_mods: Tensor  # (R, 2, d)
     logits: Tensor      # (R, V)
     tokens: Tensor      # (B, num_tokens) int64
@@ -232,7 +231,7 @@ class CudaBackend:
             conv=torch.zeros(cfg.n_layer, rows, cfg.conv_dim, cfg.d_conv, device=dev, dtype=dt),
             ssm=torch.zeros(cfg.n_layer, rows, cfg.nheads, cfg.headdim, cfg.d_state, device=dev, dtype=dt),
             mods=torch.zeros(cfg.n_layer, rows, 3, cfg.d_model, device=dev, dtype=dt),
-            gm=None, sq_part=None, bias=None, sso=None,
+            gm=None, sq_part=None, bias=None,
             final_mods=torch.zeros(rows, 2, cfg.d_model, device=dev, dtype=dt),
             logits=torch.zeros(rows, cfg.vocab_size, device=dev, dtype=dt),
             tokens=torch.zeros(batch, cfg.num_tokens, device=dev, dtype=torch.long),
@@ -299,8 +298,6 @@ class CudaBackend:
         # (from what each out_proj hands on: the residual times gm into buf.normed, its squares' tile sums)
         normed_in = self.norm_folds(rows)
         nexts = norms[1:] + [final]  # the norm after each layer
-        # Where ssu_out_folds, the state update and that folded out_proj are one kernel (aim_ssu_out)
-        fused = self.ssu_out_folds(rows)
         ops, n_layer = [], len(self._params)
         for i, w in enumerate(self._params):
             if normed_in and i > 0:
@@ -309,10 +306,6 @@ class CudaBackend:
                 p = _summed(norms[i]) if fold and i > 0 else norms[i]
                 ops.append(("residual_norm", lambda p=p: k.residual_norm(p, stream())))
                 ops.append(("in_proj", self._matmul(buf.normed, w["in_proj"], buf.zxbcdt)))
-            if fused:
-                to_next = self._to_next(buf, i + 1) if normed_in and i + 1 < n_layer else None
-                ops.append(("state_update_out_proj", self._ssu_out(buf, ssus[i], w["out_proj"], nexts[i], to_next)))
-                continue
             ops.append(("selective_state_update",
                         lambda p=ssus[i]: k.selective_state_update(p, stream(), finish=not fold_norm)))
             if fold:
@@ -336,26 +329,6 @@ class CudaBackend:
         """Whether a step of `rows` rows folds the residual norm between layers into in_proj (after out_proj
         folded the residual add: Kernels.norm_fold_supported)."""
         return self.folds(rows) and self.kernels.norm_fold_supported(rows, self.config.d_model)
-
-    def ssu_out_folds(self, rows: int) -> bool:
-        """Whether a step of `rows` rows runs each layer's state update and folded out_proj as one kernel
-        (aim_ssu_out: Hopper, few rows, the AiM state shape; Kernels.ssu_out_supported)."""
-        cfg = self.config
-        return self.folds(rows) and self.kernels.ssu_out_supported(rows, cfg.headdim, cfg.d_state, cfg.d_conv,
-                                                                   cfg.ngroups, cfg.d_model)
-
-    def _ssu_out(self, buf: _Buffers, ssu, w: Tensor, norm, to_next) -> Callable[[], None]:
-        """The state update `ssu` and out_proj (weight w) with the residual add of `norm` folded in, as one
-        aim_ssu_out (the caller checked ssu_out_folds); its scratch is made once per batch size."""
-        from aim_rt.plugins.kernels import SSO_SPLIT, ssu_out_params
-
-        if buf.sso is None:
-            cfg, rows, dev = self.config, buf.hidden.shape[0], buf.hidden.device
-            buf.sso = (torch.zeros(rows, cfg.d_model, device=dev, dtype=torch.int64),
-                       torch.zeros(SSO_SPLIT, rows, cfg.nheads, device=dev),
-                       torch.zeros(SSO_SPLIT, device=dev, dtype=torch.int32))
-        p = ssu_out_params(ssu, w, norm, to_next, *buf.sso)
-        return lambda: self.kernels.ssu_out(p, torch.cuda.current_stream().cuda_stream)
 
     def _to_next(self, buf: _Buffers, i: int):
         """What the out_proj before layer i hands to layer i's in_proj (the caller checked norm_folds)."""

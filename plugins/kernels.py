@@ -94,7 +94,7 @@ PDL_EARLY_ANY = 1 << 30  # a PDL_EARLY_<KIND> limit no row count reaches: that k
 # Defines that only the host reads (from the step program's build): which kernel runs which rows, k splits
 HOST_DEFINES = frozenset({"SSU_WARP_ROWS", "GEMM_MIN_ROWS", "GEMM_MAX_ROWS", "GEMM_FOLD_MAX_ROWS", "GEMM_CTAS",
                           "GEMM_FOLD_CTAS", "GEMV_NARROW_ROWS", "RESID_M1_ROWS", "FOLD_ROWS",
-                          "NORM_FOLD_ROWS", "SSU_OUT_ROWS"})
+                          "NORM_FOLD_ROWS"})
 
 
 def model_defines(d_model: int) -> dict:
@@ -243,10 +243,10 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
                 d_model: int | None = None) -> list[dict]:
     """The -D sets of the programs a Kernels compiles: the step's kernels with only the aim_gemv instances the
     depths need (all of them for gemv_depths None) and, for a model's `d_model`, the build measured best for
-    that width (model_defines); then the sampler and the state update's warp kernel with aim_ssu_out (AIM_PARTS
-    in aim_kernels.cu), which take only the explicit defines: they are the same for every model, so
-    precompile_early starts them before the model is known (in their own program: the step's would compile ~20 %
-    longer with the warp kernel, on a cold start's path)."""
+    that width (model_defines); then the sampler and the state update's warp kernel (AIM_PARTS in
+    aim_kernels.cu), which take only the explicit defines: they are the same for every model, so precompile_early
+    starts them before the model is known (the warp kernel in its own program: the step's would compile ~20 %
+    longer with it, on a cold start's path)."""
     defines = dict(defines or {})
     if "AIM_RT_PDL_EARLY_ROWS" in os.environ:  # to measure: up to how many rows the next kernel launches at once
         defines.setdefault("PDL_EARLY_ROWS", int(os.environ["AIM_RT_PDL_EARLY_ROWS"]))
@@ -254,8 +254,6 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
         defines.setdefault("NORM_FOLD_ROWS", int(os.environ["AIM_RT_NORM_FOLD"]))
         if defines["NORM_FOLD_ROWS"] == 0:  # nor on aim_gemm's rows
             defines.setdefault("GEMM_NORM", 0)
-    if "AIM_RT_SSU_OUT" in os.environ:  # 0: the state update and out_proj as two kernels (aim_ssu_out not built)
-        defines.setdefault("SSU_OUT", int(os.environ["AIM_RT_SSU_OUT"]))
     step = dict(defines)
     if d_model is not None:
         per_model = model_defines(d_model)
@@ -422,13 +420,8 @@ class GemmNormParams(ctypes.Structure):
                 ("bias_stride", LL), ("eps", F)]
 
 
-class SsuOutParams(ctypes.Structure):
-    _fields_ = [("s", SsuParams), ("w", P), ("n", NormParams), ("next", GemvNext), ("acc", P), ("sums", P),
-                ("count", P), ("d_model", I)]
-
-
 STRUCTS = (SsuParams, ConvShift, GatedNormParams, NormParams, SampleParams, GemvParams, GemvNext, GemvFoldParams,
-           GemvNormParams, GemmParams, GemmFoldParams, GemmNormParams, SsuOutParams)
+           GemvNormParams, GemmParams, GemmFoldParams, GemmNormParams)
 
 
 def layout_asserts() -> str:
@@ -529,47 +522,6 @@ def gated_norm_params(p: SsuParams) -> GatedNormParams:
     """Complete the op `p` started: normalise its y in place and shift its B/C windows (aim_gated_norm_apply)."""
     return GatedNormParams(y=p.y, y_stride=p.y_stride, sumsq=p.sumsq, rows=p.rows, d_inner=p.d_inner,
                            nheads=p.nheads, ngroups=p.ngroups, eps=p.eps, bc=conv_shift_params(p))
-
-
-# aim_ssu_out (the state update and out_proj in one kernel, Hopper): CTAs per head (a cluster), rows and output
-# columns per CTA at most (as SSO_* in aim_kernels.cu); the host runs it up to SSU_OUT_ROWS rows (a define only
-# the host reads; model_defines), 0: never
-SSO_SPLIT, SSO_ROWS, SSO_CW = 8, 4, 192
-SSU_OUT_ROWS = 4
-
-
-def ssu_out_shapes_ok(headdim: int, d_state: int, d_conv: int, ngroups: int, d_model: int) -> bool:
-    """Whether aim_ssu_out handles a model of these shapes: the AiM state shape, one group, and d_model a
-    multiple of 8 * SSO_SPLIT (whole 8-column tiles per CTA) up to SSO_SPLIT * SSO_CW."""
-    return ((headdim, d_state, d_conv) == SSW_SHAPE and ngroups == 1 and d_model % (8 * SSO_SPLIT) == 0
-            and d_model <= SSO_SPLIT * SSO_CW)
-
-
-def ssu_out_params(ssu: SsuParams, w, norm: NormParams, to_next: GemvNext | None, acc, sums, count) -> SsuOutParams:
-    """The state update `ssu` and out_proj (weight `w`, (d_model, d_inner)) with the residual add of `norm`
-    folded in (as gemv_fold_params) in one kernel; scratch: `acc` (rows, d_model) int64 zeros, `sums`
-    (SSO_SPLIT, rows, nheads) float32, `count` (SSO_SPLIT,) int32 zeros (the kernel leaves acc and count zero)."""
-    import torch
-
-    rows, d_model = ssu.rows, w.shape[0]
-    if not ssu_out_shapes_ok(ssu.headdim, ssu.d_state, ssu.d_conv, ssu.ngroups, d_model) or rows > SSO_ROWS:
-        raise KernelError(f"aim_ssu_out does not handle {rows} rows of headdim {ssu.headdim}, d_state {ssu.d_state}, "
-                          f"d_conv {ssu.d_conv}, {ssu.ngroups} groups, d_model {d_model}")
-    if tuple(w.shape) != (d_model, ssu.d_inner) or not w.is_contiguous() or w.data_ptr() % 16:
-        raise KernelError(f"out_proj weight: expected a contiguous, 16-byte aligned ({d_model}, {ssu.d_inner}), "
-                          f"got {tuple(w.shape)}")
-    _check_fold("aim_ssu_out", rows, d_model, norm)
-    if norm.bc.xbc and (norm.bc.count % SSO_SPLIT or rows * (norm.bc.count // SSO_SPLIT) > 256 or norm.bc.width > 4):
-        raise KernelError(f"aim_ssu_out: the B/C windows to shift ({norm.bc.count} channels of width "
-                          f"{norm.bc.width}) do not split into {SSO_SPLIT} shares of at most 256 / {rows}")
-    for name, t, shape, dtype in (("acc", acc, (rows, d_model), torch.int64),
-                                  ("sums", sums, (SSO_SPLIT, rows, ssu.nheads), torch.float32)):
-        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
-            raise KernelError(f"{name} must be contiguous {dtype} {shape}, not {t.dtype} {tuple(t.shape)}")
-    if tuple(count.shape) != (SSO_SPLIT,) or count.dtype != torch.int32 or not count.is_contiguous():
-        raise KernelError(f"count: expected ({SSO_SPLIT},) int32, got {tuple(count.shape)} {count.dtype}")
-    return SsuOutParams(s=ssu, w=_ptr(w), n=norm, next=to_next or GemvNext(), acc=_ptr(acc), sums=_ptr(sums),
-                        count=_ptr(count), d_model=d_model)
 
 
 SSU_THREADS, SSU_STAGES, NORM_THREADS, NORM_PER, SAMPLE_THREADS = 256, 2, 256, 8, 1024  # as in aim_kernels.cu
@@ -894,12 +846,6 @@ class Kernels:
                            if (fn := self._function(f"aim_gemm_norm_m{mt}", required=False)) is not None}
         # the row counts the backend gives aim_gemm: GEMM_MIN_ROWS / GEMM_MAX_ROWS (model_defines; defines that
         # only this reads) move them
-        # the state update and out_proj in one kernel (aim_ssu_out, Hopper) up to this many rows (SSU_OUT_ROWS, a
-        # define only this reads; AIM_RT_SSU_OUT=0 / 1 turns it off / on); 0 where this build has none
-        self.ssu_out_rows = 0
-        if dtype != "float32" and (fn := self._function("aim_ssu_out", required=False)) is not None:
-            self.fn["aim_ssu_out"] = fn
-            self.ssu_out_rows = min(int(builds[0].get("SSU_OUT_ROWS", SSU_OUT_ROWS)), SSO_ROWS)
         self.gemm_rows = (int(builds[0].get("GEMM_MIN_ROWS", GEMM_ROWS[0])),
                           min(int(builds[0].get("GEMM_MAX_ROWS", GEMM_ROWS[1])), GEMM_MAX_ROWS))
         # the folded out_proj is aim_gemm's up to this many rows (GEMM_FOLD_MAX_ROWS, a define only this reads;
@@ -1097,29 +1043,6 @@ class Kernels:
         config.attrs = [cluster] + self._pdl_attrs
         config.numAttrs = len(config.attrs)
         _check(d.cuLaunchKernelEx(config, fn, ctypes.addressof(holder), 0), f"{kind}_m{mt}")
-
-    def ssu_out_supported(self, rows: int, headdim: int, d_state: int, d_conv: int, ngroups: int,
-                          d_model: int) -> bool:
-        """Whether the backend runs the state update and the folded out_proj as one aim_ssu_out at this many rows
-        (this build has it, up to ssu_out_rows rows, and the model's shapes suit it)."""
-        return 0 < rows <= self.ssu_out_rows and ssu_out_shapes_ok(headdim, d_state, d_conv, ngroups, d_model)
-
-    def ssu_out(self, p: SsuOutParams, stream: int) -> None:
-        """The state update and out_proj with the residual add folded in (ssu_out_params; the caller checked
-        ssu_out_supported): clusters of SSO_SPLIT CTAs, one cluster per head."""
-        d = self.driver
-        cluster = d.CUlaunchAttribute()
-        cluster.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-        cluster.value.clusterDim.x, cluster.value.clusterDim.y, cluster.value.clusterDim.z = SSO_SPLIT, 1, 1
-        holder = (ctypes.c_void_p * 1)(ctypes.addressof(p))
-        config = d.CUlaunchConfig()
-        config.gridDimX, config.gridDimY, config.gridDimZ = SSO_SPLIT * p.s.nheads, 1, 1
-        config.blockDimX, config.blockDimY, config.blockDimZ = 256, 1, 1
-        config.sharedMemBytes = 0
-        config.hStream = d.CUstream(stream)
-        config.attrs = [cluster] + self._pdl_attrs
-        config.numAttrs = len(config.attrs)
-        _check(d.cuLaunchKernelEx(config, self.fn["aim_ssu_out"], ctypes.addressof(holder), 0), "aim_ssu_out")
 
     def residual_norm(self, p: NormParams, stream: int) -> None:
         if p.d > self.norm_max_width:

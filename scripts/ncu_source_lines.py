@@ -28,18 +28,22 @@ def main() -> None:
     ap.add_argument("blocks", type=int)
     ap.add_argument("--kernel", default="aim_cfg_sample")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--metric", default="Instructions Executed",
+                    help="the source page's column to add up per line, e.g. 'Warp Stall Sampling (All Samples)'")
     a = ap.parse_args()
     rows = list(csv.reader(gzip.open(a.csv, "rt") if a.csv.endswith(".gz") else open(a.csv)))
     hdr, data = rows[1], rows[2:]
-    ia, isrc, iex = hdr.index("Address"), hdr.index("Source"), hdr.index("Instructions Executed")
+    if a.metric not in hdr:
+        raise SystemExit(f"no column {a.metric!r}; the page has: {hdr}")
+    ia, isrc, iex = hdr.index("Address"), hdr.index("Source"), hdr.index(a.metric)
     base = int(data[0][ia], 16)
-    prof = {int(r[ia], 16) - base: (r[isrc].strip(), int(r[iex] or 0)) for r in data}
+    prof = {int(r[ia], 16) - base: (r[isrc].strip(), float((r[iex] or "0").replace(",", ""))) for r in data}
     total = sum(e for _, e in prof.values())
     ops = collections.Counter()
     for text, e in prof.values():
         t = text.split()
         ops[(t[1] if t and t[0].startswith("@") else t[0]).split(".")[0] if t else "?"] += e
-    print(f"{total / a.blocks:.0f} warp instructions per block; by opcode: "
+    print(f"{a.metric}: {total / a.blocks:.0f} per block; by opcode: "
           + ", ".join(f"{o} {v / a.blocks:.0f}" for o, v in ops.most_common(8)))
     nvdisasm = os.environ.get("NVDISASM") or shutil.which("nvdisasm") or "nvdisasm"
     sass = subprocess.run([nvdisasm, "-c", "-g", a.cubin], capture_output=True, text=True, check=True).stdout
@@ -62,7 +66,7 @@ def main() -> None:
         per_line[where.get(off, (None,))[0]] += e
     src = open(a.source).read().splitlines()
     for ln, e in per_line.most_common(a.top):
-        print(f"  {e / a.blocks:6.0f} {100 * e / total:4.1f}%  {src[ln - 1].strip()[:100] if ln else ''}")
+        print(f"  {e / a.blocks:6.1f} {100 * e / total:4.1f}%  {ln}: {src[ln - 1].strip()[:100] if ln else ''}")
 
 
 if __name__ == "__main__":

@@ -129,10 +129,6 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "gn0": {"GEMM_NORM": 0},
     "gn6": {"GEMM_NORM": 2 | 4},  # AiM-L's and XL's aim_gemm rows (3/24-64)
     "gn12": {"GEMM_NORM": 4 | 8},  # AiM-B's (33-128)
-    # 2026-12-06 (sixth session): the state update and out_proj as one kernel (aim_ssu_out, Hopper) up to
-    # SSU_OUT_ROWS rows (host side; 4 by default); "sso0": not built (the two kernels)
-    "sso0": {"SSU_OUT": 0},
-    "sso2": {"SSU_OUT_ROWS": 2},
     # (2026-12-05: "pair" / "gemvpair", the wide-tile products on cluster pairs splitting k, measured at 247ad49 /
     # 01ffad1 in bench/results/pair*_2026-12-05.*, slower in whole steps and removed with their kernels)
 }

@@ -460,9 +460,6 @@ def test_bf16_image_does_not_depend_on_batch_composition():
 
     model = aim_rt.random_model("AiM-B", seed=0, device="cuda", dtype="bfloat16")
     backend = CudaBackend(model)
-    # aim_ssu_out (Hopper's batch 1-2) rounds out_proj's sums in another order: its own test checks batch 1
-    # against 2; here the kernels that batch 1 shares with 5 and 13
-    backend.kernels.ssu_out_rows = 0
     settings = SamplingSettings()
     alone = backend.sample([207], [11], settings)
     crowd = backend.sample([1, 207, 980, 5, 5], [3, 11, 0, 11, 9], settings)
@@ -602,7 +599,6 @@ def test_backend_folds_the_residual_add_at_few_rows_with_the_same_tokens():
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
     plain, folded = CudaBackend(model), CudaBackend(model, use_graphs=False)
     plain.kernels.fold_rows, plain.kernels.gemm_resids = 0, {}
-    folded.kernels.ssu_out_rows = 0  # (aim_ssu_out, Hopper's batch 1-2: its own test)
     # (in_proj norming its x rounds otherwise)
     folded.kernels.fold_rows, folded.kernels.norm_fold_rows, folded.kernels.gemm_norms = 8, 0, {}
     calls = []
@@ -790,7 +786,6 @@ def test_backend_with_the_warp_state_update_gives_the_same_tokens():
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
     plain, warps = CudaBackend(model), CudaBackend(model)
     warps.kernels.ssu_warp_rows = 1
-    plain.kernels.ssu_out_rows = warps.kernels.ssu_out_rows = 0  # (no state update kernel at Hopper's batch 1-2)
     names = []
     launch = warps.kernels._launch
     warps.kernels._launch = lambda name, *a: (names.append(name), launch(name, *a))
@@ -820,152 +815,3 @@ def test_op_timings_attribute_the_replayed_step_to_its_kinds():
     added = sum(in_step[k] * t["launches_per_step"] for k, t in timing["ops"].items())
     assert added == pytest.approx(tl["span_us_per_step"], rel=0.25)
     assert tl["kernels"] == timing["kernels_per_step"]
-
-
-def _ssu_out_against_two_kernels(kern, d_model, rows, gated, seed):
-    """One layer's state update and folded out_proj as aim_ssu_out and as the two kernels (the state update,
-    then aim_gemv_resid), from the same inputs: the same SSM and conv states, bit for bit (the same arithmetic);
-    the residual, x * gm and the tile sums of squares as close as the sums' order allows; the formula in
-    float32 as close as the two kernels'. Twice: the second launch finds its arrival counters reset and gives
-    the first's bits."""
-    from aim_rt.plugins.kernels import (SSO_SPLIT, NormParams, conv_shift_params, gemv_fold_params,
-                                        gemv_next, ssu_out_params)
-
-    cfg = aim_rt.AiMConfig(d_model=d_model, n_layer=1, vocab_size=16, num_classes=2, num_tokens=4)
-    g = torch.Generator().manual_seed(seed)
-    bf = torch.bfloat16
-    x0 = _ssu_inputs(cfg, rows, bf, g)
-    w_out = (torch.randn(d_model, cfg.d_inner, generator=g) / cfg.d_inner ** 0.5).to("cuda", bf)
-    gate = (torch.randn(rows, d_model, generator=g) * 0.3).to("cuda", bf)
-    residual0 = torch.randn(rows, d_model, generator=g).cuda()
-    gm = (1 + 0.3 * torch.randn(rows, d_model, generator=g)).cuda()
-    stream = torch.cuda.current_stream().cuda_stream
-    results = []
-    for fused in (False, True, True):
-        x = {k: v.clone() for k, v in x0.items()}
-        p, (y, sumsq, conv_out, ssm_out) = ssu_params_for(cfg, x)
-        residual = residual0.clone()
-        xg = torch.full((rows, d_model), float("nan"), device="cuda", dtype=bf)
-        sq_part = torch.full((rows, d_model // 8), float("nan"), device="cuda")
-        norm = NormParams(
-            input=None, input_stride=0, gate=gate.data_ptr() if gated else None, gate_stride=gate.stride(0),
-            sumsq=sumsq.data_ptr(), sumsq_heads=cfg.nheads, sumsq_count=cfg.d_inner, bc=conv_shift_params(p),
-            residual=residual.data_ptr(), norm_w=None, norm2_w=None, shift=None, scale=None, mod_stride=0, out=None,
-            out_stride=0, rows=rows, d=d_model, first=0, eps=cfg.norm_eps)
-        if fused:
-            scratch = (torch.zeros(rows, d_model, device="cuda", dtype=torch.int64),
-                       torch.full((SSO_SPLIT, rows, cfg.nheads), float("nan"), device="cuda"),
-                       torch.zeros(SSO_SPLIT, device="cuda", dtype=torch.int32))
-            kern.ssu_out(ssu_out_params(p, w_out, norm, gemv_next(xg, gm, sq_part), *scratch), stream)
-        else:
-            kern.selective_state_update(p, stream, finish=False)
-            out = torch.empty(rows, d_model, device="cuda", dtype=bf)
-            kern.gemv_fold(gemv_fold_params(y, w_out, out, norm, gemv_next(xg, gm, sq_part)), stream)
-        torch.cuda.synchronize()
-        if fused:
-            assert not scratch[0].any() and not scratch[2].any(), "sums or arrival counters not left at zero"
-        results.append(dict(ssm=ssm_out, conv=conv_out, residual=residual, xg=xg, sq_part=sq_part, y=y,
-                            sumsq=sumsq))
-    two, one, again = results
-    what = f"width {d_model}, rows {rows}"
-    for key in one:
-        assert torch.equal(one[key], again[key]) or key in ("y", "sumsq"), f"{what}: {key} differs between launches"
-    assert torch.equal(one["ssm"], two["ssm"]), what
-    assert torch.equal(one["conv"], two["conv"]), what
-    # the formula in float32 from the two kernels' y and sums of squares
-    scale = torch.rsqrt(two["sumsq"].sum(1, keepdim=True) / cfg.d_inner + cfg.norm_eps)
-    want = residual0 + (two["y"].float() @ w_out.float().t()) * scale * (gate.float() if gated else 1.0)
-    err_two, err_one = rel_err(two["residual"] - residual0, want - residual0), rel_err(
-        one["residual"] - residual0, want - residual0)
-    assert err_one <= max(2 * err_two, 1e-2), (what, err_one, err_two)
-    assert rel_err(one["residual"], two["residual"]) <= 1e-2, what
-    assert torch.equal(one["xg"], (one["residual"] * gm).to(bf)), what
-    assert rel_err(one["sq_part"], one["residual"].pow(2).view(rows, -1, 8).sum(2)) <= 1e-6, what
-
-
-@needs_gpu
-@pytest.mark.parametrize("d_model", [256, 768, 1024, 1536])
-def test_state_update_and_out_proj_in_one_kernel_match_the_two(d_model):
-    """aim_ssu_out (Hopper: a cluster per head, the heads' partials summed in fixed point, finished by the last
-    CTA of each column chunk)
-    at 1-4 rows against the state update and aim_gemv_resid: the states bit for bit, the residual and what the
-    next in_proj takes as close as the sums' order allows; with and without the gate."""
-    from aim_rt.plugins.kernels import Kernels
-
-    kern = Kernels("bfloat16", gemv_depths=(d_model, 2 * d_model), d_model=d_model)
-    if "aim_ssu_out" not in kern.fn:
-        pytest.skip("aim_ssu_out needs Hopper (sm_90)")
-    for rows in (1, 2, 3, 4):
-        for gated in (True, False):
-            _ssu_out_against_two_kernels(kern, d_model, rows, gated, seed=d_model + rows + gated)
-
-
-def test_ssu_out_params_rejects_what_the_kernel_cannot_take():
-    """ssu_out_params names what is wrong (CPU tensors: only the checks run): too many rows, another state
-    shape, a weight of the wrong shape, scratch of the wrong shape or type."""
-    from aim_rt.plugins.kernels import SSO_SPLIT, GemvNext, KernelError, NormParams, ssu_out_params
-
-    cfg = aim_rt.AiMConfig(d_model=256, n_layer=1, vocab_size=16, num_classes=2, num_tokens=4)
-
-    def make(rows=2, w_shape=(256, 512), acc_shape=None, count_dtype=torch.int32, d_state=128):
-        from aim_rt.plugins.kernels import SsuParams
-
-        ssu = SsuParams(rows=rows, d_inner=cfg.d_inner, nheads=cfg.nheads, headdim=cfg.headdim, d_state=d_state,
-                        ngroups=1, d_conv=cfg.d_conv)
-        norm = NormParams(rows=rows, d=256, first=0)
-        acc = torch.zeros(acc_shape or (rows, 256), dtype=torch.int64)
-        return ssu_out_params(ssu, torch.zeros(w_shape, dtype=torch.bfloat16), norm, GemvNext(), acc,
-                              torch.zeros(SSO_SPLIT, rows, cfg.nheads), torch.zeros(SSO_SPLIT, dtype=count_dtype))
-
-    assert make().d_model == 256
-    with pytest.raises(KernelError, match="5 rows"):
-        make(rows=5)
-    with pytest.raises(KernelError, match="d_state 64"):
-        make(d_state=64)
-    with pytest.raises(KernelError, match="out_proj weight"):
-        make(w_shape=(256, 256))
-    with pytest.raises(KernelError, match="acc"):
-        make(acc_shape=(2, 128))
-    with pytest.raises(KernelError, match="count"):
-        make(count_dtype=torch.int64)
-
-
-@needs_gpu
-def test_backend_runs_the_state_update_and_out_proj_as_one_kernel_as_faithfully():
-    """At batch 1 and 2 on Hopper the backend runs each layer's state update and out_proj as one aim_ssu_out
-    (batch 3 and up: the two kernels). Against the same model in float32, teacher-forced on the same tokens, its
-    CFG-mixed logits and draws are as close as the two kernels' (the products' sums run in another order, so the
-    bf16 bits differ); an image's tokens at batch 1 are its tokens at batch 2."""
-    from aim_rt.cuda_backend import CudaBackend
-
-    cfg = aim_rt.AiMConfig(d_model=256, n_layer=4, vocab_size=1024, num_classes=10, num_tokens=64)
-    model = aim_rt.random_model(cfg, seed=7, device="cuda", dtype="bfloat16")
-    fused = CudaBackend(model, use_graphs=False)
-    if not fused.kernels.ssu_out_rows:
-        pytest.skip("aim_ssu_out needs Hopper (sm_90)")
-    plain = CudaBackend(model)
-    plain.kernels.ssu_out_rows = 0
-    f32 = CudaBackend(aim_rt.random_model(cfg, seed=7, device="cuda", dtype="float32"))
-    settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
-    names = []
-    launch = fused.kernels.ssu_out
-    fused.kernels.ssu_out = lambda p, s: (names.append(p.s.rows), launch(p, s))
-    for batch in (1, 2, 3):
-        classes, seeds = [c % cfg.num_classes for c in range(batch)], list(range(30, 30 + batch))
-        tokens = plain.sample(classes, seeds, settings)
-        draws_p, mixed_p = plain.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
-        draws_f, mixed_f = f32.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
-        names.clear()
-        draws, mixed = fused.sample(classes, seeds, settings, teacher=tokens, return_mixed=True)
-        assert names == ([2 * batch] * cfg.n_layer * cfg.num_tokens if batch <= 2 else []), batch
-        if batch > 2:
-            assert torch.equal(mixed, mixed_p), batch
-            continue
-        assert rel_err(mixed, mixed_p) <= 2e-2, batch
-        assert rel_err(mixed, mixed_f) <= 1.25 * rel_err(mixed_p, mixed_f) + 1e-3, batch
-        agree = lambda a, b: (a == b).float().mean().item()  # noqa: E731
-        assert agree(draws, draws_f) >= agree(draws_p, draws_f) - 0.1, batch
-    graphed = CudaBackend(model)
-    alone = graphed.sample([3], [11], settings)
-    pair = graphed.sample([5, 3], [2, 11], settings)
-    assert torch.equal(pair[1], alone[0])

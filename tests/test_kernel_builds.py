@@ -384,32 +384,7 @@ def test_warp_state_update_is_compiled_for_both_archs_and_can_be_left_out():
     assert b"aim_ssu_warps" not in compile_cubin("bfloat16", "sm_90", use_cache=False,
                                                  defines={**common, "SSU_WARPS_KERNEL": 0})
     step = compile_cubin("bfloat16", "sm_90", use_cache=False, defines={**common, "AIM_PARTS": 1, "NORM_PER_ONLY": 3})
-    assert b"aim_selective_state_update" in step and b"aim_ssu_warps" not in step and b"aim_ssu_out" not in step
-
-
-def test_state_update_with_out_proj_is_in_the_warp_kernels_program_on_hopper_only():
-    """aim_ssu_out (clusters, distributed shared memory: sm_90) is in the program of AIM_PARTS 4 for sm_90, not
-    for sm_80 (the host then runs the two kernels), and gone with SSU_OUT=0 (AIM_RT_SSU_OUT=0 passes it)."""
-    from test_cuda_backend import _nvrtc_usable
-
-    from aim_rt.plugins.kernels import compile_cubin
-
-    if not _nvrtc_usable():
-        pytest.skip("cuda-python with an NVRTC library is not installed")
-    common = {"AIM_PARTS": 4, "GEMV_INSTANCES": "/* none */"}
-    assert b"aim_ssu_out" in compile_cubin("bfloat16", "sm_90", use_cache=False, defines=common)
-    assert b"aim_ssu_out" not in compile_cubin("bfloat16", "sm_80", use_cache=False, defines=common)
-    assert b"aim_ssu_out" not in compile_cubin("bfloat16", "sm_90", use_cache=False, defines={**common, "SSU_OUT": 0})
-
-
-def test_ssu_out_env_switch_reaches_every_program(monkeypatch):
-    """AIM_RT_SSU_OUT=0 compiles no aim_ssu_out (every program gets SSU_OUT=0); unset, no define is passed."""
-    from aim_rt.plugins.kernels import step_builds
-
-    monkeypatch.delenv("AIM_RT_SSU_OUT", raising=False)
-    assert all("SSU_OUT" not in b for b in step_builds("bfloat16", None, (768, 1536), 768))
-    monkeypatch.setenv("AIM_RT_SSU_OUT", "0")
-    assert all(b["SSU_OUT"] == 0 for b in step_builds("bfloat16", None, (768, 1536), 768))
+    assert b"aim_selective_state_update" in step and b"aim_ssu_warps" not in step
 
 
 @pytest.mark.parametrize("shape,match", [((64, 128, 0), "d_conv must be in 1..4, got 0"),
