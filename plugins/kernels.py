@@ -175,7 +175,11 @@ def model_defines(d_model: int) -> dict:
       (its W shift, float32 per row, is 16 % of in_proj's weight bytes at 64 rows, 4 % at AiM-XL's 32), so not
       below 1536 (GEMM_NORM_ON; AIM_RT_GEMM_NORM=0 turns it off). `aim-rt bench` on an H100, AiM-XL batch 16
       AR 525.4 against 535.7 ms (bench_xl_{gemmnorm,nogemmnorm}_h100_2026-12-06.json); against the float32
-      model at batch 8 max rel 6.1e-2 against 6.5e-2 without, draws 55.3 against 55.1 % agreement."""
+      model at batch 8 max rel 6.1e-2 against 6.5e-2 without, draws 55.3 against 55.1 % agreement.
+    - At d_model 1024 (AiM-L) the same on aim_gemm's 24-32 rows only (GEMM_NORM=2: aim_gemm_norm_m2), with the
+      32-row out_proj folded to hand x * gm on (FOLD_GEMM_M2). Measured on an H100 (bench/results/gnl{,2}_h100_
+      2026-12-06.*, whole steps, 2 rounds alternating): batch 12 / 16 -4.0 / -2.4 % (the fold alone +1.0 / +3.2 %);
+      on 33-64 rows (m4) +2.1 / +3.0 % at batch 24 / 32, so not there."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
@@ -184,11 +188,11 @@ def model_defines(d_model: int) -> dict:
                        GEMM_STAGES_M4=6, GEMM_FOLD_MAX_ROWS=128, FOLD_GEMM_M8=1)
         if d_model >= 1536:
             defines.update(GEMM_STAGES_M2=8, FOLD_GEMM_M2=1)
+        else:  # AiM-L: its 24-32 rows folded and normed (m2), not its 33-64
+            defines.update(FOLD_GEMM_M2=1, GEMM_NORM=2)
     defines.update(SSU_WARP_ROWS=96 if d_model < 1024 else 64)
     if d_model < 1024:
-        defines.update(NORM_FOLD_ROWS=32)
-    if d_model < 1536:
-        defines.update(GEMM_NORM=0)
+        defines.update(NORM_FOLD_ROWS=32, GEMM_NORM=0)
     return defines
 
 
@@ -225,8 +229,8 @@ def norm_instance(d: int) -> int:
     raise KernelError(f"aim_residual_norm handles d_model up to {NORM_THREADS * NORM_PER}, not {d}")
 
 
-# Whether a model's build has in_proj norm its own x on aim_gemm's rows from d_model 1536 (model_defines).
-# AIM_RT_GEMM_NORM=0 / 1 overrides.
+# Whether a model's build has in_proj norm its own x on aim_gemm's rows where model_defines does not decide (from
+# d_model 1536). AIM_RT_GEMM_NORM=0 / 1 overrides every model's choice: none / all of its aim_gemm rows.
 GEMM_NORM_ON = True
 
 
@@ -262,8 +266,9 @@ def step_builds(dtype: str, defines: dict | None = None, gemv_depths: tuple[int,
         step = {**per_model, **step}  # explicit defines win
     # aim_gemm's depths always passed, so that the host sizes shared memory by what was compiled
     step = {**{f"GEMM_STAGES_M{mt}": n for mt, n in GEMM_STAGES.items()}, **step}
-    if d_model is not None and "GEMM_NORM" not in step:  # the normed in_proj's instances on aim_gemm's rows
-        on = os.environ.get("AIM_RT_GEMM_NORM", "1" if GEMM_NORM_ON else "0") == "1"
+    env = os.environ.get("AIM_RT_GEMM_NORM")  # the normed in_proj's instances on aim_gemm's rows
+    if d_model is not None and "GEMM_NORM" not in defines and (env is not None or "GEMM_NORM" not in step):
+        on = (env or ("1" if GEMM_NORM_ON else "0")) == "1"
         step["GEMM_NORM"] = gemm_norm_mask(step) if on else 0
     if gemv_depths is not None:
         chunks = sorted({k // 256 for k in gemv_depths})

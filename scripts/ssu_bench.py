@@ -129,6 +129,7 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "gn0": {"GEMM_NORM": 0},
     "gn6": {"GEMM_NORM": 2 | 4},  # AiM-L's and XL's aim_gemm rows (3/24-64)
     "gn12": {"GEMM_NORM": 4 | 8},  # AiM-B's (33-128)
+    "gn2": {"GEMM_NORM": 2},  # only the 32-row instance (AiM-L: batch 12-16, with m2fold so that out_proj folds)
     # (2026-12-05: "pair" / "gemvpair", the wide-tile products on cluster pairs splitting k, measured at 247ad49 /
     # 01ffad1 in bench/results/pair*_2026-12-05.*, slower in whole steps and removed with their kernels)
 }

@@ -700,10 +700,10 @@ def test_gemm_normed_in_proj_matches_its_formula_and_the_norm_kernels_product(d_
 
 
 @needs_gpu
-@pytest.mark.parametrize("d_model", [256, 1536])
+@pytest.mark.parametrize("d_model", [256, 1024, 1536])
 def test_backend_norms_in_proj_after_the_first_layer_as_faithfully_as_the_separate_norm(monkeypatch, d_model):
-    """Where Kernels.norm_fold_rows reaches (AIM_RT_NORM_FOLD; width 256: batch 1-16 on aim_gemv), and from
-    d_model 1536 on aim_gemm's rows (Hopper; batch 2-32), every layer after the first runs in_proj on its own
+    """Where Kernels.norm_fold_rows reaches (AIM_RT_NORM_FOLD; width 256: batch 1-16 on aim_gemv), and on aim_gemm's
+    rows (Hopper; d_model 1536: batch 2-32; 1024: batch 12-16), every layer after the first runs in_proj on its own
     norm of the residual (one launch per layer less; the prefill makes each layer's W shift). Against the same
     model in float32, teacher-forced on the same tokens, its CFG-mixed logits and draws are as close
     as the separate norm's (the products' inputs round at another point, so the bf16 bits differ;
@@ -715,7 +715,7 @@ def test_backend_norms_in_proj_after_the_first_layer_as_faithfully_as_the_separa
     model = aim_rt.random_model(cfg, seed=5, device="cuda", dtype="bfloat16")
     monkeypatch.setenv("AIM_RT_NORM_FOLD", "0")
     plain = CudaBackend(model)
-    if d_model == 1536 and not plain.kernels.gemms:
+    if d_model >= 1024 and not plain.kernels.gemms:
         pytest.skip("aim_gemm needs Hopper (sm_90)")
     f32 = CudaBackend(aim_rt.random_model(cfg, seed=5, device="cuda", dtype="float32"))
     settings = SamplingSettings(cfg_scale=3.0, top_k=100, top_p=0.95)
@@ -729,7 +729,7 @@ def test_backend_norms_in_proj_after_the_first_layer_as_faithfully_as_the_separa
         launch = getattr(normed.kernels, kind)
         setattr(normed.kernels, kind, lambda p, s, launch=launch, kind=kind: (
             calls.append((kind, p.g.rows, bool(p.bias_out))), launch(p, s)))
-    for batch in (1, 4, 16) if d_model == 256 else (2, 8):
+    for batch in {256: (1, 4, 16), 1024: (12, 16), 1536: (2, 8)}[d_model]:
         classes, seeds = [c % cfg.num_classes for c in range(batch)], list(range(20, 20 + batch))
         assert plain.norm_folds(2 * batch) is False and normed.norm_folds(2 * batch) is True
         tokens = plain.sample(classes, seeds, settings)

@@ -164,9 +164,9 @@ def test_model_width_picks_the_measured_build():
     # define only the host reads; elsewhere 16)
     assert [b.get("FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
     assert "XR(6,2)" not in step_builds("bfloat16", {"FOLD_ROWS": 16}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
-    # aim_gemm's folded 32-row instance (FOLD_GEMM_M2) only from d_model 1536; the folded out_proj on aim_gemm
-    # to 128 rows (GEMM_FOLD_MAX_ROWS, FOLD_GEMM_M8) from 1024
-    assert [b.get("FOLD_GEMM_M2") for b in (base, large, xl, default)] == [None, None, 1, None]
+    # aim_gemm's folded 32-row instance (FOLD_GEMM_M2) from d_model 1024; the folded out_proj on aim_gemm to 128
+    # rows (GEMM_FOLD_MAX_ROWS, FOLD_GEMM_M8) from 1024
+    assert [b.get("FOLD_GEMM_M2") for b in (base, large, xl, default)] == [None, 1, 1, None]
     assert [(b.get("GEMM_FOLD_MAX_ROWS"), b.get("FOLD_GEMM_M8")) for b in (base, large, xl, default)] == [
         (None, None), (128, 1), (128, 1), (None, None)]
     # the state update's warp kernel from 96 rows at AiM-B's width, 64 from 1024 (a define only the host reads);
@@ -174,24 +174,27 @@ def test_model_width_picks_the_measured_build():
     assert [b.get("SSU_WARP_ROWS") for b in (base, large, xl, default)] == [96, 64, 64, None]
     # in_proj norming its own x at all of aim_gemv's rows below d_model 1024 (a define only the host reads)
     assert [b.get("NORM_FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
-    # ... and from d_model 1536 on aim_gemm's rows, the normed instances of the MTs those rows run (AiM-XL 3-64:
-    # m2, m4; GEMM_NORM_ON, AIM_RT_GEMM_NORM: test below); without a width the source's default (every instance)
-    assert [b.get("GEMM_NORM") for b in (base, large, xl, default)] == [0, 0, 2 | 4, None]
+    # ... and on aim_gemm's rows: from d_model 1536 the normed instances of the MTs those rows run (AiM-XL 3-64:
+    # m2, m4; GEMM_NORM_ON, AIM_RT_GEMM_NORM: test below), at 1024 the 32-row one (AiM-L 24-32), none below;
+    # without a width the source's default (every instance)
+    assert [b.get("GEMM_NORM") for b in (base, large, xl, default)] == [0, 2, 2 | 4, None]
 
 
 def test_gemm_norm_instances_follow_the_models_aim_gemm_rows(monkeypatch):
-    """AIM_RT_GEMM_NORM=1: from d_model 1536 the normed aim_gemm instances of the MTs the model's aim_gemm rows
-    run (AiM-XL 3-64: m2, m4), none below (measured slower at AiM-B); =0 none."""
+    """AIM_RT_GEMM_NORM=1: at every width the normed aim_gemm instances of the MTs the model's aim_gemm rows run
+    (AiM-B 33-128: m4, m8; AiM-L 24-64 and AiM-XL 3-64: m2, m4), over the model's own choice; =0 none; an
+    explicit GEMM_NORM define wins over both."""
     from aim_rt.plugins.kernels import gemm_norm_mask, step_builds
 
     monkeypatch.setenv("AIM_RT_GEMM_NORM", "1")
-    assert [step_builds("bfloat16", d_model=d)[0]["GEMM_NORM"] for d in (768, 1024, 1536)] == [0, 0, 2 | 4]
+    assert [step_builds("bfloat16", d_model=d)[0]["GEMM_NORM"] for d in (768, 1024, 1536)] == [4 | 8, 2 | 4, 2 | 4]
+    assert step_builds("bfloat16", {"GEMM_NORM": 2}, d_model=1536)[0]["GEMM_NORM"] == 2
     assert step_builds("bfloat16", {"GEMM_MIN_ROWS": 33, "GEMM_MAX_ROWS": 128}, d_model=1536)[0]["GEMM_NORM"] == 12
     assert step_builds("bfloat16", {"GEMM_M2": 0}, d_model=1536)[0]["GEMM_NORM"] == 4
     assert gemm_norm_mask({"GEMM_MIN_ROWS": 3, "GEMM_MAX_ROWS": 128}) == 14
     assert gemm_norm_mask({"GEMM_MIN_ROWS": 65, "GEMM_MAX_ROWS": 64}) == 0
     monkeypatch.setenv("AIM_RT_GEMM_NORM", "0")
-    assert step_builds("bfloat16", d_model=1536)[0]["GEMM_NORM"] == 0
+    assert [step_builds("bfloat16", d_model=d)[0]["GEMM_NORM"] for d in (768, 1024, 1536)] == [0, 0, 0]
 
 
 def test_fold_gemm_m2_m8_add_folded_instances_only_where_aim_gemm_folds():
