@@ -741,7 +741,8 @@ def test_backend_norms_in_proj_after_the_first_layer_as_faithfully_as_the_separa
         kind = "gemv_norm" if d_model == 256 else "gemm_norm"
         assert calls == [(kind, 2 * batch, True)] * (cfg.n_layer - 1) + [(kind, 2 * batch, False)] * (
             (cfg.n_layer - 1) * cfg.num_tokens), batch
-        assert rel_err(mixed, mixed_p) <= 2e-2, batch
+        # (the two bf16 roundings apart: at width 1024, H100, 2.4e-2, each 1.3-1.4e-2 from float32's)
+        assert rel_err(mixed, mixed_p) <= 3e-2, batch
         assert rel_err(mixed, mixed_f) <= 1.25 * rel_err(mixed_p, mixed_f) + 1e-3, batch
         agree = lambda a, b: (a == b).float().mean().item()  # noqa: E731
         assert agree(draws, draws_f) >= agree(draws_p, draws_f) - 0.1, batch
