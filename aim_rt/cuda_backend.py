@@ -351,12 +351,15 @@ class CudaBackend:
 
     def _in_proj_splits(self, rows: int) -> int | None:
         """aim_gemm's k split for in_proj at this many rows (as _matmul splits it); None where it is not aim_gemm's."""
+        return self._gemm_splits(rows, self.config.d_in_proj, self.config.d_model)
+
+    def _gemm_splits(self, rows: int, n: int, k: int) -> int | None:
+        """aim_gemm's k split for a product of `rows` rows, n columns and depth k; None where it is not aim_gemm's."""
         from aim_rt.plugins.kernels import gemm_splits
 
-        cfg = self.config
-        if not self.kernels.gemm_supported(rows, cfg.d_model):
+        if not self.kernels.gemm_supported(rows, k):
             return None
-        return gemm_splits(cfg.d_in_proj, cfg.d_model, self.kernels.gemm_ctas)
+        return gemm_splits(n, k, self.kernels.gemm_ctas)
 
     def _norm_inputs(self, buf: _Buffers, update: bool = False) -> Tensor:
         """What in_proj norming its own x takes from a sample's modulations (buf.mods): gm, the norm weight times
@@ -408,11 +411,12 @@ class CudaBackend:
         """y = x @ w.T: our skinny tensor-core product (weights read once, streamed before the previous kernel
         ends) for 16-bit models up to GEMV_FAST_ROWS rows; above it, on Hopper, our split-k cluster GEMM up to
         128 rows (aim_gemm); cuBLAS otherwise."""
-        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemm_params, gemm_splits, gemv_params
+        from aim_rt.plugins.kernels import GEMV_FAST_ROWS, gemm_params, gemv_params
 
         stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
-        if self.use_gemv and self.kernels.gemm_supported(x.shape[0], x.shape[1]):
-            p = gemm_params(x, w, y, gemm_splits(w.shape[0], x.shape[1], self.kernels.gemm_ctas))
+        splits = self._gemm_splits(x.shape[0], w.shape[0], x.shape[1]) if self.use_gemv else None
+        if splits is not None:
+            p = gemm_params(x, w, y, splits)
             return lambda: self.kernels.gemm(p, stream())
         if self.use_gemv and x.shape[0] <= GEMV_FAST_ROWS and self.kernels.gemv_supported(x.shape[0], x.shape[1]):
             p = gemv_params(x, w, y)
