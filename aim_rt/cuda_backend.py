@@ -80,7 +80,7 @@ def precompile(config, dtype: str, device) -> None:
     threads; the disk cache makes it a no-op the second time), and start loading cuDNN (warm_cudnn). Called
     before the model is built or loaded (by `aim-rt generate` and `bench`), a cold start overlaps both with that;
     CudaBackend and the VQ decoder then wait for them instead of starting their own."""
-    from aim_rt.plugins.kernels import kernel_builds
+    from aim_rt.plugins.kernels import kernel_arch, kernel_builds
 
     from .vq_fast import ELEM_KINDS, compile_vq_async
 
@@ -88,7 +88,7 @@ def precompile(config, dtype: str, device) -> None:
     if dev.type != "cuda" or not torch.cuda.is_available():
         return
     major, minor = torch.cuda.get_device_capability(dev)
-    arch = f"sm_{major}{minor}"
+    arch = kernel_arch(major, minor)
     kernel_builds(dtype, arch, gemv_depths=_gemv_depths(config), d_model=config.d_model)
     if dtype in ELEM_KINDS:  # the 16-bit models' VQ decoder
         compile_vq_async(dtype, arch)

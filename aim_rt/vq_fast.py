@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .plugins.kernels import VQ_DEFINES
+from .plugins.kernels import VQ_DEFINES, kernel_arch
 from .vq import VQModel
 
 VEC_BATCH = VQ_DEFINES["VEC_BATCH"]  # the default build's vectors per thread before computing (VEC_BATCH)
@@ -227,7 +227,7 @@ class _CudaOps:
         self.mma = major >= 8  # vq_conv_out's mma.sync m16n8k16
         name = str(dtype).removeprefix("torch.")
         torch.empty(1, device=device)  # the primary context current for the driver API
-        cubin = compile_vq_async(name, f"sm_{major}{minor}", vec_batch=vec_batch).result()
+        cubin = compile_vq_async(name, kernel_arch(major, minor), vec_batch=vec_batch).result()
         self.vec_batch = vec_batch
         if chunk_bytes < 1 or max_chunks < 1:
             raise ValueError(f"chunk_bytes and max_chunks must be positive, not {chunk_bytes}, {max_chunks}")

@@ -2122,6 +2122,83 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned addr, unsigned& r0, unsigne
 // 8 rows an ldmatrix phase reads fall on 8 different bank groups.
 __device__ __forceinline__ int gemm_swz(int r, int c) { return r * GEMM_BK + ((c ^ (r & 7)) << 3); }
 
+// GEMM_WGMMA 1 (the default where the compiler targets sm_90a): the products run on wgmma, Hopper's warpgroup
+// instruction, instead of ldmatrix + mma.sync. Swapped operands: the weight tile (GEMM_BN = 64 rows of w) is
+// wgmma's A (m64) and the x tile (all 16 * MT rows) its B (n = 16 * MT), both read from the swizzled tiles
+// above, which are the layout wgmma's 128-byte swizzle expects (8-row groups 1024 bytes apart, tile bases
+// 1024-byte aligned). One warpgroup (warps 0-3) multiplies; all 8 warps load. Why: at 128 rows mma.sync kept
+// the SMs' issue slots busy with ldmatrix / mma pairs (aim_gemm_m8 at 0.27 instructions per scheduler-cycle,
+// ncu, bench/results/ncu_gemm_stalls_h100_2026-12-06.txt) while one wgmma multiplies 64 x 16 * MT x 16.
+#ifndef GEMM_WGMMA
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GEMM_WGMMA 1
+#else
+#define GEMM_WGMMA 0
+#endif
+#endif
+#if GEMM_WGMMA
+#if ELEM_KIND == 2
+#define WGMMA_T "bf16"
+#else
+#define WGMMA_T "f16"
+#endif
+// Shared-memory matrix descriptor of a K-major tile with 128-byte swizzle: start address, leading byte offset
+// 16 (unused by this layout), stride byte offset 1024 (between 8-row groups), swizzle mode 1 (128 bytes).
+__device__ __forceinline__ unsigned long long wgmma_desc(unsigned addr) {
+  return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// d (64 x N float32, in wgmma's accumulator layout) += A (64 x 16) * B (N x 16)^T
+template <int N>
+__device__ __forceinline__ void wgmma_k16(float (&d)[N / 2], unsigned long long a, unsigned long long b);
+template <>
+__device__ __forceinline__ void wgmma_k16<32>(float (&d)[16], unsigned long long a, unsigned long long b) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." WGMMA_T "." WGMMA_T " {"
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+               "}, %16, %17, p, 1, 1, 0, 0;\n}"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+               : "l"(a), "l"(b), "r"(1));
+}
+template <>
+__device__ __forceinline__ void wgmma_k16<64>(float (&d)[32], unsigned long long a, unsigned long long b) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." WGMMA_T "." WGMMA_T " {"
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+               "}, %32, %33, p, 1, 1, 0, 0;\n}"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),
+                 "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                 "+f"(d[30]), "+f"(d[31])
+               : "l"(a), "l"(b), "r"(1));
+}
+template <>
+__device__ __forceinline__ void wgmma_k16<128>(float (&d)[64], unsigned long long a, unsigned long long b) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." WGMMA_T "." WGMMA_T " {"
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+               "}, %64, %65, p, 1, 1, 0, 0;\n}"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),
+                 "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                 "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),
+                 "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+                 "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),
+                 "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]),
+                 "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+               : "l"(a), "l"(b), "r"(1));
+}
+#endif
+
 // rows <= 16 * MT. The 8 warps: RW over the rows (each MT / RW m-tiles), 8 / RW over the columns (each
 // GEMM_BN / (8 / RW) of them, NJ n-tiles of 8): MT 8 and 4 with RW 4, MT 2 (up to 32 rows) with RW 2, so that no
 // warp multiplies an m-tile of rows past the 32nd.
@@ -2131,11 +2208,16 @@ template <int MT, int RW, int STAGES, bool NORMED = false>
 __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams* f, const GemvNext* nn = nullptr,
                                           const GemmNormParams* nx = nullptr) {
   constexpr int BM = 16 * MT, MW = MT / RW, NJ = GEMM_BN / 8 / (8 / RW), A_TILE = BM * GEMM_BK, B_TILE = GEMM_BN * GEMM_BK;
-  static_assert(BM * GEMM_RED_LD * 4 <= STAGES * (A_TILE + B_TILE) * 2, "the partial tile reuses that memory");
+  // the partial tile's row pitch (floats): wgmma's accumulators store 4 bytes at a time, 8 rows x 4 columns per
+  // warp store, conflict-free at a pitch of 4 mod 16 banks; mma.sync's float2 stores at GEMM_RED_LD
+  constexpr int RED_LD = GEMM_WGMMA ? GEMM_BN + 4 : GEMM_RED_LD;
+  static_assert(BM * RED_LD * 4 <= STAGES * (A_TILE + B_TILE) * 2, "the partial tile reuses that memory");
   __shared__ float s_gs[BM];  // folded: the 1/rms of the gated norm of each row this CTA finishes; NORMED: of
                               // the residual norm
   extern __shared__ __align__(128) unsigned char gemm_smem[];
-  elem_t* As = reinterpret_cast<elem_t*>(gemm_smem);  // STAGES x [BM][GEMM_BK]
+  // tiles 1024-byte aligned (the swizzle's period; gemm_smem_bytes adds the 1 KB this may skip)
+  unsigned char* smem = gemm_smem + ((1024 - (smem_addr(gemm_smem) & 1023)) & 1023);
+  elem_t* As = reinterpret_cast<elem_t*>(smem);       // STAGES x [BM][GEMM_BK]
   elem_t* Bs = As + STAGES * A_TILE;                  // STAGES x [GEMM_BN][GEMM_BK]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp % RW, wn = warp / RW;
   unsigned rank;
@@ -2187,20 +2269,39 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
       }
   }
 
+#if GEMM_WGMMA
+  float acc[BM / 2];  // warps 0-3: the 64 x BM tile (w rows x x rows) in wgmma's layout
+#pragma unroll
+  for (int i = 0; i < BM / 2; ++i) acc[i] = 0.0f;
+#else
   float acc[MW][NJ][4];
 #pragma unroll
   for (int i = 0; i < MW; ++i)
 #pragma unroll
     for (int j = 0; j < NJ; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+#endif
 
   for (int c = 0; c < chunks; ++c) {
     cp_async_wait<STAGES - 2>();
+#if GEMM_WGMMA
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async's writes, read by wgmma (async proxy)
+#endif
     __syncthreads();  // chunk c is in for every thread; the stage refilled below was consumed by all
     const int nxt = c + STAGES - 1;
     if (nxt < chunks) { load_a(nxt % STAGES, nxt); load_b(nxt % STAGES, nxt); }
     cp_async_commit();
     const int st = c % STAGES;
     const unsigned a_st = as0 + st * A_TILE * 2, b_st = bs0 + st * B_TILE * 2;
+#if GEMM_WGMMA
+    if (warp < 4) {  // (warp-uniform) the warpgroup: 4 k-steps of 16, then done before the stage is refilled
+      wgmma_fence();
+      const unsigned long long da = wgmma_desc(b_st), db = wgmma_desc(a_st);
+#pragma unroll
+      for (int kk = 0; kk < GEMM_BK / 16; ++kk) wgmma_k16<BM>(acc, da + 2 * kk, db + 2 * kk);  // +32 bytes of k
+      wgmma_commit();
+      wgmma_wait_all();
+    }
+#else
 #pragma unroll
     for (int kk = 0; kk < GEMM_BK / 16; ++kk) {
       unsigned a[MW][4], b[NJ][2];
@@ -2220,22 +2321,33 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
 #pragma unroll
         for (int j = 0; j < NJ; ++j) mma_16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
     }
+#endif
   }
   cp_async_wait<0>();
   __syncthreads();  // the pipeline's shared memory is reused for the partial tile
 
   // this CTA's partial tile, [BM][GEMM_BN] float32 in shared memory (rows GEMM_RED_LD apart: a warp's stores
   // of 8 rows hit the banks twice, not 8 times); rank order sums them through the cluster
-  float* red = reinterpret_cast<float*>(gemm_smem);
+  float* red = reinterpret_cast<float*>(smem);
   const int g = lane >> 2, t = lane & 3;
+#if GEMM_WGMMA
+  if (warp < 4) {  // accumulator 4j + q: w row 16 warp + g (+8 for q >= 2), x row 8j + 2t (+1 for odd q)
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        red[(8 * j + 2 * t + (q & 1)) * RED_LD + 16 * warp + g + (q >> 1) * 8] = acc[4 * j + q];
+  }
+#else
 #pragma unroll
   for (int i = 0; i < MW; ++i)
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
       const int r = (wm * MW + i) * 16 + g, col = wn * (8 * NJ) + j * 8 + 2 * t;
-      *reinterpret_cast<float2*>(red + r * GEMM_RED_LD + col) = make_float2(acc[i][j][0], acc[i][j][1]);
-      *reinterpret_cast<float2*>(red + (r + 8) * GEMM_RED_LD + col) = make_float2(acc[i][j][2], acc[i][j][3]);
+      *reinterpret_cast<float2*>(red + r * RED_LD + col) = make_float2(acc[i][j][0], acc[i][j][1]);
+      *reinterpret_cast<float2*>(red + (r + 8) * RED_LD + col) = make_float2(acc[i][j][2], acc[i][j][3]);
     }
+#endif
   asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
   const unsigned red0 = smem_addr(red);
   const int rows = min(p.rows, BM);
@@ -2261,7 +2373,7 @@ __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams*
       if (q >= S) break;
       unsigned remote;
       asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
-                   : "=r"(remote) : "r"(red0 + (r * GEMM_RED_LD + c) * 4), "r"(q));
+                   : "=r"(remote) : "r"(red0 + (r * RED_LD + c) * 4), "r"(q));
       asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];"
                    : "=f"(v[q].x), "=f"(v[q].y), "=f"(v[q].z), "=f"(v[q].w) : "r"(remote) : "memory");
     }

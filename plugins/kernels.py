@@ -153,8 +153,8 @@ def model_defines(d_model: int) -> dict:
       (bench/results/gemm_foldmax_h200_2026-12-04.*, whole steps, tokens differ only by the sums' order): AiM-XL
       batch 33 / 48 / 64 -6.6 / -5.1 / -3.7 %, AiM-L -6.6 / -5.8 / -3.1 %; all three products on aim_gemm
       (gemm_max128_h200_2026-12-04.*) gained less (in_proj and lm_head alone +70 % on m8). AiM-B, whose
-      products run aim_gemm up to 128 rows already, gains 0.6 % at batch 48 and nothing at 64 from folding m8:
-      not worth one more kernel to compile at its cold start.
+      products run aim_gemm up to 128 rows already, gained 0.6 % at batch 48 and nothing at 64 from folding m8
+      then (on wgmma since: -1.0 % at 64, below).
     - The state update's warp kernel (aim_ssu_warps, every warp its own slices, no barrier per slice) from
       SSU_WARP_ROWS rows (a define only the host reads), the block kernel below (bench/results/ssw2_h200_
       2026-12-04.*, whole steps, tokens identical: the two kernels write the same bits): AiM-B from 96 rows,
@@ -179,7 +179,13 @@ def model_defines(d_model: int) -> dict:
     - At d_model 1024 (AiM-L) the same on aim_gemm's 24-32 rows only (GEMM_NORM=2: aim_gemm_norm_m2), with the
       32-row out_proj folded to hand x * gm on (FOLD_GEMM_M2). Measured on an H100 (bench/results/gnl{,2}_h100_
       2026-12-06.*, whole steps, 2 rounds alternating): batch 12 / 16 -4.0 / -2.4 % (the fold alone +1.0 / +3.2 %);
-      on 33-64 rows (m4) +2.1 / +3.0 % at batch 24 / 32, so not there."""
+      on 33-64 rows (m4) +2.1 / +3.0 % at batch 24 / 32, so not there.
+    - Since aim_gemm runs on wgmma (GEMM_WGMMA, sm_90a; 2026-12-06, seventh session, on an H100: bench/results/
+      wg{,3}_h100_2026-12-06.*, whole steps, 2 rounds alternating, tokens identical): AiM-B's 128-row out_proj
+      folds too (FOLD_GEMM_M8; batch 64 -1.0 %, batch 24 / 32 even), and AiM-L's in_proj (and lm_head) run
+      aim_gemm up to 128 rows instead of cuBLAS past 64 (GEMM_MAX_ROWS; batch 64 -4.3 %). AiM-XL's stay on
+      cuBLAS past 64 rows (128: even at batch 48, +2.1 % at 64); AiM-B's normed aim_gemm still loses (batch 32 /
+      64 +4.0 / +3.5 %)."""
     defines = {"NORM_PER_ONLY": norm_instance(d_model)}
     if d_model < 1024:
         defines.update(PDL_EARLY_NORM=PDL_EARLY_ANY, PDL_EARLY_GEMV=PDL_EARLY_ANY, RESID_M1_ROWS=2, FOLD_ROWS=32)
@@ -188,11 +194,11 @@ def model_defines(d_model: int) -> dict:
                        GEMM_STAGES_M4=6, GEMM_FOLD_MAX_ROWS=128, FOLD_GEMM_M8=1)
         if d_model >= 1536:
             defines.update(GEMM_STAGES_M2=8, FOLD_GEMM_M2=1)
-        else:  # AiM-L: its 24-32 rows folded and normed (m2), not its 33-64
-            defines.update(FOLD_GEMM_M2=1, GEMM_NORM=2)
+        else:  # AiM-L: its 24-32 rows folded and normed (m2), not its 33-64; in_proj on aim_gemm up to 128 rows
+            defines.update(FOLD_GEMM_M2=1, GEMM_NORM=2, GEMM_MAX_ROWS=128)
     defines.update(SSU_WARP_ROWS=96 if d_model < 1024 else 64)
     if d_model < 1024:
-        defines.update(NORM_FOLD_ROWS=32, GEMM_NORM=0)
+        defines.update(NORM_FOLD_ROWS=32, GEMM_NORM=0, FOLD_GEMM_M8=1)
     return defines
 
 
@@ -310,9 +316,16 @@ VQ_SOURCE = SOURCE.with_name("vq_kernels.cu")
 VQ_DEFINES = {"VEC_BATCH": 4}  # the VQ decoder's default build (aim_rt/vq_fast.py)
 
 
+def kernel_arch(major: int, minor: int) -> str:
+    """The NVRTC target of a GPU of compute capability major.minor: 'sm_90a' on Hopper (its architecture-specific
+    instructions: aim_gemm's wgmma), else 'sm_<major><minor>'. Every compile for a device goes through this, so
+    that a precompiled program and the one loaded share their cache entry."""
+    return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
+
+
 def device_arch(index: int = 0) -> str | None:
-    """'sm_90' for CUDA device `index`, through the driver API (torch is not needed, nor imported), or None
-    where there is no usable GPU or no cuda-python."""
+    """The NVRTC target (kernel_arch) of CUDA device `index`, through the driver API (torch is not needed, nor
+    imported), or None where there is no usable GPU or no cuda-python."""
     try:
         from cuda.bindings import driver
 
@@ -328,7 +341,7 @@ def device_arch(index: int = 0) -> str | None:
     minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
     if int(major[0]) != 0 or int(minor[0]) != 0:
         return None
-    return f"sm_{major[1]}{minor[1]}"
+    return kernel_arch(major[1], minor[1])
 
 
 def precompile_early(dtype: str, device_index: int = 0) -> None:
@@ -699,7 +712,7 @@ def gemm_mt(rows: int, available=(2, 4, 8)) -> int:
 def gemm_smem_bytes(mt: int, stages: int) -> int:
     """aim_gemm_m<mt>'s dynamic shared memory: `stages` stages of an x chunk (16 * mt rows) and a weight chunk
     (GEMM_BN rows), GEMM_BK 16-bit elements each (the partial tile reuses it)."""
-    return stages * (16 * mt + GEMM_BN) * GEMM_BK * 2
+    return stages * (16 * mt + GEMM_BN) * GEMM_BK * 2 + 1024  # + what aligning the tiles to 1 KB may skip
 
 
 def gemm_splits(n: int, k: int, num_sms: int) -> int:
@@ -787,7 +800,7 @@ class Kernels:
 
         self.driver = driver
         major, minor = torch.cuda.get_device_capability(device_index)
-        self.arch = f"sm_{major}{minor}"
+        self.arch = kernel_arch(major, minor)
         self.dtype = dtype
         torch.cuda.init()
         torch.empty(1, device=f"cuda:{device_index}")  # makes the primary context current for the driver API

@@ -31,7 +31,7 @@ from test_sampling_kernel import KINDS, SETTINGS, fixed_point_draw, random_logit
 
 from aim_rt.bench import replay_us  # noqa: E402
 from aim_rt.plugins.kernels import (Kernels, SampleParams, _check, compile_async, compile_cubin,  # noqa: E402
-                                    kernel_builds, pdl_attributes)
+                                    kernel_arch, kernel_builds, pdl_attributes)
 from aim_rt.sampling import SamplingSettings, draw  # noqa: E402
 
 T0 = time.time()
@@ -224,7 +224,7 @@ def precompile(old_source: Path | None) -> None:
     """Every cubin this script (and the kernel tests) will load, compiled at once into the disk cache: the
     programs of each Kernels (kernel_builds) and the sources OldSampler compiles as they are."""
     major, minor = torch.cuda.get_device_capability()
-    arch = f"sm_{major}{minor}"
+    arch = kernel_arch(major, minor)
     builds = [b for dt in ("bfloat16", "float16", "float32") for b in kernel_builds(dt, arch)]
     builds += kernel_builds("bfloat16", arch, {"SAMPLE_THREADS": 512})
     olds = [old_source] if old_source is not None else []

@@ -23,7 +23,7 @@ import torch
 
 import aim_rt
 from aim_rt.bench import copy_bandwidth, op_bytes, replay_us
-from aim_rt.plugins.kernels import PDL_EARLY_ANY, Kernels, kernel_builds, ssu_params
+from aim_rt.plugins.kernels import PDL_EARLY_ANY, Kernels, kernel_arch, kernel_builds, ssu_params
 
 # new-kernel compile-time variants (the first is the default build)
 VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was SSU_MIN_BLOCKS=4: "new" there is
@@ -130,6 +130,15 @@ VARIANTS = {  # (run 2 of 2026-11-29 measured at 2c473d1, where the default was 
     "gn6": {"GEMM_NORM": 2 | 4},  # AiM-L's and XL's aim_gemm rows (3/24-64)
     "gn12": {"GEMM_NORM": 4 | 8},  # AiM-B's (33-128)
     "gn2": {"GEMM_NORM": 2},  # only the 32-row instance (AiM-L: batch 12-16, with m2fold so that out_proj folds)
+    # 2026-12-06 (seventh session): aim_gemm on wgmma (GEMM_WGMMA, the default on sm_90a); 0: ldmatrix + mma.sync
+    "wg0": {"GEMM_WGMMA": 0},
+    # (2026-12-06, seventh session: "pf32", the state update pulling the next layer's in_proj weights into L2 and
+    # in_proj its out_proj's, up to 32 rows (cp.async.bulk.prefetch.L2), measured in bench/results/wg_h100_
+    # 2026-12-06.*: AiM-B b1 even, b16 -1.2 %, AiM-XL b1 +6.5 %, b16 +19 %; removed)
+    # the new defaults' opposites (model_defines since then): AiM-B's 128-row out_proj unfolded, AiM-L's in_proj
+    # on cuBLAS past 64 rows
+    "nofold8": {"FOLD_GEMM_M8": 0},
+    "max64": {"GEMM_MAX_ROWS": 64},
     # (2026-12-05: "pair" / "gemvpair", the wide-tile products on cluster pairs splitting k, measured at 247ad49 /
     # 01ffad1 in bench/results/pair*_2026-12-05.*, slower in whole steps and removed with their kernels)
 }
@@ -175,7 +184,7 @@ def make_kernels(name):
 
 def build_kernels(old_source, names, old_per_slice=False, old_builds=()):
     major, minor = torch.cuda.get_device_capability()
-    arch = f"sm_{major}{minor}"
+    arch = kernel_arch(major, minor)
     t = time.perf_counter()
     # every build at once (NVRTC is slow and releases the GIL): the programs each Kernels below loads
     builds = [b for n in names if known(n) for b in kernel_builds("bfloat16", arch, **build_args(n))]

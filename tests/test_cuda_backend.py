@@ -27,7 +27,7 @@ def _nvrtc_usable() -> bool:
 
 
 @pytest.mark.skipif(not _nvrtc_usable(), reason="cuda-python with an NVRTC library is not installed")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_90a"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_kernels_compile(arch, dtype):
     from aim_rt.plugins.kernels import compile_cubin

@@ -150,9 +150,9 @@ def test_model_width_picks_the_measured_build():
     assert "NORM_PER_ONLY" not in default and "Y(" not in default["GEMV_INSTANCES"]
     assert "XR(" not in default["GEMV_INSTANCES"]  # the folded products only for a known width
     assert step_builds("bfloat16", {"NORM_PER_ONLY": 8}, d_model=768)[0]["NORM_PER_ONLY"] == 8
-    # aim_gemm's rows as measured per width: AiM-B the kernel's default (33-128), AiM-L 24-64, AiM-XL 3-64
+    # aim_gemm's rows as measured per width: AiM-B the kernel's default (33-128), AiM-L 24-128, AiM-XL 3-64
     gemm_rows = lambda b: (b.get("GEMM_MIN_ROWS"), b.get("GEMM_MAX_ROWS"))  # noqa: E731
-    assert [gemm_rows(b) for b in (base, large, xl, default)] == [(None, None), (24, 64), (3, 64), (None, None)]
+    assert [gemm_rows(b) for b in (base, large, xl, default)] == [(None, None), (24, 128), (3, 64), (None, None)]
     assert gemm_rows(step_builds("bfloat16", {"GEMM_MAX_ROWS": 128}, d_model=1536)[0]) == (3, 128)
     # aim_gemv's wide tiles from 9 rows from d_model 1024 (a define only the host reads), else from 17
     assert [b.get("GEMV_NARROW_ROWS") for b in (base, large, xl, default)] == [None, 8, 8, None]
@@ -164,11 +164,11 @@ def test_model_width_picks_the_measured_build():
     # define only the host reads; elsewhere 16)
     assert [b.get("FOLD_ROWS") for b in (base, large, xl, default)] == [32, None, None, None]
     assert "XR(6,2)" not in step_builds("bfloat16", {"FOLD_ROWS": 16}, (768, 1536), 768)[0]["GEMV_INSTANCES"]
-    # aim_gemm's folded 32-row instance (FOLD_GEMM_M2) from d_model 1024; the folded out_proj on aim_gemm to 128
-    # rows (GEMM_FOLD_MAX_ROWS, FOLD_GEMM_M8) from 1024
+    # aim_gemm's folded 32-row instance (FOLD_GEMM_M2) from d_model 1024; the folded 128-row one (FOLD_GEMM_M8)
+    # at every known width, from 1024 with the folded out_proj on aim_gemm to 128 rows (GEMM_FOLD_MAX_ROWS)
     assert [b.get("FOLD_GEMM_M2") for b in (base, large, xl, default)] == [None, 1, 1, None]
     assert [(b.get("GEMM_FOLD_MAX_ROWS"), b.get("FOLD_GEMM_M8")) for b in (base, large, xl, default)] == [
-        (None, None), (128, 1), (128, 1), (None, None)]
+        (None, 1), (128, 1), (128, 1), (None, None)]
     # the state update's warp kernel from 96 rows at AiM-B's width, 64 from 1024 (a define only the host reads);
     # without a width the source's default
     assert [b.get("SSU_WARP_ROWS") for b in (base, large, xl, default)] == [96, 64, 64, None]
@@ -182,12 +182,12 @@ def test_model_width_picks_the_measured_build():
 
 def test_gemm_norm_instances_follow_the_models_aim_gemm_rows(monkeypatch):
     """AIM_RT_GEMM_NORM=1: at every width the normed aim_gemm instances of the MTs the model's aim_gemm rows run
-    (AiM-B 33-128: m4, m8; AiM-L 24-64 and AiM-XL 3-64: m2, m4), over the model's own choice; =0 none; an
+    (AiM-B 33-128: m4, m8; AiM-L 24-128: m2, m4, m8; AiM-XL 3-64: m2, m4), over the model's own choice; =0 none; an
     explicit GEMM_NORM define wins over both."""
     from aim_rt.plugins.kernels import gemm_norm_mask, step_builds
 
     monkeypatch.setenv("AIM_RT_GEMM_NORM", "1")
-    assert [step_builds("bfloat16", d_model=d)[0]["GEMM_NORM"] for d in (768, 1024, 1536)] == [4 | 8, 2 | 4, 2 | 4]
+    assert [step_builds("bfloat16", d_model=d)[0]["GEMM_NORM"] for d in (768, 1024, 1536)] == [4 | 8, 2 | 4 | 8, 2 | 4]
     assert step_builds("bfloat16", {"GEMM_NORM": 2}, d_model=1536)[0]["GEMM_NORM"] == 2
     assert step_builds("bfloat16", {"GEMM_MIN_ROWS": 33, "GEMM_MAX_ROWS": 128}, d_model=1536)[0]["GEMM_NORM"] == 12
     assert step_builds("bfloat16", {"GEMM_M2": 0}, d_model=1536)[0]["GEMM_NORM"] == 4
