@@ -218,7 +218,7 @@ def test_gemm_rows_follow_the_model_build():
     # the folded out_proj from 3 to 128 rows (AiM-XL: GEMM_FOLD_MAX_ROWS), where it has a folded instance
     assert [r for r in range(1, 200) if xl.gemm_supported(r, 3072, folded=True)] == list(range(3, 129))
     assert [r for r in range(1, 200) if xl.fold_supported(r, 3072, 1536)] == list(range(1, 129))
-    assert [r for r in range(1, 200) if b.fold_supported(r, 1536, 768)] == list(range(1, 65))
+    assert [r for r in range(1, 200) if b.fold_supported(r, 1536, 768)] == list(range(1, 129))
     assert [r for r in range(1, 200) if b.gemm_supported(r, 768)] == list(range(33, 129))
     assert (xl.gemv_narrow_rows, b.gemv_narrow_rows) == (8, 16)  # aim_gemv's wide tiles from 9 / 17 rows
     assert (xl.ssu_warp_rows, b.ssu_warp_rows) == (64, 96)  # the state update's warp kernel from these rows
@@ -556,9 +556,9 @@ def test_folded_residual_add_gives_the_norm_kernels_bits(d_model, gated, heads):
                if kern.fold_supported(rows, d_inner, d_model)]
     want = [1, 2, 5, 8, 9, 16] + ([17, 32] if d_model < 1024 else [])  # aim_gemv up to FOLD_ROWS (model_defines)
     if kern.gemms:  # Hopper: aim_gemm's rows (model_defines: from 3 at 1536, else from 33) fold too, in the
-        # instances compiled: every one at 768 (FOLD_GEMM 2) and at 1536 (its build: FOLD_GEMM_M2 / _M8, the
-        # folded out_proj on aim_gemm to 128 rows), the 64-row one at 256 (the default)
-        want += {1536: [17, 32, 33, 64, 100, 128], 768: [33, 64, 100, 128], 256: [33, 64], 128: [33, 64]}[d_model]
+        # instances compiled: every one at 768 (FOLD_GEMM 2), at 1536 (its build: FOLD_GEMM_M2 / _M8, the
+        # folded out_proj on aim_gemm to 128 rows), the 64- and 128-row ones below 1024 (FOLD_GEMM_M8)
+        want += [17, 32, 33, 64, 100, 128] if d_model == 1536 else [33, 64, 100, 128]
         # (at 1536, rows 5-16 fold too, on aim_gemm_resid_m2 instead of aim_gemv_resid)
     assert folding == want
     for rows in folding:

@@ -105,11 +105,13 @@ def test_compile_async_builds_each_program_once(monkeypatch):
 def test_device_arch_without_a_gpu_or_with_one():
     import torch
 
-    from aim_rt.plugins.kernels import device_arch
+    from aim_rt.plugins.kernels import device_arch, kernel_arch
 
+    # Hopper builds for its architecture-specific target (wgmma), every other GPU for its plain one
+    assert [kernel_arch(*cc) for cc in ((8, 0), (8, 9), (9, 0), (10, 0))] == ["sm_80", "sm_89", "sm_90a", "sm_100"]
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(0)
-        assert device_arch(0) == f"sm_{major}{minor}"
+        assert device_arch(0) == kernel_arch(major, minor)
     else:
         assert device_arch(0) is None
 
