@@ -2126,9 +2126,10 @@ __device__ __forceinline__ int gemm_swz(int r, int c) { return r * GEMM_BK + ((c
 // instruction, instead of ldmatrix + mma.sync. Swapped operands: the weight tile (GEMM_BN = 64 rows of w) is
 // wgmma's A (m64) and the x tile (all 16 * MT rows) its B (n = 16 * MT), both read from the swizzled tiles
 // above, which are the layout wgmma's 128-byte swizzle expects (8-row groups 1024 bytes apart, tile bases
-// 1024-byte aligned). One warpgroup (warps 0-3) multiplies; all 8 warps load. Why: at 128 rows mma.sync kept
-// the SMs' issue slots busy with ldmatrix / mma pairs (aim_gemm_m8 at 0.27 instructions per scheduler-cycle,
-// ncu, bench/results/ncu_gemm_stalls_h100_2026-12-06.txt) while one wgmma multiplies 64 x 16 * MT x 16.
+// 1024-byte aligned). One warpgroup (warps 0-3) multiplies; all 8 warps load. One wgmma multiplies 64 x 16 * MT
+// x 16 where mma.sync took ldmatrix + mma pairs per 16 x 8 tile: whole steps 1-4 % faster on an H100 (bench/
+// results/wg*_h100_2026-12-06.*), no more, since the products mostly wait (SMs active ~60 % of the mma.sync
+// product's cycles, 0.27 instructions per scheduler-cycle: ncu_gemm_stalls_h100_2026-12-06.txt).
 #ifndef GEMM_WGMMA
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GEMM_WGMMA 1
@@ -2208,8 +2209,8 @@ template <int MT, int RW, int STAGES, bool NORMED = false>
 __device__ __forceinline__ void gemm_body(const GemmParams& p, const NormParams* f, const GemvNext* nn = nullptr,
                                           const GemmNormParams* nx = nullptr) {
   constexpr int BM = 16 * MT, MW = MT / RW, NJ = GEMM_BN / 8 / (8 / RW), A_TILE = BM * GEMM_BK, B_TILE = GEMM_BN * GEMM_BK;
-  // the partial tile's row pitch (floats): wgmma's accumulators store 4 bytes at a time, 8 rows x 4 columns per
-  // warp store, conflict-free at a pitch of 4 mod 16 banks; mma.sync's float2 stores at GEMM_RED_LD
+  // the partial tile's row pitch (floats): a warp stores wgmma's accumulators 4 bytes at a time, 8 w rows x 4
+  // x-row pairs, conflict-free at 68 (the pairs 8 banks apart); mma.sync's float2 stores at GEMM_RED_LD
   constexpr int RED_LD = GEMM_WGMMA ? GEMM_BN + 4 : GEMM_RED_LD;
   static_assert(BM * RED_LD * 4 <= STAGES * (A_TILE + B_TILE) * 2, "the partial tile reuses that memory");
   __shared__ float s_gs[BM];  // folded: the 1/rms of the gated norm of each row this CTA finishes; NORMED: of

@@ -62,14 +62,14 @@ def main() -> None:
     args = ap.parse_args()
     from cuda.bindings import driver
 
-    from aim_rt.plugins.kernels import _check, compile_cubin, pdl_attributes
+    from aim_rt.plugins.kernels import _check, compile_cubin, kernel_arch, pdl_attributes
 
     torch.empty(1, device="cuda")
     major, minor = torch.cuda.get_device_capability()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "barrier.cu"
         src.write_text(SRC)
-        cubin = compile_cubin("float32", f"sm_{major}{minor}", use_cache=False, source_path=src)
+        cubin = compile_cubin("float32", kernel_arch(major, minor), use_cache=False, source_path=src)
     mod = _check(driver.cuModuleLoadData(cubin), "load")
     chain = _check(driver.cuModuleGetFunction(mod, b"chain"), "fn")
     one = _check(driver.cuModuleGetFunction(mod, b"one"), "fn")

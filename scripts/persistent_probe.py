@@ -109,7 +109,7 @@ def main() -> None:
     args = ap.parse_args()
     from cuda.bindings import driver
 
-    from aim_rt.plugins.kernels import _check, compile_cubin
+    from aim_rt.plugins.kernels import _check, compile_cubin, kernel_arch
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -121,7 +121,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # the probe after aim_kernels.cu's helpers (no entry points)
         joined = Path(tmp) / "persistent_probe_joined.cu"
         joined.write_text(KERNELS.read_text() + "\n" + SOURCE.read_text())
-        cubin = compile_cubin("bfloat16", f"sm_{major}{minor}", use_cache=False, defines={"AIM_PARTS": 0},
+        cubin = compile_cubin("bfloat16", kernel_arch(major, minor), use_cache=False, defines={"AIM_PARTS": 0},
                               source_path=joined)
     mod = _check(driver.cuModuleLoadData(cubin), "load")
     coop = driver.CUlaunchAttribute()

@@ -55,7 +55,7 @@ class OldSampler:
 
         major, minor = torch.cuda.get_device_capability()
         self.driver = driver
-        cubin = compile_cubin(dtype, f"sm_{major}{minor}", source_path=source)
+        cubin = compile_cubin(dtype, kernel_arch(major, minor), source_path=source)
         self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
         self.fn = {"aim_cfg_sample": _check(driver.cuModuleGetFunction(self.module, b"aim_cfg_sample"), "fn")}
         self.smem = smem
